@@ -1,0 +1,346 @@
+"""The sandbox: production, staging and local as real PostgreSQL clusters on loopback.
+
+Everything lives under `.sandbox/`. Every process started here is recorded in
+`.sandbox/pids.json` and `down()` stops exactly those PIDs, nothing else.
+
+As root, clusters run as the `postgres` OS user (PostgreSQL refuses root); as a normal
+user they run as that user. Production and staging are reached over SSH when sshd is
+installed (one sshd per host on its own loopback address), else by a local connection.
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from drydock.paths import PG_BINDIR, example_site_dir, sandbox_dir
+
+DATABASE = "wagtail_site"
+APP_ROLE = "wagtail_site"
+PG_PORT = 55432  # not 5432: many developers run their own PostgreSQL there
+SSH_PORT = 2222
+SSHD = Path("/usr/sbin/sshd")
+# The migration production runs at: before the Podcast model exists.
+PRODUCTION_BLOG_MIGRATION = "0001_initial"
+POSTS_ADDED_AFTER_STAGING_COPY = 5
+
+
+@dataclass(frozen=True)
+class Environment:
+    name: str
+    address: str
+    site_hostname: str
+    site_port: int
+    server: bool  # reached like a remote server (production, staging), not the local machine
+
+
+ENVIRONMENTS = (
+    Environment("production", "127.0.0.2", "www.drydock-example.org", 443, True),
+    Environment("staging", "127.0.0.3", "staging.drydock-example.org", 443, True),
+    Environment("local", "127.0.0.1", "localhost", 8000, False),
+)
+
+Say = Callable[[str], None]
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not be built or stopped; the message is one line."""
+
+
+def os_user() -> str:
+    """The OS user the clusters run as."""
+    return "postgres" if os.geteuid() == 0 else getpass.getuser()
+
+
+def ssh_available() -> bool:
+    return SSHD.exists() and os.environ.get("DRYDOCK_SANDBOX_SSH", "1") != "0"
+
+
+def _run(cmd: list[str], *, as_db_user: bool = False, input: str | None = None,
+         env: dict | None = None, cwd: Path | None = None) -> str:
+    """Run a command (as the clusters' OS user when asked); raise with its stderr's last line."""
+    kwargs: dict = {}
+    if as_db_user and os.geteuid() == 0:
+        kwargs.update(user="postgres", group="postgres", extra_groups=[])
+    proc = subprocess.run(cmd, input=input, env=env, cwd=cwd, capture_output=True, text=True, **kwargs)
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+        raise SandboxError(f"{Path(cmd[0]).name} failed: {detail[-1] if detail else proc.returncode}")
+    return proc.stdout
+
+
+class Sandbox:
+    def __init__(self, root: Path | None = None, say: Say = print):
+        self.root = root or sandbox_dir()
+        self.say = say
+        self.user = os_user()
+
+    # -- layout -------------------------------------------------------------------------
+    def host_dir(self, env: Environment) -> Path:
+        return self.root / env.name
+
+    def data_dir(self, env: Environment) -> Path:
+        return self.host_dir(env) / "data"
+
+    def socket_dir(self, env: Environment) -> Path:
+        return self.host_dir(env) / "run"
+
+    @property
+    def pgpass(self) -> Path:
+        return self.root / "pgpass"
+
+    @property
+    def pids_file(self) -> Path:
+        return self.root / "pids.json"
+
+    def url(self, env: Environment) -> str:
+        # The password stays in the passfile: never in the URL, the environment or `ps`.
+        return f"postgresql://{APP_ROLE}@{env.address}:{PG_PORT}/{DATABASE}?passfile={self.pgpass}"
+
+    # -- pids ---------------------------------------------------------------------------
+    def _pids(self) -> dict[str, dict]:
+        return json.loads(self.pids_file.read_text()) if self.pids_file.exists() else {}
+
+    def _record_pid(self, key: str, pid: int, marker: str) -> None:
+        pids = self._pids()
+        pids[key] = {"pid": pid, "marker": marker}
+        self.pids_file.write_text(json.dumps(pids, indent=2))
+
+    @staticmethod
+    def _alive(pid: int, marker: str) -> bool:
+        """True if `pid` runs and is the process we started (its command line names `marker`)."""
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            return False
+        return marker in cmdline
+
+    # -- up -----------------------------------------------------------------------------
+    def up(self, posts: int = 220, paragraphs: int = 4) -> None:
+        if os.geteuid() == 0:
+            self._check_postgres_can_reach_project()
+        fresh = not (self.root / "env.json").exists()
+        if fresh and self.root.exists():
+            # A half-built sandbox from an interrupted `up`: start over.
+            self.down(quiet=True)
+        self.root.mkdir(mode=0o711, exist_ok=True)
+        os.chmod(self.root, 0o711)  # the clusters' user must traverse it, nobody may list it
+        if fresh:
+            self._write_pgpass()
+        for env in ENVIRONMENTS:
+            self._start_cluster(env, fresh)
+        if ssh_available():
+            self._start_sshd_all()
+        if fresh:
+            self._seed(posts, paragraphs)
+        self._write_env_files()
+        self.say(f"sandbox is up ({'ssh' if ssh_available() else 'local'} connections): {self.root}/env.json")
+
+    def _check_postgres_can_reach_project(self) -> None:
+        probe = subprocess.run(["test", "-x", str(self.root.parent)], user="postgres", group="postgres", extra_groups=[])
+        if probe.returncode != 0:
+            raise SandboxError(
+                f"the postgres user cannot enter {self.root.parent}: clone drydock under a directory "
+                "that others may traverse (e.g. /srv or /work), not under /root")
+
+    def _write_pgpass(self) -> None:
+        password = secrets.token_urlsafe(24)
+        lines = [f"{env.address}:{PG_PORT}:*:{APP_ROLE}:{password}" for env in ENVIRONMENTS]
+        fd = os.open(self.pgpass, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+    def _app_password(self) -> str:
+        return self.pgpass.read_text().splitlines()[0].rsplit(":", 1)[1]
+
+    def _start_cluster(self, env: Environment, fresh: bool) -> None:
+        data = self.data_dir(env)
+        pid_entry = self._pids().get(f"postgres-{env.name}")
+        if pid_entry and self._alive(pid_entry["pid"], pid_entry["marker"]):
+            return
+        host = self.host_dir(env)
+        if fresh:
+            self.say(f"  {env.name}: initdb on {env.address}:{PG_PORT}")
+            for folder, mode in ((host, 0o711), (self.socket_dir(env), 0o755), (host / "log", 0o700),
+                                 (host / "backups", 0o700)):
+                folder.mkdir(mode=mode, parents=True, exist_ok=True)
+                os.chmod(folder, mode)
+                shutil.chown(folder, self.user, self._group())
+            _run([str(PG_BINDIR / "initdb"), "-D", str(data), "-U", self.user, "-E", "UTF8",
+                  "--locale=C.UTF-8", "--auth-local=peer", "--auth-host=scram-sha-256"], as_db_user=True)
+            with open(data / "postgresql.conf", "a") as conf:
+                conf.write(
+                    "\n# drydock sandbox\n"
+                    f"listen_addresses = '{env.address}'\nport = {PG_PORT}\n"
+                    f"unix_socket_directories = '{self.socket_dir(env)}'\n"
+                    "max_connections = 50\nshared_buffers = 128MB\n"
+                    # A disposable sandbox: durability is not worth the test time.
+                    "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                )
+            with open(data / "pg_hba.conf", "a") as hba:
+                hba.write("host all all 127.0.0.0/8 scram-sha-256\n")
+        _run([str(PG_BINDIR / "pg_ctl"), "-D", str(data), "-l", str(host / "log" / "postgresql.log"),
+              "-w", "-t", "60", "start"], as_db_user=True)
+        pid = int((data / "postmaster.pid").read_text().splitlines()[0])
+        self._record_pid(f"postgres-{env.name}", pid, str(data))
+        if fresh:
+            password = self._app_password()
+            self._psql(env, "postgres",
+                       f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{password}';\n"
+                       f"CREATE DATABASE {DATABASE} OWNER {APP_ROLE};\n")
+
+    def _group(self) -> str | int:
+        return "postgres" if os.geteuid() == 0 else os.getgid()
+
+    def _psql(self, env: Environment, database: str, sql: str) -> str:
+        # SQL on stdin, not on the command line: it may hold a password.
+        return _run([str(PG_BINDIR / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir(env)),
+                     "-p", str(PG_PORT), "-d", database, "-At"], as_db_user=True, input=sql)
+
+    # -- ssh ----------------------------------------------------------------------------
+    @property
+    def ssh_dir(self) -> Path:
+        return self.root / "ssh"
+
+    def _start_sshd_all(self) -> None:
+        ssh = self.ssh_dir
+        if not (ssh / "id_ed25519").exists():
+            ssh.mkdir(mode=0o700, exist_ok=True)
+            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "drydock-sandbox", "-f", str(ssh / "id_ed25519")])
+            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "drydock-sandbox-host", "-f", str(ssh / "host_ed25519")])
+            shutil.copy(ssh / "id_ed25519.pub", ssh / "authorized_keys")
+            host_key = (ssh / "host_ed25519.pub").read_text().split()[:2]
+            known = [f"[{env.address}]:{SSH_PORT} {' '.join(host_key)}" for env in ENVIRONMENTS if env.server]
+            (ssh / "known_hosts").write_text("\n".join(known) + "\n")
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
+        for env in ENVIRONMENTS:
+            if env.server:
+                self._start_sshd(env)
+
+    def _start_sshd(self, env: Environment) -> None:
+        key = f"sshd-{env.name}"
+        entry = self._pids().get(key)
+        if entry and self._alive(entry["pid"], entry["marker"]):
+            return
+        config = self.host_dir(env) / "sshd_config"
+        config.write_text(
+            f"ListenAddress {env.address}:{SSH_PORT}\n"
+            f"HostKey {self.ssh_dir / 'host_ed25519'}\n"
+            f"AuthorizedKeysFile {self.ssh_dir / 'authorized_keys'}\n"
+            f"PidFile {self.host_dir(env) / 'sshd.pid'}\n"
+            "PasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
+            f"AllowUsers {getpass.getuser()}\n"
+            "AcceptEnv LANG LC_*\n"
+            "Subsystem sftp internal-sftp\n"
+        )
+        proc = subprocess.Popen([str(SSHD), "-D", "-f", str(config), "-E", str(self.host_dir(env) / "sshd.log")],
+                                start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._record_pid(key, proc.pid, str(config))
+        for _ in range(50):
+            if proc.poll() is not None:
+                raise SandboxError(f"sshd for {env.name} exited: see {self.host_dir(env) / 'sshd.log'}")
+            try:
+                with socket.create_connection((env.address, SSH_PORT), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise SandboxError(f"sshd for {env.name} did not listen on {env.address}:{SSH_PORT}")
+
+    # -- seeding ------------------------------------------------------------------------
+    def manage(self, env: Environment, *args: str) -> str:
+        """Run the example site's manage.py against `env`'s database."""
+        environ = dict(os.environ, DATABASE_URL=self.url(env), DJANGO_SETTINGS_MODULE="wagtail_site.settings")
+        return _run([sys.executable, "manage.py", *args], env=environ, cwd=example_site_dir())
+
+    def _seed(self, posts: int, paragraphs: int) -> None:
+        production, staging, _local = ENVIRONMENTS
+        self.say("  production: migrating the example site (blog at its pre-Podcast migration)")
+        self.manage(production, "migrate", "--noinput")
+        self.manage(production, "migrate", "blog", PRODUCTION_BLOG_MIGRATION, "--noinput")
+        self.say(f"  production: seeding {posts} posts")
+        self.manage(production, "seed_demo", "--posts", str(posts), "--paragraphs", str(paragraphs),
+                    "--hostname", production.site_hostname, "--port", str(production.site_port))
+        self.say("  staging: restoring an older copy of production")
+        self._copy_database(production, staging)
+        self._psql(staging, DATABASE,
+                   f"UPDATE wagtailcore_site SET hostname = '{staging.site_hostname}' WHERE is_default_site;\n"
+                   f"UPDATE django_site SET domain = '{staging.site_hostname}';\n")
+        # Production moves on after the copy, so staging really is older.
+        self.manage(production, "seed_demo", "--offset", str(posts), "--posts", str(POSTS_ADDED_AFTER_STAGING_COPY))
+
+    def _copy_database(self, source: Environment, target: Environment) -> None:
+        dump = subprocess.Popen([str(PG_BINDIR / "pg_dump"), "-Fc", "-d", self.url(source)], stdout=subprocess.PIPE)
+        restore = subprocess.run([str(PG_BINDIR / "pg_restore"), "--no-owner", "--exit-on-error", "-d", self.url(target)],
+                                 stdin=dump.stdout, capture_output=True, text=True)
+        dump.stdout.close()
+        if dump.wait() != 0 or restore.returncode != 0:
+            raise SandboxError(f"copying {source.name} to {target.name} failed: {restore.stderr.strip()[-300:]}")
+
+    def _write_env_files(self) -> None:
+        env_json = {
+            env.name: {
+                "host": env.address,
+                "port": PG_PORT,
+                "socket_dir": str(self.socket_dir(env)),
+                "database": DATABASE,
+                "os_user": self.user,
+                "app_role": APP_ROLE,
+                "url": self.url(env),
+                "site_hostname": env.site_hostname,
+                "site_port": env.site_port,
+                "backup_dir": str(self.host_dir(env) / "backups"),
+            }
+            for env in ENVIRONMENTS
+        }
+        connection = {
+            "connection": "ssh" if ssh_available() else "local",
+            "ssh_port": SSH_PORT,
+            "ssh_user": getpass.getuser(),
+            "ssh_key": str(self.ssh_dir / "id_ed25519"),
+            "known_hosts": str(self.ssh_dir / "known_hosts"),
+            "become": os.geteuid() == 0,
+            "python": sys.executable,
+        }
+        for name, content in (("env.json", env_json), ("connection.json", connection)):
+            fd = os.open(self.root / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(content, handle, indent=2)
+
+    # -- down ---------------------------------------------------------------------------
+    def down(self, quiet: bool = False) -> None:
+        for key, entry in self._pids().items():
+            pid, marker = entry["pid"], entry["marker"]
+            if not self._alive(pid, marker):
+                continue
+            # SIGINT is PostgreSQL's fast shutdown; sshd stops on SIGTERM.
+            os.kill(pid, signal.SIGINT if key.startswith("postgres") else signal.SIGTERM)
+            for _ in range(300):
+                if not self._alive(pid, marker):
+                    break
+                time.sleep(0.1)
+            else:
+                raise SandboxError(f"{key} (pid {pid}) did not stop; .sandbox/ left in place")
+            if not quiet:
+                self.say(f"  stopped {key} (pid {pid})")
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        if not quiet:
+            self.say("sandbox is down")
+
+    def is_up(self) -> bool:
+        if not (self.root / "env.json").exists():
+            return False
+        return all(self._alive(e["pid"], e["marker"]) for e in self._pids().values())

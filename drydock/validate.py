@@ -1,0 +1,40 @@
+"""Checks for anything a user types that later reaches SQL, a shell or a file name."""
+import re
+
+# RFC 1123 host names (labels of letters, digits and inner hyphens), or "localhost".
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+# PostgreSQL identifiers we create or name: lower-case, no quoting needed, <= 63 bytes.
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_ENV_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+class InvalidInput(ValueError):
+    """Bad user input; the message is one line, fit to show as is."""
+
+
+def hostname(value: str) -> str:
+    if not _HOSTNAME.match(value or ""):
+        raise InvalidInput(f"invalid hostname {value!r}: use letters, digits, dots and hyphens only")
+    return value
+
+
+def port(value: int | str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"invalid port {value!r}: not a number") from None
+    if not 1 <= number <= 65535:
+        raise InvalidInput(f"invalid port {number}: must be between 1 and 65535")
+    return number
+
+
+def identifier(value: str, what: str = "name") -> str:
+    if not _IDENTIFIER.match(value or ""):
+        raise InvalidInput(f"invalid {what} {value!r}: use lower-case letters, digits and _ (at most 63)")
+    return value
+
+
+def environment_name(value: str) -> str:
+    if not _ENV_NAME.match(value or ""):
+        raise InvalidInput(f"invalid environment name {value!r}")
+    return value

@@ -1,0 +1,72 @@
+#!/usr/bin/python
+"""Ansible module: row counts, migration heads and fingerprints of a database."""
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: drydock_db_facts
+short_description: Read row counts, Django migration heads and fingerprints of a database
+description:
+  - Reads every table's exact row count, the latest applied migration per Django app and
+    the write counters, in one repeatable-read snapshot; optionally an md5 of all content.
+  - With C(expect_row_counts), fails naming every table whose count differs.
+  - Connects over the local socket as the current OS user (peer authentication). Read only.
+options:
+  database: {description: Database to read., type: str, required: true}
+  socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
+  port: {description: Server port., type: int, default: 5432}
+  content: {description: Also return an md5 of each table's content (reads every row)., type: bool, default: false}
+  expect_row_counts: {description: Row counts that must match exactly (e.g. a manifest's)., type: dict}
+"""
+
+EXAMPLES = r"""
+- name: Check the restored copy against the manifest
+  drydock_db_facts:
+    database: wagtail_site__incoming
+    socket_dir: /var/run/postgresql
+    expect_row_counts: "{{ manifest.row_counts }}"
+"""
+
+RETURN = r"""
+row_counts: {description: Rows per table., type: dict, returned: success}
+migrations: {description: Latest applied Django migration per app., type: dict, returned: success}
+write_fingerprint: {description: Per-table write counters., type: dict, returned: success}
+content_fingerprint: {description: md5 per table of its content., type: dict, returned: when content}
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.drydock_pg import (HAS_PSYCOPG, PG_CONNECTION_ARGS, connect, content_fingerprint,
+                                             count_differences, latest_migrations, row_counts, write_fingerprint)
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(PG_CONNECTION_ARGS, content=dict(type="bool", default=False),
+                           expect_row_counts=dict(type="dict")),
+        supports_check_mode=True,
+    )
+    params = module.params
+    if not HAS_PSYCOPG:
+        module.fail_json(msg="psycopg (3) is not importable by this host's Python (Debian: apt install python3-psycopg)")
+    import psycopg
+
+    try:
+        with connect(params["socket_dir"], params["port"], params["database"]) as conn:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            with conn.cursor() as cur:
+                facts = dict(row_counts=row_counts(cur), migrations=latest_migrations(cur),
+                             write_fingerprint=write_fingerprint(cur))
+                if params["content"]:
+                    facts["content_fingerprint"] = content_fingerprint(cur)
+    except psycopg.Error as error:
+        module.fail_json(msg=" ".join(str(error).split()))
+    expected = params["expect_row_counts"]
+    if expected is not None:
+        problems = count_differences({k: int(v) for k, v in expected.items()}, facts["row_counts"])
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            module.fail_json(msg=f"row counts of {params['database']} differ from the manifest: {shown}", **facts)
+    module.exit_json(changed=False, **facts)
+
+
+if __name__ == "__main__":
+    main()

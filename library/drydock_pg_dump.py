@@ -1,0 +1,117 @@
+#!/usr/bin/python
+"""Ansible module: a consistent, verified pg_dump with the facts for its manifest."""
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: drydock_pg_dump
+short_description: Dump a PostgreSQL database and describe the dump
+description:
+  - Opens a repeatable-read transaction, exports its snapshot and runs C(pg_dump --snapshot)
+    on it, so the row counts, migration heads and fingerprint reported are exactly those
+    of the dump, even while the database takes writes.
+  - Writes to C(dest).partial and renames when complete: a file at C(dest) is always whole.
+  - Verifies the result with sha256 and C(pg_restore --list). The file is mode 0600.
+  - Connects over the local socket as the current OS user (peer authentication).
+options:
+  database: {description: Database to dump., type: str, required: true}
+  socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
+  port: {description: Server port., type: int, default: 5432}
+  dest: {description: Path of the dump file to write., type: path, required: true}
+  pg_bindir: {description: Directory of pg_dump and pg_restore., type: path, required: true}
+  compress: {description: "Compression level for C(-Z) (0-9).", type: int, default: 1}
+"""
+
+EXAMPLES = r"""
+- name: Dump the app database
+  drydock_pg_dump:
+    database: wagtail_site
+    socket_dir: /var/run/postgresql
+    port: 5432
+    dest: /var/backups/drydock/20261121T120000Z.dump
+    pg_bindir: /usr/lib/postgresql/15/bin
+"""
+
+RETURN = r"""
+dump: {description: Path of the dump., type: str, returned: always}
+command: {description: The pg_dump command (run, or that would run in check mode)., type: list, returned: always}
+sha256: {description: Checksum of the dump., type: str, returned: changed}
+size: {description: Size in bytes., type: int, returned: changed}
+toc_entries: {description: Entries that pg_restore --list read., type: int, returned: changed}
+row_counts: {description: Rows per table in the dumped snapshot., type: dict, returned: changed}
+migrations: {description: Latest applied Django migration per app., type: dict, returned: changed}
+write_fingerprint: {description: Per-table write counters at dump time., type: dict, returned: changed}
+server_version: {description: PostgreSQL server version., type: str, returned: changed}
+pg_dump_version: {description: pg_dump version., type: str, returned: changed}
+"""
+
+import os
+import subprocess
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.drydock_pg import (HAS_PSYCOPG, PG_CONNECTION_ARGS, connect, latest_migrations,
+                                             row_counts, server_version, sha256_file, write_fingerprint)
+
+
+def dump_command(params: dict, snapshot: str | None, target: str) -> list[str]:
+    command = [os.path.join(params["pg_bindir"], "pg_dump"), "--format=custom", f"--compress={params['compress']}",
+               f"--host={params['socket_dir']}", f"--port={params['port']}", f"--file={target}"]
+    if snapshot:
+        command.append(f"--snapshot={snapshot}")
+    return command + [f"--dbname={params['database']}"]
+
+
+def list_entries(pg_bindir: str, path: str) -> int:
+    """Number of TOC entries pg_restore reads; raises if it cannot read the archive."""
+    proc = subprocess.run([os.path.join(pg_bindir, "pg_restore"), "--list", path],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pg_restore --list cannot read {path}: {proc.stderr.strip()}")
+    return sum(1 for line in proc.stdout.splitlines() if line and not line.startswith(";"))
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(PG_CONNECTION_ARGS, dest=dict(type="path", required=True),
+                           pg_bindir=dict(type="path", required=True), compress=dict(type="int", default=1)),
+        supports_check_mode=True,
+    )
+    params = module.params
+    dest = params["dest"]
+    if module.check_mode:
+        module.exit_json(changed=False, dump=dest, command=dump_command(params, "<snapshot>", dest))
+    if not HAS_PSYCOPG:
+        module.fail_json(msg="psycopg (3) is not importable by this host's Python (Debian: apt install python3-psycopg)")
+    import psycopg
+
+    if os.path.exists(dest):
+        module.fail_json(msg=f"refusing to overwrite an existing dump: {dest}", dump=dest)
+    partial = dest + ".partial"
+    os.umask(0o077)  # a dump is production data: 0600 from the first byte
+    try:
+        with connect(params["socket_dir"], params["port"], params["database"]) as conn:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_export_snapshot()")
+                snapshot = cur.fetchone()[0]
+                facts = dict(row_counts=row_counts(cur), migrations=latest_migrations(cur),
+                             write_fingerprint=write_fingerprint(cur), server_version=server_version(cur))
+                command = dump_command(params, snapshot, partial)
+                # The snapshot lives as long as this transaction: pg_dump runs inside it.
+                proc = subprocess.run(command, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"pg_dump failed: {proc.stderr.strip()}")
+        os.rename(partial, dest)
+        os.chmod(dest, 0o600)
+        toc_entries = list_entries(params["pg_bindir"], dest)
+        version = subprocess.run([os.path.join(params["pg_bindir"], "pg_dump"), "--version"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (psycopg.Error, RuntimeError, OSError) as error:
+        if os.path.exists(partial):
+            os.unlink(partial)
+        module.fail_json(msg=" ".join(str(error).split()), dump=dest)
+    module.exit_json(changed=True, dump=dest, command=command, sha256=sha256_file(dest),
+                     size=os.path.getsize(dest), toc_entries=toc_entries, pg_dump_version=version, **facts)
+
+
+if __name__ == "__main__":
+    main()

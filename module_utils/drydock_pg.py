@@ -1,0 +1,104 @@
+"""Shared helpers for drydock's modules: connect over the local socket as the database's
+OS user (peer authentication, no password anywhere), and read the facts a manifest and a
+verification need. Small pure functions; each takes an open psycopg cursor."""
+from __future__ import annotations
+
+import hashlib
+
+try:
+    import psycopg
+    from psycopg import sql
+    HAS_PSYCOPG = True
+except ImportError:  # reported by the modules with a clear message
+    HAS_PSYCOPG = False
+
+PG_CONNECTION_ARGS = dict(
+    database=dict(type="str", required=True),
+    socket_dir=dict(type="path", required=True),
+    port=dict(type="int", default=5432),
+)
+
+
+def connect(socket_dir: str, port: int, database: str, autocommit: bool = False):
+    return psycopg.connect(host=socket_dir, port=port, dbname=database, autocommit=autocommit,
+                           application_name="drydock")
+
+
+def user_tables(cur) -> list[tuple[str, str]]:
+    """(schema, table) of every ordinary or partitioned table outside the system schemas."""
+    cur.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+        " AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'"
+        " ORDER BY 1, 2")
+    return [(schema, table) for schema, table in cur.fetchall()]
+
+
+def table_key(schema: str, table: str) -> str:
+    return table if schema == "public" else f"{schema}.{table}"
+
+
+def row_counts(cur) -> dict[str, int]:
+    """Exact row count of every table (in the caller's snapshot)."""
+    counts = {}
+    for schema, table in user_tables(cur):
+        cur.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(table)))
+        counts[table_key(schema, table)] = cur.fetchone()[0]
+    return counts
+
+
+def latest_migrations(cur) -> dict[str, str]:
+    """The latest applied Django migration per app, or {} where there is no django_migrations."""
+    cur.execute("SELECT to_regclass('public.django_migrations') IS NOT NULL")
+    if not cur.fetchone()[0]:
+        return {}
+    cur.execute("SELECT DISTINCT ON (app) app, name FROM django_migrations ORDER BY app, applied DESC, id DESC")
+    return dict(cur.fetchall())
+
+
+def write_fingerprint(cur) -> dict:
+    """Per-table write counters (inserts + updates + deletes since the statistics were reset).
+
+    Not transactional, but monotonic: if a later reading differs, the table took writes.
+    """
+    cur.execute("SELECT stats_reset::text FROM pg_stat_database WHERE datname = current_database()")
+    stats_reset = cur.fetchone()[0]
+    cur.execute("SELECT schemaname, relname, n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_user_tables ORDER BY 1, 2")
+    return {"stats_reset": stats_reset,
+            "tables": {table_key(schema, table): int(n) for schema, table, n in cur.fetchall()}}
+
+
+def content_fingerprint(cur) -> dict[str, str]:
+    """md5 of every table's full content, in a stable order: equal means the same data."""
+    result = {}
+    for schema, table in user_tables(cur):
+        cur.execute(sql.SQL("SELECT md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM {}.{} AS t")
+                    .format(sql.Identifier(schema), sql.Identifier(table)))
+        result[table_key(schema, table)] = cur.fetchone()[0]
+    return result
+
+
+def server_version(cur) -> str:
+    cur.execute("SHOW server_version")
+    return cur.fetchone()[0]
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def count_differences(expected: dict[str, int], actual: dict[str, int]) -> list[str]:
+    """Human-readable differences between two row-count maps, one item per table."""
+    problems = []
+    for table in sorted(set(expected) | set(actual)):
+        if table not in actual:
+            problems.append(f"{table}: missing")
+        elif table not in expected:
+            problems.append(f"{table}: not in the manifest")
+        elif expected[table] != actual[table]:
+            problems.append(f"{table}: {actual[table]} rows, expected {expected[table]}")
+    return problems
