@@ -1,0 +1,48 @@
+"""Callback: record every task failure as a JSON line in $DRYDOCK_FAILURES_FILE, so the
+Invoke layer can end a failed run with the one line that says what went wrong."""
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+name: drydock_failures
+type: notification
+short_description: Record task failures for drydock's one-line error messages
+description:
+  - Appends host, task and message of each failed or unreachable task to the file named
+    by the DRYDOCK_FAILURES_FILE environment variable; does nothing when it is unset.
+"""
+
+import json
+import os
+
+from ansible.plugins.callback import CallbackBase
+
+
+def _one_line(result: dict) -> str:
+    msg = str(result.get("msg") or "")
+    stderr = [line for line in (result.get("stderr_lines") or []) if line.strip()]
+    if stderr and (not msg or msg.startswith("non-zero return code")):
+        msg = stderr[-1]
+    return " ".join(msg.split()) or "failed"
+
+
+class CallbackModule(CallbackBase):
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = "notification"
+    CALLBACK_NAME = "drydock_failures"
+    CALLBACK_NEEDS_ENABLED = True
+
+    def _record(self, result, kind: str) -> None:
+        path = os.environ.get("DRYDOCK_FAILURES_FILE")
+        if not path:
+            return
+        entry = {"kind": kind, "host": result._host.get_name(), "task": result.task_name,
+                 "msg": "<hidden by no_log>" if result._result.get("censored") else _one_line(result._result)}
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def v2_runner_on_failed(self, result, ignore_errors=False):
+        if not ignore_errors:
+            self._record(result, "failed")
+
+    def v2_runner_on_unreachable(self, result):
+        self._record(result, "unreachable")

@@ -1,0 +1,50 @@
+"""Fetched dumps on the controller: backups/<env>/<timestamp>/{<db>-<timestamp>.dump,manifest.json}."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from drydock.errors import DrydockError
+from drydock.paths import backups_dir
+
+
+@dataclass(frozen=True)
+class Dump:
+    path: Path
+    manifest: dict
+
+    @property
+    def source_env(self) -> str:
+        return self.manifest["source"]["env"]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.manifest["row_counts"].values())
+
+
+def load(path: Path) -> Dump:
+    """A dump and its manifest; one-line errors for anything missing."""
+    path = path.expanduser().resolve()
+    if not path.is_file():
+        raise DrydockError(f"no such dump file: {path}")
+    manifest_path = path.parent / "manifest.json"
+    if not manifest_path.is_file():
+        raise DrydockError(f"no manifest.json beside {path}: drydock restores only dumps it can check")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        manifest["source"]["env"], manifest["dump"]["sha256"], manifest["row_counts"]
+    except (ValueError, KeyError, TypeError):
+        raise DrydockError(f"{manifest_path} is not a drydock manifest") from None
+    return Dump(path, manifest)
+
+
+def latest(env: str, root: Path | None = None) -> Dump:
+    """The newest complete fetched dump of `env`."""
+    folder = (root or backups_dir()) / env
+    candidates = sorted(folder.glob("*/manifest.json"), reverse=True) if folder.is_dir() else []
+    for manifest_path in candidates:
+        dumps = sorted(manifest_path.parent.glob("*.dump"))
+        if dumps:
+            return load(dumps[-1])
+    raise DrydockError(f"no fetched dump of {env} under {folder}: run `inv backup {env}` first")

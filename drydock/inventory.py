@@ -1,0 +1,39 @@
+"""The environments an inventory defines: servers (production, staging, ...) and local."""
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+
+from drydock.errors import DrydockError
+from drydock.playbook import ansible_env
+from drydock.validate import InvalidInput, environment_name
+
+
+@dataclass(frozen=True)
+class Inventory:
+    servers: tuple[str, ...]
+    local: tuple[str, ...]
+    hostvars: dict
+
+    def server(self, text: str) -> str:
+        """Validate a server environment typed by the user: exactly one, and known."""
+        names = [part for part in text.replace(",", " ").replace(":", " ").split() if part]
+        if len(names) != 1:
+            raise InvalidInput(f"one environment at a time, got {len(names)}: {', '.join(names) or '(none)'}")
+        name = environment_name(names[0])
+        if name not in self.servers:
+            raise InvalidInput(f"unknown environment {name!r}: choose one of {', '.join(self.servers)}")
+        return name
+
+
+def load() -> Inventory:
+    proc = subprocess.run(["ansible-inventory", "--list"], env=ansible_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DrydockError(f"cannot read the inventory: {proc.stderr.strip().splitlines()[-1:]}")
+    data = json.loads(proc.stdout)
+    return Inventory(
+        servers=tuple(data.get("drydock_servers", {}).get("hosts", [])),
+        local=tuple(data.get("drydock_local", {}).get("hosts", [])),
+        hostvars=data.get("_meta", {}).get("hostvars", {}),
+    )

@@ -1,0 +1,52 @@
+"""Run one of drydock's playbooks, streaming Ansible's output, and turn a failure into
+the one line that says what went wrong (recorded by callback_plugins/drydock_failures)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from drydock.errors import DrydockError
+from drydock.journal import Run
+from drydock.paths import project_root
+
+
+def ansible_env(run: Run | None = None) -> dict[str, str]:
+    env = dict(os.environ, LC_ALL="C.UTF-8", LANG="C.UTF-8",
+               ANSIBLE_CONFIG=str(project_root() / "ansible.cfg"))
+    if run is not None:
+        env["ANSIBLE_LOG_PATH"] = str(run.ansible_log)
+    return env
+
+
+def run_playbook(name: str, *, limit: str | None = None, extra_vars: dict | None = None,
+                 run: Run | None = None, quiet: bool = False) -> None:
+    playbook = project_root() / "playbooks" / name
+    with tempfile.TemporaryDirectory(prefix="drydock-") as scratch:
+        failures = Path(scratch) / "failures.jsonl"
+        command = ["ansible-playbook", str(playbook)]
+        if limit:
+            command += ["--limit", limit]
+        if extra_vars:
+            # A file, not the command line: values never show in the process list.
+            vars_file = Path(scratch) / "vars.json"
+            vars_file.write_text(json.dumps(extra_vars))
+            command += ["--extra-vars", f"@{vars_file}"]
+        env = ansible_env(run)
+        env["DRYDOCK_FAILURES_FILE"] = str(failures)
+        proc = subprocess.run(command, env=env, cwd=project_root(),
+                              stdout=subprocess.DEVNULL if quiet else None)
+        if proc.returncode != 0:
+            raise DrydockError(_last_failure(failures) or f"{name} failed (exit {proc.returncode})")
+
+
+def _last_failure(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not entries:
+        return None
+    last = entries[-1]
+    return f"{last['host']}: {last['msg']}"

@@ -1,0 +1,81 @@
+"""The bodies of drydock's Invoke tasks: glue around the playbooks (choosing the dump,
+the run journal, progress and summaries). Everything a playbook needs to be safe lives
+in the playbook, so plain `ansible-playbook` runs are just as safe."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from drydock import dumps, inventory
+from drydock.dumps import Dump
+from drydock.errors import DrydockError
+from drydock.journal import Run
+from drydock.playbook import run_playbook
+from drydock.validate import InvalidInput, hostname as valid_hostname, port as valid_port
+
+Say = Callable[[str], None]
+
+
+def _keep_artifact(run: Run, path: Path) -> None:
+    target = run.dir / path.name
+    shutil.copyfile(path, target)
+    target.chmod(0o600)
+
+
+def backup(env_text: str, keep: int | None = None, say: Say = print, run: Run | None = None) -> Dump:
+    env = inventory.load().server(env_text)
+    if keep is not None and keep < 1:
+        raise InvalidInput(f"invalid --keep {keep}: keep at least 1 dump")
+    run = run or Run("backup")
+    extra = {"pg_backup_keep": keep} if keep else None
+    with run.step("backup", env=env) as step:
+        say(f"==> backing up {env}")
+        run_playbook("backup_database.yml", limit=env, extra_vars=extra, run=run)
+        dump = dumps.latest(env)
+        step.update(dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows)
+    _keep_artifact(run, dump.path.parent / "manifest.json")
+    say(f"backup of {env}: {dump.path} ({dump.manifest['dump']['size']:,} bytes, "
+        f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, sha256 {dump.manifest['dump']['sha256'][:12]}…)")
+    return dump
+
+
+def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say: Say = print) -> Dump:
+    if dump_path and latest:
+        raise InvalidInput("give --dump PATH or --latest, not both")
+    inv = inventory.load()
+    env = inv.server(env_text)
+    run = Run("pull")
+    if dump_path:
+        dump = dumps.load(Path(dump_path))
+    elif latest:
+        dump = dumps.latest(env)
+    else:
+        dump = backup(env, say=say, run=run)
+    if dump.source_env != env:
+        raise DrydockError(f"{dump.path} is a dump of {dump.source_env}, not of {env}")
+    local = inv.local[0]
+    target = inv.hostvars[local]
+    with run.step("restore", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
+                  rows=dump.total_rows):
+        say(f"==> restoring {dump.path.name} into the local database")
+        run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
+    say(f"local database {target['drydock_db_name']} now holds {env}'s dump of {dump.manifest['created']}: "
+        f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, all counts equal to the manifest; "
+        f"Site {target['drydock_site_hostname']}:{target['drydock_site_port']}; "
+        f"the previous local database is kept as {target['drydock_db_name']}__snap_pre_pull")
+    say(run.summary())
+    return dump
+
+
+def site(env_text: str, hostname: str, port: int, site_name: str = "", say: Say = print) -> None:
+    inv = inventory.load()
+    names = [part for part in env_text.replace(",", " ").split() if part]
+    env = names[0] if len(names) == 1 and names[0] in inv.local else inv.server(env_text)
+    valid_hostname(hostname)
+    port = valid_port(port)
+    run = Run("site")
+    with run.step("site", env=env, hostname=hostname, port=port):
+        run_playbook("site_hostname.yml", limit=env, run=run, extra_vars={
+            "wagtail_site_hostname": hostname, "wagtail_site_port": port, "wagtail_site_name": site_name})
+    say(f"{env}: Site {site_name or '(default)'} is now {hostname}:{port}")

@@ -1,0 +1,101 @@
+"""drydock's Invoke tasks: a thin Collection over the drydock package. Run them with ./inv."""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+
+from invoke import Collection, Exit, task
+
+from drydock import workflow
+from drydock.errors import DrydockError
+from drydock.paths import project_root
+from drydock.sandbox import Sandbox, SandboxError
+from drydock.validate import InvalidInput
+
+
+def one_line_errors(body):
+    """Turn drydock's expected failures into one line on stderr and exit status 1."""
+    @functools.wraps(body)
+    def wrapper(*args, **kwargs):
+        try:
+            return body(*args, **kwargs)
+        except (DrydockError, InvalidInput, SandboxError) as error:
+            raise Exit(f"drydock: error: {error}", code=1) from None
+    return wrapper
+
+
+@task(help={"env": "the environment to back up (exactly one, e.g. production)",
+            "keep": "how many fetched dumps of that environment to keep (default 5)"})
+@one_line_errors
+def backup(c, env, keep=None):
+    """Dump ENV's database on its host, verify it, fetch it with a manifest to backups/ENV/."""
+    workflow.backup(env, keep=int(keep) if keep is not None else None)
+
+
+@task(help={"env": "the environment to pull from (e.g. production)",
+            "dump": "restore this fetched dump instead of taking a new backup",
+            "latest": "restore the newest dump already fetched from ENV"})
+@one_line_errors
+def pull(c, env, dump=None, latest=False):
+    """Back up ENV and restore it into the local database (side database, checks, swap)."""
+    workflow.pull(env, dump_path=dump, latest=latest)
+
+
+@task(help={"env": "where to change the Site (local, staging, production)",
+            "hostname": "the new hostname, e.g. localhost",
+            "port": "the new port (default 443)",
+            "site_name": "change the Site with this site_name instead of the default Site"})
+@one_line_errors
+def site(c, env, hostname, port=443, site_name=""):
+    """Set the hostname and port of ENV's Wagtail Site (and django_site)."""
+    workflow.site(env, hostname, port, site_name)
+
+
+@task(help={"posts": "how many blog posts to seed production with (default 220)",
+            "paragraphs": "paragraphs per post body (default 4)"})
+@one_line_errors
+def sandbox_up(c, posts=220, paragraphs=4):
+    """Start the sandbox: production, staging and local clusters under .sandbox/ (idempotent)."""
+    Sandbox().up(posts=int(posts), paragraphs=int(paragraphs))
+
+
+@task
+@one_line_errors
+def sandbox_down(c):
+    """Stop exactly the sandbox's own processes (by PID) and delete .sandbox/."""
+    Sandbox().down()
+
+
+@task
+@one_line_errors
+def demo(c):
+    """Run the demo on the sandbox: sandbox up, backup production, pull it into local."""
+    Sandbox().up()
+    workflow.pull("production")
+
+
+@task(help={"pytest_args": "extra arguments for pytest, e.g. '-k pull -x'"})
+def test(c, pytest_args=""):
+    """Run the whole test suite (ansible-lint, unit, integration on the sandbox)."""
+    command = [sys.executable, "-m", "pytest", *pytest_args.split()]
+    code = subprocess.run(command, cwd=project_root(), env=dict(os.environ)).returncode
+    if code != 0:
+        raise Exit(code=code)
+
+
+@task
+def lint(c):
+    """Run ansible-lint (production profile) on the playbooks and roles."""
+    code = subprocess.run(["ansible-lint", "--offline", "--profile", "production", "playbooks", "roles"],
+                          cwd=project_root()).returncode
+    if code != 0:
+        raise Exit(code=code)
+
+
+sandbox = Collection("sandbox")
+sandbox.add_task(sandbox_up, name="up")
+sandbox.add_task(sandbox_down, name="down")
+
+namespace = Collection(backup, pull, site, demo, test, lint, sandbox)
