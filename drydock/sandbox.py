@@ -92,6 +92,9 @@ class Sandbox:
     def data_dir(self, env: Environment) -> Path:
         return self.host_dir(env) / "data"
 
+    def data_dir_of(self, name: str) -> Path:
+        return self.data_dir(next(env for env in ENVIRONMENTS if env.name == name))
+
     def socket_dir(self, env: Environment) -> Path:
         return self.host_dir(env) / "run"
 

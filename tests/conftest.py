@@ -1,0 +1,116 @@
+"""Shared fixtures: the real sandbox (brought up once per test session), a way to run
+drydock's commands as a user would, and database probes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import drydock_pg
+from drydock.paths import project_root
+from drydock.playbook import ansible_env
+from drydock.sandbox import Sandbox
+
+ROOT = project_root()
+
+
+def inv(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """Run `inv ARGS` exactly as ./inv does, capturing its output."""
+    proc = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
+                          env=dict(ansible_env(), DRYDOCK_ROOT=str(ROOT)), cwd=ROOT, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"inv {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def playbook(name: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a playbook with plain ansible-playbook, as an operator would."""
+    return subprocess.run(["ansible-playbook", f"playbooks/{name}", *args], env=ansible_env(), cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def sandbox_env() -> dict:
+    """The sandbox's env.json. Started (and stopped at the end) unless it was already up."""
+    box = Sandbox(say=lambda message: None)
+    started_here = not box.is_up()
+    box.up()
+    yield json.loads((box.root / "env.json").read_text())
+    if started_here:
+        _down_and_check(box)
+
+
+def _down_and_check(box: Sandbox) -> None:
+    """`down` must stop exactly the processes it started: a decoy naming the same data
+    directory survives, the recorded PIDs do not."""
+    pids = json.loads(box.pids_file.read_text())
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(box.data_dir_of("production"))])
+    try:
+        box.down()
+        assert decoy.poll() is None, "sandbox.down killed a process it did not start"
+        for entry in pids.values():
+            assert not Path(f"/proc/{entry['pid']}").exists() or not Sandbox._alive(entry["pid"], entry["marker"])
+        assert not box.root.exists()
+    finally:
+        decoy.kill()
+
+
+@pytest.fixture
+def connect(sandbox_env):
+    """connect(env, database=None) -> a psycopg connection as the app role."""
+    opened = []
+
+    def _connect(env: str, database: str | None = None, autocommit: bool = True):
+        url = sandbox_env[env]["url"]
+        if database:
+            url = url.replace(f"/{sandbox_env[env]['database']}?", f"/{database}?")
+        conn = psycopg.connect(url, autocommit=autocommit)
+        opened.append(conn)
+        return conn
+
+    yield _connect
+    for conn in opened:
+        conn.close()
+
+
+def row_counts(conn) -> dict[str, int]:
+    with conn.transaction(), conn.cursor() as cur:
+        return drydock_pg.row_counts(cur)
+
+
+def fingerprint(conn) -> dict[str, str]:
+    with conn.transaction(), conn.cursor() as cur:
+        return drydock_pg.content_fingerprint(cur)
+
+
+def databases(conn) -> set[str]:
+    return {name for (name,) in conn.execute("SELECT datname FROM pg_database").fetchall()}
+
+
+@pytest.fixture(scope="session")
+def pulled(sandbox_env):
+    """The local database after one `inv pull production` (returns the latest dump)."""
+    inv("pull", "production", check=True)
+    from drydock import dumps
+
+    return dumps.latest("production")
+
+
+@pytest.fixture(scope="session")
+def testinfra_host():
+    """testinfra_host(env) -> a testinfra Host reached through the sandbox inventory."""
+    import testinfra
+
+    os.environ.update(ansible_env())
+    inventory = str(ROOT / "inventories" / "sandbox")
+    return lambda env: testinfra.get_host(f"ansible://{env}?ansible_inventory={inventory}")

@@ -1,0 +1,85 @@
+"""`inv backup`: a verified dump on the host and the controller, with a true manifest."""
+import hashlib
+import stat
+import subprocess
+
+import pytest
+
+from drydock import dumps
+from drydock.paths import PG_BINDIR, backups_dir
+from tests.conftest import error_lines, inv, playbook, row_counts
+
+
+@pytest.fixture(scope="module")
+def backup(sandbox_env):
+    inv("backup", "production", check=True)
+    return dumps.latest("production")
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_controller_files_are_private(backup):
+    assert mode(backup.path) == 0o600
+    assert mode(backup.path.parent / "manifest.json") == 0o600
+    for folder in (backup.path.parent, backup.path.parent.parent, backups_dir()):
+        assert mode(folder) == 0o700, folder
+
+
+def test_sha256_matches_the_manifest(backup):
+    assert hashlib.sha256(backup.path.read_bytes()).hexdigest() == backup.manifest["dump"]["sha256"]
+    assert backup.path.stat().st_size == backup.manifest["dump"]["size"]
+
+
+def test_pg_restore_reads_the_dump(backup):
+    listing = subprocess.run([PG_BINDIR / "pg_restore", "--list", backup.path], capture_output=True, text=True)
+    assert listing.returncode == 0
+    assert "TABLE DATA public blog_post" in listing.stdout
+
+
+def test_manifest_describes_the_dumped_database(backup, connect):
+    manifest = backup.manifest
+    assert manifest["source"]["env"] == "production" and manifest["source"]["database"] == "wagtail_site"
+    assert manifest["row_counts"] == row_counts(connect("production"))
+    assert manifest["migrations"]["blog"] == "0001_initial"
+    assert manifest["versions"]["server"].startswith("15")
+    assert "blog_post" in manifest["write_fingerprint"]["tables"]
+
+
+def test_host_keeps_a_private_copy(backup, sandbox_env, testinfra_host):
+    host = testinfra_host("production")
+    copy = host.file(backup.manifest["source"]["host_file"])
+    assert copy.exists and copy.mode == 0o600
+    assert copy.user == sandbox_env["production"]["os_user"]
+    assert host.file(sandbox_env["production"]["backup_dir"]).mode == 0o700
+    assert copy.sha256sum == backup.manifest["dump"]["sha256"]
+
+
+def test_retention_keeps_the_newest(backup):
+    inv("backup", "production", "--keep", "2", check=True)
+    inv("backup", "production", "--keep", "2", check=True)
+    kept = sorted(p.name for p in (backups_dir() / "production").iterdir())
+    assert len(kept) == 2
+    assert dumps.latest("production").path.parent.name == kept[-1]
+
+
+def test_playbook_without_limit_is_refused_before_anything_changes(sandbox_env):
+    before = sorted((backups_dir() / "production").iterdir())
+    proc = playbook("backup_database.yml")
+    assert proc.returncode != 0
+    assert "refusing to back up 2 environments at once" in proc.stdout
+    assert sorted((backups_dir() / "production").iterdir()) == before
+    assert not (backups_dir() / "staging").exists() or not any((backups_dir() / "staging").iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["backup", "prod"], "unknown environment 'prod'"),
+    (["backup", "production,staging"], "one environment at a time, got 2"),
+    (["backup", "local"], "unknown environment 'local'"),
+    (["backup", "production", "--keep", "0"], "keep at least 1"),
+])
+def test_bad_input_gets_one_line(sandbox_env, args, message):
+    proc = inv(*args)
+    assert proc.returncode == 1
+    assert len(error_lines(proc)) == 1 and message in proc.stderr

@@ -1,0 +1,84 @@
+"""`inv pull`: production's dump restored into local through a side database and a swap."""
+import json
+import shutil
+
+import pytest
+
+from drydock import dumps
+from tests.conftest import databases, error_lines, fingerprint, inv, row_counts
+
+
+def test_local_matches_the_manifest(pulled, connect):
+    assert row_counts(connect("local")) == pulled.manifest["row_counts"]
+
+
+def test_site_points_at_localhost(pulled, connect):
+    conn = connect("local")
+    assert conn.execute("SELECT hostname, port FROM wagtailcore_site WHERE is_default_site").fetchone() == (
+        "localhost", 8000)
+    assert conn.execute("SELECT domain FROM django_site WHERE id = 1").fetchone()[0] == "localhost:8000"
+
+
+def test_old_local_database_is_kept_and_no_side_database_is_left(pulled, connect):
+    names = databases(connect("local"))
+    assert "wagtail_site__snap_pre_pull" in names
+    assert "wagtail_site__incoming" not in names
+
+
+def test_second_pull_with_the_latest_dump(pulled, connect):
+    conn = connect("local")
+    conn.execute("DELETE FROM taggit_taggeditem")  # local work that the pull must replace
+    proc = inv("pull", "production", "--latest")
+    assert proc.returncode == 0, proc.stderr
+    assert row_counts(connect("local")) == dumps.latest("production").manifest["row_counts"]
+
+
+def corrupt_copy(dump, tmp_path, how: str):
+    folder = tmp_path / dump.path.parent.name
+    shutil.copytree(dump.path.parent, folder)
+    target = folder / dump.path.name
+    data = bytearray(target.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    else:  # one flipped byte in the middle of the data
+        data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    return target
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped byte"])
+def test_damaged_dump_is_refused_and_local_is_unchanged(pulled, connect, tmp_path, how, sandbox_env):
+    before = fingerprint(connect("local"))
+    damaged = corrupt_copy(pulled, tmp_path, how)
+    proc = inv("pull", "production", "--dump", str(damaged))
+    assert proc.returncode == 1
+    assert "sha256" in error_lines(proc)[-1] and "local database is unchanged" in error_lines(proc)[-1]
+    assert fingerprint(connect("local")) == before
+    assert "wagtail_site__incoming" not in databases(connect("local"))
+
+
+def test_count_mismatch_after_restore_leaves_local_unchanged(pulled, connect, tmp_path):
+    """A dump that restores but does not hold what its manifest says never goes live."""
+    folder = tmp_path / "lying"
+    shutil.copytree(pulled.path.parent, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["row_counts"]["blog_post"] += 1
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    before = fingerprint(connect("local"))
+    proc = inv("pull", "production", "--dump", str(folder / pulled.path.name))
+    assert proc.returncode == 1
+    assert "blog_post" in error_lines(proc)[-1]
+    assert fingerprint(connect("local")) == before
+    assert "wagtail_site__incoming" not in databases(connect("local"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pull", "production", "--dump", "/nonexistent/x.dump"], "no such dump file"),
+    (["pull", "prod"], "unknown environment"),
+    (["pull", "production", "staging"], "staging"),
+    (["pull", "production", "--latest", "--dump", "/x.dump"], "not both"),
+])
+def test_bad_input_gets_one_line(sandbox_env, args, message):
+    proc = inv(*args)
+    assert proc.returncode != 0
+    assert len(error_lines(proc)) == 1 and message in proc.stderr

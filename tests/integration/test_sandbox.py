@@ -1,0 +1,69 @@
+"""The sandbox world: three real clusters, seeded production, older staging, reachable hosts."""
+import json
+
+import pytest
+
+from drydock.sandbox import Sandbox, ssh_available
+from tests.conftest import fingerprint, row_counts
+
+ENVS = ("production", "staging", "local")
+
+
+def test_env_json_describes_every_environment(sandbox_env):
+    assert set(sandbox_env) == set(ENVS)
+    for env in ENVS:
+        assert {"host", "port", "socket_dir", "database", "os_user", "url"} <= set(sandbox_env[env])
+    assert [sandbox_env[e]["host"] for e in ENVS] == ["127.0.0.2", "127.0.0.3", "127.0.0.1"]
+    assert "password" not in json.dumps(sandbox_env).lower()
+
+
+@pytest.mark.parametrize("env", ["production", "staging"])
+def test_url_reads_every_table(connect, env):
+    counts = row_counts(connect(env))
+    assert len(counts) > 40 and counts["wagtailcore_page"] > 0
+
+
+def test_production_is_seeded_at_the_pre_podcast_migration(connect):
+    conn = connect("production")
+    assert conn.execute("SELECT count(*) FROM blog_post").fetchone()[0] >= 200
+    assert conn.execute("SELECT count(*) FROM wagtailcore_revision").fetchone()[0] > 200
+    assert conn.execute("SELECT count(*) FROM taggit_tag").fetchone()[0] > 0
+    assert conn.execute("SELECT count(*) FROM auth_user").fetchone()[0] >= 4
+    assert conn.execute("SELECT hostname, port FROM wagtailcore_site WHERE is_default_site").fetchone() == (
+        "www.drydock-example.org", 443)
+    applied = {name for (name,) in conn.execute("SELECT name FROM django_migrations WHERE app = 'blog'")}
+    assert applied == {"0001_initial"}
+    assert conn.execute("SELECT to_regclass('blog_podcast')").fetchone()[0] is None
+
+
+def test_staging_holds_an_older_copy(connect):
+    production, staging = connect("production"), connect("staging")
+    count = "SELECT count(*) FROM blog_post"
+    assert 0 < staging.execute(count).fetchone()[0] < production.execute(count).fetchone()[0]
+    assert staging.execute("SELECT hostname FROM wagtailcore_site").fetchone()[0] == "staging.drydock-example.org"
+
+
+def test_app_database_is_owned_by_the_app_role(connect):
+    owner = connect("production").execute(
+        "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()").fetchone()[0]
+    assert owner == "wagtail_site"
+
+
+def test_up_twice_is_harmless(sandbox_env, connect):
+    box = Sandbox(say=lambda message: None)
+    pids_before = box.pids_file.read_text()
+    before = fingerprint(connect("production"))
+    box.up()
+    assert box.pids_file.read_text() == pids_before
+    assert fingerprint(connect("production")) == before
+
+
+@pytest.mark.parametrize("env, address", [("production", "127.0.0.2"), ("staging", "127.0.0.3")])
+def test_commands_run_on_the_host_they_name(testinfra_host, sandbox_env, env, address):
+    host = testinfra_host(env)
+    if ssh_available():
+        # Over SSH, the server side of the connection is the host's own loopback address.
+        assert host.run("echo $SSH_CONNECTION").stdout.split()[2] == address
+    data = host.file(sandbox_env[env]["socket_dir"])
+    assert data.is_directory
+    assert host.socket(f"tcp://{address}:{sandbox_env[env]['port']}").is_listening
