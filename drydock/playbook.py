@@ -16,6 +16,8 @@ from drydock.paths import project_root
 def ansible_env(run: Run | None = None) -> dict[str, str]:
     env = dict(os.environ, LC_ALL="C.UTF-8", LANG="C.UTF-8",
                ANSIBLE_CONFIG=str(project_root() / "ansible.cfg"))
+    if os.environ.get("DRYDOCK_INVENTORY"):  # a real inventory instead of the sandbox's
+        env["ANSIBLE_INVENTORY"] = str((project_root() / os.environ["DRYDOCK_INVENTORY"]).resolve())
     if run is not None:
         env["ANSIBLE_LOG_PATH"] = str(run.ansible_log)
     return env

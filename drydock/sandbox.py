@@ -63,7 +63,11 @@ def os_user() -> str:
 
 
 def ssh_available() -> bool:
-    return SSHD.exists() and os.environ.get("DRYDOCK_SANDBOX_SSH", "1") != "0"
+    """sshd is installed, wanted, and can start: as a normal user it needs its
+    privilege-separation folder to exist already (only root can create /run/sshd)."""
+    if not SSHD.exists() or os.environ.get("DRYDOCK_SANDBOX_SSH", "1") == "0":
+        return False
+    return os.geteuid() == 0 or Path("/run/sshd").is_dir()
 
 
 def _run(cmd: list[str], *, as_db_user: bool = False, input: str | None = None,
