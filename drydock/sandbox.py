@@ -83,6 +83,33 @@ def _run(cmd: list[str], *, as_db_user: bool = False, input: str | None = None,
     return proc.stdout
 
 
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _stop(pid: int, sig: int, marker: str = "", timeout: float = 30) -> bool:
+    """Send `sig` to `pid` and wait until it is gone (or a zombie); True when it stopped."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Sandbox._alive(pid, marker):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 class Sandbox:
     def __init__(self, root: Path | None = None, say: Say = print):
         self.root = root or sandbox_dir()
@@ -125,12 +152,13 @@ class Sandbox:
 
     @staticmethod
     def _alive(pid: int, marker: str) -> bool:
-        """True if `pid` runs and is the process we started (its command line names `marker`)."""
+        """True if `pid` runs and is the process we started (its command line names `marker`).
+        A zombie has an empty command line: it has stopped."""
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             return False
-        return marker in cmdline
+        return bool(cmdline) and marker in cmdline
 
     # -- up -----------------------------------------------------------------------------
     def up(self, posts: int = 220, paragraphs: int = 4) -> None:
@@ -332,13 +360,13 @@ class Sandbox:
             pid, marker = entry["pid"], entry["marker"]
             if not self._alive(pid, marker):
                 continue
+            if key.startswith("sshd"):
+                # Open SSH sessions (Ansible keeps a master connection for a minute) are
+                # children of our sshd and would outlive it: stop them first.
+                for child in _children(pid):
+                    _stop(child, signal.SIGTERM)
             # SIGINT is PostgreSQL's fast shutdown; sshd stops on SIGTERM.
-            os.kill(pid, signal.SIGINT if key.startswith("postgres") else signal.SIGTERM)
-            for _ in range(300):
-                if not self._alive(pid, marker):
-                    break
-                time.sleep(0.1)
-            else:
+            if not _stop(pid, signal.SIGINT if key.startswith("postgres") else signal.SIGTERM, marker):
                 raise SandboxError(f"{key} (pid {pid}) did not stop; .sandbox/ left in place")
             if not quiet:
                 self.say(f"  stopped {key} (pid {pid})")
