@@ -11,8 +11,8 @@ from invoke import Collection, Exit, task
 from drydock import workflow
 from drydock.errors import DrydockError
 from drydock.paths import project_root
-from drydock.sandbox import Sandbox, SandboxError
-from drydock.validate import InvalidInput
+from drydock.sandbox import Sandbox, SandboxError, bulk_posts_for
+from drydock.validate import InvalidInput, count
 
 
 def one_line_errors(body):
@@ -31,7 +31,7 @@ def one_line_errors(body):
 @one_line_errors
 def backup(c, env, keep=None):
     """Dump ENV's database on its host, verify it, fetch it with a manifest to backups/ENV/."""
-    workflow.backup(env, keep=int(keep) if keep is not None else None)
+    workflow.backup(env, keep=keep)
 
 
 @task(help={"env": "the environment to pull from (e.g. production)",
@@ -53,12 +53,12 @@ def site(c, env, hostname, port=443, site_name=""):
     workflow.site(env, hostname, port, site_name)
 
 
-@task(help={"posts": "how many blog posts to seed production with (default 220)",
-            "paragraphs": "paragraphs per post body (default 4)"})
+@task(help={"scale": "production's size: 'small' (default, ~15 MB, for tests), 'bench' (~1 GB) or a size in MB",
+            "posts": "how many blog posts to create through Wagtail (default 220)"})
 @one_line_errors
-def sandbox_up(c, posts=220, paragraphs=4):
+def sandbox_up(c, scale="small", posts=220):
     """Start the sandbox: production, staging and local clusters under .sandbox/ (idempotent)."""
-    Sandbox().up(posts=int(posts), paragraphs=int(paragraphs))
+    Sandbox().up(posts=count(posts, "--posts"), bulk_posts=bulk_posts_for(scale))
 
 
 @task

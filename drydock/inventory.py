@@ -30,7 +30,7 @@ class Inventory:
 def load() -> Inventory:
     proc = subprocess.run(["ansible-inventory", "--list"], env=ansible_env(), capture_output=True, text=True)
     if proc.returncode != 0:
-        raise DrydockError(f"cannot read the inventory: {proc.stderr.strip().splitlines()[-1:]}")
+        raise DrydockError(f"cannot read the inventory: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     data = json.loads(proc.stdout)
     return Inventory(
         servers=tuple(data.get("drydock_servers", {}).get("hosts", [])),

@@ -33,6 +33,12 @@ SSHD = Path("/usr/sbin/sshd")
 # The migration production runs at: before the Podcast model exists.
 PRODUCTION_BLOG_MIGRATION = "0001_initial"
 POSTS_ADDED_AFTER_STAGING_COPY = 5
+# Sizes for --scale, measured here: the default seed is ~15 MB; each bulk-added post
+# (40 paragraphs, a revision, two tags) adds ~11.5 KB on disk.
+SMALL_MB = 15
+BULK_POST_KB = 11.5
+BULK_PARAGRAPHS = 40
+SCALES_MB = {"small": SMALL_MB, "bench": 1024}
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,18 @@ Say = Callable[[str], None]
 
 class SandboxError(RuntimeError):
     """The sandbox could not be built or stopped; the message is one line."""
+
+
+def bulk_posts_for(scale: str | int) -> int:
+    """How many posts to add in bulk so production is about `scale` ('small', 'bench' or MB)."""
+    text = str(scale)
+    if text in SCALES_MB:
+        megabytes = SCALES_MB[text]
+    elif text.isdigit() and int(text) > 0:
+        megabytes = int(text)
+    else:
+        raise SandboxError(f"invalid --scale {text!r}: use small, bench or a size in MB")
+    return max(0, int((megabytes - SMALL_MB) * 1024 / BULK_POST_KB))
 
 
 def os_user() -> str:
@@ -161,7 +179,7 @@ class Sandbox:
         return bool(cmdline) and marker in cmdline
 
     # -- up -----------------------------------------------------------------------------
-    def up(self, posts: int = 220, paragraphs: int = 4) -> None:
+    def up(self, posts: int = 220, paragraphs: int = 4, bulk_posts: int = 0) -> None:
         if os.geteuid() == 0:
             self._check_postgres_can_reach_project()
         fresh = not (self.root / "env.json").exists()
@@ -177,7 +195,7 @@ class Sandbox:
         if ssh_available():
             self._start_sshd_all()
         if fresh:
-            self._seed(posts, paragraphs)
+            self._seed(posts, paragraphs, bulk_posts)
         self._write_env_files()
         self.say(f"sandbox is up ({'ssh' if ssh_available() else 'local'} connections): {self.root}/env.json")
 
@@ -300,7 +318,7 @@ class Sandbox:
         environ = dict(os.environ, DATABASE_URL=self.url(env), DJANGO_SETTINGS_MODULE="wagtail_site.settings")
         return _run([sys.executable, "manage.py", *args], env=environ, cwd=example_site_dir())
 
-    def _seed(self, posts: int, paragraphs: int) -> None:
+    def _seed(self, posts: int, paragraphs: int, bulk_posts: int) -> None:
         production, staging, _local = ENVIRONMENTS
         self.say("  production: migrating the example site (blog at its pre-Podcast migration)")
         self.manage(production, "migrate", "--noinput")
@@ -315,6 +333,10 @@ class Sandbox:
                    f"UPDATE django_site SET domain = '{staging.site_hostname}';\n")
         # Production moves on after the copy, so staging really is older.
         self.manage(production, "seed_demo", "--offset", str(posts), "--posts", str(POSTS_ADDED_AFTER_STAGING_COPY))
+        if bulk_posts:
+            self.say(f"  production: adding {bulk_posts} posts in bulk (--scale)")
+            self.manage(production, "seed_demo", "--offset", str(posts + POSTS_ADDED_AFTER_STAGING_COPY),
+                        "--posts", "0", "--paragraphs", str(BULK_PARAGRAPHS), "--bulk", str(bulk_posts))
 
     def _copy_database(self, source: Environment, target: Environment) -> None:
         dump = subprocess.Popen([str(PG_BINDIR / "pg_dump"), "-Fc", "-d", self.url(source)], stdout=subprocess.PIPE)

@@ -2,10 +2,9 @@
 import re
 
 # RFC 1123 host names (labels of letters, digits and inner hyphens), or "localhost".
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
-# PostgreSQL identifiers we create or name: lower-case, no quoting needed, <= 63 bytes.
-_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-_ENV_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# The same pattern guards the playbooks (roles/wagtail_site/tasks/preflight.yml, library/drydock_site.py).
+_HOSTNAME = re.compile(r"(?=.{1,253})([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_ENV_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
 class InvalidInput(ValueError):
@@ -13,9 +12,19 @@ class InvalidInput(ValueError):
 
 
 def hostname(value: str) -> str:
-    if not _HOSTNAME.match(value or ""):
+    if not isinstance(value, str) or len(value) > 253 or not _HOSTNAME.fullmatch(value):
         raise InvalidInput(f"invalid hostname {value!r}: use letters, digits, dots and hyphens only")
     return value
+
+
+def count(value: int | str, what: str, minimum: int = 1) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"invalid {what} {value!r}: not a number") from None
+    if number < minimum:
+        raise InvalidInput(f"invalid {what} {number}: at least {minimum}")
+    return number
 
 
 def port(value: int | str) -> int:
@@ -28,13 +37,7 @@ def port(value: int | str) -> int:
     return number
 
 
-def identifier(value: str, what: str = "name") -> str:
-    if not _IDENTIFIER.match(value or ""):
-        raise InvalidInput(f"invalid {what} {value!r}: use lower-case letters, digits and _ (at most 63)")
-    return value
-
-
 def environment_name(value: str) -> str:
-    if not _ENV_NAME.match(value or ""):
+    if not _ENV_NAME.fullmatch(value or ""):
         raise InvalidInput(f"invalid environment name {value!r}")
     return value

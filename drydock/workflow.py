@@ -11,8 +11,9 @@ from drydock import dumps, inventory
 from drydock.dumps import Dump
 from drydock.errors import DrydockError
 from drydock.journal import Run
+from drydock.paths import backups_dir
 from drydock.playbook import run_playbook
-from drydock.validate import InvalidInput, hostname as valid_hostname, port as valid_port
+from drydock.validate import InvalidInput, count as valid_count, hostname as valid_hostname, port as valid_port
 
 Say = Callable[[str], None]
 
@@ -23,12 +24,13 @@ def _keep_artifact(run: Run, path: Path) -> None:
     target.chmod(0o600)
 
 
-def backup(env_text: str, keep: int | None = None, say: Say = print, run: Run | None = None) -> Dump:
+def backup(env_text: str, keep: int | str | None = None, say: Say = print, run: Run | None = None) -> Dump:
     env = inventory.load().server(env_text)
-    if keep is not None and keep < 1:
-        raise InvalidInput(f"invalid --keep {keep}: keep at least 1 dump")
+    # The playbook writes where this layer will look for the dump.
+    extra = {"pg_backup_controller_dir": str(backups_dir())}
+    if keep is not None:
+        extra["pg_backup_keep"] = valid_count(keep, "--keep")
     run = run or Run("backup")
-    extra = {"pg_backup_keep": keep} if keep else None
     with run.step("backup", env=env) as step:
         say(f"==> backing up {env}")
         run_playbook("backup_database.yml", limit=env, extra_vars=extra, run=run)
@@ -63,7 +65,7 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
     say(f"local database {target['drydock_db_name']} now holds {env}'s dump of {dump.manifest['created']}: "
         f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, all counts equal to the manifest; "
         f"Site {target['drydock_site_hostname']}:{target['drydock_site_port']}; "
-        f"the previous local database is kept as {target['drydock_db_name']}__snap_pre_pull")
+        f"the local database it replaced (if any) is kept as {target['drydock_db_name']}__snap_pre_pull")
     say(run.summary())
     return dump
 

@@ -9,7 +9,8 @@ description:
   - Blocks new connections to the live database, terminates its sessions, then renames
     live to C(previous) and C(incoming) to live in one transaction: either both renames
     happen or neither does. Takes milliseconds whatever the size.
-  - An existing database named C(previous) is dropped first (it is the older generation).
+  - An existing database named C(previous) (the generation before) is renamed aside in the
+    same transaction and dropped only once the swap has succeeded.
   - When the live database does not exist yet, C(incoming) is simply renamed.
   - Connects to the C(postgres) maintenance database over the local socket as the current
     OS user (peer authentication).
@@ -58,32 +59,40 @@ def main() -> None:
     import psycopg
     from psycopg import sql
 
-    live, incoming, previous = (sql.Identifier(p[k]) for k in ("database", "incoming", "previous"))
+    aside_name = p["previous"][:57] + "__old"  # the generation before, until the swap succeeded
+    live, incoming, previous, aside = (sql.Identifier(n) for n in
+                                       (p["database"], p["incoming"], p["previous"], aside_name))
+    terminated = 0
     try:
         with connect(p["socket_dir"], p["port"], "postgres", autocommit=True) as conn:
             if not exists(conn, p["incoming"]):
                 module.fail_json(msg=f"nothing to swap in: database {p['incoming']} does not exist")
-            has_live = exists(conn, p["database"])
+            has_live, has_previous = exists(conn, p["database"]), exists(conn, p["previous"])
             if module.check_mode:
                 module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=0)
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(previous))
-            terminated = 0
-            if has_live:
-                conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(live))
-                try:
-                    terminated = conn.execute(
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(aside))  # left by a crash
+            blocked = [name for name, there in ((p["database"], has_live), (p["previous"], has_previous)) if there]
+            for name in blocked:
+                conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
+            try:
+                for name in blocked:
+                    terminated += conn.execute(
                         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                        " WHERE datname = %s AND pid <> pg_backend_pid()", (p["database"],)).fetchone()[0]
-                    with conn.transaction():
+                        " WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()[0]
+                # All renames in one transaction: either the swap happened or nothing did.
+                with conn.transaction():
+                    if has_previous:
+                        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(previous, aside))
+                    if has_live:
                         conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(live, previous))
-                        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(incoming, live))
-                finally:
-                    # Whichever database now carries each name, both accept connections again.
-                    for name in (p["database"], p["previous"]):
-                        if exists(conn, name):
-                            conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
-            else:
-                conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(incoming, live))
+                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(incoming, live))
+            finally:
+                # Whichever database now carries each name accepts connections again.
+                for name in (p["database"], p["previous"], aside_name):
+                    if exists(conn, name):
+                        conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+            # Only now is the older generation no longer needed.
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(aside))
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
     module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=terminated)

@@ -100,12 +100,13 @@ def main() -> None:
                 proc = subprocess.run(command, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 raise RuntimeError(f"pg_dump failed: {proc.stderr.strip()}")
-        os.rename(partial, dest)
-        os.chmod(dest, 0o600)
-        toc_entries = list_entries(params["pg_bindir"], dest)
+        # Checked before it gets its final name: a dump under that name is always readable.
+        toc_entries = list_entries(params["pg_bindir"], partial)
         version = subprocess.run([os.path.join(params["pg_bindir"], "pg_dump"), "--version"],
                                  capture_output=True, text=True, check=True).stdout.strip()
-    except (psycopg.Error, RuntimeError, OSError) as error:
+        os.chmod(partial, 0o600)
+        os.rename(partial, dest)
+    except (psycopg.Error, RuntimeError, OSError, subprocess.SubprocessError) as error:
         if os.path.exists(partial):
             os.unlink(partial)
         module.fail_json(msg=" ".join(str(error).split()), dump=dest)

@@ -77,7 +77,8 @@ def test_playbook_without_limit_is_refused_before_anything_changes(sandbox_env):
     (["backup", "prod"], "unknown environment 'prod'"),
     (["backup", "production,staging"], "one environment at a time, got 2"),
     (["backup", "local"], "unknown environment 'local'"),
-    (["backup", "production", "--keep", "0"], "keep at least 1"),
+    (["backup", "production", "--keep", "0"], "invalid --keep 0: at least 1"),
+    (["backup", "production", "--keep", "x"], "invalid --keep 'x': not a number"),
 ])
 def test_bad_input_gets_one_line(sandbox_env, args, message):
     proc = inv(*args)

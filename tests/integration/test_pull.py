@@ -75,7 +75,8 @@ def test_count_mismatch_after_restore_leaves_local_unchanged(pulled, connect, tm
 @pytest.mark.parametrize("args, message", [
     (["pull", "production", "--dump", "/nonexistent/x.dump"], "no such dump file"),
     (["pull", "prod"], "unknown environment"),
-    (["pull", "production", "staging"], "staging"),
+    (["pull", "production,staging"], "one environment at a time"),
+    (["pull", "local"], "unknown environment 'local'"),
     (["pull", "production", "--latest", "--dump", "/x.dump"], "not both"),
 ])
 def test_bad_input_gets_one_line(sandbox_env, args, message):

@@ -16,7 +16,7 @@ def test_switch_sets_wagtail_and_django_sites(pulled, connect):
         inv("site", "local", "localhost", "--port", "8000", check=True)
 
 
-@pytest.mark.parametrize("hostname", ["bad host", "x'; DROP TABLE wagtailcore_site; --", '"quoted"', "under_score.test", "trailing-.test"])
+@pytest.mark.parametrize("hostname", ["example.org\n", "bad host", "x'; DROP TABLE wagtailcore_site; --", '"quoted"', "under_score.test", "trailing-.test"])
 def test_bad_hostname_is_refused_with_one_line(pulled, connect, hostname):
     before = connect("local").execute(SITE).fetchone()
     proc = inv("site", "local", hostname)
@@ -39,9 +39,43 @@ def test_database_without_site_table(pulled):
 
 def test_no_matching_site_row(pulled):
     proc = playbook("site_hostname.yml", "--limit", "local", "-e", "wagtail_site_name=nosuchsite")
-    assert proc.returncode != 0 and 'no Site named "nosuchsite"' in proc.stdout
+    assert proc.returncode != 0 and "no Site matches site_name 'nosuchsite'" in proc.stdout
 
 
 def test_playbook_without_limit_is_refused(pulled):
     proc = playbook("site_hostname.yml", "-e", "wagtail_site_hostname=example.test")
     assert proc.returncode != 0 and "refusing to change the Site of 3 environments at once" in proc.stdout
+
+
+@pytest.fixture
+def twin_sites(pulled, connect):
+    """Two extra Sites that share the site_name 'Twin'; removed afterwards."""
+    conn = connect("local")
+    for host in ("twin-a.test", "twin-b.test"):
+        conn.execute("INSERT INTO wagtailcore_site (hostname, port, site_name, root_page_id, is_default_site)"
+                     " SELECT %s, 80, 'Twin', root_page_id, false FROM wagtailcore_site WHERE is_default_site", (host,))
+    yield conn
+    conn.execute("DELETE FROM wagtailcore_site WHERE site_name = 'Twin'")
+
+
+def all_sites(conn):
+    return (conn.execute("SELECT id, hostname, port, site_name FROM wagtailcore_site ORDER BY id").fetchall(),
+            conn.execute("SELECT domain FROM django_site ORDER BY id").fetchall())
+
+
+def test_ambiguous_site_name_changes_nothing(twin_sites):
+    before = all_sites(twin_sites)
+    proc = inv("site", "local", "new.test", "--site-name", "Twin")
+    assert proc.returncode == 1 and "2 Sites match site_name 'Twin'" in error_lines(proc)[-1]
+    assert all_sites(twin_sites) == before
+
+
+def test_named_site_changes_only_that_site(twin_sites):
+    twin_sites.execute("DELETE FROM wagtailcore_site WHERE hostname = 'twin-b.test'")
+    default_before = twin_sites.execute(SITE).fetchone()
+    django_before = all_sites(twin_sites)[1]
+    inv("site", "local", "named.test", "--port", "8080", "--site-name", "Twin", check=True)
+    assert twin_sites.execute("SELECT hostname, port FROM wagtailcore_site WHERE site_name = 'Twin'").fetchone() == (
+        "named.test", 8080)
+    assert twin_sites.execute(SITE).fetchone() == default_before
+    assert all_sites(twin_sites)[1] == django_before

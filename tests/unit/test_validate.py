@@ -10,7 +10,7 @@ def test_good_hostnames(name):
 
 
 @pytest.mark.parametrize("name", ["", "bad host", "x';--", '"q"', "-a.com", "a-.com", "a..b", "a" * 64 + ".com",
-                                  "under_score.com", "host:8000", "ümlaut.de", "a\nb"])
+                                  "under_score.com", "host:8000", "ümlaut.de", "a\nb", "example.org\n", "trailing-.test"])
 def test_bad_hostnames(name):
     with pytest.raises(InvalidInput, match="invalid hostname"):
         validate.hostname(name)
@@ -25,11 +25,20 @@ def test_ports(value, ok):
             validate.port(value)
 
 
-@pytest.mark.parametrize("name, ok", [("wagtail_site", True), ("_x1", True), ("Upper", False), ("a-b", False),
-                                      ("a;drop", False), ("x" * 64, False), ("", False)])
-def test_identifiers(name, ok):
+@pytest.mark.parametrize("value, ok", [(1, True), ("5", True), (0, False), ("x", False), (None, False)])
+def test_counts(value, ok):
     if ok:
-        assert validate.identifier(name) == name
+        assert validate.count(value, "--keep") == int(value)
+    else:
+        with pytest.raises(InvalidInput, match="--keep"):
+            validate.count(value, "--keep")
+
+
+@pytest.mark.parametrize("name, ok", [("production", True), ("stage-2", True), ("production\n", False),
+                                      ("Prod", False), ("a b", False), ("", False)])
+def test_environment_names(name, ok):
+    if ok:
+        assert validate.environment_name(name) == name
     else:
         with pytest.raises(InvalidInput):
-            validate.identifier(name)
+            validate.environment_name(name)

@@ -25,7 +25,7 @@ def paragraph(rng: random.Random, words: int) -> str:
 
 
 class Command(BaseCommand):
-    help = "Create the example site's content (idempotent: refuses if a Blog exists)."
+    help = "Create the example site's content (refuses if a Blog exists, unless --offset adds to it)."
 
     def add_arguments(self, parser):
         parser.add_argument("--posts", type=int, default=220)
@@ -34,9 +34,11 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=443)
         parser.add_argument("--seed", type=int, default=1)
         parser.add_argument("--offset", type=int, default=0, help="add posts to an existing Blog, numbered from here")
+        parser.add_argument("--bulk", type=int, default=0,
+                            help="then add this many posts by SQL (pages, posts, revisions, tags): for large databases")
 
     @transaction.atomic
-    def handle(self, *args, posts, paragraphs, hostname, port, seed, offset, **options):
+    def handle(self, *args, posts, paragraphs, hostname, port, seed, offset, bulk, **options):
         rng = random.Random(seed + offset)
         blog = Blog.objects.first()
         if blog is None:
@@ -64,6 +66,8 @@ class Command(BaseCommand):
             if number % 100 == 0:
                 self.stdout.write(f"  {number - offset}/{posts} posts")
         self.stdout.write(f"seeded {posts} posts under {blog.url_path}")
+        if bulk:
+            bulk_seed(blog, bulk, paragraphs, rng, self.stdout.write)
 
     def create_site(self, hostname: str, port: int) -> Blog:
         User = get_user_model()
@@ -83,3 +87,80 @@ class Command(BaseCommand):
 
         DjangoSite.objects.update_or_create(id=1, defaults={"domain": hostname, "name": "Drydock"})
         return blog
+
+
+BULK_BATCH = 500
+
+
+def bulk_seed(blog: Blog, count: int, paragraphs: int, rng: random.Random, say) -> None:
+    """Add `count` posts in SQL, cloning the newest post's row for every column Wagtail
+    needs, with a published revision and two tags each; the page tree stays valid
+    (paths follow the Blog's last child, and the Blog's numchild is updated).
+
+    About 30 times faster than creating pages through Wagtail: meant for benchmark-sized
+    databases, where the content only has to be realistic in shape and size.
+    """
+    from django.db import connection
+
+    template = Post.objects.filter(path__startswith=blog.path).order_by("-path").first()
+    if template is None:
+        raise CommandError("--bulk needs at least one post created the normal way first")
+    tag_ids = list(Post.tags.through.tag_model().objects.values_list("id", flat=True))
+    next_step = Page._str2int(template.path[-Page.steplen:]) + 1
+    number = Post.objects.count()
+    with connection.cursor() as cur:
+        for start in range(0, count, BULK_BATCH):
+            size = min(BULK_BATCH, count - start)
+            steps = range(next_step + start, next_step + start + size)
+            numbers = [number + start + i + 1 for i in range(size)]
+            cur.execute(BULK_SQL, {
+                "template": template.pk, "blog": blog.pk,
+                "paths": [Page._get_path(blog.path, blog.depth + 1, step) for step in steps],
+                "titles": [f"Episode {n}: {rng.choice(WORDS)} and {rng.choice(WORDS)}" for n in numbers],
+                "slugs": [f"post-{n}" for n in numbers],
+                "bodies": ["".join(paragraph(rng, 60) for _ in range(paragraphs)) for _ in numbers],
+                "tag_a": [rng.choice(tag_ids) for _ in numbers],
+                "tag_b": [rng.choice(tag_ids) for _ in numbers],
+            })
+            say(f"  bulk: {start + size}/{count} posts")
+        cur.execute("UPDATE wagtailcore_page SET numchild = numchild + %s WHERE id = %s", [count, blog.pk])
+
+
+BULK_SQL = """
+WITH input AS (
+    SELECT * FROM unnest(%(paths)s::text[], %(titles)s::text[], %(slugs)s::text[], %(bodies)s::text[],
+                         %(tag_a)s::int[], %(tag_b)s::int[]) AS i(path, title, slug, body, tag_a, tag_b)
+), template AS (
+    SELECT p.*, b.visible_date, b.author_id FROM wagtailcore_page p JOIN blog_post b ON b.page_ptr_id = p.id
+    WHERE p.id = %(template)s
+), pages AS (
+    INSERT INTO wagtailcore_page (path, depth, numchild, title, slug, live, has_unpublished_changes, url_path,
+        seo_title, show_in_menus, search_description, expired, content_type_id, owner_id, locked,
+        latest_revision_created_at, first_published_at, last_published_at, draft_title, translation_key, locale_id)
+    SELECT i.path, t.depth, 0, i.title, i.slug, true, false,
+           (SELECT url_path FROM wagtailcore_page WHERE id = %(blog)s) || i.slug || '/',
+           '', false, '', false, t.content_type_id, t.owner_id, false, now(), now(), now(), i.title,
+           gen_random_uuid(), t.locale_id
+    FROM input i CROSS JOIN template t
+    RETURNING id, path, title, slug, url_path, content_type_id, owner_id
+), posts AS (
+    INSERT INTO blog_post (page_ptr_id, visible_date, body, author_id)
+    SELECT p.id, t.visible_date + (p.id %% 3000), i.body, t.author_id
+    FROM pages p JOIN input i USING (path) CROSS JOIN template t
+), tags AS (
+    INSERT INTO blog_posttag (content_object_id, tag_id)
+    SELECT p.id, tag FROM pages p JOIN input i USING (path), LATERAL (SELECT DISTINCT unnest(ARRAY[i.tag_a, i.tag_b])) AS x(tag)
+), revisions AS (
+    INSERT INTO wagtailcore_revision (created_at, content, object_id, user_id, content_type_id, base_content_type_id, object_str)
+    SELECT now(),
+           r.content || jsonb_build_object('pk', p.id, 'path', p.path, 'title', p.title, 'draft_title', p.title,
+                                           'slug', p.slug, 'url_path', p.url_path, 'body', i.body),
+           p.id::text, p.owner_id, r.content_type_id, r.base_content_type_id, p.title
+    FROM pages p JOIN input i USING (path)
+    CROSS JOIN LATERAL (SELECT * FROM wagtailcore_revision WHERE object_id = %(template)s::text
+                        ORDER BY id DESC LIMIT 1) r
+    RETURNING id, object_id
+)
+UPDATE wagtailcore_page page SET live_revision_id = rev.id, latest_revision_id = rev.id
+FROM revisions rev WHERE page.id = rev.object_id::int
+"""

@@ -1,0 +1,107 @@
+#!/usr/bin/python
+"""Ansible module: set a Wagtail Site's hostname and port, in one transaction."""
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: drydock_site
+short_description: Set hostname and port of a Wagtail Site (and django_site), atomically
+description:
+  - Updates C(wagtailcore_site) (the default Site, or the one named C(site_name)) and, for the
+    default Site, C(django_site) where that table exists, in a single transaction that is
+    rolled back unless exactly one Site matched. Nothing is half-changed on failure.
+  - Connects over the local socket as the current OS user (peer authentication).
+options:
+  database: {description: Database to change., type: str, required: true}
+  socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
+  port: {description: Server port., type: int, default: 5432}
+  hostname: {description: New hostname (a DNS name)., type: str, required: true}
+  site_port: {description: New port of the Site., type: int, required: true}
+  site_name: {description: site_name of the Site to change; empty for the default Site., type: str, default: ""}
+  django_site_id: {description: Row of django_site (SITE_ID) to change with the default Site., type: int, default: 1}
+"""
+
+EXAMPLES = r"""
+- name: Point the copy at localhost
+  drydock_site:
+    database: wagtail_site
+    socket_dir: /var/run/postgresql
+    hostname: localhost
+    site_port: 8000
+"""
+
+RETURN = r"""
+before: {description: hostname and port before the change., type: dict, returned: success}
+django_site: {description: The django_site domain written, or null when not changed., type: str, returned: success}
+"""
+
+import re
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.drydock_pg import HAS_PSYCOPG, PG_CONNECTION_ARGS, connect
+
+# RFC 1123 host names; \Z, not $, so that a trailing newline is refused too.
+HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
+
+
+def django_domain(hostname: str, port: int) -> str:
+    """Django's Site.domain carries the port only when it is not the scheme's default."""
+    return hostname if port in (80, 443) else f"{hostname}:{port}"
+
+
+class SiteError(Exception):
+    pass
+
+
+def switch(conn, database: str, hostname: str, port: int, site_name: str, django_site_id: int) -> dict:
+    tables = conn.execute("SELECT to_regclass('public.wagtailcore_site') IS NOT NULL,"
+                          " to_regclass('public.django_site') IS NOT NULL").fetchone()
+    if not tables[0]:
+        raise SiteError(f"database {database} has no wagtailcore_site table: is it a Wagtail site's database?")
+    where, args = ("is_default_site", ()) if not site_name else ("site_name = %s", (site_name,))
+    rows = conn.execute(f"SELECT id, hostname, port FROM wagtailcore_site WHERE {where} FOR UPDATE", args).fetchall()
+    which = "the default Site" if not site_name else f"site_name {site_name!r}"
+    if not rows:
+        raise SiteError(f"no Site matches {which} in {database}: nothing changed")
+    if len(rows) > 1:
+        raise SiteError(f"{len(rows)} Sites match {which} in {database}: nothing changed")
+    site_id, old_host, old_port = rows[0]
+    conn.execute("UPDATE wagtailcore_site SET hostname = %s, port = %s WHERE id = %s", (hostname, port, site_id))
+    domain, old_domain = None, None
+    if tables[1] and not site_name:
+        domain = django_domain(hostname, port)
+        row = conn.execute("SELECT domain FROM django_site WHERE id = %s", (django_site_id,)).fetchone()
+        old_domain = row[0] if row else None
+        conn.execute("UPDATE django_site SET domain = %s WHERE id = %s", (domain, django_site_id))
+    changed = (old_host, old_port) != (hostname, port) or domain != old_domain
+    return {"before": {"hostname": old_host, "port": old_port}, "django_site": domain, "changed": changed}
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(PG_CONNECTION_ARGS, hostname=dict(type="str", required=True),
+                           site_port=dict(type="int", required=True), site_name=dict(type="str", default=""),
+                           django_site_id=dict(type="int", default=1)),
+        supports_check_mode=True,
+    )
+    p = module.params
+    if not HAS_PSYCOPG:
+        module.fail_json(msg="psycopg (3) is not importable by this host's Python (Debian: apt install python3-psycopg)")
+    if not HOSTNAME.match(p["hostname"]) or not 1 <= p["site_port"] <= 65535:
+        module.fail_json(msg=f"invalid Site hostname {p['hostname']!r} or port {p['site_port']}")
+    import psycopg
+
+    try:
+        with connect(p["socket_dir"], p["port"], p["database"]) as conn:
+            result = switch(conn, p["database"], p["hostname"], p["site_port"], p["site_name"], p["django_site_id"])
+            if module.check_mode:
+                conn.rollback()
+            # leaving the `with` block commits; an exception rolls everything back
+    except SiteError as error:
+        module.fail_json(msg=str(error))
+    except psycopg.Error as error:
+        module.fail_json(msg=" ".join(str(error).split()))
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
