@@ -94,8 +94,43 @@ def lint(c):
         raise Exit(code=code)
 
 
+@task(help={"name": "snapshot name (lower-case letters, digits and _)",
+            "force": "replace an existing snapshot of that name"})
+@one_line_errors
+def snapshot_save(c, name, force=False):
+    """Snapshot the local database (a template copy: seconds, whatever the size)."""
+    workflow.snapshot("save", name, force=force)
+
+
+@task(help={"name": "the snapshot to bring back"})
+@one_line_errors
+def snapshot_restore(c, name):
+    """Put the local database back at snapshot NAME (the replaced one is kept as <db>__previous)."""
+    workflow.snapshot("restore", name)
+
+
+@task
+@one_line_errors
+def snapshot_list(c):
+    """List the local snapshots with their database, size and age."""
+    workflow.snapshot("list")
+
+
+@task(help={"name": "the snapshot to delete"})
+@one_line_errors
+def snapshot_delete(c, name):
+    """Delete snapshot NAME."""
+    workflow.snapshot("delete", name)
+
+
+snapshot = Collection("snapshot")
+snapshot.add_task(snapshot_save, name="save")
+snapshot.add_task(snapshot_restore, name="restore")
+snapshot.add_task(snapshot_list, name="list")
+snapshot.add_task(snapshot_delete, name="delete")
+
 sandbox = Collection("sandbox")
 sandbox.add_task(sandbox_up, name="up")
 sandbox.add_task(sandbox_down, name="down")
 
-namespace = Collection(backup, pull, site, demo, test, lint, sandbox)
+namespace = Collection(backup, pull, site, demo, test, lint, sandbox, snapshot)

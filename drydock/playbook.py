@@ -24,7 +24,9 @@ def ansible_env(run: Run | None = None) -> dict[str, str]:
 
 
 def run_playbook(name: str, *, limit: str | None = None, extra_vars: dict | None = None,
-                 run: Run | None = None, quiet: bool = False) -> None:
+                 run: Run | None = None, capture: bool = False) -> dict | None:
+    """Run a playbook. With `capture`, Ansible's output is its JSON result, returned
+    (host -> task name -> result) instead of shown."""
     playbook = project_root() / "playbooks" / name
     with tempfile.TemporaryDirectory(prefix="drydock-") as scratch:
         failures = Path(scratch) / "failures.jsonl"
@@ -38,10 +40,24 @@ def run_playbook(name: str, *, limit: str | None = None, extra_vars: dict | None
             command += ["--extra-vars", f"@{vars_file}"]
         env = ansible_env(run)
         env["DRYDOCK_FAILURES_FILE"] = str(failures)
-        proc = subprocess.run(command, env=env, cwd=project_root(),
-                              stdout=subprocess.DEVNULL if quiet else None)
+        if capture:
+            env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.posix.json"
+        proc = subprocess.run(command, env=env, cwd=project_root(), text=True,
+                              stdout=subprocess.PIPE if capture else None)
         if proc.returncode != 0:
             raise DrydockError(_last_failure(failures) or f"{name} failed (exit {proc.returncode})")
+    if capture:
+        return _task_results(json.loads(proc.stdout))
+    return None
+
+
+def _task_results(output: dict) -> dict:
+    results: dict = {}
+    for play in output.get("plays", []):
+        for task in play.get("tasks", []):
+            for host, result in task.get("hosts", {}).items():
+                results.setdefault(host, {})[task["task"]["name"]] = result
+    return results
 
 
 def _last_failure(path: Path) -> str | None:

@@ -4,6 +4,8 @@ import re
 # RFC 1123 host names (labels of letters, digits and inner hyphens), or "localhost".
 # The same pattern guards the playbooks (roles/wagtail_site/tasks/preflight.yml, library/drydock_site.py).
 _HOSTNAME = re.compile(r"(?=.{1,253})([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+# Snapshot names become part of a database name: <db>__snap_<name>.
+_SNAPSHOT = re.compile(r"[a-z0-9][a-z0-9_]{0,29}")
 _ENV_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
@@ -40,4 +42,10 @@ def port(value: int | str) -> int:
 def environment_name(value: str) -> str:
     if not _ENV_NAME.fullmatch(value or ""):
         raise InvalidInput(f"invalid environment name {value!r}")
+    return value
+
+
+def snapshot_name(value: str) -> str:
+    if not _SNAPSHOT.fullmatch(value or ""):
+        raise InvalidInput(f"invalid snapshot name {value!r}: use lower-case letters, digits and _ (at most 30)")
     return value

@@ -4,6 +4,7 @@ in the playbook, so plain `ansible-playbook` runs are just as safe."""
 from __future__ import annotations
 
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -13,7 +14,8 @@ from drydock.errors import DrydockError
 from drydock.journal import Run
 from drydock.paths import backups_dir
 from drydock.playbook import run_playbook
-from drydock.validate import InvalidInput, count as valid_count, hostname as valid_hostname, port as valid_port
+from drydock.validate import (InvalidInput, count as valid_count, hostname as valid_hostname, port as valid_port,
+                              snapshot_name as valid_snapshot_name)
 
 Say = Callable[[str], None]
 
@@ -81,3 +83,39 @@ def site(env_text: str, hostname: str, port: int, site_name: str = "", say: Say 
         run_playbook("site_hostname.yml", limit=env, run=run, extra_vars={
             "wagtail_site_hostname": hostname, "wagtail_site_port": port, "wagtail_site_name": site_name})
     say(f"{env}: Site {site_name or '(default)'} is now {hostname}:{port}")
+
+
+def snapshot(action: str, name: str = "", force: bool = False, say: Say = print) -> list[dict] | None:
+    """save / restore / delete a snapshot of the local database, or list them."""
+    local = inventory.load().local[0]
+    if action != "list":
+        valid_snapshot_name(name)
+    extra = {"pg_snapshot_action": action, "pg_snapshot_name": name, "pg_snapshot_force": force}
+    if action == "list":
+        results = run_playbook("snapshot.yml", limit=local, extra_vars=extra, capture=True)
+        snapshots = next(r["snapshots"] for r in results[local].values() if "snapshots" in r)
+        say(format_snapshots(snapshots))
+        return snapshots
+    run = Run(f"snapshot-{action}")
+    with run.step(f"snapshot {action}", snapshot=name):
+        run_playbook("snapshot.yml", limit=local, extra_vars=extra, run=run)
+    say({"save": f"saved snapshot {name} of the local database",
+         "restore": f"the local database is back at snapshot {name} (the one it replaced is kept as <db>__previous)",
+         "delete": f"deleted snapshot {name}"}[action])
+    return None
+
+
+def format_snapshots(snapshots: list[dict], now: datetime | None = None) -> str:
+    if not snapshots:
+        return "no snapshots"
+    now = now or datetime.now(timezone.utc)
+    rows = [("name", "of database", "size", "age")]
+    for snap in snapshots:
+        age = "?"
+        if snap.get("created"):
+            seconds = (now - datetime.fromisoformat(snap["created"])).total_seconds()
+            age = f"{seconds / 86400:.1f} d" if seconds >= 86400 else f"{seconds / 3600:.1f} h" if seconds >= 3600 \
+                else f"{seconds / 60:.0f} min"
+        rows.append((snap["name"], snap["source"], f"{snap['size'] / 1048576:.1f} MB", age))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)

@@ -37,11 +37,7 @@ terminated: {description: Sessions terminated on the live database., type: int, 
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import HAS_PSYCOPG, connect
-
-
-def exists(conn, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+from ansible.module_utils.drydock_pg import HAS_PSYCOPG, connect, database_exists, swap_in
 
 
 def main() -> None:
@@ -57,42 +53,15 @@ def main() -> None:
     if not HAS_PSYCOPG:
         module.fail_json(msg="psycopg (3) is not importable by this host's Python (Debian: apt install python3-psycopg)")
     import psycopg
-    from psycopg import sql
 
-    aside_name = p["previous"][:57] + "__old"  # the generation before, until the swap succeeded
-    live, incoming, previous, aside = (sql.Identifier(n) for n in
-                                       (p["database"], p["incoming"], p["previous"], aside_name))
-    terminated = 0
     try:
         with connect(p["socket_dir"], p["port"], "postgres", autocommit=True) as conn:
-            if not exists(conn, p["incoming"]):
+            if not database_exists(conn, p["incoming"]):
                 module.fail_json(msg=f"nothing to swap in: database {p['incoming']} does not exist")
-            has_live, has_previous = exists(conn, p["database"]), exists(conn, p["previous"])
+            has_live = database_exists(conn, p["database"])
             if module.check_mode:
                 module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=0)
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(aside))  # left by a crash
-            blocked = [name for name, there in ((p["database"], has_live), (p["previous"], has_previous)) if there]
-            for name in blocked:
-                conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
-            try:
-                for name in blocked:
-                    terminated += conn.execute(
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                        " WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()[0]
-                # All renames in one transaction: either the swap happened or nothing did.
-                with conn.transaction():
-                    if has_previous:
-                        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(previous, aside))
-                    if has_live:
-                        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(live, previous))
-                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(incoming, live))
-            finally:
-                # Whichever database now carries each name accepts connections again.
-                for name in (p["database"], p["previous"], aside_name):
-                    if exists(conn, name):
-                        conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
-            # Only now is the older generation no longer needed.
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(aside))
+            terminated = swap_in(conn, p["database"], p["incoming"], p["previous"])
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
     module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=terminated)

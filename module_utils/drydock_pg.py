@@ -102,3 +102,50 @@ def count_differences(expected: dict[str, int], actual: dict[str, int]) -> list[
         elif expected[table] != actual[table]:
             problems.append(f"{table}: {actual[table]} rows, expected {expected[table]}")
     return problems
+
+
+def database_exists(conn, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+
+def terminate_sessions(conn, name: str) -> int:
+    """End every other session on database `name`; the number ended."""
+    return conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                        " WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()[0]
+
+
+def set_allow_connections(conn, name: str, allow: bool) -> None:
+    conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(
+        sql.Identifier(name), sql.SQL("true" if allow else "false")))
+
+
+def swap_in(conn, database: str, incoming: str, previous: str) -> int:
+    """Put `incoming` in place of `database`, keeping the old one as `previous`.
+
+    Connections to the databases involved are blocked and terminated, then all renames
+    happen in one transaction: either the swap happened or nothing did. An existing
+    `previous` (the generation before) is renamed aside in that transaction and dropped
+    only once the swap has succeeded. `conn` is an autocommit connection to another
+    database (e.g. postgres). Returns the number of sessions terminated.
+    """
+    aside = previous[:58] + "__old"
+    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(aside)))  # a crash's
+    present = [name for name in (database, previous) if database_exists(conn, name)]
+    renames = [(previous, aside), (database, previous), (incoming, database)]
+    terminated = 0
+    for name in present:
+        set_allow_connections(conn, name, False)
+    try:
+        for name in present:
+            terminated += terminate_sessions(conn, name)
+        with conn.transaction():
+            for old, new in renames:
+                if old == incoming or old in present:
+                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
+    finally:
+        # Whichever database now carries each name accepts connections again.
+        for name in (database, previous, aside):
+            if database_exists(conn, name):
+                set_allow_connections(conn, name, True)
+    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(aside)))
+    return terminated

@@ -43,6 +43,9 @@ class Post(Page):
     parent_page_types = ["blog.Blog", "blog.Podcast"]
     subpage_types: list[str] = []
 
+    class Meta:
+        indexes = [models.Index(fields=["visible_date"], name="blog_post_visible_date")]
+
 
 class Podcast(Blog):
     itunes_artwork = models.ForeignKey(

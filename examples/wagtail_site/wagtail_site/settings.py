@@ -37,6 +37,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     # Present on purpose: drydock's Site switch must update django_site as well.
     "django.contrib.sites",
+    # Marks migrations as safe before or only after a code deploy (manage.py safemigrate).
+    "django_safemigrate.apps.SafeMigrateConfig",
 ]
 SITE_ID = 1
 
