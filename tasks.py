@@ -94,6 +94,21 @@ def lint(c):
         raise Exit(code=code)
 
 
+@task(iterable=["param"], auto_shortflags=False,
+      help={"notebook": "execute this notebook with papermill after migrating",
+            "script": "run this Python script after migrating",
+            "param": "a notebook parameter, name=value (repeatable)",
+            "plan": "show the pending migrations and their SQL; apply nothing",
+            "phase": "all (default), before (only what is safe before the code deploy) or after",
+            "fixtree": "repair the page tree with fixtree when the check finds problems",
+            "migrate": "run manage.py migrate first (default); --no-migrate runs only the notebook or script"})
+@one_line_errors
+def migrate(c, notebook=None, script=None, param=None, plan=False, phase="all", fixtree=False, migrate=True):
+    """Migrate the local database with the app's own code, then a notebook or script; undone on failure."""
+    workflow.migrate(notebook=notebook, script=script, plan=plan, phase=phase, parameters=param or [],
+                     fixtree=fixtree, run_migrate=migrate)
+
+
 @task(help={"name": "snapshot name (lower-case letters, digits and _)",
             "force": "replace an existing snapshot of that name"})
 @one_line_errors
@@ -133,4 +148,4 @@ sandbox = Collection("sandbox")
 sandbox.add_task(sandbox_up, name="up")
 sandbox.add_task(sandbox_down, name="down")
 
-namespace = Collection(backup, pull, site, demo, test, lint, sandbox, snapshot)
+namespace = Collection(backup, pull, migrate, site, demo, test, lint, sandbox, snapshot)

@@ -249,7 +249,7 @@ class Sandbox:
         if fresh:
             password = self._app_password()
             self._psql(env, "postgres",
-                       f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{password}';\n"
+                       f"CREATE ROLE {APP_ROLE} LOGIN CREATEDB PASSWORD '{password}';\n"
                        f"CREATE DATABASE {DATABASE} OWNER {APP_ROLE};\n")
 
     def _group(self) -> str | int:

@@ -119,3 +119,50 @@ def format_snapshots(snapshots: list[dict], now: datetime | None = None) -> str:
         rows.append((snap["name"], snap["source"], f"{snap['size'] / 1048576:.1f} MB", age))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+PHASES = ("all", "before", "after")
+
+
+def parse_parameters(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """`key=value` pairs for a notebook; keys must be Python identifiers."""
+    parameters = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise InvalidInput(f"invalid notebook parameter {pair!r}: use name=value")
+        parameters[key] = value
+    return parameters
+
+
+def migrate(notebook: str | None = None, script: str | None = None, plan: bool = False, phase: str = "all",
+            parameters: list[str] | tuple[str, ...] = (), fixtree: bool = False, run_migrate: bool = True,
+            say: Say = print) -> Run | None:
+    """Run the migration step on the local database (see playbooks/migrate.yml)."""
+    if notebook and script:
+        raise InvalidInput("give --notebook or --script, not both")
+    if phase not in PHASES:
+        raise InvalidInput(f"invalid --phase {phase!r}: use all, before or after")
+    for path in (notebook, script):
+        if path and not Path(path).is_file():
+            raise InvalidInput(f"no such file: {path}")
+    local = inventory.load().local[0]
+    if plan:
+        run_playbook("migrate_plan.yml", limit=local)
+        return None
+    run = Run("migrate")
+    extra = {"django_migrate_phase": phase, "django_migrate_migrate": run_migrate,
+             "django_migrate_fixtree": fixtree, "django_migrate_output_dir": str(run.dir),
+             "django_migrate_parameters": parse_parameters(parameters)}
+    if notebook:
+        extra["django_migrate_notebook"] = str(Path(notebook).resolve())
+    if script:
+        extra["django_migrate_script"] = str(Path(script).resolve())
+    what = f"notebook {Path(notebook).name}" if notebook else f"script {Path(script).name}" if script else f"migrate ({phase})"
+    with run.step("migrate", what=what, phase=phase):
+        say(f"==> {what} on the local database (a safety snapshot is taken first)")
+        run_playbook("migrate.yml", limit=local, extra_vars=extra, run=run)
+    if notebook:
+        say(f"executed notebook: {run.dir / Path(notebook).name}")
+    say(f"{what}: done; the page tree is consistent")
+    return run

@@ -69,7 +69,9 @@ def list_snapshots(conn) -> list[dict]:
             meta = json.loads(comment or "{}")
         except ValueError:
             meta = {}
-        snapshots.append({"name": name, "database": datname, "source": meta.get("source", source),
+        # The comment is the record; the name is the fallback (e.g. the pull's pre_pull snapshot).
+        snapshots.append({"name": meta.get("drydock_snapshot", name), "database": datname,
+                          "source": meta.get("source", source),
                           "size": size, "created": meta.get("created")})
     return snapshots
 

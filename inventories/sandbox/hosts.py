@@ -28,6 +28,11 @@ def host_vars(name: str, env: dict, conn: dict) -> dict:
         "drydock_site_port": env["site_port"],
         "drydock_host_backup_dir": env["backup_dir"],
     }
+    if not server:
+        # The example site is the app the migration step runs (in drydock's own venv).
+        app_dir = SANDBOX.parent / "examples" / "wagtail_site"
+        hv.update(drydock_app_dir=str(app_dir), drydock_app_python=conn["python"],
+                  drydock_app_settings="wagtail_site.settings", drydock_app_database_url=env["url"])
     if server and conn["connection"] == "ssh":
         hv.update(
             ansible_connection="ssh",

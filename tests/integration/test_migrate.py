@@ -1,0 +1,143 @@
+"""The migration step on the local copy: migrate, phases, notebooks, scripts, safety snapshot."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from drydock.paths import example_site_dir, runs_dir
+from tests.conftest import ROOT, error_lines, fingerprint, inv, playbook
+
+NOTEBOOK = ROOT / "examples" / "notebooks" / "blog_to_podcast.ipynb"
+BLOG_CHILDREN = """SELECT c.id FROM wagtailcore_page c JOIN wagtailcore_page p ON left(c.path, -4) = p.path
+                   WHERE p.id = %s ORDER BY c.path"""
+
+
+def applied(conn, app="blog") -> set[str]:
+    return {name for (name,) in conn.execute("SELECT name FROM django_migrations WHERE app = %s", (app,))}
+
+
+def page_type(conn, slug):
+    return conn.execute("SELECT p.id, ct.model FROM wagtailcore_page p JOIN django_content_type ct"
+                        " ON ct.id = p.content_type_id WHERE p.slug = %s", (slug,)).fetchall()
+
+
+def tree_problems(conn) -> int:
+    """Independent check of Wagtail's materialised-path tree (not drydock's module)."""
+    return conn.execute("""
+        SELECT (SELECT count(*) FROM wagtailcore_page WHERE depth <> length(path) / 4)
+             + (SELECT count(*) FROM wagtailcore_page p WHERE numchild <>
+                  (SELECT count(*) FROM wagtailcore_page c WHERE c.path LIKE p.path || '____'))
+             + (SELECT count(*) FROM wagtailcore_page c WHERE depth > 1 AND NOT EXISTS
+                  (SELECT 1 FROM wagtailcore_page p WHERE p.path = left(c.path, -4)))""").fetchone()[0]
+
+
+@pytest.fixture
+def fresh_local(pulled, connect):
+    """The local database as production has it: blog at 0001, a Blog with posts."""
+    inv("pull", "production", "--latest", check=True)
+    # No connection is handed out: every step terminates the sessions on the local database.
+
+
+def test_plan_shows_sql_and_applies_nothing(fresh_local, connect):
+    proc = inv("migrate", "--plan", check=True)
+    assert "blog.0002_podcast" in proc.stdout and 'CREATE TABLE "blog_podcast"' in proc.stdout
+    assert applied(connect("local")) == {"0001_initial"}
+
+
+def test_phases_follow_the_deploy_order(fresh_local, connect):
+    inv("migrate", "--phase", "before", check=True)
+    assert applied(connect("local")) == {"0001_initial", "0002_podcast"}  # 0003 is Safe.after_deploy
+    inv("migrate", "--phase", "after", check=True)
+    assert applied(connect("local")) == {"0001_initial", "0002_podcast", "0003_post_visible_date_index"}
+
+
+def test_notebook_turns_the_blog_into_a_podcast(fresh_local, connect):
+    conn = connect("local")
+    (blog_id, model), = page_type(conn, "blog")
+    assert model == "blog"
+    posts = [row[0] for row in conn.execute(BLOG_CHILDREN, (blog_id,))]
+    assert len(posts) >= 200
+    proc = inv("migrate", "--notebook", str(NOTEBOOK), check=True)
+
+    conn = connect("local")
+    (podcast_id, model), = page_type(conn, "blog")  # the original slug, now a Podcast
+    assert model == "podcast" and podcast_id != blog_id
+    assert [row[0] for row in conn.execute(BLOG_CHILDREN, (podcast_id,))] == posts  # all, in order
+    assert conn.execute("SELECT count(*) FROM wagtailcore_page WHERE id = %s", (blog_id,)).fetchone()[0] == 0
+    assert tree_problems(conn) == 0
+    check = subprocess.run([os.environ.get("DRYDOCK_APP_PYTHON", str(ROOT / ".venv/bin/python")), "manage.py",
+                            "migrate", "--check"], cwd=example_site_dir(), capture_output=True, text=True,
+                           env=dict(os.environ, DATABASE_URL=_url()))
+    assert check.returncode == 0, check.stdout + check.stderr
+
+    executed = Path(proc.stdout.split("executed notebook: ")[1].split()[0])
+    assert executed.is_file() and executed.parent.parent == runs_dir()
+    outputs = "".join(o.get("text", "") for c in nbformat.read(executed, 4).cells for o in c.get("outputs", []))
+    assert f"with {len(posts)} posts" in outputs
+
+    again = inv("migrate", "--notebook", str(NOTEBOOK))  # a second run refuses cleanly
+    assert again.returncode == 1 and "is a Podcast already" in error_lines(again)[-1]
+    assert page_type(connect("local"), "blog") == [(podcast_id, "podcast")]
+
+
+def _url() -> str:
+    return json.loads((ROOT / ".sandbox" / "env.json").read_text())["local"]["url"]
+
+
+def test_failing_cell_puts_the_database_back(fresh_local, connect, tmp_path):
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("import django\ndjango.setup()\nfrom blog.models import Post"),
+        nbformat.v4.new_code_cell("Post.objects.filter(pk__in=list(Post.objects.values_list('pk', flat=True)[:10])).delete()"),
+        nbformat.v4.new_code_cell("raise ValueError('stop here on purpose')"),
+    ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    path = tmp_path / "broken.ipynb"
+    nbformat.write(notebook, path)
+    before = fingerprint(connect("local"))
+    proc = inv("migrate", "--no-migrate", "--notebook", str(path))
+    assert proc.returncode == 1
+    line = error_lines(proc)[-1]
+    # Cell 3 of the notebook is In [4] in the executed one: papermill injects the parameters first.
+    assert "in cell In [4]" in line and "ValueError: stop here on purpose" in line and "put back" in line
+    assert fingerprint(connect("local")) == before
+
+
+def test_script_runs_in_the_apps_python(fresh_local, connect, tmp_path):
+    script = tmp_path / "tag.py"
+    script.write_text("import django\ndjango.setup()\nfrom taggit.models import Tag\nTag.objects.create(name='drydock', slug='drydock')\n")
+    inv("migrate", "--script", str(script), check=True)
+    assert connect("local").execute("SELECT count(*) FROM taggit_tag WHERE slug = 'drydock'").fetchone()[0] == 1
+
+
+def test_broken_page_tree_fails_the_step_unless_fixtree(fresh_local, connect):
+    connect("local").execute("UPDATE wagtailcore_page SET numchild = numchild + 7 WHERE slug = 'blog'")
+    proc = inv("migrate")
+    assert proc.returncode == 1 and "numchild does not match its children" in error_lines(proc)[-1]
+    inv("migrate", "--fixtree", check=True)
+    assert tree_problems(connect("local")) == 0
+
+
+def test_no_secret_in_the_executed_notebook_or_the_log(fresh_local, tmp_path):
+    """A URL with a password: the password reaches Django through the environment only."""
+    password = (ROOT / ".sandbox" / "pgpass").read_text().splitlines()[0].rsplit(":", 1)[1]
+    url = f"postgresql://wagtail_site:{password}@127.0.0.1:55432/wagtail_site"
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        ["ansible-playbook", "playbooks/migrate.yml", "-e", f"django_migrate_notebook={NOTEBOOK}",
+         "-e", f"django_migrate_output_dir={out}", "-e", f"@{_vars_file(tmp_path, url)}"],
+        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, ANSIBLE_LOG_PATH=str(out / "ansible.log")))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    files = list(out.rglob("*"))
+    assert any(f.suffix == ".ipynb" for f in files)
+    for path in files:
+        if path.is_file():
+            assert password not in path.read_text(errors="replace"), path
+    assert password not in proc.stdout + proc.stderr
+
+
+def _vars_file(tmp_path, url) -> Path:
+    path = tmp_path / "vars.json"
+    path.write_text(json.dumps({"django_migrate_database_url": url}))
+    return path
