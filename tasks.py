@@ -71,9 +71,10 @@ def sandbox_down(c):
 @task
 @one_line_errors
 def demo(c):
-    """Run the demo on the sandbox: sandbox up, backup production, pull it into local."""
+    """Run the demo on the sandbox: sandbox up, pull production, turn its Blog into a Podcast."""
     Sandbox().up()
     workflow.pull("production")
+    workflow.migrate(notebook=str(project_root() / "examples" / "notebooks" / "blog_to_podcast.ipynb"))
 
 
 @task(help={"pytest_args": "extra arguments for pytest, e.g. '-k pull -x'"})
