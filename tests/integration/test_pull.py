@@ -8,6 +8,13 @@ from drydock import dumps
 from tests.conftest import databases, error_lines, fingerprint, inv, row_counts
 
 
+@pytest.fixture(scope="module")
+def pulled(pulled):
+    """This module's own pull: other modules change the local database."""
+    inv("pull", "production", "--latest", check=True)
+    return pulled
+
+
 def test_local_matches_the_manifest(pulled, connect):
     assert row_counts(connect("local")) == pulled.manifest["row_counts"]
 
