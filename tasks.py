@@ -71,10 +71,11 @@ def sandbox_down(c):
 @task
 @one_line_errors
 def demo(c):
-    """Run the demo on the sandbox: sandbox up, pull production, turn its Blog into a Podcast."""
+    """The whole workflow on the sandbox: production → local → Blog to Podcast → staging, then show it."""
     Sandbox().up()
-    workflow.pull("production")
-    workflow.migrate(notebook=str(project_root() / "examples" / "notebooks" / "blog_to_podcast.ipynb"))
+    workflow.pipeline("production", "staging",
+                      notebook=str(project_root() / "examples" / "notebooks" / "blog_to_podcast.ipynb"))
+    workflow.show_page("staging", "/blog/")
 
 
 @task(help={"pytest_args": "extra arguments for pytest, e.g. '-k pull -x'"})
@@ -93,6 +94,36 @@ def lint(c):
                           cwd=project_root()).returncode
     if code != 0:
         raise Exit(code=code)
+
+
+@task(help={"env": "the environment to push to (exactly one, e.g. staging)",
+            "dump": "push this dump (with its manifest) instead of dumping the local database",
+            "yes": "confirm a push to a protected environment (production) without a prompt",
+            "allow_lost_writes": "push even though the target took writes since the copy's backup (they are lost)"})
+@one_line_errors
+def push(c, env, dump=None, yes=False, allow_lost_writes=False):
+    """Restore the local copy onto ENV: checks, safety backup, side database, swap, health check."""
+    workflow.push(env, dump_path=dump, yes=yes, allow_lost_writes=allow_lost_writes)
+
+
+@task(help={"env": "the environment to roll back (e.g. staging)",
+            "yes": "confirm for a protected environment without a prompt"})
+@one_line_errors
+def rollback(c, env, yes=False):
+    """Swap ENV's previous database back in (seconds, whatever the size); run again to undo."""
+    workflow.rollback(env, yes=yes)
+
+
+@task(help={"source": "where the data comes from (e.g. production)",
+            "target": "where the migrated copy goes (e.g. staging)",
+            "notebook": "execute this notebook in the migration step",
+            "script": "run this script in the migration step",
+            "yes": "confirm a push to a protected environment without a prompt",
+            "allow_lost_writes": "push even though the target took writes since the backup"})
+@one_line_errors
+def pipeline(c, source, target, notebook=None, script=None, yes=False, allow_lost_writes=False):
+    """backup SOURCE → pull → migrate (+ notebook or script) → push to TARGET, with a timing summary."""
+    workflow.pipeline(source, target, notebook=notebook, script=script, yes=yes, allow_lost_writes=allow_lost_writes)
 
 
 @task(iterable=["param"], auto_shortflags=False,
@@ -149,4 +180,4 @@ sandbox = Collection("sandbox")
 sandbox.add_task(sandbox_up, name="up")
 sandbox.add_task(sandbox_down, name="down")
 
-namespace = Collection(backup, pull, migrate, site, demo, test, lint, sandbox, snapshot)
+namespace = Collection(backup, pull, migrate, push, rollback, pipeline, site, demo, test, lint, sandbox, snapshot)

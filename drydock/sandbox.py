@@ -29,6 +29,7 @@ DATABASE = "wagtail_site"
 APP_ROLE = "wagtail_site"
 PG_PORT = 55432  # not 5432: many developers run their own PostgreSQL there
 SSH_PORT = 2222
+APP_PORT = 8000
 SSHD = Path("/usr/sbin/sshd")
 # The migration production runs at: before the Podcast model exists.
 PRODUCTION_BLOG_MIGRATION = "0001_initial"
@@ -196,6 +197,9 @@ class Sandbox:
             self._start_sshd_all()
         if fresh:
             self._seed(posts, paragraphs, bulk_posts)
+        for env in ENVIRONMENTS:
+            if env.server:
+                self._start_app(env)
         self._write_env_files()
         self.say(f"sandbox is up ({'ssh' if ssh_available() else 'local'} connections): {self.root}/env.json")
 
@@ -312,6 +316,59 @@ class Sandbox:
                 time.sleep(0.1)
         raise SandboxError(f"sshd for {env.name} did not listen on {env.address}:{SSH_PORT}")
 
+    # -- the app service ----------------------------------------------------------------
+    def app_script(self, env: Environment) -> Path:
+        return self.host_dir(env) / "app-service"
+
+    def app_pidfile(self, env: Environment) -> Path:
+        return self.host_dir(env) / "app.pid"
+
+    def _start_app(self, env: Environment) -> None:
+        """Write the host's app service script (start / stop, like a service manager) and start it."""
+        script = self.app_script(env)
+        pidfile = self.app_pidfile(env)
+        script.write_text(f"""#!/bin/sh
+# The example site on {env.name}, served by gunicorn on {env.address}:{APP_PORT}.
+# Written by `inv sandbox.up`; drydock's push stops and starts it like a service.
+set -eu
+pidfile={pidfile}
+running() {{ [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }}
+case "${{1:-}}" in
+start)
+    running && exit 0
+    cd {example_site_dir()}
+    DATABASE_URL='{self.url(env)}' DJANGO_SETTINGS_MODULE=wagtail_site.settings \\
+        {sys.executable} -m gunicorn --daemon --pid "$pidfile" --bind {env.address}:{APP_PORT} --workers 2 \\
+        --access-logfile {self.host_dir(env)}/app.log --error-logfile {self.host_dir(env)}/app.log \\
+        --name drydock-{env.name} wagtail_site.wsgi
+    for _ in $(seq 50); do running && exit 0; sleep 0.1; done
+    echo "the app did not start: see {self.host_dir(env)}/app.log" >&2; exit 1 ;;
+stop)
+    running || exit 0
+    kill "$(cat "$pidfile")"
+    for _ in $(seq 100); do running || exit 0; sleep 0.1; done
+    echo "the app did not stop" >&2; exit 1 ;;
+*)
+    echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac
+""")
+        script.chmod(0o700)
+        _run([str(script), "start"])
+
+    def _stop_app(self, env: Environment) -> None:
+        """Stop the host's app by the PID in its pidfile, if that process is our gunicorn."""
+        try:
+            pid = int(self.app_pidfile(env).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return
+        marker = f"drydock-{env.name}"
+        if self._alive(pid, marker):
+            for child in _children(pid):
+                _stop(child, signal.SIGTERM)
+            if not _stop(pid, signal.SIGTERM, marker):
+                raise SandboxError(f"the app on {env.name} (pid {pid}) did not stop; .sandbox/ left in place")
+            self.say(f"  stopped app-{env.name} (pid {pid})")
+
     # -- seeding ------------------------------------------------------------------------
     def manage(self, env: Environment, *args: str) -> str:
         """Run the example site's manage.py against `env`'s database."""
@@ -378,6 +435,10 @@ class Sandbox:
 
     # -- down ---------------------------------------------------------------------------
     def down(self, quiet: bool = False) -> None:
+        if self.root.exists():
+            for env in ENVIRONMENTS:
+                if env.server:
+                    self._stop_app(env)
         for key, entry in self._pids().items():
             pid, marker = entry["pid"], entry["marker"]
             if not self._alive(pid, marker):

@@ -4,6 +4,7 @@ in the playbook, so plain `ansible-playbook` runs are just as safe."""
 from __future__ import annotations
 
 import shutil
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -12,6 +13,7 @@ from drydock import dumps, inventory
 from drydock.dumps import Dump
 from drydock.errors import DrydockError
 from drydock.journal import Run
+from drydock.lock import target_lock
 from drydock.paths import backups_dir
 from drydock.playbook import run_playbook
 from drydock.validate import (InvalidInput, count as valid_count, hostname as valid_hostname, port as valid_port,
@@ -44,12 +46,14 @@ def backup(env_text: str, keep: int | str | None = None, say: Say = print, run: 
     return dump
 
 
-def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say: Say = print) -> Dump:
+def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say: Say = print,
+         run: Run | None = None) -> Dump:
     if dump_path and latest:
         raise InvalidInput("give --dump PATH or --latest, not both")
     inv = inventory.load()
     env = inv.server(env_text)
-    run = Run("pull")
+    shared = run is not None
+    run = run or Run("pull")
     if dump_path:
         dump = dumps.load(Path(dump_path))
     elif latest:
@@ -60,7 +64,7 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
         raise DrydockError(f"{dump.path} is a dump of {dump.source_env}, not of {env}")
     local = inv.local[0]
     target = inv.hostvars[local]
-    with run.step("restore", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
+    with run.step("pull", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
                   rows=dump.total_rows):
         say(f"==> restoring {dump.path.name} into the local database")
         run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
@@ -68,7 +72,8 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
         f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, all counts equal to the manifest; "
         f"Site {target['drydock_site_hostname']}:{target['drydock_site_port']}; "
         f"the local database it replaced (if any) is kept as {target['drydock_db_name']}__snap_pre_pull")
-    say(run.summary())
+    if not shared:
+        say(run.summary())
     return dump
 
 
@@ -137,7 +142,7 @@ def parse_parameters(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 def migrate(notebook: str | None = None, script: str | None = None, plan: bool = False, phase: str = "all",
             parameters: list[str] | tuple[str, ...] = (), fixtree: bool = False, run_migrate: bool = True,
-            say: Say = print) -> Run | None:
+            say: Say = print, run: Run | None = None) -> Run | None:
     """Run the migration step on the local database (see playbooks/migrate.yml)."""
     if notebook and script:
         raise InvalidInput("give --notebook or --script, not both")
@@ -150,7 +155,7 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
     if plan:
         run_playbook("migrate_plan.yml", limit=local)
         return None
-    run = Run("migrate")
+    run = run or Run("migrate")
     extra = {"django_migrate_phase": phase, "django_migrate_migrate": run_migrate,
              "django_migrate_fixtree": fixtree, "django_migrate_output_dir": str(run.dir),
              "django_migrate_parameters": parse_parameters(parameters)}
@@ -166,3 +171,105 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
         say(f"executed notebook: {run.dir / Path(notebook).name}")
     say(f"{what}: done; the page tree is consistent")
     return run
+
+
+def confirm(env: str, protected: bool, yes: bool, action: str, ask: Callable[[str], str] = input) -> bool:
+    """A protected environment needs its name typed (or --yes); returns whether confirmed."""
+    if not protected or yes:
+        return True
+    if not sys.stdin.isatty():
+        raise DrydockError(f"refusing to {action} {env} without confirmation: not interactive, pass --yes")
+    if ask(f"{action} {env}: type its name to go on: ").strip() != env:
+        raise DrydockError(f"not confirmed: nothing was done to {env}")
+    return True
+
+
+def _server(env_text: str) -> tuple[inventory.Inventory, str, dict]:
+    inv = inventory.load()
+    env = inv.server(env_text)
+    return inv, env, inv.hostvars[env]
+
+
+def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_lost_writes: bool = False,
+         say: Say = print, run: Run | None = None, locked: bool = False) -> Dump:
+    inv, env, target = _server(env_text)
+    protected = bool(target.get("drydock_protected"))
+    confirm(env, protected, yes, "push to")
+    run = run or Run("push")
+    with (target_lock(env, "push", say) if not locked else _nothing()):
+        if dump_path:
+            dump = dumps.load(Path(dump_path))
+        else:
+            local = inv.local[0]
+            with run.step("dump local", scrub=not protected) as step:
+                say(f"==> dumping the local database for {env}" + ("" if protected else " (scrubbed copy)"))
+                run_playbook("prepare_push.yml", limit=local, run=run, extra_vars={
+                    "drydock_scrub": not protected, "pg_backup_controller_dir": str(backups_dir())})
+                dump = dumps.latest(local)
+                step.update(dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
+                            scrubbed=dump.manifest.get("scrubbed", []))
+            _keep_artifact(run, dump.path.parent / "manifest.json")
+        with run.step("restore", env=env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
+                      rows=dump.total_rows) as step:
+            say(f"==> restoring {dump.path.name} onto {env}")
+            run_playbook("restore_database.yml", limit=env, run=run, extra_vars={
+                "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
+                "drydock_allow_lost_writes": allow_lost_writes,
+                "pg_backup_controller_dir": str(backups_dir())})
+            safety = dumps.latest(env)
+            step.update(safety_backup=str(safety.path))
+    say(f"{env} now runs the pushed copy ({dump.total_rows:,} rows, all counts equal to the manifest; "
+        f"Site {target['drydock_site_hostname']}:{target['drydock_site_port']}); its previous database is kept as "
+        f"{target['drydock_db_name']}__previous (inv rollback {env}); safety backup: {safety.path}")
+    return dump
+
+
+def rollback(env_text: str, yes: bool = False, say: Say = print) -> None:
+    _inv, env, target = _server(env_text)
+    confirm(env, bool(target.get("drydock_protected")), yes, "roll back")
+    run = Run("rollback")
+    with target_lock(env, "rollback", say), run.step("rollback", env=env):
+        run_playbook("rollback_database.yml", limit=env, run=run,
+                     extra_vars={"drydock_confirm": env})
+    say(f"{env} runs its previous database again; the one it replaced is now {target['drydock_db_name']}__previous")
+
+
+def pipeline(source_text: str, target_text: str, notebook: str | None = None, script: str | None = None,
+             yes: bool = False, allow_lost_writes: bool = False, say: Say = print) -> Run:
+    """backup → pull → migrate (+ notebook or script) → push, one target lock around it all."""
+    inv = inventory.load()
+    source, target = inv.server(source_text), inv.server(target_text)
+    confirm(target, bool(inv.hostvars[target].get("drydock_protected")), yes, "push to")
+    run = Run("pipeline")
+    with target_lock(target, "pipeline", say):
+        dump = backup(source, say=say, run=run)
+        pulled = pull(source, dump_path=str(dump.path), say=say, run=run)
+        migrate(notebook=notebook, script=script, say=say, run=run)
+        push(target, yes=True, allow_lost_writes=allow_lost_writes, say=say, run=run, locked=True)
+    say(f"\npipeline {source} → {target} done ({pulled.total_rows:,} rows pulled)\n{run.summary()}")
+    return run
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def show_page(env_text: str, path: str, say: Say = print) -> str:
+    """Fetch a page from ENV's app over HTTP and say what it shows (the demo's last step)."""
+    import re
+    import urllib.request
+
+    _inv, env, target = _server(env_text)
+    url = target.get("drydock_app_url", "").rstrip("/") + path
+    if not url.startswith("http"):
+        raise DrydockError(f"{env} has no drydock_app_url to fetch {path} from")
+    with urllib.request.urlopen(url, timeout=10) as response:
+        html = response.read().decode()
+    title = re.search(r"<h1>(.*?)</h1>", html, re.S)
+    posts = html.count("<li>")
+    say(f"{url} → {response.status}: {title.group(1).strip() if title else '?'} ({posts} posts listed)")
+    return html

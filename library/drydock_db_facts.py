@@ -16,6 +16,9 @@ options:
   port: {description: Server port., type: int, default: 5432}
   content: {description: Also return an md5 of each table's content (reads every row)., type: bool, default: false}
   expect_row_counts: {description: Row counts that must match exactly (e.g. a manifest's)., type: dict}
+  compare_writes_with:
+    description: A write fingerprint taken earlier; C(writes_since) lists the tables written since.
+    type: dict
 """
 
 EXAMPLES = r"""
@@ -31,17 +34,19 @@ row_counts: {description: Rows per table., type: dict, returned: success}
 migrations: {description: Latest applied Django migration per app., type: dict, returned: success}
 write_fingerprint: {description: Per-table write counters., type: dict, returned: success}
 content_fingerprint: {description: md5 per table of its content., type: dict, returned: when content}
+writes_since: {description: "Tables written since C(compare_writes_with), e.g. 'blog_post (+3)'.", type: list, returned: when compare_writes_with}
 """
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (HAS_PSYCOPG, PG_CONNECTION_ARGS, connect, content_fingerprint,
-                                             count_differences, latest_migrations, row_counts, write_fingerprint)
+                                             count_differences, latest_migrations, row_counts, write_fingerprint,
+                                             writes_since)
 
 
 def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(PG_CONNECTION_ARGS, content=dict(type="bool", default=False),
-                           expect_row_counts=dict(type="dict")),
+                           expect_row_counts=dict(type="dict"), compare_writes_with=dict(type="dict")),
         supports_check_mode=True,
     )
     params = module.params
@@ -59,6 +64,8 @@ def main() -> None:
                     facts["content_fingerprint"] = content_fingerprint(cur)
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
+    if params["compare_writes_with"] is not None:
+        facts["writes_since"] = writes_since(params["compare_writes_with"], facts["write_fingerprint"])
     expected = params["expect_row_counts"]
     if expected is not None:
         problems = count_differences({k: int(v) for k, v in expected.items()}, facts["row_counts"])

@@ -16,8 +16,17 @@ description:
     OS user (peer authentication).
 options:
   database: {description: The live database name., type: str, required: true}
-  incoming: {description: The side database holding the new content., type: str, required: true}
+  incoming: {description: The side database holding the new content., type: str}
   previous: {description: The name the old live database is kept under., type: str, required: true}
+  exchange:
+    description:
+      - Instead of swapping C(incoming) in, exchange the live database and C(previous)
+        (rollback, and the automatic swap back after a failed health check).
+    type: bool
+    default: false
+  comment:
+    description: A JSON record (the copy's lineage) written on C(incoming) before the swap.
+    type: dict
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
 """
@@ -37,30 +46,44 @@ terminated: {description: Sessions terminated on the live database., type: int, 
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import HAS_PSYCOPG, connect, database_exists, swap_in
+from ansible.module_utils.drydock_pg import (HAS_PSYCOPG, connect, database_exists, exchange,
+                                             set_database_comment, swap_in)
 
 
 def main() -> None:
     module = AnsibleModule(
-        argument_spec=dict(database=dict(type="str", required=True), incoming=dict(type="str", required=True),
+        argument_spec=dict(database=dict(type="str", required=True), incoming=dict(type="str"),
                            previous=dict(type="str", required=True), socket_dir=dict(type="path", required=True),
-                           port=dict(type="int", default=5432)),
+                           port=dict(type="int", default=5432), exchange=dict(type="bool", default=False),
+                           comment=dict(type="dict")),
         supports_check_mode=True,
+        required_if=[("exchange", False, ["incoming"])],
     )
     p = module.params
-    if len({p["database"], p["incoming"], p["previous"]}) != 3:
-        module.fail_json(msg="database, incoming and previous must be three different names")
+    names = [p["database"], p["previous"]] + ([] if p["exchange"] else [p["incoming"]])
+    if len(set(names)) != len(names):
+        module.fail_json(msg="database, incoming and previous must be different names")
     if not HAS_PSYCOPG:
         module.fail_json(msg="psycopg (3) is not importable by this host's Python (Debian: apt install python3-psycopg)")
     import psycopg
 
     try:
         with connect(p["socket_dir"], p["port"], "postgres", autocommit=True) as conn:
+            if p["exchange"]:
+                missing = [n for n in (p["database"], p["previous"]) if not database_exists(conn, n)]
+                if missing:
+                    module.fail_json(msg=f"cannot exchange: database {missing[0]} does not exist")
+                if module.check_mode:
+                    module.exit_json(changed=True, previous=p["previous"], terminated=0)
+                module.exit_json(changed=True, previous=p["previous"],
+                                 terminated=exchange(conn, p["database"], p["previous"]))
             if not database_exists(conn, p["incoming"]):
                 module.fail_json(msg=f"nothing to swap in: database {p['incoming']} does not exist")
             has_live = database_exists(conn, p["database"])
             if module.check_mode:
                 module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=0)
+            if p["comment"] is not None:
+                set_database_comment(conn, p["incoming"], p["comment"])
             terminated = swap_in(conn, p["database"], p["incoming"], p["previous"])
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))

@@ -41,6 +41,9 @@ row_counts: {description: Rows per table in the dumped snapshot., type: dict, re
 migrations: {description: Latest applied Django migration per app., type: dict, returned: changed}
 write_fingerprint: {description: Per-table write counters at dump time., type: dict, returned: changed}
 server_version: {description: PostgreSQL server version., type: str, returned: changed}
+database_size: {description: Size of the database in bytes (for the target's disk check)., type: int, returned: changed}
+scrubbed: {description: Scrub rules applied to this copy., type: list, returned: changed}
+lineage: {description: "Where this database's content came from (the backup a pull restored), if recorded.", type: dict, returned: changed}
 pg_dump_version: {description: pg_dump version., type: str, returned: changed}
 """
 
@@ -48,8 +51,9 @@ import os
 import subprocess
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import (HAS_PSYCOPG, PG_CONNECTION_ARGS, connect, latest_migrations,
-                                             row_counts, server_version, sha256_file, write_fingerprint)
+from ansible.module_utils.drydock_pg import (HAS_PSYCOPG, PG_CONNECTION_ARGS, connect, database_comment,
+                                             latest_migrations, row_counts, server_version, sha256_file,
+                                             write_fingerprint)
 
 
 def dump_command(params: dict, snapshot: str | None, target: str) -> list[str]:
@@ -58,6 +62,11 @@ def dump_command(params: dict, snapshot: str | None, target: str) -> list[str]:
     if snapshot:
         command.append(f"--snapshot={snapshot}")
     return command + [f"--dbname={params['database']}"]
+
+
+def recorded(record: dict) -> dict:
+    """What drydock recorded on the database: its lineage, and the scrub rules applied to it."""
+    return {"lineage": record.get("drydock_lineage"), "scrubbed": record.get("drydock_scrubbed", [])}
 
 
 def list_entries(pg_bindir: str, path: str) -> int:
@@ -94,7 +103,9 @@ def main() -> None:
                 cur.execute("SELECT pg_export_snapshot()")
                 snapshot = cur.fetchone()[0]
                 facts = dict(row_counts=row_counts(cur), migrations=latest_migrations(cur),
-                             write_fingerprint=write_fingerprint(cur), server_version=server_version(cur))
+                             write_fingerprint=write_fingerprint(cur), server_version=server_version(cur),
+                             database_size=conn.execute("SELECT pg_database_size(current_database())").fetchone()[0],
+                             **recorded(database_comment(conn, params["database"])))
                 command = dump_command(params, snapshot, partial)
                 # The snapshot lives as long as this transaction: pg_dump runs inside it.
                 proc = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -15,7 +15,13 @@ description:
   - Sessions on the databases involved are terminated first.
   - Connects over the local socket as the current OS user (peer authentication).
 options:
-  action: {description: What to do., type: str, required: true, choices: [save, restore, delete, list]}
+  action:
+    description:
+      - What to do. C(copy) makes a working copy C(db__name) that accepts connections and keeps
+        the source's drydock record (lineage), e.g. the outgoing copy a push scrubs and dumps.
+    type: str
+    required: true
+    choices: [save, restore, delete, list, copy]
   database: {description: The database the snapshots are of., type: str, required: true}
   name: {description: "Snapshot name: lower-case letters, digits and _ (at most 30); not for list.", type: str}
   force: {description: With save, replace an existing snapshot of that name., type: bool, default: false}
@@ -43,8 +49,9 @@ import re
 from datetime import datetime, timezone
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import (HAS_PSYCOPG, connect, database_exists, set_allow_connections,
-                                             swap_in, terminate_sessions)
+from ansible.module_utils.drydock_pg import (HAS_PSYCOPG, connect, database_comment, database_exists,
+                                             set_allow_connections, set_database_comment, swap_in,
+                                             terminate_sessions)
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_]{0,29}\Z")
 SEPARATOR = "__snap_"
@@ -94,9 +101,27 @@ def save(conn, database: str, name: str, force: bool) -> str:
             sql.Identifier(target), sql.Identifier(database), sql.Identifier(owner)))
     finally:
         set_allow_connections(conn, database, True)
-    meta = {"drydock_snapshot": name, "source": database, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    meta = {"drydock_snapshot": name, "source": database, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "lineage": database_comment(conn, database).get("drydock_lineage")}
     conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(target), sql.Literal(json.dumps(meta))))
     set_allow_connections(conn, target, False)  # nobody changes a snapshot
+    return target
+
+
+def copy(conn, database: str, name: str) -> str:
+    """A working copy <database>__<name>, replacing an older one; keeps the drydock record."""
+    sql = psycopg_sql()
+    target = f"{database}__{name}"
+    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(target)))
+    owner = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (database,)).fetchone()[0]
+    set_allow_connections(conn, database, False)
+    try:
+        terminate_sessions(conn, database)
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {} STRATEGY FILE_COPY").format(
+            sql.Identifier(target), sql.Identifier(database), sql.Identifier(owner)))
+    finally:
+        set_allow_connections(conn, database, True)
+    set_database_comment(conn, target, database_comment(conn, database) or None)
     return target
 
 
@@ -119,7 +144,10 @@ def restore(conn, database: str, name: str) -> str:
     terminate_sessions(conn, snapshot)
     conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {} STRATEGY FILE_COPY").format(
         sql.Identifier(incoming), sql.Identifier(snapshot), sql.Identifier(owner)))
-    conn.execute(sql.SQL("COMMENT ON DATABASE {} IS NULL").format(sql.Identifier(incoming)))
+    # The restored database carries the lineage its source had when the snapshot was taken.
+    record = database_comment(conn, snapshot)
+    lineage = record.get("lineage") or record.get("drydock_lineage")  # a snapshot's, or a renamed database's
+    set_database_comment(conn, incoming, {"drydock_lineage": lineage} if lineage else None)
     set_allow_connections(conn, incoming, True)
     swap_in(conn, database, incoming, f"{database}__previous")
     return snapshot
@@ -140,12 +168,13 @@ def psycopg_sql():
 
 def main() -> None:
     module = AnsibleModule(
-        argument_spec=dict(action=dict(type="str", required=True, choices=["save", "restore", "delete", "list"]),
+        argument_spec=dict(action=dict(type="str", required=True, choices=["save", "restore", "delete", "list", "copy"]),
                            database=dict(type="str", required=True), name=dict(type="str"),
                            force=dict(type="bool", default=False), socket_dir=dict(type="path", required=True),
                            port=dict(type="int", default=5432)),
         supports_check_mode=True,
-        required_if=[("action", "save", ["name"]), ("action", "restore", ["name"]), ("action", "delete", ["name"])],
+        required_if=[("action", "save", ["name"]), ("action", "restore", ["name"]), ("action", "delete", ["name"]),
+                     ("action", "copy", ["name"])],
     )
     p = module.params
     if p["name"] is not None and not NAME.match(p["name"]):
@@ -162,7 +191,8 @@ def main() -> None:
                 module.exit_json(changed=True, snapshot=snapshot_db(p["database"], p["name"]))
             action = {"save": lambda: save(conn, p["database"], p["name"], p["force"]),
                       "restore": lambda: restore(conn, p["database"], p["name"]),
-                      "delete": lambda: delete(conn, p["database"], p["name"])}[p["action"]]
+                      "delete": lambda: delete(conn, p["database"], p["name"]),
+                      "copy": lambda: copy(conn, p["database"], p["name"])}[p["action"]]
             module.exit_json(changed=True, snapshot=action())
     except SnapshotError as error:
         module.fail_json(msg=str(error))

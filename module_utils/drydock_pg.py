@@ -68,6 +68,23 @@ def write_fingerprint(cur) -> dict:
             "tables": {table_key(schema, table): int(n) for schema, table, n in cur.fetchall()}}
 
 
+def writes_since(before: dict, now: dict) -> list[str]:
+    """Tables that took writes between two write fingerprints, e.g. ["blog_post (+3)"].
+
+    When the statistics were reset in between, the counters cannot be compared: say so.
+    """
+    if before.get("stats_reset") != now.get("stats_reset"):
+        return [f"(the write statistics were reset since: {now.get('stats_reset')})"]
+    changed = []
+    for table, count in sorted(now.get("tables", {}).items()):
+        earlier = before.get("tables", {}).get(table)
+        if earlier is None:
+            changed.append(f"{table} (new table)")
+        elif count != earlier:
+            changed.append(f"{table} (+{count - earlier})")
+    return changed
+
+
 def content_fingerprint(cur) -> dict[str, str]:
     """md5 of every table's full content, in a stable order: equal means the same data."""
     result = {}
@@ -149,3 +166,42 @@ def swap_in(conn, database: str, incoming: str, previous: str) -> int:
                 set_allow_connections(conn, name, True)
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(aside)))
     return terminated
+
+
+def exchange(conn, first: str, second: str) -> int:
+    """Swap the names of two databases (e.g. live and previous) in one transaction,
+    after blocking and terminating their sessions. Returns the sessions terminated."""
+    temporary = first[:55] + "__swapping"
+    for name in (first, second):
+        set_allow_connections(conn, name, False)
+    terminated = 0
+    try:
+        for name in (first, second):
+            terminated += terminate_sessions(conn, name)
+        with conn.transaction():
+            for old, new in ((first, temporary), (second, first), (temporary, second)):
+                conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
+    finally:
+        for name in (first, second):
+            set_allow_connections(conn, name, True)
+    return terminated
+
+
+def database_comment(conn, name: str) -> dict:
+    """drydock's JSON record on a database (its lineage), or {}."""
+    import json
+
+    row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                       (name,)).fetchone()
+    try:
+        value = json.loads(row[0]) if row and row[0] else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def set_database_comment(conn, name: str, value: dict | None) -> None:
+    import json
+
+    text = sql.Literal(json.dumps(value)) if value else sql.SQL("NULL")
+    conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), text))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 SANDBOX = Path(__file__).resolve().parent.parent.parent / ".sandbox"
 SERVERS = ("production", "staging")
+APP_PORT = 8000
 
 
 def host_vars(name: str, env: dict, conn: dict) -> dict:
@@ -33,6 +34,14 @@ def host_vars(name: str, env: dict, conn: dict) -> dict:
         app_dir = SANDBOX.parent / "examples" / "wagtail_site"
         hv.update(drydock_app_dir=str(app_dir), drydock_app_python=conn["python"],
                   drydock_app_settings="wagtail_site.settings", drydock_app_database_url=env["url"])
+    if server:
+        # The example site runs on each server as its app service (see `inv sandbox.up`).
+        script = SANDBOX / name / "app-service"
+        hv.update(drydock_app_stop_command=[str(script), "stop"], drydock_app_start_command=[str(script), "start"],
+                  drydock_app_health_url=f"http://{env['host']}:{APP_PORT}/healthz",
+                  drydock_app_url=f"http://{env['host']}:{APP_PORT}/",
+                  # Pushing here needs a typed confirmation and a fresh backup.
+                  drydock_protected=name == "production")
     if server and conn["connection"] == "ssh":
         hv.update(
             ansible_connection="ssh",

@@ -1,0 +1,55 @@
+"""One run at a time per target: runs/locks/<env>.lock, created exclusively, holding the
+owner's PID. A lock whose process is gone (killed, crashed) is recognised and cleared."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+from drydock.errors import DrydockError
+from drydock.paths import runs_dir
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def target_lock(env: str, task: str, say: Callable[[str], None] = print, root: Path | None = None) -> Iterator[Path]:
+    folder = (root or runs_dir()) / "locks"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / f"{env}.lock"
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "task": task,
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == record["host"] and not _alive(int(holder.get("pid", 0))):
+                say(f"clearing a stale lock on {env} left by {holder.get('task')} (pid {holder.get('pid')}, gone)")
+                path.unlink(missing_ok=True)
+                continue
+            raise DrydockError(
+                f"{env} is locked by {holder.get('task', 'another run')} (pid {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}, since {holder.get('started', '?')}): wait for it to finish") from None
+        with os.fdopen(fd, "w") as handle:
+            json.dump(record, handle)
+        break
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,78 @@
+#!/usr/bin/python
+"""Ansible module: apply scrubbing rules (SQL) to a copy of a database before it leaves."""
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: drydock_scrub
+short_description: Scrub personal data from a database copy with SQL rules, in one transaction
+description:
+  - Runs each rule's SQL when its table exists (rules for apps the site does not have are
+    skipped), all in one transaction, and records the rules that ran in the database's
+    drydock comment, so the dump's manifest and the run journal can name them.
+  - Meant for the outgoing copy of a push to a non-production environment; never for a live database.
+  - Connects over the local socket as the current OS user (peer authentication).
+options:
+  database: {description: The database copy to scrub., type: str, required: true}
+  socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
+  port: {description: Server port., type: int, default: 5432}
+  rules:
+    description: "Rules: C(name), C(table) (skipped when it does not exist) and C(sql)."
+    type: list
+    elements: dict
+    required: true
+"""
+
+EXAMPLES = r"""
+- name: Scrub the outgoing copy
+  drydock_scrub:
+    database: wagtail_site__outgoing
+    socket_dir: /var/run/postgresql
+    rules:
+      - {name: user_emails, table: auth_user, sql: "UPDATE auth_user SET email = 'user' || id || '@example.invalid'"}
+"""
+
+RETURN = r"""
+ran: {description: "Rules that ran, with the rows each changed.", type: list, returned: success}
+skipped: {description: Rules whose table does not exist., type: list, returned: success}
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.drydock_pg import HAS_PSYCOPG, PG_CONNECTION_ARGS, connect, database_comment, set_database_comment
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(PG_CONNECTION_ARGS, rules=dict(type="list", elements="dict", required=True)),
+        supports_check_mode=True,
+    )
+    p = module.params
+    for rule in p["rules"]:
+        if not {"name", "table", "sql"} <= set(rule):
+            module.fail_json(msg=f"a scrub rule needs name, table and sql: {rule!r}")
+    if not HAS_PSYCOPG:
+        module.fail_json(msg="psycopg (3) is not importable by this host's Python (Debian: apt install python3-psycopg)")
+    import psycopg
+
+    ran, skipped = [], []
+    try:
+        with connect(p["socket_dir"], p["port"], p["database"]) as conn:
+            for rule in p["rules"]:
+                if conn.execute("SELECT to_regclass(%s) IS NULL", (rule["table"],)).fetchone()[0]:
+                    skipped.append(rule["name"])
+                    continue
+                rows = conn.execute(rule["sql"]).rowcount
+                ran.append({"name": rule["name"], "rows": rows})
+            if module.check_mode:
+                conn.rollback()
+        if not module.check_mode:
+            with connect(p["socket_dir"], p["port"], "postgres", autocommit=True) as admin:
+                record = database_comment(admin, p["database"])
+                record["drydock_scrubbed"] = [rule["name"] for rule in ran]
+                set_database_comment(admin, p["database"], record)
+    except psycopg.Error as error:
+        module.fail_json(msg=f"scrubbing {p['database']} failed, nothing was changed: {' '.join(str(error).split())}")
+    module.exit_json(changed=bool(ran), ran=ran, skipped=skipped)
+
+
+if __name__ == "__main__":
+    main()
