@@ -1,0 +1,20 @@
+"""The whole workflow in one command, as the demo runs it: production → local → Podcast → staging."""
+import urllib.request
+
+from tests.conftest import ROOT, inv
+
+NOTEBOOK = ROOT / "examples" / "notebooks" / "blog_to_podcast.ipynb"
+
+
+def test_pipeline_puts_the_podcast_on_staging(sandbox_env, connect):
+    proc = inv("pipeline", "production", "staging", "--notebook", str(NOTEBOOK))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = proc.stdout.split("pipeline production → staging done")[1]
+    for step in ("backup", "pull", "migrate", "dump local", "restore"):
+        assert step in summary
+    conn = connect("staging")
+    assert conn.execute("SELECT ct.model FROM wagtailcore_page p JOIN django_content_type ct"
+                        " ON ct.id = p.content_type_id WHERE p.slug = 'blog'").fetchone()[0] == "podcast"
+    with urllib.request.urlopen("http://127.0.0.3:8000/blog/", timeout=10) as response:
+        html = response.read().decode()
+    assert response.status == 200 and "The Drydock Log" in html and html.count("<li>") >= 200

@@ -1,0 +1,157 @@
+"""`inv push` / `inv rollback`: the migrated copy onto a server, safely, and back."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from drydock import dumps
+from drydock.paths import backups_dir, runs_dir
+from drydock.playbook import ansible_env
+from tests.conftest import ROOT, databases, error_lines, fingerprint, inv, playbook, row_counts
+
+PAGE_TREE_OK = """SELECT (SELECT count(*) FROM wagtailcore_page WHERE depth <> length(path) / 4)
+     + (SELECT count(*) FROM wagtailcore_page p WHERE numchild <>
+          (SELECT count(*) FROM wagtailcore_page c WHERE c.path LIKE p.path || '____')) = 0"""
+
+
+@pytest.fixture(scope="module")
+def pushed(pulled, connect_module):
+    """Staging's content before, and the manifest of the copy pushed onto it."""
+    inv("pull", "production", "--latest", check=True)
+    before = fingerprint(connect_module("staging"))
+    inv("push", "staging", check=True)
+    return before, dumps.latest("local")
+
+
+@pytest.fixture(scope="module")
+def connect_module(sandbox_env):
+    import psycopg
+
+    opened = []
+
+    def _connect(env, database=None):
+        url = sandbox_env[env]["url"]
+        if database:
+            url = url.replace(f"/{sandbox_env[env]['database']}?", f"/{database}?")
+        conn = psycopg.connect(url, autocommit=True)
+        opened.append(conn)
+        return conn
+
+    yield _connect
+    for conn in opened:
+        conn.close()
+
+
+def test_staging_holds_the_pushed_copy(pushed, connect):
+    _before, manifest_dump = pushed
+    conn = connect("staging")
+    assert row_counts(conn) == manifest_dump.manifest["row_counts"]
+    assert conn.execute(PAGE_TREE_OK).fetchone()[0]
+    assert conn.execute("SELECT hostname, port FROM wagtailcore_site WHERE is_default_site").fetchone() == (
+        "staging.drydock-example.org", 443)
+    assert "wagtail_site__previous" in databases(conn)
+    assert "wagtail_site__incoming" not in databases(conn)
+
+
+def test_staging_copy_is_scrubbed(pushed, connect):
+    emails = [e for (e,) in connect("staging").execute("SELECT email FROM auth_user")]
+    assert emails and all(e.endswith("@example.invalid") for e in emails), emails
+    assert set(pushed[1].manifest["scrubbed"]) >= {"user_emails", "user_passwords", "sessions"}
+    # the local database itself keeps its data
+    assert any(e.endswith("@drydock-example.org") for (e,) in connect("local").execute("SELECT email FROM auth_user"))
+
+
+def test_the_app_serves_the_pushed_database(pushed):
+    import urllib.request
+
+    with urllib.request.urlopen("http://127.0.0.3:8000/healthz", timeout=10) as response:
+        assert response.status == 200
+
+
+def test_rollback_brings_back_exactly_the_old_content(pushed, connect):
+    before, _dump = pushed
+    try:
+        inv("rollback", "staging", check=True)
+        assert fingerprint(connect("staging")) == before
+    finally:
+        inv("rollback", "staging", check=True)  # forward again, for the tests after this one
+
+
+def test_killed_push_leaves_staging_as_it_was_and_the_next_push_works(pushed, connect):
+    before = fingerprint(connect("staging"))
+    watcher = connect("staging", "postgres")
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "push", "staging"],
+                            env=ansible_env(), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "wagtail_site__incoming" not in databases(watcher):
+        assert proc.poll() is None, "the push ended before its restore started"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the push and its Ansible, mid-restore
+    proc.wait()
+    assert fingerprint(connect("staging")) == before
+    lock = runs_dir() / "locks" / "staging.lock"
+    assert lock.exists()  # left by the killed process...
+    proc = inv("push", "staging")  # ...and cleared by the next push, which succeeds
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "clearing a stale lock" in proc.stdout
+    assert "wagtail_site__incoming" not in databases(connect("staging", "postgres"))
+
+
+def test_second_push_while_locked_is_refused(pushed, connect):
+    lock = runs_dir() / "locks" / "staging.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    import socket
+
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "task": "push",
+                                "started": "now"}))
+    try:
+        before = fingerprint(connect("staging"))
+        proc = inv("push", "staging")
+        assert proc.returncode == 1
+        assert "staging is locked by push" in error_lines(proc)[-1]
+        assert fingerprint(connect("staging")) == before
+    finally:
+        lock.unlink()
+
+
+def test_playbook_without_limit_is_refused(pushed):
+    proc = playbook("restore_database.yml", "-e", f"drydock_dump={pushed[1].path}")
+    assert proc.returncode != 0 and "refusing to restore onto 2 environments at once" in proc.stdout
+
+
+def test_production_push_needs_confirmation(pushed, connect):
+    before = fingerprint(connect("production"))
+    proc = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "push", "production"],
+                          env=ansible_env(), cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1 and "without confirmation" in error_lines(proc)[-1]
+    assert fingerprint(connect("production")) == before
+
+
+def test_production_push_after_a_write_is_refused_and_changes_nothing(pushed, connect):
+    inv("pull", "production", check=True)  # a fresh backup: the copy is based on it
+    conn = connect("production")
+    conn.execute("UPDATE blog_post SET body = body || '<p>edited after the backup</p>'"
+                 " WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)")
+    time.sleep(1.2)  # statistics reach the shared counters within a second
+    before = fingerprint(conn)
+    safety_backups = sorted((backups_dir() / "production").iterdir())
+    proc = inv("push", "production", "--yes")
+    assert proc.returncode == 1
+    assert "taken writes since the backup" in error_lines(proc)[-1] and "blog_post (+1)" in error_lines(proc)[-1]
+    assert fingerprint(connect("production")) == before
+    assert sorted((backups_dir() / "production").iterdir()) == safety_backups
+    assert "wagtail_site__incoming" not in databases(connect("production", "postgres"))
+
+
+def test_production_push_keeps_real_emails(pushed, connect):
+    inv("pull", "production", check=True)
+    proc = inv("push", "production", "--yes")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    emails = [e for (e,) in connect("production").execute("SELECT email FROM auth_user")]
+    assert any(e.endswith("@drydock-example.org") for e in emails)
+    assert dumps.latest("local").manifest["scrubbed"] == []
