@@ -39,9 +39,11 @@ def load(path: Path) -> Dump:
     return Dump(path, manifest)
 
 
-def latest(env: str, root: Path | None = None) -> Dump:
-    """The newest complete fetched dump of `env`."""
+def latest(env: str, root: Path | None = None, kind: str = "") -> Dump:
+    """The newest complete fetched dump of `env` (of a `kind` such as "safety", if given)."""
     folder = (root or backups_dir()) / env
+    if kind:
+        folder = folder / kind
     candidates = sorted(folder.glob("*/manifest.json"), reverse=True) if folder.is_dir() else []
     for manifest_path in candidates:
         dumps = sorted(manifest_path.parent.glob("*.dump"))

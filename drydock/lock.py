@@ -1,5 +1,7 @@
 """One run at a time per target: runs/locks/<env>.lock, created exclusively, holding the
-owner's PID. A lock whose process is gone (killed, crashed) is recognised and cleared."""
+owner's PID. A lock whose process is gone (killed, crashed) is recognised and cleared; the
+playbooks a run starts die with it (drydock.playbook), so none outlives a cleared lock.
+The local database has a lock too ("local"): pull, migrate and a push's dump all use it."""
 from __future__ import annotations
 
 import json
@@ -49,6 +51,8 @@ def target_lock(env: str, task: str, say: Callable[[str], None] = print, root: P
         with os.fdopen(fd, "w") as handle:
             json.dump(record, handle)
         break
+    else:  # another run took the lock in the moment after the stale one was cleared
+        raise DrydockError(f"{env} was locked by another run just now: try again")
     try:
         yield path
     finally:

@@ -2,8 +2,10 @@
 the one line that says what went wrong (recorded by callback_plugins/drydock_failures)."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -42,7 +44,7 @@ def run_playbook(name: str, *, limit: str | None = None, extra_vars: dict | None
         env["DRYDOCK_FAILURES_FILE"] = str(failures)
         if capture:
             env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.posix.json"
-        proc = subprocess.run(command, env=env, cwd=project_root(), text=True,
+        proc = subprocess.run(command, env=env, cwd=project_root(), text=True, preexec_fn=_die_with_parent,
                               stdout=subprocess.PIPE if capture else None)
         if proc.returncode != 0:
             raise DrydockError(_last_failure(failures) or f"{name} failed (exit {proc.returncode})")
@@ -58,6 +60,12 @@ def _task_results(output: dict) -> dict:
             for host, result in task.get("hosts", {}).items():
                 results.setdefault(host, {})[task["task"]["name"]] = result
     return results
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when drydock dies, so that no playbook outlives its lock."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _last_failure(path: Path) -> str | None:

@@ -4,10 +4,11 @@ in the playbook, so plain `ansible-playbook` runs are just as safe."""
 from __future__ import annotations
 
 import shutil
+from contextlib import ExitStack, contextmanager
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from drydock import dumps, inventory
 from drydock.dumps import Dump
@@ -47,7 +48,7 @@ def backup(env_text: str, keep: int | str | None = None, say: Say = print, run: 
 
 
 def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say: Say = print,
-         run: Run | None = None) -> Dump:
+         run: Run | None = None, locked: bool = False) -> Dump:
     if dump_path and latest:
         raise InvalidInput("give --dump PATH or --latest, not both")
     inv = inventory.load()
@@ -64,7 +65,7 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
         raise DrydockError(f"{dump.path} is a dump of {dump.source_env}, not of {env}")
     local = inv.local[0]
     target = inv.hostvars[local]
-    with run.step("pull", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
+    with _locks([] if locked else [local], "pull", say), run.step("pull", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
                   rows=dump.total_rows):
         say(f"==> restoring {dump.path.name} into the local database")
         run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
@@ -142,7 +143,7 @@ def parse_parameters(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 def migrate(notebook: str | None = None, script: str | None = None, plan: bool = False, phase: str = "all",
             parameters: list[str] | tuple[str, ...] = (), fixtree: bool = False, run_migrate: bool = True,
-            say: Say = print, run: Run | None = None) -> Run | None:
+            say: Say = print, run: Run | None = None, locked: bool = False) -> Run | None:
     """Run the migration step on the local database (see playbooks/migrate.yml)."""
     if notebook and script:
         raise InvalidInput("give --notebook or --script, not both")
@@ -164,7 +165,7 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
     if script:
         extra["django_migrate_script"] = str(Path(script).resolve())
     what = f"notebook {Path(notebook).name}" if notebook else f"script {Path(script).name}" if script else f"migrate ({phase})"
-    with run.step("migrate", what=what, phase=phase):
+    with _locks([] if locked else [local], "migrate", say), run.step("migrate", what=what, phase=phase):
         say(f"==> {what} on the local database (a safety snapshot is taken first)")
         run_playbook("migrate.yml", limit=local, extra_vars=extra, run=run)
     if notebook:
@@ -196,7 +197,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
     protected = bool(target.get("drydock_protected"))
     confirm(env, protected, yes, "push to")
     run = run or Run("push")
-    with (target_lock(env, "push", say) if not locked else _nothing()):
+    with _locks([env, inv.local[0]] if not locked else [], "push", say):
         if dump_path:
             dump = dumps.load(Path(dump_path))
         else:
@@ -216,7 +217,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                 "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
                 "drydock_allow_lost_writes": allow_lost_writes,
                 "pg_backup_controller_dir": str(backups_dir())})
-            safety = dumps.latest(env)
+            safety = dumps.latest(env, kind="safety")
             step.update(safety_backup=str(safety.path))
     say(f"{env} now runs the pushed copy ({dump.total_rows:,} rows, all counts equal to the manifest; "
         f"Site {target['drydock_site_hostname']}:{target['drydock_site_port']}); its previous database is kept as "
@@ -241,21 +242,22 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
     source, target = inv.server(source_text), inv.server(target_text)
     confirm(target, bool(inv.hostvars[target].get("drydock_protected")), yes, "push to")
     run = Run("pipeline")
-    with target_lock(target, "pipeline", say):
+    with _locks([target, inv.local[0]], "pipeline", say):
         dump = backup(source, say=say, run=run)
-        pulled = pull(source, dump_path=str(dump.path), say=say, run=run)
-        migrate(notebook=notebook, script=script, say=say, run=run)
+        pulled = pull(source, dump_path=str(dump.path), say=say, run=run, locked=True)
+        migrate(notebook=notebook, script=script, say=say, run=run, locked=True)
         push(target, yes=True, allow_lost_writes=allow_lost_writes, say=say, run=run, locked=True)
     say(f"\npipeline {source} → {target} done ({pulled.total_rows:,} rows pulled)\n{run.summary()}")
     return run
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+@contextmanager
+def _locks(envs: list[str], task: str, say: Say) -> Iterator[None]:
+    """Hold the locks of `envs` (none: the caller holds them already)."""
+    with ExitStack() as stack:
+        for env in envs:
+            stack.enter_context(target_lock(env, task, say))
+        yield
 
 
 def show_page(env_text: str, path: str, say: Say = print) -> str:

@@ -16,7 +16,9 @@ options:
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
   rules:
-    description: "Rules: C(name), C(table) (skipped when it does not exist) and C(sql)."
+    description:
+      - "Rules: C(name), C(table) and C(sql). A rule whose table does not exist is skipped,
+        unless it says C(required: true): then scrubbing fails and nothing is changed."
     type: list
     elements: dict
     required: true
@@ -40,6 +42,10 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import HAS_PSYCOPG, PG_CONNECTION_ARGS, connect, database_comment, set_database_comment
 
 
+class MissingTable(Exception):
+    pass
+
+
 def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(PG_CONNECTION_ARGS, rules=dict(type="list", elements="dict", required=True)),
@@ -58,6 +64,9 @@ def main() -> None:
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
             for rule in p["rules"]:
                 if conn.execute("SELECT to_regclass(%s) IS NULL", (rule["table"],)).fetchone()[0]:
+                    if rule.get("required"):
+                        raise MissingTable(f"scrub rule {rule['name']} is required but table {rule['table']} "
+                                           "does not exist: adjust pg_scrub_rules to this site's tables")
                     skipped.append(rule["name"])
                     continue
                 rows = conn.execute(rule["sql"]).rowcount
@@ -69,6 +78,8 @@ def main() -> None:
                 record = database_comment(admin, p["database"])
                 record["drydock_scrubbed"] = [rule["name"] for rule in ran]
                 set_database_comment(admin, p["database"], record)
+    except MissingTable as error:
+        module.fail_json(msg=str(error))
     except psycopg.Error as error:
         module.fail_json(msg=f"scrubbing {p['database']} failed, nothing was changed: {' '.join(str(error).split())}")
     module.exit_json(changed=bool(ran), ran=ran, skipped=skipped)

@@ -160,11 +160,16 @@ def swap_in(conn, database: str, incoming: str, previous: str) -> int:
                 if old == incoming or old in present:
                     conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
     finally:
-        # Whichever database now carries each name accepts connections again.
-        for name in (database, previous, aside):
+        # Whichever database now carries each name accepts connections again
+        # (the generation set aside does not: it is dropped next).
+        for name in (database, previous):
             if database_exists(conn, name):
                 set_allow_connections(conn, name, True)
-    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(aside)))
+    # The swap has happened: tidying up the older generation must not fail it.
+    try:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(aside)))
+    except Exception:  # noqa: BLE001 - a leftover aside database is dropped by the next swap
+        pass
     return terminated
 
 

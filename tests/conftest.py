@@ -40,14 +40,29 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def sandbox_env() -> dict:
-    """The sandbox's env.json. Started (and stopped at the end) unless it was already up."""
+def sandbox_start() -> dict:
+    """Start the sandbox (and stop it at the end) unless it was already up. Returns env.json,
+    whether it started here, and each server's blog size and Site as `up` left them (later
+    tests push and pull, so the state `up` leaves must be read before they run)."""
     box = Sandbox(say=lambda message: None)
     started_here = not box.is_up()
     box.up()
-    yield json.loads((box.root / "env.json").read_text())
+    env = json.loads((box.root / "env.json").read_text())
+    initial = {}
+    for name in ("production", "staging"):
+        with psycopg.connect(env[name]["url"]) as conn:
+            initial[name] = {
+                "posts": conn.execute("SELECT count(*) FROM blog_post").fetchone()[0],
+                "site": conn.execute("SELECT hostname FROM wagtailcore_site WHERE is_default_site").fetchone()[0]}
+    yield {"env": env, "started_here": started_here, "initial": initial}
     if started_here:
         _down_and_check(box)
+
+
+@pytest.fixture(scope="session")
+def sandbox_env(sandbox_start) -> dict:
+    """The sandbox's env.json."""
+    return sandbox_start["env"]
 
 
 def _down_and_check(box: Sandbox) -> None:

@@ -119,9 +119,40 @@ def test_second_push_while_locked_is_refused(pushed, connect):
         lock.unlink()
 
 
-def test_playbook_without_limit_is_refused(pushed):
+def test_playbook_without_limit_is_refused(pushed, connect):
+    before = {env: fingerprint(connect(env)) for env in ("production", "staging")}
     proc = playbook("restore_database.yml", "-e", f"drydock_dump={pushed[1].path}")
     assert proc.returncode != 0 and "refusing to restore onto 2 environments at once" in proc.stdout
+    assert {env: fingerprint(connect(env)) for env in ("production", "staging")} == before
+
+
+def newest_local_dump(scrubbed: bool):
+    for manifest in sorted((backups_dir() / "local").glob("*/manifest.json"), reverse=True):
+        dump = dumps.load(next(manifest.parent.glob("*.dump")))
+        if bool(dump.manifest["scrubbed"]) == scrubbed:
+            return dump
+    raise AssertionError("no such local dump")
+
+
+def test_scrubbed_dump_is_refused_by_production(pushed, connect):
+    before = fingerprint(connect("production"))
+    proc = inv("push", "production", "--yes", "--dump", str(newest_local_dump(scrubbed=True).path))
+    assert proc.returncode == 1 and "refusing to push a scrubbed copy" in error_lines(proc)[-1]
+    assert fingerprint(connect("production")) == before
+
+
+def test_unscrubbed_dump_is_refused_by_staging(pushed, connect):
+    before = fingerprint(connect("staging"))
+    proc = inv("push", "staging", "--dump", str(dumps.latest("production").path))
+    assert proc.returncode == 1 and "refusing to push an unscrubbed copy" in error_lines(proc)[-1]
+    assert fingerprint(connect("staging")) == before
+
+
+def test_playbook_refuses_production_without_confirmation(pushed, connect):
+    before = fingerprint(connect("production"))
+    proc = playbook("restore_database.yml", "--limit", "production", "-e", f"drydock_dump={dumps.latest('production').path}")
+    assert proc.returncode != 0 and "refusing to push to production without confirmation" in proc.stdout
+    assert fingerprint(connect("production")) == before
 
 
 def test_production_push_needs_confirmation(pushed, connect):
