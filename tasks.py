@@ -126,6 +126,28 @@ def pipeline(c, source, target, notebook=None, script=None, yes=False, allow_los
     workflow.pipeline(source, target, notebook=notebook, script=script, yes=yes, allow_lost_writes=allow_lost_writes)
 
 
+@task(help={"env": "the environment to verify (local, staging, production)",
+            "manifest": "also check every table's row count against this manifest.json"})
+@one_line_errors
+def verify(c, env, manifest=None):
+    """Check ENV's database against the code: migrations, schema drift, page tree, Site, row counts."""
+    workflow.verify(env, manifest=manifest)
+
+
+@task
+@one_line_errors
+def runs_list(c):
+    """List the runs in runs/ with their outcome and, for a failed one, the failed step."""
+    workflow.runs_list()
+
+
+@task(help={"run_id": "a run's id, as inv runs.list shows it"})
+@one_line_errors
+def runs_show(c, run_id):
+    """Show one run's steps, timings, sizes, failure and files."""
+    workflow.runs_show(run_id)
+
+
 @task(iterable=["param"], auto_shortflags=False,
       help={"notebook": "execute this notebook with papermill after migrating",
             "script": "run this Python script after migrating",
@@ -176,8 +198,13 @@ snapshot.add_task(snapshot_restore, name="restore")
 snapshot.add_task(snapshot_list, name="list")
 snapshot.add_task(snapshot_delete, name="delete")
 
+runs = Collection("runs")
+runs.add_task(runs_list, name="list")
+runs.add_task(runs_show, name="show")
+
 sandbox = Collection("sandbox")
 sandbox.add_task(sandbox_up, name="up")
 sandbox.add_task(sandbox_down, name="down")
 
-namespace = Collection(backup, pull, migrate, push, rollback, pipeline, site, demo, test, lint, sandbox, snapshot)
+namespace = Collection(backup, pull, migrate, push, rollback, pipeline, verify, site, demo, test, lint, sandbox,
+                       snapshot, runs)

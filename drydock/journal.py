@@ -19,13 +19,17 @@ def _stamp() -> str:
 
 
 class Run:
-    def __init__(self, task: str, root: Path | None = None):
+    def __init__(self, task: str, root: Path | None = None, total: int | None = None, say=None):
         base = root or runs_dir()
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.dir = base / f"{_stamp()}-{task}"
         self.dir.mkdir(mode=0o700)
         self.task = task
         self.steps: list[dict] = []
+        # Progress: "[3/7] migrate (elapsed 41 s)" before each step, when the total is known.
+        self.total = total
+        self.say = say
+        self.started = time.monotonic()
 
     @property
     def ansible_log(self) -> Path:
@@ -41,6 +45,8 @@ class Run:
         """Journal a step: its start, end, outcome and whatever details the body adds."""
         entry = {"step": name, "start": datetime.now(timezone.utc).isoformat(), **details}
         started = time.monotonic()
+        if self.total and self.say:
+            self.say(f"[{len(self.steps) + 1}/{self.total}] {name} (elapsed {started - self.started:.0f} s)")
         try:
             yield entry
             entry["outcome"] = "ok"
@@ -59,3 +65,33 @@ class Run:
         lines = [f"{'step'.ljust(width)}  outcome  seconds"]
         lines += [f"{s['step'].ljust(width)}  {s['outcome']:<7}  {s['seconds']:>7.1f}" for s in self.steps]
         return "\n".join(lines)
+
+
+def read(run_dir: Path) -> list[dict]:
+    path = run_dir / "journal.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def list_runs(root: Path | None = None) -> list[dict]:
+    """Every run, oldest first: id, task, start, outcome, seconds, failed step."""
+    base = root or runs_dir()
+    runs = []
+    for folder in sorted(p for p in base.glob("*-*") if p.is_dir() and p.name[:1].isdigit()):
+        steps = read(folder)
+        failed = next((s for s in steps if s.get("outcome") == "failed"), None)
+        runs.append({"id": folder.name, "task": folder.name.split("-", 1)[1],
+                     "start": steps[0]["start"][:19] if steps else "-",
+                     "outcome": "failed" if failed else ("ok" if steps else "-"),
+                     "seconds": round(sum(s.get("seconds", 0) for s in steps), 1),
+                     "failed_step": failed["step"] if failed else "", "error": failed.get("error", "") if failed else ""})
+    return runs
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join(lines)

@@ -241,12 +241,19 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
     inv = inventory.load()
     source, target = inv.server(source_text), inv.server(target_text)
     confirm(target, bool(inv.hostvars[target].get("drydock_protected")), yes, "push to")
-    run = Run("pipeline")
+    run = Run("pipeline", total=7, say=say)
     with _locks([target, inv.local[0]], "pipeline", say):
         dump = backup(source, say=say, run=run)
         pulled = pull(source, dump_path=str(dump.path), say=say, run=run, locked=True)
         migrate(notebook=notebook, script=script, say=say, run=run, locked=True)
-        push(target, yes=True, allow_lost_writes=allow_lost_writes, say=say, run=run, locked=True)
+        verify(inv.local[0], say=say, run=run)
+        pushed = push(target, yes=True, allow_lost_writes=allow_lost_writes, say=say, run=run, locked=True)
+        try:
+            verify(target, manifest=str(pushed.path.parent / "manifest.json"), say=say, run=run)
+        except DrydockError as error:
+            say(f"==> {target} failed verification: rolling the push back")
+            run_playbook("rollback_database.yml", limit=target, run=run, extra_vars={"drydock_confirm": target})
+            raise DrydockError(f"{error} (the push was rolled back: {target} runs its previous database)") from None
     say(f"\npipeline {source} → {target} done ({pulled.total_rows:,} rows pulled)\n{run.summary()}")
     return run
 
@@ -275,3 +282,51 @@ def show_page(env_text: str, path: str, say: Say = print) -> str:
     posts = html.count("<li>")
     say(f"{url} → {response.status}: {title.group(1).strip() if title else '?'} ({posts} posts listed)")
     return html
+
+
+def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Run | None = None) -> Path:
+    """Verify one environment's database against the code; the report is kept in the run."""
+    inv = inventory.load()
+    names = [part for part in env_text.replace(",", " ").split() if part]
+    env = names[0] if len(names) == 1 and names[0] in inv.local else inv.server(env_text)
+    if manifest and not Path(manifest).is_file():
+        raise InvalidInput(f"no such manifest: {manifest}")
+    run = run or Run("verify")
+    report = run.dir / f"verify-{env}.txt"
+    try:
+        with run.step(f"verify {env}", env=env, report=str(report)):
+            run_playbook("verify_database.yml", limit=env, run=run, extra_vars={
+                "drydock_verify_report": str(report), "drydock_manifest": str(Path(manifest).resolve()) if manifest else ""})
+    finally:
+        if report.exists():
+            say(report.read_text().rstrip())
+    return report
+
+
+def runs_list(say: Say = print) -> list[dict]:
+    from drydock import journal
+
+    runs = journal.list_runs()
+    say(journal.table(runs, ["id", "task", "start", "outcome", "seconds", "failed_step"]) if runs else "no runs yet")
+    return runs
+
+
+def runs_show(run_id: str, say: Say = print) -> list[dict]:
+    from drydock import journal
+    from drydock.paths import runs_dir
+
+    if "/" in run_id or run_id.startswith("."):
+        raise InvalidInput(f"invalid run id {run_id!r}")
+    folder = runs_dir() / run_id
+    if not folder.is_dir():
+        raise DrydockError(f"no run {run_id} under {runs_dir()}: see inv runs.list")
+    steps = journal.read(folder)
+    rows = [{"step": s["step"], "start": s["start"][11:19], "outcome": s.get("outcome", "?"),
+             "seconds": s.get("seconds", ""), "bytes": f"{s['bytes']:,}" if "bytes" in s else "",
+             "rows": f"{s['rows']:,}" if "rows" in s else ""} for s in steps]
+    say(journal.table(rows, ["step", "start", "outcome", "seconds", "bytes", "rows"]))
+    for s in steps:
+        if s.get("outcome") == "failed":
+            say(f"failed at {s['step']}: {s.get('error', '')}")
+    say("files: " + ", ".join(sorted(p.name for p in folder.iterdir())))
+    return steps

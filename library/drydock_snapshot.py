@@ -83,6 +83,20 @@ def list_snapshots(conn) -> list[dict]:
     return snapshots
 
 
+def template_copy(conn, source: str, target: str) -> None:
+    """CREATE DATABASE target as a file copy of source, owned like it. A template must have
+    no other sessions while it is copied: connections are blocked and ended meanwhile."""
+    sql = psycopg_sql()
+    owner = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (source,)).fetchone()[0]
+    set_allow_connections(conn, source, False)
+    try:
+        terminate_sessions(conn, source)
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {} STRATEGY FILE_COPY").format(
+            sql.Identifier(target), sql.Identifier(source), sql.Identifier(owner)))
+    finally:
+        set_allow_connections(conn, source, True)
+
+
 def save(conn, database: str, name: str, force: bool) -> str:
     sql = psycopg_sql()
     target = snapshot_db(database, name)
@@ -92,18 +106,10 @@ def save(conn, database: str, name: str, force: bool) -> str:
         if not force:
             raise SnapshotError(f"snapshot {name} of {database} exists already: delete it, or replace it with --force")
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(target)))
-    owner = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (database,)).fetchone()[0]
-    # A template must have no other sessions while it is copied.
-    set_allow_connections(conn, database, False)
-    try:
-        terminate_sessions(conn, database)
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {} STRATEGY FILE_COPY").format(
-            sql.Identifier(target), sql.Identifier(database), sql.Identifier(owner)))
-    finally:
-        set_allow_connections(conn, database, True)
-    meta = {"drydock_snapshot": name, "source": database, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "lineage": database_comment(conn, database).get("drydock_lineage")}
-    conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(target), sql.Literal(json.dumps(meta))))
+    template_copy(conn, database, target)
+    set_database_comment(conn, target, {
+        "drydock_snapshot": name, "source": database, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "lineage": database_comment(conn, database).get("drydock_lineage")})
     set_allow_connections(conn, target, False)  # nobody changes a snapshot
     return target
 
@@ -113,14 +119,7 @@ def copy(conn, database: str, name: str) -> str:
     sql = psycopg_sql()
     target = f"{database}__{name}"
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(target)))
-    owner = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (database,)).fetchone()[0]
-    set_allow_connections(conn, database, False)
-    try:
-        terminate_sessions(conn, database)
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {} STRATEGY FILE_COPY").format(
-            sql.Identifier(target), sql.Identifier(database), sql.Identifier(owner)))
-    finally:
-        set_allow_connections(conn, database, True)
+    template_copy(conn, database, target)
     set_database_comment(conn, target, database_comment(conn, database) or None)
     return target
 

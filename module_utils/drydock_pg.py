@@ -4,6 +4,7 @@ verification need. Small pure functions; each takes an open psycopg cursor."""
 from __future__ import annotations
 
 import hashlib
+import re
 
 try:
     import psycopg
@@ -210,3 +211,83 @@ def set_database_comment(conn, name: str, value: dict | None) -> None:
 
     text = sql.Literal(json.dumps(value)) if value else sql.SQL("NULL")
     conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), text))
+
+
+SCHEMA_QUERIES = {
+    "table": """
+        SELECT c.relname, c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')""",
+    "column": """
+        SELECT c.relname || '.' || a.attname,
+               format_type(a.atttypid, a.atttypmod) || CASE WHEN a.attnotnull THEN ' not null' ELSE ' null' END
+               || coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), '')
+               || CASE a.attidentity WHEN 'd' THEN ' identity' WHEN 'a' THEN ' identity always' ELSE '' END
+        FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped""",
+    "index": """
+        SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'""",
+    "constraint": """
+        SELECT c.relname || '.' || k.conname, pg_get_constraintdef(k.oid)
+        FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'public'""",
+    "sequence": """
+        SELECT c.relname, 'sequence' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'public' AND c.relkind = 'S'""",
+}
+
+
+def schema_snapshot(cur) -> dict[str, dict[str, str]]:
+    """The public schema as {kind: {object name: definition}}: tables, columns (type,
+    nullability, default, identity), indexes, unique/foreign-key/check constraints, sequences."""
+    snapshot = {}
+    for kind, query in SCHEMA_QUERIES.items():
+        cur.execute(query)
+        snapshot[kind] = {name: definition for name, definition in cur.fetchall()}
+    return snapshot
+
+
+_CAST = re.compile(r"::(?:character varying|timestamp with(?:out)? time zone|double precision|\"?[a-z_][a-z0-9_]*\"?)"
+                   r"(?:\(\d+(?:,\d+)?\))?(?:\[\])?")
+
+
+def normalized(definition: str) -> str:
+    """A definition without casts, parentheses and spaces. PostgreSQL deparses the same
+    expression differently after a dump and restore (a partial index's
+    `(ARRAY['a'::varchar])::text[]` comes back as `ARRAY[('a'::varchar)::text]`); column
+    types are compared on their own, so casts carry nothing this comparison needs."""
+    return re.sub(r"[()\s]", "", _CAST.sub("", definition))
+
+
+def schema_diff(expected: dict, actual: dict) -> list[str]:
+    """One line per object that differs from the reference schema, naming it."""
+    lines = []
+    for kind in SCHEMA_QUERIES:
+        want, have = expected.get(kind, {}), actual.get(kind, {})
+        for name in sorted(set(want) | set(have)):
+            if name not in have:
+                lines.append(f"{kind} {name}: missing (expected {want[name]})")
+            elif name not in want:
+                lines.append(f"{kind} {name}: not in the code's schema ({have[name]})")
+            elif normalized(want[name]) != normalized(have[name]):
+                lines.append(f"{kind} {name}: is {have[name]}, expected {want[name]}")
+    return lines
+
+
+def applied_migrations(cur) -> list[list[str]]:
+    """Every (app, name) row of django_migrations, or [] where there is no such table."""
+    cur.execute("SELECT to_regclass('public.django_migrations') IS NOT NULL")
+    if not cur.fetchone()[0]:
+        return []
+    cur.execute("SELECT app, name FROM django_migrations ORDER BY app, name")
+    return [[app, name] for app, name in cur.fetchall()]
+
+
+def migration_diff(code: list, applied: list) -> list[str]:
+    """Migrations applied but unknown to the code, and known to the code but not applied."""
+    code_set, applied_set = {tuple(m) for m in code}, {tuple(m) for m in applied}
+    lines = [f"migration {app}.{name}: recorded in django_migrations but not in the code"
+             for app, name in sorted(applied_set - code_set)]
+    lines += [f"migration {app}.{name}: in the code but not applied"
+              for app, name in sorted(code_set - applied_set)]
+    return lines

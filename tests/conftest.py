@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -80,9 +81,9 @@ def _down_and_check(box: Sandbox) -> None:
         decoy.kill()
 
 
-@pytest.fixture
-def connect(sandbox_env):
-    """connect(env, database=None) -> a psycopg connection as the app role."""
+@contextmanager
+def connector(sandbox_env):
+    """connect(env, database=None) -> a psycopg connection as the app role, closed afterwards."""
     opened = []
 
     def _connect(env: str, database: str | None = None, autocommit: bool = True):
@@ -93,9 +94,17 @@ def connect(sandbox_env):
         opened.append(conn)
         return conn
 
-    yield _connect
-    for conn in opened:
-        conn.close()
+    try:
+        yield _connect
+    finally:
+        for conn in opened:
+            conn.close()
+
+
+@pytest.fixture
+def connect(sandbox_env):
+    with connector(sandbox_env) as _connect:
+        yield _connect
 
 
 def row_counts(conn) -> dict[str, int]:

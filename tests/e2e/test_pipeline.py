@@ -10,8 +10,9 @@ def test_pipeline_puts_the_podcast_on_staging(sandbox_env, connect):
     proc = inv("pipeline", "production", "staging", "--notebook", str(NOTEBOOK))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     summary = proc.stdout.split("pipeline production → staging done")[1]
-    for step in ("backup", "pull", "migrate", "dump local", "restore"):
+    for step in ("backup", "pull", "migrate", "verify local", "dump local", "restore", "verify staging"):
         assert step in summary
+    assert "[7/7] verify staging" in proc.stdout  # progress: steps done of total
     conn = connect("staging")
     assert conn.execute("SELECT ct.model FROM wagtailcore_page p JOIN django_content_type ct"
                         " ON ct.id = p.content_type_id WHERE p.slug = 'blog'").fetchone()[0] == "podcast"

@@ -11,7 +11,7 @@ import pytest
 from drydock import dumps
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import ROOT, databases, error_lines, fingerprint, inv, playbook, row_counts
+from tests.conftest import ROOT, connector, databases, error_lines, fingerprint, inv, playbook, row_counts
 
 PAGE_TREE_OK = """SELECT (SELECT count(*) FROM wagtailcore_page WHERE depth <> length(path) / 4)
      + (SELECT count(*) FROM wagtailcore_page p WHERE numchild <>
@@ -29,21 +29,8 @@ def pushed(pulled, connect_module):
 
 @pytest.fixture(scope="module")
 def connect_module(sandbox_env):
-    import psycopg
-
-    opened = []
-
-    def _connect(env, database=None):
-        url = sandbox_env[env]["url"]
-        if database:
-            url = url.replace(f"/{sandbox_env[env]['database']}?", f"/{database}?")
-        conn = psycopg.connect(url, autocommit=True)
-        opened.append(conn)
-        return conn
-
-    yield _connect
-    for conn in opened:
-        conn.close()
+    with connector(sandbox_env) as _connect:
+        yield _connect
 
 
 def test_staging_holds_the_pushed_copy(pushed, connect):

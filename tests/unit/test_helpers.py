@@ -57,3 +57,55 @@ def test_load_requires_a_manifest(tmp_path):
     dump.write_bytes(b"PGDMP")
     with pytest.raises(DrydockError, match="no manifest.json"):
         dumps.load(dump)
+
+
+def test_schema_diff_names_each_object_and_ignores_deparse_noise():
+    from drydock_pg import schema_diff
+
+    reference = {"column": {"t.a": "integer not null", "t.b": "text null"},
+                 "index": {"i": "CREATE INDEX i ON public.t USING btree (a) WHERE ((b)::text = ANY ((ARRAY['x'::character varying])::text[]))"}}
+    restored = {"column": {"t.a": "bigint not null", "t.c": "text null"},
+                "index": {"i": "CREATE INDEX i ON public.t USING btree (a) WHERE ((b)::text = ANY (ARRAY[('x'::character varying)::text]))"}}
+    assert schema_diff(reference, restored) == [
+        "column t.a: is bigint not null, expected integer not null",
+        "column t.b: missing (expected text null)",
+        "column t.c: not in the code's schema (text null)",
+    ]
+
+
+def test_migration_diff_both_ways():
+    from drydock_pg import migration_diff
+
+    assert migration_diff([["blog", "0001"], ["blog", "0002"]], [["blog", "0001"], ["blog", "0099_by_hand"]]) == [
+        "migration blog.0099_by_hand: recorded in django_migrations but not in the code",
+        "migration blog.0002: in the code but not applied",
+    ]
+
+
+def test_writes_since_names_tables_and_a_stats_reset():
+    from drydock_pg import writes_since
+
+    before = {"stats_reset": None, "tables": {"a": 5, "b": 1}}
+    assert writes_since(before, {"stats_reset": None, "tables": {"a": 5, "b": 3, "c": 0}}) == ["b (+2)", "c (new table)"]
+    assert writes_since(before, before) == []
+    assert "reset" in writes_since(before, {"stats_reset": "2026-01-01", "tables": {}})[0]
+
+
+def test_lock_refuses_a_live_holder_and_clears_a_dead_one(tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    from drydock.lock import target_lock
+
+    with target_lock("staging", "push", say=lambda m: None, root=tmp_path) as path:
+        with pytest.raises(DrydockError, match="staging is locked by push"):
+            with target_lock("staging", "pipeline", say=lambda m: None, root=tmp_path):
+                pass
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "task": "push", "started": "x"}))
+    said = []
+    with target_lock("staging", "push", say=said.append, root=tmp_path):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert "stale lock" in said[0] and not path.exists()

@@ -1,0 +1,89 @@
+"""`inv verify`: a database is checked against its code; every kind of drift is found and named."""
+import json
+
+import pytest
+
+from drydock.paths import runs_dir
+from tests.conftest import ROOT, error_lines, inv, row_counts
+
+
+@pytest.fixture(scope="module")
+def migrated(pulled):
+    """The local copy, migrated with the current code, saved as snapshot 'verified'."""
+    inv("pull", "production", "--latest", check=True)
+    inv("migrate", check=True)
+    inv("snapshot.save", "verified", "--force", check=True)
+    yield
+    inv("snapshot.delete", "verified")
+
+
+@pytest.fixture
+def fresh(migrated, connect):
+    inv("snapshot.restore", "verified", check=True)
+    return connect("local")
+
+
+def test_clean_migrated_database_passes(fresh):
+    proc = inv("verify", "local")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
+    assert "verify local (wagtail_site): OK" in proc.stdout
+
+
+DRIFTS = {
+    "dropped column": ("ALTER TABLE blog_post DROP COLUMN body", "column blog_post.body: missing"),
+    "extra index": ("CREATE INDEX drydock_extra ON blog_post (author_id)",
+                    "index drydock_extra: not in the code's schema"),
+    "changed type": ("ALTER TABLE blog_podcast ALTER COLUMN keywords TYPE text",
+                     "column blog_podcast.keywords: is text not null, expected character varying(255) not null"),
+    "fake migration row": ("INSERT INTO django_migrations (app, name, applied) VALUES ('blog', '0099_by_hand', now())",
+                           "migration blog.0099_by_hand: recorded in django_migrations but not in the code"),
+    "unapplied migration": ("DELETE FROM django_migrations WHERE app = 'blog' AND name = '0003_post_visible_date_index';"
+                            " DROP INDEX blog_post_visible_date",
+                            "migration blog.0003_post_visible_date_index: in the code but not applied"),
+    "wrong page depth": ("UPDATE wagtailcore_page SET depth = depth + 1 WHERE slug = 'post-1'",
+                         "depth does not match its path"),
+    "wrong Site hostname": ("UPDATE wagtailcore_site SET hostname = 'wrong.example' WHERE is_default_site",
+                            "Site: wrong.example:8000, expected localhost:8000"),
+}
+
+
+@pytest.mark.parametrize("drift", DRIFTS, ids=list(DRIFTS))
+def test_drift_is_found_and_named(fresh, drift):
+    sql, expected = DRIFTS[drift]
+    for statement in sql.split(";"):
+        fresh.execute(statement)
+    proc = inv("verify", "local")
+    assert proc.returncode == 1
+    assert expected in proc.stdout, proc.stdout[-3000:]
+    assert "does not match its code" in error_lines(proc)[-1]
+
+
+def test_row_counts_against_a_manifest(fresh, connect, tmp_path):
+    counts = row_counts(connect("local"))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"row_counts": counts}))
+    assert inv("verify", "local", "--manifest", str(manifest)).returncode == 0
+    counts["blog_post"] += 1
+    manifest.write_text(json.dumps({"row_counts": counts}))
+    proc = inv("verify", "local", "--manifest", str(manifest))
+    assert proc.returncode == 1 and "blog_post:" in proc.stdout and "row counts" in proc.stdout
+
+
+def test_failed_run_names_its_step_and_no_secret_is_kept(fresh):
+    fresh.execute("UPDATE wagtailcore_site SET hostname = 'wrong.example' WHERE is_default_site")
+    assert inv("verify", "local").returncode == 1
+    listing = inv("runs.list", check=True).stdout.splitlines()
+    last = listing[-1].split()
+    assert last[1] == "verify" and last[3] == "failed" and listing[-1].endswith("verify local")
+    shown = inv("runs.show", last[0], check=True).stdout
+    assert "failed at verify local" in shown and "verify-local.txt" in shown
+    password = (ROOT / ".sandbox" / "pgpass").read_text().splitlines()[0].rsplit(":", 1)[1]
+    for path in runs_dir().rglob("*"):
+        if path.is_file():
+            assert password not in path.read_text(errors="replace"), path
+
+
+def test_unknown_run_and_environment_get_one_line(sandbox_env):
+    for args, message in ((["runs.show", "nope"], "no run nope"), (["verify", "prod"], "unknown environment")):
+        proc = inv(*args)
+        assert proc.returncode == 1 and len(error_lines(proc)) == 1 and message in proc.stderr
