@@ -4,8 +4,8 @@ in the playbook, so plain `ansible-playbook` runs are just as safe."""
 from __future__ import annotations
 
 import shutil
-from contextlib import ExitStack, contextmanager
 import sys
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
@@ -65,11 +65,12 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
         raise DrydockError(f"{dump.path} is a dump of {dump.source_env}, not of {env}")
     local = inv.local[0]
     target = inv.hostvars[local]
-    with _locks([] if locked else [local], "pull", say), run.step("pull", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
-                  rows=dump.total_rows):
+    with _locks([] if locked else [local], "pull", say), \
+            run.step("pull", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows):
         say(f"==> restoring {dump.path.name} into the local database")
         run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
-    say(f"local database {target['drydock_db_name']} now holds {env}'s dump of {dump.manifest['created']}: "
+    say(f"local database {target['drydock_db_name']} now holds {env}'s dump of {dump.manifest['created']} "
+        f"({dump.manifest['dump']['size']:,} bytes restored): "
         f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, all counts equal to the manifest; "
         f"Site {target['drydock_site_hostname']}:{target['drydock_site_port']}; "
         f"the local database it replaced (if any) is kept as {target['drydock_db_name']}__snap_pre_pull")
@@ -219,7 +220,8 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                 "pg_backup_controller_dir": str(backups_dir())})
             safety = dumps.latest(env, kind="safety")
             step.update(safety_backup=str(safety.path))
-    say(f"{env} now runs the pushed copy ({dump.total_rows:,} rows, all counts equal to the manifest; "
+    say(f"{env} now runs the pushed copy ({dump.manifest['dump']['size']:,} bytes restored, {dump.total_rows:,} rows, "
+        f"all counts equal to the manifest; "
         f"Site {target['drydock_site_hostname']}:{target['drydock_site_port']}); its previous database is kept as "
         f"{target['drydock_db_name']}__previous (inv rollback {env}); safety backup: {safety.path}")
     return dump
@@ -252,7 +254,8 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
             verify(target, manifest=str(pushed.path.parent / "manifest.json"), say=say, run=run)
         except DrydockError as error:
             say(f"==> {target} failed verification: rolling the push back")
-            run_playbook("rollback_database.yml", limit=target, run=run, extra_vars={"drydock_confirm": target})
+            with run.step(f"rollback {target}", env=target, state=f"{target} back on its previous database"):
+                run_playbook("rollback_database.yml", limit=target, run=run, extra_vars={"drydock_confirm": target})
             raise DrydockError(f"{error} (the push was rolled back: {target} runs its previous database)") from None
     say(f"\npipeline {source} → {target} done ({pulled.total_rows:,} rows pulled)\n{run.summary()}")
     return run

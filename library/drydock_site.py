@@ -18,6 +18,12 @@ options:
   site_port: {description: New port of the Site., type: int, required: true}
   site_name: {description: site_name of the Site to change; empty for the default Site., type: str, default: ""}
   django_site_id: {description: Row of django_site (SITE_ID) to change with the default Site., type: int, default: 1}
+  verify_only:
+    description:
+      - Only read (SELECT, no lock, no write) and return in C(problems) how the Site differs
+        from C(hostname) and C(site_port); for verification of live databases.
+    type: bool
+    default: false
 """
 
 EXAMPLES = r"""
@@ -32,6 +38,7 @@ EXAMPLES = r"""
 RETURN = r"""
 before: {description: hostname and port before the change., type: dict, returned: success}
 django_site: {description: The django_site domain written, or null when not changed., type: str, returned: success}
+problems: {description: How the Site differs from the expected one., type: list, returned: verify_only}
 """
 
 import re
@@ -50,6 +57,29 @@ def django_domain(hostname: str, port: int) -> str:
 
 class SiteError(Exception):
     pass
+
+
+def site_problems(conn, database: str, hostname: str, port: int, site_name: str, django_site_id: int) -> list[str]:
+    """How the Site differs from hostname:port, read only. Writes nothing, so that the write
+    counters the push guard compares are not disturbed."""
+    tables = conn.execute("SELECT to_regclass('public.wagtailcore_site') IS NOT NULL,"
+                          " to_regclass('public.django_site') IS NOT NULL").fetchone()
+    if not tables[0]:
+        return [f"database {database} has no wagtailcore_site table"]
+    where, args = ("is_default_site", ()) if not site_name else ("site_name = %s", (site_name,))
+    rows = conn.execute(f"SELECT hostname, port FROM wagtailcore_site WHERE {where}", args).fetchall()
+    if len(rows) != 1:
+        return [f"{len(rows)} Sites match {'the default Site' if not site_name else repr(site_name)}, expected 1"]
+    problems = []
+    if tuple(rows[0]) != (hostname, port):
+        problems.append(f"{rows[0][0]}:{rows[0][1]}, expected {hostname}:{port}")
+    if tables[1] and not site_name:
+        row = conn.execute("SELECT domain FROM django_site WHERE id = %s", (django_site_id,)).fetchone()
+        if row is None:
+            problems.append(f"django_site has no row {django_site_id} (SITE_ID)")
+        elif row[0] != django_domain(hostname, port):
+            problems.append(f"django_site domain {row[0]}, expected {django_domain(hostname, port)}")
+    return problems
 
 
 def switch(conn, database: str, hostname: str, port: int, site_name: str, django_site_id: int) -> dict:
@@ -80,7 +110,7 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(PG_CONNECTION_ARGS, hostname=dict(type="str", required=True),
                            site_port=dict(type="int", required=True), site_name=dict(type="str", default=""),
-                           django_site_id=dict(type="int", default=1)),
+                           django_site_id=dict(type="int", default=1), verify_only=dict(type="bool", default=False)),
         supports_check_mode=True,
     )
     p = module.params
@@ -91,6 +121,10 @@ def main() -> None:
     import psycopg
 
     try:
+        if p["verify_only"]:
+            with connect(p["socket_dir"], p["port"], p["database"], autocommit=True) as conn:
+                module.exit_json(changed=False, problems=site_problems(
+                    conn, p["database"], p["hostname"], p["site_port"], p["site_name"], p["django_site_id"]))
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
             result = switch(conn, p["database"], p["hostname"], p["site_port"], p["site_name"], p["django_site_id"])
             if module.check_mode:

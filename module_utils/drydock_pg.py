@@ -251,12 +251,36 @@ _CAST = re.compile(r"::(?:character varying|timestamp with(?:out)? time zone|dou
                    r"(?:\(\d+(?:,\d+)?\))?(?:\[\])?")
 
 
+def _drop_redundant_parentheses(text: str) -> str:
+    """Remove parentheses around a single token, and doubled parentheses "((x))"; keep
+    every pair that groups more than one thing, so "(a OR b) AND c" stays distinct."""
+    previous = None
+    while previous != text:
+        previous = text
+        text = re.sub(r"\(\s*('[^']*'|[\w.\"]+)\s*\)", r"\1", text)
+        stack, pairs = [], {}
+        for index, char in enumerate(text):
+            if char == "(":
+                stack.append(index)
+            elif char == ")" and stack:
+                pairs[stack.pop()] = index
+        doubled = [(o, c) for o, c in pairs.items() if text[o + 1:o + 2] == "(" and pairs.get(o + 1) == c - 1]
+        if doubled:
+            open_, close = doubled[0]
+            text = text[:open_] + text[open_ + 1:close] + text[close + 1:]
+    return text
+
+
 def normalized(definition: str) -> str:
-    """A definition without casts, parentheses and spaces. PostgreSQL deparses the same
-    expression differently after a dump and restore (a partial index's
-    `(ARRAY['a'::varchar])::text[]` comes back as `ARRAY[('a'::varchar)::text]`); column
-    types are compared on their own, so casts carry nothing this comparison needs."""
-    return re.sub(r"[()\s]", "", _CAST.sub("", definition))
+    """A definition as PostgreSQL means it, not as it prints it. After a dump and restore the
+    same expression deparses differently (a partial index's `(ARRAY['a'::varchar])::text[]`
+    comes back as `ARRAY[('a'::varchar)::text]`): casts go (column types are compared on
+    their own) and so do parentheses that group nothing. A serial column's
+    `default nextval('t_id_seq'::regclass)` and an identity column both mean "generated"."""
+    text = re.sub(r"default nextval\('[^']+'(::regclass)?\)", "generated", definition)
+    text = re.sub(r"identity( always)?$", "generated", text)
+    text = _drop_redundant_parentheses(_CAST.sub("", text))
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def schema_diff(expected: dict, actual: dict) -> list[str]:

@@ -19,3 +19,18 @@ def test_pipeline_puts_the_podcast_on_staging(sandbox_env, connect):
     with urllib.request.urlopen("http://127.0.0.3:8000/blog/", timeout=10) as response:
         html = response.read().decode()
     assert response.status == 200 and "The Drydock Log" in html and html.count("<li>") >= 200
+
+
+def test_pipeline_stops_before_the_push_when_the_local_copy_fails_verification(sandbox_env, connect, tmp_path):
+    from tests.conftest import error_lines, fingerprint
+
+    script = tmp_path / "by_hand.py"
+    script.write_text("import django\ndjango.setup()\nfrom django.db import connection\n"
+                      "with connection.cursor() as c:\n"
+                      "    c.execute(\"INSERT INTO django_migrations (app, name, applied) VALUES ('blog', '0099_by_hand', now())\")\n")
+    before = fingerprint(connect("staging"))
+    proc = inv("pipeline", "production", "staging", "--script", str(script))
+    assert proc.returncode == 1
+    assert "migration blog.0099_by_hand: recorded in django_migrations but not in the code" in error_lines(proc)[-1]
+    assert fingerprint(connect("staging")) == before
+    assert "onto staging" not in proc.stdout and "==> dumping the local database" not in proc.stdout

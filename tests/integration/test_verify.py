@@ -87,3 +87,14 @@ def test_unknown_run_and_environment_get_one_line(sandbox_env):
     for args, message in ((["runs.show", "nope"], "no run nope"), (["verify", "prod"], "unknown environment")):
         proc = inv(*args)
         assert proc.returncode == 1 and len(error_lines(proc)) == 1 and message in proc.stderr
+
+
+def test_verify_writes_nothing(sandbox_env, connect):
+    """Verification reads: it must not move the write counters the push guard compares."""
+    import time
+
+    counters = ("SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) FROM pg_stat_user_tables")
+    before = connect("staging").execute(counters).fetchone()[0]
+    inv("verify", "staging")  # whatever it finds
+    time.sleep(1.2)  # statistics reach the shared counters within a second
+    assert connect("staging").execute(counters).fetchone()[0] == before

@@ -109,3 +109,15 @@ def test_lock_refuses_a_live_holder_and_clears_a_dead_one(tmp_path):
     with target_lock("staging", "push", say=said.append, root=tmp_path):
         assert json.loads(path.read_text())["pid"] == os.getpid()
     assert "stale lock" in said[0] and not path.exists()
+
+
+@pytest.mark.parametrize("a, b, same", [
+    ("CHECK (((a OR b) AND c))", "CHECK ((a OR (b AND c)))", False),
+    ("CHECK ((((x)::integer > 0)))", "CHECK ((x > 0))", True),
+    ("bigint not null default nextval('t_id_seq'::regclass)", "bigint not null identity", True),
+    ("text not null", "character varying(255) not null", False),
+])
+def test_normalized_keeps_meaning_and_drops_deparse_noise(a, b, same):
+    from drydock_pg import normalized
+
+    assert (normalized(a) == normalized(b)) is same

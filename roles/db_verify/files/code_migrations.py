@@ -1,4 +1,5 @@
-"""Print the app's migrations as JSON: [app, name] pairs and a hash of their files.
+"""Print the app's migrations as JSON: [app, name] pairs and a hash of their files and
+of Django's version (what the schema they produce depends on, on the app's side).
 
 Run in the app's own Python with its settings; reads the migration files only (no database).
 """
@@ -12,7 +13,7 @@ django.setup()
 from django.db.migrations.loader import MigrationLoader  # noqa: E402
 
 loader = MigrationLoader(None, ignore_no_migrations=True)
-digest = hashlib.sha256()
+digest = hashlib.sha256(django.get_version().encode())  # field SQL can change with Django
 pairs = sorted(loader.disk_migrations)
 for key in pairs:
     module = sys.modules[loader.disk_migrations[key].__module__]
