@@ -1,6 +1,7 @@
 """The environments an inventory defines: servers (production, staging, ...) and local."""
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 from dataclasses import dataclass
@@ -26,8 +27,15 @@ class Inventory:
             raise InvalidInput(f"unknown environment {name!r}: choose one of {', '.join(self.servers)}")
         return name
 
+    def environment(self, text: str) -> str:
+        """Like server(), but the local environment is accepted too."""
+        names = [part for part in text.replace(",", " ").split() if part]
+        return names[0] if len(names) == 1 and names[0] in self.local else self.server(text)
 
+
+@functools.lru_cache(maxsize=None)
 def load() -> Inventory:
+    """The inventory, read once per drydock command (ansible-inventory takes a second)."""
     proc = subprocess.run(["ansible-inventory", "--list"], env=ansible_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise DrydockError(f"cannot read the inventory: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")

@@ -81,8 +81,7 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
 
 def site(env_text: str, hostname: str, port: int, site_name: str = "", say: Say = print) -> None:
     inv = inventory.load()
-    names = [part for part in env_text.replace(",", " ").split() if part]
-    env = names[0] if len(names) == 1 and names[0] in inv.local else inv.server(env_text)
+    env = inv.environment(env_text)
     valid_hostname(hostname)
     port = valid_port(port)
     run = Run("site")
@@ -113,19 +112,21 @@ def snapshot(action: str, name: str = "", force: bool = False, say: Say = print)
 
 
 def format_snapshots(snapshots: list[dict], now: datetime | None = None) -> str:
+    from drydock.journal import table
+
     if not snapshots:
         return "no snapshots"
     now = now or datetime.now(timezone.utc)
-    rows = [("name", "of database", "size", "age")]
+    rows = []
     for snap in snapshots:
         age = "?"
         if snap.get("created"):
             seconds = (now - datetime.fromisoformat(snap["created"])).total_seconds()
             age = f"{seconds / 86400:.1f} d" if seconds >= 86400 else f"{seconds / 3600:.1f} h" if seconds >= 3600 \
                 else f"{seconds / 60:.0f} min"
-        rows.append((snap["name"], snap["source"], f"{snap['size'] / 1048576:.1f} MB", age))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+        rows.append({"name": snap["name"], "of database": snap["source"],
+                     "size": f"{snap['size'] / 1048576:.1f} MB", "age": age})
+    return table(rows, ["name", "of database", "size", "age"])
 
 
 PHASES = ("all", "before", "after")
@@ -290,8 +291,7 @@ def show_page(env_text: str, path: str, say: Say = print) -> str:
 def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Run | None = None) -> Path:
     """Verify one environment's database against the code; the report is kept in the run."""
     inv = inventory.load()
-    names = [part for part in env_text.replace(",", " ").split() if part]
-    env = names[0] if len(names) == 1 and names[0] in inv.local else inv.server(env_text)
+    env = inv.environment(env_text)
     if manifest and not Path(manifest).is_file():
         raise InvalidInput(f"no such manifest: {manifest}")
     run = run or Run("verify")

@@ -38,7 +38,7 @@ writes_since: {description: "Tables written since C(compare_writes_with), e.g. '
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import (HAS_PSYCOPG, PG_CONNECTION_ARGS, connect, content_fingerprint,
+from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, content_fingerprint,
                                              count_differences, latest_migrations, row_counts, write_fingerprint,
                                              writes_since)
 
@@ -50,8 +50,7 @@ def main() -> None:
         supports_check_mode=True,
     )
     params = module.params
-    if not HAS_PSYCOPG:
-        module.fail_json(msg="psycopg (3) is not importable by this host's Python (Debian: apt install python3-psycopg)")
+    require_psycopg(module)
     import psycopg
 
     try:

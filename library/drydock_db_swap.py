@@ -46,7 +46,7 @@ terminated: {description: Sessions terminated on the live database., type: int, 
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import (HAS_PSYCOPG, connect, database_exists, exchange,
+from ansible.module_utils.drydock_pg import (require_psycopg, connect, database_exists, exchange,
                                              set_database_comment, swap_in)
 
 
@@ -63,8 +63,7 @@ def main() -> None:
     names = [p["database"], p["previous"]] + ([] if p["exchange"] else [p["incoming"]])
     if len(set(names)) != len(names):
         module.fail_json(msg="database, incoming and previous must be different names")
-    if not HAS_PSYCOPG:
-        module.fail_json(msg="psycopg (3) is not importable by this host's Python (Debian: apt install python3-psycopg)")
+    require_psycopg(module)
     import psycopg
 
     try:

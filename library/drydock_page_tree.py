@@ -31,7 +31,7 @@ problems: {description: One line per problem found (at most 20)., type: list, re
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import HAS_PSYCOPG, PG_CONNECTION_ARGS, connect
+from ansible.module_utils.drydock_pg import PG_CONNECTION_ARGS, connect, require_psycopg
 
 STEPLEN = 4  # treebeard's path step length in Wagtail
 
@@ -65,8 +65,7 @@ def main() -> None:
     module = AnsibleModule(argument_spec=dict(PG_CONNECTION_ARGS, report_only=dict(type="bool", default=False)),
                            supports_check_mode=True)
     p = module.params
-    if not HAS_PSYCOPG:
-        module.fail_json(msg="psycopg (3) is not importable by this host's Python (Debian: apt install python3-psycopg)")
+    require_psycopg(module)
     import psycopg
 
     try:

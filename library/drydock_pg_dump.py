@@ -51,7 +51,7 @@ import os
 import subprocess
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import (HAS_PSYCOPG, PG_CONNECTION_ARGS, connect, database_comment,
+from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, database_comment,
                                              latest_migrations, row_counts, server_version, sha256_file,
                                              write_fingerprint)
 
@@ -88,8 +88,7 @@ def main() -> None:
     dest = params["dest"]
     if module.check_mode:
         module.exit_json(changed=False, dump=dest, command=dump_command(params, "<snapshot>", dest))
-    if not HAS_PSYCOPG:
-        module.fail_json(msg="psycopg (3) is not importable by this host's Python (Debian: apt install python3-psycopg)")
+    require_psycopg(module)
     import psycopg
 
     if os.path.exists(dest):

@@ -36,7 +36,7 @@ migration_drift: {description: One line per differing migration record., type: l
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import (HAS_PSYCOPG, PG_CONNECTION_ARGS, applied_migrations, connect,
+from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, applied_migrations, connect,
                                              migration_diff, schema_diff, schema_snapshot)
 
 
@@ -47,8 +47,7 @@ def main() -> None:
         supports_check_mode=True,
     )
     p = module.params
-    if not HAS_PSYCOPG:
-        module.fail_json(msg="psycopg (3) is not importable by this host's Python (Debian: apt install python3-psycopg)")
+    require_psycopg(module)
     import psycopg
 
     try:

@@ -39,7 +39,8 @@ skipped: {description: Rules whose table does not exist., type: list, returned: 
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import HAS_PSYCOPG, PG_CONNECTION_ARGS, connect, database_comment, set_database_comment
+from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, database_comment,
+                                             set_database_comment)
 
 
 class MissingTable(Exception):
@@ -55,8 +56,7 @@ def main() -> None:
     for rule in p["rules"]:
         if not {"name", "table", "sql"} <= set(rule):
             module.fail_json(msg=f"a scrub rule needs name, table and sql: {rule!r}")
-    if not HAS_PSYCOPG:
-        module.fail_json(msg="psycopg (3) is not importable by this host's Python (Debian: apt install python3-psycopg)")
+    require_psycopg(module)
     import psycopg
 
     ran, skipped = [], []

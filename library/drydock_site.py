@@ -44,7 +44,7 @@ problems: {description: How the Site differs from the expected one., type: list,
 import re
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import HAS_PSYCOPG, PG_CONNECTION_ARGS, connect
+from ansible.module_utils.drydock_pg import PG_CONNECTION_ARGS, connect, require_psycopg
 
 # RFC 1123 host names; \Z, not $, so that a trailing newline is refused too.
 HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
@@ -114,8 +114,7 @@ def main() -> None:
         supports_check_mode=True,
     )
     p = module.params
-    if not HAS_PSYCOPG:
-        module.fail_json(msg="psycopg (3) is not importable by this host's Python (Debian: apt install python3-psycopg)")
+    require_psycopg(module)
     if not HOSTNAME.match(p["hostname"]) or not 1 <= p["site_port"] <= 65535:
         module.fail_json(msg=f"invalid Site hostname {p['hostname']!r} or port {p['site_port']}")
     import psycopg

@@ -49,7 +49,7 @@ import re
 from datetime import datetime, timezone
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import (HAS_PSYCOPG, connect, database_comment, database_exists,
+from ansible.module_utils.drydock_pg import (require_psycopg, connect, database_comment, database_exists,
                                              set_allow_connections, set_database_comment, swap_in,
                                              terminate_sessions)
 
@@ -178,8 +178,7 @@ def main() -> None:
     p = module.params
     if p["name"] is not None and not NAME.match(p["name"]):
         module.fail_json(msg=f"invalid snapshot name {p['name']!r}: use lower-case letters, digits and _ (at most 30)")
-    if not HAS_PSYCOPG:
-        module.fail_json(msg="psycopg (3) is not importable by this host's Python (Debian: apt install python3-psycopg)")
+    require_psycopg(module)
     import psycopg
 
     try:

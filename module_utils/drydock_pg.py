@@ -13,6 +13,12 @@ try:
 except ImportError:  # reported by the modules with a clear message
     HAS_PSYCOPG = False
 
+def require_psycopg(module) -> None:
+    """Fail the Ansible module with a clear message when the host's Python lacks psycopg."""
+    if not HAS_PSYCOPG:
+        module.fail_json(msg="psycopg (3) is not importable by this host's Python (Debian: apt install python3-psycopg)")
+
+
 PG_CONNECTION_ARGS = dict(
     database=dict(type="str", required=True),
     socket_dir=dict(type="path", required=True),
