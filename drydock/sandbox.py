@@ -115,8 +115,12 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _stop(pid: int, sig: int, marker: str = "", timeout: float = 30) -> bool:
-    """Send `sig` to `pid` and wait until it is gone (or a zombie); True when it stopped."""
+def _stop(pid: int, sig: int, marker: str = "", timeout: float = 30, children: bool = False) -> bool:
+    """Send `sig` to `pid` and wait until it is gone (or a zombie); True when it stopped.
+    With `children`, its child processes are stopped first (SIGTERM): they would outlive it."""
+    if children:
+        for child in _children(pid):
+            _stop(child, signal.SIGTERM)
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
@@ -363,9 +367,7 @@ esac
             return
         marker = f"drydock-{env.name}"
         if self._alive(pid, marker):
-            for child in _children(pid):
-                _stop(child, signal.SIGTERM)
-            if not _stop(pid, signal.SIGTERM, marker):
+            if not _stop(pid, signal.SIGTERM, marker, children=True):
                 raise SandboxError(f"the app on {env.name} (pid {pid}) did not stop; .sandbox/ left in place")
             self.say(f"  stopped app-{env.name} (pid {pid})")
 
@@ -394,6 +396,17 @@ esac
             self.say(f"  production: adding {bulk_posts} posts in bulk (--scale)")
             self.manage(production, "seed_demo", "--offset", str(posts + POSTS_ADDED_AFTER_STAGING_COPY),
                         "--posts", "0", "--paragraphs", str(BULK_PARAGRAPHS), "--bulk", str(bulk_posts))
+        self._record_seed(production, staging)
+
+    def _record_seed(self, *envs: Environment) -> None:
+        """Write .sandbox/seed.json: each server's posts and Site as seeded, so the state
+        `up` made can be checked later, whatever pushes and pulls happened since."""
+        seed = {}
+        for env in envs:
+            posts, site = self._psql(env, DATABASE, "SELECT (SELECT count(*) FROM blog_post),"
+                                     " (SELECT hostname FROM wagtailcore_site WHERE is_default_site);").strip().split("|")
+            seed[env.name] = {"posts": int(posts), "site": site}
+        (self.root / "seed.json").write_text(json.dumps(seed, indent=2))
 
     def _copy_database(self, source: Environment, target: Environment) -> None:
         dump = subprocess.Popen([str(PG_BINDIR / "pg_dump"), "-Fc", "-d", self.url(source)], stdout=subprocess.PIPE)
@@ -443,13 +456,11 @@ esac
             pid, marker = entry["pid"], entry["marker"]
             if not self._alive(pid, marker):
                 continue
-            if key.startswith("sshd"):
-                # Open SSH sessions (Ansible keeps a master connection for a minute) are
-                # children of our sshd and would outlive it: stop them first.
-                for child in _children(pid):
-                    _stop(child, signal.SIGTERM)
-            # SIGINT is PostgreSQL's fast shutdown; sshd stops on SIGTERM.
-            if not _stop(pid, signal.SIGINT if key.startswith("postgres") else signal.SIGTERM, marker):
+            # SIGINT is PostgreSQL's fast shutdown (it stops its own children); sshd stops on
+            # SIGTERM, but its open sessions (Ansible keeps a master connection for a minute)
+            # are its children and would outlive it.
+            postgres = key.startswith("postgres")
+            if not _stop(pid, signal.SIGINT if postgres else signal.SIGTERM, marker, children=not postgres):
                 raise SandboxError(f"{key} (pid {pid}) did not stop; .sandbox/ left in place")
             if not quiet:
                 self.say(f"  stopped {key} (pid {pid})")

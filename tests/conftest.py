@@ -43,19 +43,12 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 @pytest.fixture(scope="session")
 def sandbox_start() -> dict:
     """Start the sandbox (and stop it at the end) unless it was already up. Returns env.json,
-    whether it started here, and each server's blog size and Site as `up` left them (later
-    tests push and pull, so the state `up` leaves must be read before they run)."""
+    whether it started here, and seed.json: each server's posts and Site as `up` seeded them."""
     box = Sandbox(say=lambda message: None)
     started_here = not box.is_up()
     box.up()
-    env = json.loads((box.root / "env.json").read_text())
-    initial = {}
-    for name in ("production", "staging"):
-        with psycopg.connect(env[name]["url"]) as conn:
-            initial[name] = {
-                "posts": conn.execute("SELECT count(*) FROM blog_post").fetchone()[0],
-                "site": conn.execute("SELECT hostname FROM wagtailcore_site WHERE is_default_site").fetchone()[0]}
-    yield {"env": env, "started_here": started_here, "initial": initial}
+    yield {"env": json.loads((box.root / "env.json").read_text()), "started_here": started_here,
+           "initial": json.loads((box.root / "seed.json").read_text())}
     if started_here:
         _down_and_check(box)
 
