@@ -219,13 +219,19 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                 "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
                 "drydock_allow_lost_writes": allow_lost_writes,
                 "pg_backup_controller_dir": str(backups_dir())})
-            safety = dumps.latest(env, kind="safety")
-            step.update(safety_backup=str(safety.path))
+            safety = dumps.latest(env, kind="safety") if _takes_safety_backup(target) else None
+            step.update(safety_backup=str(safety.path) if safety else None)
     say(f"{env} now runs the pushed copy ({dump.manifest['dump']['size']:,} bytes restored, {dump.total_rows:,} rows, "
         f"all counts equal to the manifest; "
         f"Site {target['drydock_site_hostname']}:{target['drydock_site_port']}); its previous database is kept as "
-        f"{target['drydock_db_name']}__previous (inv rollback {env}); safety backup: {safety.path}")
+        f"{target['drydock_db_name']}__previous (inv rollback {env})"
+        + (f"; safety backup: {safety.path}" if safety else ""))
     return dump
+
+
+def _takes_safety_backup(hostvars: dict) -> bool:
+    """As restore_database.yml decides: protected targets, unless drydock_safety_backup says otherwise."""
+    return str(hostvars.get("drydock_safety_backup", hostvars.get("drydock_protected", False))).lower() in ("true", "1", "yes")
 
 
 def rollback(env_text: str, yes: bool = False, say: Say = print) -> None:

@@ -53,7 +53,7 @@ def host_vars(name: str, env: dict, conn: dict) -> dict:
     else:
         hv["ansible_connection"] = "local"
     if conn["become"]:  # running as root: database work happens as the clusters' OS user
-        hv.update(ansible_become_method="ansible.builtin.su", drydock_db_become=True)
+        hv.update(ansible_become_method=conn.get("become_method", "ansible.builtin.su"), drydock_db_become=True)
     else:
         hv["drydock_db_become"] = False
     return hv

@@ -1,0 +1,61 @@
+"""The downtime probe: while a push runs, connect to the live database by its name every
+50 ms and run a query the app needs; the longest stretch without a successful answer is
+the downtime the site's users would have seen."""
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+
+INTERVAL_S = 0.05
+# An app query that needs the data, not just the database: an empty database freshly
+# created by the runbook's createdb fails it, as does a table not yet loaded.
+QUERY = ("SELECT s.hostname FROM wagtailcore_site s JOIN wagtailcore_page p ON p.id = s.root_page_id"
+         " WHERE s.is_default_site")
+
+
+class DowntimeProbe:
+    """Run in a thread between start() and stop(); `longest_gap_s` is the longest time
+    between two successful answers (connection refused, query failed or waiting on a lock
+    all count as down)."""
+
+    def __init__(self, url: str, timeout_s: float = 30.0):
+        self.url = url
+        self.timeout_s = timeout_s
+        self.longest_gap_s = 0.0
+        self.successes = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="downtime-probe", daemon=True)
+
+    def __enter__(self) -> "DowntimeProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _ask(self) -> bool:
+        try:
+            with psycopg.connect(self.url, connect_timeout=int(self.timeout_s), autocommit=True) as conn:
+                conn.execute(f"SET statement_timeout = '{int(self.timeout_s * 1000)}ms'")
+                return conn.execute(QUERY).fetchone() is not None
+        except psycopg.Error:
+            return False
+
+    def _loop(self) -> None:
+        last_up = time.monotonic()
+        while not self._stop.is_set():
+            started = time.monotonic()
+            if self._ask():
+                now = time.monotonic()
+                self.longest_gap_s = max(self.longest_gap_s, now - last_up)
+                last_up = now
+                self.successes += 1
+            else:
+                self.failures += 1
+            self._stop.wait(max(0.0, INTERVAL_S - (time.monotonic() - started)))
+        # Still down when the push ended counts up to now.
+        self.longest_gap_s = max(self.longest_gap_s, time.monotonic() - last_up)
