@@ -78,6 +78,16 @@ def demo(c):
     workflow.show_page("staging", "/blog/")
 
 
+@task(help={"scale": "production's size: 'bench' (default, ~1 GB) or a size in MB",
+            "runs": "alternating runs of each measurement; medians are reported (default 3)"})
+@one_line_errors
+def bench(c, scale="bench", runs=3):
+    """Time drydock against the hand-written runbook on the sandbox; write bench/results/."""
+    from bench.run import main
+
+    main(scale=scale, runs=count(runs, "--runs"))
+
+
 @task(help={"pytest_args": "extra arguments for pytest, e.g. '-k pull -x'"})
 def test(c, pytest_args=""):
     """Run the whole test suite (ansible-lint, unit, integration on the sandbox)."""
@@ -206,5 +216,5 @@ sandbox = Collection("sandbox")
 sandbox.add_task(sandbox_up, name="up")
 sandbox.add_task(sandbox_down, name="down")
 
-namespace = Collection(backup, pull, migrate, push, rollback, pipeline, verify, site, demo, test, lint, sandbox,
+namespace = Collection(backup, pull, migrate, push, rollback, pipeline, verify, site, demo, test, lint, bench, sandbox,
                        snapshot, runs)

@@ -35,9 +35,9 @@ SSHD = Path("/usr/sbin/sshd")
 PRODUCTION_BLOG_MIGRATION = "0001_initial"
 POSTS_ADDED_AFTER_STAGING_COPY = 5
 # Sizes for --scale, measured here: the default seed is ~15 MB; each bulk-added post
-# (14 paragraphs, a revision, two tags, six log entries) adds ~19.5 KB on disk.
+# (14 paragraphs, a revision, two tags, six log entries) adds ~17.7 KB on disk.
 SMALL_MB = 15
-BULK_POST_KB = 19.5
+BULK_POST_KB = 17.7
 BULK_PARAGRAPHS = 14
 SCALES_MB = {"small": SMALL_MB, "bench": 1024}
 
@@ -396,12 +396,12 @@ esac
             self.say(f"  production: adding {bulk_posts} posts in bulk (--scale)")
             self.manage(production, "seed_demo", "--offset", str(posts + POSTS_ADDED_AFTER_STAGING_COPY),
                         "--posts", "0", "--paragraphs", str(BULK_PARAGRAPHS), "--bulk", str(bulk_posts))
-        self._record_seed(production, staging)
+        self._record_seed(production, staging, bulk_posts=bulk_posts)
 
-    def _record_seed(self, *envs: Environment) -> None:
+    def _record_seed(self, *envs: Environment, bulk_posts: int) -> None:
         """Write .sandbox/seed.json: each server's posts and Site as seeded, so the state
         `up` made can be checked later, whatever pushes and pulls happened since."""
-        seed = {}
+        seed: dict = {"bulk_posts": bulk_posts}
         for env in envs:
             posts, site = self._psql(env, DATABASE, "SELECT (SELECT count(*) FROM blog_post),"
                                      " (SELECT hostname FROM wagtailcore_site WHERE is_default_site);").strip().split("|")

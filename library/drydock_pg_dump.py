@@ -19,6 +19,12 @@ options:
   dest: {description: Path of the dump file to write., type: path, required: true}
   pg_bindir: {description: Directory of pg_dump and pg_restore., type: path, required: true}
   compress: {description: "Compression level for C(-Z) (0-9).", type: int, default: 1}
+  keep:
+    description:
+      - After a successful dump, keep this many of the database's dumps in C(dest)'s folder
+        (those named C(<database>-<timestamp>.dump)) and delete older ones. 0 keeps all.
+    type: int
+    default: 0
 """
 
 EXAMPLES = r"""
@@ -45,15 +51,17 @@ database_size: {description: Size of the database in bytes (for the target's dis
 scrubbed: {description: Scrub rules applied to this copy., type: list, returned: changed}
 lineage: {description: "Where this database's content came from (the backup a pull restored), if recorded.", type: dict, returned: changed}
 pg_dump_version: {description: pg_dump version., type: str, returned: changed}
+removed: {description: Older dumps deleted to keep C(keep)., type: list, returned: changed}
 """
 
 import os
+import re
 import subprocess
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, database_comment,
-                                             latest_migrations, row_counts, server_version, sha256_file,
-                                             write_fingerprint)
+                                             latest_migrations, list_entries, row_counts, server_version,
+                                             sha256_file, write_fingerprint)
 
 
 def dump_command(params: dict, snapshot: str | None, target: str) -> list[str]:
@@ -69,19 +77,24 @@ def recorded(record: dict) -> dict:
     return {"lineage": record.get("drydock_lineage"), "scrubbed": record.get("drydock_scrubbed", [])}
 
 
-def list_entries(pg_bindir: str, path: str) -> int:
-    """Number of TOC entries pg_restore reads; raises if it cannot read the archive."""
-    proc = subprocess.run([os.path.join(pg_bindir, "pg_restore"), "--list", path],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"pg_restore --list cannot read {path}: {proc.stderr.strip()}")
-    return sum(1 for line in proc.stdout.splitlines() if line and not line.startswith(";"))
+def rotate(dest: str, database: str, keep: int) -> list[str]:
+    """Delete the database's dumps beside `dest` beyond the newest `keep` (0: keep all)."""
+    if keep < 1:
+        return []
+    folder = os.path.dirname(dest)
+    pattern = re.compile(re.escape(database) + r"-\d{8}T\d{6}Z\.dump")
+    dumps = sorted((name for name in os.listdir(folder) if pattern.fullmatch(name)), reverse=True)
+    removed = [os.path.join(folder, name) for name in dumps[keep:]]
+    for path in removed:
+        os.unlink(path)
+    return removed
 
 
 def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(PG_CONNECTION_ARGS, dest=dict(type="path", required=True),
-                           pg_bindir=dict(type="path", required=True), compress=dict(type="int", default=1)),
+                           pg_bindir=dict(type="path", required=True), compress=dict(type="int", default=1),
+                           keep=dict(type="int", default=0)),
         supports_check_mode=True,
     )
     params = module.params
@@ -116,12 +129,14 @@ def main() -> None:
                                  capture_output=True, text=True, check=True).stdout.strip()
         os.chmod(partial, 0o600)
         os.rename(partial, dest)
+        removed = rotate(dest, params["database"], params["keep"])
     except (psycopg.Error, RuntimeError, OSError, subprocess.SubprocessError) as error:
         if os.path.exists(partial):
             os.unlink(partial)
         module.fail_json(msg=" ".join(str(error).split()), dump=dest)
     module.exit_json(changed=True, dump=dest, command=command, sha256=sha256_file(dest),
-                     size=os.path.getsize(dest), toc_entries=toc_entries, pg_dump_version=version, **facts)
+                     size=os.path.getsize(dest), toc_entries=toc_entries, pg_dump_version=version, removed=removed,
+                     **facts)
 
 
 if __name__ == "__main__":

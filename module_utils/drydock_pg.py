@@ -4,7 +4,9 @@ verification need. Small pure functions; each takes an open psycopg cursor."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import subprocess
 
 try:
     import psycopg
@@ -113,6 +115,17 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def list_entries(pg_bindir: str, path: str) -> int:
+    """Number of TOC entries pg_restore reads; raises RuntimeError with pg_restore's own
+    last line if it cannot read the archive (corrupt, or made by a newer pg_dump)."""
+    proc = subprocess.run([os.path.join(pg_bindir, "pg_restore"), "--list", path],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        detail = proc.stderr.strip().splitlines()
+        raise RuntimeError(f"pg_restore --list cannot read {path}: {detail[-1] if detail else proc.returncode}")
+    return sum(1 for line in proc.stdout.splitlines() if line and not line.startswith(";"))
 
 
 def count_differences(expected: dict[str, int], actual: dict[str, int]) -> list[str]:

@@ -1,0 +1,246 @@
+"""./inv bench: drydock against the hand-written runbook, measured in the same run.
+
+Builds the sandbox at the benchmark scale (production ~1 GB: Wagtail pages with long
+bodies, JSON revisions, a wide indexed log table), then alternates, run after run:
+  pull:  the runbook (pg_dump | gzip, copy, dropdb/createdb, gunzip | psql)  vs  inv pull production
+  push:  the same towards staging                                            vs  inv push staging
+         with a probe querying staging's live database every 50 ms (the downtime)
+  reset: inv snapshot.restore  vs  a FILE_COPY template copy  vs  restoring the dump again
+and writes the medians to bench/results/<timestamp>.json (and latest.json) and a
+markdown table (printed, and beside the JSON).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import psycopg
+
+from bench.memory import PeakMemory
+from bench.probe import DowntimeProbe
+from bench.runbook import Runbook, RunbookError
+from drydock import journal
+from drydock.errors import DrydockError
+from drydock.paths import project_root, runs_dir
+from drydock.sandbox import Sandbox, SandboxError, bulk_posts_for
+
+Say = Callable[[str], None]
+SNAPSHOT = "bench"
+
+
+class BenchError(DrydockError):
+    """The benchmark cannot run or a measured command failed; the message is one line."""
+
+
+def results_dir() -> Path:
+    return project_root() / "bench" / "results"
+
+
+class Bench:
+    def __init__(self, scale: str, runs: int, say: Say = print):
+        self.scale = scale
+        self.runs = runs
+        self.say = say
+        self.sandbox = Sandbox(say=say)
+        self.samples: dict[str, list[dict]] = {}
+
+    # -- setup ------------------------------------------------------------------------
+    def prepare(self) -> float:
+        """Bring the sandbox up at the benchmark scale; refuse one already up at another."""
+        wanted_posts = bulk_posts_for(self.scale)
+        if self.sandbox.is_up():
+            seed = json.loads((self.sandbox.root / "seed.json").read_text())
+            if seed.get("bulk_posts") != wanted_posts:
+                raise BenchError(f"the sandbox is up at another scale ({seed.get('bulk_posts', 0)} bulk posts, "
+                                 f"{self.scale!r} needs {wanted_posts}): ./inv sandbox.down first, bench builds its own")
+            return 0.0
+        started = time.monotonic()
+        self.sandbox.up(bulk_posts=wanted_posts)
+        return time.monotonic() - started
+
+    def envs(self) -> dict:
+        return json.loads((self.sandbox.root / "env.json").read_text())
+
+    def sshd_pids(self) -> set[int]:
+        pids = json.loads(self.sandbox.pids_file.read_text())
+        return {entry["pid"] for key, entry in pids.items() if key.startswith("sshd")}
+
+    def database_bytes(self, env: str) -> int:
+        with psycopg.connect(self.envs()[env]["url"]) as conn:
+            return conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+
+    # -- drydock ----------------------------------------------------------------------
+    def inv(self, *args: str) -> dict:
+        """Run an inv command as a user would; its wall time, peak memory and journal."""
+        before = {p.name for p in runs_dir().glob("*")} if runs_dir().is_dir() else set()
+        started = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-m", "invoke", *args], cwd=project_root(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        memory = PeakMemory(proc.pid, self.sshd_pids())
+        output, _ = proc.communicate()
+        seconds = time.monotonic() - started
+        memory.stop()
+        if proc.returncode != 0:
+            raise BenchError(f"inv {' '.join(args)} failed: {output.strip().splitlines()[-1:]}")
+        new_runs = sorted({p.name for p in runs_dir().glob("*")} - before)
+        steps = journal.read(runs_dir() / new_runs[-1]) if new_runs else []
+        return {"seconds": seconds, "peak_rss_bytes": memory.peak_total, "peak_process_rss_bytes": memory.peak_process,
+                "steps": {s["step"]: s.get("seconds") for s in steps},
+                "bytes": next((s["bytes"] for s in steps if "bytes" in s), None)}
+
+    # -- the measurements ---------------------------------------------------------------
+    def record(self, name: str, sample: dict) -> None:
+        self.samples.setdefault(name, []).append(sample)
+        extra = f", downtime {sample['downtime_s']:.2f} s" if "downtime_s" in sample else ""
+        self.say(f"    {name}: {sample['seconds']:.1f} s{extra}")
+
+    def staging_probe(self) -> DowntimeProbe:
+        return DowntimeProbe(self.envs()["staging"]["url"])
+
+    def pull_pair(self, runbook: Runbook, drydock_first: bool) -> None:
+        order = [("drydock pull", lambda: self.inv("pull", "production")),
+                 ("runbook pull", lambda: runbook.pull("production", "local"))]
+        for name, action in (order if drydock_first else reversed(order)):
+            self.record(name, action())
+
+    def push_pair(self, runbook: Runbook, drydock_first: bool) -> None:
+        order = [("drydock push", lambda: self.inv("push", "staging")),
+                 ("runbook push", lambda: runbook.push("local", "staging"))]
+        for name, action in (order if drydock_first else reversed(order)):
+            with self.staging_probe() as probe:
+                sample = action()
+            sample["downtime_s"] = probe.longest_gap_s
+            self.record(name, sample)
+
+    def reset_trio(self, runbook: Runbook) -> None:
+        self.record("snapshot restore", self.inv("snapshot.restore", SNAPSHOT))
+        self.record("template FILE_COPY", runbook.template_copy("local"))
+        self.record("restore the dump again", self.inv("pull", "production", "--latest"))
+
+    def run(self) -> dict:
+        seed_s = self.prepare()
+        runbook = Runbook(self.sandbox, self.sandbox.root / "bench")
+        db_bytes = self.database_bytes("production")
+        self.say(f"==> production holds {db_bytes / 1e9:.2f} GB; {self.runs} alternating runs of each")
+        for number in range(self.runs):
+            drydock_first = number % 2 == 1
+            self.say(f"--- run {number + 1}/{self.runs}")
+            self.pull_pair(runbook, drydock_first)
+            if number == 0:
+                self.inv("snapshot.save", SNAPSHOT, "--force")
+            self.push_pair(runbook, drydock_first)
+            self.reset_trio(runbook)
+        return self.report(db_bytes, seed_s)
+
+    # -- the report --------------------------------------------------------------------
+    def median(self, name: str, key: str = "seconds") -> float:
+        return statistics.median(s[key] for s in self.samples[name])
+
+    def report(self, db_bytes: int, seed_s: float) -> dict:
+        medians = {name: {key: self.median(name, key) for key in samples[0]
+                          if isinstance(samples[0][key], (int, float)) and not isinstance(samples[0][key], bool)}
+                   for name, samples in self.samples.items()}
+        result = {
+            "db_bytes": db_bytes,
+            "pull_ratio": round(self.median("runbook pull") / self.median("drydock pull"), 2),
+            "push_ratio": round(self.median("runbook push") / self.median("drydock push"), 2),
+            "push_downtime_s": round(self.median("drydock push", "downtime_s"), 3),
+            "runbook_push_downtime_s": round(self.median("runbook push", "downtime_s"), 3),
+            "snapshot_restore_s": round(self.median("snapshot restore"), 3),
+            "template_file_copy_s": round(self.median("template FILE_COPY"), 3),
+            "snapshot_ratio": round(self.median("snapshot restore") / self.median("template FILE_COPY"), 2),
+            "dump_restore_again_s": round(self.median("restore the dump again"), 3),
+            "runs": self.runs,
+            "scale": self.scale,
+            "seed_s": round(seed_s, 1),
+            "medians": medians,
+            "samples": self.samples,
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
+            "settings": settings(),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        return result
+
+
+def settings() -> dict:
+    """The dump and restore settings measured (from the roles' defaults)."""
+    import yaml
+
+    root = project_root() / "roles"
+    backup = yaml.safe_load((root / "pg_backup" / "defaults" / "main.yml").read_text())
+    restore = yaml.safe_load((root / "pg_restore" / "defaults" / "main.yml").read_text())
+    return {"dump": f"pg_dump --format=custom --compress={backup['pg_backup_compress']}",
+            "restore": f"pg_restore --jobs={restore['pg_restore_jobs']}",
+            "toast_compression": restore["pg_restore_toast_compression"]}
+
+
+def table(result: dict) -> str:
+    m = result["medians"]
+
+    def row(what: str, runbook: str, drydock: str, ratio: str) -> str:
+        return f"| {what} | {runbook} | {drydock} | {ratio} |"
+
+    def mb(value: float | None) -> str:
+        return f"{value / 1e6:,.0f} MB" if value else "-"
+
+    lines = [
+        f"drydock bench, {result['finished']}: production {result['db_bytes'] / 1e9:.2f} GB, "
+        f"median of {result['runs']} alternating runs, {result['machine']['cpus']} cores",
+        "",
+        "| | runbook | drydock | runbook / drydock |",
+        "|---|---:|---:|---:|",
+        row("pull production → local", f"{m['runbook pull']['seconds']:.1f} s", f"{m['drydock pull']['seconds']:.1f} s",
+            f"**{result['pull_ratio']:.2f}×**"),
+        row("push local → staging", f"{m['runbook push']['seconds']:.1f} s", f"{m['drydock push']['seconds']:.1f} s",
+            f"**{result['push_ratio']:.2f}×**"),
+        row("staging's downtime during the push", f"{result['runbook_push_downtime_s']:.2f} s",
+            f"{result['push_downtime_s']:.2f} s", ""),
+        row("dump on the wire (pull)", mb(m["runbook pull"].get("bytes")), mb(m["drydock pull"].get("bytes")), ""),
+        row("peak memory of drydock's processes (pull / push)", "",
+            f"{mb(m['drydock pull']['peak_rss_bytes'])} / {mb(m['drydock push']['peak_rss_bytes'])}", ""),
+        "",
+        "| local reset | seconds | vs FILE_COPY |",
+        "|---|---:|---:|",
+        f"| inv snapshot.restore | {result['snapshot_restore_s']:.2f} | {result['snapshot_ratio']:.2f}× |",
+        f"| CREATE DATABASE … TEMPLATE … STRATEGY FILE_COPY | {result['template_file_copy_s']:.2f} | 1.00× |",
+        f"| restore the dump again (inv pull --latest) | {result['dump_restore_again_s']:.2f} | "
+        f"{result['dump_restore_again_s'] / result['template_file_copy_s']:.1f}× |",
+        "",
+        "runbook phases (dump / copy / restore): pull "
+        + " / ".join(f"{m['runbook pull'][k]:.1f}" for k in ("dump_s", "copy_s", "restore_s"))
+        + " s, push " + " / ".join(f"{m['runbook push'][k]:.1f}" for k in ("dump_s", "copy_s", "restore_s")) + " s",
+        f"settings: {result['settings']['dump']}, {result['settings']['restore']}, "
+        f"TOAST compression {result['settings']['toast_compression'] or 'server default'} during restores",
+    ]
+    return "\n".join(lines)
+
+
+def write(result: dict, text: str) -> Path:
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = folder / f"{stamp}.json"
+    for target in (path, folder / "latest.json"):
+        target.write_text(json.dumps(result, indent=2) + "\n")
+    for target in (folder / f"{stamp}.md", folder / "latest.md"):
+        target.write_text(text + "\n")
+    return path
+
+
+def main(scale: str = "bench", runs: int = 3, say: Say = print) -> dict:
+    try:
+        result = Bench(scale, runs, say).run()
+    except (SandboxError, RunbookError) as error:
+        raise BenchError(str(error)) from None
+    text = table(result)
+    path = write(result, text)
+    say("\n" + text + f"\n\nresults: {path} (and {path.parent / 'latest.json'})")
+    return result

@@ -1,0 +1,94 @@
+#!/usr/bin/python
+"""Ansible module: check an uploaded dump on the database host before anything changes."""
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: drydock_dump_check
+short_description: Check a dump on the host that will restore it
+description:
+  - Compares the dump's sha256 with the manifest's, reads it with I(this host's)
+    C(pg_restore --list) (a dump made by a newer C(pg_dump) fails here), and checks that the
+    disk holding the server's data directory has room for the restored database beside the
+    live one. Changes nothing; each failure is one line.
+  - Also reports the server's TOAST compression methods, for the restore's session settings.
+  - Connects over the local socket as the current OS user (peer authentication).
+options:
+  path: {description: The dump on this host., type: path, required: true}
+  label: {description: How to name the dump in messages (its path on the controller)., type: str}
+  sha256: {description: The checksum the manifest records., type: str, required: true}
+  pg_bindir: {description: Directory of pg_restore., type: path, required: true}
+  socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
+  port: {description: Server port., type: int, default: 5432}
+  needed_bytes: {description: Free bytes the restore needs beside the data directory., type: int, required: true}
+"""
+
+EXAMPLES = r"""
+- name: Check the uploaded dump
+  drydock_dump_check:
+    path: /var/backups/drydock/incoming/wagtail_site-20261121T120000Z.dump
+    sha256: 3240c705b6df8a1d740cf2cef670e15c94b6a5f98a811423d4a08fc4bbcc800f
+    pg_bindir: /usr/lib/postgresql/15/bin
+    socket_dir: /var/run/postgresql
+    port: 5432
+    needed_bytes: 1288490188
+"""
+
+RETURN = r"""
+toc_entries: {description: Entries pg_restore --list read., type: int, returned: success}
+data_directory: {description: The server's data directory., type: str, returned: success}
+free_bytes: {description: Free bytes on its disk., type: int, returned: success}
+toast_compressions: {description: TOAST compression methods the server supports., type: list, returned: success}
+"""
+
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.drydock_pg import connect, list_entries, require_psycopg, sha256_file
+
+
+def human(size: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.2f} {unit}"
+        size /= 1024
+    return str(size)
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(path=dict(type="path", required=True), label=dict(type="str"),
+                           sha256=dict(type="str", required=True), pg_bindir=dict(type="path", required=True),
+                           socket_dir=dict(type="path", required=True), port=dict(type="int", default=5432),
+                           needed_bytes=dict(type="int", required=True)),
+        supports_check_mode=True,  # it only reads
+    )
+    params = module.params
+    require_psycopg(module)
+    import psycopg
+
+    path, label = params["path"], params["label"] or params["path"]
+    actual = sha256_file(path)
+    if actual != params["sha256"]:
+        module.fail_json(msg=f"refusing {label}: its sha256 {actual} is not the manifest's {params['sha256']} "
+                             "(truncated or corrupted)")
+    try:
+        toc_entries = list_entries(params["pg_bindir"], path)
+    except RuntimeError as error:
+        module.fail_json(msg=f"this host's pg_restore cannot read {label}: {str(error).rsplit(': ', 1)[-1]}")
+    try:
+        with connect(params["socket_dir"], params["port"], "postgres") as conn:
+            data_directory = conn.execute("SHOW data_directory").fetchone()[0]
+            toast = conn.execute("SELECT enumvals FROM pg_settings WHERE name = 'default_toast_compression'").fetchone()
+    except psycopg.Error as error:
+        module.fail_json(msg=" ".join(str(error).split()))
+    disk = os.statvfs(data_directory)
+    free = disk.f_bavail * disk.f_frsize
+    if free < params["needed_bytes"]:
+        module.fail_json(msg=f"not enough disk for the restore: {human(free)} free, {human(params['needed_bytes'])} "
+                             "needed (the database is restored beside the live one)")
+    module.exit_json(changed=False, toc_entries=toc_entries, data_directory=data_directory, free_bytes=free,
+                     toast_compressions=list(toast[0]) if toast else [])
+
+
+if __name__ == "__main__":
+    main()
