@@ -102,7 +102,7 @@ def _run(cmd: list[str], *, as_db_user: bool = False, input: str | None = None,
     return proc.stdout
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     """PIDs whose parent is `pid`."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -119,7 +119,7 @@ def _stop(pid: int, sig: int, marker: str = "", timeout: float = 30, children: b
     """Send `sig` to `pid` and wait until it is gone (or a zombie); True when it stopped.
     With `children`, its child processes are stopped first (SIGTERM): they would outlive it."""
     if children:
-        for child in _children(pid):
+        for child in child_pids(pid):
             _stop(child, signal.SIGTERM)
     try:
         os.kill(pid, sig)

@@ -9,13 +9,15 @@ description:
   - Compares the dump's sha256 with the manifest's, reads it with I(this host's)
     C(pg_restore --list) (a dump made by a newer C(pg_dump) fails here), and checks that the
     disk holding the server's data directory has room for the restored database beside the
-    live one. Changes nothing; each failure is one line.
+    live one, and that the app role that will own the restored objects exists there.
+    Changes nothing; each failure is one line.
   - Also reports the server's TOAST compression methods, for the restore's session settings.
   - Connects over the local socket as the current OS user (peer authentication).
 options:
   path: {description: The dump on this host., type: path, required: true}
   label: {description: How to name the dump in messages (its path on the controller)., type: str}
   sha256: {description: The checksum the manifest records., type: str, required: true}
+  app_role: {description: The role that will own the restored objects., type: str, required: true}
   pg_bindir: {description: Directory of pg_restore., type: path, required: true}
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
@@ -27,6 +29,7 @@ EXAMPLES = r"""
   drydock_dump_check:
     path: /var/backups/drydock/incoming/wagtail_site-20261121T120000Z.dump
     sha256: 3240c705b6df8a1d740cf2cef670e15c94b6a5f98a811423d4a08fc4bbcc800f
+    app_role: wagtail_site
     pg_bindir: /usr/lib/postgresql/15/bin
     socket_dir: /var/run/postgresql
     port: 5432
@@ -57,7 +60,8 @@ def human(size: int) -> str:
 def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(path=dict(type="path", required=True), label=dict(type="str"),
-                           sha256=dict(type="str", required=True), pg_bindir=dict(type="path", required=True),
+                           sha256=dict(type="str", required=True), app_role=dict(type="str", required=True),
+                           pg_bindir=dict(type="path", required=True),
                            socket_dir=dict(type="path", required=True), port=dict(type="int", default=5432),
                            needed_bytes=dict(type="int", required=True)),
         supports_check_mode=True,  # it only reads
@@ -79,8 +83,12 @@ def main() -> None:
         with connect(params["socket_dir"], params["port"], "postgres") as conn:
             data_directory = conn.execute("SHOW data_directory").fetchone()[0]
             toast = conn.execute("SELECT enumvals FROM pg_settings WHERE name = 'default_toast_compression'").fetchone()
+            role = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (params["app_role"],)).fetchone()
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
+    if role is None:
+        module.fail_json(msg=f"the app role {params['app_role']} does not exist on this server: create it first "
+                             "(it owns everything restored)")
     disk = os.statvfs(data_directory)
     free = disk.f_bavail * disk.f_frsize
     if free < params["needed_bytes"]:

@@ -23,6 +23,7 @@ options:
     description:
       - After a successful dump, keep this many of the database's dumps in C(dest)'s folder
         (those named C(<database>-<timestamp>.dump)) and delete older ones. 0 keeps all.
+      - The C(.partial) files of interrupted dumps of the database are deleted in any case.
     type: int
     default: 0
 """
@@ -78,13 +79,14 @@ def recorded(record: dict) -> dict:
 
 
 def rotate(dest: str, database: str, keep: int) -> list[str]:
-    """Delete the database's dumps beside `dest` beyond the newest `keep` (0: keep all)."""
-    if keep < 1:
-        return []
+    """Delete the database's dumps beside `dest` beyond the newest `keep` (0: keep all),
+    and the .partial files that interrupted dumps left behind."""
     folder = os.path.dirname(dest)
     pattern = re.compile(re.escape(database) + r"-\d{8}T\d{6}Z\.dump")
-    dumps = sorted((name for name in os.listdir(folder) if pattern.fullmatch(name)), reverse=True)
-    removed = [os.path.join(folder, name) for name in dumps[keep:]]
+    names = os.listdir(folder)
+    dumps = sorted((name for name in names if pattern.fullmatch(name)), reverse=True)
+    partials = [name for name in names if name.endswith(".partial") and pattern.fullmatch(name[:-len(".partial")])]
+    removed = [os.path.join(folder, name) for name in (dumps[keep:] if keep > 0 else []) + partials]
     for path in removed:
         os.unlink(path)
     return removed
@@ -114,15 +116,19 @@ def main() -> None:
             with conn.cursor() as cur:
                 cur.execute("SELECT pg_export_snapshot()")
                 snapshot = cur.fetchone()[0]
-                facts = dict(row_counts=row_counts(cur), migrations=latest_migrations(cur),
-                             write_fingerprint=write_fingerprint(cur), server_version=server_version(cur),
-                             database_size=conn.execute("SELECT pg_database_size(current_database())").fetchone()[0],
-                             **recorded(database_comment(conn, params["database"])))
                 command = dump_command(params, snapshot, partial)
-                # The snapshot lives as long as this transaction: pg_dump runs inside it.
-                proc = subprocess.run(command, capture_output=True, text=True, check=False)
+                # The snapshot lives as long as this transaction: pg_dump runs inside it, while
+                # the manifest's facts are read from the same snapshot.
+                proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                try:
+                    facts = dict(row_counts=row_counts(cur), migrations=latest_migrations(cur),
+                                 write_fingerprint=write_fingerprint(cur), server_version=server_version(cur),
+                                 database_size=conn.execute("SELECT pg_database_size(current_database())").fetchone()[0],
+                                 **recorded(database_comment(conn, params["database"])))
+                finally:
+                    _out, errors = proc.communicate()
             if proc.returncode != 0:
-                raise RuntimeError(f"pg_dump failed: {proc.stderr.strip()}")
+                raise RuntimeError(f"pg_dump failed: {errors.strip()}")
         # Checked before it gets its final name: a dump under that name is always readable.
         toc_entries = list_entries(params["pg_bindir"], partial)
         version = subprocess.run([os.path.join(params["pg_bindir"], "pg_dump"), "--version"],

@@ -156,35 +156,40 @@ def set_allow_connections(conn, name: str, allow: bool) -> None:
         sql.Identifier(name), sql.SQL("true" if allow else "false")))
 
 
+def renames_in_one_transaction(conn, close: list[str], renames: list[tuple[str, str]], attempts: int = 3) -> int:
+    """End the other sessions on the databases `close`, then apply `renames`, all in one
+    transaction: interrupted or failed at any point (even by SIGKILL), nothing has changed.
+    PostgreSQL makes a rename wait up to 5 s for a session that connected in between, and
+    refuses it if the session stays; then the whole transaction is tried again.
+    Returns the number of sessions ended."""
+    for attempt in range(attempts):
+        try:
+            with conn.transaction():
+                terminated = sum(terminate_sessions(conn, name) for name in close)
+                for old, new in renames:
+                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
+            return terminated
+        except psycopg.errors.ObjectInUse:
+            if attempt == attempts - 1:
+                raise
+    return 0
+
+
 def swap_in(conn, database: str, incoming: str, previous: str) -> int:
     """Put `incoming` in place of `database`, keeping the old one as `previous`.
 
-    Connections to the databases involved are blocked and terminated, then all renames
-    happen in one transaction: either the swap happened or nothing did. An existing
-    `previous` (the generation before) is renamed aside in that transaction and dropped
-    only once the swap has succeeded. `conn` is an autocommit connection to another
-    database (e.g. postgres). Returns the number of sessions terminated.
+    All renames happen in one transaction (see renames_in_one_transaction): either the
+    swap happened or nothing did. An existing `previous` (the generation before) is renamed
+    aside in that transaction and dropped only once the swap has succeeded. `conn` is an
+    autocommit connection to another database (e.g. postgres). Returns the number of
+    sessions terminated.
     """
     aside = previous[:58] + "__old"
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(aside)))  # a crash's
     present = [name for name in (database, previous) if database_exists(conn, name)]
-    renames = [(previous, aside), (database, previous), (incoming, database)]
-    terminated = 0
-    for name in present:
-        set_allow_connections(conn, name, False)
-    try:
-        for name in present:
-            terminated += terminate_sessions(conn, name)
-        with conn.transaction():
-            for old, new in renames:
-                if old == incoming or old in present:
-                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
-    finally:
-        # Whichever database now carries each name accepts connections again
-        # (the generation set aside does not: it is dropped next).
-        for name in (database, previous):
-            if database_exists(conn, name):
-                set_allow_connections(conn, name, True)
+    renames = [(old, new) for old, new in [(previous, aside), (database, previous), (incoming, database)]
+               if old == incoming or old in present]
+    terminated = renames_in_one_transaction(conn, present + [incoming], renames)
     # The swap has happened: tidying up the older generation must not fail it.
     try:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(aside)))
@@ -195,21 +200,10 @@ def swap_in(conn, database: str, incoming: str, previous: str) -> int:
 
 def exchange(conn, first: str, second: str) -> int:
     """Swap the names of two databases (e.g. live and previous) in one transaction,
-    after blocking and terminating their sessions. Returns the sessions terminated."""
+    after terminating their sessions. Returns the sessions terminated."""
     temporary = first[:55] + "__swapping"
-    for name in (first, second):
-        set_allow_connections(conn, name, False)
-    terminated = 0
-    try:
-        for name in (first, second):
-            terminated += terminate_sessions(conn, name)
-        with conn.transaction():
-            for old, new in ((first, temporary), (second, first), (temporary, second)):
-                conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
-    finally:
-        for name in (first, second):
-            set_allow_connections(conn, name, True)
-    return terminated
+    return renames_in_one_transaction(conn, [first, second],
+                                      [(first, temporary), (second, first), (temporary, second)])
 
 
 def database_comment(conn, name: str) -> dict:

@@ -1,0 +1,273 @@
+"""The fault matrix: a pull and a push killed (SIGKILL) at each of their steps, damaged
+dumps, a dump from a newer pg_dump, a target without the app role, and the SSH connection
+dropped during the upload. For each: the live database keeps its exact content, the error
+is one line, nothing is left behind (side databases, locks, partial files) once the next
+run has gone through, and that next run succeeds."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from drydock import dumps
+from drydock.paths import backups_dir, runs_dir
+from drydock.playbook import ansible_env
+from drydock.sandbox import child_pids
+from tests.conftest import ROOT, databases, error_lines, fingerprint, inv, playbook
+
+# sftp -l: bandwidth in Kbit/s. At 100 KB/s a transfer of the small sandbox's dump lasts
+# long enough to be interrupted in the middle.
+SLOW_SFTP = {"ANSIBLE_SFTP_EXTRA_ARGS": "-l 800"}
+# Ansible's default output shows a task's banner with its first result, at its end, unless
+# skipped hosts are shown too: then at its start, which is when these tests act.
+BANNERS_AT_START = {"ANSIBLE_DISPLAY_SKIPPED_HOSTS": "true"}
+SIDE_SUFFIXES = ("__incoming", "__outgoing", "__swapping", "__old")
+
+
+# -- helpers ------------------------------------------------------------------------------
+def newest_run_log(since: float) -> str:
+    """The Ansible log of the newest run started after `since` (empty until there is one)."""
+    runs = [p for p in runs_dir().glob("*-*") if p.is_dir() and p.stat().st_mtime >= since - 1]
+    logs = [p / "ansible.log" for p in sorted(runs) if (p / "ansible.log").exists()]
+    return "".join(log.read_text(errors="replace") for log in logs)
+
+
+def banner(task: str, since: float) -> Callable[[], bool]:
+    """True once Ansible has started the task named `task` (its banner is in the run's log)."""
+    return lambda: f": {task}" in newest_run_log(since) or f"[{task}" in newest_run_log(since)
+
+
+def after(condition: Callable[[], bool], seconds: float) -> Callable[[], bool]:
+    """True `seconds` after `condition` first held: in the middle of a slow step."""
+    first: list[float] = []
+
+    def check() -> bool:
+        if not first and condition():
+            first.append(time.monotonic())
+        return bool(first) and time.monotonic() - first[0] >= seconds
+    return check
+
+
+def kill_when(args: list[str], condition: Callable[[], bool], env: dict | None = None, timeout: float = 180) -> None:
+    """Start `inv ARGS` in its own process group and SIGKILL the group (inv, Ansible and
+    everything they run on this machine) as soon as `condition()` holds."""
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
+                            env=dict(ansible_env(), **BANNERS_AT_START, **(env or {})), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not condition():
+            assert proc.poll() is None, f"inv {' '.join(args)} ended before the step to interrupt"
+            assert time.monotonic() < deadline, f"inv {' '.join(args)} did not reach the step in {timeout} s"
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def host_dir(sandbox_env: dict, env: str) -> Path:
+    return Path(sandbox_env[env]["backup_dir"])
+
+
+def partial_dump_on(sandbox_env: dict, env: str) -> Callable[[], bool]:
+    return lambda: any(host_dir(sandbox_env, env).glob("*.partial"))
+
+
+def assert_no_strays(connect, sandbox_env: dict) -> None:
+    for env in ("production", "staging", "local"):
+        side = {name for name in databases(connect(env, "postgres")) if name.endswith(SIDE_SUFFIXES)}
+        assert not side, f"side databases left on {env}: {side}"
+        folder = host_dir(sandbox_env, env)
+        assert not list(folder.rglob("*.partial")), f"partial dumps left on {env}"
+        assert not list((folder / "incoming").glob("*")), f"uploads left on {env}"
+    assert not list((runs_dir() / "locks").glob("*.lock")), "a lock was left behind"
+    unfinished = [folder for folder in backups_dir().glob("**/????????T??????Z")
+                  if folder.is_dir() and not (folder / "manifest.json").exists()]
+    assert not unfinished, f"backups without a manifest: {unfinished}"
+
+
+def next_run_succeeds(*args: str) -> subprocess.CompletedProcess:
+    proc = inv(*args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def scrubbed_local_dump():
+    """The newest dump of the local database made for staging (scrubbed)."""
+    for manifest in sorted((backups_dir() / "local").glob("*/manifest.json"), reverse=True):
+        dump = dumps.load(next(manifest.parent.glob("*.dump")))
+        if dump.manifest["scrubbed"]:
+            return dump
+    raise AssertionError("no scrubbed local dump: push to staging first")
+
+
+def edited_copy(dump, tmp_path: Path, edit: Callable[[bytearray], None], fix_checksum: bool) -> Path:
+    """A copy of `dump` (with its manifest) edited in place; with `fix_checksum` the
+    manifest is updated to the edited bytes, so that only pg_restore can notice."""
+    folder = tmp_path / dump.path.parent.name
+    shutil.copytree(dump.path.parent, folder)
+    target = folder / dump.path.name
+    data = bytearray(target.read_bytes())
+    edit(data)
+    target.write_bytes(bytes(data))
+    if fix_checksum:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["dump"]["sha256"] = hashlib.sha256(data).hexdigest()
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+@pytest.fixture(scope="module")
+def pushed_once(pulled):
+    """A pulled local copy pushed to staging once: every push below has a scrubbed dump."""
+    next_run_succeeds("push", "staging")
+
+
+# -- SIGKILL at each step -------------------------------------------------------------------
+class BlockedSwap:
+    """Hold a lock that makes the swap's rename of <db>__incoming wait (COMMENT ON DATABASE,
+    from a session on another database, which the swap does not end), so that a kill lands
+    while the swap's transaction is open."""
+
+    def __init__(self, connect, env: str):
+        self.watcher = connect(env, "postgres")
+        self.holder = connect(env, "postgres", autocommit=False)
+        self.holding = False
+
+    def waiting(self) -> bool:
+        if not self.holding:
+            if "wagtail_site__incoming" not in databases(self.watcher):
+                return False
+            self.holder.execute("COMMENT ON DATABASE wagtail_site__incoming IS NULL")
+            self.holding = True
+        return self.watcher.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'object'"
+                                    " AND classid = 'pg_database'::regclass").fetchone()[0] > 0
+
+    def release(self) -> None:
+        self.holder.rollback()
+
+
+@pytest.mark.parametrize("step", ["dump", "fetch", "restore", "swap"])
+def test_pull_killed_at_each_step(pulled, connect, sandbox_env, step):
+    before = fingerprint(connect("local"))
+    since = time.time()
+    blocked = BlockedSwap(connect, "local")
+    conditions = {
+        "dump": partial_dump_on(sandbox_env, "production"),
+        "fetch": after(banner("Fetch the dump", since), 0.5),
+        "restore": lambda: banner("Restore into the side database (stop", since)()
+        and "wagtail_site__incoming" in databases(connect("local", "postgres")),
+        "swap": blocked.waiting,
+    }
+    try:
+        kill_when(["pull", "production"], conditions[step], env=SLOW_SFTP if step == "fetch" else None)
+    finally:
+        blocked.release()
+    assert fingerprint(connect("local")) == before
+    proc = next_run_succeeds("pull", "production")
+    if step in ("restore", "swap"):  # the backup before them takes no lock: it changes nothing
+        assert "clearing a stale lock on local" in proc.stdout
+    assert_no_strays(connect, sandbox_env)
+
+
+@pytest.mark.parametrize("step", ["dump", "upload", "restore", "swap"])
+def test_push_killed_at_each_step(pushed_once, connect, sandbox_env, step):
+    before = fingerprint(connect("staging"))
+    since = time.time()
+    conditions = {
+        "dump": partial_dump_on(sandbox_env, "local"),
+        "upload": after(banner("Upload the dump", since), 0.5),
+        "restore": lambda: banner("Restore into the side database (stop", since)()
+        and "wagtail_site__incoming" in databases(connect("staging", "postgres")),
+        # The swap's phase begins by stopping the app; the rename itself runs on the host,
+        # where a controller's death cannot interrupt it half-way (one transaction).
+        "swap": banner("Stop the app", since),
+    }
+    kill_when(["push", "staging"], conditions[step], env=SLOW_SFTP if step == "upload" else None)
+    assert fingerprint(connect("staging")) == before
+    proc = next_run_succeeds("push", "staging")
+    assert "clearing a stale lock on staging" in proc.stdout
+    assert_no_strays(connect, sandbox_env)
+    # The app runs again, even after a kill while it was stopped.
+    with urllib.request.urlopen(f"http://{sandbox_env['staging']['host']}:8000/healthz", timeout=10) as response:
+        assert response.status == 200
+
+
+# -- damaged and unreadable dumps, a target without the app role -------------------------------
+@pytest.mark.parametrize("how", ["truncated", "flipped byte"])
+def test_damaged_dump_is_refused_by_the_push(pushed_once, connect, sandbox_env, tmp_path, how):
+    def damage(data: bytearray) -> None:
+        if how == "truncated":
+            del data[len(data) // 2:]
+        else:
+            data[len(data) // 2] ^= 0xFF
+
+    before = fingerprint(connect("staging"))
+    proc = inv("push", "staging", "--dump", str(edited_copy(scrubbed_local_dump(), tmp_path, damage, False)))
+    assert proc.returncode == 1 and len(error_lines(proc)) == 1
+    assert "sha256" in error_lines(proc)[0] and "truncated or corrupted" in error_lines(proc)[0]
+    assert fingerprint(connect("staging")) == before
+    assert_no_strays(connect, sandbox_env)
+
+
+def test_dump_from_a_newer_pg_dump_is_refused(pushed_once, connect, sandbox_env, tmp_path):
+    def newer_archive_version(data: bytearray) -> None:
+        assert data[:5] == b"PGDMP"
+        data[6] += 10  # the archive's minor version: bytes 5, 6, 7 are major, minor, revision
+
+    before = fingerprint(connect("staging"))
+    dump = edited_copy(scrubbed_local_dump(), tmp_path, newer_archive_version, True)
+    proc = inv("push", "staging", "--dump", str(dump))
+    assert proc.returncode == 1 and len(error_lines(proc)) == 1
+    assert "pg_restore cannot read" in error_lines(proc)[0] and "unsupported version" in error_lines(proc)[0]
+    assert fingerprint(connect("staging")) == before
+    assert_no_strays(connect, sandbox_env)
+
+
+def test_target_without_the_app_role_is_refused_before_any_change(pushed_once, connect, sandbox_env):
+    before = fingerprint(connect("staging"))
+    proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={scrubbed_local_dump().path}",
+                    "-e", "drydock_db_app_role=no_such_role")
+    assert proc.returncode != 0
+    assert "the app role no_such_role does not exist on this server" in proc.stdout
+    assert fingerprint(connect("staging")) == before
+    assert_no_strays(connect, sandbox_env)
+
+
+# -- the network --------------------------------------------------------------------------------
+def test_ssh_dropped_during_upload(pushed_once, connect, sandbox_env):
+    sandbox = ROOT / ".sandbox"
+    if json.loads((sandbox / "connection.json").read_text())["connection"] != "ssh":
+        pytest.skip("the sandbox reaches its hosts without SSH here (no sshd)")
+    listener = json.loads((sandbox / "pids.json").read_text())["sshd-staging"]["pid"]
+    before = fingerprint(connect("staging"))
+    since = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "push", "staging"],
+                            env=dict(ansible_env(), **BANNERS_AT_START, **SLOW_SFTP), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not banner("Upload the dump", since)():
+        assert proc.poll() is None and time.monotonic() < deadline, "the push never reached its upload"
+        time.sleep(0.01)
+    time.sleep(0.5)
+    for pid in child_pids(listener):  # every connection sshd serves on staging: the network is gone
+        os.kill(pid, signal.SIGKILL)
+    _out, err = proc.communicate(timeout=300)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("drydock: error: staging"), err
+    assert fingerprint(connect("staging")) == before
+    assert_no_strays(connect, sandbox_env)
+    next_run_succeeds("push", "staging")
+    assert_no_strays(connect, sandbox_env)
+
