@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import subprocess
 import sys
 
@@ -91,7 +92,7 @@ def bench(c, scale="bench", runs=3):
 @task(help={"pytest_args": "extra arguments for pytest, e.g. '-k pull -x'"})
 def test(c, pytest_args=""):
     """Run the whole test suite (ansible-lint, unit, integration on the sandbox)."""
-    command = [sys.executable, "-m", "pytest", *pytest_args.split()]
+    command = [sys.executable, "-m", "pytest", *shlex.split(pytest_args)]
     code = subprocess.run(command, cwd=project_root(), env=dict(os.environ)).returncode
     if code != 0:
         raise Exit(code=code)

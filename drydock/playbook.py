@@ -44,13 +44,35 @@ def run_playbook(name: str, *, limit: str | None = None, extra_vars: dict | None
         env["DRYDOCK_FAILURES_FILE"] = str(failures)
         if capture:
             env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.posix.json"
-        proc = subprocess.run(command, env=env, cwd=project_root(), text=True, preexec_fn=_die_with_parent,
-                              stdout=subprocess.PIPE if capture else None)
-        if proc.returncode != 0:
-            raise DrydockError(_last_failure(failures) or f"{name} failed (exit {proc.returncode})")
+        stdout, returncode = _run_terminable(command, env, capture)
+        if returncode != 0:
+            raise DrydockError(_last_failure(failures) or f"{name} failed (exit {returncode})")
     if capture:
-        return _task_results(json.loads(proc.stdout))
+        return _task_results(json.loads(stdout))
     return None
+
+
+def _run_terminable(command: list[str], env: dict, capture: bool) -> tuple[str | None, int]:
+    """Run ansible-playbook so that it stops *with* drydock, whatever stops drydock.
+
+    Ansible stops cleanly only on SIGTERM or SIGINT: it passes the signal to its workers,
+    each of which ends its own process group (the module it runs, pg_restore, ssh). A
+    SIGKILL of ansible-playbook would leave the workers finishing their task unattended.
+    So ansible-playbook runs in a session of its own, out of reach of a signal to drydock's
+    process group, and gets SIGTERM from the kernel when drydock dies (even by SIGKILL) or
+    from here when drydock is interrupted."""
+    proc = subprocess.Popen(command, env=env, cwd=project_root(), text=True, start_new_session=True,
+                            preexec_fn=_die_with_parent, stdout=subprocess.PIPE if capture else None)
+    try:
+        stdout, _ = proc.communicate()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    return stdout, proc.returncode
 
 
 def _task_results(output: dict) -> dict:
