@@ -6,21 +6,10 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
+
+from drydock.sandbox import processes
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _table() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, resident bytes) for every process."""
-    table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        table[int(stat.parent.name)] = (int(fields[1]), int(fields[21]) * PAGE)
-    return table
 
 
 def _descendants(roots: set[int], table: dict[int, tuple[int, int]]) -> set[int]:
@@ -56,9 +45,9 @@ class PeakMemory:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            table = _table()
+            table = processes()
             pids = _descendants({self.command}, table) | (_descendants(self.hosts, table) - self.hosts)
-            sizes = [table[pid][1] for pid in pids if pid in table]
+            sizes = [table[pid][1] * PAGE for pid in pids if pid in table]
             if sizes:
                 self.peak_total = max(self.peak_total, sum(sizes))
                 self.peak_process = max(self.peak_process, max(sizes))

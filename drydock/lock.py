@@ -1,6 +1,8 @@
 """One run at a time per target: runs/locks/<env>.lock, created exclusively, holding the
 owner's PID. A lock whose process is gone (killed, crashed) is recognised and cleared; the
-playbooks a run starts die with it (drydock.playbook), so none outlives a cleared lock.
+playbooks a run starts stop with it (drydock.playbook). A step already running on a remote
+host when the controller died can still finish there (the next run's restore drops a side
+database such a step may still be writing).
 The local database has a lock too ("local"): pull, migrate and a push's dump all use it."""
 from __future__ import annotations
 

@@ -63,6 +63,8 @@ def _run_terminable(command: list[str], env: dict, capture: bool) -> tuple[str |
     from here when drydock is interrupted."""
     proc = subprocess.Popen(command, env=env, cwd=project_root(), text=True, start_new_session=True,
                             preexec_fn=_die_with_parent, stdout=subprocess.PIPE if capture else None)
+    # Without a terminal (a session of its own), Ansible cannot prompt: hosts' SSH keys must
+    # be known beforehand and become must not ask for a password (docs/configuration.md).
     try:
         stdout, _ = proc.communicate()
     except BaseException:
@@ -87,7 +89,10 @@ def _task_results(output: dict) -> dict:
 def _die_with_parent() -> None:
     """In the child: get SIGTERM when drydock dies, so that no playbook outlives its lock."""
     PR_SET_PDEATHSIG = 1
+    parent = os.getppid()
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # drydock died before the request took effect
+        os._exit(1)
 
 
 def _last_failure(path: Path) -> str | None:

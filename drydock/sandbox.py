@@ -102,17 +102,21 @@ def _run(cmd: list[str], *, as_db_user: bool = False, input: str | None = None,
     return proc.stdout
 
 
-def child_pids(pid: int) -> list[int]:
-    """PIDs whose parent is `pid`."""
-    found = []
+def processes() -> dict[int, tuple[int, int]]:
+    """Every process: pid -> (parent pid, resident pages), from /proc/<pid>/stat."""
+    table = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # the name may hold spaces
+        except OSError:  # it ended meanwhile
             continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
+        table[int(stat.parent.name)] = (int(fields[1]), int(fields[21]))
+    return table
+
+
+def child_pids(pid: int) -> list[int]:
+    """PIDs whose parent is `pid`."""
+    return [child for child, (parent, _pages) in processes().items() if parent == pid]
 
 
 def _stop(pid: int, sig: int, marker: str = "", timeout: float = 30, children: bool = False) -> bool:

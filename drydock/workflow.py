@@ -29,14 +29,17 @@ def _keep_artifact(run: Run, path: Path) -> None:
     target.chmod(0o600)
 
 
-def backup(env_text: str, keep: int | str | None = None, say: Say = print, run: Run | None = None) -> Dump:
+def backup(env_text: str, keep: int | str | None = None, say: Say = print, run: Run | None = None,
+           locked: bool = False) -> Dump:
     env = inventory.load().server(env_text)
     # The playbook writes where this layer will look for the dump.
     extra = {"pg_backup_controller_dir": str(backups_dir())}
     if keep is not None:
         extra["pg_backup_keep"] = valid_count(keep, "--keep")
     run = run or Run("backup")
-    with run.step("backup", env=env) as step:
+    # The environment's lock: a backup's rotation tidies what interrupted runs left, never a
+    # running one's work.
+    with _locks([] if locked else [env], "backup", say), run.step("backup", env=env) as step:
         say(f"==> backing up {env}")
         run_playbook("backup_database.yml", limit=env, extra_vars=extra, run=run)
         dump = dumps.latest(env)
@@ -212,14 +215,15 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                 step.update(dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
                             scrubbed=dump.manifest.get("scrubbed", []))
             _keep_artifact(run, dump.path.parent / "manifest.json")
+        take_safety_backup = _takes_safety_backup(target)
         with run.step("restore", env=env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
                       rows=dump.total_rows) as step:
             say(f"==> restoring {dump.path.name} onto {env}")
             run_playbook("restore_database.yml", limit=env, run=run, extra_vars={
                 "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
-                "drydock_allow_lost_writes": allow_lost_writes,
+                "drydock_allow_lost_writes": allow_lost_writes, "drydock_safety_backup": take_safety_backup,
                 "pg_backup_controller_dir": str(backups_dir())})
-            safety = dumps.latest(env, kind="safety") if _takes_safety_backup(target) else None
+            safety = dumps.latest(env, kind="safety") if take_safety_backup else None
             step.update(safety_backup=str(safety.path) if safety else None)
     say(f"{env} now runs the pushed copy ({dump.manifest['dump']['size']:,} bytes restored, {dump.total_rows:,} rows, "
         f"all counts equal to the manifest; "
@@ -230,8 +234,10 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
 
 
 def _takes_safety_backup(hostvars: dict) -> bool:
-    """As restore_database.yml decides: protected targets, unless drydock_safety_backup says otherwise."""
-    return str(hostvars.get("drydock_safety_backup", hostvars.get("drydock_protected", False))).lower() in ("true", "1", "yes")
+    """Protected targets, unless the inventory's drydock_safety_backup says otherwise (the
+    playbook's own default is the same; this decision is passed to it)."""
+    value = hostvars.get("drydock_safety_backup", hostvars.get("drydock_protected", False))
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "yes", "on", "1", "y", "t")
 
 
 def rollback(env_text: str, yes: bool = False, say: Say = print) -> None:
@@ -251,8 +257,8 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
     source, target = inv.server(source_text), inv.server(target_text)
     confirm(target, bool(inv.hostvars[target].get("drydock_protected")), yes, "push to")
     run = Run("pipeline", total=7, say=say)
-    with _locks([target, inv.local[0]], "pipeline", say):
-        dump = backup(source, say=say, run=run)
+    with _locks(list(dict.fromkeys([source, target, inv.local[0]])), "pipeline", say):
+        dump = backup(source, say=say, run=run, locked=True)
         pulled = pull(source, dump_path=str(dump.path), say=say, run=run, locked=True)
         migrate(notebook=notebook, script=script, say=say, run=run, locked=True)
         verify(inv.local[0], say=say, run=run)

@@ -6,9 +6,9 @@ DOCUMENTATION = r"""
 module: drydock_db_swap
 short_description: Swap a side database in for the live one by renaming, keeping the old one
 description:
-  - Blocks new connections to the live database, terminates its sessions, then renames
-    live to C(previous) and C(incoming) to live in one transaction: either both renames
-    happen or neither does. Takes milliseconds whatever the size.
+  - In one transaction, terminates the sessions on the databases involved and renames live
+    to C(previous) and C(incoming) to live: either both renames happen or neither does, even
+    if the module is killed half-way. Takes milliseconds whatever the size.
   - An existing database named C(previous) (the generation before) is renamed aside in the
     same transaction and dropped only once the swap has succeeded.
   - When the live database does not exist yet, C(incoming) is simply renamed.

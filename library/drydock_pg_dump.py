@@ -86,9 +86,13 @@ def rotate(dest: str, database: str, keep: int) -> list[str]:
     names = os.listdir(folder)
     dumps = sorted((name for name in names if pattern.fullmatch(name)), reverse=True)
     partials = [name for name in names if name.endswith(".partial") and pattern.fullmatch(name[:-len(".partial")])]
-    removed = [os.path.join(folder, name) for name in (dumps[keep:] if keep > 0 else []) + partials]
-    for path in removed:
-        os.unlink(path)
+    removed = []
+    for name in (dumps[keep:] if keep > 0 else []) + partials:
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(os.path.join(folder, name))
+        except OSError:  # tidying up must not fail a good dump: the next run tries again
+            continue
     return removed
 
 
@@ -125,6 +129,9 @@ def main() -> None:
                                  write_fingerprint=write_fingerprint(cur), server_version=server_version(cur),
                                  database_size=conn.execute("SELECT pg_database_size(current_database())").fetchone()[0],
                                  **recorded(database_comment(conn, params["database"])))
+                except BaseException:
+                    proc.kill()  # no manifest, no dump: do not wait for it
+                    raise
                 finally:
                     _out, errors = proc.communicate()
             if proc.returncode != 0:

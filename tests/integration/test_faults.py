@@ -158,8 +158,25 @@ class BlockedSwap:
         self.holder.rollback()
 
 
+def change_a_post(conn, note: str) -> None:
+    """Write to `conn`'s database, so that a run that should have been stopped but went
+    through would show in the fingerprint of the database it copies to."""
+    conn.execute("UPDATE blog_post SET body = body || %s WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)",
+                 (f"<p>{note}</p>",))
+
+
+def wait_until_gone(marker: str, timeout: float = 60) -> None:
+    """Wait until no process has `marker` in its command line (a killed run's module)."""
+    deadline = time.monotonic() + timeout
+    while any(marker.encode() in cmdline.read_bytes() for cmdline in Path("/proc").glob("[0-9]*/cmdline")
+              if cmdline.exists()):
+        assert time.monotonic() < deadline, f"{marker} still runs {timeout} s after the kill"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("step", ["dump", "fetch", "restore", "swap"])
 def test_pull_killed_at_each_step(pulled, connect, sandbox_env, step):
+    change_a_post(connect("production"), f"pull killed at {step}")
     before = fingerprint(connect("local"))
     since = time.time()
     blocked = BlockedSwap(connect, "local")
@@ -172,17 +189,21 @@ def test_pull_killed_at_each_step(pulled, connect, sandbox_env, step):
     }
     try:
         kill_when(["pull", "production"], conditions[step], env=SLOW_SFTP if step == "fetch" else None)
+        if step == "swap":  # the swap waits on our lock: released only once its module is gone
+            wait_until_gone("AnsiballZ_drydock_db_swap")
     finally:
         blocked.release()
     assert fingerprint(connect("local")) == before
     proc = next_run_succeeds("pull", "production")
-    if step in ("restore", "swap"):  # the backup before them takes no lock: it changes nothing
-        assert "clearing a stale lock on local" in proc.stdout
+    locked = "production" if step in ("dump", "fetch") else "local"  # the backup locks its source
+    assert f"clearing a stale lock on {locked}" in proc.stdout
+    assert fingerprint(connect("local")) != before  # the change made above arrived
     assert_no_strays(connect, sandbox_env)
 
 
 @pytest.mark.parametrize("step", ["dump", "upload", "restore", "swap"])
 def test_push_killed_at_each_step(pushed_once, connect, sandbox_env, step):
+    change_a_post(connect("local"), f"push killed at {step}")
     before = fingerprint(connect("staging"))
     since = time.time()
     conditions = {
@@ -198,6 +219,7 @@ def test_push_killed_at_each_step(pushed_once, connect, sandbox_env, step):
     assert fingerprint(connect("staging")) == before
     proc = next_run_succeeds("push", "staging")
     assert "clearing a stale lock on staging" in proc.stdout
+    assert fingerprint(connect("staging")) != before  # the change made above arrived
     assert_no_strays(connect, sandbox_env)
     # The app runs again, even after a kill while it was stopped.
     with urllib.request.urlopen(f"http://{sandbox_env['staging']['host']}:8000/healthz", timeout=10) as response:

@@ -43,6 +43,23 @@ def test_staging_holds_the_pushed_copy(pushed, connect):
     assert "wagtail_site__incoming" not in databases(conn)
 
 
+def test_restored_long_values_are_lz4_compressed(pushed, connect):
+    """The restore's sessions use lz4 for TOAST (pg_restore_toast_compression)."""
+    lz4, pglz = connect("staging").execute(
+        "SELECT count(*) FILTER (WHERE c = 'lz4'), count(*) FILTER (WHERE c = 'pglz')"
+        " FROM (SELECT pg_column_compression(content) AS c FROM wagtailcore_revision) AS values").fetchone()
+    assert lz4 > 0 and pglz == 0
+
+
+def test_staging_push_keeps_the_replaced_database_but_takes_no_file_backup(pushed, connect):
+    from drydock import journal
+
+    assert "wagtail_site__previous" in databases(connect("staging", "postgres"))
+    newest_push = sorted(runs_dir().glob("*-push"))[-1]
+    restore = next(step for step in journal.read(newest_push) if step["step"] == "restore")
+    assert restore["outcome"] == "ok" and restore["safety_backup"] is None
+
+
 def test_staging_copy_is_scrubbed(pushed, connect):
     emails = [e for (e,) in connect("staging").execute("SELECT email FROM auth_user")]
     assert emails and all(e.endswith("@example.invalid") for e in emails), emails
@@ -150,4 +167,6 @@ def test_production_push_keeps_real_emails(pushed, connect):
     assert proc.returncode == 0, proc.stderr[-2000:]
     emails = [e for (e,) in connect("production").execute("SELECT email FROM auth_user")]
     assert any(e.endswith("@drydock-example.org") for e in emails)
+    safety = dumps.latest("production", kind="safety")  # protected: a file backup before the push
+    assert safety.path.name in proc.stdout
     assert dumps.latest("local").manifest["scrubbed"] == []
