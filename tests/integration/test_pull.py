@@ -10,9 +10,10 @@ from tests.conftest import databases, error_lines, fingerprint, inv, row_counts
 
 @pytest.fixture(scope="module")
 def pulled(pulled):
-    """This module's own pull: other modules change the local database."""
+    """This module's own pull, of the newest dump: other modules change the local database,
+    and their backups rotate the session's first one away."""
     inv("pull", "production", "--latest", check=True)
-    return pulled
+    return dumps.latest("production")
 
 
 def test_local_matches_the_manifest(pulled, connect):
