@@ -59,8 +59,9 @@ def after(condition: Callable[[], bool], seconds: float) -> Callable[[], bool]:
 
 
 def kill_when(args: list[str], condition: Callable[[], bool], env: dict | None = None, timeout: float = 180) -> None:
-    """Start `inv ARGS` in its own process group and SIGKILL the group (inv, Ansible and
-    everything they run on this machine) as soon as `condition()` holds."""
+    """Start `inv ARGS` in its own process group and SIGKILL the group as soon as
+    `condition()` holds (ansible-playbook, in a session of its own, then gets SIGTERM from
+    the kernel and stops what it runs: drydock.playbook)."""
     proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
                             env=dict(ansible_env(), **BANNERS_AT_START, **(env or {})), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
