@@ -46,15 +46,8 @@ toast_compressions: {description: TOAST compression methods the server supports.
 import os
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.common.text.formatters import bytes_to_human
 from ansible.module_utils.drydock_pg import connect, list_entries, require_psycopg, sha256_file
-
-
-def human(size: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.2f} {unit}"
-        size /= 1024
-    return str(size)
 
 
 def main() -> None:
@@ -92,8 +85,9 @@ def main() -> None:
     disk = os.statvfs(data_directory)
     free = disk.f_bavail * disk.f_frsize
     if free < params["needed_bytes"]:
-        module.fail_json(msg=f"not enough disk for the restore: {human(free)} free, {human(params['needed_bytes'])} "
-                             "needed (the database is restored beside the live one)")
+        module.fail_json(msg=f"not enough disk for the restore: {bytes_to_human(free)} free, "
+                             f"{bytes_to_human(params['needed_bytes'])} needed (the database is restored "
+                             "beside the live one)")
     module.exit_json(changed=False, toc_entries=toc_entries, data_directory=data_directory, free_bytes=free,
                      toast_compressions=list(toast[0]) if toast else [])
 
