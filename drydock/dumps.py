@@ -1,4 +1,5 @@
-"""Fetched dumps on the controller: backups/<env>/<timestamp>/{<db>-<timestamp>.dump,manifest.json}."""
+"""Fetched dumps on the controller: backups/<env>/<timestamp>/{<db>-<timestamp>.dump.zst,manifest.json}
+(.dump for gzip, pg_dump's own compression, and for dumps made before zstd)."""
 from __future__ import annotations
 
 import json
@@ -39,6 +40,12 @@ def load(path: Path) -> Dump:
     return Dump(path, manifest)
 
 
+def in_folder(folder: Path) -> Path | None:
+    """The dump file of a backup folder, if it has one."""
+    files = sorted(path for pattern in ("*.dump", "*.dump.zst") for path in folder.glob(pattern))
+    return files[-1] if files else None
+
+
 def latest(env: str, root: Path | None = None, kind: str = "") -> Dump:
     """The newest complete fetched dump of `env` (of a `kind` such as "safety", if given)."""
     folder = (root or backups_dir()) / env
@@ -46,7 +53,7 @@ def latest(env: str, root: Path | None = None, kind: str = "") -> Dump:
         folder = folder / kind
     candidates = sorted(folder.glob("*/manifest.json"), reverse=True) if folder.is_dir() else []
     for manifest_path in candidates:
-        dumps = sorted(manifest_path.parent.glob("*.dump"))
-        if dumps:
-            return load(dumps[-1])
+        dump = in_folder(manifest_path.parent)
+        if dump:
+            return load(dump)
     raise DrydockError(f"no fetched dump of {env} under {folder}: run `inv backup {env}` first")

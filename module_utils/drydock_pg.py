@@ -117,11 +117,19 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def list_entries(pg_bindir: str, path: str) -> int:
+def list_entries(pg_bindir: str, path: str, zstd: bool = False) -> int:
     """Number of TOC entries pg_restore reads; raises RuntimeError with pg_restore's own
-    last line if it cannot read the archive (corrupt, or made by a newer pg_dump)."""
-    proc = subprocess.run([os.path.join(pg_bindir, "pg_restore"), "--list", path],
-                          capture_output=True, text=True, check=False)
+    last line if it cannot read the archive (corrupt, or made by a newer pg_dump).
+    A zstd-compressed archive is read through `zstd -dc`: the table of contents is
+    at its start, so pg_restore stops reading after a few kilobytes."""
+    command = [os.path.join(pg_bindir, "pg_restore"), "--list"]
+    if not zstd:
+        proc = subprocess.run(command + [path], capture_output=True, text=True, check=False)
+    else:
+        with subprocess.Popen(["zstd", "-dcq", "--", path], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL) as unpack:
+            proc = subprocess.run(command, stdin=unpack.stdout, capture_output=True, text=True, check=False)
+            unpack.stdout.close()  # zstd stops on the closed pipe once pg_restore has the TOC
     if proc.returncode != 0:
         detail = proc.stderr.strip().splitlines()
         raise RuntimeError(f"pg_restore --list cannot read {path}: {detail[-1] if detail else proc.returncode}")

@@ -34,9 +34,13 @@ def test_sha256_matches_the_manifest(backup):
 
 
 def test_pg_restore_reads_the_dump(backup):
-    listing = subprocess.run([PG_BINDIR / "pg_restore", "--list", backup.path], capture_output=True, text=True)
+    """As the runbook restores it by hand: zstd -dc DUMP | pg_restore."""
+    assert backup.path.name.endswith(".dump.zst") and backup.manifest["dump"]["compression"] == "zstd"
+    unpacked = subprocess.run(["zstd", "-dc", backup.path], capture_output=True, check=True).stdout
+    assert len(unpacked) == backup.manifest["dump"]["raw_size"]
+    listing = subprocess.run([PG_BINDIR / "pg_restore", "--list"], input=unpacked, capture_output=True)
     assert listing.returncode == 0
-    assert "TABLE DATA public blog_post" in listing.stdout
+    assert b"TABLE DATA public blog_post" in listing.stdout
 
 
 def test_manifest_describes_the_dumped_database(backup, connect):

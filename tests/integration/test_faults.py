@@ -107,20 +107,32 @@ def next_run_succeeds(*args: str) -> subprocess.CompletedProcess:
 def scrubbed_local_dump():
     """The newest dump of the local database made for staging (scrubbed)."""
     for manifest in sorted((backups_dir() / "local").glob("*/manifest.json"), reverse=True):
-        dump = dumps.load(next(manifest.parent.glob("*.dump")))
+        dump = dumps.load(dumps.in_folder(manifest.parent))
         if dump.manifest["scrubbed"]:
             return dump
     raise AssertionError("no scrubbed local dump: push to staging first")
 
 
-def edited_copy(dump, tmp_path: Path, edit: Callable[[bytearray], None], fix_checksum: bool) -> Path:
-    """A copy of `dump` (with its manifest) edited in place; with `fix_checksum` the
-    manifest is updated to the edited bytes, so that only pg_restore can notice."""
+def zstd(args: list[str], data: bytes) -> bytes:
+    return subprocess.run(["zstd", "-q", *args], input=data, capture_output=True, check=True).stdout
+
+
+def edited_copy(dump, tmp_path: Path, edit: Callable[[bytearray], None], fix_checksum: bool,
+                unpacked: bool = False) -> Path:
+    """A copy of `dump` (with its manifest) edited in place, or with `unpacked` the archive
+    inside its zstd compression; with `fix_checksum` the manifest is updated to the edited
+    bytes, so that only pg_restore can notice."""
     folder = tmp_path / dump.path.parent.name
     shutil.copytree(dump.path.parent, folder)
     target = folder / dump.path.name
     data = bytearray(target.read_bytes())
-    edit(data)
+    if unpacked:
+        assert target.suffix == ".zst"
+        data = bytearray(zstd(["-dc"], bytes(data)))
+        edit(data)
+        data = bytearray(zstd(["-1", "-c"], bytes(data)))
+    else:
+        edit(data)
     target.write_bytes(bytes(data))
     if fix_checksum:
         manifest = json.loads((folder / "manifest.json").read_text())
@@ -250,7 +262,7 @@ def test_dump_from_a_newer_pg_dump_is_refused(pushed_once, connect, sandbox_env,
         data[6] += 10  # the archive's minor version: bytes 5, 6, 7 are major, minor, revision
 
     before = fingerprint(connect("staging"))
-    dump = edited_copy(scrubbed_local_dump(), tmp_path, newer_archive_version, True)
+    dump = edited_copy(scrubbed_local_dump(), tmp_path, newer_archive_version, True, unpacked=True)
     proc = inv("push", "staging", "--dump", str(dump))
     assert proc.returncode == 1 and len(error_lines(proc)) == 1
     assert "pg_restore cannot read" in error_lines(proc)[0] and "unsupported version" in error_lines(proc)[0]

@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from drydock import dumps
-from tests.conftest import databases, error_lines, fingerprint, inv, row_counts
+from tests.conftest import databases, error_lines, fingerprint, inv, playbook, row_counts
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,19 @@ def test_second_pull_with_the_latest_dump(pulled, connect):
     proc = inv("pull", "production", "--latest")
     assert proc.returncode == 0, proc.stderr
     assert row_counts(connect("local")) == dumps.latest("production").manifest["row_counts"]
+
+
+def test_gzip_dump_restores_as_it_is(pulled, connect, tmp_path):
+    """pg_backup_compression: gzip is pg_dump's own compression, as in the dumps made before
+    zstd: a .dump that the host restores without unpacking it."""
+    proc = playbook("backup_database.yml", "--limit", "production", "-e", "pg_backup_compression=gzip",
+                    "-e", f"pg_backup_controller_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    dump = dumps.latest("production", root=tmp_path)
+    assert dump.path.name.endswith(".dump") and dump.manifest["dump"]["compression"] == "gzip"
+    connect("local").execute("DELETE FROM taggit_taggeditem")
+    inv("pull", "production", "--dump", str(dump.path), check=True)
+    assert row_counts(connect("local")) == dump.manifest["row_counts"]
 
 
 def corrupt_copy(dump, tmp_path, how: str):

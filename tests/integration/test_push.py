@@ -110,7 +110,7 @@ def test_playbook_without_limit_is_refused(pushed, connect):
 
 def newest_local_dump(scrubbed: bool):
     for manifest in sorted((backups_dir() / "local").glob("*/manifest.json"), reverse=True):
-        dump = dumps.load(next(manifest.parent.glob("*.dump")))
+        dump = dumps.load(dumps.in_folder(manifest.parent))
         if bool(dump.manifest["scrubbed"]) == scrubbed:
             return dump
     raise AssertionError("no such local dump")
