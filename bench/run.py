@@ -177,7 +177,10 @@ def settings() -> dict:
     root = project_root() / "roles"
     backup = yaml.safe_load((root / "pg_backup" / "defaults" / "main.yml").read_text())
     restore = yaml.safe_load((root / "pg_restore" / "defaults" / "main.yml").read_text())
-    return {"dump": f"pg_dump --format=custom --compress={backup['pg_backup_compress']}",
+    level = backup["pg_backup_compress"]
+    dump = (f"pg_dump --format=custom --compress=0 | zstd -{level}" if backup["pg_backup_compression"] == "zstd"
+            else f"pg_dump --format=custom --compress={level}")
+    return {"dump": dump,
             "restore": f"pg_restore --jobs={restore['pg_restore_jobs']}",
             "toast_compression": restore["pg_restore_toast_compression"]}
 
