@@ -27,14 +27,7 @@ import os
 
 from ansible.errors import AnsibleError
 from ansible.plugins.action import ActionBase
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+from ansible.utils.hashing import secure_hash
 
 
 class ActionModule(ActionBase):
@@ -56,7 +49,7 @@ class ActionModule(ActionBase):
         try:
             self._connection.fetch_file(src, partial)
             os.chmod(partial, 0o600)
-            checksum = sha256_file(partial)
+            checksum = secure_hash(partial, hash_func=hashlib.sha256)
             if checksum != args["sha256"]:
                 raise AnsibleError(f"the fetched dump's sha256 {checksum} differs from the host's {args['sha256']}: "
                                    "the transfer corrupted it")
