@@ -1,24 +1,28 @@
 #!/usr/bin/python
-"""Ansible module: check an uploaded dump on the database host before anything changes."""
+"""Ansible module: check a dump on the database host before anything changes, and place it for pg_restore."""
 from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: drydock_dump_check
-short_description: Check a dump on the host that will restore it, and unpack it
+short_description: Check a dump on the host that will restore it, and place it for pg_restore
 description:
   - Compares the dump's sha256 with the manifest's, reads it with I(this host's)
     C(pg_restore --list) (a dump made by a newer C(pg_dump) fails here), and checks that the
     disk holding the server's data directory has room for the restored database beside the
     live one, and that the app role that will own the restored objects exists there.
     Changes no database; each failure is one line.
-  - A zstd-compressed dump (C(unpack_to) given) is read through C(zstd -dc) for the check, then
-    unpacked to C(unpack_to) once the disk has room for it (C(raw_size)), because
-    C(pg_restore --jobs) needs a seekable archive; the compressed file at C(path) is deleted
-    then. Nothing is left unpacked after a failure.
+  - With C(archive), the checked dump is then placed there for pg_restore:
+    a zstd-compressed one (C(zstd)) is unpacked, because C(pg_restore --jobs) needs a
+    seekable archive, once the disk has room for C(raw_size); a plain one is copied. The
+    file at C(path) is left alone, and nothing is left at C(archive) after a failure.
+  - The action plugin of the same name uploads C(upload_from) (a file on the controller) to
+    Ansible's temporary folder on the host first and checks that copy: one transfer and one
+    read for the sha256, where C(ansible.builtin.copy) reads the file three more times.
   - Also reports the server's TOAST compression methods, for the restore's session settings.
   - Connects over the local socket as the current OS user (peer authentication).
 options:
-  path: {description: The dump on this host., type: path, required: true}
+  path: {description: The dump on this host (set by the action when it uploads)., type: path}
+  upload_from: {description: "Action: upload this dump from the controller, check and place it, then delete the upload.", type: path}
   label: {description: How to name the dump in messages (its path on the controller)., type: str}
   sha256: {description: The checksum the manifest records., type: str, required: true}
   app_role: {description: The role that will own the restored objects., type: str, required: true}
@@ -26,15 +30,17 @@ options:
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
   needed_bytes: {description: Free bytes the restore needs beside the data directory., type: int, required: true}
-  unpack_to: {description: "Unpack the zstd-compressed dump to this path (0600), replacing C(path).", type: path}
-  raw_size: {description: Bytes the dump unpacks to (the manifest's C(dump.raw_size)); with C(unpack_to)., type: int}
+  archive: {description: Where to place the checked archive for pg_restore (0600)., type: path}
+  zstd: {description: The dump is compressed with zstd (a C(.dump.zst))., type: bool, default: false}
+  raw_size: {description: Bytes the dump unpacks to (the manifest's C(dump.raw_size)); with C(zstd)., type: int, default: 0}
 """
 
 EXAMPLES = r"""
-- name: Check the uploaded dump
+- name: Upload the dump, check it and unpack it for pg_restore
   drydock_dump_check:
-    path: /var/backups/drydock/incoming/wagtail_site__incoming.dump.zst
-    unpack_to: /var/backups/drydock/incoming/wagtail_site__incoming.dump
+    upload_from: /srv/drydock/backups/local/20261121T120000Z/wagtail_site-20261121T120000Z.dump.zst
+    archive: /var/backups/drydock/incoming/wagtail_site__incoming.dump
+    zstd: true
     raw_size: 1553969833
     sha256: 3240c705b6df8a1d740cf2cef670e15c94b6a5f98a811423d4a08fc4bbcc800f
     app_role: wagtail_site
@@ -62,21 +68,20 @@ from ansible.module_utils.drydock_pg import connect, list_entries, require_psyco
 
 def main() -> None:
     module = AnsibleModule(
-        argument_spec=dict(path=dict(type="path", required=True), label=dict(type="str"),
+        argument_spec=dict(path=dict(type="path", required=True), label=dict(type="str"),  # path: see the action
                            sha256=dict(type="str", required=True), app_role=dict(type="str", required=True),
                            pg_bindir=dict(type="path", required=True),
                            socket_dir=dict(type="path", required=True), port=dict(type="int", default=5432),
-                           needed_bytes=dict(type="int", required=True), unpack_to=dict(type="path"),
-                           raw_size=dict(type="int", default=0)),
-        supports_check_mode=True,  # it checks, and unpacks only outside check mode
-        required_by={"unpack_to": "raw_size"},
+                           needed_bytes=dict(type="int", required=True), archive=dict(type="path"),
+                           zstd=dict(type="bool", default=False), raw_size=dict(type="int", default=0)),
+        supports_check_mode=True,  # it checks, and places the archive only outside check mode
     )
     params = module.params
     require_psycopg(module)
     import psycopg
 
-    path, label, unpack_to = params["path"], params["label"] or params["path"], params["unpack_to"]
-    if unpack_to and not shutil.which("zstd"):
+    path, label, archive = params["path"], params["label"] or params["path"], params["archive"]
+    if params["zstd"] and not shutil.which("zstd"):
         module.fail_json(msg=f"zstd is not installed on this host, and {label} is compressed with it: "
                              "install it (apt install zstd)")
     actual = sha256_file(path)
@@ -84,7 +89,7 @@ def main() -> None:
         module.fail_json(msg=f"refusing {label}: its sha256 {actual} is not the manifest's {params['sha256']} "
                              "(truncated or corrupted)")
     try:
-        toc_entries = list_entries(params["pg_bindir"], path, zstd=bool(unpack_to))
+        toc_entries = list_entries(params["pg_bindir"], path, zstd=params["zstd"])
     except RuntimeError as error:
         module.fail_json(msg=f"this host's pg_restore cannot read {label}: {str(error).rsplit(': ', 1)[-1]}")
     try:
@@ -102,11 +107,12 @@ def main() -> None:
         module.fail_json(msg=f"not enough disk for the restore: {bytes_to_human(free)} free, "
                              f"{bytes_to_human(params['needed_bytes'])} needed (the database is restored "
                              "beside the live one)")
-    if unpack_to and not module.check_mode:
-        unpack(module, path, unpack_to, params["raw_size"],
-               params["needed_bytes"] if same_disk(data_directory, unpack_to) else 0, label)
-    module.exit_json(changed=bool(unpack_to) and not module.check_mode, toc_entries=toc_entries, data_directory=data_directory,
-                     free_bytes=free, toast_compressions=list(toast[0]) if toast else [])
+    if archive and not module.check_mode:
+        os.umask(0o077)  # production data
+        place(module, path, archive, params["raw_size"] if params["zstd"] else os.path.getsize(path),
+              params["needed_bytes"], data_directory, params["zstd"], label)
+    module.exit_json(changed=bool(archive) and not module.check_mode, toc_entries=toc_entries,
+                     data_directory=data_directory, free_bytes=free, toast_compressions=list(toast[0]) if toast else [])
 
 
 def free_bytes(path: str) -> int:
@@ -114,25 +120,33 @@ def free_bytes(path: str) -> int:
     return disk.f_bavail * disk.f_frsize
 
 
-def same_disk(data_directory: str, unpack_to: str) -> bool:
-    return os.stat(data_directory).st_dev == os.stat(os.path.dirname(unpack_to)).st_dev
-
-
-def unpack(module, path: str, target: str, raw_size: int, restore_bytes: int, label: str) -> None:
-    """Unpack the checked dump for pg_restore, if the disk has room for it beside the restore
-    (restore_bytes when both share a disk), and delete the compressed file."""
-    free = free_bytes(os.path.dirname(target))
-    if free < raw_size + restore_bytes:
-        module.fail_json(msg=f"not enough disk to unpack {label}: {bytes_to_human(free)} free, "
-                             f"{bytes_to_human(raw_size + restore_bytes)} needed (the unpacked archive"
-                             f"{' and the restored database' if restore_bytes else ''})")
-    os.umask(0o077)  # production data
-    proc = subprocess.run(["zstd", "-d", "-q", "-f", "-o", target, "--", path], capture_output=True, text=True)
-    if proc.returncode != 0:
-        if os.path.exists(target):
-            os.unlink(target)
-        module.fail_json(msg=f"cannot unpack {label}: {' '.join(proc.stderr.split()) or proc.returncode}")
-    os.unlink(path)
+def place(module, path: str, archive: str, size: int, restore_bytes: int, data_directory: str, zstd: bool,
+          label: str) -> None:
+    """Put the checked dump at `archive` for pg_restore, unpacked if it is zstd-compressed, when
+    its disk has room for it (and for the restore, if the data directory shares that disk)."""
+    folder = os.path.dirname(archive)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    if os.path.exists(archive):
+        os.unlink(archive)  # an interrupted run's: it does not count as used space
+    same_disk = os.stat(data_directory).st_dev == os.stat(folder).st_dev
+    needed = size + (restore_bytes if same_disk else 0)
+    free = free_bytes(folder)
+    if free < needed:
+        module.fail_json(msg=f"not enough disk to {'unpack' if zstd else 'copy'} {label} for pg_restore: "
+                             f"{bytes_to_human(free)} free, {bytes_to_human(needed)} needed (the archive"
+                             f"{' and the restored database' if same_disk else ''})")
+    try:
+        if zstd:
+            proc = subprocess.run(["zstd", "-d", "-q", "-f", "-o", archive, "--", path], capture_output=True,
+                                  text=True, check=False)
+            if proc.returncode != 0:
+                raise OSError(f"zstd: {' '.join(proc.stderr.split()) or proc.returncode}")
+        else:
+            shutil.copyfile(path, archive)
+    except OSError as error:
+        if os.path.exists(archive):
+            os.unlink(archive)
+        module.fail_json(msg=f"cannot place {label} for pg_restore: {error}")
 
 
 if __name__ == "__main__":
