@@ -25,8 +25,6 @@ class ActionModule(ActionBase):
             if source:
                 if not os.path.isfile(source):
                     return dict(result, failed=True, msg=f"no such file: {source}")
-                if self._task.check_mode:
-                    return dict(result, changed=True, msg=f"check mode: {source} would be uploaded and checked")
                 upload = self._connection._shell.join_path(self._connection._shell.tmpdir, "dump")
                 self._transfer_file(source, upload)
                 # Readable by the user the module becomes (setfacl, or chown), as for copy.

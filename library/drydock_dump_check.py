@@ -21,8 +21,10 @@ description:
   - Also reports the server's TOAST compression methods, for the restore's session settings.
   - Connects over the local socket as the current OS user (peer authentication).
 options:
-  path: {description: The dump on this host (set by the action when it uploads)., type: path}
-  upload_from: {description: "Action: upload this dump from the controller, check and place it, then delete the upload.", type: path}
+  path: {description: "The dump on this host; with C(upload_from), the action sets it to the upload.", type: path, required: true}
+  upload_from:
+    description: "Handled by the action: upload this dump from the controller first, and delete the upload afterwards."
+    type: path
   label: {description: How to name the dump in messages (its path on the controller)., type: str}
   sha256: {description: The checksum the manifest records., type: str, required: true}
   app_role: {description: The role that will own the restored objects., type: str, required: true}
@@ -31,8 +33,8 @@ options:
   port: {description: Server port., type: int, default: 5432}
   needed_bytes: {description: Free bytes the restore needs beside the data directory., type: int, required: true}
   archive: {description: Where to place the checked archive for pg_restore (0600)., type: path}
-  zstd: {description: The dump is compressed with zstd (a C(.dump.zst))., type: bool, default: false}
-  raw_size: {description: Bytes the dump unpacks to (the manifest's C(dump.raw_size)); with C(zstd)., type: int, default: 0}
+  zstd: {description: The dump is compressed with zstd (the manifest's C(dump.compression))., type: bool, default: false}
+  raw_size: {description: "Bytes the dump unpacks to (the manifest's C(dump.raw_size)); required with C(zstd) and C(archive).", type: int, default: 0}
 """
 
 EXAMPLES = r"""
@@ -68,7 +70,7 @@ from ansible.module_utils.drydock_pg import connect, list_entries, require_psyco
 
 def main() -> None:
     module = AnsibleModule(
-        argument_spec=dict(path=dict(type="path", required=True), label=dict(type="str"),  # path: see the action
+        argument_spec=dict(path=dict(type="path", required=True), upload_from=dict(type="path"), label=dict(type="str"),
                            sha256=dict(type="str", required=True), app_role=dict(type="str", required=True),
                            pg_bindir=dict(type="path", required=True),
                            socket_dir=dict(type="path", required=True), port=dict(type="int", default=5432),
@@ -81,6 +83,9 @@ def main() -> None:
     import psycopg
 
     path, label, archive = params["path"], params["label"] or params["path"], params["archive"]
+    if params["zstd"] and archive and params["raw_size"] <= 0:
+        module.fail_json(msg=f"the manifest of {label} does not say what it unpacks to (dump.raw_size): "
+                             "cannot check the disk for it")
     if params["zstd"] and not shutil.which("zstd"):
         module.fail_json(msg=f"zstd is not installed on this host, and {label} is compressed with it: "
                              "install it (apt install zstd)")
@@ -136,13 +141,16 @@ def place(module, path: str, archive: str, size: int, restore_bytes: int, data_d
                              f"{bytes_to_human(free)} free, {bytes_to_human(needed)} needed (the archive"
                              f"{' and the restored database' if same_disk else ''})")
     try:
-        if zstd:
-            proc = subprocess.run(["zstd", "-d", "-q", "-f", "-o", archive, "--", path], capture_output=True,
-                                  text=True, check=False)
-            if proc.returncode != 0:
-                raise OSError(f"zstd: {' '.join(proc.stderr.split()) or proc.returncode}")
-        else:
-            shutil.copyfile(path, archive)
+        # 0600 from the first byte: zstd -o would give the archive the upload's mode.
+        with open(archive, "wb", opener=lambda name, flags: os.open(name, flags, 0o600)) as target:
+            if zstd:
+                proc = subprocess.run(["zstd", "-d", "-c", "-q", "--", path], stdout=target, stderr=subprocess.PIPE,
+                                      text=True, check=False)
+                if proc.returncode != 0:
+                    raise OSError(f"zstd: {' '.join(proc.stderr.split()) or proc.returncode}")
+            else:
+                with open(path, "rb") as source:
+                    shutil.copyfileobj(source, target, 1 << 20)
     except OSError as error:
         if os.path.exists(archive):
             os.unlink(archive)

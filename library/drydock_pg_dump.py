@@ -122,7 +122,8 @@ class Compressor(threading.Thread):
 
     def finish(self) -> str:
         """Wait for zstd; its error message, or "" when it wrote the file."""
-        self.join()
+        if self.ident is not None:  # started
+            self.join()
         errors = self.zstd.stderr.read().decode(errors="replace")
         return "" if self.zstd.wait() == 0 else f"zstd failed: {errors.strip() or self.zstd.returncode}"
 
@@ -187,9 +188,10 @@ def main() -> None:
                 # the manifest's facts are read from the same snapshot.
                 proc = subprocess.Popen(command, stdout=subprocess.PIPE if zstd else subprocess.DEVNULL,
                                         stderr=subprocess.PIPE)
-                compressor = Compressor(proc, params["compress"], partial) if zstd else None
+                compressor = None
                 try:
-                    if compressor:
+                    if zstd:
+                        compressor = Compressor(proc, params["compress"], partial)
                         compressor.start()
                     facts = dict(row_counts=row_counts(cur), migrations=latest_migrations(cur),
                                  write_fingerprint=write_fingerprint(cur), server_version=server_version(cur),
@@ -204,10 +206,11 @@ def main() -> None:
                     errors = proc.stderr.read().decode(errors="replace")
                     proc.wait()
                     compressor_error = compressor.finish() if compressor else ""
-            if proc.returncode != 0:
-                raise RuntimeError(f"pg_dump failed: {errors.strip()}")
+            # zstd's failure first: when zstd dies, pg_dump is killed and has nothing to say.
             if compressor_error:
                 raise RuntimeError(compressor_error)
+            if proc.returncode != 0:
+                raise RuntimeError(f"pg_dump failed: {errors.strip()}")
         # Checked before it gets its final name: a dump under that name is always readable.
         toc_entries = list_entries(params["pg_bindir"], partial, zstd=zstd)
         version = subprocess.run([os.path.join(params["pg_bindir"], "pg_dump"), "--version"],

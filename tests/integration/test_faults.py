@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -83,6 +84,13 @@ def host_dir(sandbox_env: dict, env: str) -> Path:
 
 def partial_dump_on(sandbox_env: dict, env: str) -> Callable[[], bool]:
     return lambda: any(host_dir(sandbox_env, env).glob("*.partial"))
+
+
+def assert_private_archive_left(sandbox_env: dict, env: str) -> None:
+    """A run killed during its restore leaves the archive pg_restore was reading (the next run
+    replaces it): production data, so 0600 like every dump."""
+    archive = host_dir(sandbox_env, env) / "incoming" / "wagtail_site__incoming.dump"
+    assert archive.exists() and stat.S_IMODE(archive.stat().st_mode) == 0o600
 
 
 def assert_no_strays(connect, sandbox_env: dict) -> None:
@@ -207,6 +215,8 @@ def test_pull_killed_at_each_step(pulled, connect, sandbox_env, step):
     finally:
         blocked.release()
     assert fingerprint(connect("local")) == before
+    if step == "restore":
+        assert_private_archive_left(sandbox_env, "local")
     proc = next_run_succeeds("pull", "production")
     locked = "production" if step in ("dump", "fetch") else "local"  # the backup locks its source
     assert f"clearing a stale lock on {locked}" in proc.stdout
@@ -230,6 +240,8 @@ def test_push_killed_at_each_step(pushed_once, connect, sandbox_env, step):
     }
     kill_when(["push", "staging"], conditions[step], env=SLOW_SFTP if step == "upload" else None)
     assert fingerprint(connect("staging")) == before
+    if step == "restore":
+        assert_private_archive_left(sandbox_env, "staging")
     proc = next_run_succeeds("push", "staging")
     assert "clearing a stale lock on staging" in proc.stdout
     assert fingerprint(connect("staging")) != before  # the change made above arrived
