@@ -14,6 +14,8 @@ description:
   - With C(archive), the checked dump is then placed there for pg_restore:
     a zstd-compressed one (C(zstd)) is unpacked, because C(pg_restore --jobs) needs a
     seekable archive, once the disk has room for C(raw_size); a plain one is copied. The
+    placed archive then gets the data offsets a dump written through a pipe lacks, so
+    pg_restore can start the biggest tables first (module_utils/drydock_archive.py). The
     file at C(path) is left alone, and nothing is left at C(archive) after a failure.
   - The action plugin of the same name uploads C(upload_from) (a file on the controller) to
     Ansible's temporary folder on the host first and checks that copy: one transfer and one
@@ -57,6 +59,7 @@ toc_entries: {description: Entries pg_restore --list read., type: int, returned:
 data_directory: {description: The server's data directory., type: str, returned: success}
 free_bytes: {description: Free bytes on its disk., type: int, returned: success}
 toast_compressions: {description: TOAST compression methods the server supports., type: list, returned: success}
+offsets_added: {description: TOC entries that got their data offset when the archive was placed., type: int, returned: success}
 """
 
 import os
@@ -65,6 +68,7 @@ import subprocess
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.text.formatters import bytes_to_human
+from ansible.module_utils.drydock_archive import ArchiveFormatError, add_data_offsets
 from ansible.module_utils.drydock_pg import connect, list_entries, require_psycopg, sha256_file
 
 
@@ -112,11 +116,12 @@ def main() -> None:
         module.fail_json(msg=f"not enough disk for the restore: {bytes_to_human(free)} free, "
                              f"{bytes_to_human(params['needed_bytes'])} needed (the database is restored "
                              "beside the live one)")
+    offsets_added = 0
     if archive and not module.check_mode:
         os.umask(0o077)  # production data
-        place(module, path, archive, params["raw_size"] if params["zstd"] else os.path.getsize(path),
-              params["needed_bytes"], data_directory, params["zstd"], label)
-    module.exit_json(changed=bool(archive) and not module.check_mode, toc_entries=toc_entries,
+        offsets_added = place(module, path, archive, params["raw_size"] if params["zstd"] else os.path.getsize(path),
+                              params["needed_bytes"], data_directory, params["zstd"], label)
+    module.exit_json(changed=bool(archive) and not module.check_mode, toc_entries=toc_entries, offsets_added=offsets_added,
                      data_directory=data_directory, free_bytes=free, toast_compressions=list(toast[0]) if toast else [])
 
 
@@ -126,13 +131,13 @@ def free_bytes(path: str) -> int:
 
 
 def place(module, path: str, archive: str, size: int, restore_bytes: int, data_directory: str, zstd: bool,
-          label: str) -> None:
+          label: str) -> int:
     """Put the checked dump at `archive` for pg_restore, unpacked if it is zstd-compressed, when
-    its disk has room for it (and for the restore, if the data directory shares that disk)."""
+    its disk has room for it (and for the restore, if the data directory shares that disk), and
+    give it the data offsets a piped dump lacks. Returns how many entries got one."""
     folder = os.path.dirname(archive)
     os.makedirs(folder, mode=0o700, exist_ok=True)
-    if os.path.exists(archive):
-        os.unlink(archive)  # an interrupted run's: it does not count as used space
+    discard(archive)  # an interrupted run's: it does not count as used space
     same_disk = os.stat(data_directory).st_dev == os.stat(folder).st_dev
     needed = size + (restore_bytes if same_disk else 0)
     free = free_bytes(folder)
@@ -151,10 +156,18 @@ def place(module, path: str, archive: str, size: int, restore_bytes: int, data_d
             else:
                 with open(path, "rb") as source:
                     shutil.copyfileobj(source, target, 1 << 20)
+        return add_data_offsets(archive)
+    except ArchiveFormatError as error:
+        discard(archive)
+        module.fail_json(msg=f"refusing {label}: its data does not match its table of contents ({error})")
     except OSError as error:
-        if os.path.exists(archive):
-            os.unlink(archive)
+        discard(archive)
         module.fail_json(msg=f"cannot place {label} for pg_restore: {error}")
+
+
+def discard(archive: str) -> None:
+    if os.path.exists(archive):
+        os.unlink(archive)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,86 @@
+"""Data offsets for dumps written through a pipe: the archive drydock unpacks for pg_restore gets
+exactly the bytes pg_dump writes when it can seek, and a damaged one is refused untouched."""
+import subprocess
+
+import pytest
+
+from drydock.paths import PG_BINDIR
+from drydock_archive import ArchiveFormatError, add_data_offsets
+
+SCRATCH = "drydock_archive_check"
+# Header of a version 1.14 archive (PG 12-15): magic, version, sizes and format (11 bytes), the
+# compression level (an int: 5 bytes), then the creation date (7 ints), which differs per dump.
+CREATION_DATE = slice(16, 16 + 7 * 5)
+
+
+@pytest.fixture(scope="module")
+def databases_to_dump(sandbox_env):
+    """Production's site database, and a scratch one on the local server with large objects
+    (their data blocks have their own layout)."""
+    import psycopg
+
+    local = sandbox_env["local"]
+    admin_url = local["url"].replace(f"/{local['database']}?", "/postgres?")
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {SCRATCH}")
+        conn.execute(f"CREATE DATABASE {SCRATCH}")
+    scratch_url = local["url"].replace(f"/{local['database']}?", f"/{SCRATCH}?")
+    with psycopg.connect(scratch_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE note (id int PRIMARY KEY, body text)")
+        conn.execute("INSERT INTO note SELECT i, repeat(md5(i::text), i % 50) FROM generate_series(1, 5000) i")
+        conn.execute("CREATE TABLE empty_one (id int)")
+        conn.execute("SELECT lo_from_bytea(0, convert_to(repeat('large object ', 20000), 'UTF8'))")
+        conn.execute("SELECT lo_from_bytea(0, '\\x00ff'::bytea)")
+    yield {"production": sandbox_env["production"]["url"], "with large objects": scratch_url}
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {SCRATCH}")
+
+
+def dump_twice(url: str, folder) -> tuple[bytes, bytes]:
+    """The same database dumped to a file (pg_dump seeks back and writes the offsets) and
+    through a pipe (it cannot), uncompressed as drydock's dumps are inside their zstd."""
+    to_file = folder / "to_file.dump"
+    subprocess.run([PG_BINDIR / "pg_dump", "--format=custom", "--compress=0", f"--file={to_file}", f"--dbname={url}"],
+                   check=True)
+    piped = subprocess.run([PG_BINDIR / "pg_dump", "--format=custom", "--compress=0", f"--dbname={url}"],
+                           capture_output=True, check=True).stdout
+    return to_file.read_bytes(), piped
+
+
+def without_date(archive: bytes) -> bytes:
+    return archive[:CREATION_DATE.start] + archive[CREATION_DATE.stop:]
+
+
+@pytest.mark.parametrize("database", ["production", "with large objects"])
+def test_a_piped_dump_gets_the_offsets_pg_dump_writes_to_a_file(databases_to_dump, database, tmp_path):
+    from_file, piped = dump_twice(databases_to_dump[database], tmp_path)
+    assert without_date(piped) != without_date(from_file), "the piped dump should lack the offsets"
+    archive = tmp_path / "piped.dump"
+    archive.write_bytes(piped)
+
+    assert add_data_offsets(str(archive)) > 0
+    assert without_date(archive.read_bytes()) == without_date(from_file)
+
+    seekable = tmp_path / "to_file.dump"
+    assert add_data_offsets(str(seekable)) == 0, "an archive with offsets is left as it is"
+    assert seekable.read_bytes() == from_file
+
+
+def test_an_archive_with_damaged_data_is_refused_untouched(databases_to_dump, tmp_path):
+    _from_file, piped = dump_twice(databases_to_dump["with large objects"], tmp_path)
+    archive = tmp_path / "piped.dump"
+    cut = piped[:len(piped) * 2 // 3]  # ends inside a data block
+    archive.write_bytes(cut)
+    with pytest.raises(ArchiveFormatError, match="ends inside a data block"):
+        add_data_offsets(str(archive))
+    assert archive.read_bytes() == cut
+
+
+def test_an_archive_version_not_known_here_is_left_alone(databases_to_dump, tmp_path):
+    _from_file, piped = dump_twice(databases_to_dump["with large objects"], tmp_path)
+    assert piped[5:7] == bytes([1, 14])
+    newer = piped[:6] + bytes([99]) + piped[7:]
+    archive = tmp_path / "newer.dump"
+    archive.write_bytes(newer)
+    assert add_data_offsets(str(archive)) == 0
+    assert archive.read_bytes() == newer
