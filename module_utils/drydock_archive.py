@@ -7,8 +7,8 @@ so `--jobs` starts tables in TOC order and the biggest one may start last and ru
 of a 7.5 s restore at 1 GB), and each worker scans the file for its data.
 
 After the dump is unpacked on the restoring host, `add_data_offsets` walks the data blocks
-(their chunks are length-prefixed, so no data is read, only the 5-byte lengths) and writes each
-block's position into its TOC entry: the same bytes pg_dump writes when it can seek. A position
+(their chunks are length-prefixed: only the lengths are looked at, through one fixed 8 MiB
+buffer, so memory stays flat) and writes each block's position into its TOC entry: the same bytes pg_dump writes when it can seek. A position
 is only ever one found at a block header of that entry's dump id, and pg_restore checks the
 block's id again when it seeks there, so a wrong offset would fail loudly rather than restore
 the wrong data. Archive versions this does not know are left as they are (still restorable).
@@ -19,7 +19,6 @@ bytes; an offset is a flag byte and `offSize` little-endian bytes.
 """
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 
@@ -36,26 +35,40 @@ class ArchiveFormatError(Exception):
     """The archive does not have the shape its header promises."""
 
 
-class _Reader:
-    def __init__(self, data, int_size: int = 4) -> None:
-        self.data = data
+class _Cursor:
+    """Reads an archive through one fixed buffer, so memory stays flat whatever its size; the
+    data itself is skipped by its lengths, never looked at."""
+
+    BUFFER = 8 << 20
+
+    def __init__(self, archive, size: int) -> None:
+        self.archive = archive
+        self.size = size
+        self.buffer = bytearray(self.BUFFER)
+        self.base = self.filled = 0  # the buffer holds the archive's bytes [base, base + filled)
         self.pos = 0
-        self.int_size = int_size
+        self.header = struct.Struct("<BI")  # an int: sign byte, value (intSize 4 until the header says)
+
+    def set_int_size(self, int_size: int) -> None:
+        self.header = struct.Struct({4: "<BI", 8: "<BQ"}[int_size])
+
+    def _at(self, size: int) -> int:
+        """Buffer index of the `size` bytes at pos, refilling from pos if they are not all in."""
+        if self.pos < self.base or self.pos + size > self.base + self.filled:
+            if self.pos + size > self.size:
+                raise ArchiveFormatError(f"it ends early, at byte {self.size}")
+            self.archive.seek(self.pos)
+            self.base, self.filled = self.pos, self.archive.readinto(self.buffer)
+        return self.pos - self.base
 
     def byte(self) -> int:
-        if self.pos >= len(self.data):
-            raise ArchiveFormatError("archive ends early")
-        value = self.data[self.pos]
+        value = self.buffer[self._at(1)]
         self.pos += 1
         return value
 
     def int(self) -> int:
-        negative = self.byte()
-        end = self.pos + self.int_size
-        if end > len(self.data):
-            raise ArchiveFormatError("archive ends early")
-        value = int.from_bytes(self.data[self.pos:end], "little")
-        self.pos = end
+        negative, value = self.header.unpack_from(self.buffer, self._at(self.header.size))
+        self.pos += self.header.size
         return -value if negative else value
 
     def skip_str(self) -> bool:
@@ -66,70 +79,78 @@ class _Reader:
         self.pos += length
         return True
 
+    def skip_chunks(self) -> None:
+        """Skip length-prefixed chunks up to and including the zero-length end marker."""
+        unpack, size = self.header.unpack_from, self.header.size
+        while True:
+            _sign, length = unpack(self.buffer, self._at(size))
+            self.pos += size + length
+            if length == 0:
+                return
 
-def _toc_offset_fields(reader: _Reader, version: tuple[int, int], off_size: int) -> list[tuple[int, int, int]]:
+
+def _header(cursor: _Cursor) -> tuple[int, int] | None:
+    """Read the archive's header; its version, or None if it is not one this file knows."""
+    magic = bytes(cursor.byte() for _ in range(len(MAGIC)))
+    version = (cursor.byte(), cursor.byte())
+    cursor.byte()  # revision
+    int_size, off_size, archive_format = cursor.byte(), cursor.byte(), cursor.byte()
+    if magic != MAGIC or archive_format != CUSTOM_FORMAT or version not in KNOWN_VERSIONS \
+            or int_size not in (4, 8) or off_size != 8:
+        return None
+    cursor.set_int_size(int_size)
+    if version >= (1, 15):
+        cursor.byte()  # compression algorithm
+    else:
+        cursor.int()  # compression level
+    for _field in range(7):  # creation date: sec, min, hour, mday, mon, year, isdst
+        cursor.int()
+    for _field in ("database", "server version", "pg_dump version"):
+        cursor.skip_str()
+    return version
+
+
+def _toc_offset_fields(cursor: _Cursor, version: tuple[int, int]) -> list[tuple[int, int, int]]:
     """(dump id, position of its offset field, offset flag) for each TOC entry."""
     entries = []
-    for _ in range(reader.int()):
-        dump_id = reader.int()
-        reader.int()  # has a data dumper
+    for _ in range(cursor.int()):
+        dump_id = cursor.int()
+        cursor.int()  # has a data dumper
         for _field in ("tableoid", "oid", "tag", "desc"):
-            reader.skip_str()
-        reader.int()  # section
+            cursor.skip_str()
+        cursor.int()  # section
         for _field in ("defn", "dropStmt", "copyStmt", "namespace", "tablespace", "tableam"):
-            reader.skip_str()
+            cursor.skip_str()
         if version >= (1, 16):
-            reader.int()  # relkind
-        reader.skip_str()  # owner
-        reader.skip_str()  # "false" (with oids)
-        while reader.skip_str():  # dependencies, ended by a none
+            cursor.int()  # relkind
+        cursor.skip_str()  # owner
+        cursor.skip_str()  # "false" (with oids)
+        while cursor.skip_str():  # dependencies, ended by a none
             pass
-        field = reader.pos
-        flag = reader.byte()
-        reader.pos += off_size
+        field = cursor.pos
+        flag = cursor.byte()
+        cursor.pos += 8  # the offset
         entries.append((dump_id, field, flag))
     return entries
 
 
-def _skip_chunks(data, pos: int, chunk_header: struct.Struct) -> int:
-    """Skip length-prefixed chunks up to and including the zero-length end marker."""
-    unpack = chunk_header.unpack_from
-    size = chunk_header.size
-    while True:
-        _sign, length = unpack(data, pos)
-        pos += size
-        if length == 0:
-            return pos
-        pos += length
-
-
-def _data_block_positions(data, pos: int, int_size: int) -> dict[int, int]:
-    """Where each data block starts, by dump id, walking from the end of the TOC."""
-    chunk_header = struct.Struct({4: "<BI", 8: "<BQ"}[int_size])
+def _data_block_positions(cursor: _Cursor) -> dict[int, int]:
+    """Where each data block starts, by dump id, walking from the end of the TOC to the end."""
     positions = {}
-    end = len(data)
-    try:
-        while pos < end:
-            start = pos
-            block_type = data[pos]
-            _sign, dump_id = chunk_header.unpack_from(data, pos + 1)
-            pos += 1 + chunk_header.size
-            if block_type == BLOCK_DATA:
-                pos = _skip_chunks(data, pos, chunk_header)
-            elif block_type == BLOCK_BLOBS:
-                while True:  # each large object: its oid, then its chunks; an oid of 0 ends them
-                    _sign, oid = chunk_header.unpack_from(data, pos)
-                    pos += chunk_header.size
-                    if oid == 0:
-                        break
-                    pos = _skip_chunks(data, pos, chunk_header)
-            else:
-                raise ArchiveFormatError(f"unknown block type {block_type} at byte {start}")
-            positions[dump_id] = start
-    except struct.error as error:
-        raise ArchiveFormatError("archive ends inside a data block") from error
-    if pos != end:
-        raise ArchiveFormatError("archive ends inside a data block")
+    while cursor.pos < cursor.size:
+        start = cursor.pos
+        block_type = cursor.byte()
+        dump_id = cursor.int()
+        if block_type == BLOCK_DATA:
+            cursor.skip_chunks()
+        elif block_type == BLOCK_BLOBS:
+            while cursor.int() != 0:  # each large object: its oid, then its chunks; an oid of 0 ends them
+                cursor.skip_chunks()
+        else:
+            raise ArchiveFormatError(f"unknown block type {block_type} at byte {start}")
+        positions[dump_id] = start
+    if cursor.pos != cursor.size:  # the last chunk's length runs past the end
+        raise ArchiveFormatError(f"it ends early, at byte {cursor.size}")
     return positions
 
 
@@ -137,35 +158,18 @@ def add_data_offsets(path: str) -> int:
     """Fill in the data offsets of the custom-format archive at `path`, in place. Returns how
     many entries got one (0 when the archive has them already or has a version not known here).
     Raises ArchiveFormatError when the archive is not the shape its header says."""
-    with open(path, "r+b") as archive:
-        size = os.fstat(archive.fileno()).st_size
-        if size == 0:
-            raise ArchiveFormatError("archive is empty")
-        with mmap.mmap(archive.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                       prot=mmap.PROT_READ) as data:
-            if data[:5] != MAGIC or data[8] not in (4, 8) or data[10] != CUSTOM_FORMAT:
-                return 0
-            version, int_size, off_size = (data[5], data[6]), data[8], data[9]
-            if version not in KNOWN_VERSIONS or off_size != 8:
-                return 0
-            reader = _Reader(data, int_size)
-            reader.pos = 11
-            if version >= (1, 15):
-                reader.byte()  # compression algorithm
-            else:
-                reader.int()  # compression level
-            for _field in range(7):  # creation date: sec, min, hour, mday, mon, year, isdst
-                reader.int()
-            for _field in ("database", "server version", "pg_dump version"):
-                reader.skip_str()
-            entries = _toc_offset_fields(reader, version, off_size)
-            unset = [entry for entry in entries if entry[2] == OFFSET_NOT_SET]
-            if not unset:
-                return 0
-            positions = _data_block_positions(data, reader.pos, int_size)
+    with open(path, "r+b", buffering=0) as archive:
+        cursor = _Cursor(archive, os.fstat(archive.fileno()).st_size)
+        version = _header(cursor)
+        if version is None:
+            return 0
+        unset = [entry for entry in _toc_offset_fields(cursor, version) if entry[2] == OFFSET_NOT_SET]
+        if not unset:
+            return 0
+        positions = _data_block_positions(cursor)
         missing = [dump_id for dump_id, _field, _flag in unset if dump_id not in positions]
         if missing:
-            raise ArchiveFormatError(f"no data block for TOC entries {missing[:5]}")
+            raise ArchiveFormatError(f"no data for its entries {missing[:5]}")
         for dump_id, field, _flag in unset:
-            os.pwrite(archive.fileno(), bytes([OFFSET_SET]) + positions[dump_id].to_bytes(off_size, "little"), field)
+            os.pwrite(archive.fileno(), bytes([OFFSET_SET]) + positions[dump_id].to_bytes(8, "little"), field)
     return len(unset)
