@@ -1,10 +1,15 @@
-"""Action: fetch a dump to the controller, private from its first byte and checked by sha256.
+"""Action: fetch a dump to the controller, private from its first byte and checked by sha256,
+and write its manifest beside it.
 
 Why not ansible.builtin.fetch: for a dump, it reads the file three more times than the
 transfer does (sha1 on the host to decide whether to copy, then sha1 and md5 of the copy),
 and the copy still needs a chmod and a sha256 of its own. This action uses the same
 connection transfer (sftp/scp, or a file copy for a local host) and reads the copy once, for
 the sha256 the manifest records. At 1 GB that is about a second of every backup.
+
+The controller's folders and the manifest are written here too, in the controller's own
+process: as tasks delegated to localhost (`install -d`, `copy content=`) they started a
+module each, about half a second of every backup.
 """
 from __future__ import annotations
 
@@ -12,17 +17,23 @@ DOCUMENTATION = r"""
 name: drydock_fetch
 short_description: Fetch a file from the host, 0600, and check its sha256
 description:
+  - Creates the folders from C(private_root) down to C(dest)'s, each 0700.
   - Transfers C(src) from the host to C(dest).partial on the controller (mode 0600 from its
     creation), compares its sha256 with C(sha256) and renames it to C(dest). On any failure
     nothing is left at C(dest) or C(dest).partial.
+  - Then writes C(manifest) as C(manifest.json) beside C(dest), 0600: a dump without its
+    manifest is an unfinished backup.
   - Runs without become (a become fetch would read the whole file into memory).
 options:
   src: {description: Path of the file on the host., type: path, required: true}
-  dest: {description: Path of the copy on the controller; its folder must exist., type: path, required: true}
+  dest: {description: Path of the copy on the controller., type: path, required: true}
   sha256: {description: The checksum the host computed., type: str, required: true}
+  private_root: {description: "The controller's backup folder: it and every folder below it down to C(dest)'s are made 0700.", type: path, required: true}
+  manifest: {description: The backup's manifest, written as JSON beside C(dest) once the dump is in place., type: dict, required: true}
 """
 
 import hashlib
+import json
 import os
 
 from ansible.errors import AnsibleError
@@ -32,12 +43,12 @@ from ansible.utils.hashing import secure_hash
 
 class ActionModule(ActionBase):
     TRANSFERS_FILES = True
-    _VALID_ARGS = frozenset(("src", "dest", "sha256"))
+    _VALID_ARGS = frozenset(("src", "dest", "sha256", "private_root", "manifest"))
 
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
         args = self._task.args
-        missing = [name for name in ("src", "dest", "sha256") if not args.get(name)]
+        missing = [name for name in self._VALID_ARGS if not args.get(name)]
         if missing:
             return dict(result, failed=True, msg=f"drydock_fetch needs {', '.join(missing)}")
         if self._play_context.become:
@@ -47,6 +58,7 @@ class ActionModule(ActionBase):
         partial = dest + ".partial"
         umask = os.umask(0o077)  # production data: 0600 from the first byte
         try:
+            make_private_folders(os.path.abspath(os.path.expanduser(args["private_root"])), os.path.dirname(dest))
             self._connection.fetch_file(src, partial)
             os.chmod(partial, 0o600)
             checksum = secure_hash(partial, hash_func=hashlib.sha256)
@@ -54,10 +66,31 @@ class ActionModule(ActionBase):
                 raise AnsibleError(f"the fetched dump's sha256 {checksum} differs from the host's {args['sha256']}: "
                                    "the transfer corrupted it")
             os.rename(partial, dest)
-        except (AnsibleError, OSError) as error:
+            write_manifest(os.path.join(os.path.dirname(dest), "manifest.json"), args["manifest"])
+        except (AnsibleError, OSError, TypeError, ValueError) as error:
             if os.path.exists(partial):
                 os.unlink(partial)
             return dict(result, failed=True, msg=" ".join(str(error).split()), dest=dest)
         finally:
             os.umask(umask)
         return dict(result, changed=True, dest=dest, checksum=checksum, size=os.path.getsize(dest))
+
+
+def make_private_folders(root: str, folder: str) -> None:
+    """Create `folder` and the folders between it and `root` (included), each 0700."""
+    relative = os.path.relpath(folder, root)
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        raise AnsibleError(f"{folder} is not inside the backup folder {root}")
+    parts = [] if relative == os.curdir else relative.split(os.sep)
+    for depth in range(len(parts) + 1):
+        level = os.path.join(root, *parts[:depth])
+        os.makedirs(level, mode=0o700, exist_ok=True)
+        os.chmod(level, 0o700)
+
+
+def write_manifest(path: str, manifest: dict) -> None:
+    """The manifest, as to_nice_json writes it, 0600 and whole or not at all."""
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8", opener=lambda name, flags: os.open(name, flags, 0o600)) as out:
+        out.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.rename(partial, path)
