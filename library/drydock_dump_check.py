@@ -20,7 +20,8 @@ description:
   - The action plugin of the same name uploads C(upload_from) (a file on the controller) to
     Ansible's temporary folder on the host first and checks that copy: one transfer and one
     read for the sha256, where C(ansible.builtin.copy) reads the file three more times.
-  - Also reports the server's TOAST compression methods, for the restore's session settings.
+  - Also reports the server's TOAST compression methods, for the restore's session settings,
+    and whether C(side_database) exists (an interrupted run's, to be dropped first).
   - Connects over the local socket as the current OS user (peer authentication).
 options:
   path: {description: "The dump on this host; with C(upload_from), the action sets it to the upload.", type: path, required: true}
@@ -37,6 +38,7 @@ options:
   archive: {description: Where to place the checked archive for pg_restore (0600)., type: path}
   zstd: {description: The dump is compressed with zstd (the manifest's C(dump.compression))., type: bool, default: false}
   raw_size: {description: "Bytes the dump unpacks to (the manifest's C(dump.raw_size)); required with C(zstd) and C(archive).", type: int, default: 0}
+  side_database: {description: The database the dump will be restored into; reported on with C(side_database_exists)., type: str}
 """
 
 EXAMPLES = r"""
@@ -59,6 +61,7 @@ toc_entries: {description: Entries pg_restore --list read., type: int, returned:
 data_directory: {description: The server's data directory., type: str, returned: success}
 free_bytes: {description: Free bytes on its disk., type: int, returned: success}
 toast_compressions: {description: TOAST compression methods the server supports., type: list, returned: success}
+side_database_exists: {description: Whether C(side_database) exists already., type: bool, returned: success}
 offsets_added: {description: TOC entries that got their data offset when the archive was placed., type: int, returned: success}
 """
 
@@ -79,7 +82,8 @@ def main() -> None:
                            pg_bindir=dict(type="path", required=True),
                            socket_dir=dict(type="path", required=True), port=dict(type="int", default=5432),
                            needed_bytes=dict(type="int", required=True), archive=dict(type="path"),
-                           zstd=dict(type="bool", default=False), raw_size=dict(type="int", default=0)),
+                           zstd=dict(type="bool", default=False), raw_size=dict(type="int", default=0),
+                           side_database=dict(type="str")),
         supports_check_mode=True,  # it checks, and places the archive only outside check mode
     )
     params = module.params
@@ -106,6 +110,7 @@ def main() -> None:
             data_directory = conn.execute("SHOW data_directory").fetchone()[0]
             toast = conn.execute("SELECT enumvals FROM pg_settings WHERE name = 'default_toast_compression'").fetchone()
             role = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (params["app_role"],)).fetchone()
+            side = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (params["side_database"],)).fetchone()
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
     if role is None:
@@ -122,6 +127,7 @@ def main() -> None:
         offsets_added = place(module, path, archive, params["raw_size"] if params["zstd"] else os.path.getsize(path),
                               params["needed_bytes"], data_directory, params["zstd"], label)
     module.exit_json(changed=bool(archive) and not module.check_mode, toc_entries=toc_entries, offsets_added=offsets_added,
+                     side_database_exists=side is not None,
                      data_directory=data_directory, free_bytes=free, toast_compressions=list(toast[0]) if toast else [])
 
 
