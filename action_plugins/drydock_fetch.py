@@ -15,14 +15,13 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 name: drydock_fetch
-short_description: Fetch a file from the host, 0600, and check its sha256
+short_description: Fetch a dump from the host, 0600, check its sha256 and write its manifest beside it
 description:
   - Creates the folders from C(private_root) down to C(dest)'s, each 0700.
   - Transfers C(src) from the host to C(dest).partial on the controller (mode 0600 from its
-    creation), compares its sha256 with C(sha256) and renames it to C(dest). On any failure
-    nothing is left at C(dest) or C(dest).partial.
-  - Then writes C(manifest) as C(manifest.json) beside C(dest), 0600: a dump without its
-    manifest is an unfinished backup.
+    creation), compares its sha256 with C(sha256) and renames it to C(dest).
+  - Then writes C(manifest) as C(manifest.json) beside C(dest), 0600 (a dump without its
+    manifest is an unfinished backup). On any failure none of these files is left.
   - Runs without become (a become fetch would read the whole file into memory).
 options:
   src: {description: Path of the file on the host., type: path, required: true}
@@ -43,12 +42,13 @@ from ansible.utils.hashing import secure_hash
 
 class ActionModule(ActionBase):
     TRANSFERS_FILES = True
-    _VALID_ARGS = frozenset(("src", "dest", "sha256", "private_root", "manifest"))
+    REQUIRED = ("src", "dest", "sha256", "private_root", "manifest")
+    _VALID_ARGS = frozenset(REQUIRED)
 
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
         args = self._task.args
-        missing = [name for name in self._VALID_ARGS if not args.get(name)]
+        missing = [name for name in self.REQUIRED if not args.get(name)]
         if missing:
             return dict(result, failed=True, msg=f"drydock_fetch needs {', '.join(missing)}")
         if self._play_context.become:
@@ -56,8 +56,10 @@ class ActionModule(ActionBase):
         src = self._remote_expand_user(self._connection._shell.join_path(args["src"]))
         dest = os.path.abspath(os.path.expanduser(args["dest"]))
         partial = dest + ".partial"
+        manifest = os.path.join(os.path.dirname(dest), "manifest.json")
         umask = os.umask(0o077)  # production data: 0600 from the first byte
         try:
+            manifest_text = json.dumps(args["manifest"], indent=2, sort_keys=True) + "\n"  # as to_nice_json(indent=2)
             make_private_folders(os.path.abspath(os.path.expanduser(args["private_root"])), os.path.dirname(dest))
             self._connection.fetch_file(src, partial)
             os.chmod(partial, 0o600)
@@ -66,10 +68,11 @@ class ActionModule(ActionBase):
                 raise AnsibleError(f"the fetched dump's sha256 {checksum} differs from the host's {args['sha256']}: "
                                    "the transfer corrupted it")
             os.rename(partial, dest)
-            write_manifest(os.path.join(os.path.dirname(dest), "manifest.json"), args["manifest"])
+            write_private(manifest, manifest_text)  # last: a dump without its manifest is an unfinished backup
         except (AnsibleError, OSError, TypeError, ValueError) as error:
-            if os.path.exists(partial):
-                os.unlink(partial)
+            for leftover in (partial, dest, manifest + ".partial"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
             return dict(result, failed=True, msg=" ".join(str(error).split()), dest=dest)
         finally:
             os.umask(umask)
@@ -88,9 +91,9 @@ def make_private_folders(root: str, folder: str) -> None:
         os.chmod(level, 0o700)
 
 
-def write_manifest(path: str, manifest: dict) -> None:
-    """The manifest, as to_nice_json writes it, 0600 and whole or not at all."""
+def write_private(path: str, text: str) -> None:
+    """Write `text` to `path`, 0600, whole or not at all."""
     partial = path + ".partial"
     with open(partial, "w", encoding="utf-8", opener=lambda name, flags: os.open(name, flags, 0o600)) as out:
-        out.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        out.write(text)
     os.rename(partial, path)

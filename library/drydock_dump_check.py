@@ -61,7 +61,7 @@ toc_entries: {description: Entries pg_restore --list read., type: int, returned:
 data_directory: {description: The server's data directory., type: str, returned: success}
 free_bytes: {description: Free bytes on its disk., type: int, returned: success}
 toast_compressions: {description: TOAST compression methods the server supports., type: list, returned: success}
-side_database_exists: {description: Whether C(side_database) exists already., type: bool, returned: success}
+side_database_exists: {description: Whether C(side_database) exists already., type: bool, returned: when side_database is given}
 offsets_added: {description: TOC entries that got their data offset when the archive was placed., type: int, returned: success}
 """
 
@@ -110,7 +110,8 @@ def main() -> None:
             data_directory = conn.execute("SHOW data_directory").fetchone()[0]
             toast = conn.execute("SELECT enumvals FROM pg_settings WHERE name = 'default_toast_compression'").fetchone()
             role = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (params["app_role"],)).fetchone()
-            side = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (params["side_database"],)).fetchone()
+            side = params["side_database"] and conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (params["side_database"],)).fetchone()
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
     if role is None:
@@ -126,9 +127,11 @@ def main() -> None:
         os.umask(0o077)  # production data
         offsets_added = place(module, path, archive, params["raw_size"] if params["zstd"] else os.path.getsize(path),
                               params["needed_bytes"], data_directory, params["zstd"], label)
-    module.exit_json(changed=bool(archive) and not module.check_mode, toc_entries=toc_entries, offsets_added=offsets_added,
-                     side_database_exists=side is not None,
-                     data_directory=data_directory, free_bytes=free, toast_compressions=list(toast[0]) if toast else [])
+    facts = dict(toc_entries=toc_entries, offsets_added=offsets_added, data_directory=data_directory, free_bytes=free,
+                 toast_compressions=list(toast[0]) if toast else [])
+    if params["side_database"]:
+        facts["side_database_exists"] = bool(side)
+    module.exit_json(changed=bool(archive) and not module.check_mode, **facts)
 
 
 def free_bytes(path: str) -> int:

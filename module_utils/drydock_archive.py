@@ -1,17 +1,19 @@
 """Give a custom-format archive written through a pipe the data offsets pg_dump could not.
 
-pg_dump writes its table of contents (TOC) before the data. Writing to a file, it seeks back at
-the end and fills in where each table's data starts; writing to a pipe (drydock's dumps go
-through zstd) it cannot, and every entry says "offset not set". pg_restore then knows no sizes,
+pg_dump writes its table of contents (TOC) before the data. Writing to a file, it seeks back
+at the end and fills in where each table's data starts; writing to a pipe (drydock's dumps
+go through zstd) it cannot, and every entry says "offset not set". pg_restore then knows no sizes,
 so `--jobs` starts tables in TOC order and the biggest one may start last and run alone (1.3 s
 of a 7.5 s restore at 1 GB), and each worker scans the file for its data.
 
 After the dump is unpacked on the restoring host, `add_data_offsets` walks the data blocks
 (their chunks are length-prefixed: only the lengths are looked at, through one fixed 8 MiB
-buffer, so memory stays flat) and writes each block's position into its TOC entry: the same bytes pg_dump writes when it can seek. A position
-is only ever one found at a block header of that entry's dump id, and pg_restore checks the
-block's id again when it seeks there, so a wrong offset would fail loudly rather than restore
-the wrong data. Archive versions this does not know are left as they are (still restorable).
+buffer, so memory stays flat) and writes each block's position into its TOC entry: the same
+bytes pg_dump writes when it can seek. A position is only ever one found at a block header
+of that entry's dump id, and pg_restore checks the block's id again when it seeks there, so
+a wrong offset would fail loudly rather than restore the wrong data. Nothing is written
+until the whole archive has been walked. Archive versions this does not know are left as
+they are (still restorable).
 
 The format (PostgreSQL's src/bin/pg_dump/pg_backup_archiver.c and pg_backup_custom.c): an int
 is a sign byte and `intSize` little-endian bytes; a string is an int length (-1: none) and
