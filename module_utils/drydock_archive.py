@@ -2,9 +2,9 @@
 
 pg_dump writes its table of contents (TOC) before the data. Writing to a file, it seeks back
 at the end and fills in where each table's data starts; writing to a pipe (drydock's dumps
-go through zstd) it cannot, and every entry says "offset not set". pg_restore then knows no sizes,
-so `--jobs` starts tables in TOC order and the biggest one may start last and run alone (1.3 s
-of a 7.5 s restore at 1 GB), and each worker scans the file for its data.
+go through zstd) it cannot, and every entry says "offset not set". pg_restore then knows no
+sizes, so `--jobs` starts tables in TOC order and the biggest one may start last and run
+alone (1.3 s of a 7.5 s restore at 1 GB), and each worker scans the file for its data.
 
 After the dump is unpacked on the restoring host, `add_data_offsets` walks the data blocks
 (their chunks are length-prefixed: only the lengths are looked at, through one fixed 8 MiB
