@@ -74,16 +74,19 @@ def _down_and_check(box: Sandbox) -> None:
         decoy.kill()
 
 
+def database_url(sandbox_env, env: str, database: str | None = None) -> str:
+    """The app role's URL for `database` on `env`'s server (default: the site's database)."""
+    url = sandbox_env[env]["url"]
+    return url.replace(f"/{sandbox_env[env]['database']}?", f"/{database}?") if database else url
+
+
 @contextmanager
 def connector(sandbox_env):
     """connect(env, database=None) -> a psycopg connection as the app role, closed afterwards."""
     opened = []
 
     def _connect(env: str, database: str | None = None, autocommit: bool = True):
-        url = sandbox_env[env]["url"]
-        if database:
-            url = url.replace(f"/{sandbox_env[env]['database']}?", f"/{database}?")
-        conn = psycopg.connect(url, autocommit=autocommit)
+        conn = psycopg.connect(database_url(sandbox_env, env, database), autocommit=autocommit)
         opened.append(conn)
         return conn
 

@@ -6,6 +6,7 @@ import pytest
 
 from drydock.paths import PG_BINDIR
 from drydock_archive import ArchiveFormatError, add_data_offsets
+from tests.conftest import connector, database_url
 
 SCRATCH = "drydock_archive_check"
 # Header of a version 1.14 archive (PG 12-15): magic, version, sizes and format (11 bytes), the
@@ -17,23 +18,20 @@ CREATION_DATE = slice(16, 16 + 7 * 5)
 def databases_to_dump(sandbox_env):
     """Production's site database, and a scratch one on the local server with large objects
     (their data blocks have their own layout)."""
-    import psycopg
-
-    local = sandbox_env["local"]
-    admin_url = local["url"].replace(f"/{local['database']}?", "/postgres?")
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {SCRATCH}")
-        conn.execute(f"CREATE DATABASE {SCRATCH}")
-    scratch_url = local["url"].replace(f"/{local['database']}?", f"/{SCRATCH}?")
-    with psycopg.connect(scratch_url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE note (id int PRIMARY KEY, body text)")
-        conn.execute("INSERT INTO note SELECT i, repeat(md5(i::text), i % 50) FROM generate_series(1, 5000) i")
-        conn.execute("CREATE TABLE empty_one (id int)")
-        conn.execute("SELECT lo_from_bytea(0, convert_to(repeat('large object ', 20000), 'UTF8'))")
-        conn.execute("SELECT lo_from_bytea(0, '\\x00ff'::bytea)")
-    yield {"production": sandbox_env["production"]["url"], "with large objects": scratch_url}
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {SCRATCH}")
+    with connector(sandbox_env) as connect:
+        admin = connect("local", "postgres")
+        admin.execute(f"DROP DATABASE IF EXISTS {SCRATCH}")
+        admin.execute(f"CREATE DATABASE {SCRATCH}")
+        scratch = connect("local", SCRATCH)
+        scratch.execute("CREATE TABLE note (id int PRIMARY KEY, body text)")
+        scratch.execute("INSERT INTO note SELECT i, repeat(md5(i::text), i % 50) FROM generate_series(1, 5000) i")
+        scratch.execute("CREATE TABLE empty_one (id int)")
+        scratch.execute("SELECT lo_from_bytea(0, convert_to(repeat('large object ', 20000), 'UTF8'))")
+        scratch.execute("SELECT lo_from_bytea(0, '\\x00ff'::bytea)")
+    yield {"production": database_url(sandbox_env, "production"),
+           "with large objects": database_url(sandbox_env, "local", SCRATCH)}
+    with connector(sandbox_env) as connect:
+        connect("local", "postgres").execute(f"DROP DATABASE IF EXISTS {SCRATCH}")
 
 
 def dump_twice(url: str, folder) -> tuple[bytes, bytes]:
