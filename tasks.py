@@ -175,11 +175,13 @@ def migrate(c, notebook=None, script=None, param=None, plan=False, phase="all", 
 
 
 @task(help={"name": "snapshot name (lower-case letters, digits and _)",
-            "force": "replace an existing snapshot of that name"})
+            "force": "replace an existing snapshot of that name",
+            "ready-copy": "keep a ready copy beside it, so that a restore is a rename (on by default: "
+                          "--no-ready-copy saves the disk it takes, as much as the snapshot)"})
 @one_line_errors
-def snapshot_save(c, name, force=False):
+def snapshot_save(c, name, force=False, ready_copy=True):
     """Snapshot the local database (a template copy: seconds, whatever the size)."""
-    workflow.snapshot("save", name, force=force)
+    workflow.snapshot("save", name, force=force, ready_copy=ready_copy)
 
 
 @task(help={"name": "the snapshot to bring back"})

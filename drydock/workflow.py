@@ -94,24 +94,44 @@ def site(env_text: str, hostname: str, port: int, site_name: str = "", say: Say 
     say(f"{env}: Site {site_name or '(default)'} is now {hostname}:{port}")
 
 
-def snapshot(action: str, name: str = "", force: bool = False, say: Say = print) -> list[dict] | None:
-    """save / restore / delete a snapshot of the local database, or list them."""
-    local = inventory.load().local[0]
+def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool = True,
+             say: Say = print) -> list[dict] | None:
+    """save / restore / delete a snapshot of the local database, or list them.
+
+    No inventory read here (ansible-inventory takes half a second, a third of a restore):
+    snapshot.yml targets drydock_local itself and refuses more than one host."""
     if action != "list":
         valid_snapshot_name(name)
-    extra = {"pg_snapshot_action": action, "pg_snapshot_name": name, "pg_snapshot_force": force}
+    extra = {"pg_snapshot_action": action, "pg_snapshot_name": name, "pg_snapshot_force": force,
+             "pg_snapshot_ready_copy": ready_copy}
     if action == "list":
-        results = run_playbook("snapshot.yml", limit=local, extra_vars=extra, capture=True)
-        snapshots = next(r["snapshots"] for r in results[local].values() if "snapshots" in r)
+        snapshots = _module_result(run_playbook("snapshot.yml", extra_vars=extra, capture=True), "snapshots")
         say(format_snapshots(snapshots))
         return snapshots
     run = Run(f"snapshot-{action}")
-    with run.step(f"snapshot {action}", snapshot=name):
-        run_playbook("snapshot.yml", limit=local, extra_vars=extra, run=run)
-    say({"save": f"saved snapshot {name} of the local database",
-         "restore": f"the local database is back at snapshot {name} (the one it replaced is kept as <db>__previous)",
-         "delete": f"deleted snapshot {name}"}[action])
+    with run.step(f"snapshot {action}", snapshot=name) as step:
+        if action != "restore":
+            run_playbook("snapshot.yml", extra_vars=extra, run=run)
+        else:  # captured, to tell whether the restore was a rename; it takes a second or two
+            say(f"==> restoring snapshot {name}")
+            used = _module_result(run_playbook("snapshot.yml", extra_vars=extra, run=run, capture=True),
+                                  "ready_copy_used")
+            step.update(ready_copy_used=used)
+    if action == "save":
+        say(f"saved snapshot {name} of the local database"
+            + ("; its ready copy is being made in the background" if ready_copy else ""))
+    elif action == "restore":
+        how = "swapped in its ready copy, the next one is being made in the background" if used else \
+            "copied it: it had no ready copy"
+        say(f"the local database is back at snapshot {name} ({how}; the one it replaced is kept as <db>__previous)")
+    else:
+        say(f"deleted snapshot {name}")
     return None
+
+
+def _module_result(results: dict, key: str):
+    """`key` from the one task result that has it (snapshot.yml runs on one host)."""
+    return next(r[key] for host in results.values() for r in host.values() if key in r)
 
 
 def format_snapshots(snapshots: list[dict], now: datetime | None = None) -> str:
@@ -128,8 +148,9 @@ def format_snapshots(snapshots: list[dict], now: datetime | None = None) -> str:
             age = f"{seconds / 86400:.1f} d" if seconds >= 86400 else f"{seconds / 3600:.1f} h" if seconds >= 3600 \
                 else f"{seconds / 60:.0f} min"
         rows.append({"name": snap["name"], "of database": snap["source"],
-                     "size": f"{snap['size'] / 1048576:.1f} MB", "age": age})
-    return table(rows, ["name", "of database", "size", "age"])
+                     "size": f"{snap['size'] / 1048576:.1f} MB", "age": age,
+                     "ready copy": "yes" if snap.get("ready") else "no"})
+    return table(rows, ["name", "of database", "size", "age", "ready copy"])
 
 
 PHASES = ("all", "before", "after")

@@ -10,8 +10,15 @@ description:
     C(CREATE DATABASE ... TEMPLATE db STRATEGY FILE_COPY) (the fastest copy PostgreSQL 15
     has). Its comment records the source and the time; it accepts no connections, so it
     stays exactly as saved.
-  - Restore copies the snapshot into C(db__incoming) and swaps it in by renaming; the
-    replaced database is kept as C(db__previous). A snapshot of another database is refused.
+  - Restore swaps the snapshot's ready copy C(db__ready_name) in by renaming, when there is
+    one made from the snapshot as it is; otherwise it copies the snapshot into C(db__incoming)
+    and swaps that in. The replaced database is kept as C(db__previous); the generation before
+    it is renamed aside, left for C(prepare) to drop. A snapshot of another database is refused.
+  - Prepare is the second half of save and restore, which run it in the background (see
+    C(background)): it drops the generation a restore put aside and, for a snapshot saved with
+    C(ready_copy), makes its ready copy, so that the next restore is a rename. An action that
+    comes while it runs waits for it: every action but list and copy takes the same advisory
+    lock first.
   - Sessions on the databases involved are terminated first.
   - Connects over the local socket as the current OS user (peer authentication).
 options:
@@ -21,10 +28,23 @@ options:
         the source's drydock record (lineage), e.g. the outgoing copy a push scrubs and dumps.
     type: str
     required: true
-    choices: [save, restore, delete, list, copy]
+    choices: [save, restore, delete, list, copy, prepare]
   database: {description: The database the snapshots are of., type: str, required: true}
   name: {description: "Snapshot name: lower-case letters, digits and _ (at most 30); not for list.", type: str}
   force: {description: With save, replace an existing snapshot of that name., type: bool, default: false}
+  ready_copy:
+    description:
+      - With save, keep a ready copy of the snapshot beside it (made by C(prepare)), so that a
+        restore is a rename instead of a copy. It doubles the snapshot's disk use.
+    type: bool
+    default: false
+  background:
+    description:
+      - After a restore, or a save with C(ready_copy), run C(prepare) in a detached process
+        (it waits for this action's lock, so it starts as the module returns) instead of
+        before returning. The module returns as soon as its own action is done.
+    type: bool
+    default: true
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
 """
@@ -37,24 +57,40 @@ EXAMPLES = r"""
     name: before_step
     force: true
     socket_dir: /var/run/postgresql
+
+- name: Keep a ready copy of it, made before the module returns
+  drydock_snapshot:
+    action: save
+    database: wagtail_site
+    name: before_notebook
+    ready_copy: true
+    background: false
+    socket_dir: /var/run/postgresql
 """
 
 RETURN = r"""
 snapshot: {description: Database name of the snapshot., type: str, returned: save, restore, delete}
-snapshots: {description: "Every snapshot: name, database, source, size (bytes), created.", type: list, returned: list}
+snapshots: {description: "Every snapshot: name, database, source, size (bytes), created, ready (has a ready copy).", type: list, returned: list}
+ready_copy_used: {description: Whether the restore swapped the ready copy in (else it copied the snapshot)., type: bool, returned: restore}
+prepare: {description: "C(background), or what prepare did when not in the background.", type: raw, returned: "restore, save with ready_copy"}
+dropped: {description: The generation a restore had put aside and prepare dropped (null if none)., type: str, returned: prepare}
+ready_copy: {description: The ready copy prepare made (null if none was needed)., type: str, returned: prepare}
 """
 
 import json
+import os
 import re
 from datetime import datetime, timezone
+from typing import Callable
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import (require_psycopg, connect, database_comment, database_exists,
-                                             set_allow_connections, set_database_comment, swap_in,
-                                             terminate_sessions)
+from ansible.module_utils.drydock_pg import (require_psycopg, aside_name, connect, database_comment,
+                                             database_exists, set_allow_connections, set_database_comment,
+                                             swap_in, terminate_sessions)
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_]{0,29}\Z")
 SEPARATOR = "__snap_"
+READY = "__ready_"
 
 
 class SnapshotError(Exception):
@@ -65,21 +101,40 @@ def snapshot_db(database: str, name: str) -> str:
     return f"{database}{SEPARATOR}{name}"
 
 
+def ready_db(database: str, name: str) -> str:
+    return f"{database}{READY}{name}"
+
+
+def lock_snapshots(conn, database: str) -> None:
+    """Take (waiting for it) the lock every snapshot action on `database` holds until it
+    ends: a restore waits for a ready copy being made instead of copying a second time."""
+    conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (f"drydock-snapshots:{database}",))
+
+
+def _record(comment: str | None) -> dict:
+    try:
+        value = json.loads(comment or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def list_snapshots(conn) -> list[dict]:
     rows = conn.execute(
-        "SELECT datname, pg_database_size(oid), shobj_description(oid, 'pg_database') FROM pg_database"
-        " WHERE strpos(datname, %s) > 0 ORDER BY datname", (SEPARATOR,)).fetchall()
+        "SELECT datname, oid, pg_database_size(oid), shobj_description(oid, 'pg_database') FROM pg_database"
+        " WHERE strpos(datname, %s) > 0 OR strpos(datname, %s) > 0 ORDER BY datname", (SEPARATOR, READY)).fetchall()
+    # A ready copy counts only if it was made from the snapshot as it is now (same oid).
+    ready_of = {_record(comment).get("snapshot_oid") for datname, _oid, _size, comment in rows if READY in datname}
     snapshots = []
-    for datname, size, comment in rows:
+    for datname, oid, size, comment in rows:
+        if SEPARATOR not in datname:
+            continue
         source, name = datname.split(SEPARATOR, 1)
-        try:
-            meta = json.loads(comment or "{}")
-        except ValueError:
-            meta = {}
+        meta = _record(comment)
         # The comment is the record; the name is the fallback (e.g. the pull's pre_pull snapshot).
         snapshots.append({"name": meta.get("drydock_snapshot", name), "database": datname,
                           "source": meta.get("source", source),
-                          "size": size, "created": meta.get("created")})
+                          "size": size, "created": meta.get("created"), "ready": oid in ready_of})
     return snapshots
 
 
@@ -97,7 +152,7 @@ def template_copy(conn, source: str, target: str) -> None:
         set_allow_connections(conn, source, True)
 
 
-def save(conn, database: str, name: str, force: bool) -> str:
+def save(conn, database: str, name: str, force: bool, ready_copy: bool = False) -> str:
     sql = psycopg_sql()
     target = snapshot_db(database, name)
     if not database_exists(conn, database):
@@ -106,12 +161,58 @@ def save(conn, database: str, name: str, force: bool) -> str:
         if not force:
             raise SnapshotError(f"snapshot {name} of {database} exists already: delete it, or replace it with --force")
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(target)))
+    _drop(conn, ready_db(database, name))  # a copy of what this name held before
     template_copy(conn, database, target)
     set_database_comment(conn, target, {
         "drydock_snapshot": name, "source": database, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "lineage": database_comment(conn, database).get("drydock_lineage")})
+        "lineage": database_comment(conn, database).get("drydock_lineage"), "ready_copy": ready_copy})
     set_allow_connections(conn, target, False)  # nobody changes a snapshot
     return target
+
+
+def _drop(conn, name: str) -> None:
+    sql = psycopg_sql()
+    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _oid(conn, name: str) -> int | None:
+    row = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def copy_snapshot(conn, snapshot: str, target: str) -> None:
+    """CREATE DATABASE target as a file copy of a snapshot (which accepts no connections,
+    so it is not opened up the way template_copy opens its source again)."""
+    sql = psycopg_sql()
+    owner = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (snapshot,)).fetchone()[0]
+    terminate_sessions(conn, snapshot)
+    conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {} STRATEGY FILE_COPY").format(
+        sql.Identifier(target), sql.Identifier(snapshot), sql.Identifier(owner)))
+
+
+def ready_copy_of(conn, database: str, name: str) -> str | None:
+    """The ready copy of snapshot `name`, if one was made from the snapshot as it is now."""
+    ready = ready_db(database, name)
+    oid = _oid(conn, snapshot_db(database, name))
+    return ready if oid is not None and database_comment(conn, ready).get("snapshot_oid") == oid else None
+
+
+def prepare(conn, database: str, name: str | None) -> dict:
+    """The background half of save and restore: drop what a restore put aside, and make the
+    snapshot's ready copy if it was saved with one and has none."""
+    previous_aside = aside_name(f"{database}__previous")
+    dropped = database_exists(conn, previous_aside)
+    _drop(conn, previous_aside)
+    made = None
+    snapshot = snapshot_db(database, name) if name else None
+    if snapshot and database_comment(conn, snapshot).get("ready_copy") and not ready_copy_of(conn, database, name):
+        made = ready_db(database, name)
+        _drop(conn, made)  # one made from an earlier snapshot of that name, or half made
+        copy_snapshot(conn, snapshot, made)
+        set_allow_connections(conn, made, False)  # untouched until a restore swaps it in
+        # The record comes last: a copy without it (interrupted) is not taken for ready.
+        set_database_comment(conn, made, {"drydock_ready_copy": snapshot, "snapshot_oid": _oid(conn, snapshot)})
+    return {"dropped": previous_aside if dropped else None, "ready_copy": made}
 
 
 def copy(conn, database: str, name: str) -> str:
@@ -134,27 +235,29 @@ def find(conn, database: str, name: str) -> dict:
     raise SnapshotError(f"no snapshot {name} of {database}")
 
 
-def restore(conn, database: str, name: str) -> str:
-    sql = psycopg_sql()
+def restore(conn, database: str, name: str) -> tuple[str, bool]:
+    """Swap the snapshot's ready copy in, or a fresh copy of it; returns the snapshot and
+    whether the ready copy was used."""
     snapshot = find(conn, database, name)["database"]
-    incoming = f"{database}__incoming"
-    owner = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (snapshot,)).fetchone()[0]
-    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(incoming)))
-    terminate_sessions(conn, snapshot)
-    conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {} STRATEGY FILE_COPY").format(
-        sql.Identifier(incoming), sql.Identifier(snapshot), sql.Identifier(owner)))
+    incoming = ready_copy_of(conn, database, name)
+    _drop(conn, f"{database}__incoming")  # an interrupted restore's
+    if incoming is None:
+        incoming = f"{database}__incoming"
+        copy_snapshot(conn, snapshot, incoming)
     # The restored database carries the lineage its source had when the snapshot was taken.
     record = database_comment(conn, snapshot)
     lineage = record.get("lineage") or record.get("drydock_lineage")  # a snapshot's, or a renamed database's
     set_database_comment(conn, incoming, {"drydock_lineage": lineage} if lineage else None)
     set_allow_connections(conn, incoming, True)
-    swap_in(conn, database, incoming, f"{database}__previous")
-    return snapshot
+    # The generation before __previous is dropped by prepare, in the background.
+    swap_in(conn, database, incoming, f"{database}__previous", drop_aside=False)
+    return snapshot, incoming != f"{database}__incoming"
 
 
 def delete(conn, database: str, name: str) -> str:
     sql = psycopg_sql()
     snapshot = find(conn, database, name)["database"]
+    _drop(conn, ready_db(database, name))
     conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(snapshot)))
     return snapshot
 
@@ -165,11 +268,45 @@ def psycopg_sql():
     return sql
 
 
+def detach(work: Callable[[], None]) -> None:
+    """Run `work` in a detached grandchild (a session of its own, no inherited output), so
+    that the module returns at once while it goes on; like Ansible's async_wrapper, but
+    without an `async` task, whose start alone (temporary files, permissions, no
+    pipelining) took as long as a whole restore by rename."""
+    child = os.fork()
+    if child:
+        os.waitpid(child, 0)
+        return
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        work()
+    finally:
+        os._exit(0)  # never back into Ansible's exit path: that is the parent's
+
+
+def prepare_later(socket_dir: str, port: int, database: str, name: str) -> None:
+    """prepare() in the background: it waits for this module's lock, then runs under it."""
+    def work() -> None:
+        with connect(socket_dir, port, "postgres", autocommit=True) as conn:
+            lock_snapshots(conn, database)
+            prepare(conn, database, name)
+
+    detach(work)
+
+
 def main() -> None:
     module = AnsibleModule(
-        argument_spec=dict(action=dict(type="str", required=True, choices=["save", "restore", "delete", "list", "copy"]),
+        argument_spec=dict(action=dict(type="str", required=True,
+                                       choices=["save", "restore", "delete", "list", "copy", "prepare"]),
                            database=dict(type="str", required=True), name=dict(type="str"),
-                           force=dict(type="bool", default=False), socket_dir=dict(type="path", required=True),
+                           force=dict(type="bool", default=False), ready_copy=dict(type="bool", default=False),
+                           background=dict(type="bool", default=True),
+                           socket_dir=dict(type="path", required=True),
                            port=dict(type="int", default=5432)),
         supports_check_mode=True,
         required_if=[("action", "save", ["name"]), ("action", "restore", ["name"]), ("action", "delete", ["name"]),
@@ -186,12 +323,26 @@ def main() -> None:
             if p["action"] == "list":
                 module.exit_json(changed=False, snapshots=list_snapshots(conn))
             if module.check_mode:
-                module.exit_json(changed=True, snapshot=snapshot_db(p["database"], p["name"]))
-            action = {"save": lambda: save(conn, p["database"], p["name"], p["force"]),
-                      "restore": lambda: restore(conn, p["database"], p["name"]),
-                      "delete": lambda: delete(conn, p["database"], p["name"]),
-                      "copy": lambda: copy(conn, p["database"], p["name"])}[p["action"]]
-            module.exit_json(changed=True, snapshot=action())
+                module.exit_json(changed=True, snapshot=snapshot_db(p["database"], p["name"] or ""))
+            if p["action"] != "copy":  # copy makes the push's working copy, no snapshot
+                lock_snapshots(conn, p["database"])
+            if p["action"] == "prepare":
+                module.exit_json(changed=True, **prepare(conn, p["database"], p["name"]))
+            if p["action"] == "restore":
+                snapshot, used = restore(conn, p["database"], p["name"])
+                result = dict(snapshot=snapshot, ready_copy_used=used)
+            else:
+                action = {"save": lambda: save(conn, p["database"], p["name"], p["force"], p["ready_copy"]),
+                          "delete": lambda: delete(conn, p["database"], p["name"]),
+                          "copy": lambda: copy(conn, p["database"], p["name"])}[p["action"]]
+                result = dict(snapshot=action())
+            follow_up = p["action"] == "restore" or (p["action"] == "save" and p["ready_copy"])
+            if follow_up and p["background"]:
+                prepare_later(p["socket_dir"], p["port"], p["database"], p["name"])
+                result["prepare"] = "background"
+            elif follow_up:
+                result["prepare"] = prepare(conn, p["database"], p["name"])
+        module.exit_json(changed=True, **result)
     except SnapshotError as error:
         module.fail_json(msg=str(error))
     except psycopg.Error as error:

@@ -183,21 +183,29 @@ def renames_in_one_transaction(conn, close: list[str], renames: list[tuple[str, 
     return 0
 
 
-def swap_in(conn, database: str, incoming: str, previous: str) -> int:
+def aside_name(previous: str) -> str:
+    """Where a swap puts the generation before `previous` until it is dropped."""
+    return previous[:58] + "__old"
+
+
+def swap_in(conn, database: str, incoming: str, previous: str, drop_aside: bool = True) -> int:
     """Put `incoming` in place of `database`, keeping the old one as `previous`.
 
     All renames happen in one transaction (see renames_in_one_transaction): either the
     swap happened or nothing did. An existing `previous` (the generation before) is renamed
-    aside in that transaction and dropped only once the swap has succeeded. `conn` is an
-    autocommit connection to another database (e.g. postgres). Returns the number of
-    sessions terminated.
+    aside in that transaction and dropped only once the swap has succeeded (or, with
+    `drop_aside=False`, left for the caller to drop later: freeing a large database's files
+    can take seconds on some disks). `conn` is an autocommit connection to another database
+    (e.g. postgres). Returns the number of sessions terminated.
     """
-    aside = previous[:58] + "__old"
+    aside = aside_name(previous)
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(aside)))  # a crash's
     present = [name for name in (database, previous) if database_exists(conn, name)]
     renames = [(old, new) for old, new in [(previous, aside), (database, previous), (incoming, database)]
                if old == incoming or old in present]
     terminated = renames_in_one_transaction(conn, present + [incoming], renames)
+    if not drop_aside:
+        return terminated
     # The swap has happened: tidying up the older generation must not fail it.
     try:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(aside)))

@@ -1,7 +1,38 @@
-"""Snapshots of the local database: exact round trips, validated names, no cross-database restores."""
+"""Snapshots of the local database: exact round trips, validated names, no cross-database restores,
+and ready copies that make a restore a rename without ever restoring anything but the snapshot."""
+import time
+
 import pytest
 
 from tests.conftest import databases, error_lines, fingerprint, inv, playbook
+
+READY = "wagtail_site__ready_saved"
+ASIDE = "wagtail_site__previous__old"
+
+
+def has_ready_copy(conn) -> bool:
+    """A ready copy with its record: prepare writes the record last."""
+    row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                       (READY,)).fetchone()
+    return bool(row and row[0])
+
+
+def wait_for(condition, what: str, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"still not {what} after {seconds:.0f} s"
+        time.sleep(0.2)
+
+
+def settled(conn) -> None:
+    """Wait for the background work of a save or restore: the ready copy made, the aside dropped."""
+    wait_for(lambda: has_ready_copy(conn) and ASIDE not in databases(conn), "settled")
+
+
+def change(conn) -> dict:
+    conn.execute("DELETE FROM taggit_taggeditem")
+    conn.execute("UPDATE blog_post SET body = md5(random()::text)")
+    return fingerprint(conn)
 
 
 @pytest.fixture
@@ -27,9 +58,9 @@ def test_save_change_restore_gives_back_the_saved_data(clean_snapshots, connect)
 def test_list_shows_size_and_age(clean_snapshots):
     inv("snapshot.save", "saved", check=True)
     listing = inv("snapshot.list", check=True).stdout.splitlines()
-    assert listing[0].split() == ["name", "of", "database", "size", "age"]
+    assert listing[0].split() == ["name", "of", "database", "size", "age", "ready", "copy"]
     row = next(line.split() for line in listing if line.startswith("saved "))
-    assert row[1] == "wagtail_site" and row[3] == "MB" and row[5] == "min"
+    assert row[1] == "wagtail_site" and row[3] == "MB" and row[5] == "min" and row[6] in ("yes", "no")
 
 
 def test_existing_name_needs_force(clean_snapshots):
@@ -67,3 +98,61 @@ def test_bad_names_get_one_line(sandbox_env, name):
 def test_missing_snapshot(pulled):
     proc = inv("snapshot.restore", "nosuch")
     assert proc.returncode == 1 and "no snapshot nosuch of wagtail_site" in error_lines(proc)[-1]
+
+
+def test_restore_is_a_rename_of_the_ready_copy_and_the_next_one_is_made(clean_snapshots, connect):
+    saved = fingerprint(connect("local"))
+    inv("snapshot.save", "saved", check=True)
+    watcher = connect("local", "postgres")
+    settled(watcher)
+    for _ in range(2):  # the second restore uses the copy made in the background after the first
+        change(connect("local"))
+        restored = inv("snapshot.restore", "saved", check=True)
+        assert "swapped in its ready copy" in restored.stdout
+        assert fingerprint(connect("local")) == saved
+        settled(watcher)
+    assert "wagtail_site__incoming" not in databases(watcher)
+    listing = inv("snapshot.list", check=True).stdout
+    assert next(line for line in listing.splitlines() if line.startswith("saved ")).split()[-1] == "yes"
+
+
+def test_a_replaced_snapshot_never_restores_its_old_ready_copy(clean_snapshots, connect):
+    inv("snapshot.save", "saved", check=True)
+    settled(connect("local", "postgres"))
+    changed = change(connect("local"))
+    inv("snapshot.save", "saved", "--force", check=True)
+    change(connect("local"))
+    inv("snapshot.restore", "saved", check=True)  # at once: the new ready copy may still be in the making
+    assert fingerprint(connect("local")) == changed
+
+
+def test_an_interrupted_ready_copy_is_not_used_and_is_made_again(clean_snapshots, connect):
+    saved = fingerprint(connect("local"))
+    inv("snapshot.save", "saved", check=True)
+    watcher = connect("local", "postgres")
+    settled(watcher)
+    # What a prepare killed halfway leaves: a database of that name without its record.
+    watcher.execute(f"DROP DATABASE {READY}")
+    watcher.execute(f"CREATE DATABASE {READY}")
+    change(connect("local"))
+    restored = inv("snapshot.restore", "saved", check=True)
+    assert "copied it" in restored.stdout
+    assert fingerprint(connect("local")) == saved
+    settled(watcher)  # the bogus one replaced by a real ready copy
+
+
+def test_without_ready_copy_and_the_migration_snapshot_none_is_made(clean_snapshots, connect):
+    inv("snapshot.save", "saved", "--no-ready-copy", check=True)
+    inv("snapshot.restore", "saved", check=True)
+    watcher = connect("local", "postgres")
+    wait_for(lambda: ASIDE not in databases(watcher), "dropped")
+    inv("migrate", check=True)  # its safety snapshot
+    assert not [name for name in databases(watcher) if "__ready_" in name]
+
+
+def test_delete_removes_the_ready_copy_too(clean_snapshots, connect):
+    inv("snapshot.save", "saved", check=True)
+    inv("snapshot.delete", "saved", check=True)  # waits for the ready copy being made, if it is
+    watcher = connect("local", "postgres")
+    time.sleep(2)  # a background prepare that starts only now finds no snapshot to copy
+    assert READY not in databases(watcher) and "wagtail_site__snap_saved" not in databases(watcher)
