@@ -102,12 +102,15 @@ class Bench:
         made, the replaced generation dropped), so that it does not slow what is measured
         next; returns how long that took after the command had returned."""
         started = time.monotonic()
-        ready, aside = f"{DATABASE}__ready_{SNAPSHOT}", f"{DATABASE}__previous__old"
+        snapshot, ready = f"{DATABASE}__snap_{SNAPSHOT}", f"{DATABASE}__ready_{SNAPSHOT}"
+        aside = f"{DATABASE}__previous__old"
         with psycopg.connect(self.envs()["local"]["url"], autocommit=True) as conn:
             while time.monotonic() - started < timeout_s:
                 rows = dict(conn.execute("SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database"
                                          " WHERE datname IN (%s, %s)", (ready, aside)).fetchall())
-                if rows.get(ready) and aside not in rows:  # prepare writes the ready copy's record last
+                oid = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (snapshot,)).fetchone()
+                # prepare writes the ready copy's record, naming the snapshot's oid, last
+                if aside not in rows and oid and json.loads(rows.get(ready) or "{}").get("snapshot_oid") == oid[0]:
                     return time.monotonic() - started
                 time.sleep(0.05)
         raise BenchError(f"the snapshot's ready copy was not made again within {timeout_s:.0f} s")

@@ -114,15 +114,15 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
             run_playbook("snapshot.yml", extra_vars=extra, run=run)
         else:  # captured, to tell whether the restore was a rename; it takes a second or two
             say(f"==> restoring snapshot {name}")
-            used = _module_result(run_playbook("snapshot.yml", extra_vars=extra, run=run, capture=True),
-                                  "ready_copy_used")
+            results = run_playbook("snapshot.yml", extra_vars=extra, run=run, capture=True)
+            used, error = _module_result(results, "ready_copy_used"), _module_result(results, "ready_copy_error")
             step.update(ready_copy_used=used)
     if action == "save":
         say(f"saved snapshot {name} of the local database"
             + ("; its ready copy is being made in the background" if ready_copy else ""))
     elif action == "restore":
         how = "swapped in its ready copy, the next one is being made in the background" if used else \
-            "copied it: it had no ready copy"
+            "copied it: it had no ready copy" + (f"; making one failed: {error}" if error else "")
         say(f"the local database is back at snapshot {name} ({how}; the one it replaced is kept as <db>__previous)")
     else:
         say(f"deleted snapshot {name}")
@@ -149,8 +149,10 @@ def format_snapshots(snapshots: list[dict], now: datetime | None = None) -> str:
                 else f"{seconds / 60:.0f} min"
         rows.append({"name": snap["name"], "of database": snap["source"],
                      "size": f"{snap['size'] / 1048576:.1f} MB", "age": age,
-                     "ready copy": "yes" if snap.get("ready") else "no"})
-    return table(rows, ["name", "of database", "size", "age", "ready copy"])
+                     "ready copy": "yes" if snap.get("ready") else "failed" if snap.get("ready_copy_error") else "no"})
+    failures = [f"{snap['name']}: making its ready copy failed: {snap['ready_copy_error']}"
+                for snap in snapshots if snap.get("ready_copy_error") and not snap.get("ready")]
+    return "\n".join([table(rows, ["name", "of database", "size", "age", "ready copy"]), *failures])
 
 
 PHASES = ("all", "before", "after")

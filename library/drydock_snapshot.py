@@ -70,8 +70,9 @@ EXAMPLES = r"""
 
 RETURN = r"""
 snapshot: {description: Database name of the snapshot., type: str, returned: save, restore, delete}
-snapshots: {description: "Every snapshot: name, database, source, size (bytes), created, ready (has a ready copy).", type: list, returned: list}
+snapshots: {description: "Every snapshot: name, database, source, size (bytes), created, ready (has a ready copy), ready_copy_error.", type: list, returned: list}
 ready_copy_used: {description: Whether the restore swapped the ready copy in (else it copied the snapshot)., type: bool, returned: restore}
+ready_copy_error: {description: Why the last background attempt to make the ready copy failed (null if it did not)., type: str, returned: restore}
 prepare: {description: "C(background), or what prepare did when not in the background.", type: raw, returned: "restore, save with ready_copy"}
 dropped: {description: The generation a restore had put aside and prepare dropped (null if none)., type: str, returned: prepare}
 ready_copy: {description: The ready copy prepare made (null if none was needed)., type: str, returned: prepare}
@@ -105,10 +106,21 @@ def ready_db(database: str, name: str) -> str:
     return f"{database}{READY}{name}"
 
 
+LOCK_WAIT = "30min"  # a ready copy of a large database being made; far more means a stuck one
+
+
 def lock_snapshots(conn, database: str) -> None:
     """Take (waiting for it) the lock every snapshot action on `database` holds until it
     ends: a restore waits for a ready copy being made instead of copying a second time."""
-    conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (f"drydock-snapshots:{database}",))
+    psycopg = psycopg_module()
+    conn.execute(f"SET lock_timeout = '{LOCK_WAIT}'")
+    try:
+        conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (f"drydock-snapshots:{database}",))
+    except psycopg.errors.LockNotAvailable:
+        raise SnapshotError(f"another snapshot action on {database} has held its lock for {LOCK_WAIT}: see "
+                            "pg_stat_activity (application_name drydock) on the local server") from None
+    finally:
+        conn.execute("RESET lock_timeout")
 
 
 def _record(comment: str | None) -> dict:
@@ -134,7 +146,8 @@ def list_snapshots(conn) -> list[dict]:
         # The comment is the record; the name is the fallback (e.g. the pull's pre_pull snapshot).
         snapshots.append({"name": meta.get("drydock_snapshot", name), "database": datname,
                           "source": meta.get("source", source),
-                          "size": size, "created": meta.get("created"), "ready": oid in ready_of})
+                          "size": size, "created": meta.get("created"), "ready": oid in ready_of,
+                          "ready_copy_error": meta.get("ready_copy_error")})
     return snapshots
 
 
@@ -152,9 +165,16 @@ def template_copy(conn, source: str, target: str) -> None:
         set_allow_connections(conn, source, True)
 
 
+MAX_NAME_BYTES = 63  # PostgreSQL cuts longer database names short, and two could become one
+
+
 def save(conn, database: str, name: str, force: bool, ready_copy: bool = False) -> str:
     sql = psycopg_sql()
     target = snapshot_db(database, name)
+    longest = ready_db(database, name) if ready_copy else target
+    if len(longest.encode()) > MAX_NAME_BYTES:
+        raise SnapshotError(f"snapshot name {name} is too long for database {database}: {longest} would pass "
+                            f"PostgreSQL's {MAX_NAME_BYTES} bytes" + (" (or save with --no-ready-copy)" if ready_copy else ""))
     if not database_exists(conn, database):
         raise SnapshotError(f"database {database} does not exist")
     if database_exists(conn, target):
@@ -208,11 +228,25 @@ def prepare(conn, database: str, name: str | None) -> dict:
     if snapshot and database_comment(conn, snapshot).get("ready_copy") and not ready_copy_of(conn, database, name):
         made = ready_db(database, name)
         _drop(conn, made)  # one made from an earlier snapshot of that name, or half made
+        oid = _oid(conn, snapshot)
         copy_snapshot(conn, snapshot, made)
+        if _oid(conn, snapshot) != oid:  # replaced meanwhile by something that takes no lock (a pull's swap)
+            _drop(conn, made)
+            raise SnapshotError(f"{snapshot} was replaced while its ready copy was being made")
         set_allow_connections(conn, made, False)  # untouched until a restore swaps it in
         # The record comes last: a copy without it (interrupted) is not taken for ready.
-        set_database_comment(conn, made, {"drydock_ready_copy": snapshot, "snapshot_oid": _oid(conn, snapshot)})
+        set_database_comment(conn, made, {"drydock_ready_copy": snapshot, "snapshot_oid": oid})
+        record_ready_copy_error(conn, snapshot, None)
     return {"dropped": previous_aside if dropped else None, "ready_copy": made}
+
+
+def record_ready_copy_error(conn, snapshot: str, error: str | None) -> None:
+    """Keep why a ready copy could not be made in the snapshot's record, for list and restore
+    to say (None clears it)."""
+    record = database_comment(conn, snapshot)
+    if record and record.get("ready_copy_error") != error:
+        record["ready_copy_error"] = error
+        set_database_comment(conn, snapshot, {key: value for key, value in record.items() if value is not None})
 
 
 def copy(conn, database: str, name: str) -> str:
@@ -268,6 +302,12 @@ def psycopg_sql():
     return sql
 
 
+def psycopg_module():
+    import psycopg
+
+    return psycopg
+
+
 def detach(work: Callable[[], None]) -> None:
     """Run `work` in a detached grandchild (a session of its own, no inherited output), so
     that the module returns at once while it goes on; like Ansible's async_wrapper, but
@@ -284,17 +324,22 @@ def detach(work: Callable[[], None]) -> None:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # nothing of the parent's stays open here
         work()
     finally:
         os._exit(0)  # never back into Ansible's exit path: that is the parent's
 
 
 def prepare_later(socket_dir: str, port: int, database: str, name: str) -> None:
-    """prepare() in the background: it waits for this module's lock, then runs under it."""
+    """prepare() in the background, under the lock; why it failed, if it did, goes into the
+    snapshot's record (nobody reads this process's output)."""
     def work() -> None:
         with connect(socket_dir, port, "postgres", autocommit=True) as conn:
-            lock_snapshots(conn, database)
-            prepare(conn, database, name)
+            try:
+                lock_snapshots(conn, database)
+                prepare(conn, database, name)
+            except Exception as error:  # noqa: BLE001 - reported through the record instead
+                record_ready_copy_error(conn, snapshot_db(database, name), " ".join(str(error).split())[:300])
 
     detach(work)
 
@@ -318,6 +363,7 @@ def main() -> None:
     require_psycopg(module)
     import psycopg
 
+    background = False
     try:
         with connect(p["socket_dir"], p["port"], "postgres", autocommit=True) as conn:
             if p["action"] == "list":
@@ -330,7 +376,8 @@ def main() -> None:
                 module.exit_json(changed=True, **prepare(conn, p["database"], p["name"]))
             if p["action"] == "restore":
                 snapshot, used = restore(conn, p["database"], p["name"])
-                result = dict(snapshot=snapshot, ready_copy_used=used)
+                result = dict(snapshot=snapshot, ready_copy_used=used,
+                              ready_copy_error=database_comment(conn, snapshot).get("ready_copy_error"))
             else:
                 action = {"save": lambda: save(conn, p["database"], p["name"], p["force"], p["ready_copy"]),
                           "delete": lambda: delete(conn, p["database"], p["name"]),
@@ -338,10 +385,14 @@ def main() -> None:
                 result = dict(snapshot=action())
             follow_up = p["action"] == "restore" or (p["action"] == "save" and p["ready_copy"])
             if follow_up and p["background"]:
-                prepare_later(p["socket_dir"], p["port"], p["database"], p["name"])
+                background = True
                 result["prepare"] = "background"
             elif follow_up:
                 result["prepare"] = prepare(conn, p["database"], p["name"])
+        # Forked only now that this connection is closed and its lock released: a child
+        # holding the socket would keep a killed module's session, and its lock, alive.
+        if background:
+            prepare_later(p["socket_dir"], p["port"], p["database"], p["name"])
         module.exit_json(changed=True, **result)
     except SnapshotError as error:
         module.fail_json(msg=str(error))

@@ -55,12 +55,13 @@ def test_save_change_restore_gives_back_the_saved_data(clean_snapshots, connect)
     assert "wagtail_site__previous" in databases(connect("local"))  # what the restore replaced
 
 
-def test_list_shows_size_and_age(clean_snapshots):
+def test_list_shows_size_age_and_ready_copy(clean_snapshots, connect):
     inv("snapshot.save", "saved", check=True)
+    settled(connect("local", "postgres"))
     listing = inv("snapshot.list", check=True).stdout.splitlines()
     assert listing[0].split() == ["name", "of", "database", "size", "age", "ready", "copy"]
     row = next(line.split() for line in listing if line.startswith("saved "))
-    assert row[1] == "wagtail_site" and row[3] == "MB" and row[5] == "min" and row[6] in ("yes", "no")
+    assert row[1] == "wagtail_site" and row[3] == "MB" and row[5] == "min" and row[6] == "yes"
 
 
 def test_existing_name_needs_force(clean_snapshots):
@@ -116,6 +117,17 @@ def test_restore_is_a_rename_of_the_ready_copy_and_the_next_one_is_made(clean_sn
     assert next(line for line in listing.splitlines() if line.startswith("saved ")).split()[-1] == "yes"
 
 
+def test_a_restore_right_after_a_restore_waits_for_the_ready_copy(clean_snapshots, connect):
+    saved = fingerprint(connect("local"))
+    inv("snapshot.save", "saved", check=True)
+    settled(connect("local", "postgres"))
+    inv("snapshot.restore", "saved", check=True)
+    change(connect("local"))
+    again = inv("snapshot.restore", "saved", check=True)  # while the next ready copy is being made
+    assert "swapped in its ready copy" in again.stdout
+    assert fingerprint(connect("local")) == saved
+
+
 def test_a_replaced_snapshot_never_restores_its_old_ready_copy(clean_snapshots, connect):
     inv("snapshot.save", "saved", check=True)
     settled(connect("local", "postgres"))
@@ -126,33 +138,62 @@ def test_a_replaced_snapshot_never_restores_its_old_ready_copy(clean_snapshots, 
     assert fingerprint(connect("local")) == changed
 
 
-def test_an_interrupted_ready_copy_is_not_used_and_is_made_again(clean_snapshots, connect):
+@pytest.mark.parametrize("record", [None, '{"drydock_ready_copy": "wagtail_site__snap_saved", "snapshot_oid": 1}'],
+                         ids=["half made", "made from another snapshot"])
+def test_a_ready_copy_not_of_this_snapshot_is_never_used(clean_snapshots, connect, record):
     saved = fingerprint(connect("local"))
     inv("snapshot.save", "saved", check=True)
     watcher = connect("local", "postgres")
     settled(watcher)
-    # What a prepare killed halfway leaves: a database of that name without its record.
+    # Its place taken by other data: an empty database, without its record (what a prepare
+    # killed halfway leaves) or with the record of another snapshot's copy.
     watcher.execute(f"DROP DATABASE {READY}")
     watcher.execute(f"CREATE DATABASE {READY}")
+    if record:
+        watcher.execute(f"COMMENT ON DATABASE {READY} IS '{record}'")
     change(connect("local"))
     restored = inv("snapshot.restore", "saved", check=True)
     assert "copied it" in restored.stdout
     assert fingerprint(connect("local")) == saved
-    settled(watcher)  # the bogus one replaced by a real ready copy
+    settled(watcher)  # replaced by a real ready copy
+    assert '"snapshot_oid": 1}' not in (watcher.execute(
+        "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (READY,)).fetchone()[0])
 
 
-def test_without_ready_copy_and_the_migration_snapshot_none_is_made(clean_snapshots, connect):
+def test_without_ready_copy_and_for_the_migration_snapshot_none_is_made(clean_snapshots, connect):
     inv("snapshot.save", "saved", "--no-ready-copy", check=True)
-    inv("snapshot.restore", "saved", check=True)
     watcher = connect("local", "postgres")
-    wait_for(lambda: ASIDE not in databases(watcher), "dropped")
-    inv("migrate", check=True)  # its safety snapshot
-    assert not [name for name in databases(watcher) if "__ready_" in name]
+    try:
+        for _ in range(2):  # the second restore puts a generation aside: its drop shows the background ran
+            restored = inv("snapshot.restore", "saved", check=True)
+            assert "copied it: it had no ready copy" in restored.stdout
+        wait_for(lambda: ASIDE not in databases(watcher), "dropped")
+        inv("migrate", check=True)  # takes a safety snapshot (and waits for any snapshot work)
+        assert not [name for name in databases(watcher) if "__ready_" in name]
+    finally:
+        inv("snapshot.restore", "saved", check=True)  # back to the pulled data for the other tests
 
 
 def test_delete_removes_the_ready_copy_too(clean_snapshots, connect):
     inv("snapshot.save", "saved", check=True)
-    inv("snapshot.delete", "saved", check=True)  # waits for the ready copy being made, if it is
     watcher = connect("local", "postgres")
-    time.sleep(2)  # a background prepare that starts only now finds no snapshot to copy
+    settled(watcher)
+    inv("snapshot.delete", "saved", check=True)
     assert READY not in databases(watcher) and "wagtail_site__snap_saved" not in databases(watcher)
+
+
+def test_a_name_too_long_for_its_ready_copy_is_refused(pulled, connect):
+    """<db>__snap_<name> is one byte shorter than <db>__ready_<name>: at 63 bytes only the
+    snapshot fits, and PostgreSQL would silently cut the ready copy's name short."""
+    database, name = "d" * 26, "n" * 30
+    conn = connect("local", "postgres")
+    conn.execute(f"CREATE DATABASE {database}")
+    args = ("-e", "pg_snapshot_action=save", "-e", f"pg_snapshot_name={name}", "-e", f"pg_snapshot_database={database}")
+    try:
+        refused = playbook("snapshot.yml", *args)
+        assert refused.returncode != 0 and f"{database}__ready_{name} would pass PostgreSQL's 63 bytes" in refused.stdout
+        assert playbook("snapshot.yml", *args, "-e", "pg_snapshot_ready_copy=false").returncode == 0
+    finally:
+        playbook("snapshot.yml", "-e", "pg_snapshot_action=delete", "-e", f"pg_snapshot_name={name}",
+                 "-e", f"pg_snapshot_database={database}")
+        conn.execute(f"DROP DATABASE IF EXISTS {database}")

@@ -121,3 +121,18 @@ def test_normalized_keeps_meaning_and_drops_deparse_noise(a, b, same):
     from drydock_pg import normalized
 
     assert (normalized(a) == normalized(b)) is same
+
+
+def test_snapshot_listing_says_which_have_a_ready_copy_and_why_one_failed():
+    from datetime import datetime, timezone
+
+    from drydock.workflow import format_snapshots
+
+    base = {"source": "wagtail_site", "size": 3 * 1048576, "created": "2026-12-01T10:00:00+00:00"}
+    text = format_snapshots([dict(base, name="a", ready=True), dict(base, name="b", ready=False),
+                             dict(base, name="c", ready=False, ready_copy_error="disk full")],
+                            now=datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc))
+    lines = text.splitlines()
+    assert lines[0].split() == ["name", "of", "database", "size", "age", "ready", "copy"]
+    assert [line.split()[-1] for line in lines[1:4]] == ["yes", "no", "failed"]
+    assert lines[4] == "c: making its ready copy failed: disk full"
