@@ -151,16 +151,22 @@ def list_snapshots(conn) -> list[dict]:
     return snapshots
 
 
-def template_copy(conn, source: str, target: str) -> None:
-    """CREATE DATABASE target as a file copy of source, owned like it. A template must have
-    no other sessions while it is copied: connections are blocked and ended meanwhile."""
+def file_copy(conn, source: str, target: str) -> None:
+    """CREATE DATABASE target as a file copy of source, owned like it, once the sessions on
+    source are ended (a template must have none while it is copied)."""
     sql = psycopg_sql()
     owner = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (source,)).fetchone()[0]
+    terminate_sessions(conn, source)
+    conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {} STRATEGY FILE_COPY").format(
+        sql.Identifier(target), sql.Identifier(source), sql.Identifier(owner)))
+
+
+def template_copy(conn, source: str, target: str) -> None:
+    """file_copy() of a database in use: connections to it are blocked meanwhile, then
+    allowed again. (Snapshots accept none, and are copied with file_copy() alone.)"""
     set_allow_connections(conn, source, False)
     try:
-        terminate_sessions(conn, source)
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {} STRATEGY FILE_COPY").format(
-            sql.Identifier(target), sql.Identifier(source), sql.Identifier(owner)))
+        file_copy(conn, source, target)
     finally:
         set_allow_connections(conn, source, True)
 
@@ -169,7 +175,6 @@ MAX_NAME_BYTES = 63  # PostgreSQL cuts longer database names short, and two coul
 
 
 def save(conn, database: str, name: str, force: bool, ready_copy: bool = False) -> str:
-    sql = psycopg_sql()
     target = snapshot_db(database, name)
     longest = ready_db(database, name) if ready_copy else target
     if len(longest.encode()) > MAX_NAME_BYTES:
@@ -180,7 +185,7 @@ def save(conn, database: str, name: str, force: bool, ready_copy: bool = False) 
     if database_exists(conn, target):
         if not force:
             raise SnapshotError(f"snapshot {name} of {database} exists already: delete it, or replace it with --force")
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(target)))
+        _drop(conn, target)
     _drop(conn, ready_db(database, name))  # a copy of what this name held before
     template_copy(conn, database, target)
     set_database_comment(conn, target, {
@@ -198,16 +203,6 @@ def _drop(conn, name: str) -> None:
 def _oid(conn, name: str) -> int | None:
     row = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (name,)).fetchone()
     return row[0] if row else None
-
-
-def copy_snapshot(conn, snapshot: str, target: str) -> None:
-    """CREATE DATABASE target as a file copy of a snapshot (which accepts no connections,
-    so it is not opened up the way template_copy opens its source again)."""
-    sql = psycopg_sql()
-    owner = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (snapshot,)).fetchone()[0]
-    terminate_sessions(conn, snapshot)
-    conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {} STRATEGY FILE_COPY").format(
-        sql.Identifier(target), sql.Identifier(snapshot), sql.Identifier(owner)))
 
 
 def ready_copy_of(conn, database: str, name: str) -> str | None:
@@ -229,7 +224,7 @@ def prepare(conn, database: str, name: str | None) -> dict:
         made = ready_db(database, name)
         _drop(conn, made)  # one made from an earlier snapshot of that name, or half made
         oid = _oid(conn, snapshot)
-        copy_snapshot(conn, snapshot, made)
+        file_copy(conn, snapshot, made)
         if _oid(conn, snapshot) != oid:  # replaced meanwhile by something that takes no lock (a pull's swap)
             _drop(conn, made)
             raise SnapshotError(f"{snapshot} was replaced while its ready copy was being made")
@@ -251,9 +246,8 @@ def record_ready_copy_error(conn, snapshot: str, error: str | None) -> None:
 
 def copy(conn, database: str, name: str) -> str:
     """A working copy <database>__<name>, replacing an older one; keeps the drydock record."""
-    sql = psycopg_sql()
     target = f"{database}__{name}"
-    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(target)))
+    _drop(conn, target)
     template_copy(conn, database, target)
     set_database_comment(conn, target, database_comment(conn, database) or None)
     return target
@@ -277,7 +271,7 @@ def restore(conn, database: str, name: str) -> tuple[str, bool]:
     _drop(conn, f"{database}__incoming")  # an interrupted restore's
     if incoming is None:
         incoming = f"{database}__incoming"
-        copy_snapshot(conn, snapshot, incoming)
+        file_copy(conn, snapshot, incoming)
     # The restored database carries the lineage its source had when the snapshot was taken.
     record = database_comment(conn, snapshot)
     lineage = record.get("lineage") or record.get("drydock_lineage")  # a snapshot's, or a renamed database's
@@ -289,10 +283,9 @@ def restore(conn, database: str, name: str) -> tuple[str, bool]:
 
 
 def delete(conn, database: str, name: str) -> str:
-    sql = psycopg_sql()
     snapshot = find(conn, database, name)["database"]
     _drop(conn, ready_db(database, name))
-    conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(snapshot)))
+    _drop(conn, snapshot)
     return snapshot
 
 

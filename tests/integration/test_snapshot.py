@@ -11,9 +11,11 @@ ASIDE = "wagtail_site__previous__old"
 
 
 def has_ready_copy(conn) -> bool:
-    """A ready copy with its record: prepare writes the record last."""
-    row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
-                       (READY,)).fetchone()
+    """A ready copy whose record names the snapshot as it is: prepare writes it last."""
+    row = conn.execute(
+        "SELECT r.comment::json ->> 'snapshot_oid' = s.oid::text FROM pg_database s,"
+        " LATERAL (SELECT shobj_description(oid, 'pg_database') AS comment FROM pg_database WHERE datname = %s) r"
+        " WHERE s.datname = 'wagtail_site__snap_saved'", (READY,)).fetchone()
     return bool(row and row[0])
 
 
