@@ -78,7 +78,6 @@ dropped: {description: The generation a restore had put aside and prepare droppe
 ready_copy: {description: The ready copy prepare made (null if none was needed)., type: str, returned: prepare}
 """
 
-import json
 import os
 import re
 from datetime import datetime, timezone
@@ -86,8 +85,8 @@ from typing import Callable
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, aside_name, connect, database_comment,
-                                             database_exists, set_allow_connections, set_database_comment,
-                                             swap_in, terminate_sessions)
+                                             database_exists, parse_record, set_allow_connections,
+                                             set_database_comment, swap_in, terminate_sessions)
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_]{0,29}\Z")
 SEPARATOR = "__snap_"
@@ -123,26 +122,18 @@ def lock_snapshots(conn, database: str) -> None:
         conn.execute("RESET lock_timeout")
 
 
-def _record(comment: str | None) -> dict:
-    try:
-        value = json.loads(comment or "{}")
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def list_snapshots(conn) -> list[dict]:
     rows = conn.execute(
         "SELECT datname, oid, pg_database_size(oid), shobj_description(oid, 'pg_database') FROM pg_database"
         " WHERE strpos(datname, %s) > 0 OR strpos(datname, %s) > 0 ORDER BY datname", (SEPARATOR, READY)).fetchall()
     # A ready copy counts only if it was made from the snapshot as it is now (same oid).
-    ready_of = {_record(comment).get("snapshot_oid") for datname, _oid, _size, comment in rows if READY in datname}
+    ready_of = {parse_record(comment).get("snapshot_oid") for datname, _oid, _size, comment in rows if READY in datname}
     snapshots = []
     for datname, oid, size, comment in rows:
         if SEPARATOR not in datname:
             continue
         source, name = datname.split(SEPARATOR, 1)
-        meta = _record(comment)
+        meta = parse_record(comment)
         # The comment is the record; the name is the fallback (e.g. the pull's pre_pull snapshot).
         snapshots.append({"name": meta.get("drydock_snapshot", name), "database": datname,
                           "source": meta.get("source", source),

@@ -222,17 +222,22 @@ def exchange(conn, first: str, second: str) -> int:
                                       [(first, temporary), (second, first), (temporary, second)])
 
 
-def database_comment(conn, name: str) -> dict:
-    """drydock's JSON record on a database (its lineage), or {}."""
+def parse_record(comment: str | None) -> dict:
+    """drydock's JSON record from a database's comment, or {} (none, or not drydock's)."""
     import json
 
-    row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
-                       (name,)).fetchone()
     try:
-        value = json.loads(row[0]) if row and row[0] else {}
+        value = json.loads(comment) if comment else {}
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def database_comment(conn, name: str) -> dict:
+    """drydock's JSON record on a database (its lineage), or {}."""
+    row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                       (name,)).fetchone()
+    return parse_record(row[0] if row else None)
 
 
 def set_database_comment(conn, name: str, value: dict | None) -> None:
