@@ -81,7 +81,7 @@ class Bench:
     # -- drydock ----------------------------------------------------------------------
     def inv(self, *args: str) -> dict:
         """Run an inv command as a user would; its wall time, peak memory and journal."""
-        before = {p.name for p in runs_dir().glob("*")} if runs_dir().is_dir() else set()
+        before = self.run_folders()
         started = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-m", "invoke", *args], cwd=project_root(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -91,11 +91,16 @@ class Bench:
         memory.stop()
         if proc.returncode != 0:
             raise BenchError(f"inv {' '.join(args)} failed: {output.strip().splitlines()[-1:]}")
-        new_runs = sorted({p.name for p in runs_dir().glob("*")} - before)
+        new_runs = sorted(self.run_folders() - before)
         steps = journal.read(runs_dir() / new_runs[-1]) if new_runs else []
         return {"seconds": seconds, "peak_rss_bytes": memory.peak_total, "peak_process_rss_bytes": memory.peak_process,
                 "steps": {s["step"]: s.get("seconds") for s in steps},
                 "bytes": next((s["bytes"] for s in steps if "bytes" in s), None)}
+
+    @staticmethod
+    def run_folders() -> set[str]:
+        """The run folders in runs/, named by their start time (runs/locks/ is not one)."""
+        return {run["id"] for run in journal.list_runs()}
 
     def wait_for_snapshot_work(self, timeout_s: float = 600.0) -> float:
         """Wait until the work a restore leaves to the background is done (the next ready copy
@@ -163,11 +168,12 @@ class Bench:
 
     # -- the report --------------------------------------------------------------------
     def median(self, name: str, key: str = "seconds") -> float:
-        return statistics.median(s[key] for s in self.samples[name])
+        return statistics.median(s[key] for s in self.samples[name] if is_number(s.get(key)))
 
     def report(self, db_bytes: int, seed_s: float) -> dict:
-        medians = {name: {key: self.median(name, key) for key in samples[0]
-                          if isinstance(samples[0][key], (int, float)) and not isinstance(samples[0][key], bool)}
+        # A figure one run lacks (e.g. a journal it did not write) is the median of the others.
+        medians = {name: {key: self.median(name, key) for key in dict.fromkeys(k for s in samples for k in s)
+                          if any(is_number(s.get(key)) for s in samples)}
                    for name, samples in self.samples.items()}
         result = {
             "db_bytes": db_bytes,
@@ -190,6 +196,10 @@ class Bench:
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         return result
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def settings() -> dict:
