@@ -199,3 +199,36 @@ def test_a_name_too_long_for_its_ready_copy_is_refused(pulled, connect):
         playbook("snapshot.yml", "-e", "pg_snapshot_action=delete", "-e", f"pg_snapshot_name={name}",
                  "-e", f"pg_snapshot_database={database}")
         conn.execute(f"DROP DATABASE IF EXISTS {database}")
+
+
+def test_a_ready_copy_that_cannot_be_made_is_reported_and_the_restore_still_works(clean_snapshots, connect):
+    """The background process has no output anyone reads: why it failed goes into the snapshot's
+    record, which restore and list show, and the restores go on by copying the snapshot."""
+    saved = fingerprint(connect("local"))
+    inv("snapshot.save", "saved", check=True)
+    watcher = connect("local", "postgres")
+    settled(watcher)
+    # In the ready copy's place, a database prepare cannot drop: a template one.
+    watcher.execute(f"DROP DATABASE {READY}")
+    watcher.execute(f"CREATE DATABASE {READY} IS_TEMPLATE true")
+    try:
+        change(connect("local"))
+        first = inv("snapshot.restore", "saved", check=True)
+        assert "copied it: it had no ready copy" in first.stdout and fingerprint(connect("local")) == saved
+        record = ("SELECT shobj_description(oid, 'pg_database')::json ->> 'ready_copy_error'"
+                  " FROM pg_database WHERE datname = 'wagtail_site__snap_saved'")
+        wait_for(lambda: watcher.execute(record).fetchone()[0], "recorded")
+        assert "cannot drop a template database" in watcher.execute(record).fetchone()[0]
+        listing = inv("snapshot.list", check=True).stdout
+        assert "failed" in listing and "cannot drop a template database" in listing
+        change(connect("local"))
+        second = inv("snapshot.restore", "saved", check=True)
+        assert "making one failed: " in second.stdout and "cannot drop a template database" in second.stdout
+        assert fingerprint(connect("local")) == saved
+    finally:
+        watcher.execute(f"ALTER DATABASE {READY} IS_TEMPLATE false")
+    # Once the cause is gone, the next restore's background work makes it and clears the error.
+    inv("snapshot.restore", "saved", check=True)
+    settled(watcher)
+    wait_for(lambda: watcher.execute(record).fetchone()[0] is None, "cleared")  # written just after the copy's record
+    assert fingerprint(connect("local")) == saved
