@@ -37,6 +37,18 @@ def change(conn) -> dict:
     return fingerprint(conn)
 
 
+def saved_with_its_ready_copy_replaced(connect, options: str = ""):
+    """Save snapshot `saved`, wait for its ready copy, and put an empty database (CREATE DATABASE
+    with `options`) in the copy's place; the saved data's fingerprint and a superuser session."""
+    saved = fingerprint(connect("local"))
+    inv("snapshot.save", "saved", check=True)
+    watcher = connect("local", "postgres")
+    settled(watcher)
+    watcher.execute(f"DROP DATABASE {READY}")
+    watcher.execute(f"CREATE DATABASE {READY} {options}")
+    return saved, watcher
+
+
 @pytest.fixture
 def clean_snapshots(pulled):
     yield
@@ -143,14 +155,9 @@ def test_a_replaced_snapshot_never_restores_its_old_ready_copy(clean_snapshots, 
 @pytest.mark.parametrize("record", [None, '{"drydock_ready_copy": "wagtail_site__snap_saved", "snapshot_oid": 1}'],
                          ids=["half made", "made from another snapshot"])
 def test_a_ready_copy_not_of_this_snapshot_is_never_used(clean_snapshots, connect, record):
-    saved = fingerprint(connect("local"))
-    inv("snapshot.save", "saved", check=True)
-    watcher = connect("local", "postgres")
-    settled(watcher)
     # Its place taken by other data: an empty database, without its record (what a prepare
     # killed halfway leaves) or with the record of another snapshot's copy.
-    watcher.execute(f"DROP DATABASE {READY}")
-    watcher.execute(f"CREATE DATABASE {READY}")
+    saved, watcher = saved_with_its_ready_copy_replaced(connect)
     if record:
         watcher.execute(f"COMMENT ON DATABASE {READY} IS '{record}'")
     change(connect("local"))
@@ -204,13 +211,8 @@ def test_a_name_too_long_for_its_ready_copy_is_refused(pulled, connect):
 def test_a_ready_copy_that_cannot_be_made_is_reported_and_the_restore_still_works(clean_snapshots, connect):
     """The background process has no output anyone reads: why it failed goes into the snapshot's
     record, which restore and list show, and the restores go on by copying the snapshot."""
-    saved = fingerprint(connect("local"))
-    inv("snapshot.save", "saved", check=True)
-    watcher = connect("local", "postgres")
-    settled(watcher)
     # In the ready copy's place, a database prepare cannot drop: a template one.
-    watcher.execute(f"DROP DATABASE {READY}")
-    watcher.execute(f"CREATE DATABASE {READY} IS_TEMPLATE true")
+    saved, watcher = saved_with_its_ready_copy_replaced(connect, "IS_TEMPLATE true")
     try:
         change(connect("local"))
         first = inv("snapshot.restore", "saved", check=True)
