@@ -30,7 +30,7 @@ from bench.probe import DowntimeProbe
 from bench.runbook import Runbook, RunbookError
 from drydock import journal
 from drydock.errors import DrydockError
-from drydock.paths import project_root, runs_dir
+from drydock.paths import project_root
 from drydock.sandbox import DATABASE, Sandbox, SandboxError, bulk_posts_for
 
 Say = Callable[[str], None]
@@ -81,7 +81,7 @@ class Bench:
     # -- drydock ----------------------------------------------------------------------
     def inv(self, *args: str) -> dict:
         """Run an inv command as a user would; its wall time, peak memory and journal."""
-        before = self.run_folders()
+        before = set(journal.run_folders())
         started = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-m", "invoke", *args], cwd=project_root(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -91,16 +91,11 @@ class Bench:
         memory.stop()
         if proc.returncode != 0:
             raise BenchError(f"inv {' '.join(args)} failed: {output.strip().splitlines()[-1:]}")
-        new_runs = sorted(self.run_folders() - before)
-        steps = journal.read(runs_dir() / new_runs[-1]) if new_runs else []
+        new_runs = sorted(set(journal.run_folders()) - before)
+        steps = journal.read(new_runs[-1]) if new_runs else []
         return {"seconds": seconds, "peak_rss_bytes": memory.peak_total, "peak_process_rss_bytes": memory.peak_process,
                 "steps": {s["step"]: s.get("seconds") for s in steps},
                 "bytes": next((s["bytes"] for s in steps if "bytes" in s), None)}
-
-    @staticmethod
-    def run_folders() -> set[str]:
-        """The run folders in runs/, named by their start time (runs/locks/ is not one)."""
-        return {run["id"] for run in journal.list_runs()}
 
     def wait_for_snapshot_work(self, timeout_s: float = 600.0) -> float:
         """Wait until the work a restore leaves to the background is done (the next ready copy

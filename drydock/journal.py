@@ -74,11 +74,15 @@ def read(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def run_folders(root: Path | None = None) -> list[Path]:
+    """The run folders, oldest first: named <start time>-<task> (runs/locks/ is not one)."""
+    return sorted(p for p in (root or runs_dir()).glob("*-*") if p.is_dir() and p.name[:1].isdigit())
+
+
 def list_runs(root: Path | None = None) -> list[dict]:
     """Every run, oldest first: id, task, start, outcome, seconds, failed step."""
-    base = root or runs_dir()
     runs = []
-    for folder in sorted(p for p in base.glob("*-*") if p.is_dir() and p.name[:1].isdigit()):
+    for folder in run_folders(root):
         steps = read(folder)
         failed = next((s for s in steps if s.get("outcome") == "failed"), None)
         runs.append({"id": folder.name, "task": folder.name.split("-", 1)[1],

@@ -20,7 +20,7 @@ from typing import Callable
 
 import pytest
 
-from drydock import dumps
+from drydock import dumps, journal
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
 from drydock.sandbox import child_pids
@@ -38,8 +38,8 @@ SIDE_SUFFIXES = ("__incoming", "__outgoing", "__swapping", "__old")
 # -- helpers ------------------------------------------------------------------------------
 def newest_run_log(since: float) -> str:
     """The Ansible log of the newest run started after `since` (empty until there is one)."""
-    runs = [p for p in runs_dir().glob("*-*") if p.is_dir() and p.stat().st_mtime >= since - 1]
-    logs = [p / "ansible.log" for p in sorted(runs) if (p / "ansible.log").exists()]
+    runs = [p for p in journal.run_folders() if p.stat().st_mtime >= since - 1]
+    logs = [p / "ansible.log" for p in runs if (p / "ansible.log").exists()]
     return "".join(log.read_text(errors="replace") for log in logs)
 
 

@@ -213,12 +213,12 @@ def test_a_ready_copy_that_cannot_be_made_is_reported_and_the_restore_still_work
     record, which restore and list show, and the restores go on by copying the snapshot."""
     # In the ready copy's place, a database prepare cannot drop: a template one.
     saved, watcher = saved_with_its_ready_copy_replaced(connect, "IS_TEMPLATE true")
+    record = ("SELECT shobj_description(oid, 'pg_database')::json ->> 'ready_copy_error'"
+              " FROM pg_database WHERE datname = 'wagtail_site__snap_saved'")
     try:
         change(connect("local"))
         first = inv("snapshot.restore", "saved", check=True)
         assert "copied it: it had no ready copy" in first.stdout and fingerprint(connect("local")) == saved
-        record = ("SELECT shobj_description(oid, 'pg_database')::json ->> 'ready_copy_error'"
-                  " FROM pg_database WHERE datname = 'wagtail_site__snap_saved'")
         wait_for(lambda: watcher.execute(record).fetchone()[0], "recorded")
         assert "cannot drop a template database" in watcher.execute(record).fetchone()[0]
         listing = inv("snapshot.list", check=True).stdout
