@@ -39,7 +39,7 @@ writes_since: {description: "Tables written since C(compare_writes_with), e.g. '
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, content_fingerprint,
-                                             count_differences, latest_migrations, row_counts, write_fingerprint,
+                                             latest_migrations, row_count_problem, row_counts, write_fingerprint,
                                              writes_since)
 
 
@@ -67,10 +67,9 @@ def main() -> None:
         facts["writes_since"] = writes_since(params["compare_writes_with"], facts["write_fingerprint"])
     expected = params["expect_row_counts"]
     if expected is not None:
-        problems = count_differences({k: int(v) for k, v in expected.items()}, facts["row_counts"])
-        if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-            module.fail_json(msg=f"row counts of {params['database']} differ from the manifest: {shown}", **facts)
+        problem = row_count_problem(params["database"], expected, facts["row_counts"])
+        if problem:
+            module.fail_json(msg=problem, **facts)
     module.exit_json(changed=False, **facts)
 
 

@@ -149,6 +149,24 @@ def count_differences(expected: dict[str, int], actual: dict[str, int]) -> list[
     return problems
 
 
+def row_count_problem(database: str, expected: dict, actual: dict[str, int]) -> str | None:
+    """One line naming the tables (the first five) whose counts differ from `expected`
+    (a manifest's, whose values may arrive as strings), or None when all match."""
+    problems = count_differences({table: int(count) for table, count in expected.items()}, actual)
+    if not problems:
+        return None
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+    return f"row counts of {database} differ from the manifest: {shown}"
+
+
+def pg_restore_error(stderr: str, rc: int) -> str:
+    """pg_restore's own error line. With --exit-on-error its last line is often the SQL that
+    failed ("Command was: ..."), which says less than the error line before it."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("pg_restore: error:")]
+    return (errors or lines or [f"pg_restore exited with {rc}"])[-1]
+
+
 def database_exists(conn, name: str) -> bool:
     return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
 

@@ -179,6 +179,15 @@ class BlockedSwap:
         self.holder.rollback()
 
 
+def restoring(connect, env: str, since: float) -> Callable[[], bool]:
+    """True once the restore's task has begun and its side database exists on `env`
+    (the module creates it first). One connection for all the polls: a new one every
+    10 ms would use up the server's connection slots."""
+    watcher = connect(env, "postgres")
+    return lambda: (banner("Restore into the side database (stop", since)()
+                    and "wagtail_site__incoming" in databases(watcher))
+
+
 def change_a_post(conn, note: str) -> None:
     """Write to `conn`'s database, so that a run that should have been stopped but went
     through would show in the fingerprint of the database it copies to."""
@@ -204,8 +213,7 @@ def test_pull_killed_at_each_step(pulled, connect, sandbox_env, step):
     conditions = {
         "dump": partial_dump_on(sandbox_env, "production"),
         "fetch": after(banner("Fetch the dump", since), 0.5),
-        "restore": lambda: banner("Restore into the side database (stop", since)()
-        and "wagtail_site__incoming" in databases(connect("local", "postgres")),
+        "restore": restoring(connect, "local", since),
         "swap": blocked.waiting,
     }
     try:
@@ -232,8 +240,7 @@ def test_push_killed_at_each_step(pushed_once, connect, sandbox_env, step):
     conditions = {
         "dump": partial_dump_on(sandbox_env, "local"),
         "upload": after(banner("Upload the dump", since), 0.5),
-        "restore": lambda: banner("Restore into the side database (stop", since)()
-        and "wagtail_site__incoming" in databases(connect("staging", "postgres")),
+        "restore": restoring(connect, "staging", since),
         # The swap's phase begins by stopping the app; the rename itself runs on the host,
         # where a controller's death cannot interrupt it half-way (one transaction).
         "swap": banner("Stop the app", since),

@@ -7,13 +7,31 @@ import pytest
 from drydock import dumps
 from drydock.errors import DrydockError
 from drydock.journal import Run
-from drydock_pg import count_differences
+from drydock_pg import count_differences, pg_restore_error, row_count_problem
 
 
 def test_count_differences_names_each_table():
     assert count_differences({"a": 1, "b": 2}, {"a": 1, "b": 2}) == []
     assert count_differences({"a": 1, "b": 2, "c": 3}, {"a": 2, "b": 2, "d": 0}) == [
         "a: 2 rows, expected 1", "c: missing", "d: not in the manifest"]
+
+
+def test_row_count_problem_is_one_line_naming_the_first_five_tables():
+    expected = {f"t{i}": "3" for i in range(7)}  # a manifest's counts may arrive as strings
+    assert row_count_problem("db__incoming", expected, {f"t{i}": 3 for i in range(7)}) is None
+    problem = row_count_problem("db__incoming", expected, {f"t{i}": 4 for i in range(7)})
+    assert problem.startswith("row counts of db__incoming differ from the manifest: ")
+    assert "\n" not in problem and "t4" in problem and "t5" not in problem and problem.endswith("and 2 more")
+
+
+def test_pg_restore_error_is_the_error_line_not_the_failed_sql():
+    stderr = ("pg_restore: while PROCESSING TOC:\n"
+              "pg_restore: error: could not execute query: ERROR:  permission denied for schema public\n"
+              "Command was: CREATE TABLE public.blog_post (\n    id integer NOT NULL\n);\n\n")
+    assert pg_restore_error(stderr, 1) == ("pg_restore: error: could not execute query: "
+                                           "ERROR:  permission denied for schema public")
+    assert pg_restore_error("killed\n", -9) == "killed"
+    assert pg_restore_error("", 1) == "pg_restore exited with 1"
 
 
 def test_journal_is_private_and_records_failures(tmp_path):
