@@ -93,6 +93,17 @@ def test_count_mismatch_after_restore_leaves_local_unchanged(pulled, connect, tm
     assert "wagtail_site__incoming" not in databases(connect("local"))
 
 
+@pytest.mark.parametrize("override", ["pg_restore_incoming=wagtail_site", "pg_restore_previous=wagtail_site"])
+def test_side_database_named_as_the_live_one_is_refused(pulled, connect, override):
+    """The side database is dropped before the restore and the previous one replaced by the
+    swap: a setting that names either after the live database must stop before both."""
+    before = fingerprint(connect("local"))
+    proc = playbook("pull_database.yml", "-e", f"drydock_dump={pulled.path}", "-e", override)
+    assert proc.returncode != 0
+    assert "named apart from the live one" in proc.stdout + proc.stderr
+    assert fingerprint(connect("local")) == before
+
+
 @pytest.mark.parametrize("args, message", [
     (["pull", "production", "--dump", "/nonexistent/x.dump"], "no such dump file"),
     (["pull", "prod"], "unknown environment"),
