@@ -13,8 +13,10 @@ description:
   - One module for what were four tasks: each task costs a module start (0.2-0.3 s here on a
     quiet machine, over 1 s on a loaded one), and a push and a pull each restore once.
   - On failure the archive and the side database are left for the caller's cleanup (the
-    role's discard tasks), and the message is pg_restore's last line (its C(stderr) is
-    returned too) or the tables whose counts differ.
+    role's discard tasks), and the message is the error that stopped pg_restore (its
+    C(stderr) is returned too) or the tables whose counts differ.
+  - The archive is removed only if it is still the file the module started with: a module
+    left running by a controller that died must not remove the next run's archive.
   - Connects to the C(postgres) maintenance database over the local socket as the current
     OS user (peer authentication); pg_restore does the same.
   - In check mode nothing is created or restored; the module reports the pg_restore command
@@ -23,7 +25,7 @@ options:
   database: {description: The side database to create and restore into., type: str, required: true}
   owner: {description: The app role; owns the database and every restored object., type: str, required: true}
   archive: {description: The custom-format archive (seekable) to restore., type: path, required: true}
-  drop_existing: {description: Drop C(database) first if it exists (a run interrupted after creating it)., type: bool, default: true}
+  drop_existing: {description: Drop C(database) first if it exists (a run interrupted after creating it)., type: bool, default: false}
   jobs: {description: Parallel pg_restore jobs., type: int, default: 2}
   toast_compression:
     description: C(default_toast_compression) for every pg_restore session (C(PGOPTIONS)); empty keeps the server's.
@@ -87,10 +89,17 @@ def restore(module: AnsibleModule, argv: list[str]) -> None:
         module.fail_json(msg=pg_restore_error(stderr, rc), rc=rc, stderr=stderr, command=argv)
 
 
+def file_identity(path: str) -> tuple[int, int, int, int]:
+    """What tells this file from one placed later at the same path (the check writes a new
+    file, but an inode number alone can be reused)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(database=dict(type="str", required=True), owner=dict(type="str", required=True),
-                           archive=dict(type="path", required=True), drop_existing=dict(type="bool", default=True),
+                           archive=dict(type="path", required=True), drop_existing=dict(type="bool", default=False),
                            jobs=dict(type="int", default=2),
                            toast_compression=dict(type="str", default="", choices=list(TOAST_COMPRESSIONS)),
                            expect_row_counts=dict(type="dict", required=True),
@@ -108,6 +117,10 @@ def main() -> None:
     import psycopg
 
     try:
+        archive = file_identity(p["archive"])
+    except OSError as error:
+        module.fail_json(msg=f"cannot read the archive {p['archive']}: {error.strerror}", command=argv)
+    try:
         create_side_database(p)
         restore(module, argv)
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
@@ -121,9 +134,13 @@ def main() -> None:
         module.fail_json(msg=problem, row_counts=counts, command=argv)
     # Restored and checked: the archive (production data) has served its purpose.
     try:
-        os.unlink(p["archive"])
+        if file_identity(p["archive"]) == archive:
+            os.unlink(p["archive"])
     except FileNotFoundError:
         pass
+    except OSError as error:
+        module.fail_json(msg=f"restored and checked, but cannot remove the archive {p['archive']}: {error.strerror}",
+                         row_counts=counts, command=argv)
     module.exit_json(changed=True, row_counts=counts, command=argv)
 
 

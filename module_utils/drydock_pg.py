@@ -160,11 +160,14 @@ def row_count_problem(database: str, expected: dict, actual: dict[str, int]) -> 
 
 
 def pg_restore_error(stderr: str, rc: int) -> str:
-    """pg_restore's own error line. With --exit-on-error its last line is often the SQL that
-    failed ("Command was: ..."), which says less than the error line before it."""
+    """The error that stopped pg_restore, in one line. With --exit-on-error its last line is
+    often the SQL that failed ("Command was: ..."), and with --jobs the main process reports
+    "a worker process died unexpectedly" after the worker's own error: the first error line
+    says what went wrong."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("pg_restore: error:")]
-    return (errors or lines or [f"pg_restore exited with {rc}"])[-1]
+    causes = [line for line in errors if "worker process died" not in line]
+    return (causes or errors or lines[-1:] or [f"pg_restore exited with {rc}"])[0]
 
 
 def database_exists(conn, name: str) -> bool:

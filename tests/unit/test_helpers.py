@@ -30,7 +30,12 @@ def test_pg_restore_error_is_the_error_line_not_the_failed_sql():
               "Command was: CREATE TABLE public.blog_post (\n    id integer NOT NULL\n);\n\n")
     assert pg_restore_error(stderr, 1) == ("pg_restore: error: could not execute query: "
                                            "ERROR:  permission denied for schema public")
-    assert pg_restore_error("killed\n", -9) == "killed"
+    worker = ("pg_restore: error: could not execute query: ERROR:  could not extend file: No space left on device\n"
+              "Command was: COPY public.blog_post (id, body) FROM stdin;\n"
+              "pg_restore: error: a worker process died unexpectedly\n")
+    assert pg_restore_error(worker, 1).endswith("No space left on device")
+    assert pg_restore_error("pg_restore: error: a worker process died unexpectedly\n", 1).endswith("died unexpectedly")
+    assert pg_restore_error("starting\nkilled\n", -9) == "killed"
     assert pg_restore_error("", 1) == "pg_restore exited with 1"
 
 
