@@ -34,12 +34,13 @@ SSHD = Path("/usr/sbin/sshd")
 # The migration production runs at: before the Podcast model exists.
 PRODUCTION_BLOG_MIGRATION = "0001_initial"
 POSTS_ADDED_AFTER_STAGING_COPY = 5
-# Sizes for --scale, measured here: the default seed is ~15 MB; each bulk-added post
-# (14 paragraphs, a revision, two tags, six log entries) adds ~17.7 KB on disk.
-SMALL_MB = 15
-BULK_POST_KB = 17.7
+# Sizes for --scale, in MB of 10^6 bytes as pg_database_size counts them, measured here:
+# the default seed is ~15.7 MB; each bulk-added post (14 paragraphs, a revision, two tags,
+# six log entries) adds ~18,560 bytes on disk (58,373 of them made 1.099 GB).
+SMALL_MB = 15.7
+BULK_POST_BYTES = 18_560
 BULK_PARAGRAPHS = 14
-SCALES_MB = {"small": SMALL_MB, "bench": 1024}
+SCALES_MB = {"small": SMALL_MB, "bench": 1000}
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def bulk_posts_for(scale: str | int) -> int:
         megabytes = int(text)
     else:
         raise SandboxError(f"invalid --scale {text!r}: use small, bench or a size in MB")
-    return max(0, int((megabytes - SMALL_MB) * 1024 / BULK_POST_KB))
+    return max(0, int((megabytes - SMALL_MB) * 1e6 / BULK_POST_BYTES))
 
 
 def os_user() -> str:
