@@ -80,13 +80,14 @@ def demo(c):
 
 
 @task(help={"scale": "production's size: 'bench' (default, ~1 GB) or a size in MB",
-            "runs": "alternating runs of each measurement; medians are reported (default 3)"})
+            "runs": "alternating runs of each measurement, at most; medians are reported (default 3)",
+            "minutes": "start a run only if it would end within this many minutes in all (default 20; 0: no limit)"})
 @one_line_errors
-def bench(c, scale="bench", runs=3):
+def bench(c, scale="bench", runs=3, minutes=20):
     """Time drydock against the hand-written runbook on the sandbox; write bench/results/."""
     from bench.run import main
 
-    main(scale=scale, runs=count(runs, "--runs"))
+    main(scale=scale, runs=count(runs, "--runs"), minutes=count(minutes, "--minutes", minimum=0))
 
 
 @task(help={"pytest_args": "extra arguments for pytest, e.g. '-k pull -x'"})

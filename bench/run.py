@@ -9,6 +9,11 @@ bodies, JSON revisions, a wide indexed log table), then alternates, run after ru
          (the copy is timed once the restore's background work is done)
 and writes the medians to bench/results/<timestamp>.json (and latest.json) and a
 markdown table (printed, and beside the JSON).
+
+The whole bench keeps within a time budget (--minutes, 20 by default): a run is started
+only if one more, as long as the longest so far, would end inside it. The runbook's gzip
+makes most of a run, and how fast a machine gzips varies by twice from day to day here;
+the result says how many runs fitted.
 """
 from __future__ import annotations
 
@@ -46,9 +51,10 @@ def results_dir() -> Path:
 
 
 class Bench:
-    def __init__(self, scale: str, runs: int, say: Say = print):
+    def __init__(self, scale: str, runs: int, minutes: int = 20, say: Say = print):
         self.scale = scale
         self.runs = runs
+        self.minutes = minutes  # 0: no budget
         self.say = say
         self.sandbox = Sandbox(say=say)
         self.samples: dict[str, list[dict]] = {}
@@ -146,12 +152,26 @@ class Bench:
         self.record("template FILE_COPY", runbook.template_copy("local"))
         self.record("restore the dump again", self.inv("pull", "production", "--latest"))
 
+    def another_run_fits(self, started: float, longest_run_s: float) -> bool:
+        if not self.minutes:
+            return True
+        margin_s = 15  # the report, and a run a little slower than the longest
+        return time.monotonic() - started + longest_run_s + margin_s <= self.minutes * 60
+
     def run(self) -> dict:
+        started = time.monotonic()
         seed_s = self.prepare()
         runbook = Runbook(self.sandbox, self.sandbox.root / "bench")
         db_bytes = self.database_bytes("production")
-        self.say(f"==> production holds {db_bytes / 1e9:.2f} GB; {self.runs} alternating runs of each")
+        budget = f" within {self.minutes} minutes" if self.minutes else ""
+        self.say(f"==> production holds {db_bytes / 1e9:.2f} GB; up to {self.runs} alternating runs of each{budget}")
+        longest_run_s, done = 0.0, 0
         for number in range(self.runs):
+            if number and not self.another_run_fits(started, longest_run_s):
+                self.say(f"--- stopping after {done} of {self.runs} runs: one more ({longest_run_s / 60:.1f} min) "
+                         f"would end past the {self.minutes}-minute budget (--minutes)")
+                break
+            run_started = time.monotonic()
             drydock_first = number % 2 == 1
             self.say(f"--- run {number + 1}/{self.runs}")
             self.pull_pair(runbook, drydock_first)
@@ -159,13 +179,14 @@ class Bench:
                 self.inv("snapshot.save", SNAPSHOT, "--force")
             self.push_pair(runbook, drydock_first)
             self.reset_trio(runbook)
-        return self.report(db_bytes, seed_s)
+            longest_run_s, done = max(longest_run_s, time.monotonic() - run_started), done + 1
+        return self.report(db_bytes, seed_s, done, time.monotonic() - started)
 
     # -- the report --------------------------------------------------------------------
     def median(self, name: str, key: str = "seconds") -> float:
         return statistics.median(s[key] for s in self.samples[name] if is_number(s.get(key)))
 
-    def report(self, db_bytes: int, seed_s: float) -> dict:
+    def report(self, db_bytes: int, seed_s: float, runs: int, elapsed_s: float) -> dict:
         # A figure one run lacks (e.g. a journal it did not write) is the median of the others.
         medians = {name: {key: self.median(name, key) for key in dict.fromkeys(k for s in samples for k in s)
                           if any(is_number(s.get(key)) for s in samples)}
@@ -181,9 +202,12 @@ class Bench:
             "snapshot_background_s": round(self.median("snapshot restore", "background_s"), 3),
             "snapshot_ratio": round(self.median("snapshot restore") / self.median("template FILE_COPY"), 2),
             "dump_restore_again_s": round(self.median("restore the dump again"), 3),
-            "runs": self.runs,
+            "runs": runs,
+            "runs_asked": self.runs,
+            "minutes_budget": self.minutes,
             "scale": self.scale,
             "seed_s": round(seed_s, 1),
+            "elapsed_s": round(elapsed_s, 1),
             "medians": medians,
             "samples": self.samples,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
@@ -223,7 +247,9 @@ def table(result: dict) -> str:
 
     lines = [
         f"drydock bench, {result['finished']}: production {result['db_bytes'] / 1e9:.2f} GB, "
-        f"median of {result['runs']} alternating runs, {result['machine']['cpus']} cores",
+        f"{'median of ' + str(result['runs']) + ' alternating runs' if result['runs'] > 1 else 'one run'}, "
+        f"{result['machine']['cpus']} cores, "
+        f"{result['elapsed_s'] / 60:.1f} minutes in all (building the sandbox: {result['seed_s'] / 60:.1f})",
         "",
         "| | runbook | drydock | runbook / drydock |",
         "|---|---:|---:|---:|",
@@ -268,9 +294,9 @@ def write(result: dict, text: str) -> Path:
     return path
 
 
-def main(scale: str = "bench", runs: int = 3, say: Say = print) -> dict:
+def main(scale: str = "bench", runs: int = 3, minutes: int = 20, say: Say = print) -> dict:
     try:
-        result = Bench(scale, runs, say).run()
+        result = Bench(scale, runs, minutes, say).run()
     except (SandboxError, RunbookError) as error:
         raise BenchError(str(error)) from None
     text = table(result)
