@@ -7,6 +7,8 @@ bodies, JSON revisions, a wide indexed log table), then alternates, run after ru
          with a probe querying staging's live database every 50 ms (the downtime)
   reset: inv snapshot.restore  vs  a FILE_COPY template copy  vs  restoring the dump again
          (the copy is timed once the restore's background work is done)
+with autovacuum off and, untimed before each step, the vacuums, checkpoints and sync that a
+load calls for (bench/quiet.py), so that no step pays for the one before it,
 and writes the medians to bench/results/<timestamp>.json (and latest.json) and a
 markdown table (printed, and beside the JSON).
 
@@ -32,6 +34,7 @@ import psycopg
 
 from bench.memory import PeakMemory
 from bench.probe import DowntimeProbe
+from bench.quiet import QuietClusters
 from bench.runbook import Runbook, RunbookError
 from drydock import journal
 from drydock.errors import DrydockError
@@ -58,6 +61,7 @@ class Bench:
         self.say = say
         self.sandbox = Sandbox(say=say)
         self.samples: dict[str, list[dict]] = {}
+        self.quiet: QuietClusters | None = None  # set while the runs go on
 
     # -- setup ------------------------------------------------------------------------
     def prepare(self) -> float:
@@ -104,7 +108,7 @@ class Bench:
                 "bytes": next((s["bytes"] for s in steps if "bytes" in s), None)}
 
     def wait_for_snapshot_work(self, timeout_s: float = 600.0) -> float:
-        """Wait until the work a restore leaves to the background is done (the next ready copy
+        """Wait until the work a save or restore leaves to the background is done (the next ready copy
         made, the replaced generation dropped), so that it does not slow what is measured
         next; returns how long that took after the command had returned."""
         started = time.monotonic()
@@ -134,22 +138,27 @@ class Bench:
         order = [("drydock pull", lambda: self.inv("pull", "production")),
                  ("runbook pull", lambda: runbook.pull("production", "local"))]
         for name, action in (order if drydock_first else reversed(order)):
+            self.quiet.settle()
             self.record(name, action())
 
     def push_pair(self, runbook: Runbook, drydock_first: bool) -> None:
         order = [("drydock push", lambda: self.inv("push", "staging")),
                  ("runbook push", lambda: runbook.push("local", "staging"))]
         for name, action in (order if drydock_first else reversed(order)):
+            self.quiet.settle()
             with self.staging_probe() as probe:
                 sample = action()
             sample["downtime_s"] = probe.longest_gap_s
             self.record(name, sample)
 
     def reset_trio(self, runbook: Runbook) -> None:
+        self.quiet.settle()
         restore = self.inv("snapshot.restore", SNAPSHOT)
         restore["background_s"] = self.wait_for_snapshot_work()
         self.record("snapshot restore", restore)
+        self.quiet.settle()
         self.record("template FILE_COPY", runbook.template_copy("local"))
+        self.quiet.settle()
         self.record("restore the dump again", self.inv("pull", "production", "--latest"))
 
     def another_run_fits(self, started: float, longest_run_s: float) -> bool:
@@ -166,27 +175,31 @@ class Bench:
         budget = f" within {self.minutes} minutes" if self.minutes else ""
         self.say(f"==> production holds {db_bytes / 1e9:.2f} GB; up to {self.runs} alternating runs of each{budget}")
         longest_run_s, done = 0.0, 0
-        for number in range(self.runs):
-            if number and not self.another_run_fits(started, longest_run_s):
-                self.say(f"--- stopping after {done} of {self.runs} runs: one more ({longest_run_s / 60:.1f} min) "
-                         f"would end past the {self.minutes}-minute budget (--minutes)")
-                break
-            run_started = time.monotonic()
-            drydock_first = number % 2 == 1
-            self.say(f"--- run {number + 1}/{self.runs}")
-            self.pull_pair(runbook, drydock_first)
-            if number == 0:
-                self.inv("snapshot.save", SNAPSHOT, "--force")
-            self.push_pair(runbook, drydock_first)
-            self.reset_trio(runbook)
-            longest_run_s, done = max(longest_run_s, time.monotonic() - run_started), done + 1
-        return self.report(db_bytes, seed_s, done, time.monotonic() - started)
+        with QuietClusters(self.envs()) as self.quiet:
+            self.say(f"    vacuuming production, autovacuum off until the end: {self.quiet.settle('production'):.1f} s")
+            for number in range(self.runs):
+                if number and not self.another_run_fits(started, longest_run_s):
+                    self.say(f"--- stopping after {done} of {self.runs} runs: one more ({longest_run_s / 60:.1f} min)"
+                             f" would end past the {self.minutes}-minute budget (--minutes)")
+                    break
+                run_started = time.monotonic()
+                drydock_first = number % 2 == 1
+                self.say(f"--- run {number + 1}/{self.runs}")
+                self.pull_pair(runbook, drydock_first)
+                self.say(f"    vacuuming the pulled local database: {self.quiet.settle('local'):.1f} s")
+                if number == 0:
+                    self.inv("snapshot.save", SNAPSHOT, "--force")
+                    self.wait_for_snapshot_work()  # its ready copy, made in the background
+                self.push_pair(runbook, drydock_first)
+                self.reset_trio(runbook)
+                longest_run_s, done = max(longest_run_s, time.monotonic() - run_started), done + 1
+        return self.report(db_bytes, seed_s, self.quiet.settle_s, done, time.monotonic() - started)
 
     # -- the report --------------------------------------------------------------------
     def median(self, name: str, key: str = "seconds") -> float:
         return statistics.median(s[key] for s in self.samples[name] if is_number(s.get(key)))
 
-    def report(self, db_bytes: int, seed_s: float, runs: int, elapsed_s: float) -> dict:
+    def report(self, db_bytes: int, seed_s: float, settle_s: float, runs: int, elapsed_s: float) -> dict:
         # A figure one run lacks (e.g. a journal it did not write) is the median of the others.
         medians = {name: {key: self.median(name, key) for key in dict.fromkeys(k for s in samples for k in s)
                           if any(is_number(s.get(key)) for s in samples)}
@@ -207,6 +220,7 @@ class Bench:
             "minutes_budget": self.minutes,
             "scale": self.scale,
             "seed_s": round(seed_s, 1),
+            "settle_s": round(settle_s, 1),  # untimed vacuums and checkpoints between steps (bench/quiet.py)
             "elapsed_s": round(elapsed_s, 1),
             "medians": medians,
             "samples": self.samples,
@@ -249,7 +263,8 @@ def table(result: dict) -> str:
         f"drydock bench, {result['finished']}: production {result['db_bytes'] / 1e9:.2f} GB, "
         f"{'median of ' + str(result['runs']) + ' alternating runs' if result['runs'] > 1 else 'one run'}, "
         f"{result['machine']['cpus']} cores, "
-        f"{result['elapsed_s'] / 60:.1f} minutes in all (building the sandbox: {result['seed_s'] / 60:.1f})",
+        f"{result['elapsed_s'] / 60:.1f} minutes in all (building the sandbox: {result['seed_s'] / 60:.1f}, "
+        f"vacuums and checkpoints between steps: {result['settle_s'] / 60:.1f})",
         "",
         "| | runbook | drydock | runbook / drydock |",
         "|---|---:|---:|---:|",

@@ -22,6 +22,22 @@ class RunbookError(RuntimeError):
     pass
 
 
+def as_db_user(script: str) -> None:
+    """Run a shell pipeline as the clusters' OS user, failing on any stage's error."""
+    kwargs: dict = {}
+    if os.geteuid() == 0:
+        kwargs.update(user="postgres", group="postgres", extra_groups=[])
+    proc = subprocess.run(["bash", "-c", "set -euo pipefail; " + script], capture_output=True, text=True,
+                          cwd="/", **kwargs)
+    if proc.returncode != 0:
+        raise RunbookError(f"runbook step failed: {proc.stderr.strip()[-300:]}")
+
+
+def pg_command(env: dict, program: str) -> str:
+    """A PostgreSQL client program on an environment's socket (env: its entry in env.json)."""
+    return f"{PG_BINDIR / program} -h {shlex.quote(env['socket_dir'])} -p {env['port']}"
+
+
 class Runbook:
     def __init__(self, sandbox: Sandbox, work: Path):
         self.sandbox = sandbox
@@ -31,18 +47,10 @@ class Runbook:
         self.work.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _as_db_user(self, script: str) -> None:
-        """Run a shell pipeline as the clusters' OS user, failing on any stage's error."""
-        kwargs: dict = {}
-        if os.geteuid() == 0:
-            kwargs.update(user="postgres", group="postgres", extra_groups=[])
-        proc = subprocess.run(["bash", "-c", "set -euo pipefail; " + script], capture_output=True, text=True,
-                              cwd="/", **kwargs)
-        if proc.returncode != 0:
-            raise RunbookError(f"runbook step failed: {proc.stderr.strip()[-300:]}")
+        as_db_user(script)
 
     def _pg(self, env: str, program: str) -> str:
-        e = self.envs[env]
-        return f"{PG_BINDIR / program} -h {shlex.quote(e['socket_dir'])} -p {e['port']}"
+        return pg_command(self.envs[env], program)
 
     def _host_file(self, env: str) -> Path:
         folder = Path(self.envs[env]["backup_dir"]) / "runbook"
