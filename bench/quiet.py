@@ -4,7 +4,8 @@ About a minute after a 1 GB load (psql's or pg_restore's), autovacuum starts. It
 rewrites every page of the loaded tables (hint bits, the visibility map) for a minute or
 more, competing with whichever step came next. On 2026-12-03 the local database's
 autovacuum ran from 05:10:51 to 05:12:09, all through the next push's dump. So for the
-length of the bench, autovacuum is off on the sandbox's clusters. Between steps, untimed,
+length of the bench, autovacuum is off on the sandbox's clusters (a bench killed outright
+leaves it off until ./inv sandbox.down discards them). Between steps, untimed,
 the bench does itself what autovacuum would have done:
   - it vacuums and analyzes production once, after seeding;
   - it vacuums and analyzes the local database after each pull, as autovacuum would while
