@@ -22,8 +22,8 @@ import os
 import time
 
 from bench.runbook import as_db_user, pg_command
+from drydock.sandbox import DATABASE
 
-DATABASE = "wagtail_site"
 # Cancels the autovacuum workers already running: with autovacuum off, none starts again.
 CANCEL_AUTOVACUUM = ("SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity"
                      " WHERE backend_type = 'autovacuum worker'")

@@ -13,9 +13,7 @@ import time
 from pathlib import Path
 
 from drydock.paths import PG_BINDIR
-from drydock.sandbox import Sandbox
-
-DATABASE = "wagtail_site"
+from drydock.sandbox import DATABASE, Sandbox
 
 
 class RunbookError(RuntimeError):
@@ -46,9 +44,6 @@ class Runbook:
         self.work = work  # the controller's folder for runbook dumps (0700)
         self.work.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    def _as_db_user(self, script: str) -> None:
-        as_db_user(script)
-
     def _pg(self, env: str, program: str) -> str:
         return pg_command(self.envs[env], program)
 
@@ -71,17 +66,17 @@ class Runbook:
         """`pg_dump db | gzip > file` on `env`'s host."""
         target = self._host_file(env)
         started = time.monotonic()
-        self._as_db_user(f"umask 077; mkdir -p {shlex.quote(str(target.parent))}; "
-                         f"{self._pg(env, 'pg_dump')} {DATABASE} | gzip > {shlex.quote(str(target))}")
+        as_db_user(f"umask 077; mkdir -p {shlex.quote(str(target.parent))}; "
+                   f"{self._pg(env, 'pg_dump')} {DATABASE} | gzip > {shlex.quote(str(target))}")
         return target, time.monotonic() - started
 
     def restore(self, env: str, dump: Path) -> float:
         """`dropdb`, `createdb`, `gunzip -c dump | psql` on `env`'s host: from here on the
         database is gone until psql has finished."""
         started = time.monotonic()
-        self._as_db_user(f"{self._pg(env, 'dropdb')} --force --if-exists {DATABASE}; "
-                         f"{self._pg(env, 'createdb')} -O {self.envs[env]['app_role']} {DATABASE}; "
-                         f"gunzip -c {shlex.quote(str(dump))} | {self._pg(env, 'psql')} -q -X -o /dev/null {DATABASE}")
+        as_db_user(f"{self._pg(env, 'dropdb')} --force --if-exists {DATABASE}; "
+                   f"{self._pg(env, 'createdb')} -O {self.envs[env]['app_role']} {DATABASE}; "
+                   f"gunzip -c {shlex.quote(str(dump))} | {self._pg(env, 'psql')} -q -X -o /dev/null {DATABASE}")
         return time.monotonic() - started
 
     def template_copy(self, env: str) -> dict:
@@ -89,10 +84,10 @@ class Runbook:
         for any reset of a local database (a throwaway copy, dropped afterwards)."""
         copy = f"{DATABASE}__bench_copy"
         started = time.monotonic()
-        self._as_db_user(f"{self._pg(env, 'psql')} -X -q -d postgres -c "
-                         f"'CREATE DATABASE {copy} TEMPLATE {DATABASE} STRATEGY FILE_COPY'")
+        as_db_user(f"{self._pg(env, 'psql')} -X -q -d postgres -c "
+                   f"'CREATE DATABASE {copy} TEMPLATE {DATABASE} STRATEGY FILE_COPY'")
         seconds = time.monotonic() - started
-        self._as_db_user(f"{self._pg(env, 'dropdb')} {copy}")
+        as_db_user(f"{self._pg(env, 'dropdb')} {copy}")
         return {"seconds": seconds}
 
     def pull(self, source: str = "production", dest: str = "local") -> dict:
@@ -113,7 +108,7 @@ class Runbook:
         local_file, dump_s = self.dump(source)
         uploaded = self._host_file(dest)
         started = time.monotonic()
-        self._as_db_user(f"umask 077; mkdir -p {shlex.quote(str(uploaded.parent))}")
+        as_db_user(f"umask 077; mkdir -p {shlex.quote(str(uploaded.parent))}")
         self._copy(local_file, uploaded, self.envs[dest]["host"], upload=True)
         copy_s = time.monotonic() - started
         self._give_to_db_user(uploaded)
@@ -128,7 +123,7 @@ class Runbook:
 
     def _stage_for_db_user(self, fetched: Path) -> None:
         staged = self._staged(fetched)
-        self._as_db_user(f"umask 077; mkdir -p {shlex.quote(str(staged.parent))}")
+        as_db_user(f"umask 077; mkdir -p {shlex.quote(str(staged.parent))}")
         os.replace(fetched, staged)
         self._give_to_db_user(staged)
 
