@@ -309,6 +309,11 @@ class Sandbox:
             "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
             f"AllowUsers {getpass.getuser()}\n"
             "AcceptEnv LANG LC_*\n"
+            # Bash reads ~/.bashrc for a command that comes over SSH, unless it runs inside
+            # another shell (SHLVL set). The controller's user may have an interactive setup
+            # there (on this machine root's pyenv init: 0.25 s), which every Ansible task
+            # would pay; a server's deploy user has none.
+            "SetEnv SHLVL=1\n"
             "Subsystem sftp internal-sftp\n"
         )
         proc = subprocess.Popen([str(SSHD), "-D", "-f", str(config), "-E", str(self.host_dir(env) / "sshd.log")],
