@@ -63,10 +63,15 @@ def test_host_keeps_a_private_copy(backup, sandbox_env, testinfra_host):
 
 def test_retention_keeps_the_newest(backup):
     inv("backup", "production", "--keep", "2", check=True)
+    # What an interrupted fetch leaves: a folder without its manifest, however recent.
+    unfinished = backups_dir() / "production" / "29991231T235959Z"
+    unfinished.mkdir(mode=0o700)
+    (unfinished / "wagtail_site-29991231T235959Z.dump.zst.partial").write_bytes(b"half a dump")
     inv("backup", "production", "--keep", "2", check=True)
     # Regular backups only: a push's safety backups live in safety/, out of this rotation.
     kept = sorted(p.name for p in (backups_dir() / "production").iterdir() if re.fullmatch(r"\d{8}T\d{6}Z", p.name))
-    assert len(kept) == 2
+    assert len(kept) == 2 and unfinished.name not in kept
+    assert all((backups_dir() / "production" / name / "manifest.json").is_file() for name in kept)
     assert dumps.latest("production").path.parent.name == kept[-1]
 
 
