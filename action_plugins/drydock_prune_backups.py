@@ -33,13 +33,14 @@ class ActionModule(ActionBase):
 
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
-        folder = os.path.abspath(os.path.expanduser(str(self._task.args.get("folder") or "")))
+        args = self._task.args
         try:
-            keep = int(self._task.args.get("keep"))
+            keep = int(args.get("keep"))
         except (TypeError, ValueError):
             keep = 0
-        if not self._task.args.get("folder") or keep < 1:
+        if not args.get("folder") or keep < 1:
             return dict(result, failed=True, msg="drydock_prune_backups needs a folder and keep of at least 1")
+        folder = os.path.abspath(os.path.expanduser(str(args["folder"])))
         try:
             doomed = backups_to_delete(folder, keep)
             for path in doomed:
