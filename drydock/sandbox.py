@@ -12,6 +12,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -52,11 +53,27 @@ class Environment:
     server: bool  # reached like a remote server (production, staging), not the local machine
 
 
-ENVIRONMENTS = (
-    Environment("production", "127.0.0.2", "www.drydock-example.org", 443, True),
-    Environment("staging", "127.0.0.3", "staging.drydock-example.org", 443, True),
-    Environment("local", "127.0.0.1", "localhost", 8000, False),
-)
+# The sandbox's hosts live on 127.0.0.x unless DRYDOCK_SANDBOX_NET names another block of
+# the loopback network (127.A.B): so that two sandboxes, e.g. two test shards, run side by side.
+DEFAULT_NET = "127.0.0"
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+
+
+def sandbox_net() -> str:
+    net = os.environ.get("DRYDOCK_SANDBOX_NET", DEFAULT_NET)
+    if not re.fullmatch(rf"127\.{_OCTET}\.{_OCTET}", net):
+        raise SandboxError(f"invalid DRYDOCK_SANDBOX_NET {net!r}: use the first three octets of a "
+                           "loopback address, e.g. 127.0.10")
+    return net
+
+
+def environments(net: str = DEFAULT_NET) -> tuple[Environment, ...]:
+    """production, staging and local, each on its own address of `net` (local on .1)."""
+    return (
+        Environment("production", f"{net}.2", "www.drydock-example.org", 443, True),
+        Environment("staging", f"{net}.3", "staging.drydock-example.org", 443, True),
+        Environment("local", f"{net}.1", "localhost", 8000, False),
+    )
 
 Say = Callable[[str], None]
 
@@ -143,6 +160,14 @@ class Sandbox:
         self.root = root or sandbox_dir()
         self.say = say
         self.user = os_user()
+        self.environments = environments(self._recorded_net() or sandbox_net())
+
+    def _recorded_net(self) -> str | None:
+        """The net of a sandbox that is already built: its addresses are in its clusters' config."""
+        try:
+            return json.loads((self.root / "env.json").read_text())["local"]["host"].rsplit(".", 1)[0]
+        except (OSError, ValueError, KeyError):
+            return None
 
     # -- layout -------------------------------------------------------------------------
     def host_dir(self, env: Environment) -> Path:
@@ -152,7 +177,7 @@ class Sandbox:
         return self.host_dir(env) / "data"
 
     def data_dir_of(self, name: str) -> Path:
-        return self.data_dir(next(env for env in ENVIRONMENTS if env.name == name))
+        return self.data_dir(next(env for env in self.environments if env.name == name))
 
     def socket_dir(self, env: Environment) -> Path:
         return self.host_dir(env) / "run"
@@ -192,6 +217,10 @@ class Sandbox:
     def up(self, posts: int = 220, paragraphs: int = 4, bulk_posts: int = 0) -> None:
         if os.geteuid() == 0:
             self._check_postgres_can_reach_project()
+        recorded, wanted = self._recorded_net(), sandbox_net()
+        if recorded and recorded != wanted:
+            raise SandboxError(f"the sandbox in {self.root} is built on {recorded}.x, not {wanted}.x: "
+                               "run `inv sandbox.down` first")
         fresh = not (self.root / "env.json").exists()
         if fresh and self.root.exists():
             # A half-built sandbox from an interrupted `up`: start over.
@@ -200,13 +229,13 @@ class Sandbox:
         os.chmod(self.root, 0o711)  # the clusters' user must traverse it, nobody may list it
         if fresh:
             self._write_pgpass()
-        for env in ENVIRONMENTS:
+        for env in self.environments:
             self._start_cluster(env, fresh)
         if ssh_available():
             self._start_sshd_all()
         if fresh:
             self._seed(posts, paragraphs, bulk_posts)
-        for env in ENVIRONMENTS:
+        for env in self.environments:
             if env.server:
                 self._start_app(env)
         self._write_env_files()
@@ -221,7 +250,7 @@ class Sandbox:
 
     def _write_pgpass(self) -> None:
         password = secrets.token_urlsafe(24)
-        lines = [f"{env.address}:{PG_PORT}:*:{APP_ROLE}:{password}" for env in ENVIRONMENTS]
+        lines = [f"{env.address}:{PG_PORT}:*:{APP_ROLE}:{password}" for env in self.environments]
         fd = os.open(self.pgpass, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write("\n".join(lines) + "\n")
@@ -286,11 +315,11 @@ class Sandbox:
             _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "drydock-sandbox-host", "-f", str(ssh / "host_ed25519")])
             shutil.copy(ssh / "id_ed25519.pub", ssh / "authorized_keys")
             host_key = (ssh / "host_ed25519.pub").read_text().split()[:2]
-            known = [f"[{env.address}]:{SSH_PORT} {' '.join(host_key)}" for env in ENVIRONMENTS if env.server]
+            known = [f"[{env.address}]:{SSH_PORT} {' '.join(host_key)}" for env in self.environments if env.server]
             (ssh / "known_hosts").write_text("\n".join(known) + "\n")
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation dir
-        for env in ENVIRONMENTS:
+        for env in self.environments:
             if env.server:
                 self._start_sshd(env)
 
@@ -388,7 +417,7 @@ esac
         return _run([sys.executable, "manage.py", *args], env=environ, cwd=example_site_dir())
 
     def _seed(self, posts: int, paragraphs: int, bulk_posts: int) -> None:
-        production, staging, _local = ENVIRONMENTS
+        production, staging, _local = self.environments
         self.say("  production: migrating the example site (blog at its pre-Podcast migration)")
         self.manage(production, "migrate", "--noinput")
         self.manage(production, "migrate", "blog", PRODUCTION_BLOG_MIGRATION, "--noinput")
@@ -440,7 +469,7 @@ esac
                 "site_port": env.site_port,
                 "backup_dir": str(self.host_dir(env) / "backups"),
             }
-            for env in ENVIRONMENTS
+            for env in self.environments
         }
         connection = {
             "connection": "ssh" if ssh_available() else "local",
@@ -462,7 +491,7 @@ esac
     # -- down ---------------------------------------------------------------------------
     def down(self, quiet: bool = False) -> None:
         if self.root.exists():
-            for env in ENVIRONMENTS:
+            for env in self.environments:
                 if env.server:
                     self._stop_app(env)
         for key, entry in self._pids().items():

@@ -16,7 +16,7 @@ def test_pipeline_puts_the_podcast_on_staging(sandbox_env, connect):
     conn = connect("staging")
     assert conn.execute("SELECT ct.model FROM wagtailcore_page p JOIN django_content_type ct"
                         " ON ct.id = p.content_type_id WHERE p.slug = 'blog'").fetchone()[0] == "podcast"
-    with urllib.request.urlopen("http://127.0.0.3:8000/blog/", timeout=10) as response:
+    with urllib.request.urlopen(f"http://{sandbox_env['staging']['host']}:8000/blog/", timeout=10) as response:
         html = response.read().decode()
     assert response.status == 200 and "The Drydock Log" in html and html.count("<li>") >= 200
 

@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -68,9 +69,9 @@ def test_notebook_turns_the_blog_into_a_podcast(fresh_local, connect):
     assert [row[0] for row in conn.execute(BLOG_CHILDREN, (podcast_id,))] == posts  # all, in order
     assert conn.execute("SELECT count(*) FROM wagtailcore_page WHERE id = %s", (blog_id,)).fetchone()[0] == 0
     assert tree_problems(conn) == 0
-    check = subprocess.run([os.environ.get("DRYDOCK_APP_PYTHON", str(ROOT / ".venv/bin/python")), "manage.py",
-                            "migrate", "--check"], cwd=example_site_dir(), capture_output=True, text=True,
-                           env=dict(os.environ, DATABASE_URL=_url()))
+    # The sandbox runs the example site in drydock's own Python (see inventories/sandbox).
+    check = subprocess.run([sys.executable, "manage.py", "migrate", "--check"], cwd=example_site_dir(),
+                           capture_output=True, text=True, env=dict(os.environ, DATABASE_URL=_url()))
     assert check.returncode == 0, check.stdout + check.stderr
 
     executed = Path(proc.stdout.split("executed notebook: ")[1].split()[0])
@@ -119,10 +120,10 @@ def test_broken_page_tree_fails_the_step_unless_fixtree(fresh_local, connect):
     assert tree_problems(connect("local")) == 0
 
 
-def test_no_secret_in_the_executed_notebook_or_the_log(fresh_local, tmp_path):
+def test_no_secret_in_the_executed_notebook_or_the_log(fresh_local, sandbox_env, tmp_path):
     """A URL with a password: the password reaches Django through the environment only."""
     password = (ROOT / ".sandbox" / "pgpass").read_text().splitlines()[0].rsplit(":", 1)[1]
-    url = f"postgresql://wagtail_site:{password}@127.0.0.1:55432/wagtail_site"
+    url = f"postgresql://wagtail_site:{password}@{sandbox_env['local']['host']}:55432/wagtail_site"
     out = tmp_path / "run"
     proc = subprocess.run(
         ["ansible-playbook", "playbooks/migrate.yml", "-e", f"django_migrate_notebook={NOTEBOOK}",

@@ -68,10 +68,10 @@ def test_staging_copy_is_scrubbed(pushed, connect):
     assert any(e.endswith("@drydock-example.org") for (e,) in connect("local").execute("SELECT email FROM auth_user"))
 
 
-def test_the_app_serves_the_pushed_database(pushed):
+def test_the_app_serves_the_pushed_database(pushed, sandbox_env):
     import urllib.request
 
-    with urllib.request.urlopen("http://127.0.0.3:8000/healthz", timeout=10) as response:
+    with urllib.request.urlopen(f"http://{sandbox_env['staging']['host']}:8000/healthz", timeout=10) as response:
         assert response.status == 200
 
 
