@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import functools
-import os
 import shlex
 import subprocess
-import sys
 
 from invoke import Collection, Exit, task
 
-from drydock import workflow
+from drydock import testrun, workflow
 from drydock.errors import DrydockError
 from drydock.paths import project_root
 from drydock.sandbox import Sandbox, SandboxError, bulk_posts_for
@@ -90,11 +88,12 @@ def bench(c, scale="bench", runs=3, minutes=20):
     main(scale=scale, runs=count(runs, "--runs"), minutes=count(minutes, "--minutes", minimum=0))
 
 
-@task(help={"pytest_args": "extra arguments for pytest, e.g. '-k pull -x'"})
-def test(c, pytest_args=""):
+@task(help={"pytest_args": "extra arguments for pytest, e.g. '-k pull -x' (naming test files runs them in one shard)",
+            "shards": "how many pytest processes run side by side, each on its own sandbox (default 2; 1 = plain pytest)"})
+@one_line_errors
+def test(c, pytest_args="", shards=2):
     """Run the whole test suite (ansible-lint, unit, integration on the sandbox)."""
-    command = [sys.executable, "-m", "pytest", *shlex.split(pytest_args)]
-    code = subprocess.run(command, cwd=project_root(), env=dict(os.environ)).returncode
+    code = testrun.run(project_root(), shlex.split(pytest_args), count(shards, "--shards"))
     if code != 0:
         raise Exit(code=code)
 
