@@ -59,12 +59,16 @@ DEFAULT_NET = "127.0.0"
 _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 
 
-def sandbox_net() -> str:
-    net = os.environ.get("DRYDOCK_SANDBOX_NET", DEFAULT_NET)
+def checked_net(net: str, source: str = "DRYDOCK_SANDBOX_NET") -> str:
+    """`net` if it is the first three octets of a loopback address: it goes into config files."""
     if not re.fullmatch(rf"127\.{_OCTET}\.{_OCTET}", net):
-        raise SandboxError(f"invalid DRYDOCK_SANDBOX_NET {net!r}: use the first three octets of a "
+        raise SandboxError(f"invalid {source} {net!r}: use the first three octets of a "
                            "loopback address, e.g. 127.0.10")
     return net
+
+
+def sandbox_net() -> str:
+    return checked_net(os.environ.get("DRYDOCK_SANDBOX_NET", DEFAULT_NET))
 
 
 def environments(net: str = DEFAULT_NET) -> tuple[Environment, ...]:
@@ -160,14 +164,17 @@ class Sandbox:
         self.root = root or sandbox_dir()
         self.say = say
         self.user = os_user()
-        self.environments = environments(self._recorded_net() or sandbox_net())
+        # A sandbox that is built keeps the addresses it was built on (see up()).
+        self.net = self._recorded_net() or sandbox_net()
+        self.environments = environments(self.net)
 
     def _recorded_net(self) -> str | None:
-        """The net of a sandbox that is already built: its addresses are in its clusters' config."""
+        """The net of a sandbox that is already built, from its env.json."""
         try:
-            return json.loads((self.root / "env.json").read_text())["local"]["host"].rsplit(".", 1)[0]
+            host = json.loads((self.root / "env.json").read_text())["local"]["host"]
         except (OSError, ValueError, KeyError):
             return None
+        return checked_net(host.rsplit(".", 1)[0], source=f"address in {self.root / 'env.json'}")
 
     # -- layout -------------------------------------------------------------------------
     def host_dir(self, env: Environment) -> Path:

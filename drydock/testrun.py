@@ -4,12 +4,14 @@ Most of the suite's time is spent waiting on one process at a time (ansible-play
 module, PostgreSQL), so one pytest keeps about one of the two cores busy. A second shard
 runs in its own copy of the checkout, with its own sandbox on its own block of loopback
 addresses, so the two never share a database, a lock, a backup or a run folder. The first
-shard runs in place, as a plain `pytest` would, on the default sandbox.
+shard runs in place, as a plain `pytest` would, on the checkout's sandbox.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from drydock.sandbox import Sandbox, SandboxError
+from drydock.validate import InvalidInput
 
 # Seconds per test file in a whole-suite run on this machine (2026-12-03, one pytest), without
 # the sandbox's start, which each shard pays once. Only the split uses them: a file not listed
@@ -41,13 +44,21 @@ FILE_SECONDS = {
     "tests/unit/test_testrun.py": 1,
 }
 DEFAULT_SECONDS = 60
-# Shard i > 0 puts its sandbox on 127.0.(SHARD_NET_BASE + i).x, away from the default 127.0.0.x
-# (which may be up for the demo or a benchmark while the tests run).
+# Shard i > 0 puts its sandbox on 127.0.(SHARD_NET_BASE + i).x; the first shard uses the
+# checkout's own (127.0.0.x unless DRYDOCK_SANDBOX_NET says otherwise).
 SHARD_NET_BASE = 10
-# What a shard's copy of the checkout leaves out: local state, caches, the venv (shared).
-NOT_COPIED = {".git", ".venv", ".sandbox", "backups", "runs", "__pycache__", ".pytest_cache"}
+MAX_SHARDS = 8
+# What a shard's copy takes when the checkout is not a git work tree: all but local state.
+NOT_COPIED = {".git", ".venv", ".sandbox", "backups", "runs", ".pytest_cache"}
 # pytest's exit code when a shard's files hold no test that the arguments select.
 NO_TESTS_COLLECTED = 5
+# pytest options whose value is the next argument (so that value is no test path).
+OPTIONS_WITH_VALUE = {"-k", "-m", "-c", "-p", "-o", "-W", "-r", "--deselect", "--ignore", "--ignore-glob",
+                      "--basetemp", "--rootdir", "--confcutdir", "--durations", "--maxfail", "--tb",
+                      "--log-level", "--junit-xml", "--junitxml", "--override-ini"}
+COPIES = Path("/tmp")  # not $TMPDIR: the clusters' OS user must be able to enter the copy
+COPY_PREFIX = "drydock-shard-"
+RUNNER_FILE = "shard-runner.json"  # in each copy: which `inv test` runs it
 
 
 def test_files(root: Path) -> list[str]:
@@ -66,53 +77,143 @@ def split(files: list[str], shards: int) -> list[list[str]]:
 
 
 def names_paths(root: Path, pytest_args: list[str]) -> bool:
-    """True when the arguments choose test files or folders themselves (then nothing is split)."""
-    return any(not arg.startswith("-") and (root / arg.split("::")[0]).exists() for arg in pytest_args)
+    """True when the arguments choose test files or folders under tests/ themselves (then
+    nothing is split). An option's value (`-k pull`) is not a path."""
+    tests = (root / "tests").resolve()
+    previous = ""
+    for arg in pytest_args:
+        if not arg.startswith("-") and previous not in OPTIONS_WITH_VALUE:
+            path = (root / arg.split("::")[0]).resolve()
+            if path.exists() and (path == tests or tests in path.parents):
+                return True
+        previous = arg
+    return False
+
+
+def shard_net(index: int) -> str:
+    return f"127.0.{SHARD_NET_BASE + index}"
+
+
+def checkout_files(root: Path) -> list[str]:
+    """The files a shard's copy needs: git's tracked and untracked-but-not-ignored files (no
+    backups, media or local secrets); without git, everything but local state."""
+    try:
+        listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                 cwd=root, capture_output=True)
+    except FileNotFoundError:  # no git on this machine
+        listing = None
+    if listing is not None and listing.returncode == 0:
+        return [name for name in listing.stdout.decode().split("\0") if name and (root / name).is_file()]
+    return [str(path.relative_to(root)) for path in root.rglob("*")
+            if path.is_file() and path.relative_to(root).parts[0] not in NOT_COPIED
+            and "__pycache__" not in path.parts]
 
 
 def copy_checkout(root: Path) -> Path:
-    """A copy of the checkout for one shard, under /tmp. The clusters' OS user must enter it."""
-    copy = Path(tempfile.mkdtemp(prefix="drydock-shard-"))
-    copy.chmod(0o755)
-    shutil.copytree(root, copy, dirs_exist_ok=True, symlinks=True,
-                    ignore=lambda folder, names: [n for n in names if n in NOT_COPIED])
+    """A copy of the checkout for one shard, under /tmp."""
+    copy = Path(tempfile.mkdtemp(prefix=COPY_PREFIX, dir=COPIES))
+    try:
+        copy.chmod(0o755)
+        (copy / RUNNER_FILE).write_text(json.dumps({"pid": os.getpid(), "started": _started(os.getpid())}))
+        for name in checkout_files(root):
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, copy / name)
+    except BaseException:
+        shutil.rmtree(copy)
+        raise
     return copy
 
 
-def _stream(proc: subprocess.Popen, prefix: str, say: Callable[[str], None]) -> None:
-    for line in proc.stdout:
-        say(f"{prefix}{line.rstrip()}")
+def _started(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot), or None if there is none: a PID
+    with its start time names one process, even once the PID is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def stop_leftover_sandboxes(say: Callable[[str], None]) -> None:
+    """A shard's sandbox that outlived its run (its runner killed) holds the shard's addresses:
+    stop it (by the PIDs it recorded) before a new shard needs them. One whose runner still
+    runs belongs to another `inv test`: refuse rather than pull its sandbox away."""
+    for env_json in sorted(COPIES.glob(f"{COPY_PREFIX}*/.sandbox/env.json")):
+        copy = env_json.parent.parent
+        try:
+            runner = json.loads((copy / RUNNER_FILE).read_text())
+        except (OSError, ValueError):
+            runner = {}
+        if runner and _started(runner["pid"]) == runner["started"]:
+            raise SandboxError(f"another `inv test` (pid {runner['pid']}) runs a shard in {copy}: "
+                               "wait for it, or stop it")
+        say(f"stopping a shard sandbox left running in {env_json.parent}")
+        Sandbox(root=env_json.parent, say=lambda message: None).down()
+
+
+class _Output:
+    """Each shard's lines, prefixed with its number, never two at once."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say = say
+        self.lock = threading.Lock()
+
+    def pump(self, proc: subprocess.Popen, prefix: str) -> None:
+        for line in proc.stdout:  # read to the end even if showing fails: pytest must not block
+            try:
+                with self.lock:
+                    self.say(f"{prefix}{line.rstrip()}")
+            except (OSError, ValueError):
+                pass
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def run(root: Path, pytest_args: list[str], shards: int, say: Callable[[str], None] = print) -> int:
     """Run the suite in `shards` side-by-side pytest processes; return the exit code."""
+    if shards > MAX_SHARDS:
+        raise InvalidInput(f"invalid --shards {shards}: at most {MAX_SHARDS}")
     command = [sys.executable, "-m", "pytest", *pytest_args]
     if shards == 1 or names_paths(root, pytest_args):
         return subprocess.run(command, cwd=root, env=dict(os.environ)).returncode
+    own_net = Sandbox(root=root / ".sandbox", say=say).net
+    if own_net in {shard_net(index) for index in range(1, shards)}:
+        raise SandboxError(f"the checkout's sandbox is on {own_net}.x, which a shard needs: "
+                           "set another DRYDOCK_SANDBOX_NET or run --shards 1")
+    stop_leftover_sandboxes(say)
     plan = split(test_files(root), shards)
+    output = _Output(say)
     workers: list[tuple[Path, subprocess.Popen, threading.Thread]] = []
+    previous_handler = signal.signal(signal.SIGTERM, _terminate)  # clean up as on Ctrl-C
     try:
         for index, files in enumerate(plan):
             folder, env = root, dict(os.environ)
             if index > 0:
                 folder = copy_checkout(root)
                 env.update(DRYDOCK_ROOT=str(folder), ANSIBLE_CONFIG=str(folder / "ansible.cfg"),
-                           DRYDOCK_SANDBOX_NET=f"127.0.{SHARD_NET_BASE + index}")
+                           DRYDOCK_SANDBOX_NET=shard_net(index))
                 for shared in ("DRYDOCK_BACKUPS", "DRYDOCK_RUNS"):  # the copy's own, not the checkout's
                     env.pop(shared, None)
             prefix = f"[{index + 1}/{len(plan)}] "
             say(f"{prefix}{len(files)} files in {folder}: {' '.join(Path(f).stem for f in files)}")
             # -v: a line per test as it ends, so the interleaved output shows progress.
-            proc = subprocess.Popen([*command, "-v", *files], cwd=folder, env=env, text=True,
+            proc = subprocess.Popen([*command, "-v", *files], cwd=folder, env=env, text=True, errors="replace",
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
-            thread = threading.Thread(target=_stream, args=(proc, prefix, say), daemon=True)
-            thread.start()
-            workers.append((folder, proc, thread))
+            workers.append((folder, proc, threading.Thread(target=output.pump, args=(proc, prefix), daemon=True)))
+            workers[-1][2].start()
         for _folder, proc, thread in workers:
             proc.wait()
             thread.join()
+    except BaseException as error:
+        if not isinstance(error, KeyboardInterrupt):  # Ctrl-C reached every shard already
+            for _folder, proc, _thread in workers:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+        raise
     finally:
-        # On Ctrl-C every pytest got the SIGINT too: wait while each tears its sandbox down.
+        signal.signal(signal.SIGTERM, previous_handler)
+        # Let every pytest tear its sandbox down before its copy goes.
         for _folder, proc, _thread in workers:
             proc.wait()
         for folder, proc, _thread in workers:

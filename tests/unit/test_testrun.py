@@ -1,10 +1,14 @@
 """`inv test`'s shards: every test file runs exactly once, in shards of similar length, each
 sandbox on its own loopback block."""
+import json
+import os
+
 import pytest
 
 from drydock import testrun
 from drydock.paths import project_root
 from drydock.sandbox import SandboxError, environments, sandbox_net
+from drydock.validate import InvalidInput
 
 
 def test_split_runs_every_file_once_in_shards_of_similar_length():
@@ -21,11 +25,33 @@ def test_split_never_makes_an_empty_shard():
     assert testrun.split(["tests/a.py"], 3) == [["tests/a.py"]]
 
 
-def test_naming_test_files_is_seen_but_options_are_not():
+def test_naming_test_files_is_seen_but_options_and_their_values_are_not():
     root = project_root()
     assert testrun.names_paths(root, ["tests/unit/test_testrun.py::test_split_never_makes_an_empty_shard"])
     assert testrun.names_paths(root, ["-x", "tests/unit"])
     assert not testrun.names_paths(root, ["-k", "pull", "-x"])
+    assert not testrun.names_paths(root, ["-k", "tests", "-c", "pyproject.toml", "--basetemp", "/tmp"])
+    assert not testrun.names_paths(root, ["roles"])  # exists, but holds no tests
+
+
+def test_a_shard_copies_the_code_but_no_local_state_or_data():
+    files = testrun.checkout_files(project_root())
+    assert "drydock/testrun.py" in files and "tests/conftest.py" in files and "ansible.cfg" in files
+    assert not [f for f in files if f.split("/")[0] in {".venv", ".sandbox", "backups", "runs", ".git"}]
+    assert not [f for f in files if "__pycache__" in f or f.startswith("bench/results/2")]
+
+
+def test_without_git_a_shard_copies_all_but_local_state(tmp_path):
+    for name in (".venv/bin/python", "runs/x/journal.jsonl", "backups/production/d/dump", ".sandbox/pgpass",
+                 "drydock/__pycache__/a.pyc", "drydock/a.py", "roles/r/files/runs/kept.txt", "ansible.cfg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    assert sorted(testrun.checkout_files(tmp_path)) == ["ansible.cfg", "drydock/a.py", "roles/r/files/runs/kept.txt"]
+
+
+def test_too_many_shards_is_refused_before_anything_starts():
+    with pytest.raises(InvalidInput, match="at most 8"):
+        testrun.run(project_root(), [], shards=9)
 
 
 @pytest.mark.parametrize("net", ["127.0.11", "127.255.0"])
@@ -40,3 +66,14 @@ def test_sandbox_net_outside_loopback_is_refused(monkeypatch, net):
     monkeypatch.setenv("DRYDOCK_SANDBOX_NET", net)
     with pytest.raises(SandboxError, match="invalid DRYDOCK_SANDBOX_NET"):
         sandbox_net()
+
+
+def test_a_shard_sandbox_whose_runner_still_runs_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(testrun, "COPIES", tmp_path)
+    copy = tmp_path / f"{testrun.COPY_PREFIX}other"
+    (copy / ".sandbox").mkdir(parents=True)
+    (copy / ".sandbox" / "env.json").write_text("{}")
+    (copy / testrun.RUNNER_FILE).write_text(json.dumps({"pid": os.getpid(), "started": testrun._started(os.getpid())}))
+    with pytest.raises(SandboxError, match=f"another `inv test` \\(pid {os.getpid()}\\)"):
+        testrun.stop_leftover_sandboxes(say=print)
+    assert (copy / ".sandbox" / "env.json").exists()
