@@ -137,8 +137,8 @@ def stop_leftover_sandboxes(say: Callable[[str], None]) -> None:
     """A shard's sandbox that outlived its run (its runner killed) holds the shard's addresses:
     stop it (by the PIDs it recorded) before a new shard needs them. One whose runner still
     runs belongs to another `inv test`: refuse rather than pull its sandbox away."""
-    for env_json in sorted(COPIES.glob(f"{COPY_PREFIX}*/.sandbox/env.json")):
-        copy = env_json.parent.parent
+    for pids in sorted(COPIES.glob(f"{COPY_PREFIX}*/.sandbox/pids.json")):  # written from its first start on
+        copy = pids.parent.parent
         try:
             runner = json.loads((copy / RUNNER_FILE).read_text())
         except (OSError, ValueError):
@@ -146,8 +146,8 @@ def stop_leftover_sandboxes(say: Callable[[str], None]) -> None:
         if runner and _started(runner["pid"]) == runner["started"]:
             raise SandboxError(f"another `inv test` (pid {runner['pid']}) runs a shard in {copy}: "
                                "wait for it, or stop it")
-        say(f"stopping a shard sandbox left running in {env_json.parent}")
-        Sandbox(root=env_json.parent, say=lambda message: None).down()
+        say(f"stopping a shard sandbox left running in {pids.parent}")
+        Sandbox(root=pids.parent, say=lambda message: None).down()
 
 
 class _Output:
@@ -236,6 +236,6 @@ def _clean_up(copy: Path, keep: bool, say: Callable[[str], None]) -> None:
             say(f"drydock: the shard sandbox in {sandbox} did not stop: {error}")
             return
     if keep:
-        say(f"the failed shard's runs and logs are kept in {copy / 'runs'}")
+        say(f"this shard did not pass: its runs and logs are kept in {copy / 'runs'}")
     else:
         shutil.rmtree(copy)

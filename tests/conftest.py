@@ -46,7 +46,12 @@ def sandbox_start() -> dict:
     whether it started here, and seed.json: each server's posts and Site as `up` seeded them."""
     box = Sandbox(say=lambda message: None)
     started_here = not box.is_up()
-    box.up()
+    try:
+        box.up()
+    except BaseException:  # failed or interrupted (Ctrl-C, or `inv test` stopping its shards)
+        if started_here:
+            box.down(quiet=True)  # no half-built sandbox left running
+        raise
     yield {"env": json.loads((box.root / "env.json").read_text()), "started_here": started_here,
            "initial": json.loads((box.root / "seed.json").read_text())}
     if started_here:

@@ -72,8 +72,8 @@ def test_a_shard_sandbox_whose_runner_still_runs_is_left_alone(tmp_path, monkeyp
     monkeypatch.setattr(testrun, "COPIES", tmp_path)
     copy = tmp_path / f"{testrun.COPY_PREFIX}other"
     (copy / ".sandbox").mkdir(parents=True)
-    (copy / ".sandbox" / "env.json").write_text("{}")
+    (copy / ".sandbox" / "pids.json").write_text("{}")
     (copy / testrun.RUNNER_FILE).write_text(json.dumps({"pid": os.getpid(), "started": testrun._started(os.getpid())}))
     with pytest.raises(SandboxError, match=f"another `inv test` \\(pid {os.getpid()}\\)"):
         testrun.stop_leftover_sandboxes(say=print)
-    assert (copy / ".sandbox" / "env.json").exists()
+    assert (copy / ".sandbox" / "pids.json").exists()
