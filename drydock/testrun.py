@@ -8,6 +8,7 @@ shard runs in place, as a plain `pytest` would, on the checkout's sandbox.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -58,6 +59,7 @@ OPTIONS_WITH_VALUE = {"-k", "-m", "-c", "-p", "-o", "-W", "-r", "--deselect", "-
                       "--log-level", "--junit-xml", "--junitxml", "--override-ini"}
 COPIES = Path("/tmp")  # not $TMPDIR: the clusters' OS user must be able to enter the copy
 COPY_PREFIX = "drydock-shard-"
+PR_SET_PDEATHSIG = 1  # prctl(2), Linux
 RUNNER_FILE = "shard-runner.json"  # in each copy: which `inv test` runs it
 
 
@@ -170,6 +172,14 @@ def _terminate(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _interrupt_when_the_runner_dies() -> None:
+    """In a shard, before pytest starts: if the runner dies, even by SIGKILL, the kernel sends
+    this shard SIGINT, so pytest tears its sandbox down instead of running on unattended
+    (an orphaned shard would take down a sandbox the next run is using)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+
+
 def run(root: Path, pytest_args: list[str], shards: int, say: Callable[[str], None] = print) -> int:
     """Run the suite in `shards` side-by-side pytest processes; return the exit code."""
     if shards > MAX_SHARDS:
@@ -198,10 +208,13 @@ def run(root: Path, pytest_args: list[str], shards: int, say: Callable[[str], No
             prefix = f"[{index + 1}/{len(plan)}] "
             say(f"{prefix}{len(files)} files in {folder}: {' '.join(Path(f).stem for f in files)}")
             # -v: a line per test as it ends, so the interleaved output shows progress.
+            # preexec_fn is unsafe once threads run: every shard starts before any output thread.
             proc = subprocess.Popen([*command, "-v", *files], cwd=folder, env=env, text=True, errors="replace",
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1,
+                                    preexec_fn=_interrupt_when_the_runner_dies)
             workers.append((folder, proc, threading.Thread(target=output.pump, args=(proc, prefix), daemon=True)))
-            workers[-1][2].start()
+        for _folder, _proc, thread in workers:
+            thread.start()
         for _folder, proc, thread in workers:
             proc.wait()
             thread.join()
