@@ -124,15 +124,22 @@ def _run(cmd: list[str], *, as_db_user: bool = False, input: str | None = None,
     return proc.stdout
 
 
+def stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the process's name (which may hold spaces), from
+    its state on; None once the process has ended."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def processes() -> dict[int, tuple[int, int]]:
     """Every process: pid -> (parent pid, resident pages), from /proc/<pid>/stat."""
     table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # the name may hold spaces
-        except OSError:  # it ended meanwhile
-            continue
-        table[int(stat.parent.name)] = (int(fields[1]), int(fields[21]))
+    for folder in Path("/proc").glob("[0-9]*"):
+        fields = stat_fields(folder.name)
+        if fields:  # else it ended meanwhile
+            table[int(folder.name)] = (int(fields[1]), int(fields[21]))
     return table
 
 
@@ -224,9 +231,9 @@ class Sandbox:
     def up(self, posts: int = 220, paragraphs: int = 4, bulk_posts: int = 0) -> None:
         if os.geteuid() == 0:
             self._check_postgres_can_reach_project()
-        recorded, wanted = self._recorded_net(), sandbox_net()
-        if recorded and recorded != wanted:
-            raise SandboxError(f"the sandbox in {self.root} is built on {recorded}.x, not {wanted}.x: "
+        wanted = sandbox_net()
+        if self.net != wanted:  # self.net is the built sandbox's own block
+            raise SandboxError(f"the sandbox in {self.root} is built on {self.net}.x, not {wanted}.x: "
                                "run `inv sandbox.down` first")
         fresh = not (self.root / "env.json").exists()
         if fresh and self.root.exists():

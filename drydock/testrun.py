@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from drydock.sandbox import Sandbox, SandboxError
+from drydock.sandbox import Sandbox, SandboxError, stat_fields
 from drydock.validate import InvalidInput
 
 # Seconds per test file in a whole-suite run on this machine (2026-12-03, one pytest), without
@@ -129,10 +129,8 @@ def copy_checkout(root: Path) -> Path:
 def _started(pid: int) -> str | None:
     """When process `pid` started (clock ticks since boot), or None if there is none: a PID
     with its start time names one process, even once the PID is reused."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    fields = stat_fields(pid)
+    return fields[19] if fields else None
 
 
 def stop_leftover_sandboxes(say: Callable[[str], None]) -> None:
