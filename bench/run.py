@@ -32,6 +32,7 @@ from typing import Callable
 
 import psycopg
 
+from bench.host import StolenCpu
 from bench.memory import PeakMemory
 from bench.probe import DowntimeProbe
 from bench.quiet import QuietClusters
@@ -126,10 +127,20 @@ class Bench:
         raise BenchError(f"the snapshot's ready copy was not made again within {timeout_s:.0f} s")
 
     # -- the measurements ---------------------------------------------------------------
-    def record(self, name: str, sample: dict) -> None:
+    def measure(self, name: str, action: Callable[[], dict], probe: bool = False) -> None:
+        """Run one measured step and record it with the CPU the host stole meanwhile (and,
+        for a push, staging's downtime)."""
+        with StolenCpu() as host:
+            if probe:
+                with self.staging_probe() as staging:
+                    sample = action()
+                sample["downtime_s"] = staging.longest_gap_s
+            else:
+                sample = action()
+        sample["steal_pct"] = host.percent
         self.samples.setdefault(name, []).append(sample)
         extra = f", downtime {sample['downtime_s']:.2f} s" if "downtime_s" in sample else ""
-        self.say(f"    {name}: {sample['seconds']:.1f} s{extra}")
+        self.say(f"    {name}: {sample['seconds']:.1f} s{extra} ({host.percent:.0f}% of the CPU stolen by the host)")
 
     def staging_probe(self) -> DowntimeProbe:
         return DowntimeProbe(self.envs()["staging"]["url"])
@@ -139,27 +150,24 @@ class Bench:
                  ("runbook pull", lambda: runbook.pull("production", "local"))]
         for name, action in (order if drydock_first else reversed(order)):
             self.quiet.settle()
-            self.record(name, action())
+            self.measure(name, action)
 
     def push_pair(self, runbook: Runbook, drydock_first: bool) -> None:
         order = [("drydock push", lambda: self.inv("push", "staging")),
                  ("runbook push", lambda: runbook.push("local", "staging"))]
         for name, action in (order if drydock_first else reversed(order)):
             self.quiet.settle()
-            with self.staging_probe() as probe:
-                sample = action()
-            sample["downtime_s"] = probe.longest_gap_s
-            self.record(name, sample)
+            self.measure(name, action, probe=True)
 
     def reset_trio(self, runbook: Runbook) -> None:
         self.quiet.settle()
-        restore = self.inv("snapshot.restore", SNAPSHOT)
-        restore["background_s"] = self.wait_for_snapshot_work()
-        self.record("snapshot restore", restore)
+        self.measure("snapshot restore", lambda: self.inv("snapshot.restore", SNAPSHOT))
+        # Untimed: the restore's background work must not slow the copy measured next.
+        self.samples["snapshot restore"][-1]["background_s"] = self.wait_for_snapshot_work()
         self.quiet.settle()
-        self.record("template FILE_COPY", runbook.template_copy("local"))
+        self.measure("template FILE_COPY", lambda: runbook.template_copy("local"))
         self.quiet.settle()
-        self.record("restore the dump again", self.inv("pull", "production", "--latest"))
+        self.measure("restore the dump again", lambda: self.inv("pull", "production", "--latest"))
 
     def another_run_fits(self, started: float, longest_run_s: float) -> bool:
         if not self.minutes:
@@ -199,6 +207,10 @@ class Bench:
     def median(self, name: str, key: str = "seconds") -> float:
         return statistics.median(s[key] for s in self.samples[name] if is_number(s.get(key)))
 
+    def pair_ratios(self, what: str) -> list[float]:
+        return [round(runbook["seconds"] / drydock["seconds"], 2)
+                for runbook, drydock in zip(self.samples[f"runbook {what}"], self.samples[f"drydock {what}"])]
+
     def report(self, db_bytes: int, seed_s: float, settle_s: float, runs: int, elapsed_s: float) -> dict:
         # A figure one run lacks (e.g. a journal it did not write) is the median of the others.
         medians = {name: {key: self.median(name, key) for key in dict.fromkeys(k for s in samples for k in s)
@@ -215,6 +227,10 @@ class Bench:
             "snapshot_background_s": round(self.median("snapshot restore", "background_s"), 3),
             "snapshot_ratio": round(self.median("snapshot restore") / self.median("template FILE_COPY"), 2),
             "dump_restore_again_s": round(self.median("restore the dump again"), 3),
+            # Run by run, each pair measured minutes apart: how far a busy host moved the ratio.
+            "pull_pair_ratios": self.pair_ratios("pull"),
+            "push_pair_ratios": self.pair_ratios("push"),
+            "steal_pct_max": max(s.get("steal_pct", 0.0) for samples in self.samples.values() for s in samples),
             "runs": runs,
             "runs_asked": self.runs,
             "minutes_budget": self.minutes,
@@ -291,6 +307,11 @@ def table(result: dict) -> str:
         "runbook phases (dump / copy / restore): pull "
         + " / ".join(f"{m['runbook pull'][k]:.1f}" for k in ("dump_s", "copy_s", "restore_s"))
         + " s, push " + " / ".join(f"{m['runbook push'][k]:.1f}" for k in ("dump_s", "copy_s", "restore_s")) + " s",
+        "ratios run by run: pull " + ", ".join(f"{r:.2f}" for r in result["pull_pair_ratios"])
+        + "; push " + ", ".join(f"{r:.2f}" for r in result["push_pair_ratios"]),
+        "CPU stolen by the host, run by run: "
+        + "; ".join(f"{name} " + ", ".join(f"{s.get('steal_pct', 0.0):.0f}" for s in result["samples"][name]) + " %"
+                    for name in ("runbook pull", "drydock pull", "runbook push", "drydock push")),
         f"settings: {result['settings']['dump']}, {result['settings']['restore']}, "
         f"TOAST compression {result['settings']['toast_compression'] or 'server default'} during restores",
     ]

@@ -1,0 +1,63 @@
+"""The bench's report: the ratios it states come from the samples it measured, and each
+sample says how much CPU the host stole while it ran."""
+from pathlib import Path
+
+from bench.host import StolenCpu, cpu_times, stolen_percent
+from bench.run import Bench, table
+
+
+def stat_file(path: Path, user: int, idle: int, steal: int) -> Path:
+    # The kernel's layout: cpu user nice system idle iowait irq softirq steal guest guest_nice
+    path.write_text(f"cpu  {user} 0 0 {idle} 0 0 0 {steal} 0 0\ncpu0 {user} 0 0 {idle} 0 0 0 {steal} 0 0\n")
+    return path
+
+
+def test_stolen_share_is_steal_over_all_ticks_spent(tmp_path):
+    before = cpu_times(stat_file(tmp_path / "a", user=100, idle=100, steal=0))
+    after = cpu_times(stat_file(tmp_path / "b", user=160, idle=120, steal=20))
+    assert stolen_percent(before, after) == 20.0
+    assert stolen_percent(after, after) == 0.0  # no tick in between: nothing stolen, no division by zero
+
+
+def test_stolen_cpu_reads_this_machine():
+    with StolenCpu() as host:
+        sum(range(200_000))
+    assert 0.0 <= host.percent <= 100.0
+
+
+def sample(seconds: float, steal: float, **extra) -> dict:
+    return {"seconds": seconds, "steal_pct": steal, **extra}
+
+
+def runbook(seconds: float, steal: float, **extra) -> dict:
+    return sample(seconds, steal, dump_s=seconds * 0.6, copy_s=1.0, restore_s=seconds * 0.4 - 1.0, **extra)
+
+
+def drydock(seconds: float, steal: float, **extra) -> dict:
+    return sample(seconds, steal, peak_rss_bytes=230e6, peak_process_rss_bytes=60e6, **extra)
+
+
+def test_report_states_ratios_of_medians_and_each_pair():
+    bench = Bench("bench", runs=3, minutes=0, say=lambda _line: None)
+    bench.samples = {
+        "runbook pull": [runbook(120, 0), runbook(190, 30), runbook(130, 1)],
+        "drydock pull": [drydock(30, 0), drydock(95, 25), drydock(26, 2)],
+        "runbook push": [runbook(125, 0, downtime_s=40.0), runbook(250, 16, downtime_s=85.0),
+                         runbook(120, 0, downtime_s=41.0)],
+        "drydock push": [drydock(35, 1, downtime_s=0.1), drydock(100, 18, downtime_s=0.2),
+                         drydock(40, 0, downtime_s=0.1)],
+        "snapshot restore": [sample(1.2, 0, background_s=0.3)] * 3,
+        "template FILE_COPY": [sample(0.5, 0)] * 3,
+        "restore the dump again": [sample(15, 0)] * 3,
+    }
+    result = bench.report(db_bytes=10**9, seed_s=0, settle_s=0, runs=3, elapsed_s=600)
+    assert result["pull_ratio"] == round(130 / 30, 2)  # medians, not a mean of ratios
+    assert result["push_ratio"] == round(125 / 40, 2)
+    assert result["pull_pair_ratios"] == [4.0, 2.0, 5.0]
+    assert result["push_pair_ratios"] == [3.57, 2.5, 3.0]
+    assert result["steal_pct_max"] == 30
+    assert result["push_downtime_s"] == 0.1 and result["runbook_push_downtime_s"] == 41.0
+    text = table(result)
+    assert "**4.33×**" in text and "**3.12×**" in text
+    assert "ratios run by run: pull 4.00, 2.00, 5.00; push 3.57, 2.50, 3.00" in text
+    assert "drydock push 1, 18, 0 %" in text
