@@ -1,12 +1,17 @@
-"""How much CPU the host took away while a step was measured.
+"""How fast the host was while a step was measured.
 
-This machine is a VM on a shared host: when the hypervisor runs someone else on our cores
-(steal time, in /proc/stat), whatever we measure at that moment takes longer. drydock
-keeps both cores busy and feels it more than the runbook's single gzip does, so a busy
-minute can move one pair's ratio by a third. Each sample records the stolen share, so a
-reader can tell a slow drydock from a busy host."""
+This machine is a VM on a shared host, and its speed drifts by half within an hour. Two
+figures go with each sample, so a reader can tell a slow drydock from a slow host:
+- the CPU time the hypervisor stole (/proc/stat) while the step ran; and
+- how long one core took, just before the step, to gzip a fixed text (the runbook's
+  bottleneck): the host can get slower with no steal reported (2026-12-03: the same
+  runbook pull took 126 s, then 190 s with 0% stolen)."""
 from __future__ import annotations
 
+import functools
+import random
+import time
+import zlib
 from pathlib import Path
 
 STAT = Path("/proc/stat")
@@ -39,3 +44,21 @@ class StolenCpu:
 
     def __exit__(self, *exc) -> None:
         self.percent = stolen_percent(self._before, cpu_times(self.stat))
+
+
+@functools.lru_cache(maxsize=1)
+def _prose(size: int = 2 << 20) -> bytes:
+    """A fixed, prose-like text: the same bytes in every run, compressible like page bodies."""
+    words = ("the page revision body of a blog post about wagtail and django with long prose "
+             "paragraphs written by editors who publish on their own servers").split()
+    chooser = random.Random(0)
+    text = " ".join(chooser.choice(words) for _ in range(size // 4)).encode()
+    return text[:size]
+
+
+def gzip_check_s() -> float:
+    """Seconds one core takes to gzip (level 6) a fixed 2 MiB text: ~0.3 s on a quiet host."""
+    text = _prose()
+    started = time.perf_counter()
+    zlib.compress(text, 6)
+    return round(time.perf_counter() - started, 3)

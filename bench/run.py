@@ -32,7 +32,7 @@ from typing import Callable
 
 import psycopg
 
-from bench.host import StolenCpu
+from bench.host import StolenCpu, gzip_check_s
 from bench.memory import PeakMemory
 from bench.probe import DowntimeProbe
 from bench.quiet import QuietClusters
@@ -128,8 +128,9 @@ class Bench:
 
     # -- the measurements ---------------------------------------------------------------
     def measure(self, name: str, action: Callable[[], dict], probe: bool = False) -> None:
-        """Run one measured step and record it with the CPU the host stole meanwhile (and,
-        for a push, staging's downtime)."""
+        """Run one measured step and record it with how fast the host was (a gzip check just
+        before, the CPU stolen during) and, for a push, staging's downtime."""
+        gzip_s = gzip_check_s()
         with StolenCpu() as host:
             if probe:
                 with self.staging_probe() as staging:
@@ -137,10 +138,11 @@ class Bench:
                 sample["downtime_s"] = staging.longest_gap_s
             else:
                 sample = action()
-        sample["steal_pct"] = host.percent
+        sample.update(steal_pct=host.percent, gzip_check_s=gzip_s)
         self.samples.setdefault(name, []).append(sample)
         extra = f", downtime {sample['downtime_s']:.2f} s" if "downtime_s" in sample else ""
-        self.say(f"    {name}: {sample['seconds']:.1f} s{extra} ({host.percent:.0f}% of the CPU stolen by the host)")
+        self.say(f"    {name}: {sample['seconds']:.1f} s{extra} (host: gzip check {gzip_s:.2f} s before,"
+                 f" {host.percent:.0f}% of the CPU stolen during)")
 
     def staging_probe(self) -> DowntimeProbe:
         return DowntimeProbe(self.envs()["staging"]["url"])
@@ -309,8 +311,9 @@ def table(result: dict) -> str:
         + " s, push " + " / ".join(f"{m['runbook push'][k]:.1f}" for k in ("dump_s", "copy_s", "restore_s")) + " s",
         "ratios run by run: pull " + ", ".join(f"{r:.2f}" for r in result["pull_pair_ratios"])
         + "; push " + ", ".join(f"{r:.2f}" for r in result["push_pair_ratios"]),
-        "CPU stolen by the host, run by run: "
-        + "; ".join(f"{name} " + ", ".join(f"{s.get('steal_pct', 0.0):.0f}" for s in result["samples"][name]) + " %"
+        "the host, run by run (a gzip check before, the CPU stolen during): "
+        + "; ".join(f"{name} " + ", ".join(f"{s.get('gzip_check_s', 0.0):.2f} s {s.get('steal_pct', 0.0):.0f}%"
+                                           for s in result["samples"][name])
                     for name in ("runbook pull", "drydock pull", "runbook push", "drydock push")),
         f"settings: {result['settings']['dump']}, {result['settings']['restore']}, "
         f"TOAST compression {result['settings']['toast_compression'] or 'server default'} during restores",

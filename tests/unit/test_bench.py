@@ -2,7 +2,7 @@
 sample says how much CPU the host stole while it ran."""
 from pathlib import Path
 
-from bench.host import StolenCpu, cpu_times, stolen_percent
+from bench.host import StolenCpu, cpu_times, gzip_check_s, stolen_percent
 from bench.run import Bench, table
 
 
@@ -25,8 +25,12 @@ def test_stolen_cpu_reads_this_machine():
     assert 0.0 <= host.percent <= 100.0
 
 
+def test_gzip_check_times_real_work():
+    assert 0.001 < gzip_check_s() < 60
+
+
 def sample(seconds: float, steal: float, **extra) -> dict:
-    return {"seconds": seconds, "steal_pct": steal, **extra}
+    return {"seconds": seconds, "steal_pct": steal, "gzip_check_s": 0.3 + steal / 100, **extra}
 
 
 def runbook(seconds: float, steal: float, **extra) -> dict:
@@ -60,4 +64,4 @@ def test_report_states_ratios_of_medians_and_each_pair():
     text = table(result)
     assert "**4.33×**" in text and "**3.12×**" in text
     assert "ratios run by run: pull 4.00, 2.00, 5.00; push 3.57, 2.50, 3.00" in text
-    assert "drydock push 1, 18, 0 %" in text
+    assert "drydock push 0.31 s 1%, 0.48 s 18%, 0.30 s 0%" in text
