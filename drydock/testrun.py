@@ -43,6 +43,7 @@ FILE_SECONDS = {
     "tests/unit/test_roles.py": 1,
     "tests/unit/test_helpers.py": 1,
     "tests/unit/test_testrun.py": 1,
+    "tests/unit/test_bench.py": 1,
 }
 DEFAULT_SECONDS = 60
 # Shard i > 0 puts its sandbox on 127.0.(SHARD_NET_BASE + i).x; the first shard uses the
