@@ -13,7 +13,7 @@ and writes the medians to bench/results/<timestamp>.json (and latest.json) and a
 markdown table (printed, and beside the JSON).
 
 The whole bench keeps within a time budget (--minutes, 20 by default): a run is started
-only if one more, as long as the longest so far, would end inside it. The runbook's gzip
+only if one more, 15% longer than the longest so far, would end inside it. The runbook's gzip
 makes most of a run, and how fast a machine gzips varies by twice from day to day here;
 the result says how many runs fitted.
 """
@@ -44,6 +44,8 @@ from drydock.sandbox import DATABASE, Sandbox, SandboxError, bulk_posts_for
 
 Say = Callable[[str], None]
 SNAPSHOT = "bench"
+RUN_SLOWDOWN = 1.15  # how much slower than the longest so far the next run is allowed to be
+REPORT_S = 15  # writing the report
 
 
 class BenchError(DrydockError):
@@ -174,8 +176,9 @@ class Bench:
     def another_run_fits(self, started: float, longest_run_s: float) -> bool:
         if not self.minutes:
             return True
-        margin_s = 15  # the report, and a run a little slower than the longest
-        return time.monotonic() - started + longest_run_s + margin_s <= self.minutes * 60
+        # The next run may be slower than the longest so far: on 2026-12-03 a second run took
+        # 10.3 min after a first of 9.9, and a 15-second margin let the bench end at 20.2 min.
+        return time.monotonic() - started + longest_run_s * RUN_SLOWDOWN + REPORT_S <= self.minutes * 60
 
     def run(self) -> dict:
         started = time.monotonic()

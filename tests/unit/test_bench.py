@@ -65,3 +65,13 @@ def test_report_states_ratios_of_medians_and_each_pair():
     assert "**4.33×**" in text and "**3.12×**" in text
     assert "ratios run by run: pull 4.00, 2.00, 5.00; push 3.57, 2.50, 3.00" in text
     assert "drydock push 0.31 s 1%, 0.48 s 18%, 0.30 s 0%" in text
+
+
+def test_a_run_starts_only_if_a_slower_one_would_still_end_within_the_budget():
+    import time
+
+    bench = Bench("bench", runs=3, minutes=20, say=lambda _line: None)
+    ten_minutes_ago = time.monotonic() - 600
+    assert bench.another_run_fits(ten_minutes_ago, longest_run_s=480)  # 8 min, 15% slower: 19.5 min
+    assert not bench.another_run_fits(ten_minutes_ago, longest_run_s=540)  # 9 min: 20.6 min
+    assert Bench("bench", runs=3, minutes=0).another_run_fits(ten_minutes_ago, longest_run_s=10_000)  # no budget
