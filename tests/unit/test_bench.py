@@ -14,8 +14,8 @@ def stat_file(path: Path, user: int, idle: int, steal: int) -> Path:
 
 def test_stolen_share_is_steal_over_all_ticks_spent(tmp_path):
     before = cpu_times(stat_file(tmp_path / "a", user=100, idle=100, steal=0))
-    after = cpu_times(stat_file(tmp_path / "b", user=160, idle=120, steal=20))
-    assert stolen_percent(before, after) == 20.0
+    after = cpu_times(stat_file(tmp_path / "b", user=160, idle=130, steal=10))
+    assert stolen_percent(before, after) == 10.0  # 10 of 60 + 30 + 10 ticks
     assert stolen_percent(after, after) == 0.0  # no tick in between: nothing stolen, no division by zero
 
 
@@ -72,6 +72,50 @@ def test_a_run_starts_only_if_a_slower_one_would_still_end_within_the_budget():
 
     bench = Bench("bench", runs=3, minutes=20, say=lambda _line: None)
     ten_minutes_ago = time.monotonic() - 600
-    assert bench.another_run_fits(ten_minutes_ago, longest_run_s=480)  # 8 min, 15% slower: 19.5 min
-    assert not bench.another_run_fits(ten_minutes_ago, longest_run_s=540)  # 9 min: 20.6 min
+    assert bench.another_run_fits(ten_minutes_ago, longest_run_s=450)  # 7.5 min, 25% slower: 19.6 min
+    assert not bench.another_run_fits(ten_minutes_ago, longest_run_s=480)  # 8 min: 20.25 min
     assert Bench("bench", runs=3, minutes=0).another_run_fits(ten_minutes_ago, longest_run_s=10_000)  # no budget
+
+
+def test_a_measured_step_times_only_the_step_and_probes_only_a_push(monkeypatch):
+    """The gzip check runs before the step, not inside it; the downtime probe and the steal
+    window span the step; what each records lands on the step's own sample."""
+    import bench.run
+
+    events = []
+
+    class Window:
+        def __init__(self, name: str, **result):
+            self.name, self.result = name, result
+
+        def __enter__(self):
+            events.append(f"{self.name} on")
+            return self
+
+        def __exit__(self, *exc):
+            events.append(f"{self.name} off")
+            self.__dict__.update(self.result)
+
+    def gzip_check():
+        events.append("gzip check")
+        return 0.2
+
+    monkeypatch.setattr(bench.run, "gzip_check_s", gzip_check)
+    monkeypatch.setattr(bench.run, "StolenCpu", lambda: Window("steal", percent=4.0))
+    bench_ = Bench("bench", runs=1, minutes=0, say=lambda _line: None)
+    monkeypatch.setattr(bench_, "staging_probe", lambda: Window("probe", longest_gap_s=0.12))
+
+    def step(seconds: float):
+        def action():
+            events.append("step")
+            return {"seconds": seconds}
+        return action
+
+    bench_.measure("drydock push", step(70.0), probe=True)
+    assert events == ["gzip check", "steal on", "probe on", "step", "probe off", "steal off"]
+    assert bench_.samples["drydock push"] == [{"seconds": 70.0, "downtime_s": 0.12, "steal_pct": 4.0,
+                                              "gzip_check_s": 0.2}]
+    events.clear()
+    bench_.measure("drydock pull", step(50.0))
+    assert events == ["gzip check", "steal on", "step", "steal off"]
+    assert "downtime_s" not in bench_.samples["drydock pull"][0]
