@@ -132,9 +132,9 @@ class Bench:
         raise BenchError(f"the snapshot's ready copy was not made again within {timeout_s:.0f} s")
 
     # -- the measurements ---------------------------------------------------------------
-    def measure(self, name: str, action: Callable[[], dict], probe: bool = False) -> None:
+    def measure(self, name: str, action: Callable[[], dict], probe: bool = False) -> dict:
         """Run one measured step and record it with how fast the host was (a gzip check just
-        before, the CPU stolen during) and, for a push, staging's downtime."""
+        before, the CPU stolen during) and, for a push, staging's downtime; the sample."""
         gzip_s = gzip_check_s()
         with StolenCpu() as host:
             if probe:
@@ -148,6 +148,7 @@ class Bench:
         extra = f", downtime {sample['downtime_s']:.2f} s" if "downtime_s" in sample else ""
         self.say(f"    {name}: {sample['seconds']:.1f} s{extra} (host: gzip check {gzip_s:.2f} s before,"
                  f" {host.percent:.0f}% of the CPU stolen during)")
+        return sample
 
     def staging_probe(self) -> DowntimeProbe:
         return DowntimeProbe(self.envs()["staging"]["url"])
@@ -168,9 +169,9 @@ class Bench:
 
     def reset_trio(self, runbook: Runbook) -> None:
         self.quiet.settle()
-        self.measure("snapshot restore", lambda: self.inv("snapshot.restore", SNAPSHOT))
+        restore = self.measure("snapshot restore", lambda: self.inv("snapshot.restore", SNAPSHOT))
         # Untimed: the restore's background work must not slow the copy measured next.
-        self.samples["snapshot restore"][-1]["background_s"] = self.wait_for_snapshot_work()
+        restore["background_s"] = self.wait_for_snapshot_work()
         self.quiet.settle()
         self.measure("template FILE_COPY", lambda: runbook.template_copy("local"))
         self.quiet.settle()
