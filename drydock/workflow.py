@@ -116,13 +116,14 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
             say(f"==> restoring snapshot {name}")
             results = run_playbook("snapshot.yml", extra_vars=extra, run=run, capture=True)
             used, error = _module_result(results, "ready_copy_used"), _module_result(results, "ready_copy_error")
-            step.update(ready_copy_used=used)
+            database_s = _module_result(results, "database_s")
+            step.update(ready_copy_used=used, database_s=database_s)
     if action == "save":
         say(f"saved snapshot {name} of the local database"
             + ("; its ready copy is being made in the background" if ready_copy else ""))
     elif action == "restore":
-        how = "swapped in its ready copy, the next one is being made in the background" if used else \
-            "copied it: it had no ready copy" + (f"; making one failed: {error}" if error else "")
+        how = f"swapped in its ready copy in {database_s:.2f} s, the next one is being made in the background" if used else \
+            f"copied it in {database_s:.1f} s: it had no ready copy" + (f"; making one failed: {error}" if error else "")
         say(f"the local database is back at snapshot {name} ({how}; the one it replaced is kept as <db>__previous)")
     else:
         say(f"deleted snapshot {name}")

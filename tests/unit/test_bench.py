@@ -50,7 +50,7 @@ def test_report_states_ratios_of_medians_and_each_pair():
                          runbook(120, 0, downtime_s=41.0)],
         "drydock push": [drydock(35, 1, downtime_s=0.1), drydock(100, 18, downtime_s=0.2),
                          drydock(40, 0, downtime_s=0.1)],
-        "snapshot restore": [sample(1.2, 0, background_s=0.3)] * 3,
+        "snapshot restore": [sample(1.2, 0, background_s=0.3, database_s=0.03)] * 3,
         "template FILE_COPY": [sample(0.5, 0)] * 3,
         "restore the dump again": [sample(15, 0)] * 3,
     }
@@ -65,6 +65,8 @@ def test_report_states_ratios_of_medians_and_each_pair():
     assert "**4.33×**" in text and "**3.12×**" in text
     assert "ratios run by run: pull 4.00, 2.00, 5.00; push 3.57, 2.50, 3.00" in text
     assert "drydock push 0.31 s 1%, 0.48 s 18%, 0.30 s 0%" in text
+    assert result["snapshot_ratio"] == 2.4 and result["snapshot_database_s"] == 0.03
+    assert "| … of which its database work (the lock, the checks, the renames) | 0.03 | 0.06× |" in text
 
 
 def test_a_run_starts_only_if_a_slower_one_would_still_end_within_the_budget():
