@@ -1,8 +1,11 @@
 """How fast the host was while a step was measured.
 
-This machine is a VM on a shared host, and its speed drifts by half within an hour. Two
+This machine is a VM on a shared host, and its speed drifts by half within an hour. Three
 figures go with each sample, so a reader can tell a slow drydock from a slow host:
-- the CPU time the hypervisor stole (/proc/stat) while the step ran; and
+- the CPU time the hypervisor stole (/proc/stat) while the step ran;
+- the CPU time spent idle waiting for the disk while it ran (iowait): drydock's steps read
+  and write far more per second than the runbook's gzip, so a slow disk slows them most
+  (2026-12-03T16:05Z: a FILE_COPY of 1 GB took 3.2 s, against 0.44 s at 13:07Z); and
 - how long one core took, just before the step, to gzip a fixed text (the runbook's
   bottleneck): the host can get slower with no steal reported (2026-12-03: the same
   runbook pull took 126 s, then 190 s with 0% stolen)."""
@@ -15,7 +18,9 @@ import zlib
 from pathlib import Path
 
 STAT = Path("/proc/stat")
-STEAL = 7  # user nice system idle iowait irq softirq steal: the eighth field of the cpu line
+# The cpu line's fields: user nice system idle iowait irq softirq steal.
+IOWAIT = 4
+STEAL = 7
 
 
 def cpu_times(stat: Path = STAT) -> list[int]:
@@ -24,26 +29,29 @@ def cpu_times(stat: Path = STAT) -> list[int]:
     return [int(value) for value in fields[1:9]]
 
 
-def stolen_percent(before: list[int], after: list[int]) -> float:
+def share_percent(before: list[int], after: list[int], state: int = STEAL) -> float:
+    """The share of all CPU time between two readings spent in `state` (steal by default)."""
     spent = [late - early for early, late in zip(before, after)]
     total = sum(spent)
-    return round(100.0 * spent[STEAL] / total, 1) if total else 0.0
+    return round(100.0 * spent[state] / total, 1) if total else 0.0
 
 
 class StolenCpu:
     """`with StolenCpu() as host: ...` then `host.percent`: the share of all CPU time in the
-    block that the hypervisor stole."""
+    block that the hypervisor stole; `host.iowait_percent`: the share spent waiting for the disk."""
 
     def __init__(self, stat: Path = STAT):
         self.stat = stat
-        self.percent = 0.0
+        self.percent = self.iowait_percent = 0.0
 
     def __enter__(self) -> StolenCpu:
         self._before = cpu_times(self.stat)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.percent = stolen_percent(self._before, cpu_times(self.stat))
+        after = cpu_times(self.stat)
+        self.percent = share_percent(self._before, after, STEAL)
+        self.iowait_percent = share_percent(self._before, after, IOWAIT)
 
 
 @functools.lru_cache(maxsize=1)

@@ -146,11 +146,11 @@ class Bench:
                 sample["downtime_s"] = staging.longest_gap_s
             else:
                 sample = action()
-        sample.update(steal_pct=host.percent, gzip_check_s=gzip_s)
+        sample.update(steal_pct=host.percent, iowait_pct=host.iowait_percent, gzip_check_s=gzip_s)
         self.samples.setdefault(name, []).append(sample)
         extra = f", downtime {sample['downtime_s']:.2f} s" if "downtime_s" in sample else ""
         self.say(f"    {name}: {sample['seconds']:.1f} s{extra} (host: gzip check {gzip_s:.2f} s before,"
-                 f" {host.percent:.0f}% of the CPU stolen during)")
+                 f" {host.percent:.0f}% of the CPU stolen and {host.iowait_percent:.0f}% waiting for the disk during)")
         return sample
 
     def staging_probe(self) -> DowntimeProbe:
@@ -323,8 +323,9 @@ def table(result: dict) -> str:
         + " s, push " + " / ".join(f"{m['runbook push'][k]:.1f}" for k in ("dump_s", "copy_s", "restore_s")) + " s",
         "ratios run by run: pull " + ", ".join(f"{r:.2f}" for r in result["pull_pair_ratios"])
         + "; push " + ", ".join(f"{r:.2f}" for r in result["push_pair_ratios"]),
-        "the host, run by run (a gzip check before, the CPU stolen during): "
+        "the host, run by run (a gzip check before; the CPU stolen, and waiting for the disk, during): "
         + "; ".join(f"{name} " + ", ".join(f"{s.get('gzip_check_s', 0.0):.2f} s {s.get('steal_pct', 0.0):.0f}%"
+                                           f" {s.get('iowait_pct', 0.0):.0f}%"
                                            for s in result["samples"][name])
                     for name in ("runbook pull", "drydock pull", "runbook push", "drydock push")),
         f"settings: {result['settings']['dump']}, {result['settings']['restore']}, "

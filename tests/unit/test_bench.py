@@ -2,27 +2,29 @@
 sample says how much CPU the host stole while it ran."""
 from pathlib import Path
 
-from bench.host import StolenCpu, cpu_times, gzip_check_s, stolen_percent
+from bench.host import IOWAIT, StolenCpu, cpu_times, gzip_check_s, share_percent
 from bench.run import Bench, table
 
 
-def stat_file(path: Path, user: int, idle: int, steal: int) -> Path:
+def stat_file(path: Path, user: int, idle: int, steal: int, iowait: int = 0) -> Path:
     # The kernel's layout: cpu user nice system idle iowait irq softirq steal guest guest_nice
-    path.write_text(f"cpu  {user} 0 0 {idle} 0 0 0 {steal} 0 0\ncpu0 {user} 0 0 {idle} 0 0 0 {steal} 0 0\n")
+    path.write_text(f"cpu  {user} 0 0 {idle} {iowait} 0 0 {steal} 0 0\n"
+                    f"cpu0 {user} 0 0 {idle} {iowait} 0 0 {steal} 0 0\n")
     return path
 
 
-def test_stolen_share_is_steal_over_all_ticks_spent(tmp_path):
-    before = cpu_times(stat_file(tmp_path / "a", user=100, idle=100, steal=0))
-    after = cpu_times(stat_file(tmp_path / "b", user=160, idle=130, steal=10))
-    assert stolen_percent(before, after) == 10.0  # 10 of 60 + 30 + 10 ticks
-    assert stolen_percent(after, after) == 0.0  # no tick in between: nothing stolen, no division by zero
+def test_stolen_and_iowait_shares_are_their_ticks_over_all_ticks_spent(tmp_path):
+    before = cpu_times(stat_file(tmp_path / "a", user=100, idle=100, steal=0, iowait=5))
+    after = cpu_times(stat_file(tmp_path / "b", user=150, idle=120, steal=10, iowait=25))
+    assert share_percent(before, after) == 10.0  # steal: 10 of 50 + 20 + 20 + 10 ticks
+    assert share_percent(before, after, IOWAIT) == 20.0  # 20 of the same 100
+    assert share_percent(after, after) == 0.0  # no tick in between: nothing stolen, no division by zero
 
 
 def test_stolen_cpu_reads_this_machine():
     with StolenCpu() as host:
         sum(range(200_000))
-    assert 0.0 <= host.percent <= 100.0
+    assert 0.0 <= host.percent <= 100.0 and 0.0 <= host.iowait_percent <= 100.0
 
 
 def test_gzip_check_times_real_work():
@@ -30,7 +32,7 @@ def test_gzip_check_times_real_work():
 
 
 def sample(seconds: float, steal: float, **extra) -> dict:
-    return {"seconds": seconds, "steal_pct": steal, "gzip_check_s": 0.3 + steal / 100, **extra}
+    return {"seconds": seconds, "steal_pct": steal, "iowait_pct": steal / 2, "gzip_check_s": 0.3 + steal / 100, **extra}
 
 
 def runbook(seconds: float, steal: float, **extra) -> dict:
@@ -64,7 +66,7 @@ def test_report_states_ratios_of_medians_and_each_pair():
     text = table(result)
     assert "**4.33×**" in text and "**3.12×**" in text
     assert "ratios run by run: pull 4.00, 2.00, 5.00; push 3.57, 2.50, 3.00" in text
-    assert "drydock push 0.31 s 1%, 0.48 s 18%, 0.30 s 0%" in text
+    assert "drydock push 0.31 s 1% 0%, 0.48 s 18% 9%, 0.30 s 0% 0%" in text
     assert result["snapshot_ratio"] == 2.4 and result["snapshot_database_s"] == 0.03
     assert "| … of which its database work (the lock, the checks, the renames) | 0.03 | 0.06× |" in text
 
@@ -103,7 +105,7 @@ def test_a_measured_step_times_only_the_step_and_probes_only_a_push(monkeypatch)
         return 0.2
 
     monkeypatch.setattr(bench.run, "gzip_check_s", gzip_check)
-    monkeypatch.setattr(bench.run, "StolenCpu", lambda: Window("steal", percent=4.0))
+    monkeypatch.setattr(bench.run, "StolenCpu", lambda: Window("steal", percent=4.0, iowait_percent=9.0))
     bench_ = Bench("bench", runs=1, minutes=0, say=lambda _line: None)
     monkeypatch.setattr(bench_, "staging_probe", lambda: Window("probe", longest_gap_s=0.12))
 
@@ -116,7 +118,7 @@ def test_a_measured_step_times_only_the_step_and_probes_only_a_push(monkeypatch)
     bench_.measure("drydock push", step(70.0), probe=True)
     assert events == ["gzip check", "steal on", "probe on", "step", "probe off", "steal off"]
     assert bench_.samples["drydock push"] == [{"seconds": 70.0, "downtime_s": 0.12, "steal_pct": 4.0,
-                                              "gzip_check_s": 0.2}]
+                                              "iowait_pct": 9.0, "gzip_check_s": 0.2}]
     events.clear()
     bench_.measure("drydock pull", step(50.0))
     assert events == ["gzip check", "steal on", "step", "steal off"]
