@@ -13,6 +13,10 @@ from drydock.paths import project_root
 from drydock.sandbox import Sandbox, SandboxError, bulk_posts_for
 from drydock.validate import InvalidInput, count
 
+# Numeric options have string defaults: given an int default, Invoke converts the value
+# itself and answers `--port abc` with a traceback. drydock.validate converts and checks
+# them instead, with a one-line error.
+
 
 def one_line_errors(body):
     """Turn drydock's expected failures into one line on stderr and exit status 1."""
@@ -34,7 +38,7 @@ def backup(c, env, keep=None):
 
 
 @task(help={"env": "the environment to pull from (e.g. production)",
-            "dump": "restore this fetched dump instead of taking a new backup",
+            "dump": "restore this fetched dump (or the backup folder holding it) instead of taking a new backup",
             "latest": "restore the newest dump already fetched from ENV"})
 @one_line_errors
 def pull(c, env, dump=None, latest=False):
@@ -47,7 +51,7 @@ def pull(c, env, dump=None, latest=False):
             "port": "the new port (default 443)",
             "site_name": "change the Site with this site_name instead of the default Site"})
 @one_line_errors
-def site(c, env, hostname, port=443, site_name=""):
+def site(c, env, hostname, port="443", site_name=""):
     """Set the hostname and port of ENV's Wagtail Site (and django_site)."""
     workflow.site(env, hostname, port, site_name)
 
@@ -55,7 +59,7 @@ def site(c, env, hostname, port=443, site_name=""):
 @task(help={"scale": "production's size: 'small' (default, ~15 MB, for tests), 'bench' (~1 GB) or a size in MB",
             "posts": "how many blog posts to create through Wagtail (default 220)"})
 @one_line_errors
-def sandbox_up(c, scale="small", posts=220):
+def sandbox_up(c, scale="small", posts="220"):
     """Start the sandbox: production, staging and local clusters under .sandbox/ (idempotent)."""
     Sandbox().up(posts=count(posts, "--posts"), bulk_posts=bulk_posts_for(scale))
 
@@ -81,7 +85,7 @@ def demo(c):
             "runs": "alternating runs of each measurement, at most; medians are reported (default 3)",
             "minutes": "start a run only if it would end within this many minutes in all (default 20; 0: no limit)"})
 @one_line_errors
-def bench(c, scale="bench", runs=3, minutes=20):
+def bench(c, scale="bench", runs="3", minutes="20"):
     """Time drydock against the hand-written runbook on the sandbox; write bench/results/."""
     from bench.run import main
 
@@ -91,7 +95,7 @@ def bench(c, scale="bench", runs=3, minutes=20):
 @task(help={"pytest_args": "extra arguments for pytest, e.g. '-k pull -x' (naming test files runs them in one shard)",
             "shards": "how many pytest processes run side by side, each on its own sandbox (default 2; 1 = plain pytest)"})
 @one_line_errors
-def test(c, pytest_args="", shards=2):
+def test(c, pytest_args="", shards="2"):
     """Run the whole test suite (ansible-lint, unit, integration on the sandbox)."""
     code = testrun.run(project_root(), shlex.split(pytest_args), count(shards, "--shards"))
     if code != 0:
@@ -110,11 +114,12 @@ def lint(c):
 @task(help={"env": "the environment to push to (exactly one, e.g. staging)",
             "dump": "push this dump (with its manifest) instead of dumping the local database",
             "yes": "confirm a push to a protected environment (production) without a prompt",
-            "allow_lost_writes": "push even though the target took writes since the copy's backup (they are lost)"})
+            "allow_lost_writes": "push even though the target took writes since the copy's backup (they are lost)",
+            "allow_unscrubbed": "with --dump: push an unscrubbed dump to an unprotected environment (personal data goes along)"})
 @one_line_errors
-def push(c, env, dump=None, yes=False, allow_lost_writes=False):
+def push(c, env, dump=None, yes=False, allow_lost_writes=False, allow_unscrubbed=False):
     """Restore the local copy onto ENV: checks, safety backup, side database, swap, health check."""
-    workflow.push(env, dump_path=dump, yes=yes, allow_lost_writes=allow_lost_writes)
+    workflow.push(env, dump_path=dump, yes=yes, allow_lost_writes=allow_lost_writes, allow_unscrubbed=allow_unscrubbed)
 
 
 @task(help={"env": "the environment to roll back (e.g. staging)",
@@ -187,7 +192,7 @@ def snapshot_save(c, name, force=False, ready_copy=True):
 @task(help={"name": "the snapshot to bring back"})
 @one_line_errors
 def snapshot_restore(c, name):
-    """Put the local database back at snapshot NAME (the replaced one is kept as <db>__previous)."""
+    """Put the local database back at snapshot NAME (the replaced one is kept as DB__previous)."""
     workflow.snapshot("restore", name)
 
 

@@ -25,8 +25,13 @@ class Dump:
 
 
 def load(path: Path) -> Dump:
-    """A dump and its manifest; one-line errors for anything missing."""
+    """A dump and its manifest (a backup folder stands for the dump in it); one-line errors
+    for anything missing."""
     path = path.expanduser().resolve()
+    if path.is_dir():
+        path = in_folder(path) or path
+    if path.is_dir():
+        raise DrydockError(f"no dump file in the folder {path}")
     if not path.is_file():
         raise DrydockError(f"no such dump file: {path}")
     manifest_path = path.parent / "manifest.json"

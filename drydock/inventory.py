@@ -19,18 +19,21 @@ class Inventory:
 
     def server(self, text: str) -> str:
         """Validate a server environment typed by the user: exactly one, and known."""
+        return self._one_of(text, self.servers)
+
+    def environment(self, text: str) -> str:
+        """Like server(), but the local environment is accepted too."""
+        return self._one_of(text, self.servers + self.local)
+
+    @staticmethod
+    def _one_of(text: str, known: tuple[str, ...]) -> str:
         names = [part for part in text.replace(",", " ").replace(":", " ").split() if part]
         if len(names) != 1:
             raise InvalidInput(f"one environment at a time, got {len(names)}: {', '.join(names) or '(none)'}")
         name = environment_name(names[0])
-        if name not in self.servers:
-            raise InvalidInput(f"unknown environment {name!r}: choose one of {', '.join(self.servers)}")
+        if name not in known:
+            raise InvalidInput(f"unknown environment {name!r}: choose one of {', '.join(known)}")
         return name
-
-    def environment(self, text: str) -> str:
-        """Like server(), but the local environment is accepted too."""
-        names = [part for part in text.replace(",", " ").split() if part]
-        return names[0] if len(names) == 1 and names[0] in self.local else self.server(text)
 
 
 @functools.lru_cache(maxsize=None)

@@ -33,7 +33,11 @@ class Run:
 
     @property
     def ansible_log(self) -> Path:
-        return self.dir / "ansible.log"
+        """The run's Ansible log, made 0600 here first: Ansible appends to an existing file,
+        but would create it by the umask, and the log can show production data."""
+        path = self.dir / "ansible.log"
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        return path
 
     def write(self, entry: dict) -> None:
         fd = os.open(self.dir / "journal.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -32,7 +32,7 @@ FILE_SECONDS = {
     "tests/integration/test_snapshot.py": 205,
     "tests/integration/test_verify.py": 204,
     "tests/e2e/test_pipeline.py": 175,
-    "tests/integration/test_push.py": 155,
+    "tests/integration/test_push.py": 245,
     "tests/integration/test_pull.py": 61,
     "tests/integration/test_backup.py": 37,
     "tests/integration/test_site.py": 31,

@@ -83,10 +83,9 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
 
 
 def site(env_text: str, hostname: str, port: int, site_name: str = "", say: Say = print) -> None:
-    inv = inventory.load()
-    env = inv.environment(env_text)
     valid_hostname(hostname)
     port = valid_port(port)
+    env = inventory.load().environment(env_text)
     run = Run("site")
     with run.step("site", env=env, hostname=hostname, port=port):
         run_playbook("site_hostname.yml", limit=env, run=run, extra_vars={
@@ -117,6 +116,7 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
             results = run_playbook("snapshot.yml", extra_vars=extra, run=run, capture=True)
             used, error = _module_result(results, "ready_copy_used"), _module_result(results, "ready_copy_error")
             database_s = _module_result(results, "database_s")
+            database = _module_result(results, "snapshot").split("__snap_")[0]  # <db>__snap_<name>
             step.update(ready_copy_used=used, database_s=database_s)
     if action == "save":
         say(f"saved snapshot {name} of the local database"
@@ -124,7 +124,7 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
     elif action == "restore":
         how = f"swapped in its ready copy in {database_s:.2f} s, the next one is being made in the background" if used else \
             f"copied it in {database_s:.1f} s: it had no ready copy" + (f"; making one failed: {error}" if error else "")
-        say(f"the local database is back at snapshot {name} ({how}; the one it replaced is kept as <db>__previous)")
+        say(f"the local database is back at snapshot {name} ({how}; the one it replaced is kept as {database}__previous)")
     else:
         say(f"deleted snapshot {name}")
     return None
@@ -221,7 +221,7 @@ def _server(env_text: str) -> tuple[inventory.Inventory, str, dict]:
 
 
 def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_lost_writes: bool = False,
-         say: Say = print, run: Run | None = None, locked: bool = False) -> Dump:
+         allow_unscrubbed: bool = False, say: Say = print, run: Run | None = None, locked: bool = False) -> Dump:
     inv, env, target = _server(env_text)
     protected = bool(target.get("drydock_protected"))
     confirm(env, protected, yes, "push to")
@@ -245,7 +245,8 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
             say(f"==> restoring {dump.path.name} onto {env}")
             run_playbook("restore_database.yml", limit=env, run=run, extra_vars={
                 "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
-                "drydock_allow_lost_writes": allow_lost_writes, "drydock_safety_backup": take_safety_backup,
+                "drydock_allow_lost_writes": allow_lost_writes, "drydock_allow_unscrubbed": allow_unscrubbed,
+                "drydock_safety_backup": take_safety_backup,
                 "pg_backup_controller_dir": str(backups_dir())})
             safety = dumps.latest(env, kind="safety") if take_safety_backup else None
             step.update(safety_backup=str(safety.path) if safety else None)
@@ -319,8 +320,10 @@ def show_page(env_text: str, path: str, say: Say = print) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         html = response.read().decode()
     title = re.search(r"<h1>(.*?)</h1>", html, re.S)
+    kind = re.search(r'<p class="kind">(.*?)</p>', html, re.S)  # the example site's Blog or Podcast
     posts = html.count("<li>")
-    say(f"{url} → {response.status}: {title.group(1).strip() if title else '?'} ({posts} posts listed)")
+    say(f"{url} → {response.status}: {title.group(1).strip() if title else '?'}"
+        + (f", a {kind.group(1).strip()}" if kind else "") + f" ({posts} posts listed)")
     return html
 
 
@@ -361,7 +364,7 @@ def runs_show(run_id: str, say: Say = print) -> list[dict]:
         raise DrydockError(f"no run {run_id} under {runs_dir()}: see inv runs.list")
     steps = journal.read(folder)
     rows = [{"step": s["step"], "start": s["start"][11:19], "outcome": s.get("outcome", "?"),
-             "seconds": s.get("seconds", ""), "bytes": f"{s['bytes']:,}" if "bytes" in s else "",
+             "seconds": f"{s['seconds']:.1f}" if "seconds" in s else "", "bytes": f"{s['bytes']:,}" if "bytes" in s else "",
              "rows": f"{s['rows']:,}" if "rows" in s else ""} for s in steps]
     say(journal.table(rows, ["step", "start", "outcome", "seconds", "bytes", "rows"]))
     for s in steps:

@@ -15,10 +15,18 @@ options:
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
   content: {description: Also return an md5 of each table's content (reads every row)., type: bool, default: false}
+  row_counts: {description: "Count every table's rows (reads every table); false for the write counters alone.", type: bool, default: true}
   expect_row_counts: {description: Row counts that must match exactly (e.g. a manifest's)., type: dict}
   compare_writes_with:
-    description: A write fingerprint taken earlier; C(writes_since) lists the tables written since.
+    description:
+      - A write fingerprint taken earlier; C(writes_since) lists the tables written since.
+      - When the database was replaced since (another oid), writes count from the baseline a
+        push recorded on it, if that push came from the backup C(lineage_sha256) names;
+        otherwise C(writes_unknown) says why they cannot be counted.
     type: dict
+  lineage_sha256:
+    description: The sha256 of the backup C(compare_writes_with) was taken with.
+    type: str
 """
 
 EXAMPLES = r"""
@@ -30,23 +38,26 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
-row_counts: {description: Rows per table., type: dict, returned: success}
+row_counts: {description: Rows per table., type: dict, returned: when row_counts}
 migrations: {description: Latest applied Django migration per app., type: dict, returned: success}
 write_fingerprint: {description: Per-table write counters., type: dict, returned: success}
 content_fingerprint: {description: md5 per table of its content., type: dict, returned: when content}
 writes_since: {description: "Tables written since C(compare_writes_with), e.g. 'blog_post (+3)'.", type: list, returned: when compare_writes_with}
+writes_unknown: {description: "Why the writes since C(compare_writes_with) cannot be counted, e.g. 'replaced by the push of ...' (null when they can).", type: str, returned: when compare_writes_with}
 """
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, content_fingerprint,
-                                             latest_migrations, row_count_problem, row_counts, write_fingerprint,
-                                             writes_since)
+                                             database_comment, latest_migrations, row_count_problem, row_counts,
+                                             write_baseline, write_fingerprint, writes_since)
 
 
 def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(PG_CONNECTION_ARGS, content=dict(type="bool", default=False),
-                           expect_row_counts=dict(type="dict"), compare_writes_with=dict(type="dict")),
+                           row_counts=dict(type="bool", default=True),
+                           expect_row_counts=dict(type="dict"), compare_writes_with=dict(type="dict"),
+                           lineage_sha256=dict(type="str")),
         supports_check_mode=True,
     )
     params = module.params
@@ -57,14 +68,20 @@ def main() -> None:
         with connect(params["socket_dir"], params["port"], params["database"]) as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             with conn.cursor() as cur:
-                facts = dict(row_counts=row_counts(cur), migrations=latest_migrations(cur),
-                             write_fingerprint=write_fingerprint(cur))
+                facts = dict(migrations=latest_migrations(cur), write_fingerprint=write_fingerprint(cur))
+                if params["row_counts"]:
+                    facts["row_counts"] = row_counts(cur)
                 if params["content"]:
                     facts["content_fingerprint"] = content_fingerprint(cur)
+            pushed = database_comment(conn, params["database"]).get("drydock_pushed")
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
     if params["compare_writes_with"] is not None:
-        facts["writes_since"] = writes_since(params["compare_writes_with"], facts["write_fingerprint"])
+        baseline = write_baseline(params["compare_writes_with"], facts["write_fingerprint"], pushed,
+                                  params["lineage_sha256"])
+        facts["writes_since"] = [] if baseline is None else writes_since(baseline, facts["write_fingerprint"])
+        facts["writes_unknown"] = None if baseline is not None else (
+            "replaced" + (f" by the push of {pushed['recorded']}" if pushed and pushed.get("recorded") else ""))
     expected = params["expect_row_counts"]
     if expected is not None:
         problem = row_count_problem(params["database"], expected, facts["row_counts"])

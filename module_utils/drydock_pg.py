@@ -66,21 +66,44 @@ def latest_migrations(cur) -> dict[str, str]:
 
 
 def write_fingerprint(cur) -> dict:
-    """Per-table write counters (inserts + updates + deletes since the statistics were reset).
+    """Per-table write counters (inserts + updates + deletes since the statistics were reset),
+    and which database they count: a database that replaced this one by a restore and a
+    rename has counters of its own, which cannot be compared with these.
 
-    Not transactional, but monotonic: if a later reading differs, the table took writes.
+    Not transactional, but monotonic: if a later reading of the same database differs, the
+    table took writes.
     """
-    cur.execute("SELECT stats_reset::text FROM pg_stat_database WHERE datname = current_database()")
-    stats_reset = cur.fetchone()[0]
+    cur.execute("SELECT d.oid::bigint, s.stats_reset::text FROM pg_database d"
+                " JOIN pg_stat_database s ON s.datid = d.oid WHERE d.datname = current_database()")
+    database_oid, stats_reset = cur.fetchone()
     cur.execute("SELECT schemaname, relname, n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_user_tables ORDER BY 1, 2")
-    return {"stats_reset": stats_reset,
+    return {"database_oid": database_oid, "stats_reset": stats_reset,
             "tables": {table_key(schema, table): int(n) for schema, table, n in cur.fetchall()}}
 
 
-def writes_since(before: dict, now: dict) -> list[str]:
-    """Tables that took writes between two write fingerprints, e.g. ["blog_post (+3)"].
+def write_baseline(before: dict, now: dict, pushed: dict | None, lineage_sha256: str | None) -> dict | None:
+    """The fingerprint to count a target's writes from, or None when they cannot be counted.
 
-    When the statistics were reset in between, the counters cannot be compared: say so.
+    `before` is the fingerprint of the backup the pushed copy comes from. When a push has
+    replaced the target's database since (another database oid), writes count from the
+    baseline that push recorded on it (`pushed`), provided that push came from the same
+    backup; anything else in between, and the writes the target took since are unknown.
+    A fingerprint without an oid (an older manifest) is taken as the same database.
+    """
+    if before.get("database_oid") in (None, now.get("database_oid")):
+        return before
+    pushed = pushed or {}
+    baseline = pushed.get("write_fingerprint") or {}
+    same_backup = lineage_sha256 is not None and pushed.get("lineage_sha256") == lineage_sha256
+    return baseline if same_backup and baseline.get("database_oid") == now.get("database_oid") else None
+
+
+def writes_since(before: dict, now: dict) -> list[str]:
+    """Tables that took writes between two write fingerprints of one database, e.g.
+    ["blog_post (+3)"].
+
+    When the statistics were reset in between, or a counter went back (another database,
+    read without an oid), the counters cannot be compared: say so.
     """
     if before.get("stats_reset") != now.get("stats_reset"):
         return [f"(the write statistics were reset since: {now.get('stats_reset')})"]
@@ -89,7 +112,9 @@ def writes_since(before: dict, now: dict) -> list[str]:
         earlier = before.get("tables", {}).get(table)
         if earlier is None:
             changed.append(f"{table} (new table)")
-        elif count != earlier:
+        elif count < earlier:
+            return ["(its write counters went back: the database was replaced or its statistics reset)"]
+        elif count > earlier:
             changed.append(f"{table} (+{count - earlier})")
     return changed
 

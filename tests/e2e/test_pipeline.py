@@ -19,6 +19,7 @@ def test_pipeline_puts_the_podcast_on_staging(sandbox_env, connect):
     with urllib.request.urlopen(f"http://{sandbox_env['staging']['host']}:8000/blog/", timeout=10) as response:
         html = response.read().decode()
     assert response.status == 200 and "The Drydock Log" in html and html.count("<li>") >= 200
+    assert '<p class="kind">Podcast · Technology</p>' in html  # served by the Podcast's template
 
 
 def test_pipeline_stops_before_the_push_when_the_local_copy_fails_verification(sandbox_env, connect, tmp_path):

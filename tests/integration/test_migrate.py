@@ -1,6 +1,7 @@
 """The migration step on the local copy: migrate, phases, notebooks, scripts, safety snapshot."""
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,8 @@ def test_notebook_turns_the_blog_into_a_podcast(fresh_local, connect):
 
     executed = Path(proc.stdout.split("executed notebook: ")[1].split()[0])
     assert executed.is_file() and executed.parent.parent == runs_dir()
+    for private in (executed, executed.parent / "ansible.log", executed.parent / "journal.jsonl"):  # they show data
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
     outputs = "".join(o.get("text", "") for c in nbformat.read(executed, 4).cells for o in c.get("outputs", []))
     assert f"with {len(posts)} posts" in outputs
 

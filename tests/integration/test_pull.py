@@ -50,7 +50,7 @@ def test_gzip_dump_restores_as_it_is(pulled, connect, tmp_path):
     dump = dumps.latest("production", root=tmp_path)
     assert dump.path.name.endswith(".dump") and dump.manifest["dump"]["compression"] == "gzip"
     connect("local").execute("DELETE FROM taggit_taggeditem")
-    inv("pull", "production", "--dump", str(dump.path), check=True)
+    inv("pull", "production", "--dump", str(dump.path.parent), check=True)  # a backup folder stands for its dump
     assert row_counts(connect("local")) == dump.manifest["row_counts"]
 
 
@@ -106,6 +106,7 @@ def test_side_database_named_as_the_live_one_is_refused(pulled, connect, overrid
 
 @pytest.mark.parametrize("args, message", [
     (["pull", "production", "--dump", "/nonexistent/x.dump"], "no such dump file"),
+    (["pull", "production", "--dump", "/"], "no dump file in the folder /"),
     (["pull", "prod"], "unknown environment"),
     (["pull", "production,staging"], "one environment at a time"),
     (["pull", "local"], "unknown environment 'local'"),

@@ -123,10 +123,18 @@ def test_scrubbed_dump_is_refused_by_production(pushed, connect):
     assert fingerprint(connect("production")) == before
 
 
-def test_unscrubbed_dump_is_refused_by_staging(pushed, connect):
+def test_unscrubbed_dump_is_refused_by_staging_unless_allowed(pushed, connect):
     before = fingerprint(connect("staging"))
-    proc = inv("push", "staging", "--dump", str(dumps.latest("production").path))
+    production_dump = str(dumps.latest("production").path)
+    proc = inv("push", "staging", "--dump", production_dump)
     assert proc.returncode == 1 and "refusing to push an unscrubbed copy" in error_lines(proc)[-1]
+    assert "or pass --allow-unscrubbed knowingly" in error_lines(proc)[-1]
+    assert fingerprint(connect("staging")) == before
+    allowed = inv("push", "staging", "--dump", production_dump, "--allow-unscrubbed")
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    emails = [e for (e,) in connect("staging").execute("SELECT email FROM auth_user")]
+    assert any(e.endswith("@drydock-example.org") for e in emails)  # the real ones, as asked
+    inv("rollback", "staging", check=True)
     assert fingerprint(connect("staging")) == before
 
 
@@ -170,3 +178,23 @@ def test_production_push_keeps_real_emails(pushed, connect):
     safety = dumps.latest("production", kind="safety")  # protected: a file backup before the push
     assert safety.path.name in proc.stdout
     assert dumps.latest("local").manifest["scrubbed"] == []
+
+
+def test_a_second_push_to_production_counts_writes_from_the_first(pushed, connect):
+    """The first push replaced production's database, whose write counters start afresh:
+    the next push from the same backup must neither see writes that never happened nor
+    bury a real one among the counters of the database the first push replaced."""
+    inv("pull", "production", check=True)
+    assert inv("push", "production", "--yes").returncode == 0
+    again = inv("push", "production", "--yes")  # nothing wrote to production in between
+    assert again.returncode == 0, again.stderr[-2000:]
+    conn = connect("production")
+    conn.execute("UPDATE blog_post SET body = body || '<p>edited after the push</p>'"
+                 " WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)")
+    time.sleep(1.2)  # statistics reach the shared counters within a second
+    before = fingerprint(conn)
+    refused = inv("push", "production", "--yes")
+    assert refused.returncode == 1
+    line = error_lines(refused)[-1]
+    assert "taken writes since the backup" in line and line.count("(+") == 1 and "blog_post (+1)." in line
+    assert fingerprint(connect("production")) == before

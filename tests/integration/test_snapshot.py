@@ -125,6 +125,7 @@ def test_restore_is_a_rename_of_the_ready_copy_and_the_next_one_is_made(clean_sn
         change(connect("local"))
         restored = inv("snapshot.restore", "saved", check=True)
         assert re.search(r"swapped in its ready copy in [0-9.]+ s", restored.stdout)
+        assert "the one it replaced is kept as wagtail_site__previous" in restored.stdout
         assert fingerprint(connect("local")) == saved
         settled(watcher)
     assert "wagtail_site__incoming" not in databases(watcher)

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from drydock.paths import runs_dir
-from tests.conftest import ROOT, error_lines, inv, row_counts
+from tests.conftest import ROOT, databases, error_lines, inv, row_counts
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +23,14 @@ def fresh(migrated, connect):
     return connect("local")
 
 
-def test_clean_migrated_database_passes(fresh):
+def test_clean_migrated_database_passes(fresh, connect):
+    for cached in (runs_dir() / "cache").glob("schema-*.json"):  # so that the reference is built from zero
+        cached.unlink()
     proc = inv("verify", "local")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
     assert "verify local (wagtail_site): OK" in proc.stdout
+    assert list((runs_dir() / "cache").glob("schema-*.json"))
+    assert not [name for name in databases(connect("local", "postgres")) if "__verify_" in name]  # scratch dropped
 
 
 DRIFTS = {
@@ -55,7 +59,7 @@ def test_drift_is_found_and_named(fresh, drift):
     proc = inv("verify", "local")
     assert proc.returncode == 1
     assert expected in proc.stdout, proc.stdout[-3000:]
-    assert "does not match its code" in error_lines(proc)[-1]
+    assert "local: database wagtail_site does not match its code" in error_lines(proc)[-1]
 
 
 def test_row_counts_against_a_manifest(fresh, connect, tmp_path):

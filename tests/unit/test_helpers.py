@@ -112,6 +112,23 @@ def test_writes_since_names_tables_and_a_stats_reset():
     assert writes_since(before, {"stats_reset": None, "tables": {"a": 5, "b": 3, "c": 0}}) == ["b (+2)", "c (new table)"]
     assert writes_since(before, before) == []
     assert "reset" in writes_since(before, {"stats_reset": "2026-01-01", "tables": {}})[0]
+    # Counters that went back are another database's (or were reset), never negative writes.
+    assert writes_since(before, {"stats_reset": None, "tables": {"a": 2, "b": 9}}) == [
+        "(its write counters went back: the database was replaced or its statistics reset)"]
+
+
+def test_writes_count_from_the_baseline_of_a_push_of_the_same_backup_only():
+    from drydock_pg import write_baseline
+
+    backup = {"database_oid": 100, "stats_reset": None, "tables": {"a": 5}}
+    now = {"database_oid": 200, "stats_reset": None, "tables": {"a": 900}}
+    pushed = {"lineage_sha256": "b1", "write_fingerprint": {"database_oid": 200, "stats_reset": None, "tables": {"a": 899}}}
+    assert write_baseline(backup, {**now, "database_oid": 100}, pushed, "b1") is backup  # not replaced since
+    assert write_baseline({**backup, "database_oid": None}, now, None, "b1") == {**backup, "database_oid": None}
+    assert write_baseline(backup, now, pushed, "b1") == pushed["write_fingerprint"]
+    assert write_baseline(backup, now, pushed, "b2") is None  # a push of another backup came in between
+    assert write_baseline(backup, now, None, "b1") is None  # replaced, nothing recorded (a rollback, by hand)
+    assert write_baseline(backup, {**now, "database_oid": 300}, pushed, "b1") is None  # replaced again since the push
 
 
 def test_lock_refuses_a_live_holder_and_clears_a_dead_one(tmp_path):

@@ -42,3 +42,27 @@ def test_environment_names(name, ok):
     else:
         with pytest.raises(InvalidInput):
             validate.environment_name(name)
+
+
+def test_an_unknown_environment_is_named_with_every_choice_the_command_takes():
+    from drydock.inventory import Inventory
+
+    inv = Inventory(servers=("production", "staging"), local=("local",), hostvars={})
+    assert inv.environment("local") == "local" and inv.server("staging") == "staging"
+    with pytest.raises(InvalidInput, match=r"unknown environment 'nosuch': choose one of production, staging, local\Z"):
+        inv.environment("nosuch")
+    with pytest.raises(InvalidInput, match=r"unknown environment 'local': choose one of production, staging\Z"):
+        inv.server("local")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["site", "staging", "ok.example", "--port", "abc"], "invalid port 'abc': not a number"),
+    (["bench", "--runs", "abc"], "invalid --runs 'abc': not a number"),
+    (["sandbox.up", "--posts", "x"], "invalid --posts 'x': not a number"),
+    (["test", "--shards", "two"], "invalid --shards 'two': not a number"),
+])
+def test_a_number_option_given_text_gets_one_line_not_a_traceback(args, message):
+    from tests.conftest import error_lines, inv
+
+    proc = inv(*args)
+    assert proc.returncode == 1 and error_lines(proc) == [f"drydock: error: {message}"]
