@@ -87,6 +87,15 @@ class Bench:
     def envs(self) -> dict:
         return json.loads((self.sandbox.root / "env.json").read_text())
 
+    def reach(self) -> str:
+        """How Ansible reached the sandbox's hosts, which weighs on every task: `su` cannot
+        pipeline (a fresh machine without sudo and sshd made the push 1.99×, 2026-12-03T16:05Z)."""
+        try:
+            conn = json.loads((self.sandbox.root / "connection.json").read_text())
+            return f"{conn['connection']} connections, become by {conn['become_method'].rsplit('.', 1)[-1]}"
+        except (OSError, ValueError, KeyError):
+            return "unknown"
+
     def sshd_pids(self) -> set[int]:
         pids = json.loads(self.sandbox.pids_file.read_text())
         return {entry["pid"] for key, entry in pids.items() if key.startswith("sshd")}
@@ -252,7 +261,8 @@ class Bench:
             "elapsed_s": round(elapsed_s, 1),
             "medians": medians,
             "samples": self.samples,
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
+                        "sandbox": self.reach()},
             "settings": settings(),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -290,7 +300,7 @@ def table(result: dict) -> str:
     lines = [
         f"drydock bench, {result['finished']}: production {result['db_bytes'] / 1e9:.2f} GB, "
         f"{'median of ' + str(result['runs']) + ' alternating runs' if result['runs'] > 1 else 'one run'}, "
-        f"{result['machine']['cpus']} cores, "
+        f"{result['machine']['cpus']} cores, hosts reached by {result['machine']['sandbox']}, "
         f"{result['elapsed_s'] / 60:.1f} minutes in all (building the sandbox: {result['seed_s'] / 60:.1f}, "
         f"vacuums and checkpoints between steps: {result['settle_s'] / 60:.1f})",
         "",

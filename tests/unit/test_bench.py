@@ -1,6 +1,8 @@
 """The bench's report: the ratios it states come from the samples it measured, and each
 sample says how much CPU the host stole while it ran."""
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from bench.host import IOWAIT, StolenCpu, cpu_times, gzip_check_s, share_percent
 from bench.run import Bench, table
@@ -64,6 +66,7 @@ def test_report_states_ratios_of_medians_and_each_pair():
     assert result["steal_pct_max"] == 30
     assert result["push_downtime_s"] == 0.1 and result["runbook_push_downtime_s"] == 41.0
     text = table(result)
+    assert f" cores, hosts reached by {result['machine']['sandbox']}, " in text
     assert "**4.33×**" in text and "**3.12×**" in text
     assert "ratios run by run: pull 4.00, 2.00, 5.00; push 3.57, 2.50, 3.00" in text
     assert "drydock push 0.31 s 1% 0%, 0.48 s 18% 9%, 0.30 s 0% 0%" in text
@@ -123,3 +126,11 @@ def test_a_measured_step_times_only_the_step_and_probes_only_a_push(monkeypatch)
     bench_.measure("drydock pull", step(50.0))
     assert events == ["gzip check", "steal on", "step", "steal off"]
     assert "downtime_s" not in bench_.samples["drydock pull"][0]
+
+
+def test_the_result_says_how_the_hosts_were_reached(tmp_path):
+    bench = Bench("bench", runs=1, minutes=0, say=lambda _line: None)
+    bench.sandbox = SimpleNamespace(root=tmp_path)
+    assert bench.reach() == "unknown"  # no sandbox
+    (tmp_path / "connection.json").write_text(json.dumps({"connection": "ssh", "become_method": "ansible.builtin.sudo"}))
+    assert bench.reach() == "ssh connections, become by sudo"
