@@ -88,8 +88,8 @@ class Bench:
         return json.loads((self.sandbox.root / "env.json").read_text())
 
     def reach(self) -> str:
-        """How Ansible reached the sandbox's hosts, which weighs on every task: `su` cannot
-        pipeline (a fresh machine without sudo and sshd made the push 1.99×, 2026-12-03T16:05Z)."""
+        """How Ansible reached the sandbox's hosts, which weighs on every task (`su` cannot
+        pipeline): a bench on a machine without sudo or sshd is not like the others."""
         try:
             conn = json.loads((self.sandbox.root / "connection.json").read_text())
             return f"{conn['connection']} connections, become by {conn['become_method'].rsplit('.', 1)[-1]}"
