@@ -112,7 +112,7 @@ def lint(c):
 
 
 @task(help={"env": "the environment to push to (exactly one, e.g. staging)",
-            "dump": "push this dump (with its manifest) instead of dumping the local database",
+            "dump": "push this dump (or the backup folder holding it, with its manifest) instead of dumping the local database",
             "yes": "confirm a push to a protected environment (production) without a prompt",
             "allow_lost_writes": "push even though the target took writes since the copy's backup (they are lost)",
             "allow_unscrubbed": "with --dump: push an unscrubbed dump to an unprotected environment (personal data goes along)"})

@@ -4,8 +4,9 @@ This machine is a VM on a shared host, and its speed drifts by half within an ho
 figures go with each sample, so a reader can tell a slow drydock from a slow host:
 - the CPU time the hypervisor stole (/proc/stat) while the step ran;
 - the CPU time spent idle waiting for the disk while it ran (iowait): drydock's steps read
-  and write far more per second than the runbook's gzip, so a slow disk slows them most
-  (2026-12-03T16:05Z: a FILE_COPY of 1 GB took 3.2 s, against 0.44 s at 13:07Z); and
+  and write far more per second than the runbook's gzip, so a slow disk would slow them
+  most (added after 2026-12-03T16:11Z, when a FILE_COPY of 1 GB took 3.2 s against 0.44 s
+  at 13:07Z; at 17:09Z it took 3.8 s with 3% iowait: the slowness was not the disk's); and
 - how long one core took, just before the step, to gzip a fixed text (the runbook's
   bottleneck): the host can get slower with no steal reported (2026-12-03: the same
   runbook pull took 126 s, then 190 s with 0% stolen)."""

@@ -227,6 +227,10 @@ class Bench:
     def median(self, name: str, key: str = "seconds") -> float:
         return statistics.median(s[key] for s in self.samples[name] if is_number(s.get(key)))
 
+    def median_or_none(self, name: str, key: str) -> float | None:
+        values = [s[key] for s in self.samples[name] if is_number(s.get(key))]
+        return round(statistics.median(values), 3) if values else None
+
     def pair_ratios(self, what: str) -> list[float]:
         return [round(runbook["seconds"] / drydock["seconds"], 2)
                 for runbook, drydock in zip(self.samples[f"runbook {what}"], self.samples[f"drydock {what}"])]
@@ -244,7 +248,8 @@ class Bench:
             "runbook_push_downtime_s": round(self.median("runbook push", "downtime_s"), 3),
             "snapshot_restore_s": round(self.median("snapshot restore"), 3),
             "template_file_copy_s": round(self.median("template FILE_COPY"), 3),
-            "snapshot_database_s": round(self.median("snapshot restore", "database_s"), 3),
+            # None if no restore's journal said (a run killed in between): the rest still stands.
+            "snapshot_database_s": self.median_or_none("snapshot restore", "database_s"),
             "snapshot_background_s": round(self.median("snapshot restore", "background_s"), 3),
             "snapshot_ratio": round(self.median("snapshot restore") / self.median("template FILE_COPY"), 2),
             "dump_restore_again_s": round(self.median("restore the dump again"), 3),
@@ -294,6 +299,8 @@ def table(result: dict) -> str:
     def row(what: str, runbook: str, drydock: str, ratio: str) -> str:
         return f"| {what} | {runbook} | {drydock} | {ratio} |"
 
+    database_s = result["snapshot_database_s"]
+
     def mb(value: float | None) -> str:
         return f"{value / 1e6:,.0f} MB" if value else "-"
 
@@ -321,8 +328,9 @@ def table(result: dict) -> str:
         "| local reset | seconds | vs FILE_COPY |",
         "|---|---:|---:|",
         f"| inv snapshot.restore | {result['snapshot_restore_s']:.2f} | {result['snapshot_ratio']:.2f}× |",
-        f"| … of which its database work (the lock, the checks, the renames) | {result['snapshot_database_s']:.2f} | "
-        f"{result['snapshot_database_s'] / result['template_file_copy_s']:.2f}× |",
+        (f"| … of which its database work (the lock, the checks, the renames) | {database_s:.2f} | "
+         f"{database_s / result['template_file_copy_s']:.2f}× |" if database_s is not None else
+         "| … of which its database work (the lock, the checks, the renames) | - | |"),
         f"| … then, in the background, its next ready copy | {result['snapshot_background_s']:.2f} | |",
         f"| CREATE DATABASE … TEMPLATE … STRATEGY FILE_COPY | {result['template_file_copy_s']:.2f} | 1.00× |",
         f"| restore the dump again (inv pull --latest) | {result['dump_restore_again_s']:.2f} | "

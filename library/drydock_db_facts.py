@@ -16,6 +16,13 @@ options:
   port: {description: Server port., type: int, default: 5432}
   content: {description: Also return an md5 of each table's content (reads every row)., type: bool, default: false}
   row_counts: {description: "Count every table's rows (reads every table); false for the write counters alone.", type: bool, default: true}
+  end_other_sessions:
+    description:
+      - End every other session on the database first, waiting up to 5 s for each to exit.
+      - A session can hold its latest write counters back for up to 10 s, and always sends
+        them as it exits; use only once the app is stopped.
+    type: bool
+    default: false
   expect_row_counts: {description: Row counts that must match exactly (e.g. a manifest's)., type: dict}
   compare_writes_with:
     description:
@@ -43,19 +50,19 @@ migrations: {description: Latest applied Django migration per app., type: dict, 
 write_fingerprint: {description: Per-table write counters., type: dict, returned: success}
 content_fingerprint: {description: md5 per table of its content., type: dict, returned: when content}
 writes_since: {description: "Tables written since C(compare_writes_with), e.g. 'blog_post (+3)'.", type: list, returned: when compare_writes_with}
-writes_unknown: {description: "Why the writes since C(compare_writes_with) cannot be counted, e.g. 'replaced by the push of ...' (null when they can).", type: str, returned: when compare_writes_with}
+writes_unknown: {description: "Why the writes since C(compare_writes_with) cannot be counted, e.g. 'its database was replaced' (null when they can).", type: str, returned: when compare_writes_with}
 """
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, content_fingerprint,
-                                             database_comment, latest_migrations, row_count_problem, row_counts,
-                                             write_baseline, write_fingerprint, writes_since)
+                                             count_writes, database_comment, latest_migrations, row_count_problem,
+                                             row_counts, write_fingerprint)
 
 
 def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(PG_CONNECTION_ARGS, content=dict(type="bool", default=False),
-                           row_counts=dict(type="bool", default=True),
+                           row_counts=dict(type="bool", default=True), end_other_sessions=dict(type="bool", default=False),
                            expect_row_counts=dict(type="dict"), compare_writes_with=dict(type="dict"),
                            lineage_sha256=dict(type="str")),
         supports_check_mode=True,
@@ -66,10 +73,14 @@ def main() -> None:
 
     try:
         with connect(params["socket_dir"], params["port"], params["database"]) as conn:
+            if params["end_other_sessions"] and not module.check_mode:
+                conn.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+                             " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+                conn.commit()  # the snapshot below starts after they have gone
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             with conn.cursor() as cur:
                 facts = dict(migrations=latest_migrations(cur), write_fingerprint=write_fingerprint(cur))
-                if params["row_counts"]:
+                if params["row_counts"] or params["expect_row_counts"] is not None:
                     facts["row_counts"] = row_counts(cur)
                 if params["content"]:
                     facts["content_fingerprint"] = content_fingerprint(cur)
@@ -77,11 +88,8 @@ def main() -> None:
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
     if params["compare_writes_with"] is not None:
-        baseline = write_baseline(params["compare_writes_with"], facts["write_fingerprint"], pushed,
-                                  params["lineage_sha256"])
-        facts["writes_since"] = [] if baseline is None else writes_since(baseline, facts["write_fingerprint"])
-        facts["writes_unknown"] = None if baseline is not None else (
-            "replaced" + (f" by the push of {pushed['recorded']}" if pushed and pushed.get("recorded") else ""))
+        facts["writes_since"], facts["writes_unknown"] = count_writes(
+            params["compare_writes_with"], facts["write_fingerprint"], pushed, params["lineage_sha256"])
     expected = params["expect_row_counts"]
     if expected is not None:
         problem = row_count_problem(params["database"], expected, facts["row_counts"])

@@ -81,42 +81,36 @@ def write_fingerprint(cur) -> dict:
             "tables": {table_key(schema, table): int(n) for schema, table, n in cur.fetchall()}}
 
 
-def write_baseline(before: dict, now: dict, pushed: dict | None, lineage_sha256: str | None) -> dict | None:
-    """The fingerprint to count a target's writes from, or None when they cannot be counted.
+def count_writes(before: dict, now: dict, pushed: dict | None, lineage_sha256: str | None) -> tuple[list[str], str | None]:
+    """The tables a target wrote to since the backup whose fingerprint is `before`, e.g.
+    ["blog_post (+3)"], or, when they cannot be counted, why: ([], reason).
 
-    `before` is the fingerprint of the backup the pushed copy comes from. When a push has
-    replaced the target's database since (another database oid), writes count from the
-    baseline that push recorded on it (`pushed`), provided that push came from the same
-    backup; anything else in between, and the writes the target took since are unknown.
-    A fingerprint without an oid (an older manifest) is taken as the same database.
+    When a push has replaced the target's database since (another database oid), writes
+    count from the baseline that push recorded on it (`pushed`), provided that push came
+    from the same backup; otherwise they are unknown. A fingerprint without an oid (an
+    older manifest) is taken as the same database. Counters that went back, or statistics
+    reset in between, cannot be compared either: a reason, never negative writes.
     """
-    if before.get("database_oid") in (None, now.get("database_oid")):
-        return before
-    pushed = pushed or {}
-    baseline = pushed.get("write_fingerprint") or {}
-    same_backup = lineage_sha256 is not None and pushed.get("lineage_sha256") == lineage_sha256
-    return baseline if same_backup and baseline.get("database_oid") == now.get("database_oid") else None
-
-
-def writes_since(before: dict, now: dict) -> list[str]:
-    """Tables that took writes between two write fingerprints of one database, e.g.
-    ["blog_post (+3)"].
-
-    When the statistics were reset in between, or a counter went back (another database,
-    read without an oid), the counters cannot be compared: say so.
-    """
-    if before.get("stats_reset") != now.get("stats_reset"):
-        return [f"(the write statistics were reset since: {now.get('stats_reset')})"]
+    baseline = before
+    if before.get("database_oid") not in (None, now.get("database_oid")):
+        pushed = pushed or {}
+        baseline = pushed.get("write_fingerprint") or {}
+        if baseline.get("database_oid") != now.get("database_oid"):
+            return [], "its database was replaced"
+        if lineage_sha256 is None or pushed.get("lineage_sha256") != lineage_sha256:
+            return [], f"its database was replaced by the push of {pushed.get('recorded', '?')}, from another backup"
+    if baseline.get("stats_reset") != now.get("stats_reset"):
+        return [], f"its write statistics were reset ({now.get('stats_reset')})"
     changed = []
     for table, count in sorted(now.get("tables", {}).items()):
-        earlier = before.get("tables", {}).get(table)
+        earlier = baseline.get("tables", {}).get(table)
         if earlier is None:
             changed.append(f"{table} (new table)")
         elif count < earlier:
-            return ["(its write counters went back: the database was replaced or its statistics reset)"]
+            return [], "its write counters went back (its database was replaced, or its statistics reset)"
         elif count > earlier:
             changed.append(f"{table} (+{count - earlier})")
-    return changed
+    return changed, None
 
 
 def content_fingerprint(cur) -> dict[str, str]:

@@ -105,30 +105,34 @@ def test_migration_diff_both_ways():
     ]
 
 
-def test_writes_since_names_tables_and_a_stats_reset():
-    from drydock_pg import writes_since
+def test_writes_are_named_per_table_and_a_reset_or_counters_going_back_are_not_writes():
+    from drydock_pg import count_writes
 
     before = {"stats_reset": None, "tables": {"a": 5, "b": 1}}
-    assert writes_since(before, {"stats_reset": None, "tables": {"a": 5, "b": 3, "c": 0}}) == ["b (+2)", "c (new table)"]
-    assert writes_since(before, before) == []
-    assert "reset" in writes_since(before, {"stats_reset": "2026-01-01", "tables": {}})[0]
-    # Counters that went back are another database's (or were reset), never negative writes.
-    assert writes_since(before, {"stats_reset": None, "tables": {"a": 2, "b": 9}}) == [
-        "(its write counters went back: the database was replaced or its statistics reset)"]
+    assert count_writes(before, {"stats_reset": None, "tables": {"a": 5, "b": 3, "c": 0}}, None, None) == (
+        ["b (+2)", "c (new table)"], None)
+    assert count_writes(before, before, None, None) == ([], None)
+    assert count_writes(before, {"stats_reset": "2026-01-01", "tables": {}}, None, None) == (
+        [], "its write statistics were reset (2026-01-01)")
+    writes, why = count_writes(before, {"stats_reset": None, "tables": {"a": 2, "b": 9}}, None, None)
+    assert writes == [] and why.startswith("its write counters went back")
 
 
 def test_writes_count_from_the_baseline_of_a_push_of_the_same_backup_only():
-    from drydock_pg import write_baseline
+    from drydock_pg import count_writes
 
     backup = {"database_oid": 100, "stats_reset": None, "tables": {"a": 5}}
     now = {"database_oid": 200, "stats_reset": None, "tables": {"a": 900}}
-    pushed = {"lineage_sha256": "b1", "write_fingerprint": {"database_oid": 200, "stats_reset": None, "tables": {"a": 899}}}
-    assert write_baseline(backup, {**now, "database_oid": 100}, pushed, "b1") is backup  # not replaced since
-    assert write_baseline({**backup, "database_oid": None}, now, None, "b1") == {**backup, "database_oid": None}
-    assert write_baseline(backup, now, pushed, "b1") == pushed["write_fingerprint"]
-    assert write_baseline(backup, now, pushed, "b2") is None  # a push of another backup came in between
-    assert write_baseline(backup, now, None, "b1") is None  # replaced, nothing recorded (a rollback, by hand)
-    assert write_baseline(backup, {**now, "database_oid": 300}, pushed, "b1") is None  # replaced again since the push
+    pushed = {"lineage_sha256": "b1", "recorded": "20261203T160000Z",
+              "write_fingerprint": {"database_oid": 200, "stats_reset": None, "tables": {"a": 899}}}
+    assert count_writes(backup, {**now, "database_oid": 100, "tables": {"a": 5}}, pushed, "b1") == ([], None)
+    assert count_writes({**backup, "database_oid": None}, {**now, "tables": {"a": 6}}, None, "b1") == (["a (+1)"], None)
+    assert count_writes(backup, now, pushed, "b1") == (["a (+1)"], None)  # from the push's baseline
+    assert count_writes(backup, now, pushed, "b2") == (
+        [], "its database was replaced by the push of 20261203T160000Z, from another backup")
+    assert count_writes(backup, now, None, "b1") == ([], "its database was replaced")  # nothing recorded
+    assert count_writes(backup, {**now, "database_oid": 300}, pushed, "b1") == (
+        [], "its database was replaced")  # replaced again since the push
 
 
 def test_lock_refuses_a_live_holder_and_clears_a_dead_one(tmp_path):
