@@ -33,7 +33,7 @@ FILE_SECONDS = {
     "tests/integration/test_snapshot.py": 205,
     "tests/integration/test_verify.py": 250,
     "tests/e2e/test_pipeline.py": 175,
-    "tests/integration/test_push.py": 270,
+    "tests/integration/test_push.py": 280,
     "tests/integration/test_pull.py": 75,
     "tests/integration/test_backup.py": 50,
     "tests/integration/test_site.py": 40,

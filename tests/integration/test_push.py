@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import psycopg
 import pytest
 
 from drydock import dumps
@@ -193,3 +194,25 @@ def test_production_push_keeps_real_emails_and_the_next_push_counts_writes_from_
     line = error_lines(refused)[-1]
     assert "taken writes since the backup" in line and line.count("(+") == 1 and "blog_post (+1)." in line
     assert fingerprint(connect("production")) == before
+
+
+def test_the_check_made_with_the_app_stopped_counts_writes_a_session_still_holds_back(pushed, connect):
+    """A session sends its latest write counters at most once a second, or after 10 s idle, or
+    as it exits: the freshness check made once the app is stopped ends the other sessions
+    first, so a pooler's or a worker's last writes are counted too."""
+    before = connect("production").execute(
+        "SELECT n_tup_upd + n_tup_ins + n_tup_del FROM pg_stat_user_tables WHERE relname = 'blog_post'").fetchone()[0]
+    worker = connect("production")
+    worker.execute("UPDATE wagtailcore_site SET site_name = site_name")  # its first counters go at once
+    worker.execute("UPDATE blog_post SET body = body WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)")
+    proc = subprocess.run(
+        ["ansible", "production", "-m", "drydock_db_facts", "-a",
+         "database={{ drydock_db_name }} socket_dir={{ drydock_db_socket_dir }} port={{ drydock_db_port }}"
+         " row_counts=false end_other_sessions=true",
+         "-e", "ansible_become={{ drydock_db_become }}", "-e", "ansible_become_user={{ drydock_db_os_user }}"],
+        cwd=ROOT, env=ansible_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    facts = json.loads(proc.stdout.split("=>", 1)[1])
+    assert facts["write_fingerprint"]["tables"]["blog_post"] == before + 1
+    with pytest.raises(psycopg.OperationalError):  # the worker's session was ended
+        worker.execute("SELECT 1")
