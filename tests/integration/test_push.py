@@ -210,9 +210,9 @@ def test_the_check_made_with_the_app_stopped_counts_writes_a_session_still_holds
          "database={{ drydock_db_name }} socket_dir={{ drydock_db_socket_dir }} port={{ drydock_db_port }}"
          " row_counts=false end_other_sessions=true",
          "-e", "ansible_become={{ drydock_db_become }}", "-e", "ansible_become_user={{ drydock_db_os_user }}"],
-        cwd=ROOT, env=ansible_env(), capture_output=True, text=True)
+        cwd=ROOT, env=dict(ansible_env(), ANSIBLE_CALLBACK_RESULT_FORMAT="json"), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    facts = json.loads(proc.stdout.split("=>", 1)[1])
+    facts = json.loads(proc.stdout.split("=>", 1)[1])  # "production | SUCCESS => {...}"
     assert facts["write_fingerprint"]["tables"]["blog_post"] == before + 1
     with pytest.raises(psycopg.OperationalError):  # the worker's session was ended
         worker.execute("SELECT 1")
