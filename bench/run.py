@@ -227,10 +227,6 @@ class Bench:
     def median(self, name: str, key: str = "seconds") -> float:
         return statistics.median(s[key] for s in self.samples[name] if is_number(s.get(key)))
 
-    def median_or_none(self, name: str, key: str) -> float | None:
-        values = [s[key] for s in self.samples[name] if is_number(s.get(key))]
-        return round(statistics.median(values), 3) if values else None
-
     def pair_ratios(self, what: str) -> list[float]:
         return [round(runbook["seconds"] / drydock["seconds"], 2)
                 for runbook, drydock in zip(self.samples[f"runbook {what}"], self.samples[f"drydock {what}"])]
@@ -249,7 +245,7 @@ class Bench:
             "snapshot_restore_s": round(self.median("snapshot restore"), 3),
             "template_file_copy_s": round(self.median("template FILE_COPY"), 3),
             # None if no restore's journal said (a run killed in between): the rest still stands.
-            "snapshot_database_s": self.median_or_none("snapshot restore", "database_s"),
+            "snapshot_database_s": round_or_none(medians["snapshot restore"].get("database_s")),
             "snapshot_background_s": round(self.median("snapshot restore", "background_s"), 3),
             "snapshot_ratio": round(self.median("snapshot restore") / self.median("template FILE_COPY"), 2),
             "dump_restore_again_s": round(self.median("restore the dump again"), 3),
@@ -272,6 +268,10 @@ class Bench:
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         return result
+
+
+def round_or_none(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def is_number(value) -> bool:

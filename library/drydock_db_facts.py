@@ -56,7 +56,7 @@ writes_unknown: {description: "Why the writes since C(compare_writes_with) canno
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, content_fingerprint,
                                              count_writes, database_comment, latest_migrations, row_count_problem,
-                                             row_counts, write_fingerprint)
+                                             row_counts, terminate_sessions, write_fingerprint)
 
 
 def main() -> None:
@@ -74,8 +74,7 @@ def main() -> None:
     try:
         with connect(params["socket_dir"], params["port"], params["database"]) as conn:
             if params["end_other_sessions"] and not module.check_mode:
-                conn.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
-                             " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+                terminate_sessions(conn, params["database"], wait_ms=5000)
                 conn.commit()  # the snapshot below starts after they have gone
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             with conn.cursor() as cur:

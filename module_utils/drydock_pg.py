@@ -193,10 +193,13 @@ def database_exists(conn, name: str) -> bool:
     return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
 
 
-def terminate_sessions(conn, name: str) -> int:
-    """End every other session on database `name`; the number ended."""
-    return conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                        " WHERE datname = %s AND pid <> pg_backend_pid()", (name,)).fetchone()[0]
+def terminate_sessions(conn, name: str, wait_ms: int = 0) -> int:
+    """End every other session on database `name`; the number ended. With `wait_ms`, wait
+    up to that long for each to exit (PostgreSQL 14+), e.g. so that it sends its statistics."""
+    terminate = "pg_terminate_backend(pid, %s)" if wait_ms else "pg_terminate_backend(pid)"
+    args = (wait_ms, name) if wait_ms else (name,)
+    return conn.execute(f"SELECT count({terminate}) FROM pg_stat_activity"
+                        " WHERE datname = %s AND pid <> pg_backend_pid()", args).fetchone()[0]
 
 
 def set_allow_connections(conn, name: str, allow: bool) -> None:
