@@ -12,6 +12,8 @@ description:
   - An existing database named C(previous) (the generation before) is renamed aside in the
     same transaction and dropped only once the swap has succeeded.
   - When the live database does not exist yet, C(incoming) is simply renamed.
+  - The old live database's comment records when it was set aside (C(set_aside)), which
+    C(inv snapshot.list) shows as the age of the pull's C(pre_pull) snapshot.
   - Connects to the C(postgres) maintenance database over the local socket as the current
     OS user (peer authentication).
 options:
@@ -45,9 +47,22 @@ previous: {description: Name of the old live database, or null when there was no
 terminated: {description: Sessions terminated on the live database., type: int, returned: success}
 """
 
+from datetime import datetime, timezone
+
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import (require_psycopg, connect, database_exists, exchange,
+from ansible.module_utils.drydock_pg import (require_psycopg, connect, database_comment, database_exists, exchange,
                                              set_database_comment, swap_in)
+
+
+def record_set_aside(conn, name: str) -> None:
+    """Note on the database the swap set aside when that happened, keeping its record.
+    The swap has happened: failing to note it must not fail the swap."""
+    try:
+        record = database_comment(conn, name)
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        set_database_comment(conn, name, {**record, "set_aside": now})
+    except Exception:  # noqa: BLE001 - only the listing's age is missing then
+        pass
 
 
 def main() -> None:
@@ -84,6 +99,8 @@ def main() -> None:
             if p["comment"] is not None:
                 set_database_comment(conn, p["incoming"], p["comment"])
             terminated = swap_in(conn, p["database"], p["incoming"], p["previous"])
+            if has_live:
+                record_set_aside(conn, p["previous"])
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
     module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=terminated)

@@ -136,10 +136,12 @@ def list_snapshots(conn) -> list[dict]:
             continue
         source, name = datname.split(SEPARATOR, 1)
         meta = parse_record(comment)
-        # The comment is the record; the name is the fallback (e.g. the pull's pre_pull snapshot).
+        # The comment is the record; the name is the fallback (e.g. the pull's pre_pull snapshot,
+        # whose age is when the pull's swap set it aside).
         snapshots.append({"name": meta.get("drydock_snapshot", name), "database": datname,
                           "source": meta.get("source", source),
-                          "size": size, "created": meta.get("created"), "ready": oid in ready_of,
+                          "size": size, "created": meta.get("created") or meta.get("set_aside"),
+                          "ready": oid in ready_of,
                           "ready_copy_error": meta.get("ready_copy_error")})
     return snapshots
 

@@ -33,6 +33,13 @@ def test_old_local_database_is_kept_and_no_side_database_is_left(pulled, connect
     assert "wagtail_site__incoming" not in names
 
 
+def test_pre_pull_snapshot_lists_its_age(pulled):
+    """The swap notes when it set the old local database aside: its age, not '?'."""
+    listing = inv("snapshot.list", check=True).stdout.splitlines()
+    row = next(line for line in listing if line.split()[:1] == ["pre_pull"])
+    assert row.split()[5] in ("min", "h"), row  # '?' shifts the columns: [5] is then the ready copy
+
+
 def test_second_pull_with_the_latest_dump(pulled, connect):
     conn = connect("local")
     conn.execute("DELETE FROM taggit_taggeditem")  # local work that the pull must replace
