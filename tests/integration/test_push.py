@@ -170,6 +170,33 @@ def test_production_push_after_a_write_is_refused_and_changes_nothing(pushed, co
     assert "wagtail_site__incoming" not in databases(connect("production", "postgres"))
 
 
+def test_production_backup_pushed_back_counts_the_writes_since_it(pushed, connect):
+    """Restoring production from one of its own backups: the backup is its own baseline, so
+    the writes production took since are named and nothing changes (this used to fail on a
+    backup's missing lineage, with --allow-lost-writes too)."""
+    inv("backup", "production", check=True)
+    backup = dumps.latest("production")
+    conn = connect("production")
+    conn.execute("UPDATE blog_post SET body = body || '<p>edited after the backup</p>'"
+                 " WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)")
+    time.sleep(1.2)  # statistics reach the shared counters within a second
+    before = fingerprint(conn)
+    proc = inv("push", "production", "--yes", "--dump", str(backup.path.parent))
+    assert proc.returncode == 1
+    line = error_lines(proc)[-1]
+    assert f"taken writes since the backup of {backup.manifest['created']}" in line and "blog_post (+1)" in line
+    assert fingerprint(connect("production")) == before
+
+
+def test_a_copy_of_staging_is_refused_by_production_even_allowing_lost_writes(pushed, connect):
+    """Staging's data is scrubbed: pushed to production it would replace the real users."""
+    inv("pull", "staging", check=True)
+    before = fingerprint(connect("production"))
+    proc = inv("push", "production", "--yes", "--allow-lost-writes")
+    assert proc.returncode == 1 and "a copy of staging's data" in error_lines(proc)[-1]
+    assert fingerprint(connect("production")) == before
+
+
 def test_production_push_keeps_real_emails_and_the_next_push_counts_writes_from_it(pushed, connect):
     """The push replaced production's database, whose write counters start afresh: the next
     push from the same backup must neither see writes that never happened nor bury a real
