@@ -49,11 +49,12 @@ def pull(c, env, dump=None, latest=False):
 @task(help={"env": "where to change the Site (local, staging, production)",
             "hostname": "the new hostname, e.g. localhost",
             "port": "the new port (default 443)",
-            "site_name": "change the Site with this site_name instead of the default Site"})
+            "site_name": "change the Site with this site_name instead of the default Site",
+            "yes": "confirm for a protected environment without a prompt"})
 @one_line_errors
-def site(c, env, hostname, port="443", site_name=""):
+def site(c, env, hostname, port="443", site_name="", yes=False):
     """Set the hostname and port of ENV's Wagtail Site (and django_site)."""
-    workflow.site(env, hostname, port, site_name)
+    workflow.site(env, hostname, port, site_name, yes=yes)
 
 
 @task(help={"scale": "production's size: 'small' (default, ~15 MB, for tests), 'bench' (~1 GB) or a size in MB",

@@ -82,14 +82,18 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
     return dump
 
 
-def site(env_text: str, hostname: str, port: int, site_name: str = "", say: Say = print) -> None:
+def site(env_text: str, hostname: str, port: int, site_name: str = "", yes: bool = False, say: Say = print) -> None:
     valid_hostname(hostname)
     port = valid_port(port)
-    env = inventory.load().environment(env_text)
+    inv = inventory.load()
+    env = inv.environment(env_text)
+    protected = bool(inv.hostvars.get(env, {}).get("drydock_protected"))
+    confirm(env, protected, yes, "change the Site of")
     run = Run("site")
-    with run.step("site", env=env, hostname=hostname, port=port):
+    with _locks([env], "site", say), run.step("site", env=env, hostname=hostname, port=port):
         run_playbook("site_hostname.yml", limit=env, run=run, extra_vars={
-            "wagtail_site_hostname": hostname, "wagtail_site_port": port, "wagtail_site_name": site_name})
+            "wagtail_site_hostname": hostname, "wagtail_site_port": port, "wagtail_site_name": site_name,
+            "drydock_confirm": env if protected else ""})
     say(f"{env}: Site {site_name or '(default)'} is now {hostname}:{port}")
 
 

@@ -1,7 +1,11 @@
 """The Site switch: validated input, both Site tables, clear errors."""
+import subprocess
+import sys
+
 import pytest
 
-from tests.conftest import error_lines, inv, playbook
+from drydock.playbook import ansible_env
+from tests.conftest import ROOT, error_lines, inv, playbook
 
 SITE = "SELECT hostname, port FROM wagtailcore_site WHERE is_default_site"
 
@@ -14,6 +18,17 @@ def test_switch_sets_wagtail_and_django_sites(pulled, connect):
         assert conn.execute("SELECT domain FROM django_site WHERE id = 1").fetchone()[0] == "preview.example.test:8443"
     finally:
         inv("site", "local", "localhost", "--port", "8000", check=True)
+
+
+def test_production_needs_confirmation(pulled, connect):
+    before = connect("production").execute(SITE).fetchone()
+    proc = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "site", "production", "evil.test"],
+                          env=ansible_env(), cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1
+    assert "refusing to change the Site of production without confirmation" in error_lines(proc)[-1]
+    plain = playbook("site_hostname.yml", "--limit", "production", "-e", "wagtail_site_hostname=evil.test")
+    assert plain.returncode != 0 and "without confirmation" in plain.stdout
+    assert connect("production").execute(SITE).fetchone() == before
 
 
 @pytest.mark.parametrize("hostname", ["example.org\n", "bad host", "x'; DROP TABLE wagtailcore_site; --", '"quoted"', "under_score.test", "trailing-.test"])
