@@ -25,9 +25,11 @@ class Dump:
 
 
 def load(path: Path) -> Dump:
-    """A dump and its manifest (a backup folder stands for the dump in it); one-line errors
-    for anything missing."""
+    """A dump and its manifest (a backup folder, or its manifest, stands for the dump in it);
+    one-line errors for anything missing."""
     path = path.expanduser().resolve()
+    if path.name == "manifest.json" and path.is_file():
+        path = path.parent
     if path.is_dir():
         path = in_folder(path) or path
     if path.is_dir():

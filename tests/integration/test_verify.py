@@ -59,7 +59,7 @@ def test_drift_is_found_and_named(fresh, drift):
     proc = inv("verify", "local")
     assert proc.returncode == 1
     assert expected in proc.stdout, proc.stdout[-3000:]
-    assert "local: database wagtail_site does not match its code" in error_lines(proc)[-1]
+    assert "local: database wagtail_site failed verification (" in error_lines(proc)[-1]
 
 
 def test_row_counts_against_a_manifest(fresh, connect, tmp_path):
