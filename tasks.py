@@ -26,6 +26,8 @@ def one_line_errors(body):
             return body(*args, **kwargs)
         except (DrydockError, InvalidInput, SandboxError) as error:
             raise Exit(f"drydock: error: {error}", code=1) from None
+        except KeyboardInterrupt:  # outside a step (a step says what it left): nothing had begun
+            raise Exit("drydock: error: interrupted (see inv runs.list for the steps that ran)", code=1) from None
     return wrapper
 
 

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from drydock.errors import DrydockError
 from drydock.paths import runs_dir
 
 
@@ -20,10 +21,8 @@ def _stamp() -> str:
 
 class Run:
     def __init__(self, task: str, root: Path | None = None, total: int | None = None, say=None):
-        base = root or runs_dir()
-        base.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.dir = base / f"{_stamp()}-{task}"
-        self.dir.mkdir(mode=0o700)
+        # Made with the first step or log: a command refused before any step leaves no folder.
+        self.dir = (root or runs_dir()) / f"{_stamp()}-{task}"
         self.task = task
         self.steps: list[dict] = []
         # Progress: "[3/7] migrate (elapsed 41 s)" before each step, when the total is known.
@@ -31,22 +30,30 @@ class Run:
         self.say = say
         self.started = time.monotonic()
 
+    def _folder(self) -> Path:
+        self.dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        return self.dir
+
     @property
     def ansible_log(self) -> Path:
         """The run's Ansible log, made 0600 here first: Ansible appends to an existing file,
         but would create it by the umask, and the log can show production data."""
-        path = self.dir / "ansible.log"
+        path = self._folder() / "ansible.log"
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
         return path
 
     def write(self, entry: dict) -> None:
-        fd = os.open(self.dir / "journal.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(self._folder() / "journal.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a") as handle:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
 
     @contextmanager
-    def step(self, name: str, **details) -> Iterator[dict]:
-        """Journal a step: its start, end, outcome and whatever details the body adds."""
+    def step(self, name: str, interrupted: str = "", **details) -> Iterator[dict]:
+        """Journal a step: its start, end, outcome and whatever details the body adds.
+        Interrupted (Ctrl-C), it ends the command with one line that says what it may have
+        left (`interrupted`) and how to go on."""
+        self._folder()
         entry = {"step": name, "start": datetime.now(timezone.utc).isoformat(), **details}
         started = time.monotonic()
         if self.total and self.say:
@@ -54,6 +61,10 @@ class Run:
         try:
             yield entry
             entry["outcome"] = "ok"
+        except KeyboardInterrupt:
+            entry["outcome"] = "failed"
+            entry["error"] = f"interrupted during {name}" + (f": {interrupted}" if interrupted else "")
+            raise DrydockError(entry["error"]) from None
         except BaseException as error:
             entry["outcome"] = "failed"
             entry["error"] = str(error).splitlines()[0] if str(error) else type(error).__name__

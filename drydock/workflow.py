@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from drydock import dumps, inventory
+from drydock import dumps, inventory, unfinished
 from drydock.dumps import Dump
 from drydock.errors import DrydockError
 from drydock.journal import Run
@@ -23,8 +23,8 @@ from drydock.validate import (InvalidInput, count as valid_count, hostname as va
 Say = Callable[[str], None]
 
 
-def _keep_artifact(run: Run, path: Path) -> None:
-    target = run.dir / path.name
+def _keep_artifact(run: Run, path: Path, name: str | None = None) -> None:
+    target = run.dir / (name or path.name)
     shutil.copyfile(path, target)
     target.chmod(0o600)
 
@@ -39,12 +39,13 @@ def backup(env_text: str, keep: int | str | None = None, say: Say = print, run: 
     run = run or Run("backup")
     # The environment's lock: a backup's rotation tidies what interrupted runs left, never a
     # running one's work.
-    with _locks([] if locked else [env], "backup", say), run.step("backup", env=env) as step:
+    with _locks([] if locked else [env], "backup", say), \
+            run.step("backup", env=env, interrupted=f"{env} is unchanged; the next backup deletes the unfinished one") as step:
         say(f"==> backing up {env}")
         run_playbook("backup_database.yml", limit=env, extra_vars=extra, run=run)
         dump = dumps.latest(env)
         step.update(dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows)
-    _keep_artifact(run, dump.path.parent / "manifest.json")
+    _keep_artifact(run, dump.path.parent / "manifest.json", f"manifest-{env}.json")
     say(f"backup of {env}: {dump.path} ({dump.manifest['dump']['size']:,} bytes, "
         f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, sha256 {dump.manifest['dump']['sha256'][:12]}…)")
     return dump
@@ -69,9 +70,12 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
     local = inv.local[0]
     target = inv.hostvars[local]
     with _locks([] if locked else [local], "pull", say), \
-            run.step("pull", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows):
+            run.step("pull", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
+                     interrupted="the local database is the old one or the pulled one, never half of each (the swap is "
+                                 "one transaction); the next pull drops a side database left behind"):
         say(f"==> restoring {dump.path.name} into the local database")
         run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
+        unfinished.clear()  # the local database was replaced: whatever an interrupted step left is gone
     say(f"local database {target['drydock_db_name']} now holds {env}'s dump of {dump.manifest['created']} "
         f"({dump.manifest['dump']['size']:,} bytes restored): "
         f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, all counts equal to the manifest; "
@@ -122,6 +126,7 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
             database_s = _module_result(results, "database_s")
             database = _module_result(results, "snapshot").split("__snap_")[0]  # <db>__snap_<name>
             step.update(ready_copy_used=used, database_s=database_s)
+            unfinished.clear()  # the local database is a whole snapshot again
     if action == "save":
         say(f"saved snapshot {name} of the local database"
             + ("; its ready copy is being made in the background" if ready_copy else ""))
@@ -174,10 +179,32 @@ def parse_parameters(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
     return parameters
 
 
-def migrate(notebook: str | None = None, script: str | None = None, plan: bool = False, phase: str = "all",
-            parameters: list[str] | tuple[str, ...] = (), fixtree: bool = False, run_migrate: bool = True,
-            say: Say = print, run: Run | None = None, locked: bool = False) -> Run | None:
-    """Run the migration step on the local database (see playbooks/migrate.yml)."""
+# The migration step's safety snapshot (django_migrate_snapshot), and the words its report
+# uses once it has put the database back from it (roles/django_migrate/tasks/main.yml).
+STEP_SNAPSHOT = "before_step"
+STEP_PUT_BACK = "the local database was put back from snapshot"
+
+
+def _refuse_after_an_unfinished_step(action: str, say: Say) -> None:
+    """Refuse while a migration step that did not finish may have left the local database
+    half-changed. One stopped before its safety snapshot was taken had not begun changing
+    it: its mark is cleared, and restoring an older snapshot is not asked for."""
+    record = unfinished.read()
+    if record is None:
+        return
+    snapshots = snapshot("list", say=lambda _line: None) or []
+    created = next((s.get("created") for s in snapshots if s["name"] == record.get("snapshot")), None)
+    if unfinished.started_before(record, created):
+        unfinished.clear()
+        say(f"the migration step of run {record.get('run', '?')} was stopped before it began: the local database is as it was")
+        return
+    raise unfinished.refusal(action, record)
+
+
+def check_step_inputs(notebook: str | None, script: str | None, phase: str = "all",
+                      parameters: list[str] | tuple[str, ...] = ()) -> None:
+    """Refuse the migration step's bad inputs before anything runs (a pipeline checks them
+    before its backup and pull)."""
     if notebook and script:
         raise InvalidInput("give --notebook or --script, not both")
     if phase not in PHASES:
@@ -185,10 +212,19 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
     for path in (notebook, script):
         if path and not Path(path).is_file():
             raise InvalidInput(f"no such file: {path}")
+    parse_parameters(parameters)
+
+
+def migrate(notebook: str | None = None, script: str | None = None, plan: bool = False, phase: str = "all",
+            parameters: list[str] | tuple[str, ...] = (), fixtree: bool = False, run_migrate: bool = True,
+            say: Say = print, run: Run | None = None, locked: bool = False) -> Run | None:
+    """Run the migration step on the local database (see playbooks/migrate.yml)."""
+    check_step_inputs(notebook, script, phase, parameters)
     local = inventory.load().local[0]
     if plan:
         run_playbook("migrate_plan.yml", limit=local)
         return None
+    _refuse_after_an_unfinished_step("migrate", say)
     run = run or Run("migrate")
     extra = {"django_migrate_phase": phase, "django_migrate_migrate": run_migrate,
              "django_migrate_fixtree": fixtree, "django_migrate_output_dir": str(run.dir),
@@ -198,9 +234,19 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
     if script:
         extra["django_migrate_script"] = str(Path(script).resolve())
     what = f"notebook {Path(notebook).name}" if notebook else f"script {Path(script).name}" if script else f"migrate ({phase})"
-    with _locks([] if locked else [local], "migrate", say), run.step("migrate", what=what, phase=phase):
+    with _locks([] if locked else [local], "migrate", say), run.step(
+            "migrate", what=what, phase=phase,
+            interrupted=f"the local database may be half-changed: put it back with `inv snapshot.restore {STEP_SNAPSHOT}` "
+                        "(or pull again); migrate and push refuse until then"):
         say(f"==> {what} on the local database (a safety snapshot is taken first)")
-        run_playbook("migrate.yml", limit=local, extra_vars=extra, run=run)
+        unfinished.mark(run.dir.name, what, STEP_SNAPSHOT)
+        try:
+            run_playbook("migrate.yml", limit=local, extra_vars=extra, run=run)
+        except DrydockError as error:
+            if STEP_PUT_BACK in str(error):  # the playbook's own report: the database is whole again
+                unfinished.clear()
+            raise
+        unfinished.clear()
     if notebook:
         say(f"executed notebook: {run.dir / Path(notebook).name}")
     say(f"{what}: done; the page tree is consistent")
@@ -234,18 +280,23 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
         if dump_path:
             dump = dumps.load(Path(dump_path))
         else:
+            _refuse_after_an_unfinished_step(f"push the local database to {env}", say)
             local = inv.local[0]
-            with run.step("dump local", scrub=not protected) as step:
+            with run.step("dump local", scrub=not protected,
+                          interrupted="nothing changed; the next push drops the outgoing copy left behind") as step:
                 say(f"==> dumping the local database for {env}" + ("" if protected else " (scrubbed copy)"))
                 run_playbook("prepare_push.yml", limit=local, run=run, extra_vars={
                     "drydock_scrub": not protected, "pg_backup_controller_dir": str(backups_dir())})
                 dump = dumps.latest(local)
                 step.update(dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
                             scrubbed=dump.manifest.get("scrubbed", []))
-            _keep_artifact(run, dump.path.parent / "manifest.json")
+            _keep_artifact(run, dump.path.parent / "manifest.json", "manifest-local.json")
         take_safety_backup = _takes_safety_backup(target)
         with run.step("restore", env=env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
-                      rows=dump.total_rows) as step:
+                      rows=dump.total_rows,
+                      interrupted=f"{env}'s app may be stopped, and its live database is the old one or the pushed one "
+                                  f"(the swap is one transaction): run the push again, which starts the app, or "
+                                  f"`inv rollback {env}` if the run's ansible.log shows the swap ran") as step:
             say(f"==> restoring {dump.path.name} onto {env}")
             run_playbook("restore_database.yml", limit=env, run=run, extra_vars={
                 "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
@@ -282,6 +333,7 @@ def rollback(env_text: str, yes: bool = False, say: Say = print) -> None:
 def pipeline(source_text: str, target_text: str, notebook: str | None = None, script: str | None = None,
              yes: bool = False, allow_lost_writes: bool = False, say: Say = print) -> Run:
     """backup → pull → migrate (+ notebook or script) → push, one target lock around it all."""
+    check_step_inputs(notebook, script)
     inv = inventory.load()
     source, target = inv.server(source_text), inv.server(target_text)
     confirm(target, bool(inv.hostvars[target].get("drydock_protected")), yes, "push to")
@@ -335,6 +387,8 @@ def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Ru
     """Verify one environment's database against the code; the report is kept in the run."""
     inv = inventory.load()
     env = inv.environment(env_text)
+    if manifest and Path(manifest).is_dir():
+        manifest = str(Path(manifest) / "manifest.json")
     if manifest and not Path(manifest).is_file():
         raise InvalidInput(f"no such manifest: {manifest}")
     run = run or Run("verify")
@@ -364,7 +418,7 @@ def runs_show(run_id: str, say: Say = print) -> list[dict]:
     if "/" in run_id or run_id.startswith("."):
         raise InvalidInput(f"invalid run id {run_id!r}")
     folder = runs_dir() / run_id
-    if not folder.is_dir():
+    if folder not in journal.run_folders():  # runs/locks and runs/cache are not runs
         raise DrydockError(f"no run {run_id} under {runs_dir()}: see inv runs.list")
     steps = journal.read(folder)
     rows = [{"step": s["step"], "start": s["start"][11:19], "outcome": s.get("outcome", "?"),

@@ -1,15 +1,18 @@
 """The migration step on the local copy: migrate, phases, notebooks, scripts, safety snapshot."""
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from drydock.paths import example_site_dir, runs_dir
+from drydock.playbook import ansible_env
 from tests.conftest import ROOT, error_lines, fingerprint, inv, playbook
 
 NOTEBOOK = ROOT / "examples" / "notebooks" / "blog_to_podcast.ipynb"
@@ -146,3 +149,35 @@ def _vars_file(tmp_path, url) -> Path:
     path = tmp_path / "vars.json"
     path.write_text(json.dumps({"django_migrate_database_url": url}))
     return path
+
+
+def test_an_interrupted_step_is_put_back_before_anything_else(fresh_local, connect, tmp_path):
+    """Ctrl-C in the middle of a step: the playbook cannot put the database back, so drydock
+    says so, and migrate and push refuse until a snapshot restore (or a pull) has."""
+    before = fingerprint(connect("local"))
+    script = tmp_path / "slow_step.py"
+    script.write_text("import time\ntime.sleep(300)\n")
+    command = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "migrate", "--no-migrate", "--script", str(script)]
+    proc = subprocess.Popen(command, env=dict(ansible_env(), DRYDOCK_ROOT=str(ROOT)), cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        # The step's own process (`python SCRIPT`), not inv, whose command line names the script too.
+        step = f"python[0-9.]* {script}$"
+        while subprocess.run(["pgrep", "-f", step], capture_output=True).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, "the step never started"
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the whole group
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        subprocess.run(["pkill", "-f", f"python[0-9.]* {script}$"])
+    assert proc.returncode == 1
+    assert stderr.strip().splitlines()[-1].startswith("drydock: error: interrupted during migrate: the local database may")
+    refused = inv("migrate")
+    assert refused.returncode == 1 and "did not finish" in error_lines(refused)[-1]
+    assert "inv snapshot.restore before_step" in error_lines(refused)[-1]
+    pushed = inv("push", "staging")
+    assert pushed.returncode == 1 and "refusing to push the local database to staging" in error_lines(pushed)[-1]
+    inv("snapshot.restore", "before_step", check=True)
+    assert fingerprint(connect("local")) == before
+    inv("migrate", "--phase", "before", check=True)  # no longer refused

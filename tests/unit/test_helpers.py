@@ -53,6 +53,30 @@ def test_journal_is_private_and_records_failures(tmp_path):
     assert entries[1]["error"] == "it broke"
 
 
+def test_an_interrupted_step_says_what_it_left_and_a_refused_command_leaves_no_run(tmp_path):
+    run = Run("pull", root=tmp_path)
+    assert not run.dir.exists()  # made with the first step: a command refused before it leaves nothing
+    with pytest.raises(DrydockError, match=r"\Ainterrupted during pull: the local database is whole\Z"):
+        with run.step("pull", interrupted="the local database is whole"):
+            raise KeyboardInterrupt
+    (entry,) = [json.loads(line) for line in (run.dir / "journal.jsonl").read_text().splitlines()]
+    assert entry["outcome"] == "failed" and entry["error"] == "interrupted during pull: the local database is whole"
+
+
+def test_a_step_stopped_before_its_snapshot_had_not_begun(tmp_path):
+    from drydock import unfinished
+
+    unfinished.mark("run-1", "migrate (all)", "before_step", root=tmp_path)
+    record = unfinished.read(root=tmp_path)
+    assert record["run"] == "run-1" and stat.S_IMODE((tmp_path / "locks" / "local.unfinished-step.json").stat().st_mode) == 0o600
+    assert unfinished.started_before(record, None)  # no snapshot at all
+    assert unfinished.started_before(record, "2000-01-01T00:00:00+00:00")  # an older step's
+    assert not unfinished.started_before(record, record["started"])  # taken by this step
+    assert "inv snapshot.restore before_step" in str(unfinished.refusal("migrate", record))
+    unfinished.clear(root=tmp_path)
+    assert unfinished.read(root=tmp_path) is None
+
+
 def make_backup(root, env, stamp, with_dump=True):
     folder = root / env / stamp
     folder.mkdir(parents=True)

@@ -66,3 +66,13 @@ def test_a_number_option_given_text_gets_one_line_not_a_traceback(args, message)
 
     proc = inv(*args)
     assert proc.returncode == 1 and error_lines(proc) == [f"drydock: error: {message}"]
+
+
+def test_a_pipeline_refuses_a_missing_notebook_before_it_backs_up_anything():
+    from drydock.paths import runs_dir
+    from tests.conftest import error_lines, inv
+
+    before = set(runs_dir().glob("*-pipeline"))
+    proc = inv("pipeline", "production", "staging", "--notebook", "nope.ipynb")
+    assert proc.returncode == 1 and error_lines(proc) == ["drydock: error: no such file: nope.ipynb"]
+    assert set(runs_dir().glob("*-pipeline")) == before  # no run was started
