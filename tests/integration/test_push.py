@@ -189,11 +189,14 @@ def test_production_backup_pushed_back_counts_the_writes_since_it(pushed, connec
 
 
 def test_a_copy_of_staging_is_refused_by_production_even_allowing_lost_writes(pushed, connect):
-    """Staging's data is scrubbed: pushed to production it would replace the real users."""
+    """Staging's data is scrubbed: pushed to production, pulled or as a backup of staging's,
+    it would replace the real users."""
     inv("pull", "staging", check=True)
     before = fingerprint(connect("production"))
     proc = inv("push", "production", "--yes", "--allow-lost-writes")
     assert proc.returncode == 1 and "a copy of staging's data" in error_lines(proc)[-1]
+    backup = inv("push", "production", "--yes", "--allow-lost-writes", "--dump", str(dumps.latest("staging").path))
+    assert backup.returncode == 1 and "a copy of staging's data" in error_lines(backup)[-1]
     assert fingerprint(connect("production")) == before
 
 
