@@ -43,9 +43,10 @@ def load() -> Inventory:
     if proc.returncode != 0:
         raise DrydockError(f"cannot read the inventory: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     data = json.loads(proc.stdout)
-    if not data.get("drydock_servers", {}).get("hosts") and not data.get("drydock_local", {}).get("hosts"):
+    missing = [group for group in ("drydock_servers", "drydock_local") if not data.get(group, {}).get("hosts")]
+    if missing:
         where = ansible_env().get("ANSIBLE_INVENTORY") or "inventories/sandbox (ansible.cfg)"
-        raise DrydockError(f"the inventory {where} has no hosts in drydock_servers or drydock_local: "
+        raise DrydockError(f"the inventory {where} has no hosts in {' or '.join(missing)}: "
                            "is its path right? (see docs/configuration.md)")
     return Inventory(
         servers=tuple(data.get("drydock_servers", {}).get("hosts", [])),

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from drydock.errors import DrydockError
+from drydock.errors import Interrupted
 from drydock.paths import runs_dir
 
 
@@ -64,7 +64,7 @@ class Run:
         except KeyboardInterrupt:
             entry["outcome"] = "failed"
             entry["error"] = f"interrupted during {name}" + (f": {interrupted}" if interrupted else "")
-            raise DrydockError(entry["error"]) from None
+            raise Interrupted(entry["error"]) from None
         except BaseException as error:
             entry["outcome"] = "failed"
             entry["error"] = str(error).splitlines()[0] if str(error) else type(error).__name__

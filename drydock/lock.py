@@ -18,7 +18,7 @@ from drydock.errors import DrydockError
 from drydock.paths import runs_dir
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -43,7 +43,7 @@ def target_lock(env: str, task: str, say: Callable[[str], None] = print, root: P
                 holder = json.loads(path.read_text())
             except (OSError, ValueError):
                 holder = {}
-            if holder.get("host") == record["host"] and not _alive(int(holder.get("pid", 0))):
+            if holder.get("host") == record["host"] and not process_alive(int(holder.get("pid", 0))):
                 say(f"clearing a stale lock on {env} left by {holder.get('task')} (pid {holder.get('pid')}, gone)")
                 path.unlink(missing_ok=True)
                 continue

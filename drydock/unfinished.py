@@ -1,62 +1,71 @@
-"""The mark a migration step leaves while it runs on the local database.
+"""The mark a migration step leaves while it changes the local database.
 
 A failing step puts the database back from its safety snapshot; an interrupted one (Ctrl-C,
 a killed controller) cannot, and leaves it half-changed. Retaking the snapshot from there
-would make that state the one a retry starts from, and a push would ship it. So `migrate`
-marks the local database before its step and clears the mark once the database is whole
-again: migrated, put back by the step itself, replaced by a pull or by a snapshot restore.
-While the mark is there, migrate and a push of the local database refuse, saying how to
-recover. The mark covers `inv` runs on this machine, like the locks beside it.
+would make that state the one a retry starts from, and a push would ship it. So the step
+(roles/django_migrate) writes this mark once its safety snapshot is taken, and removes it
+once the database is whole again: migrated, or put back from the snapshot. A pull or a
+snapshot restore, which replace the database, remove it too. While it is there, migrate and
+a push of the local database refuse, saying how to recover. It covers `inv` runs on this
+machine, like the locks beside it.
 """
 from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 
 from drydock.errors import DrydockError
+from drydock.lock import process_alive
 from drydock.paths import runs_dir
 
 
-def _path(root: Path | None = None) -> Path:
+def path(root: Path | None = None) -> Path:
     return (root or runs_dir()) / "locks" / "local.unfinished-step.json"
 
 
-def mark(run_id: str, what: str, snapshot: str, root: Path | None = None) -> None:
-    path = _path(root)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    record = {"run": run_id, "step": what, "snapshot": snapshot,
-              "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(record, handle)
-
-
-def clear(root: Path | None = None) -> None:
-    _path(root).unlink(missing_ok=True)
+def record(run_id: str, what: str) -> dict:
+    """What the step writes into the mark (the playbook adds the snapshot's name)."""
+    return {"run": run_id, "step": what, "pid": os.getpid()}
 
 
 def read(root: Path | None = None) -> dict | None:
     """The mark's record, or None when no step is unfinished."""
-    path = _path(root)
-    if not path.exists():
+    mark = path(root)
+    if not mark.exists():
         return None
     try:
-        record = json.loads(path.read_text())
+        value = json.loads(mark.read_text())
     except ValueError:
-        record = {}
-    return record if isinstance(record, dict) else {}
+        value = {}
+    return value if isinstance(value, dict) else {}
 
 
-def refusal(action: str, record: dict) -> DrydockError:
+def running(mark: dict) -> bool:
+    """The step's drydock process is still at work (another command than this one; a reused
+    pid is some other program's, not Invoke's)."""
+    pid = int(mark.get("pid") or 0)
+    if pid <= 0 or pid == os.getpid() or not process_alive(pid):
+        return False
+    try:
+        return b"invoke" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # alive, and not ours to judge
+
+
+def clear_unless_running(root: Path | None = None) -> None:
+    """The local database was replaced as a whole: forget an unfinished step, unless one is
+    running right now (its mark is its own to remove)."""
+    mark = read(root)
+    if mark is not None and not running(mark):
+        path(root).unlink(missing_ok=True)
+
+
+def refusal(action: str, mark: dict) -> DrydockError:
+    run, snapshot = mark.get("run", "?"), mark.get("snapshot", "before_step")
+    if running(mark):
+        return DrydockError(f"refusing to {action}: the migration step of run {run} is changing the local database")
     return DrydockError(
-        f"refusing to {action}: the migration step {record.get('step', '?')} of run {record.get('run', '?')} "
-        f"did not finish and may have left the local database half-changed; put it back with "
-        f"`inv snapshot.restore {record.get('snapshot', 'before_step')}` (or pull again), then retry")
-
-
-def started_before(record: dict, snapshot_created: str | None) -> bool:
-    """Whether the step was stopped before its safety snapshot was taken (then it had not
-    changed the database either): the snapshot is missing or older than the mark."""
-    return not snapshot_created or snapshot_created < record.get("started", "")
+        f"refusing to {action}: the migration step {mark.get('step', '?')} of run {run} did not finish and may have "
+        f"left the local database half-changed; put it back with `inv snapshot.restore {snapshot}` (or pull again), "
+        f"then retry")

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 from drydock import dumps, inventory, unfinished
 from drydock.dumps import Dump
-from drydock.errors import DrydockError
+from drydock.errors import DrydockError, Interrupted
 from drydock.journal import Run
 from drydock.lock import target_lock
 from drydock.paths import backups_dir
@@ -75,7 +75,7 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
                                  "one transaction); the next pull drops a side database left behind"):
         say(f"==> restoring {dump.path.name} into the local database")
         run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
-        unfinished.clear()  # the local database was replaced: whatever an interrupted step left is gone
+        unfinished.clear_unless_running()  # the local database was replaced: an interrupted step's state is gone
     say(f"local database {target['drydock_db_name']} now holds {env}'s dump of {dump.manifest['created']} "
         f"({dump.manifest['dump']['size']:,} bytes restored): "
         f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, all counts equal to the manifest; "
@@ -126,7 +126,7 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
             database_s = _module_result(results, "database_s")
             database = _module_result(results, "snapshot").split("__snap_")[0]  # <db>__snap_<name>
             step.update(ready_copy_used=used, database_s=database_s)
-            unfinished.clear()  # the local database is a whole snapshot again
+            unfinished.clear_unless_running()  # the local database is a whole snapshot again
     if action == "save":
         say(f"saved snapshot {name} of the local database"
             + ("; its ready copy is being made in the background" if ready_copy else ""))
@@ -179,26 +179,12 @@ def parse_parameters(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
     return parameters
 
 
-# The migration step's safety snapshot (django_migrate_snapshot), and the words its report
-# uses once it has put the database back from it (roles/django_migrate/tasks/main.yml).
-STEP_SNAPSHOT = "before_step"
-STEP_PUT_BACK = "the local database was put back from snapshot"
-
-
-def _refuse_after_an_unfinished_step(action: str, say: Say) -> None:
+def _refuse_after_an_unfinished_step(action: str) -> None:
     """Refuse while a migration step that did not finish may have left the local database
-    half-changed. One stopped before its safety snapshot was taken had not begun changing
-    it: its mark is cleared, and restoring an older snapshot is not asked for."""
-    record = unfinished.read()
-    if record is None:
-        return
-    snapshots = snapshot("list", say=lambda _line: None) or []
-    created = next((s.get("created") for s in snapshots if s["name"] == record.get("snapshot")), None)
-    if unfinished.started_before(record, created):
-        unfinished.clear()
-        say(f"the migration step of run {record.get('run', '?')} was stopped before it began: the local database is as it was")
-        return
-    raise unfinished.refusal(action, record)
+    half-changed (or while one is running)."""
+    mark = unfinished.read()
+    if mark is not None:
+        raise unfinished.refusal(action, mark)
 
 
 def check_step_inputs(notebook: str | None, script: str | None, phase: str = "all",
@@ -220,33 +206,31 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
             say: Say = print, run: Run | None = None, locked: bool = False) -> Run | None:
     """Run the migration step on the local database (see playbooks/migrate.yml)."""
     check_step_inputs(notebook, script, phase, parameters)
-    local = inventory.load().local[0]
+    inv = inventory.load()
+    local = inv.local[0]
     if plan:
         run_playbook("migrate_plan.yml", limit=local)
         return None
-    _refuse_after_an_unfinished_step("migrate", say)
     run = run or Run("migrate")
+    snapshot_name = inv.hostvars[local].get("django_migrate_snapshot", "before_step")
+    what = f"notebook {Path(notebook).name}" if notebook else f"script {Path(script).name}" if script else f"migrate ({phase})"
     extra = {"django_migrate_phase": phase, "django_migrate_migrate": run_migrate,
              "django_migrate_fixtree": fixtree, "django_migrate_output_dir": str(run.dir),
-             "django_migrate_parameters": parse_parameters(parameters)}
+             "django_migrate_parameters": parse_parameters(parameters),
+             "django_migrate_unfinished_mark": str(unfinished.path()),
+             "django_migrate_unfinished_record": unfinished.record(run.dir.name, what)}
     if notebook:
         extra["django_migrate_notebook"] = str(Path(notebook).resolve())
     if script:
         extra["django_migrate_script"] = str(Path(script).resolve())
-    what = f"notebook {Path(notebook).name}" if notebook else f"script {Path(script).name}" if script else f"migrate ({phase})"
-    with _locks([] if locked else [local], "migrate", say), run.step(
-            "migrate", what=what, phase=phase,
-            interrupted=f"the local database may be half-changed: put it back with `inv snapshot.restore {STEP_SNAPSHOT}` "
-                        "(or pull again); migrate and push refuse until then"):
-        say(f"==> {what} on the local database (a safety snapshot is taken first)")
-        unfinished.mark(run.dir.name, what, STEP_SNAPSHOT)
-        try:
+    with _locks([] if locked else [local], "migrate", say):
+        _refuse_after_an_unfinished_step("migrate")  # under the lock: no step can be starting meanwhile
+        with run.step("migrate", what=what, phase=phase,
+                      interrupted=f"the local database may be half-changed: put it back with "
+                                  f"`inv snapshot.restore {snapshot_name}` (or pull again); migrate and push refuse "
+                                  "until then"):
+            say(f"==> {what} on the local database (a safety snapshot is taken first)")
             run_playbook("migrate.yml", limit=local, extra_vars=extra, run=run)
-        except DrydockError as error:
-            if STEP_PUT_BACK in str(error):  # the playbook's own report: the database is whole again
-                unfinished.clear()
-            raise
-        unfinished.clear()
     if notebook:
         say(f"executed notebook: {run.dir / Path(notebook).name}")
     say(f"{what}: done; the page tree is consistent")
@@ -280,7 +264,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
         if dump_path:
             dump = dumps.load(Path(dump_path))
         else:
-            _refuse_after_an_unfinished_step(f"push the local database to {env}", say)
+            _refuse_after_an_unfinished_step(f"push the local database to {env}")
             local = inv.local[0]
             with run.step("dump local", scrub=not protected,
                           interrupted="nothing changed; the next push drops the outgoing copy left behind") as step:
@@ -290,13 +274,14 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                 dump = dumps.latest(local)
                 step.update(dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
                             scrubbed=dump.manifest.get("scrubbed", []))
-            _keep_artifact(run, dump.path.parent / "manifest.json", "manifest-local.json")
+            _keep_artifact(run, dump.path.parent / "manifest.json", f"manifest-{local}.json")
         take_safety_backup = _takes_safety_backup(target)
         with run.step("restore", env=env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
                       rows=dump.total_rows,
                       interrupted=f"{env}'s app may be stopped, and its live database is the old one or the pushed one "
-                                  f"(the swap is one transaction): run the push again, which starts the app, or "
-                                  f"`inv rollback {env}` if the run's ansible.log shows the swap ran") as step:
+                                  f"(the swap is one transaction): if the run's ansible.log shows the swap ran, start the "
+                                  f"app or `inv rollback {env}` (a second push would drop the database from before); "
+                                  f"otherwise run the push again") as step:
             say(f"==> restoring {dump.path.name} onto {env}")
             run_playbook("restore_database.yml", limit=env, run=run, extra_vars={
                 "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
@@ -346,6 +331,8 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
         pushed = push(target, yes=True, allow_lost_writes=allow_lost_writes, say=say, run=run, locked=True)
         try:
             verify(target, manifest=str(pushed.path.parent / "manifest.json"), say=say, run=run)
+        except Interrupted:
+            raise  # stopped by hand, not a failed check: nothing is rolled back
         except DrydockError as error:
             say(f"==> {target} failed verification: rolling the push back")
             with run.step(f"rollback {target}", env=target, state=f"{target} back on its previous database"):

@@ -40,10 +40,11 @@ def test_pre_pull_snapshot_lists_its_age(pulled):
     assert row.split()[5] in ("min", "h"), row  # '?' shifts the columns: [5] is then the ready copy
 
 
-def test_second_pull_with_the_latest_dump(pulled, connect):
+def test_second_pull_of_the_latest_dump_named_by_its_manifest(pulled, connect):
     conn = connect("local")
     conn.execute("DELETE FROM taggit_taggeditem")  # local work that the pull must replace
-    proc = inv("pull", "production", "--latest")
+    manifest = dumps.latest("production").path.parent / "manifest.json"
+    proc = inv("pull", "production", "--dump", str(manifest))  # the manifest stands for its dump
     assert proc.returncode == 0, proc.stderr
     assert row_counts(connect("local")) == dumps.latest("production").manifest["row_counts"]
 

@@ -69,7 +69,7 @@ def test_row_counts_against_a_manifest(fresh, connect, tmp_path):
     assert inv("verify", "local", "--manifest", str(manifest)).returncode == 0
     counts["blog_post"] += 1
     manifest.write_text(json.dumps({"row_counts": counts}))
-    proc = inv("verify", "local", "--manifest", str(manifest))
+    proc = inv("verify", "local", "--manifest", str(tmp_path))  # the folder stands for its manifest
     assert proc.returncode == 1 and "blog_post:" in proc.stdout and "row counts" in proc.stdout
 
 

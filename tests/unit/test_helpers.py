@@ -63,18 +63,28 @@ def test_an_interrupted_step_says_what_it_left_and_a_refused_command_leaves_no_r
     assert entry["outcome"] == "failed" and entry["error"] == "interrupted during pull: the local database is whole"
 
 
-def test_a_step_stopped_before_its_snapshot_had_not_begun(tmp_path):
+def test_the_unfinished_step_mark_refuses_and_is_kept_while_its_step_runs(tmp_path):
     from drydock import unfinished
 
-    unfinished.mark("run-1", "migrate (all)", "before_step", root=tmp_path)
-    record = unfinished.read(root=tmp_path)
-    assert record["run"] == "run-1" and stat.S_IMODE((tmp_path / "locks" / "local.unfinished-step.json").stat().st_mode) == 0o600
-    assert unfinished.started_before(record, None)  # no snapshot at all
-    assert unfinished.started_before(record, "2000-01-01T00:00:00+00:00")  # an older step's
-    assert not unfinished.started_before(record, record["started"])  # taken by this step
-    assert "inv snapshot.restore before_step" in str(unfinished.refusal("migrate", record))
-    unfinished.clear(root=tmp_path)
-    assert unfinished.read(root=tmp_path) is None
+    mark = unfinished.path(tmp_path)
+    mark.parent.mkdir(parents=True)
+    dead = {**unfinished.record("run-1", "migrate (all)"), "pid": 2 ** 22 + 1, "snapshot": "before_step"}
+    mark.write_text(json.dumps(dead))
+    assert "inv snapshot.restore before_step" in str(unfinished.refusal("migrate", unfinished.read(tmp_path)))
+    unfinished.clear_unless_running(tmp_path)
+    assert unfinished.read(tmp_path) is None  # its process is gone: a pull or restore clears it
+    import subprocess
+    import sys
+    # A live process whose command line names invoke, as a running `inv migrate` does.
+    step = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "invoke"])
+    try:
+        mark.write_text(json.dumps({**dead, "pid": step.pid}))
+        assert "is changing the local database" in str(unfinished.refusal("migrate", unfinished.read(tmp_path)))
+        unfinished.clear_unless_running(tmp_path)
+        assert unfinished.read(tmp_path) is not None  # a running step's mark is its own
+    finally:
+        step.kill()
+        step.wait()
 
 
 def make_backup(root, env, stamp, with_dump=True):
