@@ -21,6 +21,10 @@ class Inventory:
         """Validate a server environment typed by the user: exactly one, and known."""
         return self._one_of(text, self.servers)
 
+    def protected(self, env: str) -> bool:
+        """A protected environment (production) needs its name typed for any change."""
+        return bool(self.hostvars.get(env, {}).get("drydock_protected"))
+
     def environment(self, text: str) -> str:
         """Like server(), but the local environment is accepted too."""
         return self._one_of(text, self.servers + self.local)

@@ -61,6 +61,14 @@ def clear_unless_running(root: Path | None = None) -> None:
         path(root).unlink(missing_ok=True)
 
 
+def refuse_if_unfinished(action: str, root: Path | None = None) -> None:
+    """Refuse while a migration step that did not finish may have left the local database
+    half-changed (or while one is running)."""
+    mark = read(root)
+    if mark is not None:
+        raise refusal(action, mark)
+
+
 def refusal(action: str, mark: dict) -> DrydockError:
     run, snapshot = mark.get("run", "?"), mark.get("snapshot", "before_step")
     if running(mark):

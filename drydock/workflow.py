@@ -91,7 +91,7 @@ def site(env_text: str, hostname: str, port: int, site_name: str = "", yes: bool
     port = valid_port(port)
     inv = inventory.load()
     env = inv.environment(env_text)
-    protected = bool(inv.hostvars.get(env, {}).get("drydock_protected"))
+    protected = inv.protected(env)
     confirm(env, protected, yes, "change the Site of")
     run = Run("site")
     with _locks([env], "site", say), run.step("site", env=env, hostname=hostname, port=port):
@@ -179,18 +179,10 @@ def parse_parameters(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
     return parameters
 
 
-def _refuse_after_an_unfinished_step(action: str) -> None:
-    """Refuse while a migration step that did not finish may have left the local database
-    half-changed (or while one is running)."""
-    mark = unfinished.read()
-    if mark is not None:
-        raise unfinished.refusal(action, mark)
-
-
 def check_step_inputs(notebook: str | None, script: str | None, phase: str = "all",
-                      parameters: list[str] | tuple[str, ...] = ()) -> None:
+                      parameters: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
     """Refuse the migration step's bad inputs before anything runs (a pipeline checks them
-    before its backup and pull)."""
+    before its backup and pull); returns the notebook's parameters."""
     if notebook and script:
         raise InvalidInput("give --notebook or --script, not both")
     if phase not in PHASES:
@@ -198,14 +190,14 @@ def check_step_inputs(notebook: str | None, script: str | None, phase: str = "al
     for path in (notebook, script):
         if path and not Path(path).is_file():
             raise InvalidInput(f"no such file: {path}")
-    parse_parameters(parameters)
+    return parse_parameters(parameters)
 
 
 def migrate(notebook: str | None = None, script: str | None = None, plan: bool = False, phase: str = "all",
             parameters: list[str] | tuple[str, ...] = (), fixtree: bool = False, run_migrate: bool = True,
             say: Say = print, run: Run | None = None, locked: bool = False) -> Run | None:
     """Run the migration step on the local database (see playbooks/migrate.yml)."""
-    check_step_inputs(notebook, script, phase, parameters)
+    notebook_parameters = check_step_inputs(notebook, script, phase, parameters)
     inv = inventory.load()
     local = inv.local[0]
     if plan:
@@ -216,7 +208,7 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
     what = f"notebook {Path(notebook).name}" if notebook else f"script {Path(script).name}" if script else f"migrate ({phase})"
     extra = {"django_migrate_phase": phase, "django_migrate_migrate": run_migrate,
              "django_migrate_fixtree": fixtree, "django_migrate_output_dir": str(run.dir),
-             "django_migrate_parameters": parse_parameters(parameters),
+             "django_migrate_parameters": notebook_parameters,
              "django_migrate_unfinished_mark": str(unfinished.path()),
              "django_migrate_unfinished_record": unfinished.record(run.dir.name, what)}
     if notebook:
@@ -224,7 +216,7 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
     if script:
         extra["django_migrate_script"] = str(Path(script).resolve())
     with _locks([] if locked else [local], "migrate", say):
-        _refuse_after_an_unfinished_step("migrate")  # under the lock: no step can be starting meanwhile
+        unfinished.refuse_if_unfinished("migrate")  # under the lock: no step can be starting meanwhile
         with run.step("migrate", what=what, phase=phase,
                       interrupted=f"the local database may be half-changed: put it back with "
                                   f"`inv snapshot.restore {snapshot_name}` (or pull again); migrate and push refuse "
@@ -257,14 +249,14 @@ def _server(env_text: str) -> tuple[inventory.Inventory, str, dict]:
 def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_lost_writes: bool = False,
          allow_unscrubbed: bool = False, say: Say = print, run: Run | None = None, locked: bool = False) -> Dump:
     inv, env, target = _server(env_text)
-    protected = bool(target.get("drydock_protected"))
+    protected = inv.protected(env)
     confirm(env, protected, yes, "push to")
     run = run or Run("push")
     with _locks([env, inv.local[0]] if not locked else [], "push", say):
         if dump_path:
             dump = dumps.load(Path(dump_path))
         else:
-            _refuse_after_an_unfinished_step(f"push the local database to {env}")
+            unfinished.refuse_if_unfinished(f"push the local database to {env}")
             local = inv.local[0]
             with run.step("dump local", scrub=not protected,
                           interrupted="nothing changed; the next push drops the outgoing copy left behind") as step:
@@ -306,8 +298,8 @@ def _takes_safety_backup(hostvars: dict) -> bool:
 
 
 def rollback(env_text: str, yes: bool = False, say: Say = print) -> None:
-    _inv, env, target = _server(env_text)
-    confirm(env, bool(target.get("drydock_protected")), yes, "roll back")
+    inv, env, target = _server(env_text)
+    confirm(env, inv.protected(env), yes, "roll back")
     run = Run("rollback")
     with target_lock(env, "rollback", say), run.step("rollback", env=env):
         run_playbook("rollback_database.yml", limit=env, run=run,
@@ -321,7 +313,7 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
     check_step_inputs(notebook, script)
     inv = inventory.load()
     source, target = inv.server(source_text), inv.server(target_text)
-    confirm(target, bool(inv.hostvars[target].get("drydock_protected")), yes, "push to")
+    confirm(target, inv.protected(target), yes, "push to")
     run = Run("pipeline", total=7, say=say)
     with _locks(list(dict.fromkeys([source, target, inv.local[0]])), "pipeline", say):
         dump = backup(source, say=say, run=run, locked=True)
