@@ -19,7 +19,7 @@ class Inventory:
 
     def server(self, text: str) -> str:
         """Validate a server environment typed by the user: exactly one, and known."""
-        return self._one_of(text, self.servers)
+        return self._one_of(text, self.servers, local=self.local)
 
     def protected(self, env: str) -> bool:
         """A protected environment (production) needs its name typed for any change."""
@@ -30,11 +30,15 @@ class Inventory:
         return self._one_of(text, self.servers + self.local)
 
     @staticmethod
-    def _one_of(text: str, known: tuple[str, ...]) -> str:
+    def _one_of(text: str, known: tuple[str, ...], local: tuple[str, ...] = ()) -> str:
+        """The one name in `text`, if it is `known`; `local` names the local environment
+        where only servers are (backups, pulls and pushes; the local database has snapshots)."""
         names = [part for part in text.replace(",", " ").replace(":", " ").split() if part]
         if len(names) != 1:
             raise InvalidInput(f"one environment at a time, got {len(names)}: {', '.join(names) or '(none)'}")
         name = environment_name(names[0])
+        if name in local:
+            raise InvalidInput(f"{name!r} is the local database, not a server: choose one of {', '.join(known)}")
         if name not in known:
             raise InvalidInput(f"unknown environment {name!r}: choose one of {', '.join(known)}")
         return name

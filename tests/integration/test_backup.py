@@ -90,7 +90,7 @@ def test_playbook_without_limit_is_refused_before_anything_changes(sandbox_env):
 @pytest.mark.parametrize("args, message", [
     (["backup", "prod"], "unknown environment 'prod'"),
     (["backup", "production,staging"], "one environment at a time, got 2"),
-    (["backup", "local"], "unknown environment 'local'"),
+    (["backup", "local"], "'local' is the local database, not a server"),
     (["backup", "production", "--keep", "0"], "invalid --keep 0: at least 1"),
     (["backup", "production", "--keep", "x"], "invalid --keep 'x': not a number"),
 ])

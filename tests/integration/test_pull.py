@@ -117,7 +117,7 @@ def test_side_database_named_as_the_live_one_is_refused(pulled, connect, overrid
     (["pull", "production", "--dump", "/"], "no dump file in the folder /"),
     (["pull", "prod"], "unknown environment"),
     (["pull", "production,staging"], "one environment at a time"),
-    (["pull", "local"], "unknown environment 'local'"),
+    (["pull", "local"], "'local' is the local database, not a server"),
     (["pull", "production", "--latest", "--dump", "/x.dump"], "not both"),
 ])
 def test_bad_input_gets_one_line(sandbox_env, args, message):

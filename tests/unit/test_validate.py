@@ -51,7 +51,9 @@ def test_an_unknown_environment_is_named_with_every_choice_the_command_takes():
     assert inv.environment("local") == "local" and inv.server("staging") == "staging"
     with pytest.raises(InvalidInput, match=r"unknown environment 'nosuch': choose one of production, staging, local\Z"):
         inv.environment("nosuch")
-    with pytest.raises(InvalidInput, match=r"unknown environment 'local': choose one of production, staging\Z"):
+    with pytest.raises(InvalidInput, match=r"unknown environment 'nosuch': choose one of production, staging\Z"):
+        inv.server("nosuch")
+    with pytest.raises(InvalidInput, match=r"'local' is the local database, not a server: choose one of production, staging\Z"):
         inv.server("local")
 
 
