@@ -3,7 +3,8 @@ owner's PID. A lock whose process is gone (killed, crashed) is recognised and cl
 playbooks a run starts stop with it (drydock.playbook). A step already running on a remote
 host when the controller died can still finish there (the next run's restore drops a side
 database such a step may still be writing).
-The local database has a lock too ("local"): pull, migrate and a push's dump all use it."""
+The local database has a lock too, "local" whatever the inventory calls its host: pull,
+migrate, a push's dump and the snapshot commands, which read no inventory, all take it."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,9 @@ from typing import Callable, Iterator
 
 from drydock.errors import DrydockError
 from drydock.paths import runs_dir
+
+
+LOCAL = "local"  # the local database's lock
 
 
 def process_alive(pid: int) -> bool:

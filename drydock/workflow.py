@@ -14,7 +14,7 @@ from drydock import dumps, inventory, unfinished
 from drydock.dumps import Dump
 from drydock.errors import DrydockError, Interrupted
 from drydock.journal import Run
-from drydock.lock import target_lock
+from drydock.lock import LOCAL as LOCAL_LOCK, target_lock
 from drydock.paths import backups_dir
 from drydock.playbook import run_playbook
 from drydock.validate import (InvalidInput, count as valid_count, hostname as valid_hostname, port as valid_port,
@@ -69,7 +69,7 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
         raise DrydockError(f"{dump.path} is a dump of {dump.source_env}, not of {env}")
     local = inv.local[0]
     target = inv.hostvars[local]
-    with _locks([] if locked else [local], "pull", say), \
+    with _locks([] if locked else [LOCAL_LOCK], "pull", say), \
             run.step("pull", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
                      interrupted="the local database is the old one or the pulled one, never half of each (the swap is "
                                  "one transaction); the next pull drops a side database left behind"):
@@ -94,7 +94,7 @@ def site(env_text: str, hostname: str, port: int, site_name: str = "", yes: bool
     protected = inv.protected(env)
     confirm(env, protected, yes, "change the Site of")
     run = Run("site")
-    with _locks([env], "site", say), run.step("site", env=env, hostname=hostname, port=port):
+    with _locks([LOCAL_LOCK if env in inv.local else env], "site", say), run.step("site", env=env, hostname=hostname, port=port):
         run_playbook("site_hostname.yml", limit=env, run=run, extra_vars={
             "wagtail_site_hostname": hostname, "wagtail_site_port": port, "wagtail_site_name": site_name,
             "drydock_confirm": env if protected else ""})
@@ -106,7 +106,10 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
     """save / restore / delete a snapshot of the local database, or list them.
 
     No inventory read here (ansible-inventory takes half a second, a third of a restore):
-    snapshot.yml targets drydock_local itself and refuses more than one host."""
+    snapshot.yml targets drydock_local itself and refuses more than one host, and the local
+    database's lock has a fixed name. Save, restore and delete take that lock: while a pull,
+    a migration step or a push's dump runs, they refuse instead of changing the database
+    under it."""
     if action != "list":
         valid_snapshot_name(name)
     extra = {"pg_snapshot_action": action, "pg_snapshot_name": name, "pg_snapshot_force": force,
@@ -116,7 +119,7 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
         say(format_snapshots(snapshots))
         return snapshots
     run = Run(f"snapshot-{action}")
-    with run.step(f"snapshot {action}", snapshot=name) as step:
+    with target_lock(LOCAL_LOCK, f"snapshot {action}", say), run.step(f"snapshot {action}", snapshot=name) as step:
         if action != "restore":
             run_playbook("snapshot.yml", extra_vars=extra, run=run)
         else:  # captured, to tell whether the restore was a rename; it takes a second or two
@@ -215,7 +218,7 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
         extra["django_migrate_notebook"] = str(Path(notebook).resolve())
     if script:
         extra["django_migrate_script"] = str(Path(script).resolve())
-    with _locks([] if locked else [local], "migrate", say):
+    with _locks([] if locked else [LOCAL_LOCK], "migrate", say):
         unfinished.refuse_if_unfinished("migrate")  # under the lock: no step can be starting meanwhile
         with run.step("migrate", what=what, phase=phase,
                       interrupted=f"the local database may be half-changed: put it back with "
@@ -252,7 +255,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
     protected = inv.protected(env)
     confirm(env, protected, yes, "push to")
     run = run or Run("push")
-    with _locks([env, inv.local[0]] if not locked else [], "push", say):
+    with _locks([env, LOCAL_LOCK] if not locked else [], "push", say):
         if dump_path:
             dump = dumps.load(Path(dump_path))
         else:
@@ -315,7 +318,7 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
     source, target = inv.server(source_text), inv.server(target_text)
     confirm(target, inv.protected(target), yes, "push to")
     run = Run("pipeline", total=7, say=say)
-    with _locks(list(dict.fromkeys([source, target, inv.local[0]])), "pipeline", say):
+    with _locks(list(dict.fromkeys([source, target, LOCAL_LOCK])), "pipeline", say):
         dump = backup(source, say=say, run=run, locked=True)
         pulled = pull(source, dump_path=str(dump.path), say=say, run=run, locked=True)
         migrate(notebook=notebook, script=script, say=say, run=run, locked=True)

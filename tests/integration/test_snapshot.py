@@ -1,10 +1,14 @@
 """Snapshots of the local database: exact round trips, validated names, no cross-database restores,
 and ready copies that make a restore a rename without ever restoring anything but the snapshot."""
+import json
+import os
 import re
+import socket
 import time
 
 import pytest
 
+from drydock.paths import runs_dir
 from tests.conftest import databases, error_lines, fingerprint, inv, playbook
 
 READY = "wagtail_site__ready_saved"
@@ -237,3 +241,20 @@ def test_a_ready_copy_that_cannot_be_made_is_reported_and_the_restore_still_work
     settled(watcher)
     wait_for(lambda: watcher.execute(record).fetchone()[0] is None, "cleared")  # written just after the copy's record
     assert fingerprint(connect("local")) == saved
+
+
+def test_snapshot_actions_refuse_while_a_migration_step_holds_the_local_database(clean_snapshots, connect):
+    inv("snapshot.save", "saved", check=True)
+    changed = change(connect("local"))
+    lock = runs_dir() / "locks" / "local.lock"  # as a running `inv migrate` holds it (this process: alive)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "task": "migrate", "started": "now"}))
+    try:
+        for args in (("snapshot.restore", "saved"), ("snapshot.save", "saved", "--force"), ("snapshot.delete", "saved")):
+            refused = inv(*args)
+            assert refused.returncode == 1 and "local is locked by migrate" in error_lines(refused)[-1], args
+        assert fingerprint(connect("local")) == changed
+    finally:
+        lock.unlink()
+    inv("snapshot.restore", "saved", check=True)  # once the step has ended
+    assert fingerprint(connect("local")) != changed
