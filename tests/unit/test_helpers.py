@@ -78,6 +78,12 @@ def test_the_unfinished_step_mark_refuses_and_is_kept_while_its_step_runs(tmp_pa
     # A live process whose command line names invoke, as a running `inv migrate` does.
     step = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "invoke"])
     try:
+        import time
+        from pathlib import Path
+        deadline = time.monotonic() + 10  # until exec: a child just forked shows no command line yet
+        while b"invoke" not in Path(f"/proc/{step.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the stand-in step never started"
+            time.sleep(0.01)
         mark.write_text(json.dumps({**dead, "pid": step.pid}))
         assert "is changing the local database" in str(unfinished.refusal("migrate", unfinished.read(tmp_path)))
         unfinished.clear_unless_running(tmp_path)
@@ -214,3 +220,4 @@ def test_snapshot_listing_says_which_have_a_ready_copy_and_why_one_failed():
     assert lines[0].split() == ["name", "of", "database", "size", "age", "ready", "copy"]
     assert [line.split()[-1] for line in lines[1:4]] == ["yes", "no", "failed"]
     assert lines[4] == "c: making its ready copy failed: disk full"
+
