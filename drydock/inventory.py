@@ -7,6 +7,7 @@ import subprocess
 from dataclasses import dataclass
 
 from drydock.errors import DrydockError
+from drydock.lock import LOCAL as LOCAL_LOCK
 from drydock.playbook import ansible_env
 from drydock.validate import InvalidInput, environment_name
 
@@ -56,8 +57,9 @@ def load() -> Inventory:
         where = ansible_env().get("ANSIBLE_INVENTORY") or "inventories/sandbox (ansible.cfg)"
         raise DrydockError(f"the inventory {where} has no hosts in {' or '.join(missing)}: "
                            "is its path right? (see docs/configuration.md)")
-    return Inventory(
-        servers=tuple(data.get("drydock_servers", {}).get("hosts", [])),
-        local=tuple(data.get("drydock_local", {}).get("hosts", [])),
-        hostvars=data.get("_meta", {}).get("hostvars", {}),
-    )
+    servers = tuple(data.get("drydock_servers", {}).get("hosts", []))
+    if LOCAL_LOCK in servers:  # its lock would be the local database's (drydock.lock.LOCAL)
+        raise DrydockError(f"a server in drydock_servers is called {LOCAL_LOCK!r}, the name drydock gives the local "
+                           "database: rename that host in the inventory")
+    return Inventory(servers=servers, local=tuple(data.get("drydock_local", {}).get("hosts", [])),
+                     hostvars=data.get("_meta", {}).get("hostvars", {}))

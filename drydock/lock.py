@@ -4,7 +4,8 @@ playbooks a run starts stop with it (drydock.playbook). A step already running o
 host when the controller died can still finish there (the next run's restore drops a side
 database such a step may still be writing).
 The local database has a lock too, "local" whatever the inventory calls its host: pull,
-migrate, a push's dump and the snapshot commands, which read no inventory, all take it."""
+migrate, a push's dump, a pipeline, `site` on the local host, and snapshot save, restore and
+delete, which read no inventory, all take it (so no server may be called "local")."""
 from __future__ import annotations
 
 import json

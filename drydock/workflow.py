@@ -108,8 +108,8 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
     No inventory read here (ansible-inventory takes half a second, a third of a restore):
     snapshot.yml targets drydock_local itself and refuses more than one host, and the local
     database's lock has a fixed name. Save, restore and delete take that lock: while a pull,
-    a migration step or a push's dump runs, they refuse instead of changing the database
-    under it."""
+    a migration step, a push's dump or a pipeline runs, they refuse instead of changing the
+    database under it."""
     if action != "list":
         valid_snapshot_name(name)
     extra = {"pg_snapshot_action": action, "pg_snapshot_name": name, "pg_snapshot_force": force,
@@ -255,20 +255,22 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
     protected = inv.protected(env)
     confirm(env, protected, yes, "push to")
     run = run or Run("push")
-    with _locks([env, LOCAL_LOCK] if not locked else [], "push", say):
+    with _locks([env] if not locked else [], "push", say):
         if dump_path:
             dump = dumps.load(Path(dump_path))
         else:
-            unfinished.refuse_if_unfinished(f"push the local database to {env}")
             local = inv.local[0]
-            with run.step("dump local", scrub=not protected,
-                          interrupted="nothing changed; the next push drops the outgoing copy left behind") as step:
-                say(f"==> dumping the local database for {env}" + ("" if protected else " (scrubbed copy)"))
-                run_playbook("prepare_push.yml", limit=local, run=run, extra_vars={
-                    "drydock_scrub": not protected, "pg_backup_controller_dir": str(backups_dir())})
-                dump = dumps.latest(local)
-                step.update(dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
-                            scrubbed=dump.manifest.get("scrubbed", []))
+            # The local database's lock only while it is dumped: nothing after reads it.
+            with _locks([LOCAL_LOCK] if not locked else [], "push", say):
+                unfinished.refuse_if_unfinished(f"push the local database to {env}")
+                with run.step("dump local", scrub=not protected,
+                              interrupted="nothing changed; the next push drops the outgoing copy left behind") as step:
+                    say(f"==> dumping the local database for {env}" + ("" if protected else " (scrubbed copy)"))
+                    run_playbook("prepare_push.yml", limit=local, run=run, extra_vars={
+                        "drydock_scrub": not protected, "pg_backup_controller_dir": str(backups_dir())})
+                    dump = dumps.latest(local)
+                    step.update(dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
+                                scrubbed=dump.manifest.get("scrubbed", []))
             _keep_artifact(run, dump.path.parent / "manifest.json", f"manifest-{local}.json")
         take_safety_backup = _takes_safety_backup(target)
         with run.step("restore", env=env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],

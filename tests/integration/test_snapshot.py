@@ -253,6 +253,7 @@ def test_snapshot_actions_refuse_while_a_migration_step_holds_the_local_database
         for args in (("snapshot.restore", "saved"), ("snapshot.save", "saved", "--force"), ("snapshot.delete", "saved")):
             refused = inv(*args)
             assert refused.returncode == 1 and "local is locked by migrate" in error_lines(refused)[-1], args
+        assert "saved" in inv("snapshot.list", check=True).stdout  # reading takes no lock
         assert fingerprint(connect("local")) == changed
     finally:
         lock.unlink()

@@ -221,3 +221,36 @@ def test_snapshot_listing_says_which_have_a_ready_copy_and_why_one_failed():
     assert [line.split()[-1] for line in lines[1:4]] == ["yes", "no", "failed"]
     assert lines[4] == "c: making its ready copy failed: disk full"
 
+
+def test_the_local_database_has_one_lock_whatever_the_inventory_calls_its_host(tmp_path, monkeypatch):
+    """Snapshot commands read no inventory: every command that changes the local database
+    must take the lock they take, `local`, even where the local host is called `laptop`."""
+    from drydock import inventory, workflow
+    from drydock.inventory import Inventory
+    from drydock.lock import target_lock
+
+    monkeypatch.setenv("DRYDOCK_RUNS", str(tmp_path))
+    laptop = Inventory(servers=("production", "staging"), local=("laptop",),
+                       hostvars={"production": {}, "staging": {}, "laptop": {}})
+    monkeypatch.setattr(inventory, "load", lambda: laptop)
+    monkeypatch.setattr(workflow, "run_playbook", lambda *a, **k: pytest.fail("a playbook ran under another's lock"))
+    with target_lock("local", "pull", say=lambda m: None, root=tmp_path):
+        for command in (workflow.migrate, lambda: workflow.site("laptop", "example.org", 80),
+                        lambda: workflow.snapshot("restore", "saved"), lambda: workflow.push("staging")):
+            with pytest.raises(DrydockError, match=r"^local is locked by pull"):
+                command()
+
+
+def test_an_inventory_with_a_server_called_local_is_refused(tmp_path, monkeypatch):
+    from drydock import inventory
+
+    hosts = tmp_path / "hosts.yml"
+    hosts.write_text("all:\n  children:\n    drydock_servers:\n      hosts:\n        local: {}\n"
+                     "    drydock_local:\n      hosts:\n        laptop: {ansible_connection: local}\n")
+    monkeypatch.setenv("DRYDOCK_INVENTORY", str(hosts))
+    inventory.load.cache_clear()
+    try:
+        with pytest.raises(DrydockError, match="a server in drydock_servers is called 'local'"):
+            inventory.load()
+    finally:
+        inventory.load.cache_clear()
