@@ -94,7 +94,8 @@ def site(env_text: str, hostname: str, port: int, site_name: str = "", yes: bool
     protected = inv.protected(env)
     confirm(env, protected, yes, "change the Site of")
     run = Run("site")
-    with _locks([LOCAL_LOCK if env in inv.local else env], "site", say), run.step("site", env=env, hostname=hostname, port=port):
+    lock = LOCAL_LOCK if env in inv.local else env
+    with _locks([lock], "site", say), run.step("site", env=env, hostname=hostname, port=port):
         run_playbook("site_hostname.yml", limit=env, run=run, extra_vars={
             "wagtail_site_hostname": hostname, "wagtail_site_port": port, "wagtail_site_name": site_name,
             "drydock_confirm": env if protected else ""})
