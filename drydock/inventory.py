@@ -52,14 +52,14 @@ def load() -> Inventory:
     if proc.returncode != 0:
         raise DrydockError(f"cannot read the inventory: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     data = json.loads(proc.stdout)
-    missing = [group for group in ("drydock_servers", "drydock_local") if not data.get(group, {}).get("hosts")]
+    hosts = {group: tuple(data.get(group, {}).get("hosts", [])) for group in ("drydock_servers", "drydock_local")}
+    missing = [group for group, names in hosts.items() if not names]
     if missing:
         where = ansible_env().get("ANSIBLE_INVENTORY") or "inventories/sandbox (ansible.cfg)"
         raise DrydockError(f"the inventory {where} has no hosts in {' or '.join(missing)}: "
                            "is its path right? (see docs/configuration.md)")
-    servers = tuple(data.get("drydock_servers", {}).get("hosts", []))
-    if LOCAL_LOCK in servers:  # its lock would be the local database's (drydock.lock.LOCAL)
+    if LOCAL_LOCK in hosts["drydock_servers"]:  # its lock would be the local database's (drydock.lock.LOCAL)
         raise DrydockError(f"a server in drydock_servers is called {LOCAL_LOCK!r}, the name drydock gives the local "
                            "database: rename that host in the inventory")
-    return Inventory(servers=servers, local=tuple(data.get("drydock_local", {}).get("hosts", [])),
+    return Inventory(servers=hosts["drydock_servers"], local=hosts["drydock_local"],
                      hostvars=data.get("_meta", {}).get("hostvars", {}))
