@@ -1,5 +1,6 @@
 """One run at a time per target: runs/locks/<env>.lock, created exclusively, holding the
-owner's PID. A lock whose process is gone (killed, crashed) is recognised and cleared; the
+owner's PID and that process's start. A lock whose process is gone (killed, crashed) is
+recognised and cleared, also when the system has since given its PID to another process; the
 playbooks a run starts stop with it (drydock.playbook). A step already running on a remote
 host when the controller died can still finish there (the next run's restore drops a side
 database such a step may still be writing).
@@ -33,12 +34,34 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> str | None:
+    """What tells this process from a later one given the same PID: the boot, and the start
+    time in clock ticks since boot (/proc/<pid>/stat's 22nd field). None where it can't be read."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    return f"{boot}/{fields[19]}"
+
+
+def owner_running(record: dict) -> bool:
+    """The process that wrote `record` (its "pid" and "process_start") still runs. A record
+    without a start, as drydock wrote them before, is judged by its PID alone."""
+    pid = int(record.get("pid") or 0)
+    if pid <= 0 or not process_alive(pid):
+        return False
+    started, now = record.get("process_start"), process_start(pid)
+    return started is None or now is None or started == now
+
+
 @contextmanager
 def target_lock(env: str, task: str, say: Callable[[str], None] = print, root: Path | None = None) -> Iterator[Path]:
     folder = (root or runs_dir()) / "locks"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = folder / f"{env}.lock"
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "task": task,
+    record = {"pid": os.getpid(), "process_start": process_start(os.getpid()), "host": socket.gethostname(), "task": task,
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     for _ in range(2):
         try:
@@ -48,7 +71,7 @@ def target_lock(env: str, task: str, say: Callable[[str], None] = print, root: P
                 holder = json.loads(path.read_text())
             except (OSError, ValueError):
                 holder = {}
-            if holder.get("host") == record["host"] and not process_alive(int(holder.get("pid", 0))):
+            if holder.get("host") == record["host"] and not owner_running(holder):
                 say(f"clearing a stale lock on {env} left by {holder.get('task')} (pid {holder.get('pid')}, gone)")
                 path.unlink(missing_ok=True)
                 continue

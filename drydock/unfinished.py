@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from drydock.errors import DrydockError
-from drydock.lock import process_alive
+from drydock.lock import owner_running, process_start
 from drydock.paths import runs_dir
 
 
@@ -26,7 +26,7 @@ def path(root: Path | None = None) -> Path:
 
 def record(run_id: str, what: str) -> dict:
     """What the step writes into the mark (the playbook adds the snapshot's name)."""
-    return {"run": run_id, "step": what, "pid": os.getpid()}
+    return {"run": run_id, "step": what, "pid": os.getpid(), "process_start": process_start(os.getpid())}
 
 
 def read(root: Path | None = None) -> dict | None:
@@ -42,15 +42,9 @@ def read(root: Path | None = None) -> dict | None:
 
 
 def running(mark: dict) -> bool:
-    """The step's drydock process is still at work (another command than this one; a reused
-    pid is some other program's, not Invoke's)."""
-    pid = int(mark.get("pid") or 0)
-    if pid <= 0 or pid == os.getpid() or not process_alive(pid):
-        return False
-    try:
-        return b"invoke" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return True  # alive, and not ours to judge
+    """The step's drydock process is still at work: another command than this one, and not a
+    later process given the same pid (its start differs)."""
+    return int(mark.get("pid") or 0) != os.getpid() and owner_running(mark)
 
 
 def clear_unless_running(root: Path | None = None) -> None:

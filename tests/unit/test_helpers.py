@@ -64,7 +64,10 @@ def test_an_interrupted_step_says_what_it_left_and_a_refused_command_leaves_no_r
 
 
 def test_the_unfinished_step_mark_refuses_and_is_kept_while_its_step_runs(tmp_path):
-    from drydock import unfinished
+    import subprocess
+    import sys
+
+    from drydock import lock, unfinished
 
     mark = unfinished.path(tmp_path)
     mark.parent.mkdir(parents=True)
@@ -73,18 +76,14 @@ def test_the_unfinished_step_mark_refuses_and_is_kept_while_its_step_runs(tmp_pa
     assert "inv snapshot.restore before_step" in str(unfinished.refusal("migrate", unfinished.read(tmp_path)))
     unfinished.clear_unless_running(tmp_path)
     assert unfinished.read(tmp_path) is None  # its process is gone: a pull or restore clears it
-    import subprocess
-    import sys
-    # A live process whose command line names invoke, as a running `inv migrate` does.
-    step = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "invoke"])
+    step = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a running `inv migrate`
     try:
-        import time
-        from pathlib import Path
-        deadline = time.monotonic() + 10  # until exec: a child just forked shows no command line yet
-        while b"invoke" not in Path(f"/proc/{step.pid}/cmdline").read_bytes():
-            assert time.monotonic() < deadline, "the stand-in step never started"
-            time.sleep(0.01)
-        mark.write_text(json.dumps({**dead, "pid": step.pid}))
+        # The same pid, but given to a later process: the step that wrote the mark is gone.
+        mark.write_text(json.dumps({**dead, "pid": step.pid, "process_start": "another boot/1"}))
+        assert "did not finish" in str(unfinished.refusal("migrate", unfinished.read(tmp_path)))
+        unfinished.clear_unless_running(tmp_path)
+        assert unfinished.read(tmp_path) is None
+        mark.write_text(json.dumps({**dead, "pid": step.pid, "process_start": lock.process_start(step.pid)}))
         assert "is changing the local database" in str(unfinished.refusal("migrate", unfinished.read(tmp_path)))
         unfinished.clear_unless_running(tmp_path)
         assert unfinished.read(tmp_path) is not None  # a running step's mark is its own
@@ -180,7 +179,7 @@ def test_lock_refuses_a_live_holder_and_clears_a_dead_one(tmp_path):
     import socket
     import subprocess
 
-    from drydock.lock import target_lock
+    from drydock.lock import process_start, target_lock
 
     with target_lock("staging", "push", say=lambda m: None, root=tmp_path) as path:
         with pytest.raises(DrydockError, match="staging is locked by push"):
@@ -193,6 +192,22 @@ def test_lock_refuses_a_live_holder_and_clears_a_dead_one(tmp_path):
     with target_lock("staging", "push", say=said.append, root=tmp_path):
         assert json.loads(path.read_text())["pid"] == os.getpid()
     assert "stale lock" in said[0] and not path.exists()
+    # A live process with the holder's pid, started after it: the pid was reused, the lock is stale.
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        path.write_text(json.dumps({"pid": alive.pid, "process_start": "another boot/1", "host": socket.gethostname(),
+                                    "task": "push", "started": "x"}))
+        with target_lock("staging", "push", say=said.append, root=tmp_path):
+            pass
+        assert "stale lock" in said[1]
+        path.write_text(json.dumps({"pid": alive.pid, "process_start": process_start(alive.pid),
+                                    "host": socket.gethostname(), "task": "push", "started": "x"}))
+        with pytest.raises(DrydockError, match="staging is locked by push"):
+            with target_lock("staging", "push", say=said.append, root=tmp_path):
+                pass
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 @pytest.mark.parametrize("a, b, same", [
