@@ -1,6 +1,15 @@
-"""The downtime probe: while a push runs, connect to the live database by its name every
-50 ms and run a query the app needs; the longest stretch without a successful answer is
-the downtime the site's users would have seen."""
+"""The downtime probe: while a push runs, run a query the app needs on the live database
+every 50 ms; the longest stretch without a successful answer is the downtime the site's
+users would have seen.
+
+The probe keeps its connection and connects again, by the live database's name, only once a
+query has failed. Connecting anew every 50 ms (authentication and a new server process
+each time) took about 14 ms of CPU a time, a fifth of this 2-core machine, from both
+pushes it measured: drydock's push took 68.2 s with it against 60.6 s without (medians of
+3, 2026-12-04). Keeping the connection sees the same gaps, because both pushes end the live
+database's sessions where their downtime starts: the runbook's `dropdb --force`, and
+drydock's swap, which ends them and renames in one transaction (a database with sessions
+can't be renamed). From there the probe must connect by name like any new session."""
 from __future__ import annotations
 
 import threading
@@ -26,6 +35,7 @@ class DowntimeProbe:
         self.longest_gap_s = 0.0
         self.successes = 0
         self.failures = 0
+        self._conn: psycopg.Connection | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="downtime-probe", daemon=True)
 
@@ -39,11 +49,20 @@ class DowntimeProbe:
 
     def _ask(self) -> bool:
         try:
-            with psycopg.connect(self.url, connect_timeout=int(self.timeout_s), autocommit=True) as conn:
-                conn.execute(f"SET statement_timeout = '{int(self.timeout_s * 1000)}ms'")
-                return conn.execute(QUERY).fetchone() is not None
-        except psycopg.Error:
+            if self._conn is None:
+                self._conn = psycopg.connect(self.url, connect_timeout=int(self.timeout_s), autocommit=True)
+                self._conn.execute(f"SET statement_timeout = '{int(self.timeout_s * 1000)}ms'")
+            return self._conn.execute(QUERY).fetchone() is not None
+        except psycopg.OperationalError:  # the connection is gone, or the query waited too long
+            self._close()
             return False
+        except psycopg.Error:  # e.g. no such table yet in a database just created
+            return False
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def _loop(self) -> None:
         last_up = time.monotonic()
@@ -59,3 +78,4 @@ class DowntimeProbe:
             self._stop.wait(max(0.0, INTERVAL_S - (time.monotonic() - started)))
         # Still down when the push ended counts up to now.
         self.longest_gap_s = max(self.longest_gap_s, time.monotonic() - last_up)
+        self._close()
