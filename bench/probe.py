@@ -4,12 +4,14 @@ users would have seen.
 
 The probe keeps its connection and connects again, by the live database's name, only once a
 query has failed. Connecting anew every 50 ms (authentication and a new server process
-each time) took about 14 ms of CPU a time, a fifth of this 2-core machine, from both
-pushes it measured: drydock's push took 68.2 s with it against 60.6 s without (medians of
-3, 2026-12-04). Keeping the connection sees the same gaps, because both pushes end the live
+each time) took about 14 ms of CPU a time, with the probe's thread a fifth of this 2-core
+machine, from both pushes it measured: drydock's push took 68.2 s with it against 60.6 s
+without (medians of 3 alternating, 2026-12-04). Keeping the connection sees the same gaps, because both pushes end the live
 database's sessions where their downtime starts: the runbook's `dropdb --force`, and
 drydock's swap, which ends them and renames in one transaction (a database with sessions
-can't be renamed). From there the probe must connect by name like any new session."""
+can't be renamed). From there the probe connects by name at once, like any new session.
+What it would not see is a refusal of new sessions alone (ALLOW_CONNECTIONS false, a
+connection limit): neither push does that to the live database."""
 from __future__ import annotations
 
 import threading
@@ -20,6 +22,7 @@ import psycopg
 INTERVAL_S = 0.05
 # An app query that needs the data, not just the database: an empty database freshly
 # created by the runbook's createdb fails it, as does a table not yet loaded.
+APPLICATION_NAME = "drydock-bench-probe"
 QUERY = ("SELECT s.hostname FROM wagtailcore_site s JOIN wagtailcore_page p ON p.id = s.root_page_id"
          " WHERE s.is_default_site")
 
@@ -35,6 +38,7 @@ class DowntimeProbe:
         self.longest_gap_s = 0.0
         self.successes = 0
         self.failures = 0
+        self.cuts = 0  # times the kept connection was cut (and the probe connected again)
         self._conn: psycopg.Connection | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="downtime-probe", daemon=True)
@@ -48,16 +52,28 @@ class DowntimeProbe:
         self._thread.join()
 
     def _ask(self) -> bool:
+        kept = self._conn is not None
+        if self._try():
+            return True
+        if kept and self._conn is None:  # a kept connection was cut: connect again now, as a new session would
+            self.cuts += 1
+            return self._try()
+        return False
+
+    def _try(self) -> bool:
         try:
             if self._conn is None:
-                self._conn = psycopg.connect(self.url, connect_timeout=int(self.timeout_s), autocommit=True)
-                self._conn.execute(f"SET statement_timeout = '{int(self.timeout_s * 1000)}ms'")
+                # No prepared statements: a plan cached on this connection can't outlive a swap.
+                self._conn = psycopg.connect(
+                    self.url, connect_timeout=max(1, int(self.timeout_s)), autocommit=True, prepare_threshold=None,
+                    application_name=APPLICATION_NAME, options=f"-c statement_timeout={int(self.timeout_s * 1000)}")
             return self._conn.execute(QUERY).fetchone() is not None
-        except psycopg.OperationalError:  # the connection is gone, or the query waited too long
+        except psycopg.OperationalError:  # the connection was cut, or the query waited too long
             self._close()
-            return False
         except psycopg.Error:  # e.g. no such table yet in a database just created
-            return False
+            if self._conn is not None and self._conn.closed:
+                self._close()
+        return False
 
     def _close(self) -> None:
         if self._conn is not None:

@@ -48,12 +48,15 @@ def process_start(pid: int) -> str | None:
 
 def owner_running(record: dict) -> bool:
     """The process that wrote `record` (its "pid" and "process_start") still runs. A record
-    without a start, as drydock wrote them before, is judged by its PID alone."""
+    without a start, as drydock wrote them before, is judged by its PID alone (but see
+    drydock.unfinished.running)."""
     pid = int(record.get("pid") or 0)
     if pid <= 0 or not process_alive(pid):
         return False
     started, now = record.get("process_start"), process_start(pid)
-    return started is None or now is None or started == now
+    if started is None or now is None:  # an old record, or the process ended just now: its PID decides
+        return now is not None or process_alive(pid)
+    return started == now
 
 
 @contextmanager
@@ -72,7 +75,7 @@ def target_lock(env: str, task: str, say: Callable[[str], None] = print, root: P
             except (OSError, ValueError):
                 holder = {}
             if holder.get("host") == record["host"] and not owner_running(holder):
-                say(f"clearing a stale lock on {env} left by {holder.get('task')} (pid {holder.get('pid')}, gone)")
+                say(f"clearing a stale lock on {env} left by {holder.get('task')} (pid {holder.get('pid')}, no longer running)")
                 path.unlink(missing_ok=True)
                 continue
             raise DrydockError(

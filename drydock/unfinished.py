@@ -44,7 +44,15 @@ def read(root: Path | None = None) -> dict | None:
 def running(mark: dict) -> bool:
     """The step's drydock process is still at work: another command than this one, and not a
     later process given the same pid (its start differs)."""
-    return int(mark.get("pid") or 0) != os.getpid() and owner_running(mark)
+    pid = int(mark.get("pid") or 0)
+    if pid == os.getpid() or not owner_running(mark):
+        return False
+    if "process_start" in mark:
+        return True
+    try:  # a mark from before drydock recorded starts: a reused pid is some other program's, not Invoke's
+        return b"invoke" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # alive, and not ours to judge
 
 
 def clear_unless_running(root: Path | None = None) -> None:

@@ -83,6 +83,10 @@ def test_the_unfinished_step_mark_refuses_and_is_kept_while_its_step_runs(tmp_pa
         assert "did not finish" in str(unfinished.refusal("migrate", unfinished.read(tmp_path)))
         unfinished.clear_unless_running(tmp_path)
         assert unfinished.read(tmp_path) is None
+        # A mark from before starts were recorded, whose pid some other program (not Invoke) has now.
+        old = {key: value for key, value in dead.items() if key != "process_start"}
+        mark.write_text(json.dumps({**old, "pid": step.pid}))
+        assert "did not finish" in str(unfinished.refusal("migrate", unfinished.read(tmp_path)))
         mark.write_text(json.dumps({**dead, "pid": step.pid, "process_start": lock.process_start(step.pid)}))
         assert "is changing the local database" in str(unfinished.refusal("migrate", unfinished.read(tmp_path)))
         unfinished.clear_unless_running(tmp_path)
@@ -179,6 +183,8 @@ def test_lock_refuses_a_live_holder_and_clears_a_dead_one(tmp_path):
     import socket
     import subprocess
 
+    import time
+
     from drydock.lock import process_start, target_lock
 
     with target_lock("staging", "push", say=lambda m: None, root=tmp_path) as path:
@@ -195,6 +201,10 @@ def test_lock_refuses_a_live_holder_and_clears_a_dead_one(tmp_path):
     # A live process with the holder's pid, started after it: the pid was reused, the lock is stale.
     alive = subprocess.Popen(["sleep", "30"])
     try:
+        # Its start is /proc/<pid>/stat's starttime: ticks since boot, so boot time + it is about now.
+        boot = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime "))
+        ticks = int(process_start(alive.pid).rsplit("/", 1)[1])
+        assert abs(boot + ticks / os.sysconf("SC_CLK_TCK") - time.time()) < 5
         path.write_text(json.dumps({"pid": alive.pid, "process_start": "another boot/1", "host": socket.gethostname(),
                                     "task": "push", "started": "x"}))
         with target_lock("staging", "push", say=said.append, root=tmp_path):
