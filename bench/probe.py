@@ -2,16 +2,16 @@
 every 50 ms; the longest stretch without a successful answer is the downtime the site's
 users would have seen.
 
-The probe keeps its connection and connects again, by the live database's name, only once a
-query has failed. Connecting anew every 50 ms (authentication and a new server process
+The probe keeps its connection, and connects again by the live database's name at once when
+that connection is cut. Connecting anew every 50 ms (authentication and a new server process
 each time) took about 14 ms of CPU a time, with the probe's thread a fifth of this 2-core
 machine, from both pushes it measured: drydock's push took 68.2 s with it against 60.6 s
-without (medians of 3 alternating, 2026-12-04). Keeping the connection sees the same gaps, because both pushes end the live
-database's sessions where their downtime starts: the runbook's `dropdb --force`, and
-drydock's swap, which ends them and renames in one transaction (a database with sessions
-can't be renamed). From there the probe connects by name at once, like any new session.
-What it would not see is a refusal of new sessions alone (ALLOW_CONNECTIONS false, a
-connection limit): neither push does that to the live database."""
+without (medians of 3 alternating, 2026-12-04). Keeping the connection sees the same gaps,
+because both pushes end the live database's sessions where their downtime starts: the
+runbook's `dropdb --force`, and drydock's swap, which ends them and renames in one
+transaction (a database with sessions can't be renamed). From there the probe connects by
+name, like any new session. What it would not see is a refusal of new sessions alone
+(ALLOW_CONNECTIONS false, a connection limit): neither push does that to the live database."""
 from __future__ import annotations
 
 import threading
@@ -20,9 +20,9 @@ import time
 import psycopg
 
 INTERVAL_S = 0.05
+APPLICATION_NAME = "drydock-bench-probe"  # how its session shows in pg_stat_activity
 # An app query that needs the data, not just the database: an empty database freshly
 # created by the runbook's createdb fails it, as does a table not yet loaded.
-APPLICATION_NAME = "drydock-bench-probe"
 QUERY = ("SELECT s.hostname FROM wagtailcore_site s JOIN wagtailcore_page p ON p.id = s.root_page_id"
          " WHERE s.is_default_site")
 

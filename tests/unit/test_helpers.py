@@ -78,6 +78,12 @@ def test_the_unfinished_step_mark_refuses_and_is_kept_while_its_step_runs(tmp_pa
     assert unfinished.read(tmp_path) is None  # its process is gone: a pull or restore clears it
     step = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a running `inv migrate`
     try:
+        import time
+        from pathlib import Path
+        deadline = time.monotonic() + 10  # until exec: a child just forked shows its parent's command line
+        while b"sleep(30)" not in Path(f"/proc/{step.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the stand-in step never started"
+            time.sleep(0.01)
         # The same pid, but given to a later process: the step that wrote the mark is gone.
         mark.write_text(json.dumps({**dead, "pid": step.pid, "process_start": "another boot/1"}))
         assert "did not finish" in str(unfinished.refusal("migrate", unfinished.read(tmp_path)))
