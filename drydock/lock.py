@@ -34,16 +34,24 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the process's name (which may hold spaces), from
+    its state on; None once the process has ended."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_start(pid: int) -> str | None:
     """What tells this process from a later one given the same PID: the boot, and the start
     time in clock ticks since boot (/proc/<pid>/stat's 22nd field). None where it can't be read."""
+    fields = stat_fields(pid)
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
-    return f"{boot}/{fields[19]}"
+    return f"{boot}/{fields[19]}" if fields else None
 
 
 def owner_running(record: dict) -> bool:
@@ -53,10 +61,10 @@ def owner_running(record: dict) -> bool:
     pid = int(record.get("pid") or 0)
     if pid <= 0 or not process_alive(pid):
         return False
-    started, now = record.get("process_start"), process_start(pid)
-    if started is None or now is None:  # an old record, or the process ended just now: its PID decides
-        return now is not None or process_alive(pid)
-    return started == now
+    now = process_start(pid)
+    if now is None:  # it ended just now, or its start can't be read: its PID decides
+        return process_alive(pid)
+    return record.get("process_start") in (None, now)  # None: an old record, judged by its PID
 
 
 @contextmanager

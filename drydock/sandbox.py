@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from drydock.lock import stat_fields
 from drydock.paths import PG_BINDIR, example_site_dir, sandbox_dir
 
 DATABASE = "wagtail_site"
@@ -122,15 +123,6 @@ def _run(cmd: list[str], *, as_db_user: bool = False, input: str | None = None,
         detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
         raise SandboxError(f"{Path(cmd[0]).name} failed: {detail[-1] if detail else proc.returncode}")
     return proc.stdout
-
-
-def stat_fields(pid: int | str) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the process's name (which may hold spaces), from
-    its state on; None once the process has ended."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
 
 
 def processes() -> dict[int, tuple[int, int]]:

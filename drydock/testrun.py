@@ -20,7 +20,8 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from drydock.sandbox import Sandbox, SandboxError, stat_fields
+from drydock.lock import stat_fields
+from drydock.sandbox import Sandbox, SandboxError
 from drydock.validate import InvalidInput
 
 # Seconds per test file in a whole-suite run on this machine (2026-12-03, one pytest; the files
