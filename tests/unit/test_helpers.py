@@ -66,6 +66,8 @@ def test_an_interrupted_step_says_what_it_left_and_a_refused_command_leaves_no_r
 def test_the_unfinished_step_mark_refuses_and_is_kept_while_its_step_runs(tmp_path):
     import subprocess
     import sys
+    import time
+    from pathlib import Path
 
     from drydock import lock, unfinished
 
@@ -78,8 +80,6 @@ def test_the_unfinished_step_mark_refuses_and_is_kept_while_its_step_runs(tmp_pa
     assert unfinished.read(tmp_path) is None  # its process is gone: a pull or restore clears it
     step = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a running `inv migrate`
     try:
-        import time
-        from pathlib import Path
         deadline = time.monotonic() + 10  # until exec: a child just forked shows its parent's command line
         while b"sleep(30)" not in Path(f"/proc/{step.pid}/cmdline").read_bytes():
             assert time.monotonic() < deadline, "the stand-in step never started"
@@ -188,7 +188,6 @@ def test_lock_refuses_a_live_holder_and_clears_a_dead_one(tmp_path):
     import os
     import socket
     import subprocess
-
     import time
 
     from drydock.lock import process_start, target_lock
