@@ -56,7 +56,7 @@ raw_size: {description: "Size of the archive unpacked (zstd), or the size (gzip)
 toc_entries: {description: Entries that pg_restore --list read., type: int, returned: changed}
 row_counts: {description: Rows per table in the dumped snapshot., type: dict, returned: changed}
 migrations: {description: Latest applied Django migration per app., type: dict, returned: changed}
-write_fingerprint: {description: Per-table write counters at dump time., type: dict, returned: changed}
+write_fingerprint: {description: Per-table write counters, read just before the dump's snapshot., type: dict, returned: changed}
 server_version: {description: PostgreSQL server version., type: str, returned: changed}
 database_size: {description: Size of the database in bytes (for the target's disk check)., type: int, returned: changed}
 scrubbed: {description: Scrub rules applied to this copy., type: list, returned: changed}
@@ -179,13 +179,21 @@ def main() -> None:
     os.umask(0o077)  # a dump is production data: 0600 from the first byte
     try:
         with connect(params["socket_dir"], params["port"], params["database"]) as conn:
+            # The write counters are read before the snapshot, in a transaction of their own. A
+            # write committed in between is then in the dump but not counted, and a later
+            # freshness check errs towards refusing. Read after it, a write committed while the
+            # rows are counted would be counted but missing from the dump, and a push of this
+            # dump would lose it without a word.
+            with conn.cursor() as cur:
+                fingerprint = write_fingerprint(cur)
+            conn.commit()
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             with conn.cursor() as cur:
                 cur.execute("SELECT pg_export_snapshot()")
                 snapshot = cur.fetchone()[0]
                 command = dump_command(params, snapshot, partial)
                 # The snapshot lives as long as this transaction: pg_dump runs inside it, while
-                # the manifest's facts are read from the same snapshot.
+                # the manifest's other facts are read from the same snapshot.
                 proc = subprocess.Popen(command, stdout=subprocess.PIPE if zstd else subprocess.DEVNULL,
                                         stderr=subprocess.PIPE)
                 compressor = None
@@ -194,7 +202,7 @@ def main() -> None:
                         compressor = Compressor(proc, params["compress"], partial)
                         compressor.start()
                     facts = dict(row_counts=row_counts(cur), migrations=latest_migrations(cur),
-                                 write_fingerprint=write_fingerprint(cur), server_version=server_version(cur),
+                                 write_fingerprint=fingerprint, server_version=server_version(cur),
                                  database_size=conn.execute("SELECT pg_database_size(current_database())").fetchone()[0],
                                  **recorded(database_comment(conn, params["database"])))
                 except BaseException:

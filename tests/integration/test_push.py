@@ -188,6 +188,35 @@ def test_production_backup_pushed_back_counts_the_writes_since_it(pushed, connec
     assert fingerprint(connect("production")) == before
 
 
+def test_a_write_while_the_backup_counts_rows_is_counted_as_a_write_since_it(pushed, connect):
+    """The backup reads the write counters before its snapshot: a write committed once the
+    snapshot is taken is not in the dump, so a push of that dump must name it, not lose it.
+    Here the backup is held on a locked table while production takes the write."""
+    holder = connect("production", autocommit=False)
+    holder.execute("LOCK TABLE auth_group IN ACCESS EXCLUSIVE MODE")  # the counting waits here
+    backup = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "backup", "production"],
+                              env=ansible_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        watcher = connect("production")
+        deadline = time.monotonic() + 120
+        while not watcher.execute("SELECT count(*) FROM pg_locks WHERE NOT granted"
+                                  " AND relation = 'auth_group'::regclass").fetchone()[0]:
+            assert backup.poll() is None and time.monotonic() < deadline, "the backup never reached its snapshot"
+            time.sleep(0.1)
+        watcher.execute("UPDATE blog_post SET body = body || '<p>written while the backup counted</p>'"
+                        " WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)")
+        time.sleep(1.2)  # statistics reach the shared counters within a second
+    finally:
+        holder.rollback()
+        out, err = backup.communicate(timeout=300)
+    assert backup.returncode == 0, out[-2000:] + err[-2000:]
+    before = fingerprint(connect("production"))
+    proc = inv("push", "production", "--yes", "--dump", str(dumps.latest("production").path.parent))
+    assert proc.returncode == 1
+    assert "blog_post (+1)" in error_lines(proc)[-1]
+    assert fingerprint(connect("production")) == before
+
+
 def test_a_copy_of_staging_is_refused_by_production_even_allowing_lost_writes(pushed, connect):
     """Staging's data is scrubbed: pushed to production, pulled or as a backup of staging's,
     it would replace the real users."""
