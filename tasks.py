@@ -10,6 +10,7 @@ from invoke import Collection, Exit, task
 from drydock import testrun, workflow
 from drydock.errors import DrydockError
 from drydock.paths import project_root
+from drydock.playbook import sandbox_inventory_only
 from drydock.sandbox import Sandbox, SandboxError, bulk_posts_for
 from drydock.validate import InvalidInput, count
 
@@ -78,6 +79,7 @@ def sandbox_down(c):
 @one_line_errors
 def demo(c):
     """The whole workflow on the sandbox: production → local → Blog to Podcast → staging, then show it."""
+    sandbox_inventory_only()
     Sandbox().up()
     workflow.pipeline("production", "staging",
                       notebook=str(project_root() / "examples" / "notebooks" / "blog_to_podcast.ipynb"))
@@ -92,6 +94,7 @@ def bench(c, scale="bench", runs="3", minutes="20"):
     """Time drydock against the hand-written runbook on the sandbox; write bench/results/."""
     from bench.run import main
 
+    sandbox_inventory_only()
     main(scale=scale, runs=count(runs, "--runs"), minutes=count(minutes, "--minutes", minimum=0))
 
 
@@ -100,6 +103,7 @@ def bench(c, scale="bench", runs="3", minutes="20"):
 @one_line_errors
 def test(c, pytest_args="", shards="2"):
     """Run the whole test suite (ansible-lint, unit, integration on the sandbox)."""
+    sandbox_inventory_only()
     code = testrun.run(project_root(), shlex.split(pytest_args), count(shards, "--shards"))
     if code != 0:
         raise Exit(code=code)

@@ -25,6 +25,16 @@ def ansible_env(run: Run | None = None) -> dict[str, str]:
     return env
 
 
+def sandbox_inventory_only(say=print) -> None:
+    """The demo, the tests and the bench run on the sandbox alone. A real inventory named in
+    the environment would aim them at real servers, whose host names (production, staging)
+    are the sandbox's: set it aside for this process and the ones it starts."""
+    for name in ("DRYDOCK_INVENTORY", "ANSIBLE_INVENTORY"):
+        value = os.environ.pop(name, None)
+        if value:
+            say(f"{name}={value} is set aside: this runs on the sandbox only")
+
+
 def run_playbook(name: str, *, limit: str | None = None, extra_vars: dict | None = None,
                  run: Run | None = None, capture: bool = False) -> dict | None:
     """Run a playbook. With `capture`, Ansible's output is its JSON result, returned

@@ -15,10 +15,11 @@ import pytest
 
 import drydock_pg
 from drydock.paths import project_root
-from drydock.playbook import ansible_env
+from drydock.playbook import ansible_env, sandbox_inventory_only
 from drydock.sandbox import Sandbox
 
 ROOT = project_root()
+sandbox_inventory_only(lambda message: print(message, file=sys.stderr))  # pytest run by hand, too
 
 
 def inv(*args: str, check: bool = False) -> subprocess.CompletedProcess:

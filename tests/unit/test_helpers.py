@@ -284,3 +284,17 @@ def test_an_inventory_with_a_server_called_local_is_refused(tmp_path, monkeypatc
             inventory.load()
     finally:
         inventory.load.cache_clear()
+
+
+def test_the_sandbox_commands_set_a_real_inventory_aside(monkeypatch):
+    """demo, test and bench call this first: a real inventory exported in the shell would
+    otherwise aim them at the real production and staging."""
+    from drydock.playbook import ansible_env, sandbox_inventory_only
+
+    monkeypatch.setenv("DRYDOCK_INVENTORY", "inventories/example")
+    monkeypatch.setenv("ANSIBLE_INVENTORY", "/srv/site/hosts.yml")
+    said = []
+    sandbox_inventory_only(said.append)
+    assert said == ["DRYDOCK_INVENTORY=inventories/example is set aside: this runs on the sandbox only",
+                    "ANSIBLE_INVENTORY=/srv/site/hosts.yml is set aside: this runs on the sandbox only"]
+    assert "ANSIBLE_INVENTORY" not in ansible_env() and "DRYDOCK_INVENTORY" not in ansible_env()
