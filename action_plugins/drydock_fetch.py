@@ -29,6 +29,7 @@ options:
   sha256: {description: The checksum the host computed., type: str, required: true}
   private_root: {description: "The controller's backup folder: it and every folder below it down to C(dest)'s are made 0700.", type: path, required: true}
   manifest: {description: The backup's manifest, written as JSON beside C(dest) once the dump is in place., type: dict, required: true}
+  record: {description: "A file on the controller to write C({\"dump\": dest}) to (0600) once the backup is complete: how a caller learns which dump this run made.", type: path}
 """
 
 import hashlib
@@ -43,7 +44,7 @@ from ansible.utils.hashing import secure_hash
 class ActionModule(ActionBase):
     TRANSFERS_FILES = True
     REQUIRED = ("src", "dest", "sha256", "private_root", "manifest")
-    _VALID_ARGS = frozenset(REQUIRED)
+    _VALID_ARGS = frozenset((*REQUIRED, "record"))
 
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
@@ -69,6 +70,8 @@ class ActionModule(ActionBase):
                                    "the transfer corrupted it")
             os.rename(partial, dest)
             write_private(manifest, manifest_text)  # last: a dump without its manifest is an unfinished backup
+            if args.get("record"):
+                write_private(os.path.expanduser(args["record"]), json.dumps({"dump": dest}) + "\n")
         except (AnsibleError, OSError, TypeError, ValueError) as error:
             for leftover in (partial, dest, manifest + ".partial"):
                 if os.path.exists(leftover):

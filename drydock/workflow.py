@@ -3,8 +3,10 @@ the run journal, progress and summaries). Everything a playbook needs to be safe
 in the playbook, so plain `ansible-playbook` runs are just as safe."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
+import tempfile
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +31,20 @@ def _keep_artifact(run: Run, path: Path, name: str | None = None) -> None:
     target.chmod(0o600)
 
 
+def _run_dumping(playbook: str, *, limit: str, run: Run, extra_vars: dict, optional: bool = False) -> Dump | None:
+    """Run a playbook that makes a backup, and load the dump it made (with `optional`, None
+    if it made none): the dump this run wrote, never the newest folder, which may be
+    another run's."""
+    with tempfile.TemporaryDirectory(prefix="drydock-") as scratch:
+        record = Path(scratch) / "dump.json"
+        run_playbook(playbook, limit=limit, run=run, extra_vars={**extra_vars, "pg_backup_record": str(record)})
+        if record.exists():
+            return dumps.load(Path(json.loads(record.read_text())["dump"]))
+    if optional:
+        return None
+    raise DrydockError(f"{playbook} ended without fetching a dump")
+
+
 def backup(env_text: str, keep: int | str | None = None, say: Say = print, run: Run | None = None,
            locked: bool = False) -> Dump:
     env = inventory.load().server(env_text)
@@ -42,8 +58,7 @@ def backup(env_text: str, keep: int | str | None = None, say: Say = print, run: 
     with _locks([] if locked else [env], "backup", say), \
             run.step("backup", env=env, interrupted=f"{env} is unchanged; the next backup deletes the unfinished one") as step:
         say(f"==> backing up {env}")
-        run_playbook("backup_database.yml", limit=env, extra_vars=extra, run=run)
-        dump = dumps.latest(env)
+        dump = _run_dumping("backup_database.yml", limit=env, extra_vars=extra, run=run)
         step.update(dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows)
     _keep_artifact(run, dump.path.parent / "manifest.json", f"manifest-{env}.json")
     say(f"backup of {env}: {dump.path} ({dump.manifest['dump']['size']:,} bytes, "
@@ -267,9 +282,8 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                 with run.step("dump local", scrub=not protected,
                               interrupted="nothing changed; the next push drops the outgoing copy left behind") as step:
                     say(f"==> dumping the local database for {env}" + ("" if protected else " (scrubbed copy)"))
-                    run_playbook("prepare_push.yml", limit=local, run=run, extra_vars={
+                    dump = _run_dumping("prepare_push.yml", limit=local, run=run, extra_vars={
                         "drydock_scrub": not protected, "pg_backup_controller_dir": str(backups_dir())})
-                    dump = dumps.latest(local)
                     step.update(dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
                                 scrubbed=dump.manifest.get("scrubbed", []))
             _keep_artifact(run, dump.path.parent / "manifest.json", f"manifest-{local}.json")
@@ -281,12 +295,11 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                                   f"app or `inv rollback {env}` (a second push would drop the database from before); "
                                   f"otherwise run the push again") as step:
             say(f"==> restoring {dump.path.name} onto {env}")
-            run_playbook("restore_database.yml", limit=env, run=run, extra_vars={
+            safety = _run_dumping("restore_database.yml", limit=env, run=run, extra_vars={
                 "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
                 "drydock_allow_lost_writes": allow_lost_writes, "drydock_allow_unscrubbed": allow_unscrubbed,
                 "drydock_safety_backup": take_safety_backup,
-                "pg_backup_controller_dir": str(backups_dir())})
-            safety = dumps.latest(env, kind="safety") if take_safety_backup else None
+                "pg_backup_controller_dir": str(backups_dir())}, optional=True)
             step.update(safety_backup=str(safety.path) if safety else None)
     say(f"{env} now runs the pushed copy ({dump.manifest['dump']['size']:,} bytes restored, {dump.total_rows:,} rows, "
         f"all counts equal to the manifest; "

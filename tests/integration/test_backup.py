@@ -1,6 +1,7 @@
 """`inv backup`: a verified dump on the host and the controller, with a true manifest."""
 import hashlib
 import re
+import shutil
 import stat
 import subprocess
 
@@ -73,6 +74,31 @@ def test_retention_keeps_the_newest(backup):
     assert len(kept) == 2 and unfinished.name not in kept
     assert all((backups_dir() / "production" / name / "manifest.json").is_file() for name in kept)
     assert dumps.latest("production").path.parent.name == kept[-1]
+
+
+def test_a_pull_restores_the_dump_its_own_backup_made(backup, connect):
+    """A complete backup folder whose name sorts after every other (a clock set back, another
+    run's) is not what `inv pull` restores: the fetch records the dump this run made."""
+    planted = backups_dir() / "production" / "29991231T235959Z"
+    shutil.copytree(backup.path.parent, planted)
+    marked = "UPDATE wagtailcore_page SET title = title || ' (after the planted backup)' WHERE id = 2"
+    try:
+        connect("production").execute(marked)
+        inv("pull", "production", check=True)
+        title = connect("local").execute("SELECT title FROM wagtailcore_page WHERE id = 2").fetchone()[0]
+        assert title.endswith(" (after the planted backup)")
+    finally:
+        shutil.rmtree(planted)
+        connect("production").execute("UPDATE wagtailcore_page SET title = replace(title, ' (after the planted backup)', '')"
+                                       " WHERE id = 2")
+
+
+def test_an_environment_named_apart_from_its_host_is_refused(sandbox_env):
+    """drydock finds a host's dumps under backups/<its inventory name>/."""
+    proc = playbook("backup_database.yml", "--limit", "production", "-e", "drydock_env=prod")
+    assert proc.returncode != 0
+    assert "drydock_env (prod) must be the host's inventory name (production)" in proc.stdout
+    assert not (backups_dir() / "prod").exists()
 
 
 def test_playbook_without_limit_is_refused_before_anything_changes(sandbox_env):

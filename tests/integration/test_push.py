@@ -109,6 +109,30 @@ def test_playbook_without_limit_is_refused(pushed, connect):
     assert {env: fingerprint(connect(env)) for env in ("production", "staging")} == before
 
 
+def test_playbook_refuses_another_name_for_the_replaced_database(pushed, connect):
+    """The swap-back and rollback rename <db>__previous back: kept under another name, a
+    failed health check would have put the database from before the last push live."""
+    before = fingerprint(connect("staging"))
+    proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={pushed[1].path}",
+                    "-e", "pg_restore_previous=wagtail_site_old")
+    assert proc.returncode != 0 and "pg_restore_previous cannot be changed for a server" in proc.stdout
+    assert fingerprint(connect("staging")) == before
+    assert "wagtail_site_old" not in databases(connect("staging", "postgres"))
+
+
+def test_a_failed_health_check_swaps_the_live_database_back(pushed, connect, sandbox_env):
+    before = fingerprint(connect("staging"))
+    oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
+    live = connect("staging", "postgres").execute(oid).fetchone()
+    proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={pushed[1].path}",
+                    "-e", f"drydock_app_health_url=http://{sandbox_env['staging']['host']}:8000/no-such-page",
+                    "-e", "app_service_health_timeout=2")
+    assert proc.returncode != 0 and "(swapped back: staging runs its previous database again)" in proc.stdout
+    assert connect("staging", "postgres").execute(oid).fetchone() == live
+    assert fingerprint(connect("staging")) == before
+    assert "wagtail_site__incoming" not in databases(connect("staging", "postgres"))
+
+
 def newest_local_dump(scrubbed: bool):
     for manifest in sorted((backups_dir() / "local").glob("*/manifest.json"), reverse=True):
         dump = dumps.load(dumps.in_folder(manifest.parent))
