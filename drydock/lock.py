@@ -1,5 +1,5 @@
-"""One run at a time per target: runs/locks/<env>.lock, created exclusively, holding the
-owner's PID and that process's start. A lock whose process is gone (killed, crashed) is
+"""One run at a time per target: runs/locks/<env>.lock, holding the owner's PID and that
+process's start, checked, written and removed under one guard (runs/locks/.guard). A lock whose process is gone (killed, crashed) is
 recognised and cleared, also when the system has since given its PID to another process; the
 playbooks a run starts stop with it (drydock.playbook). A step already running on a remote
 host when the controller died can still finish there (the next run's restore drops a side
@@ -9,6 +9,7 @@ migrate, a push's dump, a pipeline, `site` on the local host, and snapshot save,
 delete, which read no inventory, all take it (so no server may be called "local")."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -68,33 +69,48 @@ def owner_running(record: dict) -> bool:
 
 
 @contextmanager
+def _guarded(folder: Path) -> Iterator[None]:
+    """Only one run at a time reads, clears, writes or removes a lock in `folder`. Without it,
+    two runs finding the same stale lock could each clear it, and the second clear the lock
+    the first had just taken. The guard file is never removed, so all take the same lock; the
+    system releases it when its holder ends, however it ends."""
+    fd = os.open(folder / ".guard", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@contextmanager
 def target_lock(env: str, task: str, say: Callable[[str], None] = print, root: Path | None = None) -> Iterator[Path]:
     folder = (root or runs_dir()) / "locks"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = folder / f"{env}.lock"
     record = {"pid": os.getpid(), "process_start": process_start(os.getpid()), "host": socket.gethostname(), "task": task,
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            if holder.get("host") == record["host"] and not owner_running(holder):
-                say(f"clearing a stale lock on {env} left by {holder.get('task')} (pid {holder.get('pid')}, no longer running)")
-                path.unlink(missing_ok=True)
-                continue
-            raise DrydockError(
-                f"{env} is locked by {holder.get('task', 'another run')} (pid {holder.get('pid', '?')} on "
-                f"{holder.get('host', '?')}, since {holder.get('started', '?')}): wait for it to finish") from None
+    with _guarded(folder):
+        holder = _read(path) if path.exists() else None
+        if holder is not None:
+            if holder.get("host") != record["host"] or owner_running(holder):
+                raise DrydockError(
+                    f"{env} is locked by {holder.get('task', 'another run')} (pid {holder.get('pid', '?')} on "
+                    f"{holder.get('host', '?')}, since {holder.get('started', '?')}): wait for it to finish")
+            say(f"clearing a stale lock on {env} left by {holder.get('task')} (pid {holder.get('pid')}, no longer running)")
+            path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(record, handle)
-        break
-    else:  # another run took the lock in the moment after the stale one was cleared
-        raise DrydockError(f"{env} was locked by another run just now: try again")
     try:
         yield path
     finally:
-        path.unlink(missing_ok=True)
+        with _guarded(folder):
+            if _read(path) == record:  # only our own: never a lock another run holds now
+                path.unlink()

@@ -225,6 +225,62 @@ def test_lock_refuses_a_live_holder_and_clears_a_dead_one(tmp_path):
         alive.wait()
 
 
+def test_two_runs_finding_the_same_stale_lock_do_not_both_take_it(tmp_path, monkeypatch):
+    """The order that lost a lock before the guard: both runs read the stale lock, the first
+    clears it and takes the lock, then the second, still judging what it read, clears the
+    first's lock and takes one too. Here the first judges only once the second is judging (or
+    after 2 s, when the guard keeps the second waiting), and the second judges slowly."""
+    import socket
+    import subprocess
+    import threading
+    import time
+
+    from drydock import lock
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path = tmp_path / "locks" / "staging.lock"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "task": "push", "started": "x"}))
+    judged, calls, second_judging = lock.owner_running, [], threading.Event()
+
+    def owner_running(record):
+        calls.append(record)
+        if len(calls) == 1:
+            second_judging.wait(2)
+        else:
+            second_judging.set()
+            time.sleep(0.5)
+        return judged(record)
+
+    monkeypatch.setattr(lock, "owner_running", owner_running)
+    held, refused = [], []
+
+    def push():
+        try:
+            with lock.target_lock("staging", "push", say=lambda m: None, root=tmp_path):
+                held.append(json.loads(path.read_text()))
+                time.sleep(1)
+        except DrydockError as error:
+            refused.append(str(error))
+
+    runs = [threading.Thread(target=push) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert len(held) == 1 and len(refused) == 1 and "staging is locked by push" in refused[0]
+    assert not path.exists()  # the holder removed its own lock, and only that
+
+
+def test_a_run_removes_only_its_own_lock(tmp_path):
+    from drydock.lock import target_lock
+
+    with target_lock("staging", "push", say=lambda m: None, root=tmp_path) as path:
+        path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "task": "pipeline", "started": "x"}))
+    assert json.loads(path.read_text())["task"] == "pipeline"
+
+
 @pytest.mark.parametrize("a, b, same", [
     ("CHECK (((a OR b) AND c))", "CHECK ((a OR (b AND c)))", False),
     ("CHECK ((((x)::integer > 0)))", "CHECK ((x > 0))", True),
