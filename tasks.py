@@ -130,11 +130,13 @@ def push(c, env, dump=None, yes=False, allow_lost_writes=False, allow_unscrubbed
 
 
 @task(help={"env": "the environment to roll back (e.g. staging)",
-            "yes": "confirm for a protected environment without a prompt"})
+            "yes": "confirm for a protected environment without a prompt",
+            "allow_lost_writes": "roll a protected environment back although it took writes since the push "
+                                 "(they are set aside in DB__previous, which the next push drops)"})
 @one_line_errors
-def rollback(c, env, yes=False):
+def rollback(c, env, yes=False, allow_lost_writes=False):
     """Swap ENV's previous database back in (seconds, whatever the size); run again to undo."""
-    workflow.rollback(env, yes=yes)
+    workflow.rollback(env, yes=yes, allow_lost_writes=allow_lost_writes)
 
 
 @task(help={"source": "where the data comes from (e.g. production)",

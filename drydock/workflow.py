@@ -316,13 +316,13 @@ def _takes_safety_backup(hostvars: dict) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "yes", "on", "1", "y", "t")
 
 
-def rollback(env_text: str, yes: bool = False, say: Say = print) -> None:
+def rollback(env_text: str, yes: bool = False, allow_lost_writes: bool = False, say: Say = print) -> None:
     inv, env, target = _server(env_text)
     confirm(env, inv.protected(env), yes, "roll back")
     run = Run("rollback")
     with target_lock(env, "rollback", say), run.step("rollback", env=env):
         run_playbook("rollback_database.yml", limit=env, run=run,
-                     extra_vars={"drydock_confirm": env})
+                     extra_vars={"drydock_confirm": env, "drydock_allow_lost_writes": allow_lost_writes})
     say(f"{env} runs its previous database again; the one it replaced is now {target['drydock_db_name']}__previous")
 
 
@@ -346,8 +346,13 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
             raise  # stopped by hand, not a failed check: nothing is rolled back
         except DrydockError as error:
             say(f"==> {target} failed verification: rolling the push back")
-            with run.step(f"rollback {target}", env=target, state=f"{target} back on its previous database"):
-                run_playbook("rollback_database.yml", limit=target, run=run, extra_vars={"drydock_confirm": target})
+            try:
+                with run.step(f"rollback {target}", env=target, state=f"{target} back on its previous database"):
+                    run_playbook("rollback_database.yml", limit=target, run=run, extra_vars={"drydock_confirm": target})
+            except Interrupted:
+                raise
+            except DrydockError as refused:  # e.g. the target took writes since the push: they stay live
+                raise DrydockError(f"{error} (not rolled back: {refused})") from None
             raise DrydockError(f"{error} (the push was rolled back: {target} runs its previous database)") from None
     say(f"\npipeline {source} → {target} done ({pulled.total_rows:,} rows pulled)\n{run.summary()}")
     return run

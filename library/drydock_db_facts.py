@@ -34,6 +34,12 @@ options:
   lineage_sha256:
     description: The sha256 of the backup C(compare_writes_with) was taken with.
     type: str
+  writes_since_push:
+    description:
+      - Compare the write counters with the baseline the push that swapped this database in
+        recorded on it; C(writes_unknown) says why when there is none.
+    type: bool
+    default: false
 """
 
 EXAMPLES = r"""
@@ -49,8 +55,8 @@ row_counts: {description: Rows per table., type: dict, returned: when row_counts
 migrations: {description: Latest applied Django migration per app., type: dict, returned: success}
 write_fingerprint: {description: Per-table write counters., type: dict, returned: success}
 content_fingerprint: {description: md5 per table of its content., type: dict, returned: when content}
-writes_since: {description: "Tables written since C(compare_writes_with), e.g. 'blog_post (+3)'.", type: list, returned: when compare_writes_with}
-writes_unknown: {description: "Why the writes since C(compare_writes_with) cannot be counted, e.g. 'its database was replaced' (null when they can).", type: str, returned: when compare_writes_with}
+writes_since: {description: "Tables written since C(compare_writes_with), e.g. 'blog_post (+3)'.", type: list, returned: when compare_writes_with or writes_since_push}
+writes_unknown: {description: "Why the writes since C(compare_writes_with) cannot be counted, e.g. 'its database was replaced' (null when they can).", type: str, returned: when compare_writes_with or writes_since_push}
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -64,7 +70,7 @@ def main() -> None:
         argument_spec=dict(PG_CONNECTION_ARGS, content=dict(type="bool", default=False),
                            row_counts=dict(type="bool", default=True), end_other_sessions=dict(type="bool", default=False),
                            expect_row_counts=dict(type="dict"), compare_writes_with=dict(type="dict"),
-                           lineage_sha256=dict(type="str")),
+                           lineage_sha256=dict(type="str"), writes_since_push=dict(type="bool", default=False)),
         supports_check_mode=True,
     )
     params = module.params
@@ -89,6 +95,10 @@ def main() -> None:
     if params["compare_writes_with"] is not None:
         facts["writes_since"], facts["writes_unknown"] = count_writes(
             params["compare_writes_with"], facts["write_fingerprint"], pushed, params["lineage_sha256"])
+    if params["writes_since_push"]:
+        facts["writes_since"], facts["writes_unknown"] = (
+            count_writes(pushed["write_fingerprint"], facts["write_fingerprint"], None, None) if pushed
+            else ([], "no push by drydock recorded its write counters on it"))
     expected = params["expect_row_counts"]
     if expected is not None:
         problem = row_count_problem(params["database"], expected, facts["row_counts"])

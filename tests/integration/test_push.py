@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 
 import psycopg
 import pytest
@@ -70,7 +71,6 @@ def test_staging_copy_is_scrubbed(pushed, connect):
 
 
 def test_the_app_serves_the_pushed_database(pushed, sandbox_env):
-    import urllib.request
 
     with urllib.request.urlopen(f"http://{sandbox_env['staging']['host']}:8000/healthz", timeout=10) as response:
         assert response.status == 200
@@ -299,3 +299,28 @@ def test_the_check_made_with_the_app_stopped_counts_writes_a_session_still_holds
     assert facts["write_fingerprint"]["tables"]["blog_post"] == before + 1
     with pytest.raises(psycopg.OperationalError):  # the worker's session was ended
         worker.execute("SELECT 1")
+
+
+def test_rolling_production_back_after_it_took_writes_is_refused_unless_allowed(pushed, connect, sandbox_env):
+    """The rollback puts the live database aside as __previous, which the next push drops: a
+    write production took since the push would be lost without a word."""
+    inv("pull", "production", check=True)
+    inv("push", "production", "--yes", check=True)
+    oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
+    pushed_oid = connect("production", "postgres").execute(oid).fetchone()
+    connect("production").execute("UPDATE blog_post SET body = body || '<p>written after the push</p>'"
+                                  " WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)")
+    time.sleep(1.2)  # statistics reach the shared counters within a second
+    before = fingerprint(connect("production"))
+    refused = inv("rollback", "production", "--yes")
+    assert refused.returncode == 1
+    assert ("refusing to roll back production: it has taken writes since the push (blog_post (+1))"
+            in error_lines(refused)[-1])
+    assert connect("production", "postgres").execute(oid).fetchone() == pushed_oid
+    assert fingerprint(connect("production")) == before
+    with urllib.request.urlopen(f"http://{sandbox_env['production']['host']}:8000/healthz", timeout=10) as response:
+        assert response.status == 200  # the app was started again
+    inv("rollback", "production", "--yes", "--allow-lost-writes", check=True)
+    assert connect("production", "postgres").execute(oid).fetchone() != pushed_oid
+    inv("rollback", "production", "--yes", "--allow-lost-writes", check=True)  # forward again, writes and all
+    assert fingerprint(connect("production")) == before
