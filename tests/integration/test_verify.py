@@ -1,9 +1,11 @@
 """`inv verify`: a database is checked against its code; every kind of drift is found and named."""
 import json
+import subprocess
 
 import pytest
 
 from drydock.paths import runs_dir
+from drydock.playbook import ansible_env
 from tests.conftest import ROOT, databases, error_lines, inv, row_counts
 
 
@@ -102,3 +104,19 @@ def test_verify_writes_nothing(sandbox_env, connect):
     inv("verify", "staging")  # whatever it finds
     time.sleep(1.2)  # statistics reach the shared counters within a second
     assert connect("staging").execute(counters).fetchone()[0] == before
+
+
+def test_verify_never_migrates_the_database_the_app_names_itself(fresh, sandbox_env, tmp_path):
+    """The app's settings read DATABASE_URL, and the inventory says they read another
+    variable: the scratch URL would go unread, and `migrate` would run on the local database."""
+    from tests.conftest import fingerprint
+
+    before = fingerprint(fresh)
+    proc = subprocess.run(
+        ["ansible-playbook", "playbooks/verify_database.yml", "--limit", "local",
+         "-e", "drydock_app_database_url_env=OTHER_DATABASE_URL", "-e", f"db_verify_cache_dir={tmp_path}"],
+        env=dict(ansible_env(), DATABASE_URL=sandbox_env["local"]["url"]), cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "the app's settings name the database wagtail_site, not the scratch database" in proc.stdout
+    assert fingerprint(fresh) == before
+    assert not [name for name in databases(fresh) if "__verify_" in name]
