@@ -127,10 +127,13 @@ def test_broken_page_tree_fails_the_step_unless_fixtree(fresh_local, connect):
     assert tree_problems(connect("local")) == 0
 
 
-def test_no_secret_in_the_executed_notebook_or_the_log(fresh_local, sandbox_env, tmp_path):
+@pytest.mark.parametrize("form", ["user:password@", "?password="])
+def test_no_secret_in_the_executed_notebook_or_the_log(fresh_local, sandbox_env, tmp_path, form):
     """A URL with a password: the password reaches Django through the environment only."""
     password = (ROOT / ".sandbox" / "pgpass").read_text().splitlines()[0].rsplit(":", 1)[1]
-    url = f"postgresql://wagtail_site:{password}@{sandbox_env['local']['host']}:55432/wagtail_site"
+    host = sandbox_env["local"]["host"]
+    url = (f"postgresql://wagtail_site:{password}@{host}:55432/wagtail_site" if form == "user:password@"
+           else f"postgresql://wagtail_site@{host}:55432/wagtail_site?sslmode=disable&password={password}")
     out = tmp_path / "run"
     proc = subprocess.run(
         ["ansible-playbook", "playbooks/migrate.yml", "-e", f"django_migrate_notebook={NOTEBOOK}",
@@ -143,6 +146,16 @@ def test_no_secret_in_the_executed_notebook_or_the_log(fresh_local, sandbox_env,
         if path.is_file():
             assert password not in path.read_text(errors="replace"), path
     assert password not in proc.stdout + proc.stderr
+
+
+def test_a_database_url_naming_another_database_is_refused(fresh_local, connect, tmp_path):
+    """The step's safety snapshot is of the local database: a URL naming another one would be
+    migrated with nothing to put it back from."""
+    before = fingerprint(connect("local"))
+    proc = playbook("migrate.yml", "-e", f"@{_vars_file(tmp_path, 'postgresql://wagtail_site@127.0.0.1/another')}")
+    assert proc.returncode != 0
+    assert "drydock_app_database_url must name the database wagtail_site" in proc.stdout
+    assert fingerprint(connect("local")) == before
 
 
 def _vars_file(tmp_path, url) -> Path:
