@@ -81,6 +81,7 @@ ready_copy: {description: The ready copy prepare made (null if none was needed).
 
 import os
 import re
+import signal
 import time
 from datetime import datetime, timezone
 from typing import Callable
@@ -332,7 +333,19 @@ def prepare_later(socket_dir: str, port: int, database: str, name: str) -> None:
     detach(work)
 
 
+def _interrupt(signum, frame) -> None:
+    for stop in (signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the clean-up short
+        signal.signal(stop, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
 def main() -> None:
+    # Ansible stops a module it abandons (drydock interrupted) with SIGTERM, which would end
+    # Python at once. As an interrupt instead, psycopg cancels the running statement and the
+    # `finally` blocks run: a copy interrupted mid-way lets connections into the live local
+    # database again (template_copy), rather than leaving it refusing every one.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     module = AnsibleModule(
         argument_spec=dict(action=dict(type="str", required=True,
                                        choices=["save", "restore", "delete", "list", "copy", "prepare"]),

@@ -3,13 +3,17 @@ and ready copies that make a restore a rename without ever restoring anything bu
 import json
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 
 from drydock.paths import runs_dir
-from tests.conftest import databases, error_lines, fingerprint, inv, playbook
+from drydock.playbook import ansible_env
+from tests.conftest import ROOT, databases, error_lines, fingerprint, inv, playbook
 
 READY = "wagtail_site__ready_saved"
 ASIDE = "wagtail_site__previous__old"
@@ -259,3 +263,56 @@ def test_snapshot_actions_refuse_while_a_migration_step_holds_the_local_database
         lock.unlink()
     inv("snapshot.restore", "saved", check=True)  # once the step has ended
     assert fingerprint(connect("local")) != changed
+
+
+def _module_pids(name: str) -> list[int]:
+    """The Python processes running the Ansible module `name` (its AnsiballZ wrapper), not
+    the shells and sudo that started them."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            argv = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0") if entry.isdigit() else []
+        except OSError:
+            continue
+        if len(argv) > 1 and b"python" in argv[0] and argv[1].endswith(f"AnsiballZ_{name}.py".encode()):
+            pids.append(int(entry))
+    return pids
+
+
+def test_a_save_interrupted_while_copying_lets_connections_in_again(clean_snapshots, connect):
+    """The copy bars connections to the live local database while it runs. Ctrl-C then (the
+    module gets SIGTERM from Ansible) must not leave it barred: the app could not connect.
+    The module is held (SIGSTOP) at the moment connections are barred, to interrupt it there."""
+    watcher = connect("local", "postgres")
+    barred = "SELECT NOT datallowconn FROM pg_database WHERE datname = 'wagtail_site'"
+    for _ in range(30):
+        save = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "snapshot.save", "saved",
+                                 "--force"], env=ansible_env(), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        held = []
+        while save.poll() is None and not held:
+            if watcher.execute(barred).fetchone()[0]:
+                held = _module_pids("drydock_snapshot")
+                for pid in held:
+                    os.kill(pid, signal.SIGSTOP)
+                if held and not watcher.execute(barred).fetchone()[0]:  # the copy ended first
+                    for pid in held:
+                        os.kill(pid, signal.SIGCONT)
+                    held = []
+                    break
+        if held:
+            break
+        save.communicate(timeout=120)
+    else:
+        pytest.fail("never caught the copy with connections barred")
+    save.send_signal(signal.SIGINT)  # Ctrl-C: drydock stops Ansible, Ansible its module
+    time.sleep(1)
+    for pid in held:
+        os.kill(pid, signal.SIGCONT)
+    save.communicate(timeout=120)
+    assert save.returncode != 0
+    deadline = time.monotonic() + 30  # the module cleans up on its own, after drydock has returned
+    while any(os.path.exists(f"/proc/{pid}") for pid in held) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not watcher.execute(barred).fetchone()[0], "the local database still refuses connections"
+    assert fingerprint(connect("local")) is not None
