@@ -41,9 +41,15 @@ def load(path: Path) -> Dump:
         raise DrydockError(f"no manifest.json beside {path}: drydock restores only dumps it can check")
     try:
         manifest = json.loads(manifest_path.read_text())
-        manifest["source"]["env"], manifest["dump"]["sha256"], manifest["row_counts"]
-    except (ValueError, KeyError, TypeError):
-        raise DrydockError(f"{manifest_path} is not a drydock manifest") from None
+        # Everything drydock's commands read from it, so that a manifest missing a part is
+        # refused here in one line, not halfway through a command.
+        complete = (isinstance(manifest["source"]["env"], str) and isinstance(manifest["created"], str)
+                    and isinstance(manifest["dump"]["sha256"], str) and isinstance(manifest["dump"]["size"], int)
+                    and all(isinstance(rows, int) for rows in manifest["row_counts"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        complete = False
+    if not complete:
+        raise DrydockError(f"{manifest_path} is not a drydock manifest (or an incomplete one)")
     return Dump(path, manifest)
 
 

@@ -131,6 +131,19 @@ def test_load_requires_a_manifest(tmp_path):
         dumps.load(dump)
 
 
+@pytest.mark.parametrize("damage", [
+    lambda m: m["dump"].pop("size"), lambda m: m.pop("created"), lambda m: m["row_counts"].update(t="many"),
+    lambda m: m.update(source="production"), lambda m: m.update(row_counts=[1]),
+])
+def test_load_refuses_an_incomplete_manifest_in_one_line(tmp_path, damage):
+    folder = make_backup(tmp_path, "production", "20260101T000000Z")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    damage(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DrydockError, match=r"manifest.json is not a drydock manifest \(or an incomplete one\)$"):
+        dumps.load(folder)
+
+
 def test_schema_diff_names_each_object_and_ignores_deparse_noise():
     from drydock_pg import schema_diff
 
