@@ -119,6 +119,15 @@ def test_bad_names_get_one_line(sandbox_env, name):
     assert proc.returncode == 1 and len(error_lines(proc)) == 1 and "invalid snapshot name" in proc.stderr
 
 
+@pytest.mark.parametrize("name, why", [("pre_pull", "a pull keeps the database it replaces under it"),
+                                       ("before_step", "the migration step saves the local database under it")])
+def test_drydocks_own_snapshot_names_are_refused_for_a_save(pulled, connect, name, why):
+    before = databases(connect("local", "postgres"))
+    proc = inv("snapshot.save", name)
+    assert proc.returncode == 1 and f"snapshot name {name} is drydock's own: {why}" in error_lines(proc)[-1]
+    assert databases(connect("local", "postgres")) == before
+
+
 def test_missing_snapshot(pulled):
     proc = inv("snapshot.restore", "nosuch")
     assert proc.returncode == 1 and "no snapshot nosuch of wagtail_site" in error_lines(proc)[-1]
