@@ -217,7 +217,7 @@ class Sandbox:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             return False
-        return bool(cmdline) and marker in cmdline
+        return bool(cmdline) and bool(marker) and marker in cmdline  # an empty marker names no process
 
     # -- up -----------------------------------------------------------------------------
     def up(self, posts: int = 220, paragraphs: int = 4, bulk_posts: int = 0) -> None:

@@ -142,6 +142,9 @@ def stop_leftover_sandboxes(say: Callable[[str], None]) -> None:
     runs belongs to another `inv test`: refuse rather than pull its sandbox away."""
     for pids in sorted(COPIES.glob(f"{COPY_PREFIX}*/.sandbox/pids.json")):  # written from its first start on
         copy = pids.parent.parent
+        # Only a copy this user made: another user's files under /tmp could name any process.
+        if any(path.stat().st_uid != os.getuid() for path in (copy, pids.parent, pids)):
+            continue
         try:
             runner = json.loads((copy / RUNNER_FILE).read_text())
         except (OSError, ValueError):

@@ -77,3 +77,25 @@ def test_a_shard_sandbox_whose_runner_still_runs_is_left_alone(tmp_path, monkeyp
     with pytest.raises(SandboxError, match=f"another `inv test` \\(pid {os.getpid()}\\)"):
         testrun.stop_leftover_sandboxes(say=print)
     assert (copy / ".sandbox" / "pids.json").exists()
+
+
+def test_a_shard_copy_of_another_user_is_never_acted_on(tmp_path, monkeypatch):
+    """/tmp is shared: a planted pids.json must not make `inv test` signal whatever it names."""
+    import subprocess
+
+    from drydock.sandbox import Sandbox
+
+    monkeypatch.setattr(testrun, "COPIES", tmp_path)
+    victim = subprocess.Popen(["sleep", "30"])
+    try:
+        copy = tmp_path / f"{testrun.COPY_PREFIX}planted"
+        (copy / ".sandbox").mkdir(parents=True)
+        (copy / ".sandbox" / "pids.json").write_text(json.dumps({"postgres": {"pid": victim.pid, "marker": "sleep"}}))
+        real_uid = os.getuid()
+        monkeypatch.setattr(os, "getuid", lambda: real_uid + 1)  # as if another user had made the copy
+        testrun.stop_leftover_sandboxes(say=print)
+        assert victim.poll() is None and (copy / ".sandbox" / "pids.json").exists()
+        assert not Sandbox._alive(victim.pid, "")  # an empty marker names no process
+    finally:
+        victim.kill()
+        victim.wait()
