@@ -133,6 +133,28 @@ def test_a_failed_health_check_swaps_the_live_database_back(pushed, connect, san
     assert "wagtail_site__incoming" not in databases(connect("staging", "postgres"))
 
 
+def test_a_failed_health_check_swaps_back_even_when_the_app_then_will_not_stop(pushed, connect, sandbox_env,
+                                                                              tmp_path):
+    """The stop before the swap-back fails (the first stop, before the swap, works): the
+    database goes back all the same, and the message says what is wrong with the app."""
+    service = ROOT / ".sandbox" / "staging" / "app-service"
+    stopped_once = tmp_path / "stopped-once"
+    stop = ["/bin/sh", "-c", f"[ ! -e {stopped_once} ] && touch {stopped_once} && exec {service} stop"
+                             f" || {{ echo 'the app did not stop' >&2; exit 1; }}"]
+    live = connect("staging", "postgres").execute("SELECT oid FROM pg_database WHERE datname = 'wagtail_site'").fetchone()
+    before = fingerprint(connect("staging"))
+    proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={pushed[1].path}",
+                    "-e", f"drydock_app_health_url=http://{sandbox_env['staging']['host']}:8000/no-such-page",
+                    "-e", "app_service_health_timeout=2", "-e", json.dumps({"drydock_app_stop_command": stop}))
+    assert proc.returncode != 0
+    assert "(swapped back: staging runs its previous database again; the app did not stop)" in proc.stdout
+    assert connect("staging", "postgres").execute(
+        "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'").fetchone() == live
+    assert fingerprint(connect("staging")) == before
+    with urllib.request.urlopen(f"http://{sandbox_env['staging']['host']}:8000/healthz", timeout=10) as response:
+        assert response.status == 200
+
+
 def newest_local_dump(scrubbed: bool):
     for manifest in sorted((backups_dir() / "local").glob("*/manifest.json"), reverse=True):
         dump = dumps.load(dumps.in_folder(manifest.parent))
