@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from drydock.errors import Interrupted
+from drydock.lock import owner_running, process_start
 from drydock.paths import runs_dir
 
 
@@ -55,6 +56,10 @@ class Run:
         left (`interrupted`) and how to go on."""
         self._folder()
         entry = {"step": name, "start": datetime.now(timezone.utc).isoformat(), **details}
+        # A line at the start too: a run killed (SIGKILL, a crash) never writes its end, and
+        # its journal must not read as if the step had not begun.
+        self.write({"step": name, "start": entry["start"], "outcome": "running", "pid": os.getpid(),
+                    "process_start": process_start(os.getpid())})
         started = time.monotonic()
         if self.total and self.say:
             self.say(f"[{len(self.steps) + 1}/{self.total}] {name} (elapsed {started - self.started:.0f} s)")
@@ -83,10 +88,27 @@ class Run:
 
 
 def read(run_dir: Path) -> list[dict]:
+    """The run's steps, each as its last line says: a step that started and never ended is
+    "running" while its process runs, else "killed"."""
     path = run_dir / "journal.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps: list[dict] = []
+    unended: dict[tuple, int] = {}
+    for entry in (json.loads(line) for line in path.read_text().splitlines() if line.strip()):
+        key = (entry["step"], entry["start"])
+        if entry.get("outcome") == "running":
+            unended[key] = len(steps)
+            steps.append(entry)
+        elif key in unended:
+            steps[unended.pop(key)] = entry
+        else:
+            steps.append(entry)
+    for index in unended.values():
+        if not owner_running(steps[index]):
+            steps[index] = {**steps[index], "outcome": "killed",
+                            "error": f"the run ended during {steps[index]['step']} without finishing it (killed?)"}
+    return steps
 
 
 def run_folders(root: Path | None = None) -> list[Path]:
@@ -99,10 +121,11 @@ def list_runs(root: Path | None = None) -> list[dict]:
     runs = []
     for folder in run_folders(root):
         steps = read(folder)
-        failed = next((s for s in steps if s.get("outcome") == "failed"), None)
+        failed = next((s for s in steps if s.get("outcome") in ("failed", "killed")), None)
+        running = any(s.get("outcome") == "running" for s in steps)
         runs.append({"id": folder.name, "task": folder.name.split("-", 1)[1],
                      "start": steps[0]["start"][:19] if steps else "-",
-                     "outcome": "failed" if failed else ("ok" if steps else "-"),
+                     "outcome": failed["outcome"] if failed else ("running" if running else ("ok" if steps else "-")),
                      "seconds": round(sum(s.get("seconds", 0) for s in steps), 1),
                      "failed_step": failed["step"] if failed else "", "error": failed.get("error", "") if failed else ""})
     return runs

@@ -74,23 +74,24 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
     env = inv.server(env_text)
     shared = run is not None
     run = run or Run("pull")
-    if dump_path:
-        dump = dumps.load(Path(dump_path))
-    elif latest:
-        dump = dumps.latest(env)
-    else:
-        dump = backup(env, say=say, run=run)
-    if dump.source_env != env:
-        raise DrydockError(f"{dump.path} is a dump of {dump.source_env}, not of {env}")
     local = inv.local[0]
     target = inv.hostvars[local]
-    with _locks([] if locked else [LOCAL_LOCK], "pull", say), \
-            run.step("pull", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
-                     interrupted="the local database is the old one or the pulled one, never half of each (the swap is "
-                                 "one transaction); the next pull drops a side database left behind"):
-        say(f"==> restoring {dump.path.name} into the local database")
-        run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
-        unfinished.clear_unless_running()  # the local database was replaced: an interrupted step's state is gone
+    # The local database's lock first: a pull refused by it must not have taken a backup.
+    with _locks([] if locked else [LOCAL_LOCK], "pull", say):
+        if dump_path:
+            dump = dumps.load(Path(dump_path))
+        elif latest:
+            dump = dumps.latest(env)
+        else:
+            dump = backup(env, say=say, run=run)
+        if dump.source_env != env:
+            raise DrydockError(f"{dump.path} is a dump of {dump.source_env}, not of {env}")
+        with run.step("pull", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
+                      interrupted="the local database is the old one or the pulled one, never half of each (the swap "
+                                  "is one transaction); the next pull drops a side database left behind"):
+            say(f"==> restoring {dump.path.name} into the local database")
+            run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
+            unfinished.clear_unless_running()  # the local database was replaced: an interrupted step's state is gone
     say(f"local database {target['drydock_db_name']} now holds {env}'s dump of {dump.manifest['created']} "
         f"({dump.manifest['dump']['size']:,} bytes restored): "
         f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, all counts equal to the manifest; "
@@ -429,7 +430,7 @@ def runs_show(run_id: str, say: Say = print) -> list[dict]:
              "rows": f"{s['rows']:,}" if "rows" in s else ""} for s in steps]
     say(journal.table(rows, ["step", "start", "outcome", "seconds", "bytes", "rows"]))
     for s in steps:
-        if s.get("outcome") == "failed":
-            say(f"failed at {s['step']}: {s.get('error', '')}")
+        if s.get("outcome") in ("failed", "killed"):
+            say(f"{s['outcome']} at {s['step']}: {s.get('error', '')}")
     say("files: " + ", ".join(sorted(p.name for p in folder.iterdir())))
     return steps

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from drydock.paths import runs_dir
+from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
 from tests.conftest import ROOT, databases, error_lines, fingerprint, inv, playbook
 
@@ -263,9 +263,12 @@ def test_snapshot_actions_refuse_while_a_migration_step_holds_the_local_database
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "task": "migrate", "started": "now"}))
     try:
-        for args in (("snapshot.restore", "saved"), ("snapshot.save", "saved", "--force"), ("snapshot.delete", "saved")):
+        backups = sorted((backups_dir() / "production").iterdir())
+        for args in (("snapshot.restore", "saved"), ("snapshot.save", "saved", "--force"), ("snapshot.delete", "saved"),
+                     ("pull", "production")):
             refused = inv(*args)
             assert refused.returncode == 1 and "local is locked by migrate" in error_lines(refused)[-1], args
+        assert sorted((backups_dir() / "production").iterdir()) == backups  # the pull refused before its backup
         assert "saved" in inv("snapshot.list", check=True).stdout  # reading takes no lock
         assert fingerprint(connect("local")) == changed
     finally:

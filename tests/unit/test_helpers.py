@@ -6,7 +6,7 @@ import pytest
 
 from drydock import dumps
 from drydock.errors import DrydockError
-from drydock.journal import Run
+from drydock.journal import Run, read as read_journal
 from drydock_pg import count_differences, pg_restore_error, row_count_problem
 
 
@@ -49,8 +49,32 @@ def test_journal_is_private_and_records_failures(tmp_path):
     journal = run.dir / "journal.jsonl"
     assert stat.S_IMODE(journal.stat().st_mode) == 0o600
     entries = [json.loads(line) for line in journal.read_text().splitlines()]
-    assert [(e["step"], e["outcome"]) for e in entries] == [("fine", "ok"), ("broken", "failed")]
-    assert entries[1]["error"] == "it broke"
+    assert [(e["step"], e["outcome"]) for e in entries] == [
+        ("fine", "running"), ("fine", "ok"), ("broken", "running"), ("broken", "failed")]
+    assert [(s["step"], s["outcome"]) for s in read_journal(run.dir)] == [("fine", "ok"), ("broken", "failed")]
+    assert entries[3]["error"] == "it broke"
+
+
+def test_a_run_killed_in_a_step_reads_as_killed_there(tmp_path):
+    """SIGKILL leaves no end line: the journal must not call the run ok."""
+    import subprocess
+    import sys
+    import time
+
+    from drydock.journal import list_runs
+
+    script = ("import sys, time; from pathlib import Path; from drydock.journal import Run\n"
+              "run = Run('push', root=Path(sys.argv[1]))\n"
+              "with run.step('dump local'):\n    pass\n"
+              "with run.step('restore'):\n    print('in', flush=True); time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "in\n"
+    assert list_runs(tmp_path)[0]["outcome"] == "running"
+    child.kill()
+    child.wait()
+    (run,) = list_runs(tmp_path)
+    assert run["outcome"] == "killed" and run["failed_step"] == "restore"
+    assert "the run ended during restore without finishing it" in run["error"]
 
 
 def test_an_interrupted_step_says_what_it_left_and_a_refused_command_leaves_no_run(tmp_path):
@@ -59,7 +83,7 @@ def test_an_interrupted_step_says_what_it_left_and_a_refused_command_leaves_no_r
     with pytest.raises(DrydockError, match=r"\Ainterrupted during pull: the local database is whole\Z"):
         with run.step("pull", interrupted="the local database is whole"):
             raise KeyboardInterrupt
-    (entry,) = [json.loads(line) for line in (run.dir / "journal.jsonl").read_text().splitlines()]
+    (entry,) = read_journal(run.dir)
     assert entry["outcome"] == "failed" and entry["error"] == "interrupted during pull: the local database is whole"
 
 
