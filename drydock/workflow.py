@@ -136,17 +136,22 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
         say(format_snapshots(snapshots))
         return snapshots
     run = Run(f"snapshot-{action}")
-    with target_lock(LOCAL_LOCK, f"snapshot {action}", say), run.step(f"snapshot {action}", snapshot=name) as step:
-        if action != "restore":
-            run_playbook("snapshot.yml", extra_vars=extra, run=run)
-        else:  # captured, to tell whether the restore was a rename; it takes a second or two
-            say(f"==> restoring snapshot {name}")
-            results = run_playbook("snapshot.yml", extra_vars=extra, run=run, capture=True)
-            used, error = _module_result(results, "ready_copy_used"), _module_result(results, "ready_copy_error")
-            database_s = _module_result(results, "database_s")
-            database = _module_result(results, "snapshot").split("__snap_")[0]  # <db>__snap_<name>
-            step.update(ready_copy_used=used, database_s=database_s)
-            unfinished.clear_unless_running()  # the local database is a whole snapshot again
+    with target_lock(LOCAL_LOCK, f"snapshot {action}", say):
+        mark = unfinished.read()
+        if action == "delete" and mark is not None and mark.get("snapshot", "before_step") == name:
+            # The only whole copy of the local database from before the unfinished step.
+            raise unfinished.refusal(f"delete snapshot {name}", mark)
+        with run.step(f"snapshot {action}", snapshot=name) as step:
+            if action != "restore":
+                run_playbook("snapshot.yml", extra_vars=extra, run=run)
+            else:  # captured, to tell whether the restore was a rename; it takes a second or two
+                say(f"==> restoring snapshot {name}")
+                results = run_playbook("snapshot.yml", extra_vars=extra, run=run, capture=True)
+                used, error = _module_result(results, "ready_copy_used"), _module_result(results, "ready_copy_error")
+                database_s = _module_result(results, "database_s")
+                database = _module_result(results, "snapshot").split("__snap_")[0]  # <db>__snap_<name>
+                step.update(ready_copy_used=used, database_s=database_s)
+                unfinished.clear_unless_running()  # the local database is a whole snapshot again
     if action == "save":
         say(f"saved snapshot {name} of the local database"
             + ("; its ready copy is being made in the background" if ready_copy else ""))
