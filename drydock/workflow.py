@@ -260,7 +260,12 @@ def confirm(env: str, protected: bool, yes: bool, action: str, ask: Callable[[st
         return True
     if not sys.stdin.isatty():
         raise DrydockError(f"refusing to {action} {env} without confirmation: not interactive, pass --yes")
-    if ask(f"{action} {env}: type its name to go on: ").strip() != env:
+    try:
+        answer = ask(f"{action} {env}: type its name to go on: ")
+    except EOFError:  # Ctrl-D
+        answer = ""
+        print()
+    if answer.strip() != env:
         raise DrydockError(f"not confirmed: nothing was done to {env}")
     return True
 

@@ -346,3 +346,19 @@ def test_rolling_production_back_after_it_took_writes_is_refused_unless_allowed(
     assert connect("production", "postgres").execute(oid).fetchone() != pushed_oid
     inv("rollback", "production", "--yes", "--allow-lost-writes", check=True)  # forward again, writes and all
     assert fingerprint(connect("production")) == before
+
+
+def test_a_rollback_with_nothing_to_roll_back_to_leaves_the_app_running(pushed, connect, sandbox_env):
+    aside = "wagtail_site__previous_kept_by_test"
+    admin = connect("staging", "postgres")
+    admin.execute(f"ALTER DATABASE wagtail_site__previous RENAME TO {aside}")
+    pid_before = (ROOT / ".sandbox" / "staging" / "app.pid").read_text()
+    try:
+        proc = inv("rollback", "staging")
+        assert proc.returncode == 1
+        assert "nothing to roll back to: wagtail_site__previous does not exist on staging" in error_lines(proc)[-1]
+        assert (ROOT / ".sandbox" / "staging" / "app.pid").read_text() == pid_before  # never stopped
+        with urllib.request.urlopen(f"http://{sandbox_env['staging']['host']}:8000/healthz", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        admin.execute(f"ALTER DATABASE {aside} RENAME TO wagtail_site__previous")

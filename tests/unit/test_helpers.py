@@ -391,3 +391,16 @@ def test_the_sandbox_commands_set_a_real_inventory_aside(monkeypatch):
     assert said == ["DRYDOCK_INVENTORY=inventories/example is set aside: this runs on the sandbox only",
                     "ANSIBLE_INVENTORY=/srv/site/hosts.yml is set aside: this runs on the sandbox only"]
     assert "ANSIBLE_INVENTORY" not in ansible_env() and "DRYDOCK_INVENTORY" not in ansible_env()
+
+
+def test_ctrl_d_at_the_confirmation_prompt_is_a_refusal_in_one_line(monkeypatch):
+    import sys
+
+    from drydock import workflow
+
+    def end_of_input(prompt):
+        raise EOFError
+
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    with pytest.raises(DrydockError, match=r"^not confirmed: nothing was done to production$"):
+        workflow.confirm("production", True, False, "push to", ask=end_of_input)
