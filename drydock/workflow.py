@@ -343,6 +343,9 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
     check_step_inputs(notebook, script)
     inv = inventory.load()
     source, target = inv.server(source_text), inv.server(target_text)
+    if inv.protected(target) and not inv.protected(source):  # the push would refuse it, after all the rest
+        raise DrydockError(f"refusing to push to {target} a copy of {source}'s data: {source} is not protected, so its "
+                           f"data may be scrubbed or made up; run the pipeline from {target}")
     confirm(target, inv.protected(target), yes, "push to")
     run = Run("pipeline", total=7, say=say)
     with _locks(list(dict.fromkeys([source, target, LOCAL_LOCK])), "pipeline", say):

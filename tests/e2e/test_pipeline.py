@@ -35,3 +35,17 @@ def test_pipeline_stops_before_the_push_when_the_local_copy_fails_verification(s
     assert "migration blog.0099_by_hand: recorded in django_migrations but not in the code" in error_lines(proc)[-1]
     assert fingerprint(connect("staging")) == before
     assert "onto staging" not in proc.stdout and "==> dumping the local database" not in proc.stdout
+
+
+def test_pipeline_from_an_unprotected_source_to_production_is_refused_before_anything(sandbox_env, connect):
+    from drydock.paths import backups_dir
+    from tests.conftest import error_lines, fingerprint
+
+    before = {env: fingerprint(connect(env)) for env in ("local", "production")}
+    staging_backups = sorted((backups_dir() / "staging").glob("*")) if (backups_dir() / "staging").exists() else []
+    proc = inv("pipeline", "staging", "production", "--yes")
+    assert proc.returncode == 1
+    assert "refusing to push to production a copy of staging's data" in error_lines(proc)[-1]
+    assert {env: fingerprint(connect(env)) for env in ("local", "production")} == before
+    now = sorted((backups_dir() / "staging").glob("*")) if (backups_dir() / "staging").exists() else []
+    assert now == staging_backups
