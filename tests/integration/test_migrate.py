@@ -114,8 +114,10 @@ def test_failing_cell_puts_the_database_back(fresh_local, connect, tmp_path):
 
 def test_script_runs_in_the_apps_python(fresh_local, connect, tmp_path):
     script = tmp_path / "tag.py"
-    script.write_text("import django\ndjango.setup()\nfrom taggit.models import Tag\nTag.objects.create(name='drydock', slug='drydock')\n")
-    inv("migrate", "--script", str(script), check=True)
+    script.write_text("import django\ndjango.setup()\nfrom taggit.models import Tag\nTag.objects.create(name='drydock', slug='drydock')\n"
+                      "print('tagged', Tag.objects.count(), 'in all')\n")
+    proc = inv("migrate", "--script", str(script), check=True)
+    assert "tagged" in proc.stdout and "in all" in proc.stdout  # what the script printed is shown
     assert connect("local").execute("SELECT count(*) FROM taggit_tag WHERE slug = 'drydock'").fetchone()[0] == 1
 
 
