@@ -51,11 +51,11 @@ def pull(c, env, dump=None, latest=False):
 
 @task(help={"env": "where to change the Site (local, staging, production)",
             "hostname": "the new hostname, e.g. localhost",
-            "port": "the new port (default 443)",
+            "port": "the new port (default: the environment's drydock_site_port, e.g. 8000 for local, 443 for a server)",
             "site_name": "change the Site with this site_name instead of the default Site",
             "yes": "confirm for a protected environment without a prompt"})
 @one_line_errors
-def site(c, env, hostname, port="443", site_name="", yes=False):
+def site(c, env, hostname, port="", site_name="", yes=False):
     """Set the hostname and port of ENV's Wagtail Site (and django_site)."""
     workflow.site(env, hostname, port, site_name, yes=yes)
 

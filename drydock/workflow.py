@@ -102,11 +102,15 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
     return dump
 
 
-def site(env_text: str, hostname: str, port: int, site_name: str = "", yes: bool = False, say: Say = print) -> None:
+def site(env_text: str, hostname: str, port: int | str = "", site_name: str = "", yes: bool = False,
+         say: Say = print) -> None:
     valid_hostname(hostname)
-    port = valid_port(port)
+    if port != "":
+        port = valid_port(port)
     inv = inventory.load()
     env = inv.environment(env_text)
+    if port == "":  # the port the environment's Site has after a pull or push
+        port = valid_port(inv.hostvars[env].get("drydock_site_port", 443))
     protected = inv.protected(env)
     confirm(env, protected, yes, "change the Site of")
     run = Run("site")

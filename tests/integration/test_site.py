@@ -17,7 +17,8 @@ def test_switch_sets_wagtail_and_django_sites(pulled, connect):
         assert conn.execute(SITE).fetchone() == ("preview.example.test", 8443)
         assert conn.execute("SELECT domain FROM django_site WHERE id = 1").fetchone()[0] == "preview.example.test:8443"
     finally:
-        inv("site", "local", "localhost", "--port", "8000", check=True)
+        inv("site", "local", "localhost", check=True)  # the port defaults to local's own, 8000
+    assert connect("local").execute(SITE).fetchone() == ("localhost", 8000)
 
 
 def test_production_needs_confirmation(pulled, connect):
