@@ -33,6 +33,7 @@ class Run:
 
     def _folder(self) -> Path:
         self.dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.dir.parent.chmod(0o700)  # runs/ itself too, however it was made
         self.dir.mkdir(mode=0o700, exist_ok=True)
         return self.dir
 

@@ -227,6 +227,8 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
             say: Say = print, run: Run | None = None, locked: bool = False) -> Run | None:
     """Run the migration step on the local database (see playbooks/migrate.yml)."""
     notebook_parameters = check_step_inputs(notebook, script, phase, parameters)
+    if plan and (notebook or script or parameters or fixtree):
+        raise InvalidInput("--plan shows the migrations only: give no --notebook, --script, --param or --fixtree with it")
     inv = inventory.load()
     local = inv.local[0]
     if plan:
@@ -282,6 +284,8 @@ def _server(env_text: str) -> tuple[inventory.Inventory, str, dict]:
 
 def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_lost_writes: bool = False,
          allow_unscrubbed: bool = False, say: Say = print, run: Run | None = None, locked: bool = False) -> Dump:
+    if allow_unscrubbed and not dump_path:
+        raise InvalidInput("--allow-unscrubbed applies to a --dump only: without one, the push scrubs the copy itself")
     inv, env, target = _server(env_text)
     protected = inv.protected(env)
     confirm(env, protected, yes, "push to")

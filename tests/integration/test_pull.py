@@ -119,6 +119,9 @@ def test_side_database_named_as_the_live_one_is_refused(pulled, connect, overrid
     (["pull", "production,staging"], "one environment at a time"),
     (["pull", "local"], "'local' is the local database, not a server"),
     (["pull", "production", "--latest", "--dump", "/x.dump"], "not both"),
+    (["push", "staging", "--allow-unscrubbed"], "--allow-unscrubbed applies to a --dump only"),
+    (["migrate", "--plan", "--fixtree"], "--plan shows the migrations only"),
+    (["migrate", "--plan", "--notebook", "examples/notebooks/blog_to_podcast.ipynb"], "--plan shows the migrations only"),
 ])
 def test_bad_input_gets_one_line(sandbox_env, args, message):
     proc = inv(*args)
