@@ -360,10 +360,10 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
         dump = backup(source, say=say, run=run, locked=True)
         pulled = pull(source, dump_path=str(dump.path), say=say, run=run, locked=True)
         migrate(notebook=notebook, script=script, say=say, run=run, locked=True)
-        verify(inv.local[0], say=say, run=run)
+        verify(inv.local[0], say=say, run=run, locked=True)
         pushed = push(target, yes=True, allow_lost_writes=allow_lost_writes, say=say, run=run, locked=True)
         try:
-            verify(target, manifest=str(pushed.path.parent / "manifest.json"), say=say, run=run)
+            verify(target, manifest=str(pushed.path.parent / "manifest.json"), say=say, run=run, locked=True)
         except Interrupted:
             raise  # stopped by hand, not a failed check: nothing is rolled back
         except DrydockError as error:
@@ -408,8 +408,11 @@ def show_page(env_text: str, path: str, say: Say = print) -> str:
     return html
 
 
-def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Run | None = None) -> Path:
-    """Verify one environment's database against the code; the report is kept in the run."""
+def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Run | None = None,
+           locked: bool = False) -> Path:
+    """Verify one environment's database against the code; the report is kept in the run.
+    It takes the environment's lock: a database halfway through a migration step or a push
+    would fail for the wrong reasons."""
     inv = inventory.load()
     env = inv.environment(env_text)
     if manifest and Path(manifest).is_dir():
@@ -418,8 +421,9 @@ def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Ru
         raise InvalidInput(f"no such manifest: {manifest}")
     run = run or Run("verify")
     report = run.dir / f"verify-{env}.txt"
+    lock = LOCAL_LOCK if env in inv.local else env
     try:
-        with run.step(f"verify {env}", env=env, report=str(report)):
+        with _locks([] if locked else [lock], "verify", say), run.step(f"verify {env}", env=env, report=str(report)):
             run_playbook("verify_database.yml", limit=env, run=run, extra_vars={
                 "drydock_verify_report": str(report), "drydock_manifest": str(Path(manifest).resolve()) if manifest else ""})
     finally:
