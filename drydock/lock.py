@@ -1,12 +1,13 @@
 """One run at a time per target: runs/locks/<env>.lock, holding the owner's PID and that
 process's start, read, written and removed under one guard (runs/locks/.guard). A lock whose
 process is gone (killed, crashed) is recognised and cleared, also when the system has since
-given its PID to another process; the playbooks a run starts stop with it (drydock.playbook). A step already running on a remote
-host when the controller died can still finish there (the next run's restore drops a side
-database such a step may still be writing).
+given its PID to another process; the playbooks a run starts stop with it (drydock.playbook).
+A step already running on a remote host when the controller died can still finish there
+(the next run's restore drops a side database such a step may still be writing).
 The local database has a lock too, "local" whatever the inventory calls its host: pull,
-migrate, a push's dump, a pipeline, `site` on the local host, and snapshot save, restore and
-delete, which read no inventory, all take it (so no server may be called "local")."""
+migrate, a push's dump, a pipeline, `site` and `verify` on the local host, and snapshot
+save, restore and delete, which read no inventory, all take it (so no server may be called
+"local")."""
 from __future__ import annotations
 
 import fcntl
