@@ -80,7 +80,7 @@ def test_a_pull_restores_the_dump_its_own_backup_made(backup, connect):
     """A complete backup folder whose name sorts after every other (a clock set back, another
     run's) is not what `inv pull` restores: the fetch records the dump this run made."""
     planted = backups_dir() / "production" / "29991231T235959Z"
-    shutil.copytree(backup.path.parent, planted)
+    shutil.copytree(dumps.latest("production").path.parent, planted)  # the fixture's may be rotated away
     marked = "UPDATE wagtailcore_page SET title = title || ' (after the planted backup)' WHERE id = 2"
     try:
         connect("production").execute(marked)
