@@ -83,8 +83,9 @@ import os
 import re
 import signal
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Iterator
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, aside_name, connect, database_comment,
@@ -159,12 +160,24 @@ def file_copy(conn, source: str, target: str) -> None:
 
 def template_copy(conn, source: str, target: str) -> None:
     """file_copy() of a database in use: connections to it are blocked meanwhile, then
-    allowed again. (Snapshots accept none, and are copied with file_copy() alone.)"""
-    set_allow_connections(conn, source, False)
+    allowed again, whatever interrupts the copy. (Snapshots accept none, and are copied with
+    file_copy() alone.)"""
     try:
+        set_allow_connections(conn, source, False)
         file_copy(conn, source, target)
     finally:
-        set_allow_connections(conn, source, True)
+        with _signals_held():  # a SIGTERM now waits until connections are allowed again
+            set_allow_connections(conn, source, True)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    held = {signal.SIGTERM, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 MAX_NAME_BYTES = 63  # PostgreSQL cuts longer database names short, and two could become one

@@ -277,18 +277,35 @@ def test_snapshot_actions_refuse_while_a_migration_step_holds_the_local_database
     assert fingerprint(connect("local")) != changed
 
 
-def _module_pids(name: str) -> list[int]:
-    """The Python processes running the Ansible module `name` (its AnsiballZ wrapper), not
-    the shells and sudo that started them."""
-    pids = []
-    for entry in os.listdir("/proc"):
+def _module_pids(name: str, ancestor: int) -> list[int]:
+    """The Python processes running the Ansible module `name` (its AnsiballZ wrapper) that
+    `ancestor` started, not the shells and sudo between them, nor another run's."""
+    parents, argvs = {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
-            argv = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0") if entry.isdigit() else []
-        except OSError:
+            argvs[int(entry)] = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            parents[int(entry)] = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
             continue
-        if len(argv) > 1 and b"python" in argv[0] and argv[1].endswith(f"AnsiballZ_{name}.py".encode()):
-            pids.append(int(entry))
-    return pids
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == ancestor:
+                return True
+        return False
+
+    return [pid for pid, argv in argvs.items() if len(argv) > 1 and b"python" in argv[0]
+            and argv[1].endswith(f"AnsiballZ_{name}.py".encode()) and descends(pid)]
+
+
+def _termination_pending(pid: int) -> bool:
+    """SIGTERM waits, undelivered, for the stopped process `pid`."""
+    try:
+        status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status") if ":" in line)
+    except OSError:
+        return True  # gone: nothing left to wait for
+    return any(int(status[key], 16) & (1 << (signal.SIGTERM - 1)) for key in ("SigPnd", "ShdPnd"))
 
 
 def test_a_save_interrupted_while_copying_lets_connections_in_again(clean_snapshots, connect):
@@ -304,7 +321,7 @@ def test_a_save_interrupted_while_copying_lets_connections_in_again(clean_snapsh
         held = []
         while save.poll() is None and not held:
             if watcher.execute(barred).fetchone()[0]:
-                held = _module_pids("drydock_snapshot")
+                held = _module_pids("drydock_snapshot", save.pid)
                 for pid in held:
                     os.kill(pid, signal.SIGSTOP)
                 if held and not watcher.execute(barred).fetchone()[0]:  # the copy ended first
@@ -318,7 +335,10 @@ def test_a_save_interrupted_while_copying_lets_connections_in_again(clean_snapsh
     else:
         pytest.fail("never caught the copy with connections barred")
     save.send_signal(signal.SIGINT)  # Ctrl-C: drydock stops Ansible, Ansible its module
-    time.sleep(1)
+    deadline = time.monotonic() + 60
+    while not all(_termination_pending(pid) for pid in held):  # Ansible's SIGTERM reached the held module
+        assert time.monotonic() < deadline, "Ansible never stopped its module"
+        time.sleep(0.05)
     for pid in held:
         os.kill(pid, signal.SIGCONT)
     save.communicate(timeout=120)
