@@ -32,8 +32,12 @@ class Run:
         self.started = time.monotonic()
 
     def _folder(self) -> Path:
-        self.dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.dir.parent.chmod(0o700)  # runs/ itself too, however it was made
+        parent = self.dir.parent
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # runs/ itself too, however it was made; only ours to change (DRYDOCK_RUNS may name a
+        # folder another user made private for us).
+        if parent.stat().st_uid == os.getuid() and parent.stat().st_mode & 0o077:
+            parent.chmod(0o700)
         self.dir.mkdir(mode=0o700, exist_ok=True)
         return self.dir
 
