@@ -70,8 +70,6 @@ class ActionModule(ActionBase):
                                    "the transfer corrupted it")
             os.rename(partial, dest)
             write_private(manifest, manifest_text)  # last: a dump without its manifest is an unfinished backup
-            if args.get("record"):
-                write_private(os.path.expanduser(args["record"]), json.dumps({"dump": dest}) + "\n")
         except (AnsibleError, OSError, TypeError, ValueError) as error:
             for leftover in (partial, dest, manifest + ".partial"):
                 if os.path.exists(leftover):
@@ -79,6 +77,13 @@ class ActionModule(ActionBase):
             return dict(result, failed=True, msg=" ".join(str(error).split()), dest=dest)
         finally:
             os.umask(umask)
+        if args.get("record"):
+            # After the backup is whole: failing to say where it is must not delete it.
+            try:
+                write_private(os.path.expanduser(args["record"]), json.dumps({"dump": dest}) + "\n")
+            except OSError as error:
+                return dict(result, failed=True, dest=dest,
+                            msg=f"the backup {dest} is complete, but its record could not be written: {error}")
         return dict(result, changed=True, dest=dest, checksum=checksum, size=os.path.getsize(dest))
 
 
