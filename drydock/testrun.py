@@ -143,7 +143,11 @@ def stop_leftover_sandboxes(say: Callable[[str], None]) -> None:
     for pids in sorted(COPIES.glob(f"{COPY_PREFIX}*/.sandbox/pids.json")):  # written from its first start on
         copy = pids.parent.parent
         # Only a copy this user made: another user's files under /tmp could name any process.
-        if any(path.stat().st_uid != os.getuid() for path in (copy, pids.parent, pids)):
+        # Not through a symlink either, which could point at anyone's files.
+        try:
+            if any(path.is_symlink() or path.lstat().st_uid != os.getuid() for path in (copy, pids.parent, pids)):
+                continue
+        except OSError:  # gone meanwhile
             continue
         try:
             runner = json.loads((copy / RUNNER_FILE).read_text())
