@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import socket
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +25,7 @@ from drydock.paths import runs_dir
 
 
 LOCAL = "local"  # the local database's lock
+GUARD_TIMEOUT_S = 30
 
 
 def process_alive(pid: int) -> bool:
@@ -77,7 +79,17 @@ def _guarded(folder: Path) -> Iterator[None]:
     system releases it when its holder ends, however it ends."""
     fd = os.open(folder / ".guard", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        # Held for milliseconds: a holder that keeps it (stopped, hung) gets an error, not a hang.
+        deadline = time.monotonic() + GUARD_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DrydockError(f"{folder / '.guard'} has been held by another process for "
+                                       f"{GUARD_TIMEOUT_S} s (a stopped drydock?): find it with fuser") from None
+                time.sleep(0.05)
         yield
     finally:
         os.close(fd)
@@ -99,7 +111,10 @@ def target_lock(env: str, task: str, say: Callable[[str], None] = print, root: P
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with _guarded(folder):
         holder = _read(path) if path.exists() else None
-        if holder is not None:
+        if holder == {}:  # written under this guard, so never half-written but by a run that died
+            say(f"clearing an unreadable lock on {env} (a run died while writing it)")
+            path.unlink()
+        elif holder is not None:
             if holder.get("host") != record["host"] or owner_running(holder):
                 raise DrydockError(
                     f"{env} is locked by {holder.get('task', 'another run')} (pid {holder.get('pid', '?')} on "
