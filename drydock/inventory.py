@@ -12,6 +12,11 @@ from drydock.playbook import ansible_env
 from drydock.validate import InvalidInput, environment_name
 
 
+def as_bool(value) -> bool:
+    """An inventory flag read as the playbooks' `| bool` reads it: "false" is false."""
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "yes", "on", "1", "y", "t")
+
+
 @dataclass(frozen=True)
 class Inventory:
     servers: tuple[str, ...]
@@ -24,7 +29,7 @@ class Inventory:
 
     def protected(self, env: str) -> bool:
         """A protected environment (production) needs its name typed for any change."""
-        return bool(self.hostvars.get(env, {}).get("drydock_protected"))
+        return as_bool(self.hostvars.get(env, {}).get("drydock_protected", False))
 
     def environment(self, text: str) -> str:
         """Like server(), but the local environment is accepted too."""
