@@ -1,6 +1,8 @@
 """Pure helpers: row-count comparison, the journal's privacy, dump selection."""
 import json
+import os
 import stat
+import sys
 
 import pytest
 
@@ -53,6 +55,22 @@ def test_journal_is_private_and_records_failures(tmp_path):
         ("fine", "running"), ("fine", "ok"), ("broken", "running"), ("broken", "failed")]
     assert [(s["step"], s["outcome"]) for s in read_journal(run.dir)] == [("fine", "ok"), ("broken", "failed")]
     assert entries[3]["error"] == "it broke"
+
+
+def test_the_runs_folder_is_made_private_only_when_it_is_ours(tmp_path):
+    """runs/ made by hand with the umask's mode becomes 0700; a folder another user made for
+    us (DRYDOCK_RUNS) is theirs to set: changing it would fail unless we are root."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir(mode=0o755)
+    theirs.mkdir(mode=0o755)
+    with Run("example", root=ours).step("fine"):
+        pass
+    assert stat.S_IMODE(ours.stat().st_mode) == 0o700
+    if os.geteuid() == 0:  # only root can hand a folder to another user
+        os.chown(theirs, 65534, 65534)
+        with Run("example", root=theirs).step("fine"):
+            pass
+        assert stat.S_IMODE(theirs.stat().st_mode) == 0o755
 
 
 def test_a_run_killed_in_a_step_reads_as_killed_there(tmp_path):
@@ -262,6 +280,37 @@ def test_lock_refuses_a_live_holder_and_clears_a_dead_one(tmp_path):
         alive.wait()
 
 
+def test_a_torn_lock_is_cleared_and_a_held_guard_times_out(tmp_path, monkeypatch):
+    """A run killed between creating its lock and writing it leaves an empty file: no run
+    could ever take the lock again. A process that keeps the guard (stopped) must not hang
+    every later command."""
+    import subprocess
+
+    from drydock import lock
+
+    (tmp_path / "locks").mkdir()
+    (tmp_path / "locks" / "staging.lock").write_text("")
+    said = []
+    with lock.target_lock("staging", "push", say=said.append, root=tmp_path) as path:
+        assert json.loads(path.read_text())["task"] == "push"
+    assert "clearing an unreadable lock on staging" in said[0]
+    monkeypatch.setattr(lock, "GUARD_TIMEOUT_S", 0.3)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(30)",
+                               str(tmp_path / "locks" / ".guard")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(DrydockError, match="has been held by another process"):
+            with lock.target_lock("staging", "push", say=said.append, root=tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with lock.target_lock("staging", "push", say=said.append, root=tmp_path):
+        pass
+
+
 def test_two_runs_finding_the_same_stale_lock_do_not_both_take_it(tmp_path, monkeypatch):
     """The order that lost a lock before the guard: both runs read the stale lock, the first
     clears it and takes the lock, then the second, still judging what it read, clears the
@@ -404,3 +453,14 @@ def test_ctrl_d_at_the_confirmation_prompt_is_a_refusal_in_one_line(monkeypatch)
     monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
     with pytest.raises(DrydockError, match=r"^not confirmed: nothing was done to production$"):
         workflow.confirm("production", True, False, "push to", ask=end_of_input)
+
+
+def test_protected_reads_the_flag_as_the_playbooks_do():
+    """A string "false" in an inventory is false to Ansible's `| bool`: drydock must agree, or
+    it would ask for a name the playbook then ignores (and the other way round)."""
+    from drydock.inventory import Inventory
+
+    inventory = Inventory(servers=("production", "staging", "preview", "qa"), local=("local",), hostvars={
+        "production": {"drydock_protected": "yes"}, "staging": {"drydock_protected": "false"},
+        "preview": {"drydock_protected": False}, "qa": {}})
+    assert [inventory.protected(env) for env in inventory.servers] == [True, False, False, False]
