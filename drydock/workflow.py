@@ -320,6 +320,11 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                 "drydock_safety_backup": take_safety_backup,
                 "pg_backup_controller_dir": str(backups_dir())}, optional=True)
             step.update(safety_backup=str(safety.path) if safety else None)
+            if take_safety_backup and safety is None:
+                # The playbook stops before restoring when the backup fails: reaching here is a
+                # bug, and the operator must know the push has no backup to go back to.
+                raise DrydockError(f"{env} runs the pushed copy, but no safety backup of its previous database was "
+                                   f"recorded; {target['drydock_db_name']}__previous still holds it")
     say(f"{env} now runs the pushed copy ({dump.manifest['dump']['size']:,} bytes restored, {dump.total_rows:,} rows, "
         f"all counts equal to the manifest; "
         f"Site {target['drydock_site_hostname']}:{target['drydock_site_port']}); its previous database is kept as "
@@ -331,8 +336,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
 def _takes_safety_backup(hostvars: dict) -> bool:
     """Protected targets, unless the inventory's drydock_safety_backup says otherwise (the
     playbook's own default is the same; this decision is passed to it)."""
-    value = hostvars.get("drydock_safety_backup", hostvars.get("drydock_protected", False))
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "yes", "on", "1", "y", "t")
+    return inventory.as_bool(hostvars.get("drydock_safety_backup", hostvars.get("drydock_protected", False)))
 
 
 def rollback(env_text: str, yes: bool = False, allow_lost_writes: bool = False, say: Say = print) -> None:
@@ -369,12 +373,16 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
         except DrydockError as error:
             say(f"==> {target} failed verification: rolling the push back")
             try:
-                with run.step(f"rollback {target}", env=target, state=f"{target} back on its previous database"):
+                with run.step(f"rollback {target}", env=target) as step:
                     run_playbook("rollback_database.yml", limit=target, run=run, extra_vars={"drydock_confirm": target})
+                    step.update(state=f"{target} back on its previous database")
             except Interrupted:
                 raise
             except DrydockError as refused:  # e.g. the target took writes since the push: they stay live
-                raise DrydockError(f"{error} (not rolled back: {refused})") from None
+                # The playbook's "pass --allow-lost-writes" means the rollback's option, not the pipeline's.
+                knowingly = (f"; to roll back anyway: inv rollback {target} --allow-lost-writes"
+                             if "--allow-lost-writes" in str(refused) else "")
+                raise DrydockError(f"{error} (not rolled back: {refused}){knowingly}") from None
             raise DrydockError(f"{error} (the push was rolled back: {target} runs its previous database)") from None
     say(f"\npipeline {source} → {target} done ({pulled.total_rows:,} rows pulled)\n{run.summary()}")
     return run
