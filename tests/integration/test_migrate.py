@@ -133,9 +133,9 @@ def test_broken_page_tree_fails_the_step_unless_fixtree(fresh_local, connect):
 def test_no_secret_in_the_executed_notebook_or_the_log(fresh_local, sandbox_env, tmp_path, form):
     """A URL with a password: the password reaches Django through the environment only."""
     password = (ROOT / ".sandbox" / "pgpass").read_text().splitlines()[0].rsplit(":", 1)[1]
-    host = sandbox_env["local"]["host"]
-    url = (f"postgresql://wagtail_site:{password}@{host}:55432/wagtail_site" if form == "user:password@"
-           else f"postgresql://wagtail_site@{host}:55432/wagtail_site?sslmode=disable&password={password}")
+    base = f"postgresql://wagtail_site@{sandbox_env['local']['host']}:55432/wagtail_site"
+    url = (base.replace("wagtail_site@", f"wagtail_site:{password}@", 1) if form == "user:password@"
+           else f"{base}?sslmode=disable&password={password}")
     out = tmp_path / "run"
     proc = subprocess.run(
         ["ansible-playbook", "playbooks/migrate.yml", "-e", f"django_migrate_notebook={NOTEBOOK}",
@@ -150,11 +150,33 @@ def test_no_secret_in_the_executed_notebook_or_the_log(fresh_local, sandbox_env,
     assert password not in proc.stdout + proc.stderr
 
 
-def test_a_database_url_naming_another_database_is_refused(fresh_local, connect, tmp_path):
+def test_every_password_parameter_is_cut_from_the_notebook_parameters(sandbox_env, tmp_path):
+    """Two password= in a row (the example site's settings refuse such a URL, another app's
+    may not): both go, each with its own separator, and the query keeps its other options.
+    Only the parameters task runs here, from the role itself."""
+    out = tmp_path / "run"
+    play = tmp_path / "parameters.yml"
+    play.write_text(json.dumps([{
+        "hosts": "drydock_local", "gather_facts": False,
+        "tasks": [{"ansible.builtin.include_role": {"name": "django_migrate", "tasks_from": "notebook"}}]}]))
+    url = "postgresql://wagtail_site@127.0.0.1:55432/wagtail_site?password=s3cret-1&password=s3cret-2&sslmode=disable"
+    vars_file = tmp_path / "vars.json"
+    vars_file.write_text(json.dumps({"django_migrate_database_url": url, "django_migrate_output_dir": str(out),
+                                     "django_migrate_notebook": str(NOTEBOOK)}))
+    subprocess.run(["ansible-playbook", str(play), "-e", f"@{vars_file}"],
+                   cwd=ROOT, capture_output=True, text=True, env=ansible_env(), timeout=300)
+    parameters = (out / "parameters.yml").read_text()
+    assert "s3cret" not in parameters
+    assert "database_url: postgresql://wagtail_site@127.0.0.1:55432/wagtail_site?sslmode=disable" in parameters
+
+
+@pytest.mark.parametrize("url", ["postgresql://wagtail_site@127.0.0.1/another",
+                                 "postgresql://wagtail_site@127.0.0.1/another?application_name=/wagtail_site"])
+def test_a_database_url_naming_another_database_is_refused(fresh_local, connect, tmp_path, url):
     """The step's safety snapshot is of the local database: a URL naming another one would be
-    migrated with nothing to put it back from."""
+    migrated with nothing to put it back from (its name elsewhere in the URL does not count)."""
     before = fingerprint(connect("local"))
-    proc = playbook("migrate.yml", "-e", f"@{_vars_file(tmp_path, 'postgresql://wagtail_site@127.0.0.1/another')}")
+    proc = playbook("migrate.yml", "-e", f"@{_vars_file(tmp_path, url)}")
     assert proc.returncode != 0
     assert "drydock_app_database_url must name the database wagtail_site" in proc.stdout
     assert fingerprint(connect("local")) == before
