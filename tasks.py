@@ -131,7 +131,7 @@ def push(c, env, dump=None, yes=False, allow_lost_writes=False, allow_unscrubbed
 
 @task(help={"env": "the environment to roll back (e.g. staging)",
             "yes": "confirm for a protected environment without a prompt",
-            "allow_lost_writes": "roll a protected environment back although it took writes since the push "
+            "allow_lost_writes": "roll a protected environment back although it took writes since its database was swapped in "
                                  "(they are set aside in DB__previous, which the next push drops)"})
 @one_line_errors
 def rollback(c, env, yes=False, allow_lost_writes=False):

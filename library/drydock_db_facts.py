@@ -36,8 +36,9 @@ options:
     type: str
   writes_since_push:
     description:
-      - Compare the write counters with the baseline the push that swapped this database in
-        recorded on it; C(writes_unknown) says why when there is none.
+      - Compare the write counters with the baseline recorded on this database when it was
+        swapped in (by a push, or by a rollback's exchange, which records C(drydock_live_since));
+        C(writes_unknown) says why when there is none.
     type: bool
     default: false
 """
@@ -65,6 +66,12 @@ from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS
                                              row_counts, terminate_sessions, write_fingerprint)
 
 
+def _baseline(value) -> dict | None:
+    """A recorded baseline ({write_fingerprint, recorded, ...}), or None when the comment
+    holds none, or something else under its name."""
+    return value if isinstance(value, dict) and isinstance(value.get("write_fingerprint"), dict) else None
+
+
 def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(PG_CONNECTION_ARGS, content=dict(type="bool", default=False),
@@ -89,16 +96,19 @@ def main() -> None:
                     facts["row_counts"] = row_counts(cur)
                 if params["content"]:
                     facts["content_fingerprint"] = content_fingerprint(cur)
-            pushed = database_comment(conn, params["database"]).get("drydock_pushed")
+            record = database_comment(conn, params["database"])
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
+    pushed = _baseline(record.get("drydock_pushed"))
     if params["compare_writes_with"] is not None:
         facts["writes_since"], facts["writes_unknown"] = count_writes(
             params["compare_writes_with"], facts["write_fingerprint"], pushed, params["lineage_sha256"])
     if params["writes_since_push"]:
+        # Since it was swapped in: by a push, or later by an exchange (a rollback, either way).
+        swapped_in = _baseline(record.get("drydock_live_since")) or pushed
         facts["writes_since"], facts["writes_unknown"] = (
-            count_writes(pushed["write_fingerprint"], facts["write_fingerprint"], None, None) if pushed
-            else ([], "no push by drydock recorded its write counters on it"))
+            count_writes(swapped_in["write_fingerprint"], facts["write_fingerprint"], None, None) if swapped_in
+            else ([], "no swap by drydock recorded its write counters on it"))
     expected = params["expect_row_counts"]
     if expected is not None:
         problem = row_count_problem(params["database"], expected, facts["row_counts"])

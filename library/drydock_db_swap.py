@@ -14,6 +14,9 @@ description:
   - When the live database does not exist yet, C(incoming) is simply renamed.
   - The old live database's comment records when it was set aside (C(set_aside)), which
     C(inv snapshot.list) shows as the age of the pull's C(pre_pull) snapshot.
+  - An exchange records on the database it brings live its write counters at that moment
+    (C(drydock_live_since)): a later rollback of a protected target counts the writes it
+    takes from there, as it does from a push's baseline.
   - Connects to the C(postgres) maintenance database over the local socket as the current
     OS user (peer authentication).
 options:
@@ -51,7 +54,7 @@ from datetime import datetime, timezone
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, connect, database_comment, database_exists, exchange,
-                                             set_database_comment, swap_in)
+                                             set_database_comment, swap_in, write_fingerprint)
 
 
 def record_set_aside(conn, name: str) -> None:
@@ -62,6 +65,22 @@ def record_set_aside(conn, name: str) -> None:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         set_database_comment(conn, name, {**record, "set_aside": now})
     except Exception:  # noqa: BLE001 - only the listing's age is missing then
+        pass
+
+
+def record_live_since(conn, socket_dir: str, port: int, name: str) -> None:
+    """Note on `name`, about to go live, its write counters now. Without the note a rollback
+    refuses for want of a baseline (never a wrong count): failing to write it must not stop
+    the exchange."""
+    try:
+        with connect(socket_dir, port, name) as db:
+            db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            with db.cursor() as cur:
+                counters = write_fingerprint(cur)
+        now = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        set_database_comment(conn, name, {**database_comment(conn, name),
+                                          "drydock_live_since": {"write_fingerprint": counters, "recorded": now}})
+    except Exception:  # noqa: BLE001 - the rollback then refuses without --allow-lost-writes
         pass
 
 
@@ -89,6 +108,7 @@ def main() -> None:
                     module.fail_json(msg=f"cannot exchange: database {missing[0]} does not exist")
                 if module.check_mode:
                     module.exit_json(changed=True, previous=p["previous"], terminated=0)
+                record_live_since(conn, p["socket_dir"], p["port"], p["previous"])
                 module.exit_json(changed=True, previous=p["previous"],
                                  terminated=exchange(conn, p["database"], p["previous"]))
             if not database_exists(conn, p["incoming"]):

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from drydock import dumps
-from drydock.paths import backups_dir, runs_dir
+from drydock.paths import PG_BINDIR, backups_dir, runs_dir
 from drydock.playbook import ansible_env
 from tests.conftest import ROOT, connector, databases, error_lines, fingerprint, inv, playbook, row_counts
 
@@ -153,6 +153,42 @@ def test_a_failed_health_check_swaps_back_even_when_the_app_then_will_not_stop(p
     assert fingerprint(connect("staging")) == before
     with urllib.request.urlopen(f"http://{sandbox_env['staging']['host']}:8000/healthz", timeout=10) as response:
         assert response.status == 200
+
+
+def test_a_failing_swap_back_still_starts_the_app_and_says_what_is_live(pushed, connect, sandbox_env, tmp_path):
+    """The stop before the swap-back also renames <db>__previous away, so the swap-back
+    fails: the app is started all the same, the line says the pushed copy is live and how to
+    go back, and following that advice brings the previous database back."""
+    staging = sandbox_env["staging"]
+    service = ROOT / ".sandbox" / "staging" / "app-service"
+    stopped_once = tmp_path / "stopped-once"
+
+    def as_db_owner(sql: str) -> str:
+        psql = f"{PG_BINDIR / 'psql'} -X -q -h {staging['socket_dir']} -p {staging['port']} -d postgres -c '{sql}'"
+        return psql if os.geteuid() != 0 else f"sudo -n -u {staging['os_user']} {psql}"
+
+    hide = as_db_owner("ALTER DATABASE wagtail_site__previous RENAME TO wagtail_site__aside")
+    stop = ["/bin/sh", "-c", f"if [ -e {stopped_once} ]; then {hide} || exit 1; fi; touch {stopped_once}; "
+                             f"exec {service} stop"]
+    oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
+    live = connect("staging", "postgres").execute(oid).fetchone()
+    before = fingerprint(connect("staging"))
+    proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={pushed[1].path}",
+                    "-e", f"drydock_app_health_url=http://{staging['host']}:8000/no-such-page",
+                    "-e", "app_service_health_timeout=2", "-e", json.dumps({"drydock_app_stop_command": stop}))
+    try:
+        assert proc.returncode != 0
+        assert ("(not swapped back; the swap-back failed (cannot exchange: database wagtail_site__previous does not"
+                " exist): the pushed copy is still live; run inv rollback staging)") in proc.stdout, proc.stdout[-3000:]
+        with urllib.request.urlopen(f"http://{staging['host']}:8000/healthz", timeout=10) as response:
+            assert response.status == 200  # started again
+    finally:
+        subprocess.run(["/bin/sh", "-c", as_db_owner("ALTER DATABASE wagtail_site__aside RENAME TO wagtail_site__previous")],
+                       check=True)
+    assert connect("staging", "postgres").execute(oid).fetchone() != live  # the pushed copy
+    inv("rollback", "staging", "--yes", check=True)
+    assert connect("staging", "postgres").execute(oid).fetchone() == live
+    assert fingerprint(connect("staging")) == before
 
 
 def newest_local_dump(scrubbed: bool):
@@ -336,7 +372,7 @@ def test_rolling_production_back_after_it_took_writes_is_refused_unless_allowed(
     before = fingerprint(connect("production"))
     refused = inv("rollback", "production", "--yes")
     assert refused.returncode == 1
-    assert ("refusing to roll back production: it has taken writes since the push (blog_post (+1))"
+    assert ("refusing to roll back production: it has taken writes since it was swapped in (blog_post (+1))"
             in error_lines(refused)[-1])
     assert connect("production", "postgres").execute(oid).fetchone() == pushed_oid
     assert fingerprint(connect("production")) == before
@@ -344,8 +380,18 @@ def test_rolling_production_back_after_it_took_writes_is_refused_unless_allowed(
         assert response.status == 200  # the app was started again
     inv("rollback", "production", "--yes", "--allow-lost-writes", check=True)
     assert connect("production", "postgres").execute(oid).fetchone() != pushed_oid
-    inv("rollback", "production", "--yes", "--allow-lost-writes", check=True)  # forward again, writes and all
+    # The exchange recorded the counters of the database it brought back: with no write since,
+    # forward again needs no override, and it brings the write back.
+    inv("rollback", "production", "--yes", check=True)
     assert fingerprint(connect("production")) == before
+    # Counted from that exchange now, not from the push: the one write since, not two.
+    connect("production").execute("UPDATE blog_post SET body = body || '<p>written after the swap forward</p>'"
+                                  " WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)")
+    time.sleep(1.2)
+    refused = inv("rollback", "production", "--yes")
+    assert refused.returncode == 1
+    assert "it has taken writes since it was swapped in (blog_post (+1))" in error_lines(refused)[-1]
+    assert connect("production", "postgres").execute(oid).fetchone() == pushed_oid
 
 
 def test_a_rollback_with_nothing_to_roll_back_to_leaves_the_app_running(pushed, connect, sandbox_env):
