@@ -31,7 +31,8 @@ class Run:
         self.say = say
         self.started = time.monotonic()
 
-    def _folder(self) -> Path:
+    def folder(self) -> Path:
+        """The run's folder (0700), made on first use."""
         parent = self.dir.parent
         parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # runs/ itself too, however it was made; only ours to change (DRYDOCK_RUNS may name a
@@ -45,12 +46,12 @@ class Run:
     def ansible_log(self) -> Path:
         """The run's Ansible log, made 0600 here first: Ansible appends to an existing file,
         but would create it by the umask, and the log can show production data."""
-        path = self._folder() / "ansible.log"
+        path = self.folder() / "ansible.log"
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
         return path
 
     def write(self, entry: dict) -> None:
-        fd = os.open(self._folder() / "journal.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(self.folder() / "journal.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a") as handle:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
 
@@ -59,7 +60,7 @@ class Run:
         """Journal a step: its start, end, outcome and whatever details the body adds.
         Interrupted (Ctrl-C), it ends the command with one line that says what it may have
         left (`interrupted`) and how to go on."""
-        self._folder()
+        self.folder()
         entry = {"step": name, "start": datetime.now(timezone.utc).isoformat(), **details}
         # A line at the start too: a run killed (SIGKILL, a crash) never writes its end, and
         # its journal must not read as if the step had not begun.

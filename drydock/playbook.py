@@ -40,7 +40,9 @@ def run_playbook(name: str, *, limit: str | None = None, extra_vars: dict | None
     """Run a playbook. With `capture`, Ansible's output is its JSON result, returned
     (host -> task name -> result) instead of shown."""
     playbook = project_root() / "playbooks" / name
-    with tempfile.TemporaryDirectory(prefix="drydock-") as scratch:
+    # In the run's private folder when there is one: a run killed (SIGKILL) leaves its scratch
+    # where `inv runs.show` points, not loose in /tmp.
+    with tempfile.TemporaryDirectory(prefix="scratch-" if run else "drydock-", dir=run.folder() if run else None) as scratch:
         failures = Path(scratch) / "failures.jsonl"
         command = ["ansible-playbook", str(playbook)]
         if limit:

@@ -35,7 +35,7 @@ def _run_dumping(playbook: str, *, limit: str, run: Run, extra_vars: dict, optio
     """Run a playbook that makes a backup, and load the dump it made (with `optional`, None
     if it made none): the dump this run wrote, never the newest folder, which may be
     another run's."""
-    with tempfile.TemporaryDirectory(prefix="drydock-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="scratch-", dir=run.folder()) as scratch:  # see run_playbook
         record = Path(scratch) / "dump.json"
         run_playbook(playbook, limit=limit, run=run, extra_vars={**extra_vars, "pg_backup_record": str(record)})
         if record.exists():
