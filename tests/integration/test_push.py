@@ -120,6 +120,18 @@ def test_playbook_refuses_another_name_for_the_replaced_database(pushed, connect
     assert "wagtail_site_old" not in databases(connect("staging", "postgres"))
 
 
+def test_a_push_to_an_environment_named_otherwise_is_refused_before_the_upload(pushed, connect):
+    """drydock_env must be the inventory name (backups/<name>/): a protected target's safety
+    backup would refuse it, but only after the upload and the checks; it is refused first."""
+    before = fingerprint(connect("production"))
+    proc = playbook("restore_database.yml", "--limit", "production", "-e", f"drydock_dump={pushed[1].path}",
+                    "-e", "drydock_confirm=production", "-e", "drydock_env=prod")
+    assert proc.returncode != 0
+    assert "drydock_env (prod) must be the host's inventory name (production)" in proc.stdout
+    assert "TASK [pg_restore" not in proc.stdout  # nothing uploaded, nothing checked on the host
+    assert fingerprint(connect("production")) == before
+
+
 def test_a_failed_health_check_swaps_the_live_database_back(pushed, connect, sandbox_env):
     before = fingerprint(connect("staging"))
     oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
