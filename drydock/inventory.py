@@ -31,6 +31,11 @@ class Inventory:
         """A protected environment (production) needs its name typed for any change."""
         return as_bool(self.hostvars.get(env, {}).get("drydock_protected", False))
 
+    def lock_name(self, env: str) -> str:
+        """The lock an environment's database is guarded by: the local one's is "local",
+        whatever the inventory calls its host (snapshot commands read no inventory)."""
+        return LOCAL_LOCK if env in self.local else env
+
     def environment(self, text: str) -> str:
         """Like server(), but the local environment is accepted too."""
         return self._one_of(text, self.servers + self.local)

@@ -114,7 +114,7 @@ def site(env_text: str, hostname: str, port: int | str = "", site_name: str = ""
     protected = inv.protected(env)
     confirm(env, protected, yes, "change the Site of")
     run = Run("site")
-    lock = LOCAL_LOCK if env in inv.local else env
+    lock = inv.lock_name(env)
     with _locks([lock], "site", say), run.step("site", env=env, hostname=hostname, port=port):
         run_playbook("site_hostname.yml", limit=env, run=run, extra_vars={
             "wagtail_site_hostname": hostname, "wagtail_site_port": port, "wagtail_site_name": site_name,
@@ -429,7 +429,7 @@ def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Ru
         raise InvalidInput(f"no such manifest: {manifest}")
     run = run or Run("verify")
     report = run.dir / f"verify-{env}.txt"
-    lock = LOCAL_LOCK if env in inv.local else env
+    lock = inv.lock_name(env)
     try:
         with _locks([] if locked else [lock], "verify", say), run.step(f"verify {env}", env=env, report=str(report)):
             run_playbook("verify_database.yml", limit=env, run=run, extra_vars={
