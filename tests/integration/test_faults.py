@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -36,9 +37,16 @@ SIDE_SUFFIXES = ("__incoming", "__outgoing", "__swapping", "__old")
 
 
 # -- helpers ------------------------------------------------------------------------------
+def run_started(folder: Path) -> float:
+    """When a run started, from its folder's name (<UTC time>-<task>): not its folder's mtime,
+    which changes whenever a file comes or goes, up to the run's end."""
+    stamp = datetime.strptime(folder.name.split("-", 1)[0], "%Y%m%dT%H%M%S.%fZ")
+    return stamp.replace(tzinfo=timezone.utc).timestamp()
+
+
 def newest_run_log(since: float) -> str:
-    """The Ansible log of the newest run started after `since` (empty until there is one)."""
-    runs = [p for p in journal.run_folders() if p.stat().st_mtime >= since - 1]
+    """The Ansible log of the runs started after `since` (empty until there is one)."""
+    runs = [p for p in journal.run_folders() if run_started(p) >= since]
     logs = [p / "ansible.log" for p in runs if (p / "ansible.log").exists()]
     return "".join(log.read_text(errors="replace") for log in logs)
 
