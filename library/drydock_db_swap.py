@@ -14,9 +14,11 @@ description:
   - When the live database does not exist yet, C(incoming) is simply renamed.
   - The old live database's comment records when it was set aside (C(set_aside)), which
     C(inv snapshot.list) shows as the age of the pull's C(pre_pull) snapshot.
-  - An exchange records on the database it brings live its write counters at that moment
-    (C(drydock_live_since)): a later rollback of a protected target counts the writes it
-    takes from there, as it does from a push's baseline.
+  - An exchange marks the database it sets aside as set aside by an exchange, and records on
+    the database it brings live its write counters at that moment (C(drydock_live_since)),
+    from which a later rollback of a protected target counts its writes, unless that
+    database was itself set aside by an exchange: it may hold writes (taken before it went
+    aside) that were never counted as lost, so it keeps its earlier baseline.
   - Connects to the C(postgres) maintenance database over the local socket as the current
     OS user (peer authentication).
 options:
@@ -57,22 +59,26 @@ from ansible.module_utils.drydock_pg import (require_psycopg, connect, database_
                                              set_database_comment, swap_in, write_fingerprint)
 
 
-def record_set_aside(conn, name: str) -> None:
-    """Note on the database the swap set aside when that happened, keeping its record.
-    The swap has happened: failing to note it must not fail the swap."""
+def record_set_aside(conn, name: str, by: str) -> None:
+    """Note on a database set aside when and by what (a swap of a restored copy, or an exchange),
+    keeping its record. Failing to note it must not fail the swap."""
     try:
         record = database_comment(conn, name)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        set_database_comment(conn, name, {**record, "set_aside": now})
-    except Exception:  # noqa: BLE001 - only the listing's age is missing then
+        set_database_comment(conn, name, {**record, "set_aside": now, "set_aside_by": by})
+    except Exception:  # noqa: BLE001 - the listing's age is missing then, and an exchange keeps the old baseline
         pass
 
 
 def record_live_since(conn, socket_dir: str, port: int, name: str) -> None:
-    """Note on `name`, about to go live, its write counters now. Without the note a rollback
-    refuses for want of a baseline (never a wrong count): failing to write it must not stop
-    the exchange."""
+    """Note on `name`, about to go live, its write counters now, if a push set it aside: the
+    push's guard made sure the copy that replaced it held all it had. One an exchange set
+    aside keeps its earlier baseline, so that writes it took before (a rollback let them go
+    aside) count again when it is rolled back again. Without a note a rollback refuses for
+    want of a baseline (never a wrong count): failing to write it must not stop the exchange."""
     try:
+        if database_comment(conn, name).get("set_aside_by") == "exchange":
+            return
         with connect(socket_dir, port, name) as db:
             db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             with db.cursor() as cur:
@@ -109,6 +115,7 @@ def main() -> None:
                 if module.check_mode:
                     module.exit_json(changed=True, previous=p["previous"], terminated=0)
                 record_live_since(conn, p["socket_dir"], p["port"], p["previous"])
+                record_set_aside(conn, p["database"], "exchange")  # before: after, it has another name
                 module.exit_json(changed=True, previous=p["previous"],
                                  terminated=exchange(conn, p["database"], p["previous"]))
             if not database_exists(conn, p["incoming"]):
@@ -120,7 +127,7 @@ def main() -> None:
                 set_database_comment(conn, p["incoming"], p["comment"])
             terminated = swap_in(conn, p["database"], p["incoming"], p["previous"])
             if has_live:
-                record_set_aside(conn, p["previous"])
+                record_set_aside(conn, p["previous"], "swap")
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
     module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=terminated)

@@ -167,10 +167,11 @@ def test_a_failed_health_check_swaps_back_even_when_the_app_then_will_not_stop(p
         assert response.status == 200
 
 
-def test_a_failing_swap_back_still_starts_the_app_and_says_what_is_live(pushed, connect, sandbox_env, tmp_path):
+def test_a_failing_swap_back_leaves_the_app_stopped_and_says_what_is_live(pushed, connect, sandbox_env, tmp_path):
     """The stop before the swap-back also renames <db>__previous away, so the swap-back
-    fails: the app is started all the same, the line says the pushed copy is live and how to
-    go back, and following that advice brings the previous database back."""
+    fails: the app stays stopped (not started on the copy that failed its check), the line
+    says the pushed copy is live and how to go back, and following that advice brings the
+    previous database back and starts the app."""
     staging = sandbox_env["staging"]
     service = ROOT / ".sandbox" / "staging" / "app-service"
     stopped_once = tmp_path / "stopped-once"
@@ -191,9 +192,10 @@ def test_a_failing_swap_back_still_starts_the_app_and_says_what_is_live(pushed, 
     try:
         assert proc.returncode != 0
         assert ("(not swapped back; the swap-back failed (cannot exchange: database wagtail_site__previous does not"
-                " exist): the pushed copy is still live; run inv rollback staging)") in proc.stdout, proc.stdout[-3000:]
-        with urllib.request.urlopen(f"http://{staging['host']}:8000/healthz", timeout=10) as response:
-            assert response.status == 200  # started again
+                " exist): the pushed copy is still live, and the app was left stopped; run inv rollback staging once"
+                " the cause is fixed)") in proc.stdout, proc.stdout[-3000:]
+        with pytest.raises(OSError):  # URLError: connection refused
+            urllib.request.urlopen(f"http://{staging['host']}:8000/healthz", timeout=10)
     finally:
         subprocess.run(["/bin/sh", "-c", as_db_owner("ALTER DATABASE wagtail_site__aside RENAME TO wagtail_site__previous")],
                        check=True)
@@ -201,6 +203,8 @@ def test_a_failing_swap_back_still_starts_the_app_and_says_what_is_live(pushed, 
     inv("rollback", "staging", "--yes", check=True)
     assert connect("staging", "postgres").execute(oid).fetchone() == live
     assert fingerprint(connect("staging")) == before
+    with urllib.request.urlopen(f"http://{staging['host']}:8000/healthz", timeout=10) as response:
+        assert response.status == 200  # the rollback started it
 
 
 def newest_local_dump(scrubbed: bool):
@@ -392,17 +396,19 @@ def test_rolling_production_back_after_it_took_writes_is_refused_unless_allowed(
         assert response.status == 200  # the app was started again
     inv("rollback", "production", "--yes", "--allow-lost-writes", check=True)
     assert connect("production", "postgres").execute(oid).fetchone() != pushed_oid
-    # The exchange recorded the counters of the database it brought back: with no write since,
-    # forward again needs no override, and it brings the write back.
+    # The exchange recorded the counters of the database it brought back, which the push had
+    # set aside: with no write since, forward again needs no override, and it brings the
+    # write back.
     inv("rollback", "production", "--yes", check=True)
     assert fingerprint(connect("production")) == before
-    # Counted from that exchange now, not from the push: the one write since, not two.
+    # The pushed database was set aside by that rollback, with the write it held: brought back,
+    # it still counts from the push, so rolling it back again counts that write too.
     connect("production").execute("UPDATE blog_post SET body = body || '<p>written after the swap forward</p>'"
                                   " WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)")
     time.sleep(1.2)
     refused = inv("rollback", "production", "--yes")
     assert refused.returncode == 1
-    assert "it has taken writes since it was swapped in (blog_post (+1))" in error_lines(refused)[-1]
+    assert "it has taken writes since it was swapped in (blog_post (+2))" in error_lines(refused)[-1]
     assert connect("production", "postgres").execute(oid).fetchone() == pushed_oid
 
 
