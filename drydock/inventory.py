@@ -13,8 +13,13 @@ from drydock.validate import InvalidInput, environment_name
 
 
 def as_bool(value) -> bool:
-    """An inventory flag read as the playbooks' `| bool` reads it: "false" is false."""
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "yes", "on", "1", "y", "t")
+    """A safety flag from the inventory (drydock_protected, drydock_safety_backup): false only
+    when it says false as the playbooks' `| bool` reads it ("false", "no", 0, ...). Anything
+    else is true, a template too: `ansible-inventory --list` does not render templates, and
+    a flag drydock cannot read must ask for the name rather than skip it."""
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() not in ("false", "no", "off", "0", "n", "f", "", "none")
 
 
 @dataclass(frozen=True)

@@ -95,11 +95,20 @@ def _guarded(folder: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _read(path: Path) -> dict:
+def _read(path: Path) -> dict | None:
+    """The lock's record; None when there is no lock; {} when its file holds no record (a run
+    died while writing it). A file that cannot be read is an error, never taken as torn."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise DrydockError(f"cannot read the lock {path}: {error.strerror}") from None
+    try:
+        value = json.loads(text)
+    except ValueError:
         return {}
+    return value if isinstance(value, dict) else {}
 
 
 @contextmanager
@@ -110,7 +119,7 @@ def target_lock(env: str, task: str, say: Callable[[str], None] = print, root: P
     record = {"pid": os.getpid(), "process_start": process_start(os.getpid()), "host": socket.gethostname(), "task": task,
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     with _guarded(folder):
-        holder = _read(path) if path.exists() else None
+        holder = _read(path)
         if holder == {}:  # written under this guard, so never half-written but by a run that died
             say(f"clearing an unreadable lock on {env} (a run died while writing it)")
             path.unlink()
@@ -127,6 +136,9 @@ def target_lock(env: str, task: str, say: Callable[[str], None] = print, root: P
     try:
         yield path
     finally:
-        with _guarded(folder):
-            if _read(path) == record:  # only our own: never a lock another run holds now
-                path.unlink()
+        try:
+            with _guarded(folder):
+                if _read(path) == record:  # only our own: never a lock another run holds now
+                    path.unlink()
+        except DrydockError as error:  # the work is done: say so rather than fail it, or hide its error
+            say(f"could not release the lock on {env} ({error}); the next command clears it as stale")
