@@ -152,26 +152,31 @@ def test_no_secret_in_the_executed_notebook_or_the_log(fresh_local, sandbox_env,
 
 def test_every_password_parameter_is_cut_from_the_notebook_parameters(sandbox_env, tmp_path):
     """Two password= in a row (the example site's settings refuse such a URL, another app's
-    may not): both go, each with its own separator, and the query keeps its other options.
-    Only the parameters task runs here, from the role itself."""
+    may not), and sslpassword=: all go, each with its own separator, and the query keeps its
+    other options. Only the role's parameters task runs here: no notebook is executed."""
     out = tmp_path / "run"
+    out.mkdir(mode=0o700)
     play = tmp_path / "parameters.yml"
     play.write_text(json.dumps([{
         "hosts": "drydock_local", "gather_facts": False,
-        "tasks": [{"ansible.builtin.include_role": {"name": "django_migrate", "tasks_from": "notebook"}}]}]))
-    url = "postgresql://wagtail_site@127.0.0.1:55432/wagtail_site?password=s3cret-1&password=s3cret-2&sslmode=disable"
+        "tasks": [{"ansible.builtin.include_role": {"name": "django_migrate", "tasks_from": "notebook_parameters"}}]}]))
+    url = ("postgresql://wagtail_site@127.0.0.1:55432/wagtail_site"
+           "?password=s3cret-1&password=s3cret-2&sslpassword=s3cret-3&sslmode=disable")
     vars_file = tmp_path / "vars.json"
     vars_file.write_text(json.dumps({"django_migrate_database_url": url, "django_migrate_output_dir": str(out),
                                      "django_migrate_notebook": str(NOTEBOOK)}))
-    subprocess.run(["ansible-playbook", str(play), "-e", f"@{vars_file}"],
-                   cwd=ROOT, capture_output=True, text=True, env=ansible_env(), timeout=300)
+    proc = subprocess.run(["ansible-playbook", str(play), "-e", f"@{vars_file}"],
+                          cwd=ROOT, capture_output=True, text=True, env=ansible_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "papermill" not in proc.stdout
     parameters = (out / "parameters.yml").read_text()
     assert "s3cret" not in parameters
     assert "database_url: postgresql://wagtail_site@127.0.0.1:55432/wagtail_site?sslmode=disable" in parameters
 
 
 @pytest.mark.parametrize("url", ["postgresql://wagtail_site@127.0.0.1/another",
-                                 "postgresql://wagtail_site@127.0.0.1/another?application_name=/wagtail_site"])
+                                 "postgresql://wagtail_site@127.0.0.1/another?application_name=/wagtail_site",
+                                 "postgresql://wagtail_site@127.0.0.1/wagtail_site?dbname=another"])
 def test_a_database_url_naming_another_database_is_refused(fresh_local, connect, tmp_path, url):
     """The step's safety snapshot is of the local database: a URL naming another one would be
     migrated with nothing to put it back from (its name elsewhere in the URL does not count)."""
