@@ -37,7 +37,8 @@ class Run:
         parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # runs/ itself too, however it was made; only ours to change (DRYDOCK_RUNS may name a
         # folder another user made private for us).
-        if parent.stat().st_uid == os.getuid() and parent.stat().st_mode & 0o077:
+        mode = parent.stat()
+        if mode.st_uid == os.getuid() and mode.st_mode & 0o077:
             parent.chmod(0o700)
         self.dir.mkdir(mode=0o700, exist_ok=True)
         return self.dir

@@ -42,7 +42,8 @@ def run_playbook(name: str, *, limit: str | None = None, extra_vars: dict | None
     playbook = project_root() / "playbooks" / name
     # In the run's private folder when there is one: a run killed (SIGKILL) leaves its scratch
     # where `inv runs.show` points, not loose in /tmp.
-    with tempfile.TemporaryDirectory(prefix="scratch-" if run else "drydock-", dir=run.folder() if run else None) as scratch:
+    in_run = {"prefix": "scratch-", "dir": run.folder()} if run else {"prefix": "drydock-"}
+    with tempfile.TemporaryDirectory(**in_run) as scratch:
         failures = Path(scratch) / "failures.jsonl"
         command = ["ansible-playbook", str(playbook)]
         if limit:

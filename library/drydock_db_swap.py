@@ -77,15 +77,16 @@ def record_live_since(conn, socket_dir: str, port: int, name: str) -> None:
     aside) count again when it is rolled back again. Without a note a rollback refuses for
     want of a baseline (never a wrong count): failing to write it must not stop the exchange."""
     try:
-        if database_comment(conn, name).get("set_aside_by") == "exchange":
+        record = database_comment(conn, name)
+        if record.get("set_aside_by") == "exchange":
             return
         with connect(socket_dir, port, name) as db:
             db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             with db.cursor() as cur:
                 counters = write_fingerprint(cur)
         now = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        set_database_comment(conn, name, {**database_comment(conn, name),
-                                          "drydock_live_since": {"write_fingerprint": counters, "recorded": now}})
+        set_database_comment(conn, name, {**record, "drydock_live_since": {"write_fingerprint": counters,
+                                                                           "recorded": now}})
     except Exception:  # noqa: BLE001 - the rollback then refuses without --allow-lost-writes
         pass
 
