@@ -1,7 +1,11 @@
-"""The whole workflow in one command, as the demo runs it: production → local → Podcast → staging."""
+"""The whole workflow in one command: the demo's production → local → Podcast → staging, and what it
+leaves when a check fails before or after the push."""
+import threading
 import urllib.request
 
-from tests.conftest import ROOT, inv
+import psycopg
+
+from tests.conftest import ROOT, database_url, error_lines, fingerprint, inv
 
 NOTEBOOK = ROOT / "examples" / "notebooks" / "blog_to_podcast.ipynb"
 
@@ -23,8 +27,6 @@ def test_pipeline_puts_the_podcast_on_staging(sandbox_env, connect):
 
 
 def test_pipeline_stops_before_the_push_when_the_local_copy_fails_verification(sandbox_env, connect, tmp_path):
-    from tests.conftest import error_lines, fingerprint
-
     script = tmp_path / "by_hand.py"
     script.write_text("import django\ndjango.setup()\nfrom django.db import connection\n"
                       "with connection.cursor() as c:\n"
@@ -39,7 +41,6 @@ def test_pipeline_stops_before_the_push_when_the_local_copy_fails_verification(s
 
 def test_pipeline_from_an_unprotected_source_to_production_is_refused_before_anything(sandbox_env, connect):
     from drydock.paths import backups_dir
-    from tests.conftest import error_lines, fingerprint
 
     before = {env: fingerprint(connect(env)) for env in ("local", "production")}
     staging_backups = sorted((backups_dir() / "staging").glob("*")) if (backups_dir() / "staging").exists() else []
@@ -49,3 +50,87 @@ def test_pipeline_from_an_unprotected_source_to_production_is_refused_before_any
     assert {env: fingerprint(connect(env)) for env in ("local", "production")} == before
     now = sorted((backups_dir() / "staging").glob("*")) if (backups_dir() / "staging").exists() else []
     assert now == staging_backups
+
+
+OID = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
+SESSION_KEY = "written-after-the-swap"
+
+
+class WriteAfterTheSwap(threading.Thread):
+    """Waits until a swap has put another database under the live name on `env`, then writes
+    one session row into it, as a user of the new site would: the pushed copy then no longer
+    matches its manifest (the pipeline's verification fails), and the target has taken a
+    write since the push."""
+
+    def __init__(self, sandbox_env, env: str):
+        super().__init__(daemon=True)
+        self.admin_url = database_url(sandbox_env, env, "postgres")
+        self.live_url = database_url(sandbox_env, env)
+        with psycopg.connect(self.admin_url) as admin:
+            self.original_oid = admin.execute(OID).fetchone()[0]
+        self.written_to = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(self.admin_url, autocommit=True) as admin:
+            while not self.stop.wait(0.02):
+                oid = admin.execute(OID).fetchone()
+                if oid and oid[0] != self.original_oid:
+                    break
+            else:
+                return
+        with psycopg.connect(self.live_url, autocommit=True) as live:  # closed at once: its counters are sent
+            live.execute("INSERT INTO django_session (session_key, session_data, expire_date)"
+                         " VALUES (%s, 'x', now() + interval '1 day')", (SESSION_KEY,))
+        self.written_to = oid[0]
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.join(timeout=10)
+
+
+def served(sandbox_env, env: str) -> int:
+    with urllib.request.urlopen(f"http://{sandbox_env[env]['host']}:8000/healthz", timeout=10) as response:
+        return response.status
+
+
+def test_pipeline_rolls_staging_back_when_it_fails_verification_after_the_push(sandbox_env, connect):
+    before = fingerprint(connect("staging"))
+    with WriteAfterTheSwap(sandbox_env, "staging") as writer:
+        proc = inv("pipeline", "production", "staging")
+    assert writer.written_to is not None, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 1
+    line = error_lines(proc)[-1]
+    assert "row counts" in line and "django_session" in line, line
+    assert line.endswith("(the push was rolled back: staging runs its previous database)"), line
+    assert connect("staging", "postgres").execute(OID).fetchone()[0] == writer.original_oid
+    assert fingerprint(connect("staging")) == before
+    assert served(sandbox_env, "staging") == 200
+
+
+def test_pipeline_never_rolls_back_a_protected_target_that_took_writes_since_the_push(sandbox_env, connect):
+    """The automatic rollback would set production's new write aside: it is refused, the
+    pushed database stays live with the write, and the message says how to roll back anyway."""
+    before = fingerprint(connect("production"))
+    with WriteAfterTheSwap(sandbox_env, "production") as writer:
+        proc = inv("pipeline", "production", "production", "--yes")
+    assert writer.written_to is not None, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 1
+    line = error_lines(proc)[-1]
+    assert "row counts" in line and "django_session" in line, line
+    assert ("(not rolled back: production: refusing to roll back production: it has taken writes since it was"
+            " swapped in (django_session (+1))") in line, line
+    assert line.endswith("; to roll back anyway: inv rollback production --allow-lost-writes"), line
+    assert connect("production", "postgres").execute(OID).fetchone()[0] == writer.written_to
+    assert connect("production").execute("SELECT count(*) FROM django_session WHERE session_key = %s",
+                                         (SESSION_KEY,)).fetchone()[0] == 1
+    assert served(sandbox_env, "production") == 200
+    # What the message says brings back production as it was before the pipeline.
+    inv("rollback", "production", "--yes", "--allow-lost-writes", check=True)
+    assert connect("production", "postgres").execute(OID).fetchone()[0] == writer.original_oid
+    assert fingerprint(connect("production")) == before
+    assert served(sandbox_env, "production") == 200
