@@ -122,8 +122,8 @@ def test_pipeline_never_rolls_back_a_protected_target_that_took_writes_since_the
     assert proc.returncode == 1
     line = error_lines(proc)[-1]
     assert "row counts" in line and "django_session" in line, line
-    assert ("(not rolled back: production: refusing to roll back production: it has taken writes since it was"
-            " swapped in (django_session (+1))") in line, line
+    assert ("(not rolled back: refusing to roll back production: it has taken writes since it was swapped in"
+            " (django_session (+1))") in line, line
     assert line.endswith("; to roll back anyway: inv rollback production --allow-lost-writes"), line
     assert connect("production", "postgres").execute(OID).fetchone()[0] == writer.written_to
     assert connect("production").execute("SELECT count(*) FROM django_session WHERE session_key = %s",
