@@ -9,7 +9,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from drydock.errors import Interrupted
 from drydock.lock import owner_running, process_start
@@ -51,16 +51,31 @@ class Run:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
         return path
 
+    @property
+    def progress_file(self) -> Path:
+        """Where callback_plugins/drydock_progress records each task's start and result."""
+        return self.folder() / "tasks.jsonl"
+
+    def task_events(self, action: str, host: str) -> list[str]:
+        """The events (start, ok, failed...) of the tasks running module `action` on `host`
+        in this run so far, in order."""
+        try:
+            lines = self.dir.joinpath("tasks.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        events = [json.loads(line) for line in lines if line.strip()]
+        return [e["event"] for e in events if e.get("action") == action and e.get("host") == host]
+
     def write(self, entry: dict) -> None:
         fd = os.open(self.folder() / "journal.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a") as handle:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
 
     @contextmanager
-    def step(self, name: str, interrupted: str = "", **details) -> Iterator[dict]:
+    def step(self, name: str, interrupted: str | Callable[[], str] = "", **details) -> Iterator[dict]:
         """Journal a step: its start, end, outcome and whatever details the body adds.
         Interrupted (Ctrl-C), it ends the command with one line that says what it may have
-        left (`interrupted`) and how to go on."""
+        left (`interrupted`, or what it returns then) and how to go on."""
         self.folder()
         entry = {"step": name, "start": datetime.now(timezone.utc).isoformat(), **details}
         # A line at the start too: a run killed (SIGKILL, a crash) never writes its end, and
@@ -75,7 +90,8 @@ class Run:
             entry["outcome"] = "ok"
         except KeyboardInterrupt:
             entry["outcome"] = "failed"
-            entry["error"] = f"interrupted during {name}" + (f": {interrupted}" if interrupted else "")
+            left = interrupted() if callable(interrupted) else interrupted
+            entry["error"] = f"interrupted during {name}" + (f": {left}" if left else "")
             raise Interrupted(entry["error"]) from None
         except BaseException as error:
             entry["outcome"] = "failed"

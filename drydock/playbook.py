@@ -22,6 +22,7 @@ def ansible_env(run: Run | None = None) -> dict[str, str]:
         env["ANSIBLE_INVENTORY"] = str((project_root() / os.environ["DRYDOCK_INVENTORY"]).resolve())
     if run is not None:
         env["ANSIBLE_LOG_PATH"] = str(run.ansible_log)
+        env["DRYDOCK_PROGRESS_FILE"] = str(run.progress_file)
     return env
 
 

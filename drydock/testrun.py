@@ -37,6 +37,7 @@ FILE_SECONDS = {
     "tests/e2e/test_pipeline.py": 250,
     "tests/integration/test_push.py": 280,
     "tests/integration/test_pull.py": 75,
+    "tests/integration/test_interrupt.py": 35,
     "tests/integration/test_backup.py": 50,
     "tests/integration/test_site.py": 40,
     "tests/test_lint.py": 22,

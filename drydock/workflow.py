@@ -87,8 +87,7 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
         if dump.source_env != env:
             raise DrydockError(f"{dump.path} is a dump of {dump.source_env}, not of {env}")
         with run.step("pull", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
-                      interrupted="the local database is the old one or the pulled one, never half of each (the swap "
-                                  "is one transaction); the next pull drops a side database left behind"):
+                      interrupted=lambda: _pull_interrupted(run, local)):
             say(f"==> restoring {dump.path.name} into the local database")
             run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
             unfinished.clear_unless_running()  # the local database was replaced: an interrupted step's state is gone
@@ -309,10 +308,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
         take_safety_backup = _takes_safety_backup(target)
         with run.step("restore", env=env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
                       rows=dump.total_rows,
-                      interrupted=f"{env}'s app may be stopped, and its live database is the old one or the pushed one "
-                                  f"(the swap is one transaction): if the run's ansible.log shows the swap ran, start the "
-                                  f"app or `inv rollback {env}` (a second push would drop the database from before); "
-                                  f"otherwise run the push again") as step:
+                      interrupted=lambda: _push_interrupted(run, env, target["drydock_db_name"])) as step:
             say(f"==> restoring {dump.path.name} onto {env}")
             safety = _run_dumping("restore_database.yml", limit=env, run=run, extra_vars={
                 "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
@@ -331,6 +327,39 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
         f"{target['drydock_db_name']}__previous (inv rollback {env})"
         + (f"; safety backup: {safety.path}" if safety else ""))
     return dump
+
+
+# What an interrupted pull or push left depends on whether its swap ran, which only the
+# progress Ansible reported tells (drydock_progress): its log does not show a task stopped
+# midway. The swap is one transaction, so the live database is always whole.
+def _pull_interrupted(run: Run, local: str) -> str:
+    swaps = run.task_events("drydock_db_swap", local)
+    if not swaps:
+        return ("the swap did not run: the local database is unchanged; the next pull drops the side database and "
+                "archive left behind")
+    if swaps == ["start", "ok"]:
+        return ("the swap ran: the local database is the pulled one, and the one before it is snapshot pre_pull "
+                "(`inv snapshot.restore pre_pull` brings it back; a second pull would replace it)")
+    return ("the swap was running: the local database is the old one or the pulled one, never half of each; if the "
+            "swap went through, snapshot pre_pull holds the old one, and a second pull would replace it")
+
+
+def _push_interrupted(run: Run, env: str, database: str) -> str:
+    swaps = run.task_events("drydock_db_swap", env)
+    if not swaps:
+        return (f"the swap did not run: {env} runs its old database, and its app may be stopped; push again, which "
+                f"drops the side database left behind and starts the app")
+    if swaps == ["start", "ok"]:
+        return (f"the swap ran: {env} runs the pushed copy, its database from before is {database}__previous, and its "
+                f"app may be stopped: `inv rollback {env}` brings that database back and starts the app (a second "
+                f"push would drop it)")
+    if swaps.count("start") == 1:
+        return (f"the swap was running: {env} runs its old database or the pushed copy, and its app may be stopped; "
+                f"if {database}__incoming is still on {env}, the copy never went in (push again), otherwise "
+                f"`inv rollback {env}` brings back the database from before (a second push would drop it)")
+    return (f"{env} was being swapped back after a failed check: it runs its old database or the pushed copy, and its "
+            f"app may be stopped; see which one {database} is before you roll back or push again (a second push "
+            f"would drop {database}__previous)")
 
 
 def _takes_safety_backup(hostvars: dict) -> bool:

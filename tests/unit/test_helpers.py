@@ -105,6 +105,34 @@ def test_an_interrupted_step_says_what_it_left_and_a_refused_command_leaves_no_r
     assert entry["outcome"] == "failed" and entry["error"] == "interrupted during pull: the local database is whole"
 
 
+def test_an_interrupted_push_says_whether_its_swap_ran_from_the_progress_ansible_reported(tmp_path):
+    """Ansible's log shows a task's banner only with its result: which swap ran is read from
+    the events drydock_progress records, per host (a pipeline's pull swaps on local)."""
+    from drydock.workflow import _pull_interrupted, _push_interrupted
+
+    def interrupted_after(*events: tuple[str, str]) -> tuple[str, str]:
+        run = Run("push", root=tmp_path)
+        lines = [{"event": event, "host": host, "action": "drydock_db_swap", "task": "Swap"} for host, event in events]
+        lines.insert(0, {"event": "ok", "host": "staging", "action": "drydock_pg_restore", "task": "Restore"})
+        run.progress_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        with pytest.raises(DrydockError) as push_error:
+            with run.step("restore", interrupted=lambda: _push_interrupted(run, "staging", "site")):
+                raise KeyboardInterrupt
+        return str(push_error.value), _pull_interrupted(run, "local")
+
+    push, pull = interrupted_after()
+    assert push.startswith("interrupted during restore: the swap did not run: staging runs its old database")
+    assert "push again" in push and pull.startswith("the swap did not run: the local database is unchanged")
+    push, pull = interrupted_after(("local", "start"), ("local", "ok"), ("staging", "start"))
+    assert "the swap was running" in push and "if site__incoming is still on staging" in push
+    assert pull.startswith("the swap ran: the local database is the pulled one")
+    push, _ = interrupted_after(("staging", "start"), ("staging", "ok"))
+    assert ("the swap ran: staging runs the pushed copy, its database from before is site__previous" in push
+            and "`inv rollback staging` brings that database back" in push and "push again" not in push)
+    push, _ = interrupted_after(("staging", "start"), ("staging", "ok"), ("staging", "start"))
+    assert "staging was being swapped back after a failed check" in push
+
+
 def test_the_unfinished_step_mark_refuses_and_is_kept_while_its_step_runs(tmp_path):
     import subprocess
     import sys
