@@ -52,7 +52,9 @@ def run_playbook(name: str, *, limit: str | None = None, extra_vars: dict | None
         if extra_vars:
             # A file, not the command line: values never show in the process list.
             vars_file = Path(scratch) / "vars.json"
-            vars_file.write_text(json.dumps(extra_vars))
+            # 0600 like every file of a run: a run killed (SIGKILL) leaves it behind.
+            with os.fdopen(os.open(vars_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+                handle.write(json.dumps(extra_vars))
             command += ["--extra-vars", f"@{vars_file}"]
         env = ansible_env(run)
         env["DRYDOCK_FAILURES_FILE"] = str(failures)

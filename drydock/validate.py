@@ -14,9 +14,11 @@ class InvalidInput(ValueError):
 
 
 def hostname(value: str) -> str:
+    """The host name, lower-cased as Wagtail matches it (and drydock_site stores it)."""
     if not isinstance(value, str) or len(value) > 253 or not _HOSTNAME.fullmatch(value):
-        raise InvalidInput(f"invalid hostname {value!r}: use letters, digits, dots and hyphens only")
-    return value
+        raise InvalidInput(f"invalid hostname {value!r}: a DNS name is labels of letters, digits and inner "
+                           "hyphens (at most 63 characters each) joined by single dots, at most 253 in all")
+    return value.lower()
 
 
 def count(value: int | str, what: str, minimum: int = 1) -> int:

@@ -103,7 +103,7 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
 
 def site(env_text: str, hostname: str, port: int | str = "", site_name: str = "", yes: bool = False,
          say: Say = print) -> None:
-    valid_hostname(hostname)
+    hostname = valid_hostname(hostname)
     if port != "":
         port = valid_port(port)
     inv = inventory.load()

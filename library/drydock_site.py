@@ -14,7 +14,7 @@ options:
   database: {description: Database to change., type: str, required: true}
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
-  hostname: {description: New hostname (a DNS name)., type: str, required: true}
+  hostname: {description: "New hostname (a DNS name), stored lower-cased as Wagtail matches it.", type: str, required: true}
   site_port: {description: New port of the Site., type: int, required: true}
   site_name: {description: site_name of the Site to change; empty for the default Site., type: str, default: ""}
   django_site_id: {description: Row of django_site (SITE_ID) to change with the default Site., type: int, default: 1}
@@ -67,13 +67,13 @@ def site_problems(conn, database: str, hostname: str, port: int, site_name: str,
     if not tables[0]:
         return [f"database {database} has no wagtailcore_site table"]
     where, args = ("is_default_site", ()) if not site_name else ("site_name = %s", (site_name,))
-    rows = conn.execute(f"SELECT hostname, port FROM wagtailcore_site WHERE {where}", args).fetchall()
+    rows = conn.execute(f"SELECT hostname, port, is_default_site FROM wagtailcore_site WHERE {where}", args).fetchall()
     if len(rows) != 1:
         return [f"{len(rows)} Sites match {'the default Site' if not site_name else repr(site_name)}, expected 1"]
     problems = []
-    if tuple(rows[0]) != (hostname, port):
+    if tuple(rows[0][:2]) != (hostname, port):
         problems.append(f"{rows[0][0]}:{rows[0][1]}, expected {hostname}:{port}")
-    if tables[1] and not site_name:
+    if tables[1] and rows[0][2]:  # django_site follows the default Site, however it was named
         row = conn.execute("SELECT domain FROM django_site WHERE id = %s", (django_site_id,)).fetchone()
         if row is None:
             problems.append(f"django_site has no row {django_site_id} (SITE_ID)")
@@ -88,16 +88,17 @@ def switch(conn, database: str, hostname: str, port: int, site_name: str, django
     if not tables[0]:
         raise SiteError(f"database {database} has no wagtailcore_site table: is it a Wagtail site's database?")
     where, args = ("is_default_site", ()) if not site_name else ("site_name = %s", (site_name,))
-    rows = conn.execute(f"SELECT id, hostname, port FROM wagtailcore_site WHERE {where} FOR UPDATE", args).fetchall()
+    rows = conn.execute(f"SELECT id, hostname, port, is_default_site FROM wagtailcore_site WHERE {where} FOR UPDATE",
+                        args).fetchall()
     which = "the default Site" if not site_name else f"site_name {site_name!r}"
     if not rows:
         raise SiteError(f"no Site matches {which} in {database}: nothing changed")
     if len(rows) > 1:
         raise SiteError(f"{len(rows)} Sites match {which} in {database}: nothing changed")
-    site_id, old_host, old_port = rows[0]
+    site_id, old_host, old_port, is_default = rows[0]
     conn.execute("UPDATE wagtailcore_site SET hostname = %s, port = %s WHERE id = %s", (hostname, port, site_id))
     domain, old_domain = None, None
-    if tables[1] and not site_name:
+    if tables[1] and is_default:  # django_site follows the default Site, however it was named
         domain = django_domain(hostname, port)
         row = conn.execute("SELECT domain FROM django_site WHERE id = %s", (django_site_id,)).fetchone()
         old_domain = row[0] if row else None
@@ -117,6 +118,9 @@ def main() -> None:
     require_psycopg(module)
     if not HOSTNAME.match(p["hostname"]) or not 1 <= p["site_port"] <= 65535:
         module.fail_json(msg=f"invalid Site hostname {p['hostname']!r} or port {p['site_port']}")
+    # Wagtail matches a request's host lower-cased (and its own forms lower-case the Site's):
+    # a Site stored with capitals would never be found.
+    p["hostname"] = p["hostname"].lower()
     import psycopg
 
     try:

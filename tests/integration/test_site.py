@@ -21,6 +21,25 @@ def test_switch_sets_wagtail_and_django_sites(pulled, connect):
     assert connect("local").execute(SITE).fetchone() == ("localhost", 8000)
 
 
+def test_a_hostname_is_stored_lower_cased_and_the_default_site_named_keeps_django_site(pulled, connect):
+    """Wagtail matches a request's host lower-cased: a Site stored with capitals would never
+    be found. And django_site follows the default Site, whether it is named or not."""
+    conn = connect("local")
+    name = conn.execute("SELECT site_name FROM wagtailcore_site WHERE is_default_site").fetchone()[0]
+    try:
+        inv("site", "local", "Preview.Example.TEST", check=True)
+        assert conn.execute(SITE).fetchone() == ("preview.example.test", 8000)
+        plain = playbook("site_hostname.yml", "--limit", "local", "-e", "wagtail_site_hostname=Plain.Example.TEST",
+                         "-e", "wagtail_site_port=8000")
+        assert plain.returncode == 0, plain.stdout[-2000:]
+        assert conn.execute(SITE).fetchone() == ("plain.example.test", 8000)
+        inv("site", "local", "named.example.test", "--site-name", name, check=True)
+        assert conn.execute(SITE).fetchone() == ("named.example.test", 8000)
+        assert conn.execute("SELECT domain FROM django_site WHERE id = 1").fetchone()[0] == "named.example.test:8000"
+    finally:
+        inv("site", "local", "localhost", check=True)
+
+
 def test_production_needs_confirmation(pulled, connect):
     before = connect("production").execute(SITE).fetchone()
     proc = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "site", "production", "evil.test"],

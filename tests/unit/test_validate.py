@@ -9,6 +9,10 @@ def test_good_hostnames(name):
     assert validate.hostname(name) == name
 
 
+def test_a_hostname_comes_back_lower_cased_as_wagtail_matches_it():
+    assert validate.hostname("Preview.Example.ORG") == "preview.example.org"
+
+
 @pytest.mark.parametrize("name", ["", "bad host", "x';--", '"q"', "-a.com", "a-.com", "a..b", "a" * 64 + ".com",
                                   "under_score.com", "host:8000", "ümlaut.de", "a\nb", "example.org\n", "trailing-.test"])
 def test_bad_hostnames(name):
