@@ -404,7 +404,7 @@ esac
         script.chmod(0o700)
         _run([str(script), "start"])
 
-    def _stop_app(self, env: Environment) -> None:
+    def _stop_app(self, env: Environment, say: Say | None = None) -> None:
         """Stop the host's app by the PID in its pidfile, if that process is our gunicorn."""
         try:
             pid = int(self.app_pidfile(env).read_text().split()[0])
@@ -414,7 +414,7 @@ esac
         if self._alive(pid, marker):
             if not _stop(pid, signal.SIGTERM, marker, children=True):
                 raise SandboxError(f"the app on {env.name} (pid {pid}) did not stop; .sandbox/ left in place")
-            self.say(f"  stopped app-{env.name} (pid {pid})")
+            (say or self.say)(f"  stopped app-{env.name} (pid {pid})")
 
     # -- seeding ------------------------------------------------------------------------
     def manage(self, env: Environment, *args: str) -> str:
@@ -496,10 +496,19 @@ esac
 
     # -- down ---------------------------------------------------------------------------
     def down(self, quiet: bool = False) -> None:
+        def tell(message: str) -> None:
+            """Progress that may not stop the stopping: an output closed early (`| head`) would
+            otherwise leave half the sandbox running."""
+            if not quiet:
+                try:
+                    self.say(message)
+                except OSError:
+                    pass
+
         if self.root.exists():
             for env in self.environments:
                 if env.server:
-                    self._stop_app(env)
+                    self._stop_app(env, tell)
         for key, entry in self._pids().items():
             pid, marker = entry["pid"], entry["marker"]
             if not self._alive(pid, marker):
@@ -510,12 +519,10 @@ esac
             postgres = key.startswith("postgres")
             if not _stop(pid, signal.SIGINT if postgres else signal.SIGTERM, marker, children=not postgres):
                 raise SandboxError(f"{key} (pid {pid}) did not stop; .sandbox/ left in place")
-            if not quiet:
-                self.say(f"  stopped {key} (pid {pid})")
+            tell(f"  stopped {key} (pid {pid})")
         if self.root.exists():
             shutil.rmtree(self.root)
-        if not quiet:
-            self.say("sandbox is down")
+        tell("sandbox is down")
 
     def is_up(self) -> bool:
         if not (self.root / "env.json").exists():

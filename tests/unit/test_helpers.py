@@ -182,6 +182,31 @@ def make_backup(root, env, stamp, with_dump=True):
     return folder
 
 
+def test_sandbox_down_stops_everything_when_its_output_is_closed(tmp_path):
+    """`inv sandbox.down | head -1`: the pipe closes after the first line, and the stopping
+    must go on all the same."""
+    import subprocess
+
+    from drydock.sandbox import Sandbox
+
+    def closed_output(message: str) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    marker = "drydock-test-sandbox-down"
+    sleepers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker]) for _ in range(2)]
+    try:
+        box = Sandbox(root=tmp_path / "sandbox", say=closed_output)
+        box.root.mkdir()
+        box.pids_file.write_text(json.dumps({f"sleeper{i}": {"pid": p.pid, "marker": marker}
+                                             for i, p in enumerate(sleepers)}))
+        box.down()
+        assert [p.wait(timeout=10) for p in sleepers] == [-15, -15]  # both got SIGTERM
+        assert not box.root.exists()
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+
+
 def test_latest_picks_the_newest_complete_backup(tmp_path):
     make_backup(tmp_path, "production", "20260101T000000Z")
     newest = make_backup(tmp_path, "production", "20260102T000000Z")
