@@ -16,6 +16,10 @@ from drydock.lock import owner_running, process_start
 from drydock.paths import runs_dir
 
 
+# Each task's start and result per host, written by callback_plugins/drydock_progress.
+PROGRESS_FILE = "tasks.jsonl"
+
+
 def _stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
 
@@ -54,17 +58,30 @@ class Run:
     @property
     def progress_file(self) -> Path:
         """Where callback_plugins/drydock_progress records each task's start and result."""
-        return self.folder() / "tasks.jsonl"
+        return self.folder() / PROGRESS_FILE
 
-    def task_events(self, action: str, host: str) -> list[str]:
-        """The events (start, ok, failed...) of the tasks running module `action` on `host`
-        in this run so far, in order."""
+    def task_events(self, action: str, host: str) -> list[str] | None:
+        """The events (start, ok, failed, unreachable) of the tasks running module `action` on
+        `host` in this run so far, in order; a task skipped by its condition is left out
+        (Ansible reports its start first). None when nothing was recorded at all (the
+        callback was not enabled): then nothing can be told from it."""
         try:
-            lines = self.dir.joinpath("tasks.jsonl").read_text().splitlines()
+            lines = (self.dir / PROGRESS_FILE).read_text().splitlines()
         except FileNotFoundError:
-            return []
-        events = [json.loads(line) for line in lines if line.strip()]
-        return [e["event"] for e in events if e.get("action") == action and e.get("host") == host]
+            return None
+        events: list[str] = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line cut short by a kill
+                continue
+            if entry.get("action") != action or entry.get("host") != host:
+                continue
+            if entry.get("event") == "skipped" and events[-1:] == ["start"]:
+                events.pop()
+            else:
+                events.append(entry.get("event"))
+        return events
 
     def write(self, entry: dict) -> None:
         fd = os.open(self.folder() / "journal.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -90,7 +107,10 @@ class Run:
             entry["outcome"] = "ok"
         except KeyboardInterrupt:
             entry["outcome"] = "failed"
-            left = interrupted() if callable(interrupted) else interrupted
+            try:
+                left = interrupted() if callable(interrupted) else interrupted
+            except Exception as error:  # noqa: BLE001 - the one line must come whatever happens
+                left = f"what it left could not be told ({error})"
             entry["error"] = f"interrupted during {name}" + (f": {left}" if left else "")
             raise Interrupted(entry["error"]) from None
         except BaseException as error:

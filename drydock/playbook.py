@@ -15,11 +15,19 @@ from drydock.journal import Run
 from drydock.paths import project_root
 
 
+DRYDOCK_CALLBACKS = ("drydock_failures", "drydock_progress")  # callback_plugins/, enabled in ansible.cfg
+
+
 def ansible_env(run: Run | None = None) -> dict[str, str]:
     env = dict(os.environ, LC_ALL="C.UTF-8", LANG="C.UTF-8",
                ANSIBLE_CONFIG=str(project_root() / "ansible.cfg"))
     if os.environ.get("DRYDOCK_INVENTORY"):  # a real inventory instead of the sandbox's
         env["ANSIBLE_INVENTORY"] = str((project_root() / os.environ["DRYDOCK_INVENTORY"]).resolve())
+    # ANSIBLE_CALLBACKS_ENABLED (e.g. profile_tasks) replaces ansible.cfg's list: keep drydock's
+    # own in it, or failures lose their one line and an interrupted swap its record.
+    if os.environ.get("ANSIBLE_CALLBACKS_ENABLED"):
+        enabled = [name.strip() for name in os.environ["ANSIBLE_CALLBACKS_ENABLED"].split(",") if name.strip()]
+        env["ANSIBLE_CALLBACKS_ENABLED"] = ",".join(enabled + [name for name in DRYDOCK_CALLBACKS if name not in enabled])
     if run is not None:
         env["ANSIBLE_LOG_PATH"] = str(run.ansible_log)
         env["DRYDOCK_PROGRESS_FILE"] = str(run.progress_file)

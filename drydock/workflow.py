@@ -94,7 +94,7 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
     say(f"local database {target['drydock_db_name']} now holds {env}'s dump of {dump.manifest['created']} "
         f"({dump.manifest['dump']['size']:,} bytes restored): "
         f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, all counts equal to the manifest; "
-        f"Site {target['drydock_site_hostname']}:{target['drydock_site_port']}; "
+        f"Site {str(target['drydock_site_hostname']).lower()}:{target['drydock_site_port']}; "
         f"the local database it replaced (if any) is kept as {target['drydock_db_name']}__snap_pre_pull")
     if not shared:
         say(run.summary())
@@ -323,8 +323,8 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                                    f"recorded; {target['drydock_db_name']}__previous still holds it")
     say(f"{env} now runs the pushed copy ({dump.manifest['dump']['size']:,} bytes restored, {dump.total_rows:,} rows, "
         f"all counts equal to the manifest; "
-        f"Site {target['drydock_site_hostname']}:{target['drydock_site_port']}); its previous database is kept as "
-        f"{target['drydock_db_name']}__previous (inv rollback {env})"
+        f"Site {str(target['drydock_site_hostname']).lower()}:{target['drydock_site_port']}); "
+        f"its previous database is kept as {target['drydock_db_name']}__previous (inv rollback {env})"
         + (f"; safety backup: {safety.path}" if safety else ""))
     return dump
 
@@ -332,34 +332,52 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
 # What an interrupted pull or push left depends on whether its swap ran, which only the
 # progress Ansible reported tells (drydock_progress): its log does not show a task stopped
 # midway. The swap is one transaction, so the live database is always whole.
+def _swap_state(run: Run, host: str) -> str:
+    """Whether the run's swap on `host` ran: "not run", "ran", "running" (stopped while the
+    swap task ran, or the host stopped answering), "swapping back" (a second swap had
+    started) or "unknown" (no progress was recorded at all)."""
+    events = run.task_events("drydock_db_swap", host)
+    if events is None:
+        return "unknown"
+    starts = events.count("start")
+    if starts == 0:
+        return "not run"
+    if starts > 1:
+        return "swapping back"
+    # A swap that failed rolled its transaction back; one without a result may have gone through.
+    return {"ok": "ran", "failed": "not run"}.get(events[-1], "running")
+
+
 def _pull_interrupted(run: Run, local: str) -> str:
-    swaps = run.task_events("drydock_db_swap", local)
-    if not swaps:
+    state = _swap_state(run, local)
+    if state == "not run":
         return ("the swap did not run: the local database is unchanged; the next pull drops the side database and "
                 "archive left behind")
-    if swaps == ["start", "ok"]:
+    if state == "ran":
         return ("the swap ran: the local database is the pulled one, and the one before it is snapshot pre_pull "
                 "(`inv snapshot.restore pre_pull` brings it back; a second pull would replace it)")
-    return ("the swap was running: the local database is the old one or the pulled one, never half of each; if the "
+    return ("the swap may have run: the local database is the old one or the pulled one, never half of each; if the "
             "swap went through, snapshot pre_pull holds the old one, and a second pull would replace it")
 
 
 def _push_interrupted(run: Run, env: str, database: str) -> str:
-    swaps = run.task_events("drydock_db_swap", env)
-    if not swaps:
+    state = _swap_state(run, env)
+    if state == "not run":
         return (f"the swap did not run: {env} runs its old database, and its app may be stopped; push again, which "
                 f"drops the side database left behind and starts the app")
-    if swaps == ["start", "ok"]:
+    if state == "ran":
         return (f"the swap ran: {env} runs the pushed copy, its database from before is {database}__previous, and its "
                 f"app may be stopped: `inv rollback {env}` brings that database back and starts the app (a second "
                 f"push would drop it)")
-    if swaps.count("start") == 1:
+    if state == "running":
         return (f"the swap was running: {env} runs its old database or the pushed copy, and its app may be stopped; "
                 f"if {database}__incoming is still on {env}, the copy never went in (push again), otherwise "
                 f"`inv rollback {env}` brings back the database from before (a second push would drop it)")
-    return (f"{env} was being swapped back after a failed check: it runs its old database or the pushed copy, and its "
-            f"app may be stopped; see which one {database} is before you roll back or push again (a second push "
-            f"would drop {database}__previous)")
+    what = ("it was being swapped back after a failed check" if state == "swapping back" else
+            "no task progress was recorded (is ANSIBLE_CALLBACKS_ENABLED set without drydock_progress?)")
+    return (f"whether the swap ran cannot be told, {what}: {env} runs its old database or the pushed copy, and its "
+            f"app may be stopped; see which one {database} is (its comment names the dump it came from) before you "
+            f"roll back or push again (a second push would drop {database}__previous)")
 
 
 def _takes_safety_backup(hostvars: dict) -> bool:
@@ -411,7 +429,7 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
                 # The playbook's "pass --allow-lost-writes" means the rollback's option, not the pipeline's.
                 knowingly = (f"; to roll back anyway: inv rollback {target} --allow-lost-writes"
                              if "--allow-lost-writes" in str(refused) else "")
-                reason = str(refused).removeprefix(f"{target}: ")  # the host's name, which the reason repeats
+                reason = str(refused).removeprefix(f"{target}: ")  # the host's name: the refusal names it again
                 raise DrydockError(f"{error} (not rolled back: {reason}){knowingly}") from None
             raise DrydockError(f"{error} (the push was rolled back: {target} runs its previous database)") from None
     say(f"\npipeline {source} → {target} done ({pulled.total_rows:,} rows pulled)\n{run.summary()}")

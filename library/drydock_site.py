@@ -72,7 +72,9 @@ def site_problems(conn, database: str, hostname: str, port: int, site_name: str,
         return [f"{len(rows)} Sites match {'the default Site' if not site_name else repr(site_name)}, expected 1"]
     problems = []
     if tuple(rows[0][:2]) != (hostname, port):
-        problems.append(f"{rows[0][0]}:{rows[0][1]}, expected {hostname}:{port}")
+        capitals = rows[0][0].lower() == hostname and rows[0][1] == port
+        problems.append(f"{rows[0][0]}:{rows[0][1]}, expected {hostname}:{port}"
+                        + (" (stored with capitals, Wagtail never matches it: set it again)" if capitals else ""))
     if tables[1] and rows[0][2]:  # django_site follows the default Site, however it was named
         row = conn.execute("SELECT domain FROM django_site WHERE id = %s", (django_site_id,)).fetchone()
         if row is None:

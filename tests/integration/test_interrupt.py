@@ -39,13 +39,18 @@ def interrupted_push(env: str, marker: Path) -> str:
     """Run `inv push ENV`, press Ctrl-C once `marker` exists; its last error line."""
     proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "push", env],
                             env=dict(ansible_env(), DRYDOCK_ROOT=str(ROOT)), cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not marker.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the push never reached the held command"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the whole group
-    _, stderr = proc.communicate(timeout=120)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the push never reached the held command"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the whole group
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # never left running: it would hold the target's lock for the tests after
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 1
     return stderr.strip().splitlines()[-1]
 

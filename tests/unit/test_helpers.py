@@ -110,11 +110,12 @@ def test_an_interrupted_push_says_whether_its_swap_ran_from_the_progress_ansible
     the events drydock_progress records, per host (a pipeline's pull swaps on local)."""
     from drydock.workflow import _pull_interrupted, _push_interrupted
 
-    def interrupted_after(*events: tuple[str, str]) -> tuple[str, str]:
+    def interrupted_after(*events: tuple[str, str], recorded: bool = True) -> tuple[str, str]:
         run = Run("push", root=tmp_path)
         lines = [{"event": event, "host": host, "action": "drydock_db_swap", "task": "Swap"} for host, event in events]
         lines.insert(0, {"event": "ok", "host": "staging", "action": "drydock_pg_restore", "task": "Restore"})
-        run.progress_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        if recorded:
+            run.progress_file.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"event": "st')
         with pytest.raises(DrydockError) as push_error:
             with run.step("restore", interrupted=lambda: _push_interrupted(run, "staging", "site")):
                 raise KeyboardInterrupt
@@ -129,8 +130,40 @@ def test_an_interrupted_push_says_whether_its_swap_ran_from_the_progress_ansible
     push, _ = interrupted_after(("staging", "start"), ("staging", "ok"))
     assert ("the swap ran: staging runs the pushed copy, its database from before is site__previous" in push
             and "`inv rollback staging` brings that database back" in push and "push again" not in push)
+    push, _ = interrupted_after(("staging", "start"), ("staging", "failed"))  # its transaction rolled back
+    assert "the swap did not run" in push
+    push, _ = interrupted_after(("staging", "start"), ("staging", "unreachable"))
+    assert "the swap was running" in push
+    # A swap-back skipped by its condition is reported started, then skipped: it never ran.
+    push, _ = interrupted_after(("staging", "start"), ("staging", "skipped"))
+    assert "the swap did not run" in push
+    push, _ = interrupted_after(("staging", "start"), ("staging", "ok"), ("staging", "start"), ("staging", "skipped"))
+    assert "the swap ran: staging runs the pushed copy" in push
     push, _ = interrupted_after(("staging", "start"), ("staging", "ok"), ("staging", "start"))
-    assert "staging was being swapped back after a failed check" in push
+    assert "whether the swap ran cannot be told, it was being swapped back after a failed check" in push
+    push, pull = interrupted_after(recorded=False)
+    assert "whether the swap ran cannot be told, no task progress was recorded" in push and "never went in" not in push
+    assert pull.startswith("the swap may have run")
+
+
+def test_an_interrupted_step_whose_account_fails_still_ends_in_one_line(tmp_path):
+    run = Run("push", root=tmp_path)
+
+    def broken() -> str:
+        raise PermissionError(13, "Permission denied")
+
+    with pytest.raises(DrydockError, match=r"\Ainterrupted during restore: what it left could not be told \("):
+        with run.step("restore", interrupted=broken):
+            raise KeyboardInterrupt
+
+
+def test_drydock_callbacks_stay_enabled_beside_ones_asked_for_in_the_environment(monkeypatch):
+    from drydock.playbook import ansible_env
+
+    monkeypatch.setenv("ANSIBLE_CALLBACKS_ENABLED", "ansible.posix.profile_tasks, drydock_failures")
+    assert ansible_env()["ANSIBLE_CALLBACKS_ENABLED"] == "ansible.posix.profile_tasks,drydock_failures,drydock_progress"
+    monkeypatch.delenv("ANSIBLE_CALLBACKS_ENABLED")
+    assert "ANSIBLE_CALLBACKS_ENABLED" not in ansible_env()  # ansible.cfg's list holds
 
 
 def test_the_unfinished_step_mark_refuses_and_is_kept_while_its_step_runs(tmp_path):
