@@ -308,7 +308,8 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
         take_safety_backup = _takes_safety_backup(target)
         with run.step("restore", env=env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
                       rows=dump.total_rows,
-                      interrupted=lambda: _push_interrupted(run, env, target["drydock_db_name"])) as step:
+                      interrupted=lambda: _push_interrupted(run, env, target["drydock_db_name"],
+                                                            dump.path.parent / "manifest.json")) as step:
             say(f"==> restoring {dump.path.name} onto {env}")
             safety = _run_dumping("restore_database.yml", limit=env, run=run, extra_vars={
                 "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
@@ -360,7 +361,7 @@ def _pull_interrupted(run: Run, local: str) -> str:
             "swap went through, snapshot pre_pull holds the old one, and a second pull would replace it")
 
 
-def _push_interrupted(run: Run, env: str, database: str) -> str:
+def _push_interrupted(run: Run, env: str, database: str, manifest: Path) -> str:
     state = _swap_state(run, env)
     if state == "not run":
         return (f"the swap did not run: {env} runs its old database, and its app may be stopped; push again, which "
@@ -376,8 +377,8 @@ def _push_interrupted(run: Run, env: str, database: str) -> str:
     what = ("it was being swapped back after a failed check" if state == "swapping back" else
             "no task progress was recorded (is ANSIBLE_CALLBACKS_ENABLED set without drydock_progress?)")
     return (f"whether the swap ran cannot be told, {what}: {env} runs its old database or the pushed copy, and its "
-            f"app may be stopped; see which one {database} is (its comment names the dump it came from) before you "
-            f"roll back or push again (a second push would drop {database}__previous)")
+            f"app may be stopped; `inv verify {env} --manifest {manifest}` passes on the pushed copy alone: see which "
+            f"one it is before you roll back or push again (a second push would drop {database}__previous)")
 
 
 def _takes_safety_backup(hostvars: dict) -> bool:

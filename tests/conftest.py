@@ -37,6 +37,18 @@ def playbook(name: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+def run_module(env: str, module: str, args: str) -> dict:
+    """Run one of drydock's database modules on `env`'s host as its playbooks do (on the
+    app's database, as the clusters' OS user); its result."""
+    proc = subprocess.run(
+        ["ansible", env, "-m", module, "-a",
+         f"database={{{{ drydock_db_name }}}} socket_dir={{{{ drydock_db_socket_dir }}}} port={{{{ drydock_db_port }}}} {args}",
+         "-e", "ansible_become={{ drydock_db_become }}", "-e", "ansible_become_user={{ drydock_db_os_user }}"],
+        cwd=ROOT, env=dict(ansible_env(), ANSIBLE_CALLBACK_RESULT_FORMAT="json"), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(proc.stdout.split("=>", 1)[1])  # "local | SUCCESS => {...}"
+
+
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.strip()]
 

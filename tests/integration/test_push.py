@@ -12,7 +12,7 @@ import pytest
 from drydock import dumps
 from drydock.paths import PG_BINDIR, backups_dir, runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import ROOT, connector, databases, error_lines, fingerprint, inv, playbook, row_counts
+from tests.conftest import ROOT, connector, databases, error_lines, fingerprint, inv, playbook, row_counts, run_module
 
 PAGE_TREE_OK = """SELECT (SELECT count(*) FROM wagtailcore_page WHERE depth <> length(path) / 4)
      + (SELECT count(*) FROM wagtailcore_page p WHERE numchild <>
@@ -362,14 +362,7 @@ def test_the_check_made_with_the_app_stopped_counts_writes_a_session_still_holds
     worker = connect("production")
     worker.execute("UPDATE wagtailcore_site SET site_name = site_name")  # its first counters go at once
     worker.execute("UPDATE blog_post SET body = body WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)")
-    proc = subprocess.run(
-        ["ansible", "production", "-m", "drydock_db_facts", "-a",
-         "database={{ drydock_db_name }} socket_dir={{ drydock_db_socket_dir }} port={{ drydock_db_port }}"
-         " row_counts=false end_other_sessions=true",
-         "-e", "ansible_become={{ drydock_db_become }}", "-e", "ansible_become_user={{ drydock_db_os_user }}"],
-        cwd=ROOT, env=dict(ansible_env(), ANSIBLE_CALLBACK_RESULT_FORMAT="json"), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    facts = json.loads(proc.stdout.split("=>", 1)[1])  # "production | SUCCESS => {...}"
+    facts = run_module("production", "drydock_db_facts", "row_counts=false end_other_sessions=true")
     assert facts["write_fingerprint"]["tables"]["blog_post"] == before + 1
     with pytest.raises(psycopg.OperationalError):  # the worker's session was ended
         worker.execute("SELECT 1")

@@ -117,7 +117,7 @@ def test_an_interrupted_push_says_whether_its_swap_ran_from_the_progress_ansible
         if recorded:
             run.progress_file.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"event": "st')
         with pytest.raises(DrydockError) as push_error:
-            with run.step("restore", interrupted=lambda: _push_interrupted(run, "staging", "site")):
+            with run.step("restore", interrupted=lambda: _push_interrupted(run, "staging", "site", tmp_path / "m.json")):
                 raise KeyboardInterrupt
         return str(push_error.value), _pull_interrupted(run, "local")
 
@@ -141,6 +141,7 @@ def test_an_interrupted_push_says_whether_its_swap_ran_from_the_progress_ansible
     assert "the swap ran: staging runs the pushed copy" in push
     push, _ = interrupted_after(("staging", "start"), ("staging", "ok"), ("staging", "start"))
     assert "whether the swap ran cannot be told, it was being swapped back after a failed check" in push
+    assert f"`inv verify staging --manifest {tmp_path / 'm.json'}` passes on the pushed copy alone" in push
     push, pull = interrupted_after(recorded=False)
     assert "whether the swap ran cannot be told, no task progress was recorded" in push and "never went in" not in push
     assert pull.startswith("the swap may have run")
