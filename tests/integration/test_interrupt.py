@@ -63,36 +63,42 @@ def served(sandbox_env, env: str) -> bool:
         return False
 
 
+def live_oid(connect) -> int:
+    return connect("staging", "postgres").execute(OID).fetchone()[0]
+
+
+def push_stopped_while_the_app_would(action: str, connect, tmp_path) -> tuple[dict, int, str]:
+    """Staging's content and live database before, and the last line of a push to it
+    stopped by Ctrl-C while the app's `action` (start: after the swap; stop: before it) hangs."""
+    before, old = fingerprint(connect("staging")), live_oid(connect)
+    with app_command_held("staging", action, tmp_path / action):
+        return before, old, interrupted_push("staging", tmp_path / action)
+
+
 def test_ctrl_c_after_the_swap_says_the_copy_is_live_and_rollback_brings_back_the_old_one(
         pulled, connect, sandbox_env, tmp_path):
-    before = fingerprint(connect("staging"))
-    old = connect("staging", "postgres").execute(OID).fetchone()[0]
-    with app_command_held("staging", "start", tmp_path / "starting"):
-        line = interrupted_push("staging", tmp_path / "starting")
+    before, old, line = push_stopped_while_the_app_would("start", connect, tmp_path)
     assert line.startswith("drydock: error: interrupted during restore: the swap ran: staging runs the pushed copy,"
                            " its database from before is wagtail_site__previous"), line
     assert "`inv rollback staging` brings that database back" in line
-    assert connect("staging", "postgres").execute(OID).fetchone()[0] != old
+    assert live_oid(connect) != old
     assert not served(sandbox_env, "staging")  # stopped before the swap, never started
     inv("rollback", "staging", check=True)  # what the line says
-    assert connect("staging", "postgres").execute(OID).fetchone()[0] == old
+    assert live_oid(connect) == old
     assert fingerprint(connect("staging")) == before
     assert served(sandbox_env, "staging")
 
 
 def test_ctrl_c_before_the_swap_says_the_old_database_is_live_and_a_second_push_goes_through(
         pulled, connect, sandbox_env, tmp_path):
-    before = fingerprint(connect("staging"))
-    old = connect("staging", "postgres").execute(OID).fetchone()[0]
-    with app_command_held("staging", "stop", tmp_path / "stopping"):
-        line = interrupted_push("staging", tmp_path / "stopping")
+    before, old, line = push_stopped_while_the_app_would("stop", connect, tmp_path)
     assert line.startswith("drydock: error: interrupted during restore: the swap did not run: staging runs its old"
                            " database"), line
     assert "push again" in line
-    assert connect("staging", "postgres").execute(OID).fetchone()[0] == old
+    assert live_oid(connect) == old
     assert fingerprint(connect("staging")) == before
     assert "wagtail_site__incoming" in databases(connect("staging", "postgres"))  # restored, never swapped in
     assert inv("push", "staging").returncode == 0  # what the line says
-    assert connect("staging", "postgres").execute(OID).fetchone()[0] != old
+    assert live_oid(connect) != old
     assert "wagtail_site__incoming" not in databases(connect("staging", "postgres"))
     assert served(sandbox_env, "staging")
