@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,6 +48,15 @@ def run_module(env: str, module: str, args: str) -> dict:
         cwd=ROOT, env=dict(ansible_env(), ANSIBLE_CALLBACK_RESULT_FORMAT="json"), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return json.loads(proc.stdout.split("=>", 1)[1])  # "local | SUCCESS => {...}"
+
+
+def app_serves(sandbox_env: dict, env: str) -> bool:
+    """True when the sandbox app on `env` answers its health check with 200."""
+    try:
+        with urllib.request.urlopen(f"http://{sandbox_env[env]['host']}:8000/healthz", timeout=10) as response:
+            return response.status == 200
+    except OSError:  # refused, timed out, or an HTTP error status
+        return False
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:

@@ -5,7 +5,7 @@ import urllib.request
 
 import psycopg
 
-from tests.conftest import ROOT, database_url, error_lines, fingerprint, inv
+from tests.conftest import ROOT, app_serves, database_url, error_lines, fingerprint, inv
 
 NOTEBOOK = ROOT / "examples" / "notebooks" / "blog_to_podcast.ipynb"
 
@@ -93,11 +93,6 @@ class WriteAfterTheSwap(threading.Thread):
         self.join(timeout=10)
 
 
-def served(sandbox_env, env: str) -> int:
-    with urllib.request.urlopen(f"http://{sandbox_env[env]['host']}:8000/healthz", timeout=10) as response:
-        return response.status
-
-
 def test_pipeline_rolls_staging_back_when_it_fails_verification_after_the_push(sandbox_env, connect):
     before = fingerprint(connect("staging"))
     with WriteAfterTheSwap(sandbox_env, "staging") as writer:
@@ -109,7 +104,7 @@ def test_pipeline_rolls_staging_back_when_it_fails_verification_after_the_push(s
     assert line.endswith("(the push was rolled back: staging runs its previous database)"), line
     assert connect("staging", "postgres").execute(OID).fetchone()[0] == writer.original_oid
     assert fingerprint(connect("staging")) == before
-    assert served(sandbox_env, "staging") == 200
+    assert app_serves(sandbox_env, "staging")
 
 
 def test_pipeline_never_rolls_back_a_protected_target_that_took_writes_since_the_push(sandbox_env, connect):
@@ -128,9 +123,9 @@ def test_pipeline_never_rolls_back_a_protected_target_that_took_writes_since_the
     assert connect("production", "postgres").execute(OID).fetchone()[0] == writer.written_to
     assert connect("production").execute("SELECT count(*) FROM django_session WHERE session_key = %s",
                                          (SESSION_KEY,)).fetchone()[0] == 1
-    assert served(sandbox_env, "production") == 200
+    assert app_serves(sandbox_env, "production")
     # What the message says brings back production as it was before the pipeline.
     inv("rollback", "production", "--yes", "--allow-lost-writes", check=True)
     assert connect("production", "postgres").execute(OID).fetchone()[0] == writer.original_oid
     assert fingerprint(connect("production")) == before
-    assert served(sandbox_env, "production") == 200
+    assert app_serves(sandbox_env, "production")

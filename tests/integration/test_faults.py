@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -25,7 +24,7 @@ from drydock import dumps, journal
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
 from drydock.sandbox import child_pids
-from tests.conftest import ROOT, databases, error_lines, fingerprint, inv, playbook
+from tests.conftest import ROOT, app_serves, databases, error_lines, fingerprint, inv, playbook
 
 # sftp -l: bandwidth in Kbit/s. At 100 KB/s a transfer of the small sandbox's dump lasts
 # long enough to be interrupted in the middle.
@@ -262,8 +261,7 @@ def test_push_killed_at_each_step(pushed_once, connect, sandbox_env, step):
     assert fingerprint(connect("staging")) != before  # the change made above arrived
     assert_no_strays(connect, sandbox_env)
     # The app runs again, even after a kill while it was stopped.
-    with urllib.request.urlopen(f"http://{sandbox_env['staging']['host']}:8000/healthz", timeout=10) as response:
-        assert response.status == 200
+    assert app_serves(sandbox_env, "staging")
 
 
 # -- damaged and unreadable dumps, a target without the app role -------------------------------

@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 from drydock.playbook import ansible_env
-from tests.conftest import ROOT, databases, error_lines, fingerprint, inv
+from tests.conftest import ROOT, app_serves, databases, fingerprint, inv
 
 OID = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
 HOLD = "299.7"  # the held app command's sleep, unique enough to find
@@ -55,14 +54,6 @@ def interrupted_push(env: str, marker: Path) -> str:
     return stderr.strip().splitlines()[-1]
 
 
-def served(sandbox_env, env: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{sandbox_env[env]['host']}:8000/healthz", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def live_oid(connect) -> int:
     return connect("staging", "postgres").execute(OID).fetchone()[0]
 
@@ -82,11 +73,11 @@ def test_ctrl_c_after_the_swap_says_the_copy_is_live_and_rollback_brings_back_th
                            " its database from before is wagtail_site__previous"), line
     assert "`inv rollback staging` brings that database back" in line
     assert live_oid(connect) != old
-    assert not served(sandbox_env, "staging")  # stopped before the swap, never started
+    assert not app_serves(sandbox_env, "staging")  # stopped before the swap, never started
     inv("rollback", "staging", check=True)  # what the line says
     assert live_oid(connect) == old
     assert fingerprint(connect("staging")) == before
-    assert served(sandbox_env, "staging")
+    assert app_serves(sandbox_env, "staging")
 
 
 def test_ctrl_c_before_the_swap_says_the_old_database_is_live_and_a_second_push_goes_through(
@@ -101,4 +92,4 @@ def test_ctrl_c_before_the_swap_says_the_old_database_is_live_and_a_second_push_
     assert inv("push", "staging").returncode == 0  # what the line says
     assert live_oid(connect) != old
     assert "wagtail_site__incoming" not in databases(connect("staging", "postgres"))
-    assert served(sandbox_env, "staging")
+    assert app_serves(sandbox_env, "staging")

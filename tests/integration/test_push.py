@@ -12,7 +12,8 @@ import pytest
 from drydock import dumps
 from drydock.paths import PG_BINDIR, backups_dir, runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import ROOT, connector, databases, error_lines, fingerprint, inv, playbook, row_counts, run_module
+from tests.conftest import (ROOT, app_serves, connector, databases, error_lines, fingerprint, inv, playbook, row_counts,
+                            run_module)
 
 PAGE_TREE_OK = """SELECT (SELECT count(*) FROM wagtailcore_page WHERE depth <> length(path) / 4)
      + (SELECT count(*) FROM wagtailcore_page p WHERE numchild <>
@@ -72,8 +73,7 @@ def test_staging_copy_is_scrubbed(pushed, connect):
 
 def test_the_app_serves_the_pushed_database(pushed, sandbox_env):
 
-    with urllib.request.urlopen(f"http://{sandbox_env['staging']['host']}:8000/healthz", timeout=10) as response:
-        assert response.status == 200
+    assert app_serves(sandbox_env, "staging")
 
 
 def test_rollback_brings_back_exactly_the_old_content(pushed, connect):
@@ -163,8 +163,7 @@ def test_a_failed_health_check_swaps_back_even_when_the_app_then_will_not_stop(p
     assert connect("staging", "postgres").execute(
         "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'").fetchone() == live
     assert fingerprint(connect("staging")) == before
-    with urllib.request.urlopen(f"http://{sandbox_env['staging']['host']}:8000/healthz", timeout=10) as response:
-        assert response.status == 200
+    assert app_serves(sandbox_env, "staging")
 
 
 def test_a_failing_swap_back_leaves_the_app_stopped_and_says_what_is_live(pushed, connect, sandbox_env, tmp_path):
@@ -203,8 +202,7 @@ def test_a_failing_swap_back_leaves_the_app_stopped_and_says_what_is_live(pushed
     inv("rollback", "staging", "--yes", check=True)
     assert connect("staging", "postgres").execute(oid).fetchone() == live
     assert fingerprint(connect("staging")) == before
-    with urllib.request.urlopen(f"http://{staging['host']}:8000/healthz", timeout=10) as response:
-        assert response.status == 200  # the rollback started it
+    assert app_serves(sandbox_env, "staging")  # the rollback started it
 
 
 def newest_local_dump(scrubbed: bool):
@@ -385,8 +383,7 @@ def test_rolling_production_back_after_it_took_writes_is_refused_unless_allowed(
             in error_lines(refused)[-1])
     assert connect("production", "postgres").execute(oid).fetchone() == pushed_oid
     assert fingerprint(connect("production")) == before
-    with urllib.request.urlopen(f"http://{sandbox_env['production']['host']}:8000/healthz", timeout=10) as response:
-        assert response.status == 200  # the app was started again
+    assert app_serves(sandbox_env, "production")  # the app was started again
     inv("rollback", "production", "--yes", "--allow-lost-writes", check=True)
     assert connect("production", "postgres").execute(oid).fetchone() != pushed_oid
     # The exchange recorded the counters of the database it brought back, which the push had
@@ -415,7 +412,6 @@ def test_a_rollback_with_nothing_to_roll_back_to_leaves_the_app_running(pushed, 
         assert proc.returncode == 1
         assert "nothing to roll back to: wagtail_site__previous does not exist on staging" in error_lines(proc)[-1]
         assert (ROOT / ".sandbox" / "staging" / "app.pid").read_text() == pid_before  # never stopped
-        with urllib.request.urlopen(f"http://{sandbox_env['staging']['host']}:8000/healthz", timeout=10) as response:
-            assert response.status == 200
+        assert app_serves(sandbox_env, "staging")
     finally:
         admin.execute(f"ALTER DATABASE {aside} RENAME TO wagtail_site__previous")
