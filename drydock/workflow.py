@@ -94,11 +94,16 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
     say(f"local database {target['drydock_db_name']} now holds {env}'s dump of {dump.manifest['created']} "
         f"({dump.manifest['dump']['size']:,} bytes restored): "
         f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, all counts equal to the manifest; "
-        f"Site {str(target['drydock_site_hostname']).lower()}:{target['drydock_site_port']}; "
+        f"Site {_site_address(target)}; "
         f"the local database it replaced (if any) is kept as {target['drydock_db_name']}__snap_pre_pull")
     if not shared:
         say(run.summary())
     return dump
+
+
+def _site_address(hostvars: dict) -> str:
+    """The environment's Site as drydock_site stores it: the hostname lower-cased, as Wagtail matches it."""
+    return f"{str(hostvars['drydock_site_hostname']).lower()}:{hostvars['drydock_site_port']}"
 
 
 def site(env_text: str, hostname: str, port: int | str = "", site_name: str = "", yes: bool = False,
@@ -324,7 +329,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                                    f"recorded; {target['drydock_db_name']}__previous still holds it")
     say(f"{env} now runs the pushed copy ({dump.manifest['dump']['size']:,} bytes restored, {dump.total_rows:,} rows, "
         f"all counts equal to the manifest; "
-        f"Site {str(target['drydock_site_hostname']).lower()}:{target['drydock_site_port']}); "
+        f"Site {_site_address(target)}); "
         f"its previous database is kept as {target['drydock_db_name']}__previous (inv rollback {env})"
         + (f"; safety backup: {safety.path}" if safety else ""))
     return dump
