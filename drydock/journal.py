@@ -60,11 +60,12 @@ class Run:
         """Where callback_plugins/drydock_progress records each task's start and result."""
         return self.folder() / PROGRESS_FILE
 
-    def task_events(self, action: str, host: str) -> list[str] | None:
-        """The events (start, ok, failed, unreachable) of the tasks running module `action` on
-        `host` in this run so far, in order; a task skipped by its condition is left out
-        (Ansible reports its start first). None when nothing was recorded at all (the
-        callback was not enabled): then nothing can be told from it."""
+    def task_events(self, host: str, *, action: str = "", task_prefix: str = "") -> list[str] | None:
+        """The events (start, ok, failed, unreachable) on `host` in this run so far, in order,
+        of the tasks running module `action` or whose name starts with `task_prefix`; a task
+        skipped by its condition is left out (Ansible reports its start first). None when
+        nothing was recorded at all (the callback was not enabled): then nothing can be told
+        from it."""
         try:
             lines = (self.dir / PROGRESS_FILE).read_text().splitlines()
         except FileNotFoundError:
@@ -75,7 +76,9 @@ class Run:
                 entry = json.loads(line)
             except ValueError:  # a line cut short by a kill
                 continue
-            if entry.get("action") != action or entry.get("host") != host:
+            if entry.get("host") != host or not (
+                    (action and entry.get("action") == action)
+                    or (task_prefix and str(entry.get("task", "")).startswith(task_prefix))):
                 continue
             if entry.get("event") == "skipped" and events[-1:] == ["start"]:
                 events.pop()

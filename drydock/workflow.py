@@ -314,7 +314,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
         with run.step("restore", env=env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
                       rows=dump.total_rows,
                       interrupted=lambda: _push_interrupted(run, env, target["drydock_db_name"],
-                                                            dump.path.parent / "manifest.json")) as step:
+                                                            dump.path.parent / "manifest.json", say)) as step:
             say(f"==> restoring {dump.path.name} onto {env}")
             safety = _run_dumping("restore_database.yml", limit=env, run=run, extra_vars={
                 "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
@@ -342,7 +342,7 @@ def _swap_state(run: Run, host: str) -> str:
     """Whether the run's swap on `host` ran: "not run", "ran", "running" (stopped while the
     swap task ran, or the host stopped answering), "swapping back" (a second swap had
     started) or "unknown" (no progress was recorded at all)."""
-    events = run.task_events("drydock_db_swap", host)
+    events = run.task_events(host, action="drydock_db_swap")
     if events is None:
         return "unknown"
     starts = events.count("start")
@@ -366,11 +366,11 @@ def _pull_interrupted(run: Run, local: str) -> str:
             "swap went through, snapshot pre_pull holds the old one, and a second pull would replace it")
 
 
-def _push_interrupted(run: Run, env: str, database: str, manifest: Path) -> str:
+def _push_interrupted(run: Run, env: str, database: str, manifest: Path, say: Say) -> str:
     state = _swap_state(run, env)
     if state == "not run":
-        return (f"the swap did not run: {env} runs its old database, and its app may be stopped; push again, which "
-                f"drops the side database left behind and starts the app")
+        app = _start_app_again(run, env, say, otherwise="push again, which starts it")
+        return f"the swap did not run: {env} runs its old database, {app}; the next push drops the side database left behind"
     if state == "ran":
         return (f"the swap ran: {env} runs the pushed copy, its database from before is {database}__previous, and its "
                 f"app may be stopped: `inv rollback {env}` brings that database back and starts the app (a second "
@@ -386,6 +386,32 @@ def _push_interrupted(run: Run, env: str, database: str, manifest: Path) -> str:
             f"one it is before you roll back or push again (a second push would drop {database}__previous)")
 
 
+# drydock_progress records a role's task as "<role> : <name>": the app_service stop tasks.
+APP_STOP_TASKS = "app_service : Stop the app"
+
+
+def _start_app_again(run: Run, env: str, say: Say, otherwise: str = "") -> str:
+    """Start `env`'s app again if the interrupted run had begun to stop it. Only for a moment
+    when the database the app would serve is whole and meant to be live (a push's swap had not
+    run; a rollback's exchange ran or not, as its own `always` would), so that an interrupted
+    run leaves the target serving, as it was. Says what became of the app, for the one line,
+    and what to do if it may be stopped: start it, or `otherwise`."""
+    advice = "start it" + (f", or {otherwise}" if otherwise else " (its unit or start command)")
+    stops = run.task_events(env, task_prefix=APP_STOP_TASKS)
+    if stops is None:
+        return f"and its app may be stopped (no task progress was recorded): {advice}"
+    if "start" not in stops:
+        return "and its app was not stopped"
+    say(f"==> starting {env}'s app again, stopped before the interruption (Ctrl-C again to leave it stopped)")
+    try:
+        run_playbook("start_app.yml", limit=env, run=run)
+    except KeyboardInterrupt:
+        return f"but its app may be stopped (its start was interrupted): {advice}"
+    except DrydockError as error:
+        return f"but its app was stopped and did not start again ({error}): {advice}"
+    return "and its app, stopped before the interruption, was started again and passed its health check"
+
+
 def _takes_safety_backup(hostvars: dict) -> bool:
     """Protected targets, unless the inventory's drydock_safety_backup says otherwise (the
     playbook's own default is the same; this decision is passed to it)."""
@@ -396,10 +422,24 @@ def rollback(env_text: str, yes: bool = False, allow_lost_writes: bool = False, 
     inv, env, target = _server(env_text)
     confirm(env, inv.protected(env), yes, "roll back")
     run = Run("rollback")
-    with target_lock(env, "rollback", say), run.step("rollback", env=env):
+    with target_lock(env, "rollback", say), run.step(
+            "rollback", env=env, interrupted=lambda: _rollback_interrupted(run, env, target["drydock_db_name"], say)):
         run_playbook("rollback_database.yml", limit=env, run=run,
                      extra_vars={"drydock_confirm": env, "drydock_allow_lost_writes": allow_lost_writes})
     say(f"{env} runs its previous database again; the one it replaced is now {target['drydock_db_name']}__previous")
+
+
+def _rollback_interrupted(run: Run, env: str, database: str, say: Say) -> str:
+    state = _swap_state(run, env)
+    if state == "not run":
+        where = f"the exchange did not run: {env} runs the database it ran before"
+    elif state == "ran":
+        where = (f"the exchange ran: {env} runs its previous database again, and {database}__previous is the one it "
+                 f"replaced (`inv rollback {env}` swaps them back)")
+    else:
+        where = f"the exchange may have run: {env} runs one of its two databases, whole, and {database}__previous the other"
+    # The rollback's own `always` starts the app whatever became of the exchange: so here too.
+    return f"{where}, {_start_app_again(run, env, say)}"
 
 
 def pipeline(source_text: str, target_text: str, notebook: str | None = None, script: str | None = None,

@@ -108,43 +108,53 @@ def test_an_interrupted_step_says_what_it_left_and_a_refused_command_leaves_no_r
 def test_an_interrupted_push_says_whether_its_swap_ran_from_the_progress_ansible_reported(tmp_path):
     """Ansible's log shows a task's banner only with its result: which swap ran is read from
     the events drydock_progress records, per host (a pipeline's pull swaps on local)."""
-    from drydock.workflow import _pull_interrupted, _push_interrupted
+    from drydock.workflow import _pull_interrupted, _push_interrupted, _rollback_interrupted
 
-    def interrupted_after(*events: tuple[str, str], recorded: bool = True) -> tuple[str, str]:
+    def interrupted_after(*events: tuple[str, str], recorded: bool = True) -> tuple[str, str, str]:
         run = Run("push", root=tmp_path)
         lines = [{"event": event, "host": host, "action": "drydock_db_swap", "task": "Swap"} for host, event in events]
         lines.insert(0, {"event": "ok", "host": "staging", "action": "drydock_pg_restore", "task": "Restore"})
         if recorded:
             run.progress_file.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"event": "st')
         with pytest.raises(DrydockError) as push_error:
-            with run.step("restore", interrupted=lambda: _push_interrupted(run, "staging", "site", tmp_path / "m.json")):
+            with run.step("restore", interrupted=lambda: _push_interrupted(run, "staging", "site", tmp_path / "m.json",
+                                                                           say=pytest.fail)):
                 raise KeyboardInterrupt
-        return str(push_error.value), _pull_interrupted(run, "local")
+        return str(push_error.value), _pull_interrupted(run, "local"), _rollback_interrupted(run, "staging", "site",
+                                                                                            say=pytest.fail)
 
-    push, pull = interrupted_after()
-    assert push.startswith("interrupted during restore: the swap did not run: staging runs its old database")
-    assert "push again" in push and pull.startswith("the swap did not run: the local database is unchanged")
-    push, pull = interrupted_after(("local", "start"), ("local", "ok"), ("staging", "start"))
+    # No app stop recorded: nothing to start again (an app stop would start the start_app.yml playbook).
+    push, pull, rollback = interrupted_after()
+    assert push == ("interrupted during restore: the swap did not run: staging runs its old database, and its app was"
+                    " not stopped; the next push drops the side database left behind")
+    assert pull.startswith("the swap did not run: the local database is unchanged")
+    assert rollback == "the exchange did not run: staging runs the database it ran before, and its app was not stopped"
+    push, pull, rollback = interrupted_after(("local", "start"), ("local", "ok"), ("staging", "start"))
     assert "the swap was running" in push and "if site__incoming is still on staging" in push
     assert pull.startswith("the swap ran: the local database is the pulled one")
-    push, _ = interrupted_after(("staging", "start"), ("staging", "ok"))
+    assert rollback.startswith("the exchange may have run: staging runs one of its two databases, whole")
+    push, _, rollback = interrupted_after(("staging", "start"), ("staging", "ok"))
     assert ("the swap ran: staging runs the pushed copy, its database from before is site__previous" in push
             and "`inv rollback staging` brings that database back" in push and "push again" not in push)
-    push, _ = interrupted_after(("staging", "start"), ("staging", "failed"))  # its transaction rolled back
+    assert rollback.startswith("the exchange ran: staging runs its previous database again, and site__previous is"
+                               " the one it replaced (`inv rollback staging` swaps them back)")
+    push, *_ = interrupted_after(("staging", "start"), ("staging", "failed"))  # its transaction rolled back
     assert "the swap did not run" in push
-    push, _ = interrupted_after(("staging", "start"), ("staging", "unreachable"))
+    push, *_ = interrupted_after(("staging", "start"), ("staging", "unreachable"))
     assert "the swap was running" in push
     # A swap-back skipped by its condition is reported started, then skipped: it never ran.
-    push, _ = interrupted_after(("staging", "start"), ("staging", "skipped"))
+    push, *_ = interrupted_after(("staging", "start"), ("staging", "skipped"))
     assert "the swap did not run" in push
-    push, _ = interrupted_after(("staging", "start"), ("staging", "ok"), ("staging", "start"), ("staging", "skipped"))
+    push, *_ = interrupted_after(("staging", "start"), ("staging", "ok"), ("staging", "start"), ("staging", "skipped"))
     assert "the swap ran: staging runs the pushed copy" in push
-    push, _ = interrupted_after(("staging", "start"), ("staging", "ok"), ("staging", "start"))
+    push, *_ = interrupted_after(("staging", "start"), ("staging", "ok"), ("staging", "start"))
     assert "whether the swap ran cannot be told, it was being swapped back after a failed check" in push
     assert f"`inv verify staging --manifest {tmp_path / 'm.json'}` passes on the pushed copy alone" in push
-    push, pull = interrupted_after(recorded=False)
+    push, pull, rollback = interrupted_after(recorded=False)
     assert "whether the swap ran cannot be told, no task progress was recorded" in push and "never went in" not in push
     assert pull.startswith("the swap may have run")
+    assert rollback.endswith("and its app may be stopped (no task progress was recorded): start it (its unit or start"
+                             " command)")
 
 
 def test_an_interrupted_step_whose_account_fails_still_ends_in_one_line(tmp_path):
