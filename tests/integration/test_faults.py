@@ -29,9 +29,6 @@ from tests.conftest import ROOT, app_serves, databases, error_lines, fingerprint
 # sftp -l: bandwidth in Kbit/s. At 100 KB/s a transfer of the small sandbox's dump lasts
 # long enough to be interrupted in the middle.
 SLOW_SFTP = {"ANSIBLE_SFTP_EXTRA_ARGS": "-l 800"}
-# Ansible's default output shows a task's banner with its first result, at its end, unless
-# skipped hosts are shown too: then at its start, which is when these tests act.
-BANNERS_AT_START = {"ANSIBLE_DISPLAY_SKIPPED_HOSTS": "true"}
 SIDE_SUFFIXES = ("__incoming", "__outgoing", "__swapping", "__old")
 
 
@@ -43,16 +40,29 @@ def run_started(folder: Path) -> float:
     return stamp.replace(tzinfo=timezone.utc).timestamp()
 
 
-def newest_run_log(since: float) -> str:
-    """The Ansible log of the runs started after `since` (empty until there is one)."""
-    runs = [p for p in journal.run_folders() if run_started(p) >= since]
-    logs = [p / "ansible.log" for p in runs if (p / "ansible.log").exists()]
-    return "".join(log.read_text(errors="replace") for log in logs)
+def started_tasks(since: float) -> list[str]:
+    """The names (without their role) of the tasks Ansible started in the runs begun after
+    `since`, from the progress drydock_progress records: Ansible's log shows a task only with
+    its first result, at its end, and these tests act at its start."""
+    names = []
+    for folder in (p for p in journal.run_folders() if run_started(p) >= since):
+        try:
+            lines = (folder / journal.PROGRESS_FILE).read_text().splitlines()
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:  # the line being written
+                continue
+            if entry.get("event") == "start":
+                names.append(entry["task"].split(" : ", 1)[-1])
+    return names
 
 
-def banner(task: str, since: float) -> Callable[[], bool]:
-    """True once Ansible has started the task named `task` (its banner is in the run's log)."""
-    return lambda: f": {task}" in newest_run_log(since) or f"[{task}" in newest_run_log(since)
+def task_started(task: str, since: float) -> Callable[[], bool]:
+    """True once Ansible has started a task whose name begins with `task`."""
+    return lambda: any(name.startswith(task) for name in started_tasks(since))
 
 
 def after(condition: Callable[[], bool], seconds: float) -> Callable[[], bool]:
@@ -71,7 +81,7 @@ def kill_when(args: list[str], condition: Callable[[], bool], env: dict | None =
     `condition()` holds (ansible-playbook, in a session of its own, then gets SIGTERM from
     the kernel and stops what it runs: drydock.playbook)."""
     proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
-                            env=dict(ansible_env(), **BANNERS_AT_START, **(env or {})), cwd=ROOT, start_new_session=True,
+                            env=dict(ansible_env(), **(env or {})), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     try:
@@ -191,7 +201,7 @@ def restoring(connect, env: str, since: float) -> Callable[[], bool]:
     (the module creates it first). One connection for all the polls: a new one every
     10 ms would use up the server's connection slots."""
     watcher = connect(env, "postgres")
-    return lambda: (banner("Restore into the side database (stop", since)()
+    return lambda: (task_started("Restore into the side database (stop", since)()
                     and "wagtail_site__incoming" in databases(watcher))
 
 
@@ -219,7 +229,7 @@ def test_pull_killed_at_each_step(pulled, connect, sandbox_env, step):
     blocked = BlockedSwap(connect, "local")
     conditions = {
         "dump": partial_dump_on(sandbox_env, "production"),
-        "fetch": after(banner("Fetch the dump", since), 0.5),
+        "fetch": after(task_started("Fetch the dump", since), 0.5),
         "restore": restoring(connect, "local", since),
         "swap": blocked.waiting,
     }
@@ -246,11 +256,11 @@ def test_push_killed_at_each_step(pushed_once, connect, sandbox_env, step):
     since = time.time()
     conditions = {
         "dump": partial_dump_on(sandbox_env, "local"),
-        "upload": after(banner("Upload the dump", since), 0.5),
+        "upload": after(task_started("Upload the dump", since), 0.5),
         "restore": restoring(connect, "staging", since),
         # The swap's phase begins by stopping the app; the rename itself runs on the host,
         # where a controller's death cannot interrupt it half-way (one transaction).
-        "swap": banner("Stop the app", since),
+        "swap": task_started("Stop the app", since),
     }
     kill_when(["push", "staging"], conditions[step], env=SLOW_SFTP if step == "upload" else None)
     assert fingerprint(connect("staging")) == before
@@ -318,11 +328,11 @@ def test_ssh_dropped_during_upload(pushed_once, connect, sandbox_env):
     # Once the network is gone, Ansible tries the transfer again in other ways, each new
     # connection waiting out the SSH timeout (10 s by default): 3 s is plenty on loopback.
     proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "push", "staging"],
-                            env=dict(ansible_env(), **BANNERS_AT_START, **SLOW_SFTP, ANSIBLE_TIMEOUT="3"),
+                            env=dict(ansible_env(), **SLOW_SFTP, ANSIBLE_TIMEOUT="3"),
                             cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
-    while not banner("Upload the dump", since)():
+    while not task_started("Upload the dump", since)():
         assert proc.poll() is None and time.monotonic() < deadline, "the push never reached its upload"
         time.sleep(0.01)
     time.sleep(0.5)
