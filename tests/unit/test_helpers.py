@@ -77,7 +77,6 @@ def test_a_run_killed_in_a_step_reads_as_killed_there(tmp_path):
     """SIGKILL leaves no end line: the journal must not call the run ok."""
     import subprocess
     import sys
-    import time
 
     from drydock.journal import list_runs
 
