@@ -102,7 +102,7 @@ def bench(c, scale="bench", runs="3", minutes="20"):
             "shards": "how many pytest processes run side by side, each on its own sandbox (default 2; 1 = plain pytest)"})
 @one_line_errors
 def test(c, pytest_args="", shards="2"):
-    """Run the whole test suite (ansible-lint, unit, integration on the sandbox)."""
+    """Run the whole test suite (ansible-lint, pyflakes, unit, integration on the sandbox)."""
     sandbox_inventory_only()
     code = testrun.run(project_root(), shlex.split(pytest_args), count(shards, "--shards"))
     if code != 0:
@@ -111,11 +111,10 @@ def test(c, pytest_args="", shards="2"):
 
 @task
 def lint(c):
-    """Run ansible-lint (production profile) on the playbooks and roles."""
-    code = subprocess.run(["ansible-lint", "playbooks", "roles"],
-                          cwd=project_root()).returncode
-    if code != 0:
-        raise Exit(code=code)
+    """Run ansible-lint (production profile) on the playbooks and roles, pyflakes on the Python."""
+    codes = [subprocess.run(command, cwd=project_root()).returncode for command in (testrun.ANSIBLE_LINT, testrun.PYFLAKES)]
+    if any(codes):
+        raise Exit(code=1)
 
 
 @task(help={"env": "the environment to push to (exactly one, e.g. staging)",
