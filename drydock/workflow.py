@@ -391,11 +391,11 @@ APP_STOP_TASKS = "app_service : Stop the app"
 
 
 def _start_app_again(run: Run, env: str, say: Say, otherwise: str = "") -> str:
-    """Start `env`'s app again if the interrupted run had begun to stop it. Only for a moment
-    when the database the app would serve is whole and meant to be live (a push's swap had not
-    run; a rollback's exchange ran or not, as its own `always` would), so that an interrupted
-    run leaves the target serving, as it was. Says what became of the app, for the one line,
-    and what to do if it may be stopped: start it, or `otherwise`."""
+    """Start `env`'s app again if the interrupted run had begun to stop it, so that the
+    target is left serving, as it was. Called only where the database the app would serve is
+    whole and meant to be live: a push's swap had not run; a rollback's exchange ran or not
+    (its own `always` starts the app either way). Says what became of the app, for the one
+    line, and what to do if it may be stopped: start it, or `otherwise`."""
     advice = "start it" + (f", or {otherwise}" if otherwise else " (its unit or start command)")
     stops = run.task_events(env, task_prefix=APP_STOP_TASKS)
     if stops is None:
