@@ -20,6 +20,31 @@ from drydock.paths import runs_dir
 PROGRESS_FILE = "tasks.jsonl"
 
 
+def read_progress(run_dir: Path) -> list[dict] | None:
+    """The task events drydock_progress recorded in a run's folder so far, in order, each
+    {host, action, task, event}; a task skipped by its condition is left out (Ansible reports
+    its start, then the skip). None when nothing was recorded at all (the callback was not
+    enabled): then nothing can be told from it."""
+    try:
+        lines = (run_dir / PROGRESS_FILE).read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    entries: list[dict] = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if entry.get("event") == "skipped":
+            started = [i for i, e in enumerate(entries) if e.get("event") == "start"
+                       and (e.get("host"), e.get("task")) == (entry.get("host"), entry.get("task"))]
+            if started:
+                del entries[started[-1]]
+                continue
+        entries.append(entry)
+    return entries
+
+
 def _stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
 
@@ -60,31 +85,14 @@ class Run:
         """Where callback_plugins/drydock_progress records each task's start and result."""
         return self.folder() / PROGRESS_FILE
 
-    def task_events(self, host: str, *, action: str = "", task_prefix: str = "") -> list[str] | None:
-        """The events (start, ok, failed, unreachable) on `host` in this run so far, in order,
-        of the tasks running module `action` or whose name starts with `task_prefix`; a task
-        skipped by its condition is left out (Ansible reports its start first). None when
-        nothing was recorded at all (the callback was not enabled): then nothing can be told
-        from it."""
-        try:
-            lines = (self.dir / PROGRESS_FILE).read_text().splitlines()
-        except FileNotFoundError:
+    def task_events(self, host: str, action: str) -> list[str] | None:
+        """The events (start, ok, failed, unreachable) of the tasks running module `action` on
+        `host` in this run so far, in order (see read_progress); None when nothing was
+        recorded at all."""
+        progress = read_progress(self.dir)
+        if progress is None:
             return None
-        events: list[str] = []
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except ValueError:  # a line cut short by a kill
-                continue
-            if entry.get("host") != host or not (
-                    (action and entry.get("action") == action)
-                    or (task_prefix and str(entry.get("task", "")).startswith(task_prefix))):
-                continue
-            if entry.get("event") == "skipped" and events[-1:] == ["start"]:
-                events.pop()
-            else:
-                events.append(entry.get("event"))
-        return events
+        return [entry["event"] for entry in progress if entry.get("host") == host and entry.get("action") == action]
 
     def write(self, entry: dict) -> None:
         fd = os.open(self.folder() / "journal.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -112,8 +120,8 @@ class Run:
             entry["outcome"] = "failed"
             try:
                 left = interrupted() if callable(interrupted) else interrupted
-            except Exception as error:  # noqa: BLE001 - the one line must come whatever happens
-                left = f"what it left could not be told ({error})"
+            except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - the one line must come whatever happens
+                left = f"what it left could not be told ({str(error) or 'interrupted again'})"
             entry["error"] = f"interrupted during {name}" + (f": {left}" if left else "")
             raise Interrupted(entry["error"]) from None
         except BaseException as error:

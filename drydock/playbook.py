@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from drydock.errors import DrydockError
@@ -93,12 +94,26 @@ def _run_terminable(command: list[str], env: dict, capture: bool) -> tuple[str |
         stdout, _ = proc.communicate()
     except BaseException:
         proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _wait_for_exit(proc)
         raise
     return stdout, proc.returncode
+
+
+def _wait_for_exit(proc: subprocess.Popen, seconds: float = 60) -> None:
+    """Wait for a terminated ansible-playbook to stop its workers and exit, and kill it after
+    `seconds`. A second Ctrl-C meanwhile does not cut the wait short: drydock would go on (to
+    say what the run left, or start the app again) while a task still ran."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            return
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def _task_results(output: dict) -> dict:

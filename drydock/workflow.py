@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 from drydock import dumps, inventory, unfinished
 from drydock.dumps import Dump
 from drydock.errors import DrydockError, Interrupted
-from drydock.journal import Run
+from drydock.journal import Run, read_progress
 from drydock.lock import LOCAL as LOCAL_LOCK, target_lock
 from drydock.paths import backups_dir
 from drydock.playbook import run_playbook
@@ -342,7 +342,7 @@ def _swap_state(run: Run, host: str) -> str:
     """Whether the run's swap on `host` ran: "not run", "ran", "running" (stopped while the
     swap task ran, or the host stopped answering), "swapping back" (a second swap had
     started) or "unknown" (no progress was recorded at all)."""
-    events = run.task_events(host, action="drydock_db_swap")
+    events = run.task_events(host, "drydock_db_swap")
     if events is None:
         return "unknown"
     starts = events.count("start")
@@ -369,8 +369,8 @@ def _pull_interrupted(run: Run, local: str) -> str:
 def _push_interrupted(run: Run, env: str, database: str, manifest: Path, say: Say) -> str:
     state = _swap_state(run, env)
     if state == "not run":
-        app = _start_app_again(run, env, say, otherwise="push again, which starts it")
-        return f"the swap did not run: {env} runs its old database, {app}; the next push drops the side database left behind"
+        return (f"the swap did not run: {env} runs its old database, {_start_app_again(run, env, say)}; the next push "
+                f"drops the side database left behind")
     if state == "ran":
         return (f"the swap ran: {env} runs the pushed copy, its database from before is {database}__previous, and its "
                 f"app may be stopped: `inv rollback {env}` brings that database back and starts the app (a second "
@@ -386,29 +386,46 @@ def _push_interrupted(run: Run, env: str, database: str, manifest: Path, say: Sa
             f"one it is before you roll back or push again (a second push would drop {database}__previous)")
 
 
-# drydock_progress records a role's task as "<role> : <name>": the app_service stop tasks.
+# drydock_progress records a role's task as "<role> : <name>": app_service's stop and start.
 APP_STOP_TASKS = "app_service : Stop the app"
+APP_START_TASKS = "app_service : Start the app"
 
 
-def _start_app_again(run: Run, env: str, say: Say, otherwise: str = "") -> str:
-    """Start `env`'s app again if the interrupted run had begun to stop it, so that the
+def _app_may_be_stopped(run: Run, env: str) -> bool | None:
+    """Whether this run may have left `env`'s app stopped: a stop of it began, and no start
+    ended well after it. None when no task progress was recorded."""
+    progress = read_progress(run.dir)
+    if progress is None:
+        return None
+    stopped = False
+    for entry in (e for e in progress if e.get("host") == env):
+        task = str(entry.get("task", ""))
+        if task.startswith(APP_STOP_TASKS) and entry.get("event") == "start":
+            stopped = True
+        elif task.startswith(APP_START_TASKS) and entry.get("event") == "ok":
+            stopped = False
+    return stopped
+
+
+def _start_app_again(run: Run, env: str, say: Say) -> str:
+    """Start `env`'s app again if the interrupted run may have left it stopped, so that the
     target is left serving, as it was. Called only where the database the app would serve is
     whole and meant to be live: a push's swap had not run; a rollback's exchange ran or not
     (its own `always` starts the app either way). Says what became of the app, for the one
-    line, and what to do if it may be stopped: start it, or `otherwise`."""
-    advice = "start it" + (f", or {otherwise}" if otherwise else " (its unit or start command)")
-    stops = run.task_events(env, task_prefix=APP_STOP_TASKS)
-    if stops is None:
+    line."""
+    advice = f"start it (its unit or start command, or `ansible-playbook playbooks/start_app.yml --limit {env}`)"
+    stopped = _app_may_be_stopped(run, env)
+    if stopped is None:
         return f"and its app may be stopped (no task progress was recorded): {advice}"
-    if "start" not in stops:
-        return "and its app was not stopped"
+    if not stopped:
+        return "and its app was not left stopped"
     say(f"==> starting {env}'s app again, stopped before the interruption (Ctrl-C again to leave it stopped)")
     try:
         run_playbook("start_app.yml", limit=env, run=run)
     except KeyboardInterrupt:
         return f"but its app may be stopped (its start was interrupted): {advice}"
     except DrydockError as error:
-        return f"but its app was stopped and did not start again ({error}): {advice}"
+        return f"but its app, stopped before the interruption, did not come back ({error}): {advice}"
     return "and its app, stopped before the interruption, was started again and passed its health check"
 
 

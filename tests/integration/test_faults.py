@@ -44,20 +44,9 @@ def started_tasks(since: float) -> list[str]:
     """The names (without their role) of the tasks Ansible started in the runs begun after
     `since`, from the progress drydock_progress records: Ansible's log shows a task only with
     its first result, at its end, and these tests act at its start."""
-    names = []
-    for folder in (p for p in journal.run_folders() if run_started(p) >= since):
-        try:
-            lines = (folder / journal.PROGRESS_FILE).read_text().splitlines()
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except ValueError:  # the line being written
-                continue
-            if entry.get("event") == "start":
-                names.append(entry["task"].split(" : ", 1)[-1])
-    return names
+    progress = (journal.read_progress(p) or [] for p in journal.run_folders() if run_started(p) >= since)
+    return [entry["task"].split(" : ", 1)[-1] for entries in progress for entry in entries
+            if entry.get("event") == "start"]
 
 
 def task_started(task: str, since: float) -> Callable[[], bool]:

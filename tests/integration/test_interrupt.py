@@ -13,21 +13,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from drydock.playbook import ansible_env
-from tests.conftest import ROOT, app_serves, databases, fingerprint, inv
+from tests.conftest import ROOT, app_serves, databases, fingerprint, inv, playbook
 
 OID = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
 HOLD = "299.7"  # the held app command's sleep, unique enough to find
 
 
 @contextmanager
-def app_command_held(env: str, action: str, marker: Path, done_first: bool = False):
+def app_command_held(env: str, action: str, marker: Path, done_first: bool = False, start_fails: bool = False):
     """Make the sandbox app's `action` (start or stop) hang, as a slow service manager would,
-    after touching `marker` (and, `done_first`, after doing it); the real script is back afterwards."""
+    after touching `marker` (and, `done_first`, after doing it); with `start_fails`, its start
+    fails. The real script is back afterwards."""
     service = ROOT / ".sandbox" / env / "app-service"
     real = service.with_name("app-service.real")
     shutil.copy2(service, real)
     first = f"{real} {action} && " if done_first else ""
-    service.write_text(f'#!/bin/sh\n[ "$1" = {action} ] && {first}touch {marker} && exec sleep {HOLD}\n'
+    failing = '[ "$1" = start ] && echo "the app did not start: a test broke it" >&2 && exit 1\n' if start_fails else ""
+    service.write_text(f'#!/bin/sh\n[ "$1" = {action} ] && {first}touch {marker} && exec sleep {HOLD}\n{failing}'
                        f'exec {real} "$@"\n')
     try:
         yield
@@ -61,12 +63,13 @@ def live_oid(connect) -> int:
     return connect("staging", "postgres").execute(OID).fetchone()[0]
 
 
-def stopped_while_the_app_would(command: str, action: str, connect, tmp_path) -> tuple[dict, int, str]:
+def stopped_while_the_app_would(command: str, action: str, connect, tmp_path,
+                                start_fails: bool = False) -> tuple[dict, int, str]:
     """Staging's content and live database before, and the last line of `inv COMMAND staging`
     stopped by Ctrl-C while the app's `action` hangs: its start (after the swap) before it
     starts, or its stop (before the swap) once the app has stopped."""
     before, old = fingerprint(connect("staging")), live_oid(connect)
-    with app_command_held("staging", action, tmp_path / action, done_first=action == "stop"):
+    with app_command_held("staging", action, tmp_path / action, done_first=action == "stop", start_fails=start_fails):
         return before, old, interrupted(command, "staging", tmp_path / action)
 
 
@@ -110,4 +113,17 @@ def test_ctrl_c_during_a_rollback_before_its_exchange_leaves_the_database_servin
                     " health check"), line
     assert live_oid(connect) == old
     assert fingerprint(connect("staging")) == before
+    assert app_serves(sandbox_env, "staging")
+
+
+def test_ctrl_c_before_the_swap_says_so_when_the_app_does_not_come_back(pulled, connect, sandbox_env, tmp_path):
+    before, old, line = stopped_while_the_app_would("push", "stop", connect, tmp_path, start_fails=True)
+    assert line == ("drydock: error: interrupted during restore: the swap did not run: staging runs its old database,"
+                    " but its app, stopped before the interruption, did not come back (staging: the app did not start:"
+                    " a test broke it): start it (its unit or start command, or `ansible-playbook"
+                    " playbooks/start_app.yml --limit staging`); the next push drops the side database left behind"), line
+    assert not app_serves(sandbox_env, "staging")
+    assert live_oid(connect) == old and fingerprint(connect("staging")) == before
+    started = playbook("start_app.yml", "--limit", "staging")  # what the line says
+    assert started.returncode == 0, started.stdout[-3000:]
     assert app_serves(sandbox_env, "staging")

@@ -104,7 +104,7 @@ def test_an_interrupted_step_says_what_it_left_and_a_refused_command_leaves_no_r
     assert entry["outcome"] == "failed" and entry["error"] == "interrupted during pull: the local database is whole"
 
 
-def test_an_interrupted_push_says_whether_its_swap_ran_from_the_progress_ansible_reported(tmp_path):
+def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_progress_ansible_reported(tmp_path):
     """Ansible's log shows a task's banner only with its result: which swap ran is read from
     the events drydock_progress records, per host (a pipeline's pull swaps on local)."""
     from drydock.workflow import _pull_interrupted, _push_interrupted, _rollback_interrupted
@@ -122,12 +122,13 @@ def test_an_interrupted_push_says_whether_its_swap_ran_from_the_progress_ansible
         return str(push_error.value), _pull_interrupted(run, "local"), _rollback_interrupted(run, "staging", "site",
                                                                                             say=pytest.fail)
 
-    # No app stop recorded: nothing to start again (an app stop would start the start_app.yml playbook).
+    # No app stop recorded: nothing to start again (say=pytest.fail: nothing is started).
     push, pull, rollback = interrupted_after()
     assert push == ("interrupted during restore: the swap did not run: staging runs its old database, and its app was"
-                    " not stopped; the next push drops the side database left behind")
+                    " not left stopped; the next push drops the side database left behind")
     assert pull.startswith("the swap did not run: the local database is unchanged")
-    assert rollback == "the exchange did not run: staging runs the database it ran before, and its app was not stopped"
+    assert rollback == ("the exchange did not run: staging runs the database it ran before, and its app was not left"
+                        " stopped")
     push, pull, rollback = interrupted_after(("local", "start"), ("local", "ok"), ("staging", "start"))
     assert "the swap was running" in push and "if site__incoming is still on staging" in push
     assert pull.startswith("the swap ran: the local database is the pulled one")
@@ -153,7 +154,81 @@ def test_an_interrupted_push_says_whether_its_swap_ran_from_the_progress_ansible
     assert "whether the swap ran cannot be told, no task progress was recorded" in push and "never went in" not in push
     assert pull.startswith("the swap may have run")
     assert rollback.endswith("and its app may be stopped (no task progress was recorded): start it (its unit or start"
-                             " command)")
+                             " command, or `ansible-playbook playbooks/start_app.yml --limit staging`)")
+
+
+def test_an_app_counts_as_stopped_from_a_stop_that_began_until_a_start_that_ended_well(tmp_path):
+    from drydock.workflow import _app_may_be_stopped
+
+    stop, start = "app_service : Stop the app with its stop command", "app_service : Start the app with its start command"
+
+    def stopped(*events: tuple[str, str], host: str = "staging") -> bool | None:
+        run = Run("push", root=tmp_path)
+        lines = [{"event": event, "host": host, "action": "ansible.builtin.command", "task": task}
+                 for task, event in events]
+        run.progress_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        return _app_may_be_stopped(run, "staging")
+
+    assert stopped() is False
+    assert stopped((stop, "start")) is True  # interrupted while it stopped: it may be down
+    assert stopped((stop, "start"), (stop, "skipped")) is False  # no stop command configured
+    assert stopped((stop, "start"), (stop, "ok"), (start, "start")) is True  # its start never ended
+    assert stopped((stop, "start"), (stop, "ok"), (start, "start"), (start, "failed")) is True
+    assert stopped((stop, "start"), (stop, "ok"), (start, "start"), (start, "ok")) is False
+    assert stopped((stop, "start"), (stop, "ok"), (start, "start"), (start, "ok"), (stop, "start")) is True  # a rescue
+    assert stopped((stop, "start"), host="production") is False  # another host's app
+    assert _app_may_be_stopped(Run("push", root=tmp_path), "staging") is None  # nothing recorded
+
+
+def test_the_app_task_names_drydock_looks_for_are_the_app_service_role_s(tmp_path):
+    """Renamed in the role, a stop would go unseen and an interrupted push leave the app down."""
+    import yaml
+
+    from drydock.paths import project_root
+    from drydock.workflow import APP_START_TASKS, APP_STOP_TASKS
+
+    tasks = project_root() / "roles" / "app_service" / "tasks"
+    for file, prefix in (("stop.yml", APP_STOP_TASKS), ("start.yml", APP_START_TASKS)):
+        names = [f"app_service : {task['name']}" for task in yaml.safe_load((tasks / file).read_text())]
+        assert names and all(name.startswith(prefix) for name in names), (file, names)
+    others = [task["name"] for path in tasks.glob("*.yml") if path.name not in ("stop.yml", "start.yml")
+              for task in yaml.safe_load(path.read_text())]
+    assert not [name for name in others if f"app_service : {name}".startswith((APP_STOP_TASKS, APP_START_TASKS))]
+
+
+def test_a_second_ctrl_c_does_not_cut_short_the_wait_for_ansible_to_stop():
+    """drydock must not go on (say what was left, start the app) while a task still runs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from drydock.playbook import _wait_for_exit
+
+    # Like ansible-playbook: stops its workers on SIGTERM, which takes a moment.
+    proc = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                             "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.0), sys.exit(3)))\n"
+                             "print('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+
+    def second_ctrl_c(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, second_ctrl_c)
+    try:
+        proc.terminate()
+        started = time.monotonic()
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        try:
+            _wait_for_exit(proc)
+        except KeyboardInterrupt:  # not left to pytest, which would end the whole session
+            pytest.fail("the second Ctrl-C cut the wait short")
+        assert proc.returncode == 3 and time.monotonic() - started >= 0.9
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        proc.kill()
+        proc.wait()
 
 
 def test_an_interrupted_step_whose_account_fails_still_ends_in_one_line(tmp_path):
@@ -164,6 +239,14 @@ def test_an_interrupted_step_whose_account_fails_still_ends_in_one_line(tmp_path
 
     with pytest.raises(DrydockError, match=r"\Ainterrupted during restore: what it left could not be told \("):
         with run.step("restore", interrupted=broken):
+            raise KeyboardInterrupt
+
+    def interrupted_again() -> str:
+        raise KeyboardInterrupt
+
+    with pytest.raises(DrydockError, match=r"\Ainterrupted during restore: what it left could not be told \(interrupted"
+                                           r" again\)\Z"):
+        with run.step("restore", interrupted=interrupted_again):
             raise KeyboardInterrupt
 
 
