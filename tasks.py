@@ -138,6 +138,14 @@ def rollback(c, env, yes=False, allow_lost_writes=False):
     workflow.rollback(env, yes=yes, allow_lost_writes=allow_lost_writes)
 
 
+@task(help={"env": "the environment whose app to restart (exactly one, e.g. staging)",
+            "yes": "confirm a restart on a protected environment (production) without a prompt"})
+@one_line_errors
+def app_restart(c, env, yes=False):
+    """Restart ENV's app (stop, start, health check): e.g. after an interrupted push left it stopped."""
+    workflow.restart_app(env, yes=yes)
+
+
 @task(help={"source": "where the data comes from (e.g. production)",
             "target": "where the migrated copy goes (e.g. staging)",
             "notebook": "execute this notebook in the migration step",
@@ -228,9 +236,12 @@ runs = Collection("runs")
 runs.add_task(runs_list, name="list")
 runs.add_task(runs_show, name="show")
 
+app = Collection("app")
+app.add_task(app_restart, name="restart")
+
 sandbox = Collection("sandbox")
 sandbox.add_task(sandbox_up, name="up")
 sandbox.add_task(sandbox_down, name="down")
 
 namespace = Collection(backup, pull, migrate, push, rollback, pipeline, verify, site, demo, test, lint, bench, sandbox,
-                       snapshot, runs)
+                       snapshot, runs, app)

@@ -369,7 +369,7 @@ def _pull_interrupted(run: Run, local: str) -> str:
 def _push_interrupted(run: Run, env: str, database: str, manifest: Path, say: Say) -> str:
     state = _swap_state(run, env)
     if state == "not run":
-        return (f"the swap did not run: {env} runs its old database, {_start_app_again(run, env, say)}; the next push "
+        return (f"the swap did not run: {env} runs its old database, {_restart_app(run, env, say)}; the next push "
                 f"drops the side database left behind")
     if state == "ran":
         return (f"the swap ran: {env} runs the pushed copy, its database from before is {database}__previous, and its "
@@ -407,26 +407,34 @@ def _app_may_be_stopped(run: Run, env: str) -> bool | None:
     return stopped
 
 
-def _start_app_again(run: Run, env: str, say: Say) -> str:
-    """Start `env`'s app again if the interrupted run may have left it stopped, so that the
-    target is left serving, as it was. Called only where the database the app would serve is
-    whole and meant to be live: a push's swap had not run; a rollback's exchange ran or not
-    (its own `always` starts the app either way). Says what became of the app, for the one
-    line."""
-    advice = f"start it (its unit or start command, or `ansible-playbook playbooks/start_app.yml --limit {env}`)"
+def _restart_app(run: Run, env: str, say: Say) -> str:
+    """Restart `env`'s app if the interrupted run may have left it stopped, so that the target
+    is left serving, as it was. Called only where the database the app would serve is whole
+    and meant to be live: a push's swap had not run; a rollback's exchange ran or not (its own
+    `always` starts the app either way). Says what became of the app, for the one line."""
+    advice = f"restart it: inv app.restart {env} (or its unit or start command)"
     stopped = _app_may_be_stopped(run, env)
     if stopped is None:
         return f"and its app may be stopped (no task progress was recorded): {advice}"
     if not stopped:
         return "and its app was not left stopped"
-    say(f"==> starting {env}'s app again, stopped before the interruption (Ctrl-C again to leave it stopped)")
+    say(f"==> restarting {env}'s app, stopped before the interruption (Ctrl-C again to leave it stopped)")
     try:
-        run_playbook("start_app.yml", limit=env, run=run)
+        run_playbook("restart_app.yml", limit=env, run=run, extra_vars={"drydock_confirm": env})
     except KeyboardInterrupt:
-        return f"but its app may be stopped (its start was interrupted): {advice}"
+        return f"but its app may be stopped (its restart was interrupted): {advice}"
     except DrydockError as error:
         return f"but its app, stopped before the interruption, did not come back ({error}): {advice}"
-    return "and its app, stopped before the interruption, was started again and passed its health check"
+    return "and its app, stopped before the interruption, was restarted and passed its health check"
+
+
+def restart_app(env_text: str, yes: bool = False, say: Say = print) -> None:
+    inv, env, _ = _server(env_text)
+    confirm(env, inv.protected(env), yes, "restart the app of")
+    run = Run("app-restart")
+    with target_lock(env, "app restart", say), run.step("restart app", env=env):
+        run_playbook("restart_app.yml", limit=env, run=run, extra_vars={"drydock_confirm": env})
+    say(f"{env}'s app was restarted and passed its health check")
 
 
 def _takes_safety_backup(hostvars: dict) -> bool:
@@ -456,7 +464,7 @@ def _rollback_interrupted(run: Run, env: str, database: str, say: Say) -> str:
     else:
         where = f"the exchange may have run: {env} runs one of its two databases, whole, and {database}__previous the other"
     # The rollback's own `always` starts the app whatever became of the exchange: so here too.
-    return f"{where}, {_start_app_again(run, env, say)}"
+    return f"{where}, {_restart_app(run, env, say)}"
 
 
 def pipeline(source_text: str, target_text: str, notebook: str | None = None, script: str | None = None,

@@ -13,24 +13,33 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from drydock.playbook import ansible_env
-from tests.conftest import ROOT, app_serves, databases, fingerprint, inv, playbook
+from tests.conftest import ROOT, app_serves, databases, fingerprint, inv
 
 OID = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
 HOLD = "299.7"  # the held app command's sleep, unique enough to find
 
 
+# What the held stop has done when Ctrl-C comes: stopped the app, or only begun to (the app
+# goes down a few seconds later, as a slow graceful shutdown would, after drydock's restart
+# has looked at it: the old PID alone is killed then, and `killed` touched).
+STOPPED = '"$real" stop; '
+STOP_UNDER_WAY = ('pid=$(cat {pidfile}); setsid sh -c "sleep 6; kill $pid; touch {killed}" '
+                  '</dev/null >/dev/null 2>&1 & ')
+
+
 @contextmanager
-def app_command_held(env: str, action: str, marker: Path, done_first: bool = False, start_fails: bool = False):
-    """Make the sandbox app's `action` (start or stop) hang, as a slow service manager would,
-    after touching `marker` (and, `done_first`, after doing it); with `start_fails`, its start
-    fails. The real script is back afterwards."""
+def app_command_held(env: str, action: str, marker: Path, before_hold: str = "", start_fails: bool = False):
+    """Make the sandbox app's `action` (start or stop) hang the first time it runs, as a slow
+    service manager would: it runs the shell `before_hold` ($real: the real script), touches
+    `marker` and sleeps. Later calls run the real script; with `start_fails`, a start fails.
+    The real script is back afterwards."""
     service = ROOT / ".sandbox" / env / "app-service"
     real = service.with_name("app-service.real")
     shutil.copy2(service, real)
-    first = f"{real} {action} && " if done_first else ""
     failing = '[ "$1" = start ] && echo "the app did not start: a test broke it" >&2 && exit 1\n' if start_fails else ""
-    service.write_text(f'#!/bin/sh\n[ "$1" = {action} ] && {first}touch {marker} && exec sleep {HOLD}\n{failing}'
-                       f'exec {real} "$@"\n')
+    service.write_text(f'#!/bin/sh\nreal={real}\n'
+                       f'if [ "$1" = {action} ] && [ ! -e {marker} ]; then {before_hold}touch {marker}; exec sleep {HOLD}; fi\n'
+                       f'{failing}exec "$real" "$@"\n')
     try:
         yield
     finally:
@@ -63,19 +72,18 @@ def live_oid(connect) -> int:
     return connect("staging", "postgres").execute(OID).fetchone()[0]
 
 
-def stopped_while_the_app_would(command: str, action: str, connect, tmp_path,
+def stopped_while_the_app_would(command: str, action: str, connect, tmp_path, before_hold: str = "",
                                 start_fails: bool = False) -> tuple[dict, int, str]:
     """Staging's content and live database before, and the last line of `inv COMMAND staging`
-    stopped by Ctrl-C while the app's `action` hangs: its start (after the swap) before it
-    starts, or its stop (before the swap) once the app has stopped."""
+    stopped by Ctrl-C while the app's `action` hangs (see app_command_held)."""
     before, old = fingerprint(connect("staging")), live_oid(connect)
-    with app_command_held("staging", action, tmp_path / action, done_first=action == "stop", start_fails=start_fails):
+    with app_command_held("staging", action, tmp_path / action, before_hold, start_fails):
         return before, old, interrupted(command, "staging", tmp_path / action)
 
 
 def test_ctrl_c_after_the_swap_says_the_copy_is_live_and_rollback_brings_back_the_old_one(
         pulled, connect, sandbox_env, tmp_path):
-    before, old, line = stopped_while_the_app_would("push", "start", connect, tmp_path)
+    before, old, line = stopped_while_the_app_would("push", "start", connect, tmp_path)  # before it starts
     assert line.startswith("drydock: error: interrupted during restore: the swap ran: staging runs the pushed copy,"
                            " its database from before is wagtail_site__previous"), line
     assert "`inv rollback staging` brings that database back" in line
@@ -89,9 +97,9 @@ def test_ctrl_c_after_the_swap_says_the_copy_is_live_and_rollback_brings_back_th
 
 def test_ctrl_c_before_the_swap_leaves_the_old_database_serving_and_a_second_push_goes_through(
         pulled, connect, sandbox_env, tmp_path):
-    before, old, line = stopped_while_the_app_would("push", "stop", connect, tmp_path)
+    before, old, line = stopped_while_the_app_would("push", "stop", connect, tmp_path, STOPPED)
     assert line == ("drydock: error: interrupted during restore: the swap did not run: staging runs its old database,"
-                    " and its app, stopped before the interruption, was started again and passed its health check;"
+                    " and its app, stopped before the interruption, was restarted and passed its health check;"
                     " the next push drops the side database left behind"), line
     assert app_serves(sandbox_env, "staging")
     assert live_oid(connect) == old
@@ -107,23 +115,40 @@ def test_ctrl_c_during_a_rollback_before_its_exchange_leaves_the_database_servin
         pulled, connect, sandbox_env, tmp_path):
     if "wagtail_site__previous" not in databases(connect("staging", "postgres")):
         inv("push", "staging", check=True)  # something to roll back to
-    before, old, line = stopped_while_the_app_would("rollback", "stop", connect, tmp_path)
+    before, old, line = stopped_while_the_app_would("rollback", "stop", connect, tmp_path, STOPPED)
     assert line == ("drydock: error: interrupted during rollback: the exchange did not run: staging runs the database"
-                    " it ran before, and its app, stopped before the interruption, was started again and passed its"
+                    " it ran before, and its app, stopped before the interruption, was restarted and passed its"
                     " health check"), line
     assert live_oid(connect) == old
     assert fingerprint(connect("staging")) == before
     assert app_serves(sandbox_env, "staging")
 
 
+def test_ctrl_c_while_the_app_is_on_its_way_down_still_leaves_it_serving(pulled, connect, sandbox_env, tmp_path):
+    """A stop cut short may leave the app still "running" to a start, then gone: the restart
+    finishes the stop before it starts the app."""
+    killed = tmp_path / "killed"
+    under_way = STOP_UNDER_WAY.format(pidfile=ROOT / ".sandbox" / "staging" / "app.pid", killed=killed)
+    _, old, line = stopped_while_the_app_would("push", "stop", connect, tmp_path, under_way)
+    assert line.endswith("and its app, stopped before the interruption, was restarted and passed its health check;"
+                         " the next push drops the side database left behind"), line
+    deadline = time.monotonic() + 30
+    while not killed.exists():  # the old app's end, come late
+        assert time.monotonic() < deadline, "the old app was never killed"
+        time.sleep(0.2)
+    assert app_serves(sandbox_env, "staging")
+    assert live_oid(connect) == old
+
+
 def test_ctrl_c_before_the_swap_says_so_when_the_app_does_not_come_back(pulled, connect, sandbox_env, tmp_path):
-    before, old, line = stopped_while_the_app_would("push", "stop", connect, tmp_path, start_fails=True)
+    before, old, line = stopped_while_the_app_would("push", "stop", connect, tmp_path, STOPPED, start_fails=True)
     assert line == ("drydock: error: interrupted during restore: the swap did not run: staging runs its old database,"
                     " but its app, stopped before the interruption, did not come back (staging: the app did not start:"
-                    " a test broke it): start it (its unit or start command, or `ansible-playbook"
-                    " playbooks/start_app.yml --limit staging`); the next push drops the side database left behind"), line
+                    " a test broke it): restart it: inv app.restart staging (or its unit or start command); the next"
+                    " push drops the side database left behind"), line
     assert not app_serves(sandbox_env, "staging")
     assert live_oid(connect) == old and fingerprint(connect("staging")) == before
-    started = playbook("start_app.yml", "--limit", "staging")  # what the line says
-    assert started.returncode == 0, started.stdout[-3000:]
+    assert inv("app.restart", "production").returncode == 1  # not interactive, no --yes: refused
+    restarted = inv("app.restart", "staging", check=True)  # what the line says
+    assert restarted.stdout.strip().splitlines()[-1] == "staging's app was restarted and passed its health check"
     assert app_serves(sandbox_env, "staging")

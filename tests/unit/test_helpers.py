@@ -153,8 +153,8 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
     push, pull, rollback = interrupted_after(recorded=False)
     assert "whether the swap ran cannot be told, no task progress was recorded" in push and "never went in" not in push
     assert pull.startswith("the swap may have run")
-    assert rollback.endswith("and its app may be stopped (no task progress was recorded): start it (its unit or start"
-                             " command, or `ansible-playbook playbooks/start_app.yml --limit staging`)")
+    assert rollback.endswith("and its app may be stopped (no task progress was recorded): restart it: inv app.restart"
+                             " staging (or its unit or start command)")
 
 
 def test_an_app_counts_as_stopped_from_a_stop_that_began_until_a_start_that_ended_well(tmp_path):
