@@ -121,11 +121,13 @@ def lint(c):
             "dump": "push this dump (or the backup folder holding it, with its manifest) instead of dumping the local database",
             "yes": "confirm a push to a protected environment (production) without a prompt",
             "allow_lost_writes": "push even though the target took writes since the copy's backup (they are lost)",
-            "allow_unscrubbed": "with --dump: push an unscrubbed dump to an unprotected environment (personal data goes along)"})
+            "allow_unscrubbed": "with --dump: push an unscrubbed dump to an unprotected environment (personal data goes along)",
+            "allow_older_schema": "push a copy that lacks Django migrations the target has applied (its code expects them)"})
 @one_line_errors
-def push(c, env, dump=None, yes=False, allow_lost_writes=False, allow_unscrubbed=False):
+def push(c, env, dump=None, yes=False, allow_lost_writes=False, allow_unscrubbed=False, allow_older_schema=False):
     """Restore the local copy onto ENV: checks, safety backup, side database, swap, health check."""
-    workflow.push(env, dump_path=dump, yes=yes, allow_lost_writes=allow_lost_writes, allow_unscrubbed=allow_unscrubbed)
+    workflow.push(env, dump_path=dump, yes=yes, allow_lost_writes=allow_lost_writes, allow_unscrubbed=allow_unscrubbed,
+                  allow_older_schema=allow_older_schema)
 
 
 @task(help={"env": "the environment to roll back (e.g. staging)",

@@ -287,7 +287,8 @@ def _server(env_text: str) -> tuple[inventory.Inventory, str, dict]:
 
 
 def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_lost_writes: bool = False,
-         allow_unscrubbed: bool = False, say: Say = print, run: Run | None = None, locked: bool = False) -> Dump:
+         allow_unscrubbed: bool = False, allow_older_schema: bool = False, say: Say = print, run: Run | None = None,
+         locked: bool = False) -> Dump:
     if allow_unscrubbed and not dump_path:
         raise InvalidInput("--allow-unscrubbed applies to a --dump only: without one, the push scrubs the copy itself")
     inv, env, target = _server(env_text)
@@ -319,6 +320,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
             safety = _run_dumping("restore_database.yml", limit=env, run=run, extra_vars={
                 "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
                 "drydock_allow_lost_writes": allow_lost_writes, "drydock_allow_unscrubbed": allow_unscrubbed,
+                "drydock_allow_older_schema": allow_older_schema,
                 "drydock_safety_backup": take_safety_backup,
                 "pg_backup_controller_dir": str(backups_dir())}, optional=True)
             step.update(safety_backup=str(safety.path) if safety else None)

@@ -10,6 +10,9 @@ description:
     (UTF8, from template0, owned by C(owner)), runs C(pg_restore --exit-on-error --no-owner
     --role=owner --jobs=N) into it, checks every table's row count against C(expect_row_counts),
     then deletes C(archive).
+  - With C(live_database), also lists the Django migrations applied in that database (the
+    live one, on the same server) that the restored copy lacks: the code running on the
+    live database expects them, so the caller can refuse to swap such a copy in.
   - One module for what were four tasks: each task costs a module start (0.2-0.3 s here on a
     quiet machine, over 1 s on a loaded one), and a push and a pull each restore once.
   - On failure the archive and the side database are left for the caller's cleanup (the
@@ -35,6 +38,10 @@ options:
   pg_bindir: {description: Directory of pg_restore., type: path, required: true}
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
+  live_database:
+    description: The live database whose applied migrations the copy must have (C(migrations_missing)); empty for none.
+    type: str
+    default: ""
 """
 
 EXAMPLES = r"""
@@ -52,13 +59,18 @@ EXAMPLES = r"""
 RETURN = r"""
 command: {description: The pg_restore command (run, or in check mode the one it would run)., type: list, returned: always}
 row_counts: {description: Rows per restored table., type: dict, returned: success}
+migrations_missing:
+  description: Migrations (app.name) applied in C(live_database) but not in the copy, sorted; empty without one.
+  type: list
+  returned: success
 stderr: {description: pg_restore's messages., type: str, returned: when pg_restore failed}
 """
 
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import require_psycopg, connect, pg_restore_error, row_count_problem, row_counts
+from ansible.module_utils.drydock_pg import (require_psycopg, applied_migrations, connect, database_exists,
+                                             pg_restore_error, row_count_problem, row_counts)
 
 # What PostgreSQL accepts for default_toast_compression; anything else never reaches PGOPTIONS.
 TOAST_COMPRESSIONS = ("", "pglz", "lz4")
@@ -104,7 +116,7 @@ def main() -> None:
                            toast_compression=dict(type="str", default="", choices=list(TOAST_COMPRESSIONS)),
                            expect_row_counts=dict(type="dict", required=True),
                            pg_bindir=dict(type="path", required=True), socket_dir=dict(type="path", required=True),
-                           port=dict(type="int", default=5432)),
+                           port=dict(type="int", default=5432), live_database=dict(type="str", default="")),
         supports_check_mode=True,
     )
     p = module.params
@@ -127,6 +139,8 @@ def main() -> None:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             with conn.cursor() as cur:
                 counts = row_counts(cur)
+                copy_migrations = migration_names(cur)
+        missing = migrations_missing(p, copy_migrations)
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()), command=argv)
     problem = row_count_problem(p["database"], p["expect_row_counts"], counts)
@@ -141,7 +155,22 @@ def main() -> None:
     except OSError as error:
         module.fail_json(msg=f"restored and checked, but cannot remove the archive {p['archive']}: {error.strerror}",
                          row_counts=counts, command=argv)
-    module.exit_json(changed=True, row_counts=counts, command=argv)
+    module.exit_json(changed=True, row_counts=counts, migrations_missing=missing, command=argv)
+
+
+def migration_names(cur) -> set[str]:
+    return {f"{app}.{name}" for app, name in applied_migrations(cur)}
+
+
+def migrations_missing(p: dict, copy_migrations: set[str]) -> list[str]:
+    """The migrations applied in the live database that the copy lacks ([] without one)."""
+    if not p["live_database"]:
+        return []
+    with connect(p["socket_dir"], p["port"], "postgres") as conn:
+        if not database_exists(conn, p["live_database"]):
+            return []
+    with connect(p["socket_dir"], p["port"], p["live_database"]) as conn, conn.cursor() as cur:
+        return sorted(migration_names(cur) - copy_migrations)
 
 
 if __name__ == "__main__":

@@ -155,12 +155,6 @@ def edited_copy(dump, tmp_path: Path, edit: Callable[[bytearray], None], fix_che
     return target
 
 
-@pytest.fixture(scope="module")
-def pushed_once(pulled):
-    """A pulled local copy pushed to staging once: every push below has a scrubbed dump."""
-    next_run_succeeds("push", "staging")
-
-
 # -- SIGKILL at each step -------------------------------------------------------------------
 class BlockedSwap:
     """Hold a lock that makes the swap's rename of <db>__incoming wait (COMMENT ON DATABASE,
@@ -239,7 +233,7 @@ def test_pull_killed_at_each_step(pulled, connect, sandbox_env, step):
 
 
 @pytest.mark.parametrize("step", ["dump", "upload", "restore", "swap"])
-def test_push_killed_at_each_step(pushed_once, connect, sandbox_env, step):
+def test_push_killed_at_each_step(staging_at_the_local_schema, connect, sandbox_env, step):
     change_a_post(connect("local"), f"push killed at {step}")
     before = fingerprint(connect("staging"))
     since = time.time()
@@ -265,7 +259,7 @@ def test_push_killed_at_each_step(pushed_once, connect, sandbox_env, step):
 
 # -- damaged and unreadable dumps, a target without the app role -------------------------------
 @pytest.mark.parametrize("how", ["truncated", "flipped byte"])
-def test_damaged_dump_is_refused_by_the_push(pushed_once, connect, sandbox_env, tmp_path, how):
+def test_damaged_dump_is_refused_by_the_push(staging_at_the_local_schema, connect, sandbox_env, tmp_path, how):
     def damage(data: bytearray) -> None:
         if how == "truncated":
             del data[len(data) // 2:]
@@ -280,7 +274,7 @@ def test_damaged_dump_is_refused_by_the_push(pushed_once, connect, sandbox_env, 
     assert_no_strays(connect, sandbox_env)
 
 
-def test_dump_from_a_newer_pg_dump_is_refused(pushed_once, connect, sandbox_env, tmp_path):
+def test_dump_from_a_newer_pg_dump_is_refused(staging_at_the_local_schema, connect, sandbox_env, tmp_path):
     def newer_archive_version(data: bytearray) -> None:
         assert data[:5] == b"PGDMP"
         data[6] += 10  # the archive's minor version: bytes 5, 6, 7 are major, minor, revision
@@ -294,7 +288,7 @@ def test_dump_from_a_newer_pg_dump_is_refused(pushed_once, connect, sandbox_env,
     assert_no_strays(connect, sandbox_env)
 
 
-def test_target_without_the_app_role_is_refused_before_any_change(pushed_once, connect, sandbox_env):
+def test_target_without_the_app_role_is_refused_before_any_change(staging_at_the_local_schema, connect, sandbox_env):
     before = fingerprint(connect("staging"))
     proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={scrubbed_local_dump().path}",
                     "-e", "drydock_db_app_role=no_such_role")
@@ -305,7 +299,7 @@ def test_target_without_the_app_role_is_refused_before_any_change(pushed_once, c
 
 
 # -- the network --------------------------------------------------------------------------------
-def test_ssh_dropped_during_upload(pushed_once, connect, sandbox_env):
+def test_ssh_dropped_during_upload(staging_at_the_local_schema, connect, sandbox_env):
     sandbox = ROOT / ".sandbox"
     # A failure, not a skip: without sshd this fault of the matrix would go untested unseen.
     if json.loads((sandbox / "connection.json").read_text())["connection"] != "ssh":

@@ -82,7 +82,7 @@ def stopped_while_the_app_would(command: str, action: str, connect, tmp_path, be
 
 
 def test_ctrl_c_after_the_swap_says_the_copy_is_live_and_rollback_brings_back_the_old_one(
-        pulled, connect, sandbox_env, tmp_path):
+        staging_at_the_local_schema, connect, sandbox_env, tmp_path):
     before, old, line = stopped_while_the_app_would("push", "start", connect, tmp_path)  # before it starts
     assert line.startswith("drydock: error: interrupted during restore: the swap ran: staging runs the pushed copy,"
                            " its database from before is wagtail_site__previous"), line
@@ -96,7 +96,7 @@ def test_ctrl_c_after_the_swap_says_the_copy_is_live_and_rollback_brings_back_th
 
 
 def test_ctrl_c_before_the_swap_leaves_the_old_database_serving_and_a_second_push_goes_through(
-        pulled, connect, sandbox_env, tmp_path):
+        staging_at_the_local_schema, connect, sandbox_env, tmp_path):
     before, old, line = stopped_while_the_app_would("push", "stop", connect, tmp_path, STOPPED)
     assert line == ("drydock: error: interrupted during restore: the swap did not run: staging runs its old database,"
                     " and its app, stopped before the interruption, was restarted and passed its health check;"
@@ -112,7 +112,7 @@ def test_ctrl_c_before_the_swap_leaves_the_old_database_serving_and_a_second_pus
 
 
 def test_ctrl_c_during_a_rollback_before_its_exchange_leaves_the_database_serving(
-        pulled, connect, sandbox_env, tmp_path):
+        staging_at_the_local_schema, connect, sandbox_env, tmp_path):
     if "wagtail_site__previous" not in databases(connect("staging", "postgres")):
         inv("push", "staging", check=True)  # something to roll back to
     before, old, line = stopped_while_the_app_would("rollback", "stop", connect, tmp_path, STOPPED)
@@ -124,7 +124,7 @@ def test_ctrl_c_during_a_rollback_before_its_exchange_leaves_the_database_servin
     assert app_serves(sandbox_env, "staging")
 
 
-def test_ctrl_c_while_the_app_is_on_its_way_down_still_leaves_it_serving(pulled, connect, sandbox_env, tmp_path):
+def test_ctrl_c_while_the_app_is_on_its_way_down_still_leaves_it_serving(staging_at_the_local_schema, connect, sandbox_env, tmp_path):
     """A stop cut short may leave the app still "running" to a start, then gone: the restart
     finishes the stop before it starts the app."""
     killed = tmp_path / "killed"
@@ -140,7 +140,7 @@ def test_ctrl_c_while_the_app_is_on_its_way_down_still_leaves_it_serving(pulled,
     assert live_oid(connect) == old
 
 
-def test_ctrl_c_before_the_swap_says_so_when_the_app_does_not_come_back(pulled, connect, sandbox_env, tmp_path):
+def test_ctrl_c_before_the_swap_says_so_when_the_app_does_not_come_back(staging_at_the_local_schema, connect, sandbox_env, tmp_path):
     before, old, line = stopped_while_the_app_would("push", "stop", connect, tmp_path, STOPPED, start_fails=True)
     assert line == ("drydock: error: interrupted during restore: the swap did not run: staging runs its old database,"
                     " but its app, stopped before the interruption, did not come back (staging: the app did not start:"

@@ -25,7 +25,7 @@ def pushed(pulled, connect_module):
     """Staging's content before, and the manifest of the copy pushed onto it."""
     inv("pull", "production", "--latest", check=True)
     before = fingerprint(connect_module("staging"))
-    inv("push", "staging", check=True)
+    inv("push", "staging", "--allow-older-schema", check=True)  # whatever schema an earlier module left there
     return before, dumps.latest("local")
 
 
@@ -415,3 +415,24 @@ def test_a_rollback_with_nothing_to_roll_back_to_leaves_the_app_running(pushed, 
         assert app_serves(sandbox_env, "staging")
     finally:
         admin.execute(f"ALTER DATABASE {aside} RENAME TO wagtail_site__previous")
+
+
+def test_a_copy_without_migrations_the_target_has_applied_is_refused_unless_allowed(pushed, connect, sandbox_env):
+    """Staging's code expects every migration its database has applied: a copy without one
+    (never migrated, an older dump) would break the site once live."""
+    connect("staging").execute("INSERT INTO django_migrations (app, name, applied)"
+                               " VALUES ('blog', '9999_from_newer_code', now())")
+    before = fingerprint(connect("staging"))
+    proc = inv("push", "staging")
+    assert proc.returncode == 1 and len(error_lines(proc)) == 1
+    assert error_lines(proc)[0] == (
+        "drydock: error: staging: refusing to swap in a copy without 1 migration(s) staging has applied"
+        " (blog.9999_from_newer_code): the code it runs expects them; migrate the local copy (inv migrate) and push"
+        " again, or push it knowingly with --allow-older-schema (ansible-playbook: -e drydock_allow_older_schema=true)"
+        " (the live database is unchanged)")
+    assert fingerprint(connect("staging")) == before
+    assert "wagtail_site__incoming" not in databases(connect("staging", "postgres"))
+    assert app_serves(sandbox_env, "staging")  # never stopped
+    allowed = inv("push", "staging", "--allow-older-schema")
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert not connect("staging").execute("SELECT 1 FROM django_migrations WHERE name = '9999_from_newer_code'").fetchall()
