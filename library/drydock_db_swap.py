@@ -32,7 +32,11 @@ options:
     type: bool
     default: false
   comment:
-    description: A JSON record (the copy's lineage) written on C(incoming) before the swap.
+    description:
+      - A JSON record (the copy's lineage) written on C(incoming) before the swap, in place of
+        the one it has.
+      - Either way the database going live (C(incoming), or C(previous) in an exchange) is
+        noted as live since now (C(swapped_in), C(swapped_in_by)).
     type: dict
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
@@ -59,14 +63,18 @@ from ansible.module_utils.drydock_pg import (require_psycopg, connect, database_
                                              set_database_comment, swap_in, write_fingerprint)
 
 
-def record_set_aside(conn, name: str, by: str) -> None:
-    """Note on a database set aside when and by what (a swap of a restored copy, or an exchange),
-    keeping its record. Failing to note it must not fail the swap."""
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def add_to_record(conn, name: str, fields: dict) -> None:
+    """Add to a database's record, keeping what it holds. Failing to must not fail the swap:
+    these notes (when a database was set aside or went live, and by what: a swap of a
+    restored copy, or an exchange) are for inv snapshot.list's ages and inv verify's account
+    of which database is live, and an exchange keeps the old baseline without them."""
     try:
-        record = database_comment(conn, name)
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        set_database_comment(conn, name, {**record, "set_aside": now, "set_aside_by": by})
-    except Exception:  # noqa: BLE001 - the listing's age is missing then, and an exchange keeps the old baseline
+        set_database_comment(conn, name, {**database_comment(conn, name), **fields})
+    except Exception:  # noqa: BLE001
         pass
 
 
@@ -116,7 +124,8 @@ def main() -> None:
                 if module.check_mode:
                     module.exit_json(changed=True, previous=p["previous"], terminated=0)
                 record_live_since(conn, p["socket_dir"], p["port"], p["previous"])
-                record_set_aside(conn, p["database"], "exchange")  # before: after, it has another name
+                add_to_record(conn, p["previous"], {"swapped_in": now(), "swapped_in_by": "exchange"})
+                add_to_record(conn, p["database"], {"set_aside": now(), "set_aside_by": "exchange"})  # before: after, it has another name
                 module.exit_json(changed=True, previous=p["previous"],
                                  terminated=exchange(conn, p["database"], p["previous"]))
             if not database_exists(conn, p["incoming"]):
@@ -124,11 +133,14 @@ def main() -> None:
             has_live = database_exists(conn, p["database"])
             if module.check_mode:
                 module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=0)
-            if p["comment"] is not None:
-                set_database_comment(conn, p["incoming"], p["comment"])
+            swapped_in = {"swapped_in": now(), "swapped_in_by": "swap"}
+            if p["comment"] is not None:  # the copy's own record, which later guards rely on: written or failed
+                set_database_comment(conn, p["incoming"], {**p["comment"], **swapped_in})
+            else:
+                add_to_record(conn, p["incoming"], swapped_in)
             terminated = swap_in(conn, p["database"], p["incoming"], p["previous"])
             if has_live:
-                record_set_aside(conn, p["previous"], "swap")
+                add_to_record(conn, p["previous"], {"set_aside": now(), "set_aside_by": "swap"})
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
     module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=terminated)

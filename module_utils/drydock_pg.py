@@ -283,6 +283,33 @@ def database_comment(conn, name: str) -> dict:
     return parse_record(row[0] if row else None)
 
 
+def describe_origin(record: dict) -> str:
+    """Where a database's content came from, and when it was live, as drydock's swaps
+    recorded it on the database (see parse_record), in a line for a person."""
+    def backup(lineage) -> str:
+        return f"{lineage.get('env', '?')}'s backup {lineage.get('created', '?')}"
+
+    pushed, lineage = record.get("drydock_pushed_copy"), record.get("drydock_lineage")
+    if isinstance(pushed, dict):
+        origin = f"pushed from {pushed.get('source', '?')}'s dump {pushed.get('created', '?')}"
+        if isinstance(pushed.get("lineage"), dict):
+            origin += f" (a copy of {backup(pushed['lineage'])})"
+    elif isinstance(lineage, dict):
+        origin = f"restored from {backup(lineage)}"
+    else:
+        origin = "origin unknown (not restored by drydock)"
+    went_live, set_aside = record.get("swapped_in"), record.get("set_aside")
+    by_rollback = {"exchange": ", by a rollback"}
+    if went_live and set_aside and set_aside > went_live:
+        until = f"a rollback at {set_aside}" if record.get("set_aside_by") == "exchange" else f"it was replaced at {set_aside}"
+        return f"{origin}; live from {went_live} until {until}"
+    if went_live:
+        return f"{origin}; live since {went_live}{by_rollback.get(record.get('swapped_in_by'), '')}"
+    if set_aside:
+        return f"{origin}; set aside at {set_aside}{by_rollback.get(record.get('set_aside_by'), '')}"
+    return origin
+
+
 def set_database_comment(conn, name: str, value: dict | None) -> None:
     import json
 

@@ -85,6 +85,36 @@ def test_rollback_brings_back_exactly_the_old_content(pushed, connect):
         inv("rollback", "staging", check=True)  # forward again, for the tests after this one
 
 
+def test_verify_says_which_database_is_live_and_where_it_came_from(pushed, connect):
+    """After a push, and after a rollback and its reverse: `inv verify` names the pushed dump
+    and the backup it copies on whichever database is live (the other is `previous`)."""
+    _before, dump = pushed
+    pushed_copy = (f"pushed from local's dump {dump.manifest['created']}"
+                   f" (a copy of production's backup {dump.manifest['lineage']['created']})")
+    oid = connect("staging", "postgres").execute(
+        "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'").fetchone()[0]
+
+    def origin_lines() -> tuple[str, str]:
+        report = inv("verify", "staging").stdout.splitlines()  # a schema problem fails it, not the lines
+        return (next(line for line in report if line.startswith("live database: ")),
+                next(line for line in report if line.startswith("previous: ")))
+
+    live, previous = origin_lines()
+    assert live.startswith(f"live database: wagtail_site (oid {oid}): {pushed_copy}; live since "), live
+    assert previous.startswith("previous: wagtail_site__previous") and pushed_copy not in previous
+    try:
+        inv("rollback", "staging", check=True)
+        live, previous = origin_lines()
+        assert pushed_copy not in live and live.endswith(", by a rollback"), live
+        assert previous.startswith(f"previous: wagtail_site__previous (oid {oid}): {pushed_copy}; live from "), previous
+        assert " until a rollback at " in previous
+    finally:
+        inv("rollback", "staging", check=True)  # forward again, for the tests after this one
+    live, _previous = origin_lines()
+    assert live.startswith(f"live database: wagtail_site (oid {oid}): {pushed_copy}; live since ") and live.endswith(
+        ", by a rollback"), live
+
+
 def test_second_push_while_locked_is_refused(pushed, connect):
     lock = runs_dir() / "locks" / "staging.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import pytest
 from drydock import dumps
 from drydock.errors import DrydockError
 from drydock.journal import Run, read as read_journal
-from drydock_pg import count_differences, pg_restore_error, row_count_problem
+from drydock_pg import count_differences, describe_origin, pg_restore_error, row_count_problem
 
 
 def test_count_differences_names_each_table():
@@ -658,3 +658,23 @@ def test_protected_reads_the_flag_as_the_playbooks_do():
         # ansible-inventory --list leaves templates as they are: unreadable, so protected
         "live": {"drydock_protected": "{{ inventory_hostname == 'live' }}"}})
     assert [inventory.protected(env) for env in inventory.servers] == [True, False, False, False, True]
+
+
+def test_describe_origin_says_what_the_swaps_recorded():
+    pulled = {"drydock_lineage": {"env": "production", "created": "20261204T100000Z", "sha256": "a"},
+              "swapped_in": "2026-12-04T10:01:00+00:00", "swapped_in_by": "swap"}
+    assert describe_origin(pulled) == ("restored from production's backup 20261204T100000Z;"
+                                       " live since 2026-12-04T10:01:00+00:00")
+    pushed = {"drydock_pushed_copy": {"source": "local", "created": "20261204T110000Z", "sha256": "b",
+                                      "lineage": {"env": "production", "created": "20261204T100000Z"}},
+              "swapped_in": "2026-12-04T11:01:00+00:00", "swapped_in_by": "swap",
+              "set_aside": "2026-12-04T12:00:00+00:00", "set_aside_by": "exchange"}
+    assert describe_origin(pushed) == (
+        "pushed from local's dump 20261204T110000Z (a copy of production's backup 20261204T100000Z);"
+        " live from 2026-12-04T11:01:00+00:00 until a rollback at 2026-12-04T12:00:00+00:00")
+    # Set aside before it went live again (a rollback's reverse): live, by the rollback.
+    assert describe_origin({**pushed, "swapped_in": "2026-12-04T12:05:00+00:00", "swapped_in_by": "exchange"}).endswith(
+        "; live since 2026-12-04T12:05:00+00:00, by a rollback")
+    assert describe_origin({"set_aside": "2026-12-04T12:00:00+00:00", "set_aside_by": "swap"}) == (
+        "origin unknown (not restored by drydock); set aside at 2026-12-04T12:00:00+00:00")
+    assert describe_origin({"drydock_pushed_copy": "not a record"}) == "origin unknown (not restored by drydock)"

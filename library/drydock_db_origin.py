@@ -1,0 +1,60 @@
+#!/usr/bin/python
+"""Ansible module: say which database is live and where it, and the one kept before it, came from."""
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: drydock_db_origin
+short_description: Say where the live database and the one kept before it came from
+description:
+  - Reads the record drydock's swaps write on a database (its comment) for the live
+    database and, when it exists, the previous generation a rollback would bring back, and
+    describes each in a line, e.g. C(pushed from local's dump 20261204T201214Z, a copy of
+    production's backup 20261204T203619Z; live since 2026-12-04T20:12:19+00:00).
+  - Connects to the C(postgres) maintenance database over the local socket as the current
+    OS user (peer authentication). Read only.
+options:
+  database: {description: The live database., type: str, required: true}
+  previous: {description: The name the previous generation is kept under., type: str, required: true}
+  socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
+  port: {description: Server port., type: int, default: 5432}
+"""
+
+EXAMPLES = r"""
+- name: Say where the live database came from
+  drydock_db_origin:
+    database: wagtail_site
+    previous: wagtail_site__previous
+    socket_dir: /var/run/postgresql
+"""
+
+RETURN = r"""
+live: {description: "The live database: name, oid and description (null when it does not exist).", type: dict, returned: success}
+previous: {description: "The previous generation: name, oid and description (null when there is none).", type: dict, returned: success}
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.drydock_pg import PG_CONNECTION_ARGS, connect, describe_origin, parse_record, require_psycopg
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(PG_CONNECTION_ARGS, previous=dict(type="str", required=True)),
+        supports_check_mode=True,
+    )
+    p = module.params
+    require_psycopg(module)
+    import psycopg
+
+    try:
+        with connect(p["socket_dir"], p["port"], "postgres") as conn:
+            rows = conn.execute("SELECT datname, oid, shobj_description(oid, 'pg_database') FROM pg_database"
+                                " WHERE datname = ANY(%s)", ([p["database"], p["previous"]],)).fetchall()
+    except psycopg.Error as error:
+        module.fail_json(msg=" ".join(str(error).split()))
+    found = {name: {"name": name, "oid": int(oid), "description": describe_origin(parse_record(comment))}
+             for name, oid, comment in rows}
+    module.exit_json(changed=False, live=found.get(p["database"]), previous=found.get(p["previous"]))
+
+
+if __name__ == "__main__":
+    main()
