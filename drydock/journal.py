@@ -117,7 +117,7 @@ class Run:
             yield entry
             entry["outcome"] = "ok"
         except KeyboardInterrupt:
-            entry["outcome"] = "failed"
+            entry["outcome"] = "interrupted"
             try:
                 left = interrupted() if callable(interrupted) else interrupted
             except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - the one line must come whatever happens
@@ -170,14 +170,20 @@ def run_folders(root: Path | None = None) -> list[Path]:
     return sorted(p for p in (root or runs_dir()).glob("*-*") if p.is_dir() and p.name[:1].isdigit())
 
 
+# A step's outcomes that end its run: the first such step is the run's outcome.
+FAILED = ("failed", "interrupted", "killed")
+
+
 def list_runs(root: Path | None = None) -> list[dict]:
-    """Every run, oldest first: id, task, start, outcome, seconds, failed step."""
+    """Every run, oldest first: id, task, the environments it touched in order (e.g.
+    production→local→staging), start, outcome, seconds, the step it failed at."""
     runs = []
     for folder in run_folders(root):
         steps = read(folder)
-        failed = next((s for s in steps if s.get("outcome") in ("failed", "killed")), None)
+        failed = next((s for s in steps if s.get("outcome") in FAILED), None)
         running = any(s.get("outcome") == "running" for s in steps)
-        runs.append({"id": folder.name, "task": folder.name.split("-", 1)[1],
+        envs = list(dict.fromkeys(s["env"] for s in steps if s.get("env")))
+        runs.append({"id": folder.name, "task": folder.name.split("-", 1)[1], "envs": "→".join(envs) or "-",
                      "start": steps[0]["start"][:19] if steps else "-",
                      "outcome": failed["outcome"] if failed else ("running" if running else ("ok" if steps else "-")),
                      "seconds": round(sum(s.get("seconds", 0) for s in steps), 1),

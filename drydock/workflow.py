@@ -252,7 +252,7 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
         extra["django_migrate_script"] = str(Path(script).resolve())
     with _locks([] if locked else [LOCAL_LOCK], "migrate", say):
         unfinished.refuse_if_unfinished("migrate")  # under the lock: no step can be starting meanwhile
-        with run.step("migrate", what=what, phase=phase,
+        with run.step("migrate", env=local, what=what, phase=phase,
                       interrupted=f"the local database may be half-changed: put it back with "
                                   f"`inv snapshot.restore {snapshot_name}` (or pull again); migrate and push refuse "
                                   "until then"):
@@ -303,7 +303,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
             # The local database's lock only while it is dumped: nothing after reads it.
             with _locks([LOCAL_LOCK] if not locked else [], "push", say):
                 unfinished.refuse_if_unfinished(f"push the local database to {env}")
-                with run.step("dump local", scrub=not protected,
+                with run.step("dump local", env=local, scrub=not protected,
                               interrupted="nothing changed; the next push drops the outgoing copy left behind") as step:
                     say(f"==> dumping the local database for {env}" + ("" if protected else " (scrubbed copy)"))
                     dump = _run_dumping("prepare_push.yml", limit=local, run=run, extra_vars={
@@ -565,7 +565,7 @@ def runs_list(say: Say = print) -> list[dict]:
     from drydock import journal
 
     runs = journal.list_runs()
-    say(journal.table(runs, ["id", "task", "start", "outcome", "seconds", "failed_step"]) if runs else "no runs yet")
+    say(journal.table(runs, ["id", "task", "envs", "start", "outcome", "seconds", "failed_step"]) if runs else "no runs yet")
     return runs
 
 
@@ -584,7 +584,7 @@ def runs_show(run_id: str, say: Say = print) -> list[dict]:
              "rows": f"{s['rows']:,}" if "rows" in s else ""} for s in steps]
     say(journal.table(rows, ["step", "start", "outcome", "seconds", "bytes", "rows"]))
     for s in steps:
-        if s.get("outcome") in ("failed", "killed"):
+        if s.get("outcome") in journal.FAILED:
             say(f"{s['outcome']} at {s['step']}: {s.get('error', '')}")
     say("files: " + ", ".join(sorted(p.name for p in folder.iterdir())))
     return steps

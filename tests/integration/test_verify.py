@@ -82,7 +82,7 @@ def test_failed_run_names_its_step_and_no_secret_is_kept(fresh):
     assert inv("verify", "local").returncode == 1
     listing = inv("runs.list", check=True).stdout.splitlines()
     last = listing[-1].split()
-    assert last[1] == "verify" and last[3] == "failed" and listing[-1].endswith("verify local")
+    assert last[1:3] == ["verify", "local"] and last[4] == "failed" and listing[-1].endswith("verify local")
     shown = inv("runs.show", last[0], check=True).stdout
     assert "failed at verify local" in shown and "verify-local.txt" in shown
     password = (ROOT / ".sandbox" / "pgpass").read_text().splitlines()[0].rsplit(":", 1)[1]

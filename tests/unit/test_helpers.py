@@ -101,7 +101,25 @@ def test_an_interrupted_step_says_what_it_left_and_a_refused_command_leaves_no_r
         with run.step("pull", interrupted="the local database is whole"):
             raise KeyboardInterrupt
     (entry,) = read_journal(run.dir)
-    assert entry["outcome"] == "failed" and entry["error"] == "interrupted during pull: the local database is whole"
+    assert entry["outcome"] == "interrupted" and entry["error"] == "interrupted during pull: the local database is whole"
+
+
+def test_the_run_list_names_the_environments_in_order_and_an_interrupted_run(tmp_path):
+    from drydock.journal import list_runs
+
+    run = Run("pipeline", root=tmp_path)
+    for name, env in (("backup", "production"), ("pull", "local"), ("migrate", "local"), ("restore", "staging")):
+        with run.step(name, env=env):
+            pass
+    interrupted = Run("push", root=tmp_path)
+    with pytest.raises(DrydockError):
+        with interrupted.step("dump local", env="local"):
+            pass
+        with interrupted.step("restore", env="staging", interrupted="staging runs its old database"):
+            raise KeyboardInterrupt
+    pipeline, push = list_runs(tmp_path)
+    assert (pipeline["envs"], pipeline["outcome"], pipeline["failed_step"]) == ("production→local→staging", "ok", "")
+    assert (push["envs"], push["outcome"], push["failed_step"]) == ("local→staging", "interrupted", "restore")
 
 
 def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_progress_ansible_reported(tmp_path):
