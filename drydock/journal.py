@@ -182,7 +182,8 @@ def list_runs(root: Path | None = None) -> list[dict]:
         steps = read(folder)
         failed = next((s for s in steps if s.get("outcome") in FAILED), None)
         running = any(s.get("outcome") == "running" for s in steps)
-        envs = list(dict.fromkeys(s["env"] for s in steps if s.get("env")))
+        # A step's source (the dump a pull or a push restores) comes before its env.
+        envs = list(dict.fromkeys(e for s in steps for e in (s.get("source"), s.get("env")) if e))
         runs.append({"id": folder.name, "task": folder.name.split("-", 1)[1], "envs": "→".join(envs) or "-",
                      "start": steps[0]["start"][:19] if steps else "-",
                      "outcome": failed["outcome"] if failed else ("running" if running else ("ok" if steps else "-")),

@@ -86,7 +86,8 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
             dump = backup(env, say=say, run=run)
         if dump.source_env != env:
             raise DrydockError(f"{dump.path} is a dump of {dump.source_env}, not of {env}")
-        with run.step("pull", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
+        with run.step("pull", env=local, source=dump.source_env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
+                      rows=dump.total_rows,
                       interrupted=lambda: _pull_interrupted(run, local)):
             say(f"==> restoring {dump.path.name} into the local database")
             run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
@@ -312,7 +313,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                                 scrubbed=dump.manifest.get("scrubbed", []))
             _keep_artifact(run, dump.path.parent / "manifest.json", f"manifest-{local}.json")
         take_safety_backup = _takes_safety_backup(target)
-        with run.step("restore", env=env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
+        with run.step("restore", env=env, source=dump.source_env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
                       rows=dump.total_rows,
                       interrupted=lambda: _push_interrupted(run, env, target["drydock_db_name"],
                                                             dump.path.parent / "manifest.json", say)) as step:

@@ -111,13 +111,19 @@ def test_the_run_list_names_the_environments_in_order_and_an_interrupted_run(tmp
     for name, env in (("backup", "production"), ("pull", "local"), ("migrate", "local"), ("restore", "staging")):
         with run.step(name, env=env):
             pass
+    pushed_back = Run("push", root=tmp_path)  # a backup of production pushed to staging, then one pulled
+    with pushed_back.step("restore", env="staging", source="production"):
+        pass
+    with pushed_back.step("pull", env="local", source="staging"):
+        pass
     interrupted = Run("push", root=tmp_path)
     with pytest.raises(DrydockError):
         with interrupted.step("dump local", env="local"):
             pass
         with interrupted.step("restore", env="staging", interrupted="staging runs its old database"):
             raise KeyboardInterrupt
-    pipeline, push = list_runs(tmp_path)
+    pipeline, pushed_back, push = sorted(list_runs(tmp_path), key=lambda r: r["id"])
+    assert pushed_back["envs"] == "production→staging→local"
     assert (pipeline["envs"], pipeline["outcome"], pipeline["failed_step"]) == ("production→local→staging", "ok", "")
     assert (push["envs"], push["outcome"], push["failed_step"]) == ("local→staging", "interrupted", "restore")
 
