@@ -343,8 +343,12 @@ def test_sandbox_down_stops_everything_when_its_output_is_closed(tmp_path):
         raise BrokenPipeError(32, "Broken pipe")
 
     marker = "drydock-test-sandbox-down"
-    sleepers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker]) for _ in range(2)]
+    sleepers = [subprocess.Popen([sys.executable, "-c", "import time; print(flush=True); time.sleep(60)", marker],
+                                 stdout=subprocess.PIPE) for _ in range(2)]
     try:
+        # Started for sure: Popen returns during the exec, before the kernel shows the new
+        # command line (and so the marker) in /proc; a loaded machine showed that window.
+        assert [p.stdout.readline() for p in sleepers] == [b"\n", b"\n"]
         box = Sandbox(root=tmp_path / "sandbox", say=closed_output)
         box.root.mkdir()
         box.pids_file.write_text(json.dumps({f"sleeper{i}": {"pid": p.pid, "marker": marker}
@@ -355,6 +359,8 @@ def test_sandbox_down_stops_everything_when_its_output_is_closed(tmp_path):
     finally:
         for sleeper in sleepers:
             sleeper.kill()
+            sleeper.wait()
+            sleeper.stdout.close()
 
 
 def test_latest_picks_the_newest_complete_backup(tmp_path):
