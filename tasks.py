@@ -164,14 +164,14 @@ def pipeline(c, source, target, notebook=None, script=None, yes=False, allow_los
             "manifest": "also check every table's row count against this manifest.json"})
 @one_line_errors
 def verify(c, env, manifest=None):
-    """Check ENV's database against the code: migrations, schema drift, page tree, Site, row counts."""
+    """Check ENV's database against the code (migrations, schema drift, page tree, Site, row counts); say where it came from."""
     workflow.verify(env, manifest=manifest)
 
 
 @task
 @one_line_errors
 def runs_list(c):
-    """List the runs in runs/ with their outcome and, for a failed one, the failed step."""
+    """List the runs in runs/: the environments each touched, its outcome and, unless ok, the step it ended at."""
     workflow.runs_list()
 
 

@@ -8,10 +8,10 @@ short_description: Say where the live database and the one kept before it came f
 description:
   - Reads the record drydock's swaps write on a database (its comment) for the live
     database and, when it exists, the previous generation a rollback would bring back, and
-    describes each in a line, e.g. C(pushed from local's dump 20261204T201214Z, a copy of
-    production's backup 20261204T203619Z; live since 2026-12-04T20:12:19+00:00).
-  - Connects to the C(postgres) maintenance database over the local socket as the current
-    OS user (peer authentication). Read only.
+    describes each in a line, e.g. "pushed from local's dump 20261204T203908Z (a copy of
+    production's backup 20261204T203843Z); live since 2026-12-04T20:39:13+00:00".
+  - Connects to the live database over the local socket as the current OS user (peer
+    authentication). Read only.
 options:
   database: {description: The live database., type: str, required: true}
   previous: {description: The name the previous generation is kept under., type: str, required: true}
@@ -28,12 +28,13 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
-live: {description: "The live database: name, oid and description (null when it does not exist).", type: dict, returned: success}
+live: {description: "The live database: name, oid and description.", type: dict, returned: success}
 previous: {description: "The previous generation: name, oid and description (null when there is none).", type: dict, returned: success}
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import PG_CONNECTION_ARGS, connect, describe_origin, parse_record, require_psycopg
+from ansible.module_utils.drydock_pg import (PG_CONNECTION_ARGS, connect, database_row, describe_origin, parse_record,
+                                             require_psycopg)
 
 
 def main() -> None:
@@ -45,15 +46,17 @@ def main() -> None:
     require_psycopg(module)
     import psycopg
 
+    described = {}
     try:
-        with connect(p["socket_dir"], p["port"], "postgres") as conn:
-            rows = conn.execute("SELECT datname, oid, shobj_description(oid, 'pg_database') FROM pg_database"
-                                " WHERE datname = ANY(%s)", ([p["database"], p["previous"]],)).fetchall()
+        # pg_database is shared: the live database (which verify reads anyway) sees both.
+        with connect(p["socket_dir"], p["port"], p["database"]) as conn:
+            for role, name in (("live", p["database"]), ("previous", p["previous"])):
+                row = database_row(conn, name)
+                described[role] = row and {"name": name, "oid": row[0],
+                                           "description": describe_origin(parse_record(row[1]), live=role == "live")}
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
-    found = {name: {"name": name, "oid": int(oid), "description": describe_origin(parse_record(comment))}
-             for name, oid, comment in rows}
-    module.exit_json(changed=False, live=found.get(p["database"]), previous=found.get(p["previous"]))
+    module.exit_json(changed=False, **described)
 
 
 if __name__ == "__main__":

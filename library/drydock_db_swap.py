@@ -59,21 +59,16 @@ terminated: {description: Sessions terminated on the live database., type: int, 
 from datetime import datetime, timezone
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import (require_psycopg, connect, database_comment, database_exists, exchange,
-                                             set_database_comment, swap_in, write_fingerprint)
+from ansible.module_utils.drydock_pg import (require_psycopg, add_to_record, connect, database_comment, database_exists,
+                                             exchange, set_database_comment, swap_in, utc_now, write_fingerprint)
 
 
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def add_to_record(conn, name: str, fields: dict) -> None:
-    """Add to a database's record, keeping what it holds. Failing to must not fail the swap:
-    these notes (when a database was set aside or went live, and by what: a swap of a
-    restored copy, or an exchange) are for inv snapshot.list's ages and inv verify's account
-    of which database is live, and an exchange keeps the old baseline without them."""
+def note(conn, name: str, fields: dict) -> None:
+    """Add to a database's record when it went live or aside, and by what (a swap of a
+    restored copy, or an exchange): for inv snapshot.list's ages and inv verify's account of
+    which database is live. Failing to must not fail the swap."""
     try:
-        set_database_comment(conn, name, {**database_comment(conn, name), **fields})
+        add_to_record(conn, name, fields)
     except Exception:  # noqa: BLE001
         pass
 
@@ -83,7 +78,8 @@ def record_live_since(conn, socket_dir: str, port: int, name: str) -> None:
     push's guard made sure the copy that replaced it held all it had. One an exchange set
     aside keeps its earlier baseline, so that writes it took before (a rollback let them go
     aside) count again when it is rolled back again. Without a note a rollback refuses for
-    want of a baseline (never a wrong count): failing to write it must not stop the exchange."""
+    want of a baseline (never a wrong count), as it does for a database whose comment is not
+    drydock's (left as it is): failing to write it must not stop the exchange."""
     try:
         record = database_comment(conn, name)
         if record.get("set_aside_by") == "exchange":
@@ -93,8 +89,7 @@ def record_live_since(conn, socket_dir: str, port: int, name: str) -> None:
             with db.cursor() as cur:
                 counters = write_fingerprint(cur)
         now = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        set_database_comment(conn, name, {**record, "drydock_live_since": {"write_fingerprint": counters,
-                                                                           "recorded": now}})
+        add_to_record(conn, name, {"drydock_live_since": {"write_fingerprint": counters, "recorded": now}})
     except Exception:  # noqa: BLE001 - the rollback then refuses without --allow-lost-writes
         pass
 
@@ -124,23 +119,24 @@ def main() -> None:
                 if module.check_mode:
                     module.exit_json(changed=True, previous=p["previous"], terminated=0)
                 record_live_since(conn, p["socket_dir"], p["port"], p["previous"])
-                add_to_record(conn, p["previous"], {"swapped_in": now(), "swapped_in_by": "exchange"})
-                add_to_record(conn, p["database"], {"set_aside": now(), "set_aside_by": "exchange"})  # before: after, it has another name
-                module.exit_json(changed=True, previous=p["previous"],
-                                 terminated=exchange(conn, p["database"], p["previous"]))
+                terminated = exchange(conn, p["database"], p["previous"])
+                # Under their new names: the previous database is live now, and the other aside.
+                note(conn, p["database"], {"swapped_in": utc_now(), "swapped_in_by": "exchange"})
+                note(conn, p["previous"], {"set_aside": utc_now(), "set_aside_by": "exchange"})
+                module.exit_json(changed=True, previous=p["previous"], terminated=terminated)
             if not database_exists(conn, p["incoming"]):
                 module.fail_json(msg=f"nothing to swap in: database {p['incoming']} does not exist")
             has_live = database_exists(conn, p["database"])
             if module.check_mode:
                 module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=0)
-            swapped_in = {"swapped_in": now(), "swapped_in_by": "swap"}
+            swapped_in = {"swapped_in": utc_now(), "swapped_in_by": "swap"}
             if p["comment"] is not None:  # the copy's own record, which later guards rely on: written or failed
                 set_database_comment(conn, p["incoming"], {**p["comment"], **swapped_in})
             else:
-                add_to_record(conn, p["incoming"], swapped_in)
+                note(conn, p["incoming"], swapped_in)
             terminated = swap_in(conn, p["database"], p["incoming"], p["previous"])
             if has_live:
-                add_to_record(conn, p["previous"], {"set_aside": now(), "set_aside_by": "swap"})
+                note(conn, p["previous"], {"set_aside": utc_now(), "set_aside_by": "swap"})
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
     module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=terminated)

@@ -84,13 +84,12 @@ import re
 import signal
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from typing import Callable, Iterator
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import (require_psycopg, aside_name, connect, database_comment,
+from ansible.module_utils.drydock_pg import (require_psycopg, add_to_record, aside_name, connect, database_comment,
                                              database_exists, parse_record, set_allow_connections,
-                                             set_database_comment, swap_in, terminate_sessions)
+                                             set_database_comment, swap_in, terminate_sessions, utc_now)
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_]{0,29}\Z")
 SEPARATOR = "__snap_"
@@ -198,7 +197,7 @@ def save(conn, database: str, name: str, force: bool, ready_copy: bool = False) 
     _drop(conn, ready_db(database, name))  # a copy of what this name held before
     template_copy(conn, database, target)
     set_database_comment(conn, target, {
-        "drydock_snapshot": name, "source": database, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "drydock_snapshot": name, "source": database, "created": utc_now(),
         "lineage": database_comment(conn, database).get("drydock_lineage"), "ready_copy": ready_copy})
     set_allow_connections(conn, target, False)  # nobody changes a snapshot
     return target
@@ -281,13 +280,19 @@ def restore(conn, database: str, name: str) -> tuple[str, bool]:
     if incoming is None:
         incoming = f"{database}__incoming"
         file_copy(conn, snapshot, incoming)
-    # The restored database carries the lineage its source had when the snapshot was taken.
+    # The restored database carries the lineage its source had when the snapshot was taken,
+    # and when it went live (inv verify's account of the live database).
     record = database_comment(conn, snapshot)
     lineage = record.get("lineage") or record.get("drydock_lineage")  # a snapshot's, or a renamed database's
-    set_database_comment(conn, incoming, {"drydock_lineage": lineage} if lineage else None)
+    set_database_comment(conn, incoming, {**({"drydock_lineage": lineage} if lineage else {}),
+                                          "swapped_in": utc_now(), "swapped_in_by": "snapshot restore"})
     set_allow_connections(conn, incoming, True)
     # The generation before __previous is dropped by prepare, in the background.
     swap_in(conn, database, incoming, f"{database}__previous", drop_aside=False)
+    try:
+        add_to_record(conn, f"{database}__previous", {"set_aside": utc_now(), "set_aside_by": "snapshot restore"})
+    except Exception:  # noqa: BLE001 - a note for inv verify: the restore is done
+        pass
     return snapshot, incoming != f"{database}__incoming"
 
 

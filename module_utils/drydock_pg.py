@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import subprocess
+from datetime import datetime, timezone
 
 try:
     import psycopg
@@ -276,17 +277,56 @@ def parse_record(comment: str | None) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def utc_now() -> str:
+    """The time as drydock's records on databases hold it (ISO, to the second, UTC): the same
+    format everywhere, so that two of them compare as strings."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def database_row(conn, name: str) -> tuple[int, str | None] | None:
+    """A database's oid and comment, or None when there is no such database."""
+    row = conn.execute("SELECT oid, shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                       (name,)).fetchone()
+    return (int(row[0]), row[1]) if row else None
+
+
 def database_comment(conn, name: str) -> dict:
     """drydock's JSON record on a database (its lineage), or {}."""
-    row = conn.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
-                       (name,)).fetchone()
-    return parse_record(row[0] if row else None)
+    row = database_row(conn, name)
+    return parse_record(row[1] if row else None)
 
 
-def describe_origin(record: dict) -> str:
-    """Where a database's content came from, and when it was live, as drydock's swaps
-    recorded it on the database (see parse_record), in a line for a person."""
-    def backup(lineage) -> str:
+def set_database_comment(conn, name: str, value: dict | None) -> None:
+    import json
+
+    text = sql.Literal(json.dumps(value)) if value else sql.SQL("NULL")
+    conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), text))
+
+
+def add_to_record(conn, name: str, fields: dict) -> None:
+    """Add `fields` to drydock's record on a database, keeping what it holds. A comment that
+    is not drydock's record (someone's own words) is left as it is."""
+    row = database_row(conn, name)
+    if row is None or (row[1] and not parse_record(row[1])):
+        return
+    set_database_comment(conn, name, {**parse_record(row[1]), **fields})
+
+
+# What set a database aside or brought it live, in describe_origin's words ("swap": a pull
+# or a push swapping a restored copy in).
+SWAPPED_BY = {"exchange": "a rollback", "snapshot restore": "a snapshot restore"}
+
+
+def describe_origin(record: dict, live: bool) -> str:
+    """Where a database's content came from, and when it went live or aside, as drydock's
+    swaps recorded it on the database (see parse_record), in a line for a person. `live`:
+    whether it is the live database (else a kept generation). Times that contradict that
+    (a database renamed by hand) are left out."""
+    def text(key: str) -> str | None:
+        value = record.get(key)
+        return value if isinstance(value, str) else None
+
+    def backup(lineage: dict) -> str:
         return f"{lineage.get('env', '?')}'s backup {lineage.get('created', '?')}"
 
     pushed, lineage = record.get("drydock_pushed_copy"), record.get("drydock_lineage")
@@ -298,23 +338,18 @@ def describe_origin(record: dict) -> str:
         origin = f"restored from {backup(lineage)}"
     else:
         origin = "origin unknown (not restored by drydock)"
-    went_live, set_aside = record.get("swapped_in"), record.get("set_aside")
-    by_rollback = {"exchange": ", by a rollback"}
-    if went_live and set_aside and set_aside > went_live:
-        until = f"a rollback at {set_aside}" if record.get("set_aside_by") == "exchange" else f"it was replaced at {set_aside}"
-        return f"{origin}; live from {went_live} until {until}"
-    if went_live:
-        return f"{origin}; live since {went_live}{by_rollback.get(record.get('swapped_in_by'), '')}"
-    if set_aside:
-        return f"{origin}; set aside at {set_aside}{by_rollback.get(record.get('set_aside_by'), '')}"
+    went_live, set_aside = text("swapped_in"), text("set_aside")
+    if live:
+        if went_live and not (set_aside and set_aside > went_live):
+            by = SWAPPED_BY.get(record.get("swapped_in_by"))
+            return f"{origin}; live since {went_live}" + (f", by {by}" if by else "")
+        return origin
+    if set_aside and not (went_live and went_live > set_aside):
+        by = SWAPPED_BY.get(record.get("set_aside_by"))
+        if went_live:
+            return f"{origin}; live from {went_live} until {by or 'it was replaced'} at {set_aside}"
+        return f"{origin}; set aside at {set_aside}" + (f", by {by}" if by else "")
     return origin
-
-
-def set_database_comment(conn, name: str, value: dict | None) -> None:
-    import json
-
-    text = sql.Literal(json.dumps(value)) if value else sql.SQL("NULL")
-    conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), text))
 
 
 SCHEMA_QUERIES = {

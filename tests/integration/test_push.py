@@ -1,6 +1,7 @@
 """`inv push` / `inv rollback`: the migrated copy onto a server, safely, and back."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -99,9 +100,12 @@ def test_verify_says_which_database_is_live_and_where_it_came_from(pushed, conne
         return (next(line for line in report if line.startswith("live database: ")),
                 next(line for line in report if line.startswith("previous: ")))
 
+    previous_oid = connect("staging", "postgres").execute(
+        "SELECT oid FROM pg_database WHERE datname = 'wagtail_site__previous'").fetchone()[0]
     live, previous = origin_lines()
     assert live.startswith(f"live database: wagtail_site (oid {oid}): {pushed_copy}; live since "), live
-    assert previous.startswith("previous: wagtail_site__previous") and pushed_copy not in previous
+    assert previous.startswith(f"previous: wagtail_site__previous (oid {previous_oid}): ") and pushed_copy not in previous
+    assert re.search(r"; (set aside at|live from \S+ until .+ at) \S+$", previous), previous  # a push, or the test above
     try:
         inv("rollback", "staging", check=True)
         live, previous = origin_lines()
@@ -113,6 +117,21 @@ def test_verify_says_which_database_is_live_and_where_it_came_from(pushed, conne
     live, _previous = origin_lines()
     assert live.startswith(f"live database: wagtail_site (oid {oid}): {pushed_copy}; live since ") and live.endswith(
         ", by a rollback"), live
+
+
+def test_a_comment_of_someones_own_on_a_database_is_left_as_it_is(pushed, connect):
+    """drydock notes its swaps in a database's comment only where the comment is its own record."""
+    own = "kept by hand: ops ticket 12"
+    comment = ("SELECT shobj_description(oid, 'pg_database') FROM pg_database"
+               " WHERE oid = (SELECT oid FROM pg_database WHERE datname = %s)")
+    server = connect("staging", "postgres")
+    server.execute(f"COMMENT ON DATABASE wagtail_site__previous IS '{own}'")
+    try:
+        inv("rollback", "staging", check=True)  # it goes live: an exchange notes the time on both
+        assert server.execute(comment, ("wagtail_site",)).fetchone()[0] == own
+    finally:
+        inv("rollback", "staging", check=True)  # forward again, for the tests after this one
+    assert server.execute(comment, ("wagtail_site__previous",)).fetchone()[0] == own
 
 
 def test_second_push_while_locked_is_refused(pushed, connect):

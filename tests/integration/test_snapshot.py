@@ -76,6 +76,13 @@ def test_save_change_restore_gives_back_the_saved_data(clean_snapshots, connect)
     inv("snapshot.restore", "saved", check=True)
     assert fingerprint(connect("local")) == saved
     assert "wagtail_site__previous" in databases(connect("local"))  # what the restore replaced
+    # inv verify says so: the restored copy keeps the pulled backup's lineage, and went live now.
+    report = inv("verify", "local").stdout  # its verdict on the schema is another test's
+    live = next(line for line in report.splitlines() if line.startswith("live database: "))
+    previous = next(line for line in report.splitlines() if line.startswith("previous: wagtail_site__previous "))
+    assert re.search(r": restored from production's backup \d{8}T\d{6}Z; live since \S+, by a snapshot restore$", live), live
+    assert re.search(r": restored from production's backup \d{8}T\d{6}Z; live from \S+ until a snapshot restore at \S+$",
+                     previous), previous
 
 
 def test_list_shows_size_age_and_ready_copy(clean_snapshots, connect):

@@ -693,18 +693,29 @@ def test_protected_reads_the_flag_as_the_playbooks_do():
 def test_describe_origin_says_what_the_swaps_recorded():
     pulled = {"drydock_lineage": {"env": "production", "created": "20261204T100000Z", "sha256": "a"},
               "swapped_in": "2026-12-04T10:01:00+00:00", "swapped_in_by": "swap"}
-    assert describe_origin(pulled) == ("restored from production's backup 20261204T100000Z;"
-                                       " live since 2026-12-04T10:01:00+00:00")
+    assert describe_origin(pulled, live=True) == ("restored from production's backup 20261204T100000Z;"
+                                                  " live since 2026-12-04T10:01:00+00:00")
     pushed = {"drydock_pushed_copy": {"source": "local", "created": "20261204T110000Z", "sha256": "b",
                                       "lineage": {"env": "production", "created": "20261204T100000Z"}},
               "swapped_in": "2026-12-04T11:01:00+00:00", "swapped_in_by": "swap",
               "set_aside": "2026-12-04T12:00:00+00:00", "set_aside_by": "exchange"}
-    assert describe_origin(pushed) == (
+    assert describe_origin(pushed, live=False) == (
         "pushed from local's dump 20261204T110000Z (a copy of production's backup 20261204T100000Z);"
         " live from 2026-12-04T11:01:00+00:00 until a rollback at 2026-12-04T12:00:00+00:00")
-    # Set aside before it went live again (a rollback's reverse): live, by the rollback.
-    assert describe_origin({**pushed, "swapped_in": "2026-12-04T12:05:00+00:00", "swapped_in_by": "exchange"}).endswith(
-        "; live since 2026-12-04T12:05:00+00:00, by a rollback")
-    assert describe_origin({"set_aside": "2026-12-04T12:00:00+00:00", "set_aside_by": "swap"}) == (
-        "origin unknown (not restored by drydock); set aside at 2026-12-04T12:00:00+00:00")
-    assert describe_origin({"drydock_pushed_copy": "not a record"}) == "origin unknown (not restored by drydock)"
+    assert describe_origin({**pushed, "set_aside_by": "swap"}, live=False).endswith(
+        " until it was replaced at 2026-12-04T12:00:00+00:00")
+    # Live again (a rollback's reverse), even within the same second as it was set aside.
+    for again in ("2026-12-04T12:05:00+00:00", "2026-12-04T12:00:00+00:00"):
+        assert describe_origin({**pushed, "swapped_in": again, "swapped_in_by": "exchange"}, live=True).endswith(
+            f"; live since {again}, by a rollback")
+    # Times that contradict the database's place (renamed by hand, an older record) are left out.
+    assert describe_origin(pushed, live=True).endswith("production's backup 20261204T100000Z)")
+    assert describe_origin({**pulled, "set_aside": "2026-12-04T09:00:00+00:00"}, live=False) == (
+        "restored from production's backup 20261204T100000Z")
+    assert describe_origin({"set_aside": "2026-12-04T12:00:00+00:00", "set_aside_by": "snapshot restore"},
+                           live=False) == ("origin unknown (not restored by drydock);"
+                                           " set aside at 2026-12-04T12:00:00+00:00, by a snapshot restore")
+    assert describe_origin({"set_aside": "2026-12-04T12:00:00+00:00"}, live=True) == "origin unknown (not restored by drydock)"
+    # Someone else's JSON under drydock's keys is not read as a record.
+    assert describe_origin({"drydock_pushed_copy": "x", "swapped_in": 5, "set_aside": None}, live=True) == (
+        "origin unknown (not restored by drydock)")
