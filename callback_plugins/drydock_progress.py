@@ -12,6 +12,7 @@ description:
   - Appends host, module (action), task name and event (start, ok, failed, skipped,
     unreachable) of each task to the file named by the DRYDOCK_PROGRESS_FILE environment
     variable; does nothing when it is unset.
+  - A result's C(drydock_account) (a module's line for drydock's summary) is kept as C(account).
 """
 
 import json
@@ -26,11 +27,13 @@ class CallbackModule(CallbackBase):
     CALLBACK_NAME = "drydock_progress"
     CALLBACK_NEEDS_ENABLED = True
 
-    def _record(self, host, task, event: str) -> None:
+    def _record(self, host, task, event: str, account: str | None = None) -> None:
         path = os.environ.get("DRYDOCK_PROGRESS_FILE")
         if not path:
             return
         entry = {"event": event, "host": host.get_name(), "action": task.action, "task": task.get_name()}
+        if isinstance(account, str):
+            entry["account"] = account
         # Written and flushed per line: the run may be stopped at any moment.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a", encoding="utf-8") as handle:
@@ -40,7 +43,8 @@ class CallbackModule(CallbackBase):
         self._record(host, task, "start")
 
     def v2_runner_on_ok(self, result):
-        self._record(result._host, result._task, "ok")
+        # A module's own line for drydock's summary (e.g. which database an exchange put live).
+        self._record(result._host, result._task, "ok", result._result.get("drydock_account"))
 
     def v2_runner_on_failed(self, result, ignore_errors=False):
         self._record(result._host, result._task, "failed")

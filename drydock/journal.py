@@ -50,10 +50,14 @@ def _stamp() -> str:
 
 
 class Run:
-    def __init__(self, task: str, root: Path | None = None, total: int | None = None, say=None):
+    def __init__(self, task: str, root: Path | None = None, total: int | None = None, say=None,
+                 route: list[str] | None = None):
         # Made with the first step or log: a command refused before any step leaves no folder.
         self.dir = (root or runs_dir()) / f"{_stamp()}-{task}"
         self.task = task
+        # The environments the run is to touch, in order (e.g. production, local, staging):
+        # runs.list names them even for a run that ended before reaching them all.
+        self.route = route
         self.steps: list[dict] = []
         # Progress: "[3/7] migrate (elapsed 41 s)" before each step, when the total is known.
         self.total = total
@@ -94,6 +98,14 @@ class Run:
             return None
         return [entry["event"] for entry in progress if entry.get("host") == host and entry.get("action") == action]
 
+    def task_account(self, host: str, action: str) -> str | None:
+        """The line the last task running module `action` on `host` returned for drydock's
+        summary (its drydock_account), if one did."""
+        accounts = [entry["account"] for entry in read_progress(self.dir) or []
+                    if (entry.get("host"), entry.get("action"), entry.get("event")) == (host, action, "ok")
+                    and "account" in entry]
+        return accounts[-1] if accounts else None
+
     def write(self, entry: dict) -> None:
         fd = os.open(self.folder() / "journal.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a") as handle:
@@ -105,11 +117,12 @@ class Run:
         Interrupted (Ctrl-C), it ends the command with one line that says what it may have
         left (`interrupted`, or what it returns then) and how to go on."""
         self.folder()
-        entry = {"step": name, "start": datetime.now(timezone.utc).isoformat(), **details}
+        route = {"route": self.route} if self.route else {}
+        entry = {"step": name, "start": datetime.now(timezone.utc).isoformat(), **route, **details}
         # A line at the start too: a run killed (SIGKILL, a crash) never writes its end, and
         # its journal must not read as if the step had not begun.
         self.write({"step": name, "start": entry["start"], "outcome": "running", "pid": os.getpid(),
-                    "process_start": process_start(os.getpid())})
+                    "process_start": process_start(os.getpid()), **route})
         started = time.monotonic()
         if self.total and self.say:
             self.say(f"[{len(self.steps) + 1}/{self.total}] {name} (elapsed {started - self.started:.0f} s)")
@@ -182,8 +195,9 @@ def list_runs(root: Path | None = None) -> list[dict]:
         steps = read(folder)
         failed = next((s for s in steps if s.get("outcome") in FAILED), None)
         running = any(s.get("outcome") == "running" for s in steps)
-        # A step's source (the dump a pull or a push restores) comes before its env.
-        envs = list(dict.fromkeys(e for s in steps for e in (s.get("source"), s.get("env")) if e))
+        # The route the run recorded; else (an older run) its steps' environments.
+        route = next((s["route"] for s in steps if s.get("route")), None)
+        envs = route or list(dict.fromkeys(s["env"] for s in steps if s.get("env")))
         runs.append({"id": folder.name, "task": folder.name.split("-", 1)[1], "envs": "→".join(envs) or "-",
                      "start": steps[0]["start"][:19] if steps else "-",
                      "outcome": failed["outcome"] if failed else ("running" if running else ("ok" if steps else "-")),

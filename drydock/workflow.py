@@ -52,7 +52,7 @@ def backup(env_text: str, keep: int | str | None = None, say: Say = print, run: 
     extra = {"pg_backup_controller_dir": str(backups_dir())}
     if keep is not None:
         extra["pg_backup_keep"] = valid_count(keep, "--keep")
-    run = run or Run("backup")
+    run = run or Run("backup", route=[env])
     # The environment's lock: a backup's rotation tidies what interrupted runs left, never a
     # running one's work.
     with _locks([] if locked else [env], "backup", say), \
@@ -73,8 +73,8 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
     inv = inventory.load()
     env = inv.server(env_text)
     shared = run is not None
-    run = run or Run("pull")
     local = inv.local[0]
+    run = run or Run("pull", route=[env, local])
     target = inv.hostvars[local]
     # The local database's lock first: a pull refused by it must not have taken a backup.
     with _locks([] if locked else [LOCAL_LOCK], "pull", say):
@@ -86,8 +86,7 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
             dump = backup(env, say=say, run=run)
         if dump.source_env != env:
             raise DrydockError(f"{dump.path} is a dump of {dump.source_env}, not of {env}")
-        with run.step("pull", env=local, source=dump.source_env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
-                      rows=dump.total_rows,
+        with run.step("pull", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
                       interrupted=lambda: _pull_interrupted(run, local)):
             say(f"==> restoring {dump.path.name} into the local database")
             run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
@@ -118,7 +117,7 @@ def site(env_text: str, hostname: str, port: int | str = "", site_name: str = ""
         port = valid_port(inv.hostvars[env].get("drydock_site_port", 443))
     protected = inv.protected(env)
     confirm(env, protected, yes, "change the Site of")
-    run = Run("site")
+    run = Run("site", route=[env])
     lock = inv.lock_name(env)
     with _locks([lock], "site", say), run.step("site", env=env, hostname=hostname, port=port):
         run_playbook("site_hostname.yml", limit=env, run=run, extra_vars={
@@ -144,7 +143,7 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
         snapshots = _module_result(run_playbook("snapshot.yml", extra_vars=extra, capture=True), "snapshots")
         say(format_snapshots(snapshots))
         return snapshots
-    run = Run(f"snapshot-{action}")
+    run = Run(f"snapshot-{action}", route=[LOCAL_LOCK])  # the local database, whatever its host's name
     with target_lock(LOCAL_LOCK, f"snapshot {action}", say):
         mark = unfinished.read()
         if action == "delete" and mark is not None and mark.get("snapshot", "before_step") == name:
@@ -239,7 +238,7 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
     if plan:
         run_playbook("migrate_plan.yml", limit=local)
         return None
-    run = run or Run("migrate")
+    run = run or Run("migrate", route=[local])
     snapshot_name = inv.hostvars[local].get("django_migrate_snapshot", "before_step")
     what = f"notebook {Path(notebook).name}" if notebook else f"script {Path(script).name}" if script else f"migrate ({phase})"
     extra = {"django_migrate_phase": phase, "django_migrate_migrate": run_migrate,
@@ -295,12 +294,17 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
     inv, env, target = _server(env_text)
     protected = inv.protected(env)
     confirm(env, protected, yes, "push to")
+    own_run = run is None
     run = run or Run("push")
     with _locks([env] if not locked else [], "push", say):
         if dump_path:
             dump = dumps.load(Path(dump_path))
+            if own_run:
+                run.route = [dump.source_env, env]
         else:
             local = inv.local[0]
+            if own_run:
+                run.route = [local, env]
             # The local database's lock only while it is dumped: nothing after reads it.
             with _locks([LOCAL_LOCK] if not locked else [], "push", say):
                 unfinished.refuse_if_unfinished(f"push the local database to {env}")
@@ -313,7 +317,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                                 scrubbed=dump.manifest.get("scrubbed", []))
             _keep_artifact(run, dump.path.parent / "manifest.json", f"manifest-{local}.json")
         take_safety_backup = _takes_safety_backup(target)
-        with run.step("restore", env=env, source=dump.source_env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
+        with run.step("restore", env=env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
                       rows=dump.total_rows,
                       interrupted=lambda: _push_interrupted(run, env, target["drydock_db_name"],
                                                             dump.path.parent / "manifest.json", say)) as step:
@@ -434,7 +438,7 @@ def _restart_app(run: Run, env: str, say: Say) -> str:
 def restart_app(env_text: str, yes: bool = False, say: Say = print) -> None:
     inv, env, _ = _server(env_text)
     confirm(env, inv.protected(env), yes, "restart the app of")
-    run = Run("app-restart")
+    run = Run("app-restart", route=[env])
     with target_lock(env, "app restart", say), run.step("restart app", env=env):
         run_playbook("restart_app.yml", limit=env, run=run, extra_vars={"drydock_confirm": env})
     say(f"{env}'s app was restarted and passed its health check")
@@ -449,12 +453,17 @@ def _takes_safety_backup(hostvars: dict) -> bool:
 def rollback(env_text: str, yes: bool = False, allow_lost_writes: bool = False, say: Say = print) -> None:
     inv, env, target = _server(env_text)
     confirm(env, inv.protected(env), yes, "roll back")
-    run = Run("rollback")
+    run = Run("rollback", route=[env])
     with target_lock(env, "rollback", say), run.step(
             "rollback", env=env, interrupted=lambda: _rollback_interrupted(run, env, target["drydock_db_name"], say)):
         run_playbook("rollback_database.yml", limit=env, run=run,
                      extra_vars={"drydock_confirm": env, "drydock_allow_lost_writes": allow_lost_writes})
-    say(f"{env} runs its previous database again; the one it replaced is now {target['drydock_db_name']}__previous")
+    database = target["drydock_db_name"]
+    # Said the same way whichever way it went (a second rollback swaps forward): what is live now.
+    now_live = run.task_account(env, "drydock_db_swap")
+    say(f"{env} now runs the database it had kept as {database}__previous"
+        + (f": {now_live}" if now_live else "")
+        + f"; the one it replaced is kept as {database}__previous in its place (inv rollback {env} swaps them back)")
 
 
 def _rollback_interrupted(run: Run, env: str, database: str, say: Say) -> str:
@@ -465,7 +474,8 @@ def _rollback_interrupted(run: Run, env: str, database: str, say: Say) -> str:
         where = (f"the exchange ran: {env} runs its previous database again, and {database}__previous is the one it "
                  f"replaced (`inv rollback {env}` swaps them back)")
     else:
-        where = f"the exchange may have run: {env} runs one of its two databases, whole, and {database}__previous the other"
+        where = (f"the exchange may have run: {env} runs one of its two databases, whole, and {database}__previous the "
+                 f"other (inv verify {env} says which)")
     # The rollback's own `always` starts the app whatever became of the exchange: so here too.
     return f"{where}, {_restart_app(run, env, say)}"
 
@@ -480,7 +490,7 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
         raise DrydockError(f"refusing to push to {target} a copy of {source}'s data: {source} is not protected, so its "
                            f"data may be scrubbed or made up; run the pipeline from {target}")
     confirm(target, inv.protected(target), yes, "push to")
-    run = Run("pipeline", total=7, say=say)
+    run = Run("pipeline", total=7, say=say, route=list(dict.fromkeys([source, inv.local[0], target])))
     with _locks(list(dict.fromkeys([source, target, LOCAL_LOCK])), "pipeline", say):
         dump = backup(source, say=say, run=run, locked=True)
         pulled = pull(source, dump_path=str(dump.path), say=say, run=run, locked=True)
@@ -549,7 +559,7 @@ def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Ru
         manifest = str(Path(manifest) / "manifest.json")
     if manifest and not Path(manifest).is_file():
         raise InvalidInput(f"no such manifest: {manifest}")
-    run = run or Run("verify")
+    run = run or Run("verify", route=[env])
     report = run.dir / f"verify-{env}.txt"
     lock = inv.lock_name(env)
     try:

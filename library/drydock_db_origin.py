@@ -14,7 +14,7 @@ description:
     authentication). Read only.
 options:
   database: {description: The live database., type: str, required: true}
-  previous: {description: The name the previous generation is kept under., type: str, required: true}
+  previous: {description: "The name the previous generation is kept under (\"\": none to describe).", type: str, required: true}
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
 """
@@ -51,7 +51,7 @@ def main() -> None:
         # pg_database is shared: the live database (which verify reads anyway) sees both.
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
             for role, name in (("live", p["database"]), ("previous", p["previous"])):
-                row = database_row(conn, name)
+                row = database_row(conn, name) if name else None
                 described[role] = row and {"name": name, "oid": row[0],
                                            "description": describe_origin(parse_record(row[1]), live=role == "live")}
     except psycopg.Error as error:

@@ -54,13 +54,15 @@ EXAMPLES = r"""
 RETURN = r"""
 previous: {description: Name of the old live database, or null when there was none., type: str, returned: success}
 terminated: {description: Sessions terminated on the live database., type: int, returned: success}
+drydock_account: {description: "Where the database now live came from, in a line (see drydock_db_origin).", type: str, returned: an exchange}
 """
 
 from datetime import datetime, timezone
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, add_to_record, connect, database_comment, database_exists,
-                                             exchange, set_database_comment, swap_in, utc_now, write_fingerprint)
+                                             exchange, origin_of, set_database_comment, swap_in, utc_now,
+                                             write_fingerprint)
 
 
 def note(conn, name: str, fields: dict) -> None:
@@ -121,22 +123,25 @@ def main() -> None:
                 record_live_since(conn, p["socket_dir"], p["port"], p["previous"])
                 terminated = exchange(conn, p["database"], p["previous"])
                 # Under their new names: the previous database is live now, and the other aside.
-                note(conn, p["database"], {"swapped_in": utc_now(), "swapped_in_by": "exchange"})
-                note(conn, p["previous"], {"set_aside": utc_now(), "set_aside_by": "exchange"})
-                module.exit_json(changed=True, previous=p["previous"], terminated=terminated)
+                at = utc_now()
+                note(conn, p["database"], {"swapped_in": at, "swapped_in_by": "exchange"})
+                note(conn, p["previous"], {"set_aside": at, "set_aside_by": "exchange"})
+                module.exit_json(changed=True, previous=p["previous"], terminated=terminated,
+                                 drydock_account=origin_of(database_comment(conn, p["database"])))
             if not database_exists(conn, p["incoming"]):
                 module.fail_json(msg=f"nothing to swap in: database {p['incoming']} does not exist")
             has_live = database_exists(conn, p["database"])
             if module.check_mode:
                 module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=0)
-            swapped_in = {"swapped_in": utc_now(), "swapped_in_by": "swap"}
+            at = utc_now()  # one time for both sides of the swap
+            swapped_in = {"swapped_in": at, "swapped_in_by": "swap"}
             if p["comment"] is not None:  # the copy's own record, which later guards rely on: written or failed
                 set_database_comment(conn, p["incoming"], {**p["comment"], **swapped_in})
             else:
                 note(conn, p["incoming"], swapped_in)
             terminated = swap_in(conn, p["database"], p["incoming"], p["previous"])
             if has_live:
-                note(conn, p["previous"], {"set_aside": utc_now(), "set_aside_by": "swap"})
+                note(conn, p["previous"], {"set_aside": at, "set_aside_by": "swap"})
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
     module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=terminated)

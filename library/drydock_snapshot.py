@@ -87,7 +87,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import (require_psycopg, add_to_record, aside_name, connect, database_comment,
+from ansible.module_utils.drydock_pg import (require_psycopg, aside_name, connect, database_comment,
                                              database_exists, parse_record, set_allow_connections,
                                              set_database_comment, swap_in, terminate_sessions, utc_now)
 
@@ -284,15 +284,11 @@ def restore(conn, database: str, name: str) -> tuple[str, bool]:
     # and when it went live (inv verify's account of the live database).
     record = database_comment(conn, snapshot)
     lineage = record.get("lineage") or record.get("drydock_lineage")  # a snapshot's, or a renamed database's
-    set_database_comment(conn, incoming, {**({"drydock_lineage": lineage} if lineage else {}),
-                                          "swapped_in": utc_now(), "swapped_in_by": "snapshot restore"})
+    set_database_comment(conn, incoming, {**({"drydock_lineage": lineage} if lineage else {}), "swapped_in": utc_now(),
+                                          "swapped_in_by": "snapshot restore", "restored_snapshot": name})
     set_allow_connections(conn, incoming, True)
     # The generation before __previous is dropped by prepare, in the background.
     swap_in(conn, database, incoming, f"{database}__previous", drop_aside=False)
-    try:
-        add_to_record(conn, f"{database}__previous", {"set_aside": utc_now(), "set_aside_by": "snapshot restore"})
-    except Exception:  # noqa: BLE001 - a note for inv verify: the restore is done
-        pass
     return snapshot, incoming != f"{database}__incoming"
 
 

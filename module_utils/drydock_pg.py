@@ -313,19 +313,13 @@ def add_to_record(conn, name: str, fields: dict) -> None:
 
 
 # What set a database aside or brought it live, in describe_origin's words ("swap": a pull
-# or a push swapping a restored copy in).
+# or a push swapping a restored copy in; a snapshot restore also names the snapshot).
 SWAPPED_BY = {"exchange": "a rollback", "snapshot restore": "a snapshot restore"}
 
 
-def describe_origin(record: dict, live: bool) -> str:
-    """Where a database's content came from, and when it went live or aside, as drydock's
-    swaps recorded it on the database (see parse_record), in a line for a person. `live`:
-    whether it is the live database (else a kept generation). Times that contradict that
-    (a database renamed by hand) are left out."""
-    def text(key: str) -> str | None:
-        value = record.get(key)
-        return value if isinstance(value, str) else None
-
+def origin_of(record: dict) -> str:
+    """Where a database's content came from, as drydock's swaps recorded it on the database
+    (see parse_record), in a few words for a person."""
     def backup(lineage: dict) -> str:
         return f"{lineage.get('env', '?')}'s backup {lineage.get('created', '?')}"
 
@@ -334,14 +328,27 @@ def describe_origin(record: dict, live: bool) -> str:
         origin = f"pushed from {pushed.get('source', '?')}'s dump {pushed.get('created', '?')}"
         if isinstance(pushed.get("lineage"), dict):
             origin += f" (a copy of {backup(pushed['lineage'])})"
-    elif isinstance(lineage, dict):
-        origin = f"restored from {backup(lineage)}"
-    else:
-        origin = "origin unknown (not restored by drydock)"
+        return origin
+    if isinstance(lineage, dict):
+        return f"restored from {backup(lineage)}"
+    return "origin unknown (not restored by drydock)"
+
+
+def describe_origin(record: dict, live: bool) -> str:
+    """origin_of, and when the database went live or aside. `live`: whether it is the live
+    database (else a kept generation); times that contradict that (a database renamed by
+    hand) are left out."""
+    def text(key: str) -> str | None:
+        value = record.get(key)
+        return value if isinstance(value, str) else None
+
+    origin = origin_of(record)
     went_live, set_aside = text("swapped_in"), text("set_aside")
     if live:
         if went_live and not (set_aside and set_aside > went_live):
             by = SWAPPED_BY.get(record.get("swapped_in_by"))
+            if by and isinstance(record.get("restored_snapshot"), str):
+                by += f" of {record['restored_snapshot']}"
             return f"{origin}; live since {went_live}" + (f", by {by}" if by else "")
         return origin
     if set_aside and not (went_live and went_live > set_aside):

@@ -107,13 +107,15 @@ def test_verify_says_which_database_is_live_and_where_it_came_from(pushed, conne
     assert previous.startswith(f"previous: wagtail_site__previous (oid {previous_oid}): ") and pushed_copy not in previous
     assert re.search(r"; (set aside at|live from \S+ until .+ at) \S+$", previous), previous  # a push, or the test above
     try:
-        inv("rollback", "staging", check=True)
+        rolled_back = inv("rollback", "staging", check=True).stdout
         live, previous = origin_lines()
         assert pushed_copy not in live and live.endswith(", by a rollback"), live
+        assert "staging now runs the database it had kept as wagtail_site__previous: " in rolled_back
         assert previous.startswith(f"previous: wagtail_site__previous (oid {oid}): {pushed_copy}; live from "), previous
         assert " until a rollback at " in previous
     finally:
-        inv("rollback", "staging", check=True)  # forward again, for the tests after this one
+        forward = inv("rollback", "staging", check=True).stdout  # forward again, for the tests after this one
+    assert f"staging now runs the database it had kept as wagtail_site__previous: {pushed_copy}; " in forward
     live, _previous = origin_lines()
     assert live.startswith(f"live database: wagtail_site (oid {oid}): {pushed_copy}; live since ") and live.endswith(
         ", by a rollback"), live

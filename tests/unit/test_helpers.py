@@ -107,26 +107,23 @@ def test_an_interrupted_step_says_what_it_left_and_a_refused_command_leaves_no_r
 def test_the_run_list_names_the_environments_in_order_and_an_interrupted_run(tmp_path):
     from drydock.journal import list_runs
 
-    run = Run("pipeline", root=tmp_path)
+    run = Run("pipeline", root=tmp_path, route=["production", "local", "staging"])
     for name, env in (("backup", "production"), ("pull", "local"), ("migrate", "local"), ("restore", "staging")):
         with run.step(name, env=env):
             pass
-    pushed_back = Run("push", root=tmp_path)  # a backup of production pushed to staging, then one pulled
-    with pushed_back.step("restore", env="staging", source="production"):
-        pass
-    with pushed_back.step("pull", env="local", source="staging"):
-        pass
-    interrupted = Run("push", root=tmp_path)
-    with pytest.raises(DrydockError):
-        with interrupted.step("dump local", env="local"):
+    older = Run("push", root=tmp_path)  # a run from before routes were recorded: its steps' environments
+    for name, env in (("dump local", "local"), ("restore", "staging")):
+        with older.step(name, env=env):
             pass
-        with interrupted.step("restore", env="staging", interrupted="staging runs its old database"):
+    interrupted = Run("push", root=tmp_path, route=["local", "staging"])
+    with pytest.raises(DrydockError):
+        with interrupted.step("dump local", env="local", interrupted="nothing changed"):
             raise KeyboardInterrupt
-    pipeline, pushed_back, push = sorted(list_runs(tmp_path), key=lambda r: r["id"])
-    assert pushed_back["envs"] == "production→staging→local"
+    pipeline, older, push = list_runs(tmp_path)
     assert (pipeline["envs"], pipeline["outcome"], pipeline["failed_step"]) == ("production→local→staging", "ok", "")
-    assert (push["envs"], push["outcome"], push["failed_step"]) == ("local→staging", "interrupted", "restore")
-
+    assert older["envs"] == "local→staging"
+    # Ended before it reached staging, it still names it: where it was going is what it was.
+    assert (push["envs"], push["outcome"], push["failed_step"]) == ("local→staging", "interrupted", "dump local")
 
 def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_progress_ansible_reported(tmp_path):
     """Ansible's log shows a task's banner only with its result: which swap ran is read from
