@@ -140,7 +140,9 @@ def main() -> None:
             with conn.cursor() as cur:
                 counts = row_counts(cur)
                 copy_migrations = migration_names(cur)
-        missing = migrations_missing(p, copy_migrations)
+            # pg_database is shared: whether the live database exists is seen from here too.
+            live = p["live_database"] if p["live_database"] and database_exists(conn, p["live_database"]) else ""
+        missing = migrations_missing(p, live, copy_migrations)
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()), command=argv)
     problem = row_count_problem(p["database"], p["expect_row_counts"], counts)
@@ -162,14 +164,11 @@ def migration_names(cur) -> set[str]:
     return {f"{app}.{name}" for app, name in applied_migrations(cur)}
 
 
-def migrations_missing(p: dict, copy_migrations: set[str]) -> list[str]:
+def migrations_missing(p: dict, live: str, copy_migrations: set[str]) -> list[str]:
     """The migrations applied in the live database that the copy lacks ([] without one)."""
-    if not p["live_database"]:
+    if not live:
         return []
-    with connect(p["socket_dir"], p["port"], "postgres") as conn:
-        if not database_exists(conn, p["live_database"]):
-            return []
-    with connect(p["socket_dir"], p["port"], p["live_database"]) as conn, conn.cursor() as cur:
+    with connect(p["socket_dir"], p["port"], live) as conn, conn.cursor() as cur:
         return sorted(migration_names(cur) - copy_migrations)
 
 
