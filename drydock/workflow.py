@@ -458,12 +458,15 @@ def rollback(env_text: str, yes: bool = False, allow_lost_writes: bool = False, 
             "rollback", env=env, interrupted=lambda: _rollback_interrupted(run, env, target["drydock_db_name"], say)):
         run_playbook("rollback_database.yml", limit=env, run=run,
                      extra_vars={"drydock_confirm": env, "drydock_allow_lost_writes": allow_lost_writes})
-    database = target["drydock_db_name"]
-    # Said the same way whichever way it went (a second rollback swaps forward): what is live now.
+    say(_exchanged(run, env, target["drydock_db_name"]))
+
+
+def _exchanged(run: Run, env: str, database: str) -> str:
+    """What a rollback's exchange left, said the same way whichever way it went (a second
+    rollback swaps forward): which database is live now, and where it came from."""
     now_live = run.task_account(env, "drydock_db_swap")
-    say(f"{env} now runs the database it had kept as {database}__previous"
-        + (f": {now_live}" if now_live else "")
-        + f"; the one it replaced is kept as {database}__previous in its place (inv rollback {env} swaps them back)")
+    return (f"{env} now runs the database it had kept as {database}__previous" + (f": {now_live}" if now_live else "")
+            + f"; the one it replaced is kept as {database}__previous in its place (inv rollback {env} swaps them back)")
 
 
 def _rollback_interrupted(run: Run, env: str, database: str, say: Say) -> str:
@@ -471,8 +474,7 @@ def _rollback_interrupted(run: Run, env: str, database: str, say: Say) -> str:
     if state == "not run":
         where = f"the exchange did not run: {env} runs the database it ran before"
     elif state == "ran":
-        where = (f"the exchange ran: {env} runs its previous database again, and {database}__previous is the one it "
-                 f"replaced (`inv rollback {env}` swaps them back)")
+        where = f"the exchange ran: {_exchanged(run, env, database)}"
     else:
         where = (f"the exchange may have run: {env} runs one of its two databases, whole, and {database}__previous the "
                  f"other (inv verify {env} says which)")

@@ -132,7 +132,8 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
 
     def interrupted_after(*events: tuple[str, str], recorded: bool = True) -> tuple[str, str, str]:
         run = Run("push", root=tmp_path)
-        lines = [{"event": event, "host": host, "action": "drydock_db_swap", "task": "Swap"} for host, event in events]
+        lines = [{"event": event, "host": host, "action": "drydock_db_swap", "task": "Swap", **dict(account)}
+                 for host, event, *account in events]
         lines.insert(0, {"event": "ok", "host": "staging", "action": "drydock_pg_restore", "task": "Restore"})
         if recorded:
             run.progress_file.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"event": "st')
@@ -157,8 +158,13 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
     push, _, rollback = interrupted_after(("staging", "start"), ("staging", "ok"))
     assert ("the swap ran: staging runs the pushed copy, its database from before is site__previous" in push
             and "`inv rollback staging` brings that database back" in push and "push again" not in push)
-    assert rollback.startswith("the exchange ran: staging runs its previous database again, and site__previous is"
-                               " the one it replaced (`inv rollback staging` swaps them back)")
+    assert rollback == ("the exchange ran: staging now runs the database it had kept as site__previous; the one it"
+                        " replaced is kept as site__previous in its place (inv rollback staging swaps them back), and"
+                        " its app was not left stopped")
+    # The exchange's own account of the database it put live, when it returned one.
+    *_, rollback = interrupted_after(("staging", "start"), ("staging", "ok", ("account", "pushed from local's dump X")))
+    assert rollback.startswith("the exchange ran: staging now runs the database it had kept as site__previous: pushed"
+                               " from local's dump X; the one it replaced")
     push, *_ = interrupted_after(("staging", "start"), ("staging", "failed"))  # its transaction rolled back
     assert "the swap did not run" in push
     push, *_ = interrupted_after(("staging", "start"), ("staging", "unreachable"))
