@@ -63,7 +63,7 @@ def run_playbook(name: str, *, limit: str | None = None, extra_vars: dict | None
             vars_file = Path(scratch) / "vars.json"
             # 0600 like every file of a run: a run killed (SIGKILL) leaves it behind.
             with os.fdopen(os.open(vars_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
-                handle.write(json.dumps(extra_vars))
+                handle.write(json.dumps(_untrusted(extra_vars)))
             command += ["--extra-vars", f"@{vars_file}"]
         env = ansible_env(run)
         env["DRYDOCK_FAILURES_FILE"] = str(failures)
@@ -75,6 +75,19 @@ def run_playbook(name: str, *, limit: str | None = None, extra_vars: dict | None
     if capture:
         return _task_results(json.loads(stdout))
     return None
+
+
+def _untrusted(value):
+    """Mark every string of the extra variables as data, never a template. Ansible renders
+    a string from -e as Jinja when a task uses it: a dump's file name, a notebook parameter or
+    a Site name holding `{{ lookup('pipe', ...) }}` would run a command on this machine."""
+    if isinstance(value, str):
+        return {"__ansible_unsafe": value}
+    if isinstance(value, dict):
+        return {key: _untrusted(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_untrusted(item) for item in value]
+    return value
 
 
 def _run_terminable(command: list[str], env: dict, capture: bool) -> tuple[str | None, int]:

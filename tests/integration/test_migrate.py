@@ -121,6 +121,15 @@ def test_script_runs_in_the_apps_python(fresh_local, connect, tmp_path):
     assert connect("local").execute("SELECT count(*) FROM taggit_tag WHERE slug = 'drydock'").fetchone()[0] == 1
 
 
+def test_a_path_or_parameter_that_looks_like_a_template_is_taken_as_it_is(fresh_local, tmp_path):
+    """Ansible renders a string from -e as Jinja when a task uses it: a file named
+    `tag{{ 7*7 }}.py` must run as itself, not as tag49.py (nor any lookup run on the way)."""
+    for name, says in (("tag{{ 7*7 }}.py", "the script named with braces"), ("tag49.py", "the rendered name")):
+        (tmp_path / name).write_text(f"print({says!r} + ' ran')\n")
+    proc = inv("migrate", "--no-migrate", "--script", str(tmp_path / "tag{{ 7*7 }}.py"), check=True)
+    assert "the script named with braces ran" in proc.stdout and "the rendered name ran" not in proc.stdout
+
+
 def test_broken_page_tree_fails_the_step_unless_fixtree(fresh_local, connect):
     connect("local").execute("UPDATE wagtailcore_page SET numchild = numchild + 7 WHERE slug = 'blog'")
     proc = inv("migrate")
