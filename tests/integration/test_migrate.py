@@ -138,49 +138,29 @@ def test_broken_page_tree_fails_the_step_unless_fixtree(fresh_local, connect):
     assert tree_problems(connect("local")) == 0
 
 
-@pytest.mark.parametrize("form", ["user:password@", "?password="])
-def test_no_secret_in_the_executed_notebook_or_the_log(fresh_local, sandbox_env, tmp_path, form):
-    """A URL with a password: the password reaches Django through the environment only."""
-    password = (ROOT / ".sandbox" / "pgpass").read_text().splitlines()[0].rsplit(":", 1)[1]
+@pytest.mark.parametrize("form", ["user:password@", "?password=", "&sslpassword="])
+def test_a_database_url_with_a_password_is_refused_before_anything_runs(fresh_local, connect, sandbox_env, tmp_path,
+                                                                       form):
+    """Ansible hands a command's environment to it on its command line, which the process
+    list shows: the app's URL must hold no password (a passfile does). Both the migration
+    step and verify's reference build refuse one, in one line that does not repeat it."""
+    password = "s3cret-in-the-url"
     base = f"postgresql://wagtail_site@{sandbox_env['local']['host']}:55432/wagtail_site"
-    url = (base.replace("wagtail_site@", f"wagtail_site:{password}@", 1) if form == "user:password@"
-           else f"{base}?sslmode=disable&password={password}")
+    url = {"user:password@": base.replace("wagtail_site@", f"wagtail_site:{password}@", 1),
+           "?password=": f"{base}?password={password}",
+           "&sslpassword=": f"{base}?sslmode=disable&sslpassword={password}"}[form]
+    before = fingerprint(connect("local"))
     out = tmp_path / "run"
-    proc = subprocess.run(
-        ["ansible-playbook", "playbooks/migrate.yml", "-e", f"django_migrate_notebook={NOTEBOOK}",
-         "-e", f"django_migrate_output_dir={out}", "-e", f"@{_vars_file(tmp_path, url)}"],
-        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, ANSIBLE_LOG_PATH=str(out / "ansible.log")))
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    files = list(out.rglob("*"))
-    assert any(f.suffix == ".ipynb" for f in files)
-    for path in files:
-        if path.is_file():
-            assert password not in path.read_text(errors="replace"), path
-    assert password not in proc.stdout + proc.stderr
-
-
-def test_every_password_parameter_is_cut_from_the_notebook_parameters(sandbox_env, tmp_path):
-    """Two password= in a row (the example site's settings refuse such a URL, another app's
-    may not), and sslpassword=: all go, each with its own separator, and the query keeps its
-    other options. Only the role's parameters task runs here: no notebook is executed."""
-    out = tmp_path / "run"
-    out.mkdir(mode=0o700)
-    play = tmp_path / "parameters.yml"
-    play.write_text(json.dumps([{
-        "hosts": "drydock_local", "gather_facts": False,
-        "tasks": [{"ansible.builtin.include_role": {"name": "django_migrate", "tasks_from": "notebook_parameters"}}]}]))
-    url = ("postgresql://wagtail_site@127.0.0.1:55432/wagtail_site"
-           "?password=s3cret-1&password=s3cret-2&sslpassword=s3cret-3&sslmode=disable")
     vars_file = tmp_path / "vars.json"
-    vars_file.write_text(json.dumps({"django_migrate_database_url": url, "django_migrate_output_dir": str(out),
-                                     "django_migrate_notebook": str(NOTEBOOK)}))
-    proc = subprocess.run(["ansible-playbook", str(play), "-e", f"@{vars_file}"],
-                          cwd=ROOT, capture_output=True, text=True, env=ansible_env(), timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:]
-    assert "papermill" not in proc.stdout
-    parameters = (out / "parameters.yml").read_text()
-    assert "s3cret" not in parameters
-    assert "database_url: postgresql://wagtail_site@127.0.0.1:55432/wagtail_site?sslmode=disable" in parameters
+    vars_file.write_text(json.dumps({"django_migrate_database_url": url, "drydock_app_database_url": url,
+                                     "django_migrate_notebook": str(NOTEBOOK), "django_migrate_output_dir": str(out)}))
+    for name in ("migrate.yml", "verify_database.yml"):
+        proc = playbook(name, "--limit", "local", "-e", f"@{vars_file}")
+        assert proc.returncode != 0, proc.stdout[-2000:]
+        assert "drydock_app_database_url holds a password" in proc.stdout, proc.stdout[-2000:]
+        assert password not in proc.stdout + proc.stderr
+    assert not out.exists()  # no notebook ran, no parameters were written
+    assert fingerprint(connect("local")) == before
 
 
 @pytest.mark.parametrize("url", ["postgresql://wagtail_site@127.0.0.1/another",
