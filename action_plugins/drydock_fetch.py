@@ -102,6 +102,11 @@ def make_private_folders(root: str, folder: str) -> None:
 def write_private(path: str, text: str) -> None:
     """Write `text` to `path`, 0600, whole or not at all."""
     partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8", opener=lambda name, flags: os.open(name, flags, 0o600)) as out:
+    try:  # one a killed run left: made anew, so that it is 0600 and no link is followed
+        os.unlink(partial)
+    except FileNotFoundError:
+        pass
+    with open(partial, "w", encoding="utf-8",
+              opener=lambda name, flags: os.open(name, flags | os.O_EXCL | os.O_NOFOLLOW, 0o600)) as out:
         out.write(text)
     os.rename(partial, path)

@@ -37,7 +37,8 @@ class CallbackModule(CallbackBase):
             return
         entry = {"kind": kind, "host": result._host.get_name(), "task": result.task_name,
                  "msg": "<hidden by no_log>" if result._result.get("censored") else _one_line(result._result)}
-        with open(path, "a", encoding="utf-8") as handle:
+        # 0600 whatever the umask: a failure's message may quote the data or a command's stderr.
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry) + "\n")
 
     def v2_runner_on_failed(self, result, ignore_errors=False):

@@ -113,8 +113,10 @@ def _read(path: Path) -> dict | None:
 
 @contextmanager
 def target_lock(env: str, task: str, say: Callable[[str], None] = print, root: Path | None = None) -> Iterator[Path]:
-    folder = (root or runs_dir()) / "locks"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    runs = root or runs_dir()
+    runs.mkdir(mode=0o700, parents=True, exist_ok=True)  # private as the run folders in it, from the start
+    folder = runs / "locks"
+    folder.mkdir(mode=0o700, exist_ok=True)
     path = folder / f"{env}.lock"
     record = {"pid": os.getpid(), "process_start": process_start(os.getpid()), "host": socket.gethostname(), "task": task,
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
