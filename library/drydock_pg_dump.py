@@ -73,8 +73,8 @@ import threading
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, database_comment,
-                                             latest_migrations, list_entries, row_counts, server_version,
-                                             sha256_file, write_fingerprint)
+                                             latest_migrations, list_entries, refuse_unless_plain_name, row_counts,
+                                             server_version, sha256_file, write_fingerprint)
 
 
 def dump_command(params: dict, snapshot: str | None, target: str) -> list[str]:
@@ -164,6 +164,7 @@ def main() -> None:
     )
     params = module.params
     dest = params["dest"]
+    refuse_unless_plain_name(module, params["database"])
     if module.check_mode:
         module.exit_json(changed=False, dump=dest, command=dump_command(params, "<snapshot>", dest))
     require_psycopg(module)

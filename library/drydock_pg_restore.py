@@ -70,7 +70,8 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, applied_migrations, connect, database_exists,
-                                             pg_restore_error, row_count_problem, row_counts)
+                                             pg_restore_error, refuse_unless_plain_name, row_count_problem,
+                                             row_counts)
 
 # What PostgreSQL accepts for default_toast_compression; anything else never reaches PGOPTIONS.
 TOAST_COMPRESSIONS = ("", "pglz", "lz4")
@@ -122,6 +123,7 @@ def main() -> None:
     p = module.params
     if p["jobs"] < 1:
         module.fail_json(msg=f"jobs must be at least 1, not {p['jobs']}")
+    refuse_unless_plain_name(module, p["database"])
     argv = restore_command(p)
     if module.check_mode:
         module.exit_json(changed=True, command=argv)

@@ -22,6 +22,17 @@ def require_psycopg(module) -> None:
         module.fail_json(msg="psycopg (3) is not importable by this host's Python (Debian: apt install python3-psycopg)")
 
 
+# A database name as drydock's roles accept it (their preflights check the same). pg_dump and
+# pg_restore read a --dbname holding '=' or starting with postgresql:// as a connection string
+# (host=elsewhere ...), so the modules that hand a name to them check it themselves too.
+PLAIN_DATABASE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")
+
+
+def refuse_unless_plain_name(module, name: str) -> None:
+    if not PLAIN_DATABASE_NAME.match(name):
+        module.fail_json(msg=f"not a plain database name: {name!r} (lower-case letters, digits and _, at most 63)")
+
+
 PG_CONNECTION_ARGS = dict(
     database=dict(type="str", required=True),
     socket_dir=dict(type="path", required=True),
