@@ -154,7 +154,7 @@ def test_a_database_url_with_a_password_is_refused_before_anything_runs(fresh_lo
     vars_file = tmp_path / "vars.json"
     vars_file.write_text(json.dumps({"django_migrate_database_url": url, "drydock_app_database_url": url,
                                      "django_migrate_notebook": str(NOTEBOOK), "django_migrate_output_dir": str(out)}))
-    for name in ("migrate.yml", "verify_database.yml"):
+    for name in ("migrate.yml", "migrate_plan.yml", "verify_database.yml"):
         proc = playbook(name, "--limit", "local", "-e", f"@{vars_file}")
         assert proc.returncode != 0, proc.stdout[-2000:]
         assert "drydock_app_database_url holds a password" in proc.stdout, proc.stdout[-2000:]
