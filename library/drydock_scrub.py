@@ -35,7 +35,7 @@ EXAMPLES = r"""
 
 RETURN = r"""
 ran: {description: "Rules that ran, with the rows each changed.", type: list, returned: success}
-skipped: {description: Rules whose table does not exist., type: list, returned: success}
+without_table: {description: "Rules whose table does not exist, not applied (not C(skipped): Ansible would report the task itself as skipped).", type: list, returned: success}
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -59,7 +59,7 @@ def main() -> None:
     require_psycopg(module)
     import psycopg
 
-    ran, skipped = [], []
+    ran, without_table = [], []
     try:
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
             for rule in p["rules"]:
@@ -67,7 +67,7 @@ def main() -> None:
                     if rule.get("required"):
                         raise MissingTable(f"scrub rule {rule['name']} is required but table {rule['table']} "
                                            "does not exist: adjust pg_scrub_rules to this site's tables")
-                    skipped.append(rule["name"])
+                    without_table.append(rule["name"])
                     continue
                 rows = conn.execute(rule["sql"]).rowcount
                 ran.append({"name": rule["name"], "rows": rows})
@@ -82,7 +82,7 @@ def main() -> None:
         module.fail_json(msg=str(error))
     except psycopg.Error as error:
         module.fail_json(msg=f"scrubbing {p['database']} failed, nothing was changed: {' '.join(str(error).split())}")
-    module.exit_json(changed=bool(ran), ran=ran, skipped=skipped)
+    module.exit_json(changed=bool(ran), ran=ran, without_table=without_table)
 
 
 if __name__ == "__main__":
