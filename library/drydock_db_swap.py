@@ -38,6 +38,12 @@ options:
       - Either way the database going live (C(incoming), or C(previous) in an exchange) is
         noted as live since now (C(swapped_in), C(swapped_in_by)).
     type: dict
+  close_previous:
+    description:
+      - After a swap, stop the database kept as C(previous) accepting connections, as every
+        snapshot does (the pull keeps the replaced local database as its C(pre_pull) snapshot).
+    type: bool
+    default: false
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
 """
@@ -61,8 +67,8 @@ from datetime import datetime, timezone
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, add_to_record, connect, database_comment, database_exists,
-                                             exchange, origin_of, set_database_comment, swap_in, utc_now,
-                                             write_fingerprint)
+                                             exchange, origin_of, set_allow_connections, set_database_comment, swap_in,
+                                             utc_now, write_fingerprint)
 
 
 def note(conn, name: str, fields: dict) -> None:
@@ -101,7 +107,7 @@ def main() -> None:
         argument_spec=dict(database=dict(type="str", required=True), incoming=dict(type="str"),
                            previous=dict(type="str", required=True), socket_dir=dict(type="path", required=True),
                            port=dict(type="int", default=5432), exchange=dict(type="bool", default=False),
-                           comment=dict(type="dict")),
+                           comment=dict(type="dict"), close_previous=dict(type="bool", default=False)),
         supports_check_mode=True,
         required_if=[("exchange", False, ["incoming"])],
     )
@@ -142,6 +148,8 @@ def main() -> None:
             terminated = swap_in(conn, p["database"], p["incoming"], p["previous"])
             if has_live:
                 note(conn, p["previous"], {"set_aside": at, "set_aside_by": "swap"})
+                if p["close_previous"]:
+                    set_allow_connections(conn, p["previous"], False)
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
     module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=terminated)

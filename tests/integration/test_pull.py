@@ -31,6 +31,9 @@ def test_old_local_database_is_kept_and_no_side_database_is_left(pulled, connect
     names = databases(connect("local"))
     assert "wagtail_site__snap_pre_pull" in names
     assert "wagtail_site__incoming" not in names
+    # A snapshot like any other: nobody can connect to it and change it.
+    assert connect("local").execute("SELECT datallowconn FROM pg_database WHERE datname = %s",
+                                    ("wagtail_site__snap_pre_pull",)).fetchone() == (False,)
 
 
 def test_pre_pull_snapshot_lists_its_age(pulled):
