@@ -374,7 +374,8 @@ def _pull_interrupted(run: Run, local: str) -> str:
     if state == "ran":
         return ("the swap ran: the local database is the pulled one, and the one before it is snapshot pre_pull "
                 "(`inv snapshot.restore pre_pull` brings it back; a second pull would replace it)")
-    return ("the swap may have run: the local database is the old one or the pulled one, never half of each; if the "
+    return ("the swap may have run: the local database is the old one or the pulled one, never half of each; "
+            "`inv verify local` says which (its live database line names the backup it was restored from); if the "
             "swap went through, snapshot pre_pull holds the old one, and a second pull would replace it")
 
 
@@ -389,8 +390,10 @@ def _push_interrupted(run: Run, env: str, database: str, manifest: Path, say: Sa
                 f"push would drop it)")
     if state == "running":
         return (f"the swap was running: {env} runs its old database or the pushed copy, and its app may be stopped; "
-                f"if {database}__incoming is still on {env}, the copy never went in (push again), otherwise "
-                f"`inv rollback {env}` brings back the database from before (a second push would drop it)")
+                f"`inv verify {env}` says which (its live database line names the dump it was pushed from): if it is "
+                f"the copy, `inv rollback {env}` brings back the database from before and starts the app, or "
+                f"`inv app.restart {env}` starts the app on the copy (a second push would drop the database from "
+                f"before); if not, push again")
     what = ("it was being swapped back after a failed check" if state == "swapping back" else
             "no task progress was recorded (is ANSIBLE_CALLBACKS_ENABLED set without drydock_progress?)")
     return (f"whether the swap ran cannot be told, {what}: {env} runs its old database or the pushed copy, and its "

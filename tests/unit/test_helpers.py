@@ -152,7 +152,7 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
     assert rollback == ("the exchange did not run: staging runs the database it ran before, and its app was not left"
                         " stopped")
     push, pull, rollback = interrupted_after(("local", "start"), ("local", "ok"), ("staging", "start"))
-    assert "the swap was running" in push and "if site__incoming is still on staging" in push
+    assert "the swap was running" in push and "`inv verify staging` says which" in push
     assert pull.startswith("the swap ran: the local database is the pulled one")
     assert rollback.startswith("the exchange may have run: staging runs one of its two databases, whole")
     push, _, rollback = interrupted_after(("staging", "start"), ("staging", "ok"))
@@ -179,7 +179,7 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
     assert f"`inv verify staging --manifest {tmp_path / 'm.json'}` passes on the pushed copy alone" in push
     push, pull, rollback = interrupted_after(recorded=False)
     assert "whether the swap ran cannot be told, no task progress was recorded" in push and "never went in" not in push
-    assert pull.startswith("the swap may have run")
+    assert pull.startswith("the swap may have run") and "`inv verify local` says which" in pull
     assert rollback.endswith("and its app may be stopped (no task progress was recorded): restart it: inv app.restart"
                              " staging (or its unit or start command)")
 
