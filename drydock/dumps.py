@@ -33,7 +33,10 @@ def load(path: Path) -> Dump:
     if path.is_dir():
         path = in_folder(path) or path
     if path.is_dir():
-        raise DrydockError(f"no dump file in the folder {path}")
+        # An environment's folder (backups/production) holds backups: name the newest.
+        backups = sorted(sub for sub in path.glob("*/manifest.json") if in_folder(sub.parent))
+        hint = f" (it holds backups: give one, e.g. {backups[-1].parent}, or use --latest)" if backups else ""
+        raise DrydockError(f"no dump file in the folder {path}{hint}")
     if not path.is_file():
         raise DrydockError(f"no such dump file: {path}")
     manifest_path = path.parent / "manifest.json"

@@ -201,7 +201,9 @@ def list_runs(root: Path | None = None) -> list[dict]:
         runs.append({"id": folder.name, "task": folder.name.split("-", 1)[1], "envs": "→".join(envs) or "-",
                      "start": steps[0]["start"][:19] if steps else "-",
                      "outcome": failed["outcome"] if failed else ("running" if running else ("ok" if steps else "-")),
-                     "seconds": round(sum(s.get("seconds", 0) for s in steps), 1),
+                     # Unknown while a step runs, or after one was killed: no end was written.
+                     "seconds": round(sum(s["seconds"] for s in steps), 1)
+                     if steps and all("seconds" in s for s in steps) else "",
                      "failed_step": failed["step"] if failed else "", "error": failed.get("error", "") if failed else ""})
     return runs
 

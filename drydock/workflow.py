@@ -170,7 +170,7 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
             + ("; its ready copy is being made in the background" if ready_copy else ""))
     elif action == "restore":
         how = f"swapped in its ready copy in {database_s:.2f} s, the next one is being made in the background" if used else \
-            f"copied it in {database_s:.1f} s: it had no ready copy" + (f"; making one failed: {error}" if error else "")
+            f"copied it in {database_s:.2f} s: it had no ready copy" + (f"; making one failed: {error}" if error else "")
         say(f"the local database is back at snapshot {name} ({how}; the one it replaced is kept as {database}__previous)")
     else:
         say(f"deleted snapshot {name}")
@@ -225,6 +225,8 @@ def check_step_inputs(notebook: str | None, script: str | None, phase: str = "al
         raise InvalidInput("give --notebook or --script, not both")
     if phase not in PHASES:
         raise InvalidInput(f"invalid --phase {phase!r}: use all, before or after")
+    if parameters and not notebook:
+        raise InvalidInput("--param sets a notebook's parameters: give --notebook with it")
     for path in (notebook, script):
         if path and not Path(path).is_file():
             raise InvalidInput(f"no such file: {path}")

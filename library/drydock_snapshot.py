@@ -262,13 +262,15 @@ def copy(conn, database: str, name: str) -> str:
 
 
 def find(conn, database: str, name: str) -> dict:
-    matches = [s for s in list_snapshots(conn) if s["name"] == name]
+    snapshots = list_snapshots(conn)
+    matches = [s for s in snapshots if s["name"] == name]
     mine = [s for s in matches if s["source"] == database and s["database"] == snapshot_db(database, name)]
     if mine:
         return mine[0]
     if matches:
         raise SnapshotError(f"snapshot {name} was taken of database {matches[0]['source']}, not {database}: refusing to restore it over {database}")
-    raise SnapshotError(f"no snapshot {name} of {database}")
+    names = sorted(s["name"] for s in snapshots if s["source"] == database)  # a misspelled name's neighbours
+    raise SnapshotError(f"no snapshot {name} of {database} ({'it has ' + ', '.join(names) if names else 'it has none'})")
 
 
 def restore(conn, database: str, name: str) -> tuple[str, bool]:

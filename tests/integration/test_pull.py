@@ -124,6 +124,7 @@ def test_side_database_named_as_the_live_one_is_refused(pulled, connect, overrid
     (["pull", "production", "--latest", "--dump", "/x.dump"], "not both"),
     (["push", "staging", "--allow-unscrubbed"], "--allow-unscrubbed applies to a --dump only"),
     (["migrate", "--plan", "--fixtree"], "--plan shows the migrations only"),
+    (["migrate", "--param", "title=x"], "--param sets a notebook's parameters: give --notebook with it"),
     (["migrate", "--plan", "--notebook", "examples/notebooks/blog_to_podcast.ipynb"], "--plan shows the migrations only"),
 ])
 def test_bad_input_gets_one_line(sandbox_env, args, message):

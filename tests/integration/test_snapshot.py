@@ -136,7 +136,9 @@ def test_drydocks_own_snapshot_names_are_refused_for_a_save(pulled, connect, nam
 
 def test_missing_snapshot(pulled):
     proc = inv("snapshot.restore", "nosuch")
-    assert proc.returncode == 1 and "no snapshot nosuch of wagtail_site" in error_lines(proc)[-1]
+    line = error_lines(proc)[-1]
+    assert proc.returncode == 1 and "no snapshot nosuch of wagtail_site (it has " in line
+    assert "pre_pull" in line  # the names there are, for a misspelled one
 
 
 def test_restore_is_a_rename_of_the_ready_copy_and_the_next_one_is_made(clean_snapshots, connect):

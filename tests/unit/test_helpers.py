@@ -86,11 +86,12 @@ def test_a_run_killed_in_a_step_reads_as_killed_there(tmp_path):
               "with run.step('restore'):\n    print('in', flush=True); time.sleep(60)\n")
     child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline() == "in\n"
-    assert list_runs(tmp_path)[0]["outcome"] == "running"
+    assert (list_runs(tmp_path)[0]["outcome"], list_runs(tmp_path)[0]["seconds"]) == ("running", "")
     child.kill()
     child.wait()
     (run,) = list_runs(tmp_path)
     assert run["outcome"] == "killed" and run["failed_step"] == "restore"
+    assert run["seconds"] == ""  # how long it ran is unknown: not the finished steps' 0.0
     assert "the run ended during restore without finishing it" in run["error"]
 
 
@@ -376,6 +377,13 @@ def test_latest_picks_the_newest_complete_backup(tmp_path):
 def test_latest_without_backups_says_what_to_do(tmp_path):
     with pytest.raises(DrydockError, match="inv backup staging"):
         dumps.latest("staging", root=tmp_path)
+
+
+def test_an_environments_folder_given_as_a_dump_names_its_newest_backup(tmp_path):
+    make_backup(tmp_path, "production", "20260101T000000Z")
+    newest = make_backup(tmp_path, "production", "20260102T000000Z")
+    with pytest.raises(DrydockError, match=f"it holds backups: give one, e.g. {newest}, or use --latest"):
+        dumps.load(tmp_path / "production")
 
 
 def test_load_requires_a_manifest(tmp_path):
