@@ -35,7 +35,7 @@ def load(path: Path) -> Dump:
     if path.is_dir():
         # An environment's folder (backups/production) holds backups: name the newest.
         backups = sorted(sub for sub in path.glob("*/manifest.json") if in_folder(sub.parent))
-        hint = f" (it holds backups: give one, e.g. {backups[-1].parent}, or use --latest)" if backups else ""
+        hint = f" (it holds backups: give one of them, e.g. {backups[-1].parent})" if backups else ""
         raise DrydockError(f"no dump file in the folder {path}{hint}")
     if not path.is_file():
         raise DrydockError(f"no such dump file: {path}")

@@ -92,7 +92,7 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
         if dump.source_env != env:
             raise DrydockError(f"{dump.path} is a dump of {dump.source_env}, not of {env}")
         with run.step("pull", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
-                      interrupted=lambda: _pull_interrupted(run, local)):
+                      interrupted=lambda: _pull_interrupted(run, local, dump)):
             say(f"==> restoring {dump.path.name} into the local database")
             run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
             unfinished.clear_unless_running()  # the local database was replaced: an interrupted step's state is gone
@@ -326,8 +326,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
         take_safety_backup = _takes_safety_backup(target)
         with run.step("restore", env=env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
                       rows=dump.total_rows,
-                      interrupted=lambda: _push_interrupted(run, env, target["drydock_db_name"],
-                                                            dump.path.parent / "manifest.json", say)) as step:
+                      interrupted=lambda: _push_interrupted(run, env, target["drydock_db_name"], dump, say)) as step:
             say(f"==> restoring {dump.path.name} onto {env}")
             safety = _run_dumping("restore_database.yml", limit=env, run=run, extra_vars={
                 "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
@@ -368,7 +367,7 @@ def _swap_state(run: Run, host: str) -> str:
     return {"ok": "ran", "failed": "not run"}.get(events[-1], "running")
 
 
-def _pull_interrupted(run: Run, local: str) -> str:
+def _pull_interrupted(run: Run, local: str, dump: Dump) -> str:
     state = _swap_state(run, local)
     if state == "not run":
         return ("the swap did not run: the local database is unchanged; the next pull drops the side database and "
@@ -377,12 +376,14 @@ def _pull_interrupted(run: Run, local: str) -> str:
         return ("the swap ran: the local database is the pulled one, and the one before it is snapshot pre_pull "
                 "(`inv snapshot.restore pre_pull` brings it back; a second pull would replace it)")
     return ("the swap may have run: the local database is the old one or the pulled one, never half of each; "
-            "`inv verify local` says which (its live database line names the backup it was restored from); if the "
-            "swap went through, snapshot pre_pull holds the old one, and a second pull would replace it")
+            f"`inv verify local` says which (the pulled one's live database line reads `restored from "
+            f"{dump.source_env}'s backup {dump.manifest['created']}`); if the swap went through, snapshot pre_pull "
+            f"holds the old one, and a second pull would replace it")
 
 
-def _push_interrupted(run: Run, env: str, database: str, manifest: Path, say: Say) -> str:
+def _push_interrupted(run: Run, env: str, database: str, dump: Dump, say: Say) -> str:
     state = _swap_state(run, env)
+    manifest = dump.path.parent / "manifest.json"
     if state == "not run":
         return (f"the swap did not run: {env} runs its old database, {_restart_app(run, env, say)}; the next push "
                 f"drops the side database left behind")
@@ -392,8 +393,8 @@ def _push_interrupted(run: Run, env: str, database: str, manifest: Path, say: Sa
                 f"push would drop it)")
     if state == "running":
         return (f"the swap was running: {env} runs its old database or the pushed copy, and its app may be stopped; "
-                f"`inv verify {env}` says which (its live database line names the dump it was pushed from): if it is "
-                f"the copy, `inv rollback {env}` brings back the database from before and starts the app, or "
+                f"`inv verify {env}` says which (the copy's live database line reads `pushed from "
+                f"{dump.source_env}'s dump {dump.manifest['created']}`): if it is the copy, `inv rollback {env}` brings back the database from before and starts the app, or "
                 f"`inv app.restart {env}` starts the app on the copy (a second push would drop the database from "
                 f"before); if not, push again")
     what = ("it was being swapped back after a failed check" if state == "swapping back" else

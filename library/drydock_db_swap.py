@@ -102,6 +102,15 @@ def record_live_since(conn, socket_dir: str, port: int, name: str) -> None:
         pass
 
 
+def close_snapshot(module: AnsibleModule, conn, name: str) -> None:
+    """Stop the kept database accepting connections, as every snapshot. The swap has happened:
+    this must not fail it (a pull would then say the local database is unchanged)."""
+    try:
+        set_allow_connections(conn, name, False)
+    except Exception as error:  # noqa: BLE001 - a snapshot that accepts connections is only less guarded
+        module.warn(f"{name} still accepts connections: {' '.join(str(error).split())}")
+
+
 def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(database=dict(type="str", required=True), incoming=dict(type="str"),
@@ -149,7 +158,7 @@ def main() -> None:
             if has_live:
                 note(conn, p["previous"], {"set_aside": at, "set_aside_by": "swap"})
                 if p["close_previous"]:
-                    set_allow_connections(conn, p["previous"], False)
+                    close_snapshot(module, conn, p["previous"])
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
     module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=terminated)

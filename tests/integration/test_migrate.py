@@ -138,7 +138,7 @@ def test_broken_page_tree_fails_the_step_unless_fixtree(fresh_local, connect):
     assert tree_problems(connect("local")) == 0
 
 
-@pytest.mark.parametrize("form", ["user:password@", "?password=", "&sslpassword="])
+@pytest.mark.parametrize("form", ["user:password@", "?password=", "&sslpassword=", "?pass%77ord="])
 def test_a_database_url_with_a_password_is_refused_before_anything_runs(fresh_local, connect, sandbox_env, tmp_path,
                                                                        form):
     """Ansible hands a command's environment to it on its command line, which the process
@@ -148,7 +148,8 @@ def test_a_database_url_with_a_password_is_refused_before_anything_runs(fresh_lo
     base = f"postgresql://wagtail_site@{sandbox_env['local']['host']}:55432/wagtail_site"
     url = {"user:password@": base.replace("wagtail_site@", f"wagtail_site:{password}@", 1),
            "?password=": f"{base}?password={password}",
-           "&sslpassword=": f"{base}?sslmode=disable&sslpassword={password}"}[form]
+           "&sslpassword=": f"{base}?sslmode=disable&sslpassword={password}",
+           "?pass%77ord=": f"{base}?pass%77ord={password}"}[form]  # libpq decodes the name: password=
     before = fingerprint(connect("local"))
     out = tmp_path / "run"
     vars_file = tmp_path / "vars.json"

@@ -129,7 +129,11 @@ def test_the_run_list_names_the_environments_in_order_and_an_interrupted_run(tmp
 def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_progress_ansible_reported(tmp_path):
     """Ansible's log shows a task's banner only with its result: which swap ran is read from
     the events drydock_progress records, per host (a pipeline's pull swaps on local)."""
+    from drydock.dumps import Dump
     from drydock.workflow import _pull_interrupted, _push_interrupted, _rollback_interrupted
+
+    pushed = Dump(tmp_path / "local" / "x.dump.zst", {"source": {"env": "local"}, "created": "20260102T000000Z"})
+    pulled = Dump(tmp_path / "production" / "y.dump.zst", {"source": {"env": "production"}, "created": "20260101T000000Z"})
 
     def interrupted_after(*events: tuple[str, str], recorded: bool = True) -> tuple[str, str, str]:
         run = Run("push", root=tmp_path)
@@ -139,11 +143,11 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
         if recorded:
             run.progress_file.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"event": "st')
         with pytest.raises(DrydockError) as push_error:
-            with run.step("restore", interrupted=lambda: _push_interrupted(run, "staging", "site", tmp_path / "m.json",
+            with run.step("restore", interrupted=lambda: _push_interrupted(run, "staging", "site", pushed,
                                                                            say=pytest.fail)):
                 raise KeyboardInterrupt
-        return str(push_error.value), _pull_interrupted(run, "local"), _rollback_interrupted(run, "staging", "site",
-                                                                                            say=pytest.fail)
+        return (str(push_error.value), _pull_interrupted(run, "local", pulled),
+                _rollback_interrupted(run, "staging", "site", say=pytest.fail))
 
     # No app stop recorded: nothing to start again (say=pytest.fail: nothing is started).
     push, pull, rollback = interrupted_after()
@@ -153,7 +157,8 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
     assert rollback == ("the exchange did not run: staging runs the database it ran before, and its app was not left"
                         " stopped")
     push, pull, rollback = interrupted_after(("local", "start"), ("local", "ok"), ("staging", "start"))
-    assert "the swap was running" in push and "`inv verify staging` says which" in push
+    assert "the swap was running" in push and ("`inv verify staging` says which (the copy's live database line reads"
+                                                " `pushed from local's dump 20260102T000000Z`)") in push
     assert pull.startswith("the swap ran: the local database is the pulled one")
     assert rollback.startswith("the exchange may have run: staging runs one of its two databases, whole")
     push, _, rollback = interrupted_after(("staging", "start"), ("staging", "ok"))
@@ -177,10 +182,12 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
     assert "the swap ran: staging runs the pushed copy" in push
     push, *_ = interrupted_after(("staging", "start"), ("staging", "ok"), ("staging", "start"))
     assert "whether the swap ran cannot be told, it was being swapped back after a failed check" in push
-    assert f"`inv verify staging --manifest {tmp_path / 'm.json'}` passes on the pushed copy alone" in push
+    assert f"`inv verify staging --manifest {tmp_path / 'local' / 'manifest.json'}` passes on the pushed copy alone" in push
     push, pull, rollback = interrupted_after(recorded=False)
     assert "whether the swap ran cannot be told, no task progress was recorded" in push and "never went in" not in push
-    assert pull.startswith("the swap may have run") and "`inv verify local` says which" in pull
+    assert pull.startswith("the swap may have run") and ("`inv verify local` says which (the pulled one's live"
+                                                         " database line reads `restored from production's backup"
+                                                         " 20260101T000000Z`)") in pull
     assert rollback.endswith("and its app may be stopped (no task progress was recorded): restart it: inv app.restart"
                              " staging (or its unit or start command)")
 
@@ -382,7 +389,7 @@ def test_latest_without_backups_says_what_to_do(tmp_path):
 def test_an_environments_folder_given_as_a_dump_names_its_newest_backup(tmp_path):
     make_backup(tmp_path, "production", "20260101T000000Z")
     newest = make_backup(tmp_path, "production", "20260102T000000Z")
-    with pytest.raises(DrydockError, match=f"it holds backups: give one, e.g. {newest}, or use --latest"):
+    with pytest.raises(DrydockError, match=f"it holds backups: give one of them, e.g. {newest}\\)$"):
         dumps.load(tmp_path / "production")
 
 
