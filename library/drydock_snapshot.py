@@ -255,6 +255,9 @@ def record_ready_copy_error(conn, snapshot: str, error: str | None) -> None:
 def copy(conn, database: str, name: str) -> str:
     """A working copy <database>__<name>, replacing an older one; keeps the drydock record."""
     target = f"{database}__{name}"
+    if len(target.encode()) > MAX_NAME_BYTES:  # cut short, its drop could hit another database
+        raise SnapshotError(f"database {database} has too long a name for a working copy: {target} would pass "
+                            f"PostgreSQL's {MAX_NAME_BYTES} bytes")
     _drop(conn, target)
     template_copy(conn, database, target)
     set_database_comment(conn, target, database_comment(conn, database) or None)

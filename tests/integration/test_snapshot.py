@@ -100,6 +100,29 @@ def test_existing_name_needs_force(clean_snapshots):
     inv("snapshot.save", "saved", "--force", check=True)
 
 
+def test_a_working_copy_whose_name_postgresql_would_cut_short_is_refused(sandbox_env, connect):
+    """PostgreSQL cuts a database name at 63 bytes: the push's working copy of a database with
+    a 55-character name, <db>__outgoing, would be <db>__outgoi, and replacing it would drop a
+    database of that name that is none of drydock's."""
+    long_name, bystander = "a" * 55, "a" * 55 + "__outgoi"
+    conn = connect("local")
+    for name in (long_name, bystander):
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        args = {"action": "copy", "name": "outgoing", "database": long_name,
+                "socket_dir": "{{ drydock_db_socket_dir }}", "port": "{{ drydock_db_port }}"}
+        proc = subprocess.run(["ansible", "local", "-m", "drydock_snapshot", "-a", json.dumps(args),
+                               "-e", "ansible_become={{ drydock_db_become }}",
+                               "-e", "ansible_become_user={{ drydock_db_os_user }}"],
+                              cwd=ROOT, env=ansible_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "too long a name for a working copy" in proc.stdout, proc.stdout[-2000:]
+        assert bystander in databases(connect("local"))
+    finally:
+        for name in (long_name, bystander):
+            conn.execute(f"DROP DATABASE IF EXISTS {name}")
+
+
 def test_snapshot_of_another_database_is_refused(clean_snapshots, connect):
     conn = connect("local")
     conn.execute("DROP DATABASE IF EXISTS otherdb")
