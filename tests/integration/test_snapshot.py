@@ -118,6 +118,9 @@ def test_a_working_copy_whose_name_postgresql_would_cut_short_is_refused(sandbox
                               cwd=ROOT, env=ansible_env(), capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and "too long a name for a working copy" in proc.stdout, proc.stdout[-2000:]
         assert bystander in databases(connect("local"))
+        # Every playbook refuses such a name for the live database before anything runs.
+        refused = playbook("snapshot.yml", "-e", "pg_snapshot_action=list", "-e", f"drydock_db_name={'a' * 47}")
+        assert refused.returncode != 0 and "at most 46 characters" in refused.stdout, refused.stdout[-2000:]
     finally:
         for name in (long_name, bystander):
             conn.execute(f"DROP DATABASE IF EXISTS {name}")
