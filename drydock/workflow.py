@@ -244,6 +244,7 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
     local = inv.local[0]
     if plan:
         run_playbook("migrate_plan.yml", limit=local)
+        say("the plan is above, its pending migrations last; nothing was applied (inv migrate applies them)")
         return None
     run = run or Run("migrate", route=[local])
     snapshot_name = inv.hostvars[local].get("django_migrate_snapshot", "before_step")

@@ -50,6 +50,7 @@ def test_plan_shows_sql_and_applies_nothing(fresh_local, connect):
     proc = inv("migrate", "--plan", check=True)
     assert "== blog.0002_podcast" in proc.stdout and 'CREATE TABLE "blog_podcast"' in proc.stdout
     assert "Pending migrations (2): blog.0002_podcast, blog.0003_post_visible_date_index" in proc.stdout
+    assert proc.stdout.rstrip().endswith("nothing was applied (inv migrate applies them)")
     assert applied(connect("local")) == {"0001_initial"}
 
 
