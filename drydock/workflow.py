@@ -395,9 +395,9 @@ def _push_interrupted(run: Run, env: str, database: str, dump: Dump, say: Say) -
     if state == "running":
         return (f"the swap was running: {env} runs its old database or the pushed copy, and its app may be stopped; "
                 f"`inv verify {env}` says which (the copy's live database line reads `pushed from "
-                f"{dump.source_env}'s dump {dump.manifest['created']}`): if it is the copy, `inv rollback {env}` brings back the database from before and starts the app, or "
-                f"`inv app.restart {env}` starts the app on the copy (a second push would drop the database from "
-                f"before); if not, push again")
+                f"{dump.source_env}'s dump {dump.manifest['created']}`): if it is the copy, `inv rollback {env}` "
+                f"brings back the database from before and starts the app, or `inv app.restart {env}` starts the app "
+                f"on the copy (a second push would drop the database from before); if not, push again")
     what = ("it was being swapped back after a failed check" if state == "swapping back" else
             "no task progress was recorded (is ANSIBLE_CALLBACKS_ENABLED set without drydock_progress?)")
     return (f"whether the swap ran cannot be told, {what}: {env} runs its old database or the pushed copy, and its "
