@@ -371,5 +371,6 @@ def main(scale: str = "bench", runs: int = 3, minutes: int = 20, say: Say = prin
         raise BenchError(str(error)) from None
     text = table(result)
     path = write(result, text)
-    say("\n" + text + f"\n\nresults: {path} (and {path.parent / 'latest.json'})")
+    say("\n" + text + f"\n\nresults: {path} (and {path.parent / 'latest.json'})\n"
+        "the sandbox stays up at this scale, for another bench to reuse: ./inv sandbox.down stops it")
     return result
