@@ -182,12 +182,17 @@ def _signals_held() -> Iterator[None]:
 MAX_NAME_BYTES = 63  # PostgreSQL cuts longer database names short, and two could become one
 
 
+def cut_short(name: str) -> str | None:
+    """Why PostgreSQL would not keep `name` whole, or None when it fits."""
+    return f"{name} would pass PostgreSQL's {MAX_NAME_BYTES} bytes" if len(name.encode()) > MAX_NAME_BYTES else None
+
+
 def save(conn, database: str, name: str, force: bool, ready_copy: bool = False) -> str:
     target = snapshot_db(database, name)
     longest = ready_db(database, name) if ready_copy else target
-    if len(longest.encode()) > MAX_NAME_BYTES:
-        raise SnapshotError(f"snapshot name {name} is too long for database {database}: {longest} would pass "
-                            f"PostgreSQL's {MAX_NAME_BYTES} bytes" + (" (or save with --no-ready-copy)" if ready_copy else ""))
+    if too_long := cut_short(longest):
+        raise SnapshotError(f"snapshot name {name} is too long for database {database}: {too_long}"
+                            + (" (or save with --no-ready-copy)" if ready_copy else ""))
     if not database_exists(conn, database):
         raise SnapshotError(f"database {database} does not exist")
     if database_exists(conn, target):
@@ -255,9 +260,8 @@ def record_ready_copy_error(conn, snapshot: str, error: str | None) -> None:
 def copy(conn, database: str, name: str) -> str:
     """A working copy <database>__<name>, replacing an older one; keeps the drydock record."""
     target = f"{database}__{name}"
-    if len(target.encode()) > MAX_NAME_BYTES:  # cut short, its drop could hit another database
-        raise SnapshotError(f"database {database} has too long a name for a working copy: {target} would pass "
-                            f"PostgreSQL's {MAX_NAME_BYTES} bytes")
+    if too_long := cut_short(target):  # cut short, its drop could hit another database
+        raise SnapshotError(f"database {database} has too long a name for a working copy: {too_long}")
     _drop(conn, target)
     template_copy(conn, database, target)
     set_database_comment(conn, target, database_comment(conn, database) or None)
