@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import urllib.request
@@ -56,6 +57,21 @@ def app_serves(sandbox_env: dict, env: str) -> bool:
             return response.status == 200
     except OSError:  # refused, timed out, or an HTTP error status
         return False
+
+
+def assert_private(dump_path: Path) -> None:
+    """A dump on the controller is production data: it and its manifest 0600, every folder
+    from its own up to backups/ 0700."""
+    from drydock.paths import backups_dir
+
+    assert dump_path.is_relative_to(backups_dir()), dump_path
+    paths = [dump_path, dump_path.parent / "manifest.json"]
+    folder = dump_path.parent
+    while folder != backups_dir().parent:
+        paths.append(folder)
+        folder = folder.parent
+    modes = {str(path): oct(stat.S_IMODE(path.stat().st_mode)) for path in paths}
+    assert modes == {path: oct(0o700 if Path(path).is_dir() else 0o600) for path in modes}
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:

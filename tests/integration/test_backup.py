@@ -2,14 +2,13 @@
 import hashlib
 import re
 import shutil
-import stat
 import subprocess
 
 import pytest
 
 from drydock import dumps
 from drydock.paths import PG_BINDIR, backups_dir
-from tests.conftest import error_lines, inv, playbook, row_counts
+from tests.conftest import assert_private, error_lines, inv, playbook, row_counts
 
 
 @pytest.fixture(scope="module")
@@ -18,15 +17,8 @@ def backup(sandbox_env):
     return dumps.latest("production")
 
 
-def mode(path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
-
-
 def test_controller_files_are_private(backup):
-    assert mode(backup.path) == 0o600
-    assert mode(backup.path.parent / "manifest.json") == 0o600
-    for folder in (backup.path.parent, backup.path.parent.parent, backups_dir()):
-        assert mode(folder) == 0o700, folder
+    assert_private(backup.path)
 
 
 def test_sha256_matches_the_manifest(backup):

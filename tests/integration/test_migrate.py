@@ -124,11 +124,22 @@ def test_script_runs_in_the_apps_python(fresh_local, connect, tmp_path):
 
 def test_a_path_or_parameter_that_looks_like_a_template_is_taken_as_it_is(fresh_local, tmp_path):
     """Ansible renders a string from -e as Jinja when a task uses it: a file named
-    `tag{{ 7*7 }}.py` must run as itself, not as tag49.py (nor any lookup run on the way)."""
+    `tag{{ 7*7 }}.py` must run as itself, not as tag49.py (nor any lookup run on the way),
+    and a notebook's `--param` (nested in the parameters' dict) must arrive as typed."""
     for name, says in (("tag{{ 7*7 }}.py", "the script named with braces"), ("tag49.py", "the rendered name")):
         (tmp_path / name).write_text(f"print({says!r} + ' ran')\n")
     proc = inv("migrate", "--no-migrate", "--script", str(tmp_path / "tag{{ 7*7 }}.py"), check=True)
     assert "the script named with braces ran" in proc.stdout and "the rendered name ran" not in proc.stdout
+    parameters = nbformat.v4.new_code_cell("probe = ''\nout = ''")
+    parameters.metadata["tags"] = ["parameters"]
+    notebook = nbformat.v4.new_notebook(cells=[
+        parameters, nbformat.v4.new_code_cell("with open(out, 'w') as handle:\n    handle.write(probe)")],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(notebook, tmp_path / "probe.ipynb")
+    out = tmp_path / "probe.txt"
+    inv("migrate", "--no-migrate", "--notebook", str(tmp_path / "probe.ipynb"), "--param", "probe={{ 7*7 }}",
+        "--param", f"out={out}", check=True)
+    assert out.read_text() == "{{ 7*7 }}"
 
 
 def test_broken_page_tree_fails_the_step_unless_fixtree(fresh_local, connect):

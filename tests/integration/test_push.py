@@ -13,18 +13,28 @@ import pytest
 from drydock import dumps
 from drydock.paths import PG_BINDIR, backups_dir, runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import (ROOT, app_serves, connector, databases, error_lines, fingerprint, inv, playbook, row_counts,
-                            run_module)
+from tests.conftest import (ROOT, app_serves, assert_private, connector, databases, error_lines, fingerprint, inv,
+                            playbook, row_counts, run_module)
 
 PAGE_TREE_OK = """SELECT (SELECT count(*) FROM wagtailcore_page WHERE depth <> length(path) / 4)
      + (SELECT count(*) FROM wagtailcore_page p WHERE numchild <>
           (SELECT count(*) FROM wagtailcore_page c WHERE c.path LIKE p.path || '____')) = 0"""
 
 
+def as_db_owner(server: dict, sql: str, database: str = "postgres") -> str:
+    """A shell command running `sql` (no single quotes in it) as the cluster's owner, over
+    its socket: what the app role may not do (rename databases, reset statistics)."""
+    psql = f"{PG_BINDIR / 'psql'} -X -q -h {server['socket_dir']} -p {server['port']} -d {database} -c '{sql}'"
+    return psql if os.geteuid() != 0 else f"sudo -n -u {server['os_user']} {psql}"
+
+
 @pytest.fixture(scope="module")
 def pushed(pulled, connect_module):
     """Staging's content before, and the manifest of the copy pushed onto it."""
     inv("pull", "production", "--latest", check=True)
+    # A signed-in user's session, which must not leave this machine (the sessions rule).
+    connect_module("local").execute("INSERT INTO django_session (session_key, session_data, expire_date)"
+                                    " VALUES ('drydock-test-session', 'signed-in', now() + interval '1 day')")
     before = fingerprint(connect_module("staging"))
     inv("push", "staging", "--allow-older-schema", check=True)  # whatever schema an earlier module left there
     return before, dumps.latest("local")
@@ -73,8 +83,21 @@ def test_staging_copy_is_scrubbed(pushed, connect):
     from drydock.journal import read_progress
     newest_push = sorted(runs_dir().glob("*-push"))[-1]
     assert [e["event"] for e in read_progress(newest_push) if e.get("action") == "drydock_scrub"] == ["start", "ok"]
+    # Passwords made unusable ('!' is Django's mark for that), sessions gone.
+    local_hashes = {h for (h,) in connect("local").execute("SELECT password FROM auth_user")}
+    staging_hashes = [h for (h,) in connect("staging").execute("SELECT password FROM auth_user")]
+    assert staging_hashes and all(h.startswith("!") for h in staging_hashes) and not local_hashes & set(staging_hashes)
+    assert connect("staging").execute("SELECT count(*) FROM django_session").fetchone()[0] == 0
     # the local database itself keeps its data
     assert any(e.endswith("@drydock-example.org") for (e,) in connect("local").execute("SELECT email FROM auth_user"))
+    assert any(h.startswith("pbkdf2_") for h in local_hashes)
+    assert connect("local").execute("SELECT count(*) FROM django_session").fetchone()[0] == 1
+
+
+def test_the_pushed_dump_is_private_on_the_controller(pushed):
+    """The local database's dumps reach backups/local/ by the local connection, not sftp,
+    which would carry the host file's 0600 across."""
+    assert_private(pushed[1].path)
 
 
 def test_the_app_serves_the_pushed_database(pushed, sandbox_env):
@@ -230,12 +253,7 @@ def test_a_failing_swap_back_leaves_the_app_stopped_and_says_what_is_live(pushed
     staging = sandbox_env["staging"]
     service = ROOT / ".sandbox" / "staging" / "app-service"
     stopped_once = tmp_path / "stopped-once"
-
-    def as_db_owner(sql: str) -> str:
-        psql = f"{PG_BINDIR / 'psql'} -X -q -h {staging['socket_dir']} -p {staging['port']} -d postgres -c '{sql}'"
-        return psql if os.geteuid() != 0 else f"sudo -n -u {staging['os_user']} {psql}"
-
-    hide = as_db_owner("ALTER DATABASE wagtail_site__previous RENAME TO wagtail_site__aside")
+    hide = as_db_owner(staging, "ALTER DATABASE wagtail_site__previous RENAME TO wagtail_site__aside")
     stop = ["/bin/sh", "-c", f"if [ -e {stopped_once} ]; then {hide} || exit 1; fi; touch {stopped_once}; "
                              f"exec {service} stop"]
     oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
@@ -252,7 +270,7 @@ def test_a_failing_swap_back_leaves_the_app_stopped_and_says_what_is_live(pushed
         with pytest.raises(OSError):  # URLError: connection refused
             urllib.request.urlopen(f"http://{staging['host']}:8000/healthz", timeout=10)
     finally:
-        subprocess.run(["/bin/sh", "-c", as_db_owner("ALTER DATABASE wagtail_site__aside RENAME TO wagtail_site__previous")],
+        subprocess.run(["/bin/sh", "-c", as_db_owner(staging, "ALTER DATABASE wagtail_site__aside RENAME TO wagtail_site__previous")],
                        check=True)
     assert connect("staging", "postgres").execute(oid).fetchone() != live  # the pushed copy
     inv("rollback", "staging", "--yes", check=True)
@@ -392,6 +410,8 @@ def test_production_push_keeps_real_emails_and_the_next_push_counts_writes_from_
     assert any(e.endswith("@drydock-example.org") for e in emails)
     safety = dumps.latest("production", kind="safety")  # protected: a file backup before the push
     assert safety.path.name in proc.stdout
+    assert_private(safety.path)
+    assert_private(dumps.latest("local").path)  # the unscrubbed copy of production's data
     assert dumps.latest("local").manifest["scrubbed"] == []
     again = inv("push", "production", "--yes")  # nothing wrote to production in between
     assert again.returncode == 0, again.stderr[-2000:]
@@ -456,6 +476,57 @@ def test_rolling_production_back_after_it_took_writes_is_refused_unless_allowed(
     assert refused.returncode == 1
     assert "it has taken writes since it was swapped in (blog_post (+2))" in error_lines(refused)[-1]
     assert connect("production", "postgres").execute(oid).fetchone() == pushed_oid
+
+
+def test_writes_that_cannot_be_counted_refuse_a_rollback_and_a_push(pushed, connect, sandbox_env):
+    """Statistics reset on production (by hand, or a crash) leave its write counters
+    incomparable: neither a rollback nor a push may then assume that nothing was written."""
+    inv("pull", "production", check=True)
+    inv("push", "production", "--yes", check=True)
+    inv("backup", "production", check=True)
+    backup = dumps.latest("production")
+    subprocess.run(["/bin/sh", "-c", as_db_owner(sandbox_env["production"], "SELECT pg_stat_reset()", "wagtail_site")],
+                   check=True, capture_output=True)
+    oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
+    live = connect("production", "postgres").execute(oid).fetchone()
+    before = fingerprint(connect("production"))
+    rollback = inv("rollback", "production", "--yes")
+    assert rollback.returncode == 1
+    assert ("refusing to roll back production: its write statistics were reset" in error_lines(rollback)[-1]
+            and "so the writes it took since cannot be counted" in error_lines(rollback)[-1])
+    push = inv("push", "production", "--yes", "--dump", str(backup.path.parent))
+    assert push.returncode == 1
+    assert ("refusing to push to production: since the backup of" in error_lines(push)[-1]
+            and "its write statistics were reset" in error_lines(push)[-1]
+            and "so the writes it took since cannot be counted" in error_lines(push)[-1])
+    assert connect("production", "postgres").execute(oid).fetchone() == live
+    assert fingerprint(connect("production")) == before
+    assert app_serves(sandbox_env, "production")
+
+
+def test_a_write_while_the_app_stops_refuses_the_swap(pushed, connect, sandbox_env):
+    """The last write check runs once the app is stopped, after the upload and the restore:
+    a write production took meanwhile (here by its stop command) refuses the swap, and the
+    app runs again on the live database, which keeps that write. Plain ansible-playbook
+    takes the protected target's safety backup too."""
+    production = sandbox_env["production"]
+    inv("backup", "production", check=True)
+    backup = dumps.latest("production")
+    write = as_db_owner(production, "UPDATE blog_post SET body = body WHERE page_ptr_id ="
+                                    " (SELECT min(page_ptr_id) FROM blog_post)", "wagtail_site")
+    stop = ["/bin/sh", "-c", f"{write} && exec {ROOT / '.sandbox' / 'production' / 'app-service'} stop"]
+    oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
+    live = connect("production", "postgres").execute(oid).fetchone()
+    safety_backups = set((backups_dir() / "production" / "safety").glob("*/manifest.json"))
+    proc = playbook("restore_database.yml", "--limit", "production", "-e", f"drydock_dump={backup.path}",
+                    "-e", "drydock_confirm=production", "-e", json.dumps({"drydock_app_stop_command": stop}))
+    assert proc.returncode != 0
+    assert "refusing to push to production: it has taken writes since the backup" in proc.stdout
+    assert "blog_post (+1)" in proc.stdout and "(nothing was swapped: the live database is unchanged)" in proc.stdout
+    assert len(set((backups_dir() / "production" / "safety").glob("*/manifest.json")) - safety_backups) == 1
+    assert connect("production", "postgres").execute(oid).fetchone() == live
+    assert "wagtail_site__incoming" not in databases(connect("production", "postgres"))
+    assert app_serves(sandbox_env, "production")
 
 
 def test_a_rollback_with_nothing_to_roll_back_to_leaves_the_app_running(pushed, connect, sandbox_env):

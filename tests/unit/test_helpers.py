@@ -485,6 +485,14 @@ def test_lock_refuses_a_live_holder_and_clears_a_dead_one(tmp_path):
     with target_lock("staging", "push", say=said.append, root=tmp_path):
         assert json.loads(path.read_text())["pid"] == os.getpid()
     assert "stale lock" in said[0] and not path.exists()
+    # Another machine's lock (a checkout on shared storage): its PID means nothing here.
+    other = {"pid": dead.pid, "host": f"not-{socket.gethostname()}", "task": "push", "started": "x"}
+    path.write_text(json.dumps(other))
+    with pytest.raises(DrydockError, match=r"staging is locked by push \(pid \d+ on not-"):
+        with target_lock("staging", "pipeline", say=said.append, root=tmp_path):
+            pass
+    assert json.loads(path.read_text()) == other
+    path.unlink()
     # A live process with the holder's pid, started after it: the pid was reused, the lock is stale.
     alive = subprocess.Popen(["sleep", "30"])
     try:
