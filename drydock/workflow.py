@@ -73,6 +73,7 @@ def backup(env_text: str, keep: int | str | None = None, say: Say = print, run: 
 
 def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say: Say = print,
          run: Run | None = None, locked: bool = False) -> Dump:
+    refuse_empty(dump=dump_path)
     if dump_path and latest:
         raise InvalidInput("give --dump PATH or --latest, not both")
     inv = inventory.load()
@@ -206,13 +207,30 @@ def format_snapshots(snapshots: list[dict], now: datetime | None = None) -> str:
 PHASES = ("all", "before", "after")
 
 
+def refuse_empty(**paths: str | None) -> None:
+    """An option given an empty value (`--dump "$DUMP"` with DUMP unset) is a mistake, never
+    "no option": a push would dump the local database instead, a migration skip its notebook."""
+    for option, value in paths.items():
+        if value is not None and not value.strip():
+            raise InvalidInput(f"--{option} was given an empty path")
+
+
+# The parameters drydock itself gives every notebook (roles/django_migrate/tasks/notebook.yml).
+RESERVED_PARAMETERS = ("database_url", "site_hostname", "site_port")
+
+
 def parse_parameters(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """`key=value` pairs for a notebook; keys must be Python identifiers."""
+    """`key=value` pairs for a notebook; keys must be Python identifiers, each given once, and
+    not one of drydock's own (a notebook pointed at another database by a typo)."""
     parameters = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.isidentifier():
             raise InvalidInput(f"invalid notebook parameter {pair!r}: use name=value")
+        if key in RESERVED_PARAMETERS:
+            raise InvalidInput(f"--param {key} is set by drydock (from the inventory): choose another name")
+        if key in parameters:
+            raise InvalidInput(f"--param {key} is given twice")
         parameters[key] = value
     return parameters
 
@@ -221,6 +239,7 @@ def check_step_inputs(notebook: str | None, script: str | None, phase: str = "al
                       parameters: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
     """Refuse the migration step's bad inputs before anything runs (a pipeline checks them
     before its backup and pull); returns the notebook's parameters."""
+    refuse_empty(notebook=notebook, script=script)
     if notebook and script:
         raise InvalidInput("give --notebook or --script, not both")
     if phase not in PHASES:
@@ -297,6 +316,7 @@ def _server(env_text: str) -> tuple[inventory.Inventory, str, dict]:
 def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_lost_writes: bool = False,
          allow_unscrubbed: bool = False, allow_older_schema: bool = False, say: Say = print, run: Run | None = None,
          locked: bool = False) -> Dump:
+    refuse_empty(dump=dump_path)
     if allow_unscrubbed and not dump_path:
         raise InvalidInput("--allow-unscrubbed applies to a --dump only: without one, the push scrubs the copy itself")
     inv, env, target = _server(env_text)
@@ -569,6 +589,7 @@ def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Ru
     would fail for the wrong reasons."""
     inv = inventory.load()
     env = inv.environment(env_text)
+    refuse_empty(manifest=manifest)
     if manifest and Path(manifest).is_dir():
         manifest = str(Path(manifest) / "manifest.json")
     if manifest and not Path(manifest).is_file():

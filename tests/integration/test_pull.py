@@ -126,6 +126,15 @@ def test_side_database_named_as_the_live_one_is_refused(pulled, connect, overrid
     (["migrate", "--plan", "--fixtree"], "--plan shows the migrations only"),
     (["migrate", "--param", "title=x"], "--param sets a notebook's parameters: give --notebook with it"),
     (["migrate", "--plan", "--notebook", "examples/notebooks/blog_to_podcast.ipynb"], "--plan shows the migrations only"),
+    # `--dump "$DUMP"` with DUMP unset: never taken as no --dump (a push would dump the local database).
+    (["push", "production", "--yes", "--dump", ""], "--dump was given an empty path"),
+    (["pull", "production", "--dump", " "], "--dump was given an empty path"),
+    (["migrate", "--notebook", ""], "--notebook was given an empty path"),
+    (["verify", "staging", "--manifest", ""], "--manifest was given an empty path"),
+    (["migrate", "--notebook", "examples/notebooks/blog_to_podcast.ipynb", "--param", "database_url=postgresql:///other"],
+     "--param database_url is set by drydock"),
+    (["migrate", "--notebook", "examples/notebooks/blog_to_podcast.ipynb", "--param", "n=1", "--param", "n=2"],
+     "--param n is given twice"),
 ])
 def test_bad_input_gets_one_line(sandbox_env, args, message):
     proc = inv(*args)
