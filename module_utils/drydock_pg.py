@@ -79,18 +79,23 @@ def latest_migrations(cur) -> dict[str, str]:
 
 def write_fingerprint(cur) -> dict:
     """Per-table write counters (inserts + updates + deletes since the statistics were reset),
-    and which database they count: a database that replaced this one by a restore and a
-    rename has counters of its own, which cannot be compared with these.
+    each table's file (`relfilenode`), and which database they count: a database that
+    replaced this one by a restore and a rename has counters of its own, which cannot be
+    compared with these.
 
-    Not transactional, but monotonic: if a later reading of the same database differs, the
-    table took writes.
+    The counters do not see a TRUNCATE, which gives the table a new file instead; so do
+    VACUUM FULL, CLUSTER and table rewrites, which are then taken as writes too (refusing
+    rather than losing one). Not transactional, but monotonic: if a later reading of the
+    same database differs, the table took writes.
     """
     cur.execute("SELECT d.oid::bigint, s.stats_reset::text FROM pg_database d"
                 " JOIN pg_stat_database s ON s.datid = d.oid WHERE d.datname = current_database()")
     database_oid, stats_reset = cur.fetchone()
-    cur.execute("SELECT schemaname, relname, n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_user_tables ORDER BY 1, 2")
+    cur.execute("SELECT s.schemaname, s.relname, s.n_tup_ins + s.n_tup_upd + s.n_tup_del, c.relfilenode::bigint"
+                " FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid ORDER BY 1, 2")
+    rows = [(table_key(schema, table), int(n), int(file)) for schema, table, n, file in cur.fetchall()]
     return {"database_oid": database_oid, "stats_reset": stats_reset,
-            "tables": {table_key(schema, table): int(n) for schema, table, n in cur.fetchall()}}
+            "tables": {table: n for table, n, _file in rows}, "files": {table: file for table, _n, file in rows}}
 
 
 def count_writes(before: dict, now: dict, pushed: dict | None, lineage_sha256: str | None) -> tuple[list[str], str | None]:
@@ -114,14 +119,19 @@ def count_writes(before: dict, now: dict, pushed: dict | None, lineage_sha256: s
     if baseline.get("stats_reset") != now.get("stats_reset"):
         return [], f"its write statistics were reset ({now.get('stats_reset')})"
     changed = []
+    files_then, files_now = baseline.get("files", {}), now.get("files", {})  # none in older manifests
     for table, count in sorted(now.get("tables", {}).items()):
         earlier = baseline.get("tables", {}).get(table)
         if earlier is None:
             changed.append(f"{table} (new table)")
-        elif count < earlier:
+            continue
+        if count < earlier:
             return [], "its write counters went back (its database was replaced, or its statistics reset)"
-        elif count > earlier:
-            changed.append(f"{table} (+{count - earlier})")
+        what = [f"+{count - earlier}"] if count > earlier else []
+        if table in files_then and table in files_now and files_then[table] != files_now[table]:
+            what.append("truncated or rewritten")
+        if what:
+            changed.append(f"{table} ({', '.join(what)})")
     return changed, None
 
 

@@ -340,6 +340,25 @@ def test_production_push_after_a_write_is_refused_and_changes_nothing(pushed, co
     assert "wagtail_site__incoming" not in databases(connect("production", "postgres"))
 
 
+def test_production_push_after_a_truncate_is_refused(pushed, connect):
+    """TRUNCATE leaves the write counters as they were: the table's new file gives it away."""
+    setup = connect("production")
+    setup.execute("CREATE TABLE drydock_test_truncated (n int)")
+    setup.execute("INSERT INTO drydock_test_truncated VALUES (1), (2)")
+    setup.close()  # a session sends its write counters as it exits
+    inv("pull", "production", check=True)  # the copy holds the table and its two rows
+    conn = connect("production")
+    conn.execute("TRUNCATE drydock_test_truncated")
+    before = fingerprint(conn)
+    try:
+        proc = inv("push", "production", "--yes")
+        assert proc.returncode == 1
+        assert "drydock_test_truncated (truncated or rewritten)." in error_lines(proc)[-1], error_lines(proc)[-1]
+        assert fingerprint(connect("production")) == before
+    finally:  # a new session: had the push gone through, the swap would have ended this one
+        connect("production").execute("DROP TABLE IF EXISTS drydock_test_truncated")
+
+
 def test_production_backup_pushed_back_counts_the_writes_since_it(pushed, connect):
     """Restoring production from one of its own backups: the backup is its own baseline, so
     the writes production took since are named and nothing changes (this used to fail on a

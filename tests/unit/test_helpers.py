@@ -447,6 +447,13 @@ def test_writes_are_named_per_table_and_a_reset_or_counters_going_back_are_not_w
         [], "its write statistics were reset (2026-01-01)")
     writes, why = count_writes(before, {"stats_reset": None, "tables": {"a": 2, "b": 9}}, None, None)
     assert writes == [] and why.startswith("its write counters went back")
+    # A TRUNCATE leaves the counters as they were and gives the table a new file.
+    files = {**before, "files": {"a": 10, "b": 11}}
+    assert count_writes(files, {**files, "files": {"a": 10, "b": 12}}, None, None) == (
+        ["b (truncated or rewritten)"], None)
+    assert count_writes(files, {**files, "tables": {"a": 7, "b": 1}, "files": {"a": 20, "b": 11}}, None, None) == (
+        ["a (+2, truncated or rewritten)"], None)
+    assert count_writes(before, {**files, "files": {"a": 20, "b": 21}}, None, None) == ([], None)  # an older baseline
 
 
 def test_writes_count_from_the_baseline_of_a_push_of_the_same_backup_only():
