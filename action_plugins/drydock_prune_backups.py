@@ -17,6 +17,14 @@ description:
 options:
   folder: {description: "The controller's folder of one environment's backups.", type: path, required: true}
   keep: {description: How many finished backups stay (at least 1)., type: int, required: true}
+  spare:
+    description:
+      - Backup folders never deleted, whatever their names say: the one just made (a folder
+        named later by a skewed clock or a copy would otherwise make it delete itself), and
+        the one holding the dump being pushed (a push's safety backup must not delete it).
+    type: list
+    elements: path
+    default: []
 """
 
 import os
@@ -29,7 +37,7 @@ BACKUP_NAME = re.compile(r"\d{8}T\d{6}Z\Z")
 
 
 class ActionModule(ActionBase):
-    _VALID_ARGS = frozenset(("folder", "keep"))
+    _VALID_ARGS = frozenset(("folder", "keep", "spare"))
 
     def run(self, tmp=None, task_vars=None):
         result = super().run(tmp, task_vars)
@@ -41,8 +49,9 @@ class ActionModule(ActionBase):
         if not args.get("folder") or keep < 1:
             return dict(result, failed=True, msg="drydock_prune_backups needs a folder and keep of at least 1")
         folder = os.path.abspath(os.path.expanduser(str(args["folder"])))
+        spare = {os.path.realpath(os.path.expanduser(str(path))) for path in args.get("spare") or []}
         try:
-            doomed = backups_to_delete(folder, keep)
+            doomed = [path for path in backups_to_delete(folder, keep) if os.path.realpath(path) not in spare]
             for path in doomed:
                 shutil.rmtree(path)
         except OSError as error:

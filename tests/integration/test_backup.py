@@ -68,6 +68,23 @@ def test_retention_keeps_the_newest(backup):
     assert dumps.latest("production").path.parent.name == kept[-1]
 
 
+def test_a_backup_never_deletes_itself(backup):
+    """Rotation goes by the folders' names: one named later (a skewed clock, a copy) must not
+    make the backup just taken delete itself, with --keep 1 as with more."""
+    folder = backups_dir() / "production"
+    planted = folder / "29991231T235959Z"
+    shutil.copytree(dumps.latest("production").path.parent, planted)
+    before = set(folder.iterdir())
+    try:
+        proc = inv("backup", "production", "--keep", "1")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        (made,) = set(folder.iterdir()) - before
+        assert (made / "manifest.json").is_file() and dumps.load(made).path.is_file()
+        assert planted.is_dir()
+    finally:
+        shutil.rmtree(planted)
+
+
 def test_a_pull_restores_the_dump_its_own_backup_made(backup, connect):
     """A complete backup folder whose name sorts after every other (a clock set back, another
     run's) is not what `inv pull` restores: the fetch records the dump this run made."""

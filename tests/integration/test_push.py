@@ -446,6 +446,21 @@ def test_production_push_keeps_real_emails_and_the_next_push_counts_writes_from_
     assert fingerprint(connect("production")) == before
 
 
+def test_pushing_a_safety_backup_back_never_rotates_it_away(pushed, connect):
+    """Restoring production from a safety backup takes a new safety backup, whose rotation
+    must spare the one being pushed, however few it keeps."""
+    safety = dumps.latest("production", kind="safety")  # the test above made one
+    proc = playbook("restore_database.yml", "--limit", "production", "-e", f"drydock_dump={safety.path}",
+                    "-e", "drydock_confirm=production", "-e", "drydock_allow_lost_writes=true",
+                    "-e", "drydock_allow_older_schema=true", "-e", "pg_backup_keep=1")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert safety.path.is_file() and (safety.path.parent / "manifest.json").is_file()
+    newer = dumps.latest("production", kind="safety")
+    assert newer.path != safety.path
+    assert sorted(p.name for p in safety.path.parent.parent.iterdir()) == sorted(
+        [safety.path.parent.name, newer.path.parent.name])  # keep=1 deleted the rest
+
+
 def test_the_check_made_with_the_app_stopped_counts_writes_a_session_still_holds_back(pushed, connect):
     """A session sends its latest write counters at most once a second, or after 10 s idle, or
     as it exits: the freshness check made once the app is stopped ends the other sessions
