@@ -114,6 +114,23 @@ def test_rollback_brings_back_exactly_the_old_content(pushed, connect):
         inv("rollback", "staging", check=True)  # forward again, for the tests after this one
 
 
+def test_a_rollback_whose_health_check_fails_swaps_back(pushed, connect, sandbox_env):
+    """The database a rollback brings back may be one the app cannot run on (a pushed copy
+    that failed its check and was swapped back out): it does not stay live."""
+    oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
+    live = connect("staging", "postgres").execute(oid).fetchone()
+    before = fingerprint(connect("staging"))
+    proc = playbook("rollback_database.yml", "--limit", "staging",
+                    "-e", f"drydock_app_health_url=http://{sandbox_env['staging']['host']}:8000/no-such-page",
+                    "-e", "app_service_health_timeout=2")
+    assert proc.returncode != 0
+    assert ("(swapped back: staging runs the database it ran before the rollback again; the one that failed the check"
+            " is kept as wagtail_site__previous)") in proc.stdout, proc.stdout[-3000:]
+    assert connect("staging", "postgres").execute(oid).fetchone() == live
+    assert fingerprint(connect("staging")) == before
+    assert app_serves(sandbox_env, "staging")
+
+
 def test_verify_says_which_database_is_live_and_where_it_came_from(pushed, connect):
     """After a push, and after a rollback and its reverse: `inv verify` names the pushed dump
     and the backup it copies on whichever database is live (the other is `previous`)."""
