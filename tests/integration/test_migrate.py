@@ -144,8 +144,12 @@ def test_a_path_or_parameter_that_looks_like_a_template_is_taken_as_it_is(fresh_
 
 def test_broken_page_tree_fails_the_step_unless_fixtree(fresh_local, connect):
     connect("local").execute("UPDATE wagtailcore_page SET numchild = numchild + 7 WHERE slug = 'blog'")
+    before = fingerprint(connect("local"))
     proc = inv("migrate")
     assert proc.returncode == 1 and "numchild does not match its children" in error_lines(proc)[-1]
+    # The migrations that ran before the check are undone with the rest: put back from before_step.
+    assert "put back" in error_lines(proc)[-1]
+    assert applied(connect("local")) == {"0001_initial"} and fingerprint(connect("local")) == before
     inv("migrate", "--fixtree", check=True)
     assert tree_problems(connect("local")) == 0
 

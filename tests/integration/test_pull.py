@@ -27,6 +27,20 @@ def test_site_points_at_localhost(pulled, connect):
     assert conn.execute("SELECT domain FROM django_site WHERE id = 1").fetchone()[0] == "localhost:8000"
 
 
+def test_a_failing_site_switch_leaves_local_unchanged(pulled, connect):
+    """The Site is switched on the side database, before the swap: a failure there leaves the
+    local work live (a local change tells the databases apart, as the dump may be local's)."""
+    oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
+    live = connect("local").execute(oid).fetchone()
+    connect("local").execute("UPDATE wagtailcore_page SET title = title || ' (local work)' WHERE id = 2")
+    before = fingerprint(connect("local"))
+    proc = playbook("pull_database.yml", "-e", f"drydock_dump={pulled.path}", "-e", "wagtail_site_name=nosuchsite")
+    assert proc.returncode != 0 and "(the local database is unchanged)" in proc.stdout, proc.stdout[-2000:]
+    assert connect("local").execute(oid).fetchone() == live
+    assert fingerprint(connect("local")) == before
+    assert "wagtail_site__incoming" not in databases(connect("local"))
+
+
 def test_old_local_database_is_kept_and_no_side_database_is_left(pulled, connect):
     names = databases(connect("local"))
     assert "wagtail_site__snap_pre_pull" in names
@@ -89,17 +103,20 @@ def test_damaged_dump_is_refused_and_local_is_unchanged(pulled, connect, tmp_pat
     assert "wagtail_site__incoming" not in databases(connect("local"))
 
 
-def test_count_mismatch_after_restore_leaves_local_unchanged(pulled, connect, tmp_path):
+@pytest.mark.parametrize("lie, expected", [({"blog_post": 1}, "blog_post"), ({"ghost_table": 5}, "ghost_table: missing")],
+                         ids=["a count off by one", "a table the dump lacks"])
+def test_count_mismatch_after_restore_leaves_local_unchanged(pulled, connect, tmp_path, lie, expected):
     """A dump that restores but does not hold what its manifest says never goes live."""
     folder = tmp_path / "lying"
     shutil.copytree(pulled.path.parent, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["row_counts"]["blog_post"] += 1
+    for table, more in lie.items():
+        manifest["row_counts"][table] = manifest["row_counts"].get(table, 0) + more
     (folder / "manifest.json").write_text(json.dumps(manifest))
     before = fingerprint(connect("local"))
     proc = inv("pull", "production", "--dump", str(folder / pulled.path.name))
     assert proc.returncode == 1
-    assert "blog_post" in error_lines(proc)[-1]
+    assert expected in error_lines(proc)[-1]
     assert fingerprint(connect("local")) == before
     assert "wagtail_site__incoming" not in databases(connect("local"))
 

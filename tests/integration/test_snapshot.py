@@ -68,6 +68,11 @@ def clean_snapshots(pulled):
 def test_save_change_restore_gives_back_the_saved_data(clean_snapshots, connect):
     saved = fingerprint(connect("local"))
     inv("snapshot.save", "saved", check=True)
+    # Nobody can connect to the snapshot or its ready copy and change what a restore gives back.
+    settled(connect("local", "postgres"))
+    assert connect("local", "postgres").execute(
+        "SELECT datname, datallowconn FROM pg_database WHERE datname IN ('wagtail_site__snap_saved', %s)"
+        " ORDER BY 1", (READY,)).fetchall() == [(READY, False), ("wagtail_site__snap_saved", False)]
     conn = connect("local")
     conn.execute("DELETE FROM taggit_taggeditem")
     conn.execute("UPDATE blog_post SET body = 'changed'")

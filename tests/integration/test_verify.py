@@ -49,6 +49,13 @@ DRIFTS = {
                             "migration blog.0003_post_visible_date_index: in the code but not applied"),
     "wrong page depth": ("UPDATE wagtailcore_page SET depth = depth + 1 WHERE slug = 'post-1'",
                          "depth does not match its path"),
+    "changed default": ("ALTER TABLE blog_post ALTER COLUMN body SET DEFAULT 'x'",
+                        "column blog_post.body: is text not null default 'x'::text, expected text not null"),
+    # post-1 moved under a parent that does not exist; Blog's numchild kept true, so that the
+    # orphan is the only thing wrong.
+    "orphan page": ("UPDATE wagtailcore_page SET path = left(path, 4) || '9999' || substr(path, 9) WHERE slug = 'post-1';"
+                    " UPDATE wagtailcore_page SET numchild = numchild - 1 WHERE slug = 'blog'",
+                    "has no parent (orphan)"),
     "wrong Site hostname": ("UPDATE wagtailcore_site SET hostname = 'wrong.example' WHERE is_default_site",
                             "Site: wrong.example:8000, expected localhost:8000"),
 }

@@ -328,6 +328,11 @@ def test_the_unfinished_step_mark_refuses_and_is_kept_while_its_step_runs(tmp_pa
         assert "is changing the local database" in str(unfinished.refusal("migrate", unfinished.read(tmp_path)))
         unfinished.clear_unless_running(tmp_path)
         assert unfinished.read(tmp_path) is not None  # a running step's mark is its own
+        # A mark torn by a kill is still a mark: the step did not finish.
+        for torn in ("{", ""):
+            mark.write_text(torn)
+            assert unfinished.read(tmp_path) == {}
+            assert "did not finish" in str(unfinished.refusal("migrate", unfinished.read(tmp_path)))
     finally:
         step.kill()
         step.wait()
@@ -356,19 +361,25 @@ def test_sandbox_down_stops_everything_when_its_output_is_closed(tmp_path):
     marker = "drydock-test-sandbox-down"
     sleepers = [subprocess.Popen([sys.executable, "-c", "import time; print(flush=True); time.sleep(60)", marker],
                                  stdout=subprocess.PIPE) for _ in range(2)]
+    # A process given a recorded pid since (the sandbox's own died): its command line does not
+    # name the sandbox's marker, so it is not the sandbox's and must survive.
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; print(flush=True); time.sleep(60)", "bystander"],
+                                 stdout=subprocess.PIPE)
     try:
         # Started for sure: Popen returns during the exec, before the kernel shows the new
         # command line (and so the marker) in /proc; a loaded machine showed that window.
-        assert [p.stdout.readline() for p in sleepers] == [b"\n", b"\n"]
+        assert [p.stdout.readline() for p in [*sleepers, bystander]] == [b"\n", b"\n", b"\n"]
         box = Sandbox(root=tmp_path / "sandbox", say=closed_output)
         box.root.mkdir()
-        box.pids_file.write_text(json.dumps({f"sleeper{i}": {"pid": p.pid, "marker": marker}
-                                             for i, p in enumerate(sleepers)}))
+        box.pids_file.write_text(json.dumps({**{f"sleeper{i}": {"pid": p.pid, "marker": marker}
+                                                for i, p in enumerate(sleepers)},
+                                             "postgres-gone": {"pid": bystander.pid, "marker": marker + "-data"}}))
         box.down()
         assert [p.wait(timeout=10) for p in sleepers] == [-15, -15]  # both got SIGTERM
+        assert bystander.poll() is None
         assert not box.root.exists()
     finally:
-        for sleeper in sleepers:
+        for sleeper in [*sleepers, bystander]:
             sleeper.kill()
             sleeper.wait()
             sleeper.stdout.close()

@@ -82,3 +82,13 @@ def test_a_pipeline_refuses_a_missing_notebook_before_it_backs_up_anything():
     proc = inv("pipeline", "production", "staging", "--notebook", "nope.ipynb")
     assert proc.returncode == 1 and error_lines(proc) == ["drydock: error: no such file: nope.ipynb"]
     assert set(runs_dir().glob("*-pipeline")) == before  # no run was started
+
+
+@pytest.mark.parametrize("name, ok", [("before_notebook", True), ("a" * 30, True), ("a" * 31, False), ("a-b", False),
+                                      ("Bad", False), ("semi;colon", False), ("a\n", False), ("", False)])
+def test_snapshot_names(name, ok):
+    if ok:
+        assert validate.snapshot_name(name) == name
+    else:
+        with pytest.raises(InvalidInput, match="invalid snapshot name"):
+            validate.snapshot_name(name)
