@@ -59,6 +59,9 @@ class Run:
         # runs.list names them even for a run that ended before reaching them all.
         self.route = route
         self.steps: list[dict] = []
+        # The dumps this run fetched whole, even if it was interrupted after (a backup's
+        # retention, a push's restore): its one line names them.
+        self.fetched: list[Path] = []
         # Progress: "[3/7] migrate (elapsed 41 s)" before each step, when the total is known.
         self.total = total
         self.say = say

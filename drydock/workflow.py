@@ -40,14 +40,34 @@ def _run_dumping(playbook: str, *, limit: str, run: Run, extra_vars: dict, optio
     """Run a playbook that makes a backup, and load the dump it made (with `optional`, None
     if it made none): the dump this run wrote, never the newest folder, which may be
     another run's."""
+    made = None
     with tempfile.TemporaryDirectory(prefix="scratch-", dir=run.folder()) as scratch:  # see run_playbook
         record = Path(scratch) / "dump.json"
-        run_playbook(playbook, limit=limit, run=run, extra_vars={**extra_vars, "pg_backup_record": str(record)})
-        if record.exists():
-            return dumps.load(Path(json.loads(record.read_text())["dump"]))
+        try:
+            run_playbook(playbook, limit=limit, run=run, extra_vars={**extra_vars, "pg_backup_record": str(record)})
+        finally:  # interrupted too: the dump may be whole already
+            if record.exists():
+                made = Path(json.loads(record.read_text())["dump"])
+                run.fetched.append(made)
+    if made:
+        return dumps.load(made)
     if optional:
         return None
     raise DrydockError(f"{playbook} ended without fetching a dump")
+
+
+def _fetched_into(run: Run, folder: Path) -> Path | None:
+    """The last dump this run fetched into a backup folder of `folder` (backups/<env>, or
+    its safety/), whole, if any."""
+    made = [path for path in run.fetched if path.resolve().parent.parent == folder.resolve()]
+    return made[-1] if made else None
+
+
+def _backup_interrupted(run: Run, env: str) -> str:
+    made = _fetched_into(run, backups_dir() / env)
+    if made:
+        return f"{env} is unchanged; the backup was fetched whole before the interruption: {made}"
+    return f"{env} is unchanged; the next backup deletes the unfinished one"
 
 
 def backup(env_text: str, keep: int | str | None = None, say: Say = print, run: Run | None = None,
@@ -61,7 +81,7 @@ def backup(env_text: str, keep: int | str | None = None, say: Say = print, run: 
     # The environment's lock: a backup's rotation tidies what interrupted runs left, never a
     # running one's work.
     with _locks([] if locked else [env], "backup", say), \
-            run.step("backup", env=env, interrupted=f"{env} is unchanged; the next backup deletes the unfinished one") as step:
+            run.step("backup", env=env, interrupted=lambda: _backup_interrupted(run, env)) as step:
         say(f"==> backing up {env}")
         dump = _run_dumping("backup_database.yml", limit=env, extra_vars=extra, run=run)
         step.update(dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows)
@@ -347,7 +367,8 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
         take_safety_backup = _takes_safety_backup(target)
         with run.step("restore", env=env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
                       rows=dump.total_rows,
-                      interrupted=lambda: _push_interrupted(run, env, target["drydock_db_name"], dump, say)) as step:
+                      interrupted=lambda: _push_interrupted(run, env, target["drydock_db_name"], dump, say)
+                      + _safety_backup_note(run, env)) as step:
             say(f"==> restoring {dump.path.name} onto {env}")
             safety = _run_dumping("restore_database.yml", limit=env, run=run, extra_vars={
                 "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
@@ -423,6 +444,11 @@ def _push_interrupted(run: Run, env: str, database: str, dump: Dump, say: Say) -
     return (f"whether the swap ran cannot be told, {what}: {env} runs its old database or the pushed copy, and its "
             f"app may be stopped; `inv verify {env} --manifest {manifest}` passes on the pushed copy alone: see which "
             f"one it is before you roll back or push again (a second push would drop {database}__previous)")
+
+
+def _safety_backup_note(run: Run, env: str) -> str:
+    made = _fetched_into(run, backups_dir() / env / "safety")
+    return f"; its safety backup, taken before the interruption: {made}" if made else ""
 
 
 # drydock_progress records a role's task as "<role> : <name>": app_service's stop and start.

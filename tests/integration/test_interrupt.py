@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from drydock.playbook import ansible_env
+from drydock import dumps
 from tests.conftest import ROOT, app_serves, databases, fingerprint, inv
 
 OID = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
@@ -48,9 +49,9 @@ def app_command_held(env: str, action: str, marker: Path, before_hold: str = "",
         real.unlink()
 
 
-def interrupted(command: str, env: str, marker: Path) -> str:
-    """Run `inv COMMAND ENV`, press Ctrl-C once `marker` exists; its last error line."""
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), command, env],
+def interrupted(command: str, env: str, marker: Path, *options: str) -> str:
+    """Run `inv COMMAND ENV OPTIONS`, press Ctrl-C once `marker` exists; its last error line."""
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), command, env, *options],
                             env=dict(ansible_env(), DRYDOCK_ROOT=str(ROOT)), cwd=ROOT, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -152,3 +153,19 @@ def test_ctrl_c_before_the_swap_says_so_when_the_app_does_not_come_back(staging_
     restarted = inv("app.restart", "staging", check=True)  # what the line says
     assert restarted.stdout.strip().splitlines()[-1] == "staging's app was restarted and passed its health check"
     assert app_serves(sandbox_env, "staging")
+
+
+def test_ctrl_c_during_a_production_push_names_its_safety_backup(connect, sandbox_env, tmp_path):
+    """The safety backup is taken before the restore: interrupted later, the push's one line
+    still says where it is."""
+    inv("pull", "production", check=True)  # a copy of a fresh backup: the push guard lets it through
+    before = fingerprint(connect("production"))
+    with app_command_held("production", "stop", tmp_path / "stop", STOPPED):
+        line = interrupted("push", "production", tmp_path / "stop", "--yes")
+    assert line.startswith("drydock: error: interrupted during restore: the swap did not run: production runs its old"
+                           " database"), line
+    safety = dumps.latest("production", kind="safety")
+    assert line.endswith(f"; its safety backup, taken before the interruption: {safety.path}"), line
+    assert safety.path.is_file()
+    assert fingerprint(connect("production")) == before
+    assert app_serves(sandbox_env, "production")

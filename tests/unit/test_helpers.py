@@ -763,3 +763,24 @@ def test_describe_origin_says_what_the_swaps_recorded():
     # Someone else's JSON under drydock's keys is not read as a record.
     assert describe_origin({"drydock_pushed_copy": "x", "swapped_in": 5, "set_aside": None}, live=True) == (
         "origin unknown (not restored by drydock)")
+
+
+def test_an_interrupted_backup_or_push_names_the_dumps_it_fetched_whole(tmp_path, monkeypatch):
+    from drydock import workflow
+    from drydock.journal import Run
+
+    monkeypatch.setenv("DRYDOCK_BACKUPS", str(tmp_path / "backups"))
+    run = Run("push", root=tmp_path / "runs")
+    assert workflow._backup_interrupted(run, "production") == (
+        "production is unchanged; the next backup deletes the unfinished one")
+    assert workflow._safety_backup_note(run, "production") == ""
+    local = tmp_path / "backups" / "local" / "20261205T010000Z" / "wagtail_site__outgoing.dump.zst"
+    safety = tmp_path / "backups" / "production" / "safety" / "20261205T010100Z" / "wagtail_site.dump.zst"
+    run.fetched += [local, safety]
+    assert workflow._backup_interrupted(run, "production").endswith("the next backup deletes the unfinished one")
+    assert workflow._safety_backup_note(run, "production") == (
+        f"; its safety backup, taken before the interruption: {safety}")
+    backup = tmp_path / "backups" / "production" / "20261205T010200Z" / "wagtail_site.dump.zst"
+    run.fetched.append(backup)
+    assert workflow._backup_interrupted(run, "production") == (
+        f"production is unchanged; the backup was fetched whole before the interruption: {backup}")
