@@ -1,4 +1,5 @@
 """`inv verify`: a database is checked against its code; every kind of drift is found and named."""
+import hashlib
 import json
 import subprocess
 
@@ -28,6 +29,10 @@ def fresh(migrated, connect):
 def test_clean_migrated_database_passes(fresh, connect):
     for cached in (runs_dir() / "cache").glob("schema-*.json"):  # so that the reference is built from zero
         cached.unlink()
+    # What a verification of local interrupted by Ctrl-C leaves: its scratch database, named
+    # after the environment, which the next one drops.
+    stale = f"wagtail_site__verify_{hashlib.sha1(b'local').hexdigest()[:8]}"
+    connect("local", "postgres").execute(f"CREATE DATABASE {stale}")
     proc = inv("verify", "local")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
     assert "verify local (wagtail_site): OK" in proc.stdout
