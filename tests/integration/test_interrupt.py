@@ -169,3 +169,5 @@ def test_ctrl_c_during_a_production_push_names_its_safety_backup(connect, sandbo
     assert safety.path.is_file()
     assert fingerprint(connect("production")) == before
     assert app_serves(sandbox_env, "production")
+    assert inv("push", "production", "--yes").returncode == 0  # what the line says: it drops the side database
+    assert "wagtail_site__incoming" not in databases(connect("production", "postgres"))

@@ -463,6 +463,23 @@ def test_production_push_keeps_real_emails_and_the_next_push_counts_writes_from_
     assert fingerprint(connect("production")) == before
 
 
+def test_a_push_refused_after_its_restore_takes_no_safety_backup(pushed, connect):
+    """The safety backup comes once the copy has passed every check: a push refused for its
+    schema costs no full dump, and rotates no older safety backup out."""
+    inv("backup", "production", check=True)
+    backup = dumps.latest("production")
+    conn = connect("production")
+    conn.execute("INSERT INTO django_migrations (app, name, applied) VALUES ('blog', '9999_from_newer_code', now())")
+    safety_backups = sorted((backups_dir() / "production" / "safety").iterdir())
+    try:
+        proc = inv("push", "production", "--yes", "--allow-lost-writes", "--dump", str(backup.path.parent))
+        assert proc.returncode == 1
+        assert "refusing to swap in a copy without 1 migration(s) production has applied" in error_lines(proc)[-1]
+        assert sorted((backups_dir() / "production" / "safety").iterdir()) == safety_backups
+    finally:
+        conn.execute("DELETE FROM django_migrations WHERE name = '9999_from_newer_code'")
+
+
 def test_pushing_a_safety_backup_back_never_rotates_it_away(pushed, connect):
     """Restoring production from a safety backup takes a new safety backup, whose rotation
     must spare the one being pushed, however few it keeps."""
