@@ -175,6 +175,9 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
         if action == "delete" and mark is not None and mark.get("snapshot", "before_step") == name:
             # The only whole copy of the local database from before the unfinished step.
             raise unfinished.refusal(f"delete snapshot {name}", mark)
+        if action == "save" and mark is not None:
+            # A half-changed database saved would come back later as if it were whole.
+            raise unfinished.refusal(f"save snapshot {name}", mark)
         with run.step(f"snapshot {action}", snapshot=name) as step:
             if action != "restore":
                 run_playbook("snapshot.yml", extra_vars=extra, run=run)

@@ -229,6 +229,9 @@ def test_an_interrupted_step_is_put_back_before_anything_else(fresh_local, conne
     for args in (("snapshot.delete", "before_step"), ("snapshot.save", "before_step", "--force")):
         kept = inv(*args)  # the only whole copy from before the step
         assert kept.returncode == 1 and "before_step" in error_lines(kept)[-1], args
+    half = inv("snapshot.save", "half_changed")  # it would come back later as if it were whole
+    assert half.returncode == 1 and "refusing to save snapshot half_changed" in error_lines(half)[-1]
+    assert "half_changed" not in inv("snapshot.list", check=True).stdout
     try:
         inv("snapshot.restore", "before_step", check=True)
         assert fingerprint(connect("local")) == before
