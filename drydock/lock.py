@@ -126,11 +126,14 @@ def target_lock(env: str, task: str, say: Callable[[str], None] = print, root: P
             say(f"clearing an unreadable lock on {env} (a run died while writing it)")
             path.unlink()
         elif holder is not None:
-            if holder.get("host") != record["host"] or owner_running(holder):
+            elsewhere = holder.get("host") != record["host"]
+            if elsewhere or owner_running(holder):
+                # Another machine's process cannot be looked at from here: only its operator knows.
                 raise DrydockError(
                     f"{env} is locked by {holder.get('task', 'another run')} (pid {holder.get('pid', '?')} on "
-                    f"{holder.get('host', '?')}, since {holder.get('started', '?')}): wait for it to finish")
-            say(f"clearing a stale lock on {env} left by {holder.get('task')} (pid {holder.get('pid')}, no longer running)")
+                    f"{holder.get('host', '?')}, since {holder.get('started', '?')}): wait for it to finish"
+                    + (f" (if that run is gone from {holder.get('host', '?')}, delete {path})" if elsewhere else ""))
+            say(f"clearing a stale lock on {env} left by {holder.get('task')} (pid {holder.get('pid')}: that run is gone)")
             path.unlink()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
