@@ -122,6 +122,19 @@ def test_script_runs_in_the_apps_python(fresh_local, connect, tmp_path):
     assert connect("local").execute("SELECT count(*) FROM taggit_tag WHERE slug = 'drydock'").fetchone()[0] == 1
 
 
+def test_a_script_that_exits_non_zero_says_why_and_is_put_back(fresh_local, connect, tmp_path):
+    """A script that prints its reason and exits (no traceback on stderr): the line gives what
+    it printed last and its exit status, and the database is put back."""
+    script = tmp_path / "refuse.py"
+    script.write_text("import sys\nprint('checked 7 rows')\nprint('refusing: 2 rows have no slug')\nsys.exit(3)\n")
+    before = fingerprint(connect("local"))
+    proc = inv("migrate", "--script", str(script))
+    assert proc.returncode == 1
+    assert "failed: refusing: 2 rows have no slug (exit 3); the local database was put back" in error_lines(proc)[-1], \
+        error_lines(proc)[-1]
+    assert fingerprint(connect("local")) == before
+
+
 def test_a_path_or_parameter_that_looks_like_a_template_is_taken_as_it_is(fresh_local, tmp_path):
     """Ansible renders a string from -e as Jinja when a task uses it: a file named
     `tag{{ 7*7 }}.py` must run as itself, not as tag49.py (nor any lookup run on the way),
