@@ -178,7 +178,8 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
         if action == "save" and mark is not None:
             # A half-changed database saved would come back later as if it were whole.
             raise unfinished.refusal(f"save snapshot {name}", mark)
-        with run.step(f"snapshot {action}", snapshot=name) as step:
+        with run.step(f"snapshot {action}", snapshot=name,
+                      interrupted=lambda: _snapshot_interrupted(run, action, name)) as step:
             if action != "restore":
                 run_playbook("snapshot.yml", extra_vars=extra, run=run)
             else:  # captured, to tell whether the restore was a rename; it takes a second or two
@@ -225,6 +226,21 @@ def format_snapshots(snapshots: list[dict], now: datetime | None = None) -> str:
     failures = [f"{snap['name']}: making its ready copy failed: {snap['ready_copy_error']}"
                 for snap in snapshots if snap.get("ready_copy_error") and not snap.get("ready")]
     return "\n".join([table(rows, ["name", "of database", "size", "age", "ready copy"]), *failures])
+
+
+def _snapshot_interrupted(run: Run, action: str, name: str) -> str:
+    """What an interrupted save, restore or delete left: its one module either ran or not
+    (a restore is a rename, a save a template copy: never half of either)."""
+    events = [entry["event"] for entry in read_progress(run.dir) or [] if entry.get("action") == "drydock_snapshot"]
+    done = {"save": f"snapshot {name} was saved (a restore without its ready copy copies it)",
+            "restore": f"the local database is back at snapshot {name}; the one it replaced is kept as <db>__previous",
+            "delete": f"snapshot {name} was deleted"}[action]
+    if "ok" in events:
+        return f"the {action} ran: {done}"
+    if not events or events[-1] != "start":  # a module that failed rolled its work back
+        return f"the {action} did not run: the local database and its snapshots are unchanged"
+    return (f"the {action} may have run, whole or not at all: `inv snapshot.list` (and, for a restore, "
+            f"`inv verify local`) says which")
 
 
 PHASES = ("all", "before", "after")
@@ -638,7 +654,10 @@ def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Ru
     report = run.dir / f"verify-{env}.txt"
     lock = inv.lock_name(env)
     try:
-        with _locks([] if locked else [lock], "verify", say), run.step(f"verify {env}", env=env, report=str(report)):
+        with _locks([] if locked else [lock], "verify", say), run.step(
+                f"verify {env}", env=env, report=str(report),
+                interrupted=f"verify only reads {env}: nothing changed (a scratch database it was building on the "
+                            f"local cluster is dropped by the next verify of {env})"):
             run_playbook("verify_database.yml", limit=env, run=run, extra_vars={
                 "drydock_verify_report": str(report), "drydock_manifest": str(Path(manifest).resolve()) if manifest else ""})
     finally:

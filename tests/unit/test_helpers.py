@@ -785,3 +785,24 @@ def test_an_interrupted_backup_or_push_names_the_dumps_it_fetched_whole(tmp_path
     run.fetched.append(backup)
     assert workflow._backup_interrupted(run, "production") == (
         f"production is unchanged; the backup was fetched whole before the interruption: {backup}")
+
+
+def test_an_interrupted_snapshot_action_says_whether_its_module_ran(tmp_path):
+    from drydock import workflow
+    from drydock.journal import Run
+
+    run = Run("snapshot-restore", root=tmp_path)
+    assert workflow._snapshot_interrupted(run, "restore", "saved").startswith("the restore did not run")
+
+    def progress(*events: str) -> None:
+        run.progress_file.write_text("".join(
+            json.dumps({"event": event, "host": "local", "action": "drydock_snapshot", "task": "Run"}) + "\n"
+            for event in events))
+
+    progress("start")
+    assert workflow._snapshot_interrupted(run, "restore", "saved").startswith("the restore may have run")
+    progress("start", "ok")
+    assert workflow._snapshot_interrupted(run, "restore", "saved") == (
+        "the restore ran: the local database is back at snapshot saved; the one it replaced is kept as <db>__previous")
+    progress("start", "failed")
+    assert workflow._snapshot_interrupted(run, "save", "saved").startswith("the save did not run")
