@@ -418,6 +418,12 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
     return dump
 
 
+def _no_task_began(run: Run) -> bool:
+    """With no progress recorded at all: whether Ansible had not begun a task yet (its log
+    shows none either), rather than running without the progress callback."""
+    return "TASK [" not in run.ansible_log.read_text(errors="replace")
+
+
 # What an interrupted pull or push left depends on whether its swap ran, which only the
 # progress Ansible reported tells (drydock_progress): its log does not show a task stopped
 # midway. The swap is one transaction, so the live database is always whole.
@@ -427,7 +433,7 @@ def _swap_state(run: Run, host: str) -> str:
     started) or "unknown" (no progress was recorded at all)."""
     events = run.task_events(host, "drydock_db_swap")
     if events is None:
-        return "unknown"
+        return "not run" if _no_task_began(run) else "unknown"
     starts = events.count("start")
     if starts == 0:
         return "not run"
@@ -489,7 +495,7 @@ def _app_may_be_stopped(run: Run, env: str) -> bool | None:
     ended well after it. None when no task progress was recorded."""
     progress = read_progress(run.dir)
     if progress is None:
-        return None
+        return False if _no_task_began(run) else None
     stopped = False
     for entry in (e for e in progress if e.get("host") == env):
         task = str(entry.get("task", ""))

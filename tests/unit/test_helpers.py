@@ -135,8 +135,9 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
     pushed = Dump(tmp_path / "local" / "x.dump.zst", {"source": {"env": "local"}, "created": "20260102T000000Z"})
     pulled = Dump(tmp_path / "production" / "y.dump.zst", {"source": {"env": "production"}, "created": "20260101T000000Z"})
 
-    def interrupted_after(*events: tuple[str, str], recorded: bool = True) -> tuple[str, str, str]:
+    def interrupted_after(*events: tuple[str, str], recorded: bool = True, log: str = "") -> tuple[str, str, str]:
         run = Run("push", root=tmp_path)
+        run.ansible_log.write_text(log)
         lines = [{"event": event, "host": host, "action": "drydock_db_swap", "task": "Swap", **dict(account)}
                  for host, event, *account in events]
         lines.insert(0, {"event": "ok", "host": "staging", "action": "drydock_pg_restore", "task": "Restore"})
@@ -183,7 +184,11 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
     push, *_ = interrupted_after(("staging", "start"), ("staging", "ok"), ("staging", "start"))
     assert "whether the swap ran cannot be told, it was being swapped back after a failed check" in push
     assert f"`inv verify staging --manifest {tmp_path / 'local' / 'manifest.json'}` passes on the pushed copy alone" in push
+    # No progress, and no task in Ansible's log either: interrupted before the playbook's first task.
     push, pull, rollback = interrupted_after(recorded=False)
+    assert "the swap did not run" in push and pull.startswith("the swap did not run")
+    # No progress, but tasks in the log: the progress callback is not enabled.
+    push, pull, rollback = interrupted_after(recorded=False, log="TASK [Restore] ****\nok: [staging]\n")
     assert "whether the swap ran cannot be told, no task progress was recorded" in push and "never went in" not in push
     assert pull.startswith("the swap may have run") and ("`inv verify local` says which (the pulled one's live"
                                                          " database line reads `restored from production's backup"
@@ -212,7 +217,10 @@ def test_an_app_counts_as_stopped_from_a_stop_that_began_until_a_start_that_ende
     assert stopped((stop, "start"), (stop, "ok"), (start, "start"), (start, "ok")) is False
     assert stopped((stop, "start"), (stop, "ok"), (start, "start"), (start, "ok"), (stop, "start")) is True  # a rescue
     assert stopped((stop, "start"), host="production") is False  # another host's app
-    assert _app_may_be_stopped(Run("push", root=tmp_path), "staging") is None  # nothing recorded
+    assert _app_may_be_stopped(Run("push", root=tmp_path), "staging") is False  # no task had begun
+    untracked = Run("push", root=tmp_path / "untracked")
+    untracked.ansible_log.write_text("TASK [app_service : Stop the app] ****\n")
+    assert _app_may_be_stopped(untracked, "staging") is None  # tasks ran, their progress was not recorded
 
 
 def test_the_app_task_names_drydock_looks_for_are_the_app_service_role_s(tmp_path):
