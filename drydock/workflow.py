@@ -430,7 +430,7 @@ def _no_task_began(run: Run) -> bool:
 def _swap_state(run: Run, host: str) -> str:
     """Whether the run's swap on `host` ran: "not run", "ran", "running" (stopped while the
     swap task ran, or the host stopped answering), "swapping back" (a second swap had
-    started) or "unknown" (no progress was recorded at all)."""
+    started) or "unknown" (tasks ran, but no progress was recorded)."""
     events = run.task_events(host, "drydock_db_swap")
     if events is None:
         return "not run" if _no_task_began(run) else "unknown"
@@ -492,7 +492,7 @@ APP_START_TASKS = "app_service : Start the app"
 
 def _app_may_be_stopped(run: Run, env: str) -> bool | None:
     """Whether this run may have left `env`'s app stopped: a stop of it began, and no start
-    ended well after it. None when no task progress was recorded."""
+    ended well after it. None when tasks ran but no task progress was recorded."""
     progress = read_progress(run.dir)
     if progress is None:
         return False if _no_task_began(run) else None
