@@ -5,8 +5,9 @@ a killed controller) cannot, and leaves it half-changed. Retaking the snapshot f
 would make that state the one a retry starts from, and a push would ship it. So the step
 (roles/django_migrate) writes this mark once its safety snapshot is taken, and removes it
 once the database is whole again: migrated, or put back from the snapshot. A pull or a
-snapshot restore, which replace the database, remove it too. While it is there, migrate and
-a push of the local database refuse, saying how to recover. It covers `inv` runs on this
+snapshot restore, which replace the database, remove it too. While it is there, migrate, a
+push of the local database and a snapshot save refuse (and the step's own snapshot cannot be
+deleted), saying how to recover. It covers `inv` runs on this
 machine, like the locks beside it.
 """
 from __future__ import annotations

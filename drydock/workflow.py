@@ -231,11 +231,16 @@ def format_snapshots(snapshots: list[dict], now: datetime | None = None) -> str:
 def _snapshot_interrupted(run: Run, action: str, name: str) -> str:
     """What an interrupted save, restore or delete left: its one module either ran or not
     (a restore is a rename, a save a template copy: never half of either)."""
-    events = [entry["event"] for entry in read_progress(run.dir) or [] if entry.get("action") == "drydock_snapshot"]
+    progress = read_progress(run.dir)
+    if progress is None and not _no_task_began(run):
+        return f"whether the {action} ran cannot be told (no task progress was recorded): `inv snapshot.list` says"
+    events = [entry["event"] for entry in progress or [] if entry.get("action") == "drydock_snapshot"]
     done = {"save": f"snapshot {name} was saved (a restore without its ready copy copies it)",
             "restore": f"the local database is back at snapshot {name}; the one it replaced is kept as <db>__previous",
             "delete": f"snapshot {name} was deleted"}[action]
     if "ok" in events:
+        if action == "restore":
+            unfinished.clear_unless_running()  # the local database is a whole snapshot again
         return f"the {action} ran: {done}"
     if not events or events[-1] != "start":  # a module that failed rolled its work back
         return f"the {action} did not run: the local database and its snapshots are unchanged"
@@ -406,7 +411,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                 "pg_backup_controller_dir": str(backups_dir())}, optional=True)
             step.update(safety_backup=str(safety.path) if safety else None)
             if take_safety_backup and safety is None:
-                # The playbook stops before restoring when the backup fails: reaching here is a
+                # The playbook stops before swapping when the backup fails: reaching here is a
                 # bug, and the operator must know the push has no backup to go back to.
                 raise DrydockError(f"{env} runs the pushed copy, but no safety backup of its previous database was "
                                    f"recorded; {target['drydock_db_name']}__previous still holds it")
@@ -563,6 +568,11 @@ def _exchanged(run: Run, env: str, database: str) -> str:
 
 def _rollback_interrupted(run: Run, env: str, database: str, say: Say) -> str:
     state = _swap_state(run, env)
+    if state == "swapping back":
+        # Its health check had failed: the app must not be started on the database that failed it.
+        return (f"it was swapping back after the app failed its check: {env} runs one of its two databases, whole "
+                f"(inv verify {env} says which), and its app may be stopped: once the database you want is live "
+                f"(inv rollback {env} exchanges them), inv app.restart {env}")
     if state == "not run":
         where = f"the exchange did not run: {env} runs the database it ran before"
     elif state == "ran":

@@ -91,11 +91,14 @@ def write_fingerprint(cur) -> dict:
     cur.execute("SELECT d.oid::bigint, s.stats_reset::text FROM pg_database d"
                 " JOIN pg_stat_database s ON s.datid = d.oid WHERE d.datname = current_database()")
     database_oid, stats_reset = cur.fetchone()
-    cur.execute("SELECT s.schemaname, s.relname, s.n_tup_ins + s.n_tup_upd + s.n_tup_del, c.relfilenode::bigint"
+    # A materialized view's file changes with every REFRESH: its content is derived from the
+    # tables, whose own writes are counted, so its file is left out.
+    cur.execute("SELECT s.schemaname, s.relname, s.n_tup_ins + s.n_tup_upd + s.n_tup_del,"
+                " CASE WHEN c.relkind <> 'm' THEN c.relfilenode::bigint END"
                 " FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid ORDER BY 1, 2")
-    rows = [(table_key(schema, table), int(n), int(file)) for schema, table, n, file in cur.fetchall()]
-    return {"database_oid": database_oid, "stats_reset": stats_reset,
-            "tables": {table: n for table, n, _file in rows}, "files": {table: file for table, _n, file in rows}}
+    rows = [(table_key(schema, table), int(n), file) for schema, table, n, file in cur.fetchall()]
+    return {"database_oid": database_oid, "stats_reset": stats_reset, "tables": {table: n for table, n, _file in rows},
+            "files": {table: int(file) for table, _n, file in rows if file is not None}}
 
 
 def count_writes(before: dict, now: dict, pushed: dict | None, lineage_sha256: str | None) -> tuple[list[str], str | None]:

@@ -156,8 +156,8 @@ def test_ctrl_c_before_the_swap_says_so_when_the_app_does_not_come_back(staging_
 
 
 def test_ctrl_c_during_a_production_push_names_its_safety_backup(connect, sandbox_env, tmp_path):
-    """The safety backup is taken before the restore: interrupted later, the push's one line
-    still says where it is."""
+    """The safety backup is taken before the app stops: interrupted there, the push's one
+    line still says where it is."""
     inv("pull", "production", check=True)  # a copy of a fresh backup: the push guard lets it through
     before = fingerprint(connect("production"))
     with app_command_held("production", "stop", tmp_path / "stop", STOPPED):

@@ -131,6 +131,25 @@ def test_a_rollback_whose_health_check_fails_swaps_back(pushed, connect, sandbox
     assert app_serves(sandbox_env, "staging")
 
 
+def test_a_rollback_whose_app_will_not_start_swaps_back(pushed, connect, sandbox_env, tmp_path):
+    """A database the app cannot run on often shows as a failed start, not a failed health
+    check: the rollback swaps back all the same (here the start fails once, on the database
+    brought back)."""
+    service = ROOT / ".sandbox" / "staging" / "app-service"
+    failed_once = tmp_path / "failed-once"
+    start = ["/bin/sh", "-c", f"if [ ! -e {failed_once} ]; then touch {failed_once};"
+                              f" echo 'the app refused this database' >&2; exit 1; fi; exec {service} start"]
+    oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
+    live = connect("staging", "postgres").execute(oid).fetchone()
+    before = fingerprint(connect("staging"))
+    proc = playbook("rollback_database.yml", "--limit", "staging", "-e", json.dumps({"drydock_app_start_command": start}))
+    assert proc.returncode != 0
+    assert "(swapped back: staging runs the database it ran before the rollback again" in proc.stdout, proc.stdout[-3000:]
+    assert connect("staging", "postgres").execute(oid).fetchone() == live
+    assert fingerprint(connect("staging")) == before
+    assert app_serves(sandbox_env, "staging")
+
+
 def test_verify_says_which_database_is_live_and_where_it_came_from(pushed, connect):
     """After a push, and after a rollback and its reverse: `inv verify` names the pushed dump
     and the backup it copies on whichever database is live (the other is `previous`)."""
@@ -374,6 +393,7 @@ def test_production_push_after_a_truncate_is_refused(pushed, connect):
         assert fingerprint(connect("production")) == before
     finally:  # a new session: had the push gone through, the swap would have ended this one
         connect("production").execute("DROP TABLE IF EXISTS drydock_test_truncated")
+        inv("backup", "production", check=True)  # `--latest` after this test must not bring the table back
 
 
 def test_production_backup_pushed_back_counts_the_writes_since_it(pushed, connect):
@@ -470,12 +490,12 @@ def test_a_push_refused_after_its_restore_takes_no_safety_backup(pushed, connect
     backup = dumps.latest("production")
     conn = connect("production")
     conn.execute("INSERT INTO django_migrations (app, name, applied) VALUES ('blog', '9999_from_newer_code', now())")
-    safety_backups = sorted((backups_dir() / "production" / "safety").iterdir())
+    safety_backups = sorted((backups_dir() / "production").glob("safety/*"))
     try:
         proc = inv("push", "production", "--yes", "--allow-lost-writes", "--dump", str(backup.path.parent))
         assert proc.returncode == 1
         assert "refusing to swap in a copy without 1 migration(s) production has applied" in error_lines(proc)[-1]
-        assert sorted((backups_dir() / "production" / "safety").iterdir()) == safety_backups
+        assert sorted((backups_dir() / "production").glob("safety/*")) == safety_backups
     finally:
         conn.execute("DELETE FROM django_migrations WHERE name = '9999_from_newer_code'")
 
@@ -483,7 +503,7 @@ def test_a_push_refused_after_its_restore_takes_no_safety_backup(pushed, connect
 def test_pushing_a_safety_backup_back_never_rotates_it_away(pushed, connect):
     """Restoring production from a safety backup takes a new safety backup, whose rotation
     must spare the one being pushed, however few it keeps."""
-    safety = dumps.latest("production", kind="safety")  # the test above made one
+    safety = dumps.latest("production", kind="safety")  # test_production_push_keeps_real_emails… made some
     proc = playbook("restore_database.yml", "--limit", "production", "-e", f"drydock_dump={safety.path}",
                     "-e", "drydock_confirm=production", "-e", "drydock_allow_lost_writes=true",
                     "-e", "drydock_allow_older_schema=true", "-e", "pg_backup_keep=1")
@@ -548,7 +568,8 @@ def test_rolling_production_back_after_it_took_writes_is_refused_unless_allowed(
 
 def test_writes_that_cannot_be_counted_refuse_a_rollback_and_a_push(pushed, connect, sandbox_env):
     """Statistics reset on production (by hand, or a crash) leave its write counters
-    incomparable: neither a rollback nor a push may then assume that nothing was written."""
+    incomparable: neither a rollback nor a push may then assume that nothing was written.
+    Production stays reset: a later test's fresh backup or push records counters anew."""
     inv("pull", "production", check=True)
     inv("push", "production", "--yes", check=True)
     inv("backup", "production", check=True)

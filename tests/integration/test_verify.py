@@ -77,6 +77,14 @@ def test_drift_is_found_and_named(fresh, drift):
     assert "local: database wagtail_site failed verification (" in error_lines(proc)[-1]
 
 
+def test_a_scratch_database_an_interrupt_left_goes_with_the_reference_cached(fresh, connect):
+    stale = f"wagtail_site__verify_{hashlib.sha1(b'local').hexdigest()[:8]}"
+    inv("verify", "local", check=True)  # the reference is cached from here on
+    connect("local", "postgres").execute(f"CREATE DATABASE {stale}")
+    inv("verify", "local", check=True)
+    assert stale not in databases(connect("local", "postgres"))
+
+
 def test_row_counts_against_a_manifest(fresh, connect, tmp_path):
     counts = row_counts(connect("local"))
     manifest = tmp_path / "manifest.json"

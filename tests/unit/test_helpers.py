@@ -181,8 +181,10 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
     assert "the swap did not run" in push
     push, *_ = interrupted_after(("staging", "start"), ("staging", "ok"), ("staging", "start"), ("staging", "skipped"))
     assert "the swap ran: staging runs the pushed copy" in push
-    push, *_ = interrupted_after(("staging", "start"), ("staging", "ok"), ("staging", "start"))
+    push, _, rollback = interrupted_after(("staging", "start"), ("staging", "ok"), ("staging", "start"))
     assert "whether the swap ran cannot be told, it was being swapped back after a failed check" in push
+    # A rollback swapping back: its app is not started again (say=pytest.fail) on what may be the failed database.
+    assert rollback.startswith("it was swapping back after the app failed its check: staging runs one of its two")
     assert f"`inv verify staging --manifest {tmp_path / 'local' / 'manifest.json'}` passes on the pushed copy alone" in push
     # No progress, and no task in Ansible's log either: interrupted before the playbook's first task.
     push, pull, rollback = interrupted_after(recorded=False)
@@ -795,12 +797,18 @@ def test_an_interrupted_backup_or_push_names_the_dumps_it_fetched_whole(tmp_path
         f"production is unchanged; the backup was fetched whole before the interruption: {backup}")
 
 
-def test_an_interrupted_snapshot_action_says_whether_its_module_ran(tmp_path):
-    from drydock import workflow
+def test_an_interrupted_snapshot_action_says_whether_its_module_ran(tmp_path, monkeypatch):
+    from drydock import unfinished, workflow
     from drydock.journal import Run
 
+    monkeypatch.setenv("DRYDOCK_RUNS", str(tmp_path / "runs"))
     run = Run("snapshot-restore", root=tmp_path)
     assert workflow._snapshot_interrupted(run, "restore", "saved").startswith("the restore did not run")
+    run.ansible_log.write_text("TASK [pg_snapshot : Run the snapshot action restore] ****\n")
+    assert workflow._snapshot_interrupted(run, "restore", "saved").startswith("whether the restore ran cannot be told")
+    # A restore that ran makes the local database whole again: an unfinished step's mark goes.
+    unfinished.path().parent.mkdir(parents=True)
+    unfinished.path().write_text(json.dumps({"run": "r", "step": "migrate (all)", "pid": 2 ** 22 + 1}))
 
     def progress(*events: str) -> None:
         run.progress_file.write_text("".join(
@@ -812,5 +820,6 @@ def test_an_interrupted_snapshot_action_says_whether_its_module_ran(tmp_path):
     progress("start", "ok")
     assert workflow._snapshot_interrupted(run, "restore", "saved") == (
         "the restore ran: the local database is back at snapshot saved; the one it replaced is kept as <db>__previous")
+    assert unfinished.read() is None
     progress("start", "failed")
     assert workflow._snapshot_interrupted(run, "save", "saved").startswith("the save did not run")
