@@ -148,16 +148,19 @@ def app_restart(c, env, yes=False):
     workflow.restart_app(env, yes=yes)
 
 
-@task(help={"source": "where the data comes from (e.g. production)",
+@task(iterable=["param"], auto_shortflags=False,
+      help={"source": "where the data comes from (e.g. production)",
             "target": "where the migrated copy goes (e.g. staging)",
             "notebook": "execute this notebook in the migration step",
+            "param": "a notebook parameter, name=value (repeatable)",
             "script": "run this script in the migration step",
             "yes": "confirm a push to a protected environment without a prompt",
             "allow_lost_writes": "push even though the target took writes since the backup"})
 @one_line_errors
-def pipeline(c, source, target, notebook=None, script=None, yes=False, allow_lost_writes=False):
+def pipeline(c, source, target, notebook=None, script=None, param=None, yes=False, allow_lost_writes=False):
     """backup SOURCE → pull → migrate (+ notebook or script) → push to TARGET, with a timing summary."""
-    workflow.pipeline(source, target, notebook=notebook, script=script, yes=yes, allow_lost_writes=allow_lost_writes)
+    workflow.pipeline(source, target, notebook=notebook, script=script, parameters=param or [], yes=yes,
+                      allow_lost_writes=allow_lost_writes)
 
 
 @task(help={"env": "the environment to verify (local, staging, production)",

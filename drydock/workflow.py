@@ -585,9 +585,10 @@ def _rollback_interrupted(run: Run, env: str, database: str, say: Say) -> str:
 
 
 def pipeline(source_text: str, target_text: str, notebook: str | None = None, script: str | None = None,
-             yes: bool = False, allow_lost_writes: bool = False, say: Say = print) -> Run:
+             parameters: list[str] | tuple[str, ...] = (), yes: bool = False, allow_lost_writes: bool = False,
+             say: Say = print) -> Run:
     """backup → pull → migrate (+ notebook or script) → push, one target lock around it all."""
-    check_step_inputs(notebook, script)
+    check_step_inputs(notebook, script, parameters=parameters)
     inv = inventory.load()
     source, target = inv.server(source_text), inv.server(target_text)
     if inv.protected(target) and not inv.protected(source):  # the push would refuse it, after all the rest
@@ -598,7 +599,7 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
     with _locks(list(dict.fromkeys([source, target, LOCAL_LOCK])), "pipeline", say):
         dump = backup(source, say=say, run=run, locked=True)
         pulled = pull(source, dump_path=str(dump.path), say=say, run=run, locked=True)
-        migrate(notebook=notebook, script=script, say=say, run=run, locked=True)
+        migrate(notebook=notebook, script=script, parameters=parameters, say=say, run=run, locked=True)
         verify(inv.local[0], say=say, run=run, locked=True)
         pushed = push(target, yes=True, allow_lost_writes=allow_lost_writes, say=say, run=run, locked=True)
         try:

@@ -3,16 +3,20 @@ leaves when a check fails before or after the push."""
 import threading
 import urllib.request
 
+import nbformat
 import psycopg
 
+from drydock.paths import runs_dir
 from tests.conftest import ROOT, app_serves, database_url, error_lines, fingerprint, inv
 
 NOTEBOOK = ROOT / "examples" / "notebooks" / "blog_to_podcast.ipynb"
 
 
 def test_pipeline_puts_the_podcast_on_staging(sandbox_env, connect):
-    proc = inv("pipeline", "production", "staging", "--notebook", str(NOTEBOOK))
+    proc = inv("pipeline", "production", "staging", "--notebook", str(NOTEBOOK), "--param", "note=from_the_pipeline")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    executed = nbformat.read(sorted(runs_dir().glob("*-pipeline"))[-1] / NOTEBOOK.name, as_version=4)
+    assert any('note = "from_the_pipeline"' in cell.source for cell in executed.cells)  # the --param reached it
     summary = proc.stdout.split("pipeline production → staging done")[1]
     for step in ("backup", "pull", "migrate", "verify local", "dump local", "restore", "verify staging"):
         assert step in summary

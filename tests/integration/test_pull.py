@@ -147,6 +147,7 @@ def test_side_database_named_as_the_live_one_is_refused(pulled, connect, overrid
     (["push", "staging", "--allow-unscrubbed"], "--allow-unscrubbed applies to a --dump only"),
     (["migrate", "--plan", "--fixtree"], "--plan shows the migrations only"),
     (["migrate", "--param", "title=x"], "--param sets a notebook's parameters: give --notebook with it"),
+    (["pipeline", "production", "staging", "--param", "title=x"], "--param sets a notebook's parameters"),
     (["migrate", "--plan", "--notebook", "examples/notebooks/blog_to_podcast.ipynb"], "--plan shows the migrations only"),
     # `--dump "$DUMP"` with DUMP unset: never taken as no --dump (a push would dump the local database).
     (["push", "production", "--yes", "--dump", ""], "--dump was given an empty path"),
