@@ -156,6 +156,10 @@ def fingerprint(conn) -> dict[str, str]:
         return drydock_pg.content_fingerprint(cur)
 
 
+# Which database is live: a swap, an exchange or a rename gives the name another database.
+LIVE_OID = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
+
+
 def databases(conn) -> set[str]:
     return {name for (name,) in conn.execute("SELECT datname FROM pg_database").fetchall()}
 

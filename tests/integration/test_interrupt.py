@@ -14,9 +14,8 @@ from pathlib import Path
 
 from drydock.playbook import ansible_env
 from drydock import dumps
-from tests.conftest import ROOT, app_serves, databases, fingerprint, inv
+from tests.conftest import LIVE_OID, ROOT, app_serves, databases, fingerprint, inv
 
-OID = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
 HOLD = "299.7"  # the held app command's sleep, unique enough to find
 
 
@@ -70,7 +69,7 @@ def interrupted(command: str, env: str, marker: Path, *options: str) -> str:
 
 
 def live_oid(connect) -> int:
-    return connect("staging", "postgres").execute(OID).fetchone()[0]
+    return connect("staging", "postgres").execute(LIVE_OID).fetchone()[0]
 
 
 def stopped_while_the_app_would(command: str, action: str, connect, tmp_path, before_hold: str = "",

@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from drydock import dumps
-from tests.conftest import databases, error_lines, fingerprint, inv, playbook, row_counts
+from tests.conftest import LIVE_OID, databases, error_lines, fingerprint, inv, playbook, row_counts
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +30,14 @@ def test_site_points_at_localhost(pulled, connect):
 def test_a_failing_site_switch_leaves_local_unchanged(pulled, connect):
     """The Site is switched on the side database, before the swap: a failure there leaves the
     local work live (a local change tells the databases apart, as the dump may be local's)."""
-    oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
-    live = connect("local").execute(oid).fetchone()
+    live = connect("local").execute(LIVE_OID).fetchone()
     work = "UPDATE wagtailcore_page SET title = title || ' (local work)' WHERE id = 2"
     connect("local").execute(work)
     try:
         before = fingerprint(connect("local"))
         proc = playbook("pull_database.yml", "-e", f"drydock_dump={pulled.path}", "-e", "wagtail_site_name=nosuchsite")
         assert proc.returncode != 0 and "(the local database is unchanged)" in proc.stdout, proc.stdout[-2000:]
-        assert connect("local").execute(oid).fetchone() == live
+        assert connect("local").execute(LIVE_OID).fetchone() == live
         assert fingerprint(connect("local")) == before
         assert "wagtail_site__incoming" not in databases(connect("local"))
     finally:

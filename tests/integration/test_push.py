@@ -13,8 +13,8 @@ import pytest
 from drydock import dumps
 from drydock.paths import PG_BINDIR, backups_dir, runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import (ROOT, app_serves, assert_private, connector, databases, error_lines, fingerprint, inv,
-                            playbook, row_counts, run_module)
+from tests.conftest import (LIVE_OID, ROOT, app_serves, assert_private, connector, databases, error_lines,
+                            fingerprint, inv, playbook, row_counts, run_module)
 
 PAGE_TREE_OK = """SELECT (SELECT count(*) FROM wagtailcore_page WHERE depth <> length(path) / 4)
      + (SELECT count(*) FROM wagtailcore_page p WHERE numchild <>
@@ -117,8 +117,7 @@ def test_rollback_brings_back_exactly_the_old_content(pushed, connect):
 def test_a_rollback_whose_health_check_fails_swaps_back(pushed, connect, sandbox_env):
     """The database a rollback brings back may be one the app cannot run on (a pushed copy
     that failed its check and was swapped back out): it does not stay live."""
-    oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
-    live = connect("staging", "postgres").execute(oid).fetchone()
+    live = connect("staging", "postgres").execute(LIVE_OID).fetchone()
     before = fingerprint(connect("staging"))
     proc = playbook("rollback_database.yml", "--limit", "staging",
                     "-e", f"drydock_app_health_url=http://{sandbox_env['staging']['host']}:8000/no-such-page",
@@ -126,7 +125,7 @@ def test_a_rollback_whose_health_check_fails_swaps_back(pushed, connect, sandbox
     assert proc.returncode != 0
     assert ("(swapped back: staging runs the database it ran before the rollback again; the one that failed the check"
             " is kept as wagtail_site__previous)") in proc.stdout, proc.stdout[-3000:]
-    assert connect("staging", "postgres").execute(oid).fetchone() == live
+    assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
     assert fingerprint(connect("staging")) == before
     assert app_serves(sandbox_env, "staging")
 
@@ -139,13 +138,12 @@ def test_a_rollback_whose_app_will_not_start_swaps_back(pushed, connect, sandbox
     failed_once = tmp_path / "failed-once"
     start = ["/bin/sh", "-c", f"if [ ! -e {failed_once} ]; then touch {failed_once};"
                               f" echo 'the app refused this database' >&2; exit 1; fi; exec {service} start"]
-    oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
-    live = connect("staging", "postgres").execute(oid).fetchone()
+    live = connect("staging", "postgres").execute(LIVE_OID).fetchone()
     before = fingerprint(connect("staging"))
     proc = playbook("rollback_database.yml", "--limit", "staging", "-e", json.dumps({"drydock_app_start_command": start}))
     assert proc.returncode != 0
     assert "(swapped back: staging runs the database it ran before the rollback again" in proc.stdout, proc.stdout[-3000:]
-    assert connect("staging", "postgres").execute(oid).fetchone() == live
+    assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
     assert fingerprint(connect("staging")) == before
     assert app_serves(sandbox_env, "staging")
 
@@ -156,8 +154,7 @@ def test_verify_says_which_database_is_live_and_where_it_came_from(pushed, conne
     _before, dump = pushed
     pushed_copy = (f"pushed from local's dump {dump.manifest['created']}"
                    f" (a copy of production's backup {dump.manifest['lineage']['created']})")
-    oid = connect("staging", "postgres").execute(
-        "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'").fetchone()[0]
+    oid = connect("staging", "postgres").execute(LIVE_OID).fetchone()[0]
 
     def origin_lines() -> tuple[str, str]:
         report = inv("verify", "staging").stdout.splitlines()  # a schema problem fails it, not the lines
@@ -249,13 +246,12 @@ def test_a_push_to_an_environment_named_otherwise_is_refused_before_the_upload(p
 
 def test_a_failed_health_check_swaps_the_live_database_back(pushed, connect, sandbox_env):
     before = fingerprint(connect("staging"))
-    oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
-    live = connect("staging", "postgres").execute(oid).fetchone()
+    live = connect("staging", "postgres").execute(LIVE_OID).fetchone()
     proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={pushed[1].path}",
                     "-e", f"drydock_app_health_url=http://{sandbox_env['staging']['host']}:8000/no-such-page",
                     "-e", "app_service_health_timeout=2")
     assert proc.returncode != 0 and "(swapped back: staging runs its previous database again)" in proc.stdout
-    assert connect("staging", "postgres").execute(oid).fetchone() == live
+    assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
     assert fingerprint(connect("staging")) == before
     assert "wagtail_site__incoming" not in databases(connect("staging", "postgres"))
 
@@ -268,15 +264,14 @@ def test_a_failed_health_check_swaps_back_even_when_the_app_then_will_not_stop(p
     stopped_once = tmp_path / "stopped-once"
     stop = ["/bin/sh", "-c", f"[ ! -e {stopped_once} ] && touch {stopped_once} && exec {service} stop"
                              f" || {{ echo 'the app did not stop' >&2; exit 1; }}"]
-    live = connect("staging", "postgres").execute("SELECT oid FROM pg_database WHERE datname = 'wagtail_site'").fetchone()
+    live = connect("staging", "postgres").execute(LIVE_OID).fetchone()
     before = fingerprint(connect("staging"))
     proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={pushed[1].path}",
                     "-e", f"drydock_app_health_url=http://{sandbox_env['staging']['host']}:8000/no-such-page",
                     "-e", "app_service_health_timeout=2", "-e", json.dumps({"drydock_app_stop_command": stop}))
     assert proc.returncode != 0
     assert "(swapped back: staging runs its previous database again; the app did not stop)" in proc.stdout
-    assert connect("staging", "postgres").execute(
-        "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'").fetchone() == live
+    assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
     assert fingerprint(connect("staging")) == before
     assert app_serves(sandbox_env, "staging")
 
@@ -292,8 +287,7 @@ def test_a_failing_swap_back_leaves_the_app_stopped_and_says_what_is_live(pushed
     hide = as_db_owner(staging, "ALTER DATABASE wagtail_site__previous RENAME TO wagtail_site__aside")
     stop = ["/bin/sh", "-c", f"if [ -e {stopped_once} ]; then {hide} || exit 1; fi; touch {stopped_once}; "
                              f"exec {service} stop"]
-    oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
-    live = connect("staging", "postgres").execute(oid).fetchone()
+    live = connect("staging", "postgres").execute(LIVE_OID).fetchone()
     before = fingerprint(connect("staging"))
     proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={pushed[1].path}",
                     "-e", f"drydock_app_health_url=http://{staging['host']}:8000/no-such-page",
@@ -308,9 +302,9 @@ def test_a_failing_swap_back_leaves_the_app_stopped_and_says_what_is_live(pushed
     finally:
         subprocess.run(["/bin/sh", "-c", as_db_owner(staging, "ALTER DATABASE wagtail_site__aside RENAME TO wagtail_site__previous")],
                        check=True)
-    assert connect("staging", "postgres").execute(oid).fetchone() != live  # the pushed copy
+    assert connect("staging", "postgres").execute(LIVE_OID).fetchone() != live  # the pushed copy
     inv("rollback", "staging", "--yes", check=True)
-    assert connect("staging", "postgres").execute(oid).fetchone() == live
+    assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
     assert fingerprint(connect("staging")) == before
     assert app_serves(sandbox_env, "staging")  # the rollback started it
 
@@ -535,8 +529,7 @@ def test_rolling_production_back_after_it_took_writes_is_refused_unless_allowed(
     write production took since the push would be lost without a word."""
     inv("pull", "production", check=True)
     inv("push", "production", "--yes", check=True)
-    oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
-    pushed_oid = connect("production", "postgres").execute(oid).fetchone()
+    pushed_oid = connect("production", "postgres").execute(LIVE_OID).fetchone()
     connect("production").execute("UPDATE blog_post SET body = body || '<p>written after the push</p>'"
                                   " WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)")
     time.sleep(1.2)  # statistics reach the shared counters within a second
@@ -545,11 +538,11 @@ def test_rolling_production_back_after_it_took_writes_is_refused_unless_allowed(
     assert refused.returncode == 1
     assert ("refusing to roll back production: it has taken writes since it was swapped in (blog_post (+1))"
             in error_lines(refused)[-1])
-    assert connect("production", "postgres").execute(oid).fetchone() == pushed_oid
+    assert connect("production", "postgres").execute(LIVE_OID).fetchone() == pushed_oid
     assert fingerprint(connect("production")) == before
     assert app_serves(sandbox_env, "production")  # the app was started again
     inv("rollback", "production", "--yes", "--allow-lost-writes", check=True)
-    assert connect("production", "postgres").execute(oid).fetchone() != pushed_oid
+    assert connect("production", "postgres").execute(LIVE_OID).fetchone() != pushed_oid
     # The exchange recorded the counters of the database it brought back, which the push had
     # set aside: with no write since, forward again needs no override, and it brings the
     # write back.
@@ -563,7 +556,7 @@ def test_rolling_production_back_after_it_took_writes_is_refused_unless_allowed(
     refused = inv("rollback", "production", "--yes")
     assert refused.returncode == 1
     assert "it has taken writes since it was swapped in (blog_post (+2))" in error_lines(refused)[-1]
-    assert connect("production", "postgres").execute(oid).fetchone() == pushed_oid
+    assert connect("production", "postgres").execute(LIVE_OID).fetchone() == pushed_oid
 
 
 def test_writes_that_cannot_be_counted_refuse_a_rollback_and_a_push(pushed, connect, sandbox_env):
@@ -576,8 +569,7 @@ def test_writes_that_cannot_be_counted_refuse_a_rollback_and_a_push(pushed, conn
     backup = dumps.latest("production")
     subprocess.run(["/bin/sh", "-c", as_db_owner(sandbox_env["production"], "SELECT pg_stat_reset()", "wagtail_site")],
                    check=True, capture_output=True)
-    oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
-    live = connect("production", "postgres").execute(oid).fetchone()
+    live = connect("production", "postgres").execute(LIVE_OID).fetchone()
     before = fingerprint(connect("production"))
     rollback = inv("rollback", "production", "--yes")
     assert rollback.returncode == 1
@@ -588,7 +580,7 @@ def test_writes_that_cannot_be_counted_refuse_a_rollback_and_a_push(pushed, conn
     assert ("refusing to push to production: since the backup of" in error_lines(push)[-1]
             and "its write statistics were reset" in error_lines(push)[-1]
             and "so the writes it took since cannot be counted" in error_lines(push)[-1])
-    assert connect("production", "postgres").execute(oid).fetchone() == live
+    assert connect("production", "postgres").execute(LIVE_OID).fetchone() == live
     assert fingerprint(connect("production")) == before
     assert app_serves(sandbox_env, "production")
 
@@ -604,8 +596,7 @@ def test_a_write_while_the_app_stops_refuses_the_swap(pushed, connect, sandbox_e
     write = as_db_owner(production, "UPDATE blog_post SET body = body WHERE page_ptr_id ="
                                     " (SELECT min(page_ptr_id) FROM blog_post)", "wagtail_site")
     stop = ["/bin/sh", "-c", f"{write} && exec {ROOT / '.sandbox' / 'production' / 'app-service'} stop"]
-    oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
-    live = connect("production", "postgres").execute(oid).fetchone()
+    live = connect("production", "postgres").execute(LIVE_OID).fetchone()
     safety_backups = set((backups_dir() / "production" / "safety").glob("*/manifest.json"))
     proc = playbook("restore_database.yml", "--limit", "production", "-e", f"drydock_dump={backup.path}",
                     "-e", "drydock_confirm=production", "-e", json.dumps({"drydock_app_stop_command": stop}))
@@ -613,7 +604,7 @@ def test_a_write_while_the_app_stops_refuses_the_swap(pushed, connect, sandbox_e
     assert "refusing to push to production: it has taken writes since the backup" in proc.stdout
     assert "blog_post (+1)" in proc.stdout and "(nothing was swapped: the live database is unchanged)" in proc.stdout
     assert len(set((backups_dir() / "production" / "safety").glob("*/manifest.json")) - safety_backups) == 1
-    assert connect("production", "postgres").execute(oid).fetchone() == live
+    assert connect("production", "postgres").execute(LIVE_OID).fetchone() == live
     assert "wagtail_site__incoming" not in databases(connect("production", "postgres"))
     assert app_serves(sandbox_env, "production")
 
