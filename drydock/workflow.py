@@ -238,11 +238,12 @@ def _snapshot_interrupted(run: Run, action: str, name: str) -> str:
     done = {"save": f"snapshot {name} was saved (a restore without its ready copy copies it)",
             "restore": f"the local database is back at snapshot {name}; the one it replaced is kept as <db>__previous",
             "delete": f"snapshot {name} was deleted"}[action]
-    if "ok" in events:
+    state = _task_state(events)
+    if state == "ran":
         if action == "restore":
             unfinished.clear_unless_running()  # the local database is a whole snapshot again
         return f"the {action} ran: {done}"
-    if not events or events[-1] != "start":  # a module that failed rolled its work back
+    if state == "not run":
         return f"the {action} did not run: the local database and its snapshots are unchanged"
     return (f"the {action} may have run, whole or not at all: `inv snapshot.list` (and, for a restore, "
             f"`inv verify local`) says which")
@@ -439,12 +440,17 @@ def _swap_state(run: Run, host: str) -> str:
     events = run.task_events(host, "drydock_db_swap")
     if events is None:
         return "not run" if _no_task_began(run) else "unknown"
-    starts = events.count("start")
-    if starts == 0:
-        return "not run"
-    if starts > 1:
+    if events.count("start") > 1:
         return "swapping back"
-    # A swap that failed rolled its transaction back; one without a result may have gone through.
+    return _task_state(events)
+
+
+def _task_state(events: list[str]) -> str:
+    """One task's state from its progress events: "not run" (never started, or failed: a
+    module that fails rolls its transaction back), "ran", or "running" (no result: it may
+    have gone through, or its host stopped answering)."""
+    if not events:
+        return "not run"
     return {"ok": "ran", "failed": "not run"}.get(events[-1], "running")
 
 
