@@ -171,11 +171,11 @@ def verify(c, env, manifest=None):
     workflow.verify(env, manifest=manifest)
 
 
-@task
+@task(help={"last": "how many of the newest runs to list (20; 0 lists them all)"})
 @one_line_errors
-def runs_list(c):
+def runs_list(c, last="20"):
     """List the runs in runs/: the environments each touched, its outcome and, unless ok, the step it ended at."""
-    workflow.runs_list()
+    workflow.runs_list(last=last)
 
 
 @task(help={"run_id": "a run's id, as inv runs.list shows it"})

@@ -689,12 +689,18 @@ def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Ru
     return report
 
 
-def runs_list(say: Say = print) -> list[dict]:
+def runs_list(last: int | str = 20, say: Say = print) -> list[dict]:
+    """The newest `last` runs (0: all), oldest first, so the newest ends the listing where the eye lands."""
     from drydock import journal
 
+    last = valid_count(last, "--last", minimum=0)
     runs = journal.list_runs()
-    say(journal.table(runs, ["id", "task", "envs", "start", "outcome", "seconds", "failed_step"]) if runs else "no runs yet")
-    return runs
+    shown = runs[-last:] if last else runs
+    if len(shown) < len(runs):
+        hidden = len(runs) - len(shown)
+        say(f"{hidden} older run{'s' if hidden > 1 else ''} not shown (--last 0 lists them all)")
+    say(journal.table(shown, ["id", "task", "envs", "start", "outcome", "seconds", "failed_step"]) if runs else "no runs yet")
+    return shown
 
 
 def runs_show(run_id: str, say: Say = print) -> list[dict]:

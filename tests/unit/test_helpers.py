@@ -126,6 +126,23 @@ def test_the_run_list_names_the_environments_in_order_and_an_interrupted_run(tmp
     # Ended before it reached staging, it still names it: where it was going is what it was.
     assert (push["envs"], push["outcome"], push["failed_step"]) == ("local→staging", "interrupted", "dump local")
 
+def test_the_run_list_shows_the_newest_runs_and_says_how_many_it_left_out(tmp_path, monkeypatch):
+    from drydock.validate import InvalidInput
+    from drydock.workflow import runs_list
+
+    monkeypatch.setenv("DRYDOCK_RUNS", str(tmp_path))
+    for task in ("backup", "pull", "push"):
+        with Run(task, root=tmp_path).step(task):
+            pass
+    said = []
+    assert [r["task"] for r in runs_list(last="2", say=said.append)] == ["pull", "push"]
+    assert said[0] == "1 older run not shown (--last 0 lists them all)" and said[1].splitlines()[-1].split()[1] == "push"
+    assert [r["task"] for r in runs_list(last=0, say=said.append)] == ["backup", "pull", "push"]
+    for bad in ("-1", "all"):
+        with pytest.raises(InvalidInput, match="invalid --last"):
+            runs_list(last=bad, say=said.append)
+
+
 def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_progress_ansible_reported(tmp_path):
     """Ansible's log shows a task's banner only with its result: which swap ran is read from
     the events drydock_progress records, per host (a pipeline's pull swaps on local)."""

@@ -66,6 +66,7 @@ def test_an_unknown_environment_is_named_with_every_choice_the_command_takes():
     (["bench", "--runs", "abc"], "invalid --runs 'abc': not a number"),
     (["sandbox.up", "--posts", "x"], "invalid --posts 'x': not a number"),
     (["test", "--shards", "two"], "invalid --shards 'two': not a number"),
+    (["runs.list", "--last", "all"], "invalid --last 'all': not a number"),
 ])
 def test_a_number_option_given_text_gets_one_line_not_a_traceback(args, message):
     from tests.conftest import error_lines, inv
