@@ -61,11 +61,12 @@ def site(c, env, hostname, port="", site_name="", yes=False):
 
 
 @task(help={"scale": "production's size: 'small' (default, ~15 MB, for tests), 'bench' (~1 GB) or a size in MB",
-            "posts": "how many blog posts to create through Wagtail (default 220)"})
+            "posts": "how many blog posts to create through Wagtail (default 220); both apply when the sandbox is built"})
 @one_line_errors
-def sandbox_up(c, scale="small", posts="220"):
+def sandbox_up(c, scale=None, posts=None):
     """Start the sandbox: production, staging and local clusters under .sandbox/ (idempotent)."""
-    Sandbox().up(posts=count(posts, "--posts"), bulk_posts=bulk_posts_for(scale))
+    Sandbox().up(posts=None if posts is None else count(posts, "--posts"),
+                 bulk_posts=None if scale is None else bulk_posts_for(scale))
 
 
 @task

@@ -35,6 +35,7 @@ APP_PORT = 8000
 SSHD = Path("/usr/sbin/sshd")
 # The migration production runs at: before the Podcast model exists.
 PRODUCTION_BLOG_MIGRATION = "0001_initial"
+DEFAULT_POSTS = 220  # posts Wagtail creates in production when `up` builds the sandbox
 POSTS_ADDED_AFTER_STAGING_COPY = 5
 # Sizes for --scale, in MB of 10^6 bytes as pg_database_size counts them, measured here:
 # the default seed is ~15.7 MB; each bulk-added post (14 paragraphs, a revision, two tags,
@@ -220,7 +221,9 @@ class Sandbox:
         return bool(cmdline) and bool(marker) and marker in cmdline  # an empty marker names no process
 
     # -- up -----------------------------------------------------------------------------
-    def up(self, posts: int = 220, paragraphs: int = 4, bulk_posts: int = 0) -> None:
+    def up(self, posts: int | None = None, paragraphs: int = 4, bulk_posts: int | None = None) -> None:
+        """Build the sandbox, or start what of it is not running. `posts` and `bulk_posts` (None:
+        220 and 0) seed a new one; a built one refuses other values rather than ignore them."""
         if os.geteuid() == 0:
             self._check_postgres_can_reach_project()
         wanted = sandbox_net()
@@ -228,6 +231,8 @@ class Sandbox:
             raise SandboxError(f"the sandbox in {self.root} is built on {self.net}.x, not {wanted}.x: "
                                "run `inv sandbox.down` first")
         fresh = not (self.root / "env.json").exists()
+        if not fresh:
+            self._refuse_another_seed(posts, bulk_posts)
         if fresh and self.root.exists():
             # A half-built sandbox from an interrupted `up`: start over.
             self.down(quiet=True)
@@ -240,12 +245,24 @@ class Sandbox:
         if ssh_available():
             self._start_sshd_all()
         if fresh:
-            self._seed(posts, paragraphs, bulk_posts)
+            self._seed(DEFAULT_POSTS if posts is None else posts, paragraphs, bulk_posts or 0)
         for env in self.environments:
             if env.server:
                 self._start_app(env)
         self._write_env_files()
         self.say(f"sandbox is up ({'ssh' if ssh_available() else 'local'} connections): {self.root}/env.json")
+
+    def _refuse_another_seed(self, posts: int | None, bulk_posts: int | None) -> None:
+        """Asked for a size the built sandbox was not seeded with: say so, not seem to comply."""
+        try:
+            seed = json.loads((self.root / "seed.json").read_text())
+        except (OSError, ValueError):
+            return  # built before seed.json was written: nothing to compare with
+        built = (seed.get("posts_asked", DEFAULT_POSTS), seed.get("bulk_posts", 0))
+        for asked, had in zip((posts, bulk_posts), built):
+            if asked is not None and asked != had:
+                raise SandboxError(f"the sandbox in {self.root} is built with {built[0]} posts and {built[1]} in bulk: "
+                                   "--posts and --scale apply when it is built; ./inv sandbox.down first")
 
     def _check_postgres_can_reach_project(self) -> None:
         probe = subprocess.run(["test", "-x", str(self.root.parent)], user="postgres", group="postgres", extra_groups=[])
@@ -441,12 +458,13 @@ esac
             self.say(f"  production: adding {bulk_posts} posts in bulk (--scale)")
             self.manage(production, "seed_demo", "--offset", str(posts + POSTS_ADDED_AFTER_STAGING_COPY),
                         "--posts", "0", "--paragraphs", str(BULK_PARAGRAPHS), "--bulk", str(bulk_posts))
-        self._record_seed(production, staging, bulk_posts=bulk_posts)
+        self._record_seed(production, staging, posts_asked=posts, bulk_posts=bulk_posts)
 
-    def _record_seed(self, *envs: Environment, bulk_posts: int) -> None:
-        """Write .sandbox/seed.json: each server's posts and Site as seeded, so the state
-        `up` made can be checked later, whatever pushes and pulls happened since."""
-        seed: dict = {"bulk_posts": bulk_posts}
+    def _record_seed(self, *envs: Environment, posts_asked: int, bulk_posts: int) -> None:
+        """Write .sandbox/seed.json: what `up` was asked for, and each server's posts and Site
+        as seeded, so the state `up` made can be checked later, whatever pushes and pulls
+        happened since."""
+        seed: dict = {"posts_asked": posts_asked, "bulk_posts": bulk_posts}
         for env in envs:
             posts, site = self._psql(env, DATABASE, "SELECT (SELECT count(*) FROM blog_post),"
                                      " (SELECT hostname FROM wagtailcore_site WHERE is_default_site);").strip().split("|")

@@ -54,7 +54,21 @@ def test_up_twice_is_harmless(sandbox_env, connect):
     pids_before = box.pids_file.read_text()
     before = fingerprint(connect("production"))
     box.up()
+    box.up(posts=220, bulk_posts=0)  # what it was built with, asked for again
     assert box.pids_file.read_text() == pids_before
+    assert fingerprint(connect("production")) == before
+
+
+@pytest.mark.parametrize("option", [["--posts", "5"], ["--scale", "bench"]])
+def test_up_refuses_a_size_the_running_sandbox_was_not_built_with(sandbox_env, connect, option):
+    """Not a silent no-op: a user asking for a 1 GB production must not bench a 16 MB one."""
+    from tests.conftest import error_lines, inv
+
+    before = fingerprint(connect("production"))
+    proc = inv("sandbox.up", *option)
+    assert proc.returncode == 1
+    assert error_lines(proc) == [f"drydock: error: the sandbox in {Sandbox().root} is built with 220 posts and 0 in "
+                                 "bulk: --posts and --scale apply when it is built; ./inv sandbox.down first"]
     assert fingerprint(connect("production")) == before
 
 
