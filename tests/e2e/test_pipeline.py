@@ -6,8 +6,9 @@ import urllib.request
 import nbformat
 import psycopg
 
+from drydock import journal
 from drydock.paths import runs_dir
-from tests.conftest import ROOT, app_serves, database_url, error_lines, fingerprint, inv
+from tests.conftest import ROOT, app_serves, database_url, error_lines, fingerprint, interrupted_when, inv
 
 NOTEBOOK = ROOT / "examples" / "notebooks" / "blog_to_podcast.ipynb"
 
@@ -133,3 +134,25 @@ def test_pipeline_never_rolls_back_a_protected_target_that_took_writes_since_the
     assert connect("production", "postgres").execute(OID).fetchone()[0] == writer.original_oid
     assert fingerprint(connect("production")) == before
     assert app_serves(sandbox_env, "production")
+
+
+def test_ctrl_c_during_the_last_verify_keeps_the_pushed_copy_live_and_rolls_nothing_back(sandbox_env, connect):
+    """A verify stopped by hand is not a failed check: the pipeline must not roll the push back."""
+    old = connect("staging", "postgres").execute(OID).fetchone()[0]
+    earlier = set(runs_dir().glob("*-pipeline"))
+
+    def steps() -> list[dict]:
+        return [step for run in set(runs_dir().glob("*-pipeline")) - earlier for step in journal.read(run)]
+
+    def verifying_staging() -> bool:
+        try:
+            return any(step["step"] == "verify staging" and step["outcome"] == "running" for step in steps())
+        except ValueError:  # a journal line caught half written
+            return False
+
+    line = interrupted_when(verifying_staging, "pipeline", "production", "staging")
+    assert line.startswith("drydock: error: interrupted during verify staging: verify only reads staging: nothing changed"), line
+    assert connect("staging", "postgres").execute(OID).fetchone()[0] != old  # the pushed copy is still live
+    assert not [step for step in steps() if step["step"].startswith("rollback")]
+    assert app_serves(sandbox_env, "staging")
+    inv("verify", "staging", check=True)  # no lock left behind; the pushed copy passes on its own

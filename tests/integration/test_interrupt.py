@@ -3,18 +3,14 @@ which database the target runs, an app stopped before the swap is started again,
 line says to do next puts things right."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from drydock.playbook import ansible_env
 from drydock import dumps
-from tests.conftest import LIVE_OID, ROOT, app_serves, databases, fingerprint, inv
+from tests.conftest import LIVE_OID, ROOT, app_serves, databases, fingerprint, interrupted_when, inv
 
 HOLD = "299.7"  # the held app command's sleep, unique enough to find
 
@@ -48,26 +44,6 @@ def app_command_held(env: str, action: str, marker: Path, before_hold: str = "",
         real.unlink()
 
 
-def interrupted(command: str, env: str, marker: Path, *options: str) -> str:
-    """Run `inv COMMAND ENV OPTIONS`, press Ctrl-C once `marker` exists; its last error line."""
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), command, env, *options],
-                            env=dict(ansible_env(), DRYDOCK_ROOT=str(ROOT)), cwd=ROOT, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, f"the {command} never reached the held command"
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the whole group
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:  # never left running: it would hold the target's lock for the tests after
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 1
-    return stderr.strip().splitlines()[-1]
-
-
 def live_oid(connect) -> int:
     return connect("staging", "postgres").execute(LIVE_OID).fetchone()[0]
 
@@ -78,7 +54,7 @@ def stopped_while_the_app_would(command: str, action: str, connect, tmp_path, be
     stopped by Ctrl-C while the app's `action` hangs (see app_command_held)."""
     before, old = fingerprint(connect("staging")), live_oid(connect)
     with app_command_held("staging", action, tmp_path / action, before_hold, start_fails):
-        return before, old, interrupted(command, "staging", tmp_path / action)
+        return before, old, interrupted_when((tmp_path / action).exists, command, "staging")
 
 
 def test_ctrl_c_after_the_swap_says_the_copy_is_live_and_rollback_brings_back_the_old_one(
@@ -160,7 +136,7 @@ def test_ctrl_c_during_a_production_push_names_its_safety_backup(connect, sandbo
     inv("pull", "production", check=True)  # a copy of a fresh backup: the push guard lets it through
     before = fingerprint(connect("production"))
     with app_command_held("production", "stop", tmp_path / "stop", STOPPED):
-        line = interrupted("push", "production", tmp_path / "stop", "--yes")
+        line = interrupted_when((tmp_path / "stop").exists, "push", "production", "--yes")
     assert line.startswith("drydock: error: interrupted during restore: the swap did not run: production runs its old"
                            " database"), line
     safety = dumps.latest("production", kind="safety")
