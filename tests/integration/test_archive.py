@@ -74,6 +74,28 @@ def test_an_archive_with_damaged_data_is_refused_untouched(databases_to_dump, tm
     assert archive.read_bytes() == cut
 
 
+def test_an_archive_cut_between_data_blocks_is_refused_untouched(databases_to_dump, tmp_path):
+    """Cut where a block starts, the blocks that remain read whole: only the TOC, which lists
+    entries whose data never came, shows that the archive is short."""
+    import os
+
+    import drydock_archive
+
+    _from_file, piped = dump_twice(databases_to_dump["with large objects"], tmp_path)
+    archive = tmp_path / "piped.dump"
+    archive.write_bytes(piped)
+    with open(archive, "rb") as handle:  # where each data block starts, as the module finds them
+        cursor = drydock_archive._Cursor(handle, os.fstat(handle.fileno()).st_size)
+        drydock_archive._toc_offset_fields(cursor, drydock_archive._header(cursor))
+        positions = drydock_archive._data_block_positions(cursor)
+    last_id, last_start = max(positions.items(), key=lambda item: item[1])
+    cut = piped[:last_start]
+    archive.write_bytes(cut)
+    with pytest.raises(ArchiveFormatError, match=rf"\Ano data for its entries \[{last_id}\]\Z"):
+        add_data_offsets(str(archive))
+    assert archive.read_bytes() == cut
+
+
 def test_an_archive_version_not_known_here_is_left_alone(databases_to_dump, tmp_path):
     _from_file, piped = dump_twice(databases_to_dump["with large objects"], tmp_path)
     assert piped[5:7] == bytes([1, 14])
