@@ -161,17 +161,29 @@ def place(module, path: str, archive: str, size: int, restore_bytes: int, data_d
                 proc = subprocess.run(["zstd", "-d", "-c", "-q", "--", path], stdout=target, stderr=subprocess.PIPE,
                                       text=True, check=False)
                 if proc.returncode != 0:
-                    raise OSError(f"zstd: {' '.join(proc.stderr.split()) or proc.returncode}")
+                    # zstd says "zstd: <path> : <what> : <detail>"; the path is a temporary name.
+                    reason = proc.stderr.strip().split(" : ", 1)[-1] or f"exit status {proc.returncode}"
+                    if "Write error" in reason:  # the disk, not the dump
+                        raise OSError(f"zstd: {reason}")
+                    raise DoesNotUnpack(f"zstd: {reason}")
             else:
                 with open(path, "rb") as source:
                     shutil.copyfileobj(source, target, 1 << 20)
         return add_data_offsets(archive)
+    except DoesNotUnpack as error:  # yet its sha256 was right
+        discard(archive)
+        module.fail_json(msg=f"refusing {label}: it does not unpack ({error}), though its sha256 is the "
+                             "manifest's: it was damaged before its manifest was written")
     except ArchiveFormatError as error:
         discard(archive)
         module.fail_json(msg=f"refusing {label}: its data does not match its table of contents ({error})")
     except OSError as error:
         discard(archive)
         module.fail_json(msg=f"cannot place {label} for pg_restore: {error}")
+
+
+class DoesNotUnpack(Exception):
+    """zstd could not decompress the dump: its data, not the disk."""
 
 
 def discard(archive: str) -> None:

@@ -258,18 +258,23 @@ def test_push_killed_at_each_step(staging_at_the_local_schema, connect, sandbox_
 
 
 # -- damaged and unreadable dumps, a target without the app role -------------------------------
-@pytest.mark.parametrize("how", ["truncated", "flipped byte"])
+@pytest.mark.parametrize("how", ["truncated", "flipped byte", "flipped byte, then checksummed"])
 def test_damaged_dump_is_refused_by_the_push(staging_at_the_local_schema, connect, sandbox_env, tmp_path, how):
     def damage(data: bytearray) -> None:
         if how == "truncated":
             del data[len(data) // 2:]
-        else:
-            data[len(data) // 2] ^= 0xFF
+        else:  # past the table of contents, which pg_restore --list reads first
+            data[len(data) * 9 // 10] ^= 0xFF
 
     before = fingerprint(connect("staging"))
-    proc = inv("push", "staging", "--dump", str(edited_copy(scrubbed_local_dump(), tmp_path, damage, False)))
+    checksummed = how.endswith("checksummed")  # damaged before the manifest was written, as a bad disk would
+    proc = inv("push", "staging", "--dump", str(edited_copy(scrubbed_local_dump(), tmp_path, damage, checksummed)))
     assert proc.returncode == 1 and len(error_lines(proc)) == 1
-    assert "sha256" in error_lines(proc)[0] and "truncated or corrupted" in error_lines(proc)[0]
+    if checksummed:
+        assert "it does not unpack (zstd: Decoding error (36) : Restored data doesn't match checksum)" in error_lines(proc)[0]
+        assert error_lines(proc)[0].endswith("it was damaged before its manifest was written (the live database is unchanged)")
+    else:
+        assert "sha256" in error_lines(proc)[0] and "truncated or corrupted" in error_lines(proc)[0]
     assert fingerprint(connect("staging")) == before
     assert_no_strays(connect, sandbox_env)
 
