@@ -64,11 +64,14 @@ def test_up_refuses_a_size_the_running_sandbox_was_not_built_with(sandbox_env, c
     """Not a silent no-op: a user asking for a 1 GB production must not bench a 16 MB one."""
     from tests.conftest import error_lines, inv
 
+    box = Sandbox()
+    seed = json.loads((box.root / "seed.json").read_text())
+    built = f"{seed.get('posts_asked', 220)} posts and {seed['bulk_posts']} in bulk"  # 220 and 0 unless built by hand
     before = fingerprint(connect("production"))
     proc = inv("sandbox.up", *option)
     assert proc.returncode == 1
-    assert error_lines(proc) == [f"drydock: error: the sandbox in {Sandbox().root} is built with 220 posts and 0 in "
-                                 "bulk: --posts and --scale apply when it is built; ./inv sandbox.down first"]
+    assert error_lines(proc) == [f"drydock: error: the sandbox in {box.root} is built with {built}: "
+                                 "--posts and --scale apply when it is built; ./inv sandbox.down first"]
     assert fingerprint(connect("production")) == before
 
 
