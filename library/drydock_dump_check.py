@@ -162,7 +162,7 @@ def place(module, path: str, archive: str, size: int, restore_bytes: int, data_d
                                       text=True, check=False)
                 if proc.returncode != 0:
                     # zstd says "zstd: <path> : <what> : <detail>"; the path is a temporary name.
-                    reason = proc.stderr.strip().split(" : ", 1)[-1] or f"exit status {proc.returncode}"
+                    reason = " ".join(proc.stderr.split()).split(" : ", 1)[-1] or f"exit status {proc.returncode}"
                     if "Write error" in reason:  # the disk, not the dump
                         raise OSError(f"zstd: {reason}")
                     raise DoesNotUnpack(f"zstd: {reason}")
