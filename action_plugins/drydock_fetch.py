@@ -17,7 +17,8 @@ DOCUMENTATION = r"""
 name: drydock_fetch
 short_description: Fetch a dump from the host, 0600, check its sha256 and write its manifest beside it
 description:
-  - Creates the folders from C(private_root) down to C(dest)'s, each 0700.
+  - Creates the folders from C(private_root) down to C(dest)'s, each 0700, and refuses a dump
+    (C(manifest.dump.size)) bigger than the free space there.
   - Transfers C(src) from the host to C(dest).partial on the controller (mode 0600 from its
     creation), compares its sha256 with C(sha256) and renames it to C(dest).
   - Then writes C(manifest) as C(manifest.json) beside C(dest), 0600 (a dump without its
@@ -62,6 +63,7 @@ class ActionModule(ActionBase):
         try:
             manifest_text = json.dumps(args["manifest"], indent=2, sort_keys=True) + "\n"  # as to_nice_json(indent=2)
             make_private_folders(os.path.abspath(os.path.expanduser(args["private_root"])), os.path.dirname(dest))
+            refuse_without_room(os.path.dirname(dest), int(args["manifest"]["dump"]["size"]))
             self._connection.fetch_file(src, partial)
             os.chmod(partial, 0o600)
             checksum = secure_hash(partial, hash_func=hashlib.sha256)
@@ -85,6 +87,15 @@ class ActionModule(ActionBase):
                 return dict(result, failed=True, dest=dest,
                             msg=f"the backup {dest} is complete, but its record could not be written: {error}")
         return dict(result, changed=True, dest=dest, checksum=checksum, size=os.path.getsize(dest))
+
+
+def refuse_without_room(folder: str, size: int) -> None:
+    """A fetch that would fill the controller's disk fails at its end, having filled it: refuse first."""
+    disk = os.statvfs(folder)
+    free = disk.f_bavail * disk.f_frsize
+    if free < size:
+        raise AnsibleError(f"not enough disk on the controller for the dump in {folder}: "
+                           f"{free / 2**20:,.0f} MB free, {size / 2**20:,.0f} MB needed")
 
 
 def make_private_folders(root: str, folder: str) -> None:

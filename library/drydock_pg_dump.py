@@ -28,6 +28,14 @@ options:
     choices: [zstd, gzip]
     default: zstd
   compress: {description: "Compression level: zstd C(-1)..C(-19), or pg_dump's C(-Z) 0-9.", type: int, default: 1}
+  min_free_mb:
+    description:
+      - Refuse to start when the dump's folder would keep less than this many MB free once the
+        dump is written, so that a backup never fills the disk of a database server. The dump
+        is expected to be as big as the database's newest dump beside it, or, for its first,
+        as the database itself (a dump holds no indexes and is compressed).
+    type: int
+    default: 0
   keep:
     description:
       - After a successful dump, keep this many of the database's dumps in C(dest)'s folder
@@ -72,6 +80,7 @@ import subprocess
 import threading
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.common.text.formatters import bytes_to_human
 from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, database_comment,
                                              latest_migrations, list_entries, refuse_unless_plain_name, row_counts,
                                              server_version, sha256_file, write_fingerprint)
@@ -136,11 +145,29 @@ def recorded(record: dict) -> dict:
     return {"lineage": record.get("drydock_lineage"), "scrubbed": record.get("drydock_scrubbed", [])}
 
 
+def dump_name_pattern(database: str) -> re.Pattern:
+    return re.compile(re.escape(database) + r"-\d{8}T\d{6}Z\.dump(\.zst)?")
+
+
+def refuse_without_room(module, dest: str, database: str, database_size: int, min_free_mb: int) -> None:
+    """Fail unless the dump's folder keeps `min_free_mb` free after the dump (see min_free_mb)."""
+    folder = os.path.dirname(dest)
+    earlier = sorted(name for name in os.listdir(folder) if dump_name_pattern(database).fullmatch(name))
+    expected = os.path.getsize(os.path.join(folder, earlier[-1])) if earlier else database_size
+    disk = os.statvfs(folder)
+    free = disk.f_bavail * disk.f_frsize
+    if free - expected < min_free_mb * 2**20:
+        basis = "as big as its last dump" if earlier else "as big as the database, for a first dump"
+        module.fail_json(msg=f"not enough disk on this host for the dump in {folder}: {bytes_to_human(free)} free, "
+                             f"about {bytes_to_human(expected)} expected ({basis}), and {min_free_mb} MB must stay "
+                             "free for the server (pg_backup_min_free_mb)", dump=dest)
+
+
 def rotate(dest: str, database: str, keep: int) -> list[str]:
     """Delete the database's dumps beside `dest` beyond the newest `keep` (0: keep all),
     and the .partial files that interrupted dumps left behind."""
     folder = os.path.dirname(dest)
-    pattern = re.compile(re.escape(database) + r"-\d{8}T\d{6}Z\.dump(\.zst)?")
+    pattern = dump_name_pattern(database)
     names = os.listdir(folder)
     dumps = sorted((name for name in names if pattern.fullmatch(name)), reverse=True)
     partials = [name for name in names if name.endswith(".partial") and pattern.fullmatch(name[:-len(".partial")])]
@@ -159,7 +186,7 @@ def main() -> None:
         argument_spec=dict(PG_CONNECTION_ARGS, dest=dict(type="path", required=True),
                            pg_bindir=dict(type="path", required=True), compress=dict(type="int", default=1),
                            compression=dict(type="str", default="zstd", choices=["zstd", "gzip"]),
-                           keep=dict(type="int", default=0)),
+                           keep=dict(type="int", default=0), min_free_mb=dict(type="int", default=0)),
         supports_check_mode=True,
     )
     params = module.params
@@ -180,6 +207,9 @@ def main() -> None:
     os.umask(0o077)  # a dump is production data: 0600 from the first byte
     try:
         with connect(params["socket_dir"], params["port"], params["database"]) as conn:
+            refuse_without_room(module, dest, params["database"],
+                                conn.execute("SELECT pg_database_size(current_database())").fetchone()[0],
+                                params["min_free_mb"])
             # The write counters are read before the snapshot, in a transaction of their own. A
             # write committed in between is then in the dump but not counted, and a later
             # freshness check errs towards refusing. Read after it, a write committed while the

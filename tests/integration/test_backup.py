@@ -102,6 +102,22 @@ def test_a_pull_restores_the_dump_its_own_backup_made(backup, connect):
                                        " WHERE id = 2")
 
 
+def test_a_backup_that_would_fill_the_hosts_disk_is_refused_before_it_dumps(backup, sandbox_env, testinfra_host):
+    """A dump that fills the disk a database server writes to can stop the server: refused
+    before pg_dump starts, leaving nothing on the host or the controller."""
+    host = testinfra_host("production")
+    folder = sandbox_env["production"]["backup_dir"]
+    on_host = host.check_output(f"ls -A {folder}")
+    on_controller = sorted((backups_dir() / "production").rglob("*"))
+    proc = playbook("backup_database.yml", "--limit", "production", "-e", "pg_backup_min_free_mb=1000000000")
+    assert proc.returncode != 0
+    assert re.search(rf"not enough disk on this host for the dump in {folder}: [\d.]+ [KMGT]?B free, about "
+                     r"[\d.]+ [KMGT]?B expected \(as big as its last dump\), and 1000000000 MB must stay free",
+                     " ".join(proc.stdout.split())), proc.stdout[-2000:]
+    assert host.check_output(f"ls -A {folder}") == on_host  # no .partial
+    assert sorted((backups_dir() / "production").rglob("*")) == on_controller
+
+
 def test_an_environment_named_apart_from_its_host_is_refused(sandbox_env):
     """drydock finds a host's dumps under backups/<its inventory name>/."""
     proc = playbook("backup_database.yml", "--limit", "production", "-e", "drydock_env=prod")

@@ -35,3 +35,28 @@ def test_a_plain_name_passes_to_the_command(module):
     proc = run_check_mode(module, "site__incoming")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "--dbname=site__incoming" in proc.stdout
+
+
+@pytest.mark.parametrize("claimed_size, fetched", [(1, True), (2**60, False)])
+def test_the_fetch_refuses_a_dump_bigger_than_the_controllers_free_space(tmp_path, claimed_size, fetched):
+    """Checked before the transfer: a fetch that fills the disk fails only at its end."""
+    import hashlib
+
+    src = tmp_path / "host" / "site-20261205T000000Z.dump.zst"
+    src.parent.mkdir()
+    src.write_bytes(b"a dump")
+    root = tmp_path / "backups"
+    args = {"src": str(src), "dest": str(root / "production" / "20261205T000000Z" / src.name),
+            "sha256": hashlib.sha256(b"a dump").hexdigest(), "private_root": str(root),
+            "manifest": {"dump": {"size": claimed_size}}}
+    proc = subprocess.run(["ansible", "localhost", "-i", "localhost,", "-c", "local",
+                           "-e", f"ansible_python_interpreter={sys.executable}", "-m", "drydock_fetch", "-a", json.dumps(args)],
+                          env=ansible_env(), capture_output=True, text=True, timeout=120)
+    files = sorted(path.name for path in root.rglob("*") if path.is_file())
+    if fetched:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert files == ["manifest.json", src.name]
+    else:
+        assert proc.returncode != 0
+        assert "not enough disk on the controller for the dump in" in proc.stdout and "MB needed" in proc.stdout
+        assert files == []
