@@ -6,9 +6,11 @@ DOCUMENTATION = r"""
 module: drydock_scrub
 short_description: Scrub personal data from a database copy with SQL rules, in one transaction
 description:
-  - Runs each rule's SQL when its table exists (rules for apps the site does not have are
-    skipped), all in one transaction, and records the rules that ran in the database's
-    drydock comment, so the dump's manifest and the run journal can name them.
+  - Runs each rule's SQL, all in one transaction, and records the rules that ran in the
+    database's drydock comment, so the dump's manifest and the run journal can name them.
+  - A rule whose table does not exist fails the scrubbing (a misspelt table would otherwise
+    let personal data through), unless it says C(required: false): a rule for an app the
+    site may not have. Scrubbing in which no rule ran fails too.
   - Meant for the outgoing copy of a push to a non-production environment; never for a live database.
   - Connects over the local socket as the current OS user (peer authentication).
 options:
@@ -17,8 +19,9 @@ options:
   port: {description: Server port., type: int, default: 5432}
   rules:
     description:
-      - "Rules: C(name), C(table) and C(sql). A rule whose table does not exist is skipped,
-        unless it says C(required: true): then scrubbing fails and nothing is changed."
+      - "Rules: C(name), C(table) and C(sql), and C(required) (default true). A rule whose table
+        does not exist fails the scrubbing, and nothing is changed, unless it says
+        C(required: false): then it is skipped."
     type: list
     elements: dict
     required: true
@@ -64,13 +67,17 @@ def main() -> None:
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
             for rule in p["rules"]:
                 if conn.execute("SELECT to_regclass(%s) IS NULL", (rule["table"],)).fetchone()[0]:
-                    if rule.get("required"):
-                        raise MissingTable(f"scrub rule {rule['name']} is required but table {rule['table']} "
-                                           "does not exist: adjust pg_scrub_rules to this site's tables")
+                    if rule.get("required", True):
+                        raise MissingTable(f"scrub rule {rule['name']}: its table {rule['table']} does not exist, so "
+                                           "its data would leave unscrubbed: correct the rule in pg_scrub_rules, or "
+                                           "give it required: false if this site may lack that table")
                     without_table.append(rule["name"])
                     continue
                 rows = conn.execute(rule["sql"]).rowcount
                 ran.append({"name": rule["name"], "rows": rows})
+            if not ran:
+                raise MissingTable(f"no scrub rule ran on {p['database']} ({len(p['rules'])} in pg_scrub_rules, none "
+                                   "whose table exists): nothing would be scrubbed; correct pg_scrub_rules")
             if module.check_mode:
                 conn.rollback()
         if not module.check_mode:

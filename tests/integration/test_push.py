@@ -317,6 +317,27 @@ def newest_local_dump(scrubbed: bool):
     raise AssertionError("no such local dump")
 
 
+EMAILS = {"name": "user_emails", "table": "auth_user", "sql": "UPDATE auth_user SET email = 'x@example.invalid'"}
+
+
+@pytest.mark.parametrize("rules, refusal", [
+    # A misspelt table: without `required: false`, the rule must not be skipped quietly.
+    ([{**EMAILS, "table": "auth_usr"}, {"name": "sessions", "table": "django_session", "sql": "DELETE FROM django_session"}],
+     "scrub rule user_emails: its table auth_usr does not exist, so its data would leave unscrubbed"),
+    ([{**EMAILS, "table": "auth_usr", "required": False}],
+     "no scrub rule ran on wagtail_site__outgoing (1 in pg_scrub_rules, none whose table exists)"),
+])
+def test_a_scrub_rule_for_a_missing_table_stops_the_push_before_anything_leaves(pushed, connect, tmp_path, rules, refusal):
+    before = sorted((backups_dir() / "local").iterdir())
+    rules_file = tmp_path / "rules.json"
+    rules_file.write_text(json.dumps({"pg_scrub_rules": rules}))
+    proc = playbook("prepare_push.yml", "--limit", "local", "-e", f"@{rules_file}")
+    assert proc.returncode != 0
+    assert refusal in " ".join(proc.stdout.split()), proc.stdout[-2000:]
+    assert sorted((backups_dir() / "local").iterdir()) == before  # no dump was made
+    assert "wagtail_site__outgoing" not in databases(connect("local", "postgres"))
+
+
 def test_scrubbed_dump_is_refused_by_production(pushed, connect):
     before = fingerprint(connect("production"))
     proc = inv("push", "production", "--yes", "--dump", str(newest_local_dump(scrubbed=True).path))
