@@ -98,13 +98,17 @@ def switch(conn, database: str, hostname: str, port: int, site_name: str, django
     if len(rows) > 1:
         raise SiteError(f"{len(rows)} Sites match {which} in {database}: nothing changed")
     site_id, old_host, old_port, is_default = rows[0]
-    conn.execute("UPDATE wagtailcore_site SET hostname = %s, port = %s WHERE id = %s", (hostname, port, site_id))
+    # Rows already right are not updated: an update counts as a write, and a push to production
+    # refuses a target that has taken writes since its backup.
+    conn.execute("UPDATE wagtailcore_site SET hostname = %s, port = %s WHERE id = %s"
+                 " AND (hostname, port) IS DISTINCT FROM (%s, %s)", (hostname, port, site_id, hostname, port))
     domain, old_domain = None, None
     if tables[1] and is_default:  # django_site follows the default Site, however it was named
         domain = django_domain(hostname, port)
         row = conn.execute("SELECT domain FROM django_site WHERE id = %s", (django_site_id,)).fetchone()
         old_domain = row[0] if row else None
-        conn.execute("UPDATE django_site SET domain = %s WHERE id = %s", (domain, django_site_id))
+        conn.execute("UPDATE django_site SET domain = %s WHERE id = %s AND domain IS DISTINCT FROM %s",
+                     (domain, django_site_id, domain))
     changed = (old_host, old_port) != (hostname, port) or domain != old_domain
     return {"before": {"hostname": old_host, "port": old_port}, "django_site": domain, "changed": changed}
 

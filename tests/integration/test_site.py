@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from drydock.playbook import ansible_env
-from tests.conftest import ROOT, error_lines, inv, playbook, run_module
+from tests.conftest import LIVE_OID, ROOT, error_lines, inv, playbook, run_module
 
 SITE = "SELECT hostname, port FROM wagtailcore_site WHERE is_default_site"
 
@@ -43,6 +43,21 @@ def test_a_hostname_is_stored_lower_cased_and_the_default_site_named_keeps_djang
                                      " Wagtail never matches it: set it again)"]
     finally:
         inv("site", "local", "localhost", check=True)
+
+
+def test_setting_the_site_production_already_has_is_no_write_that_refuses_the_next_push(pulled, connect, sandbox_env):
+    """The runbook's Site example names production's own hostname: an update that changes
+    nothing would still count as a write since the backup, and refuse a push to production."""
+    inv("pull", "production", check=True)  # the local copy is of production's newest backup
+    hostname, port = connect("production").execute(SITE).fetchone()
+    inv("site", "production", hostname, "--port", str(port), "--yes", check=True)
+    old = connect("production", "postgres").execute(LIVE_OID).fetchone()
+    try:
+        proc = inv("push", "production", "--yes")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    finally:
+        if connect("production", "postgres").execute(LIVE_OID).fetchone() != old:
+            inv("rollback", "production", "--yes", check=True)
 
 
 def test_production_needs_confirmation(pulled, connect):
