@@ -18,6 +18,11 @@ from ansible.plugins.callback import CallbackBase
 
 
 def _one_line(result: dict) -> str:
+    # A loop's result says only "One or more items failed": the first failed item says what.
+    failed_item = next((item for item in result.get("results") or [] if isinstance(item, dict) and item.get("failed")),
+                       None)
+    if failed_item is not None:
+        return "<hidden by no_log>" if failed_item.get("censored") else _one_line(failed_item)
     msg = str(result.get("msg") or "")
     stderr = [line for line in (result.get("stderr_lines") or []) if line.strip()]
     if stderr and (not msg or msg.startswith("non-zero return code")):
