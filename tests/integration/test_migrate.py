@@ -155,16 +155,21 @@ def test_a_path_or_parameter_that_looks_like_a_template_is_taken_as_it_is(fresh_
     assert out.read_text() == "{{ 7*7 }}"
 
 
-def test_a_missing_file_the_inventory_names_is_the_error_line_not_the_loops_summary(sandbox_env, tmp_path):
+@pytest.mark.parametrize("playbook_name, env, setting, message", [
+    ("migrate.yml", "local", "django_migrate_python=/nonexistent/python", "no such file: /nonexistent/python"),
+    ("verify_database.yml", "staging", "drydock_app_dir=/nonexistent",
+     "no such file: /nonexistent/manage.py (drydock_app_dir, drydock_app_python)"),
+])
+def test_a_missing_file_the_inventory_names_is_the_error_line_not_the_loops_summary(sandbox_env, tmp_path, playbook_name,
+                                                                                    env, setting, message):
     """The check of the app's files is a loop, whose own message is "One or more items
     failed": the line drydock ends with must name the missing file."""
     failures = tmp_path / "failures.jsonl"
-    proc = subprocess.run(["ansible-playbook", "playbooks/migrate.yml", "--limit", "local",
-                           "-e", "django_migrate_python=/nonexistent/python"],
+    proc = subprocess.run(["ansible-playbook", f"playbooks/{playbook_name}", "--limit", env, "-e", setting],
                           env=dict(ansible_env(), DRYDOCK_FAILURES_FILE=str(failures)), cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode != 0
-    assert json.loads(failures.read_text().splitlines()[0])["msg"] == "no such file: /nonexistent/python"
+    assert json.loads(failures.read_text().splitlines()[0])["msg"] == message
 
 
 def test_broken_page_tree_fails_the_step_unless_fixtree(fresh_local, connect):
