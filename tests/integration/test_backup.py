@@ -118,6 +118,16 @@ def test_a_backup_that_would_fill_the_hosts_disk_is_refused_before_it_dumps(back
     assert sorted((backups_dir() / "production").rglob("*")) == on_controller
 
 
+def test_the_hosts_postgresql_programs_are_those_in_drydock_pg_bindir(backup, connect):
+    """One inventory setting for a host on another PostgreSQL version, for the dump and the restore."""
+    before = row_counts(connect("local"))
+    for args, program in ((["backup_database.yml", "--limit", "production"], "pg_dump"),
+                          (["pull_database.yml", "--limit", "local", "-e", f"drydock_dump={backup.path}"], "pg_restore")):
+        proc = playbook(*args, "-e", "drydock_pg_bindir=/nonexistent/bin")
+        assert proc.returncode != 0 and f"/nonexistent/bin/{program}" in proc.stdout, proc.stdout[-2000:]
+    assert row_counts(connect("local")) == before
+
+
 def test_an_environment_named_apart_from_its_host_is_refused(sandbox_env):
     """drydock finds a host's dumps under backups/<its inventory name>/."""
     proc = playbook("backup_database.yml", "--limit", "production", "-e", "drydock_env=prod")
