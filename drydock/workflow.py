@@ -311,8 +311,11 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
             say: Say = print, run: Run | None = None, locked: bool = False) -> Run | None:
     """Run the migration step on the local database (see playbooks/migrate.yml)."""
     notebook_parameters = check_step_inputs(notebook, script, phase, parameters)
-    if plan and (notebook or script or parameters or fixtree):
-        raise InvalidInput("--plan shows the migrations only: give no --notebook, --script, --param or --fixtree with it")
+    if plan and (notebook or script or parameters or fixtree or phase != "all" or not run_migrate):
+        raise InvalidInput("--plan shows every pending migration and runs nothing: give no --notebook, --script, "
+                           "--param, --fixtree, --phase or --no-migrate with it")
+    if not (run_migrate or notebook or script or fixtree or plan):
+        raise InvalidInput("--no-migrate leaves nothing to run: give it a --notebook, a --script or --fixtree")
     inv = inventory.load()
     local = inv.local[0]
     if plan:
