@@ -5,7 +5,8 @@ import functools
 import shlex
 import subprocess
 
-from invoke import Collection, Exit, task
+import invoke
+from invoke import Collection, Exit
 
 from drydock import testrun, workflow
 from drydock.errors import DrydockError
@@ -13,6 +14,10 @@ from drydock.paths import project_root
 from drydock.playbook import sandbox_inventory_only
 from drydock.sandbox import Sandbox, SandboxError, bulk_posts_for
 from drydock.validate import InvalidInput, count
+
+# No short flags: Invoke would make one from each option's first letter (`push -l` for
+# --allow-unscrubbed, `site -h` for --hostname rather than help); long names say what they do.
+task = functools.partial(invoke.task, auto_shortflags=False)
 
 # Numeric options have string defaults: given an int default, Invoke converts the value
 # itself and answers `--port abc` with a traceback. drydock.validate converts and checks
@@ -23,6 +28,10 @@ def one_line_errors(body):
     """Turn drydock's expected failures into one line on stderr and exit status 1."""
     @functools.wraps(body)
     def wrapper(*args, **kwargs):
+        # Invoke gives a task's positional argument whatever token comes next, --help included.
+        if any(value in ("--help", "-h") for value in [*args[1:], *kwargs.values()]):
+            raise Exit("drydock: error: --help after a task is read as its argument: "
+                       "put it before the task's name (./inv --help TASK)", code=1)
         try:
             return body(*args, **kwargs)
         except (DrydockError, InvalidInput, SandboxError) as error:
@@ -149,7 +158,7 @@ def app_restart(c, env, yes=False):
     workflow.restart_app(env, yes=yes)
 
 
-@task(iterable=["param"], auto_shortflags=False,
+@task(iterable=["param"],
       help={"source": "where the data comes from (e.g. production)",
             "target": "where the migrated copy goes (e.g. staging)",
             "notebook": "execute this notebook in the migration step",
@@ -186,7 +195,7 @@ def runs_show(c, run_id):
     workflow.runs_show(run_id)
 
 
-@task(iterable=["param"], auto_shortflags=False,
+@task(iterable=["param"],
       help={"notebook": "execute this notebook with papermill after migrating",
             "script": "run this Python script after migrating",
             "param": "a notebook parameter, name=value (repeatable)",

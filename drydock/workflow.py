@@ -710,7 +710,7 @@ def runs_show(run_id: str, say: Say = print) -> list[dict]:
     from drydock import journal
     from drydock.paths import runs_dir
 
-    if "/" in run_id or run_id.startswith("."):
+    if not run_id.strip() or "/" in run_id or run_id.startswith("."):
         raise InvalidInput(f"invalid run id {run_id!r}")
     folder = runs_dir() / run_id
     if folder not in journal.run_folders():  # runs/locks and runs/cache are not runs

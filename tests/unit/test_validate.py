@@ -93,3 +93,22 @@ def test_snapshot_names(name, ok):
     else:
         with pytest.raises(InvalidInput, match="invalid snapshot name"):
             validate.snapshot_name(name)
+
+
+@pytest.mark.parametrize("args", [["push", "--help"], ["site", "local", "-h"]])
+def test_help_after_a_task_is_never_taken_for_its_argument(args):
+    from tests.conftest import error_lines, inv
+
+    proc = inv(*args)
+    assert proc.returncode == 1 and error_lines(proc) == [
+        "drydock: error: --help after a task is read as its argument: put it before the task's name (./inv --help TASK)"]
+
+
+def test_no_task_takes_a_one_letter_flag():
+    """Invoke would make `push -o` mean --allow-older-schema: options go by their whole names."""
+    from tests.conftest import inv
+
+    proc = inv("push", "staging", "-o")
+    assert proc.returncode != 0 and "No idea what '-o' is!" in proc.stderr
+    listing = inv("--help", "site", check=True).stdout
+    assert "--hostname" in listing and "-h," not in listing and "-p," not in listing
