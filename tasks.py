@@ -168,7 +168,7 @@ def app_restart(c, env, yes=False):
             "allow_lost_writes": "push even though the target took writes since the backup"})
 @one_line_errors
 def pipeline(c, source, target, notebook=None, script=None, param=None, yes=False, allow_lost_writes=False):
-    """backup SOURCE → pull → migrate (+ notebook or script) → push to TARGET, with a timing summary."""
+    """backup SOURCE → pull → migrate (+ notebook or script) → verify local → push to TARGET → verify it, with a timing summary."""
     workflow.pipeline(source, target, notebook=notebook, script=script, parameters=param or [], yes=yes,
                       allow_lost_writes=allow_lost_writes)
 

@@ -27,6 +27,9 @@ def _one_line(result: dict) -> str:
     stderr = [line for line in (result.get("stderr_lines") or []) if line.strip()]
     if stderr and (not msg or msg.startswith("non-zero return code")):
         msg = stderr[-1]
+    elif msg.startswith("non-zero return code") and result.get("cmd"):  # a command that failed without a word
+        command = result["cmd"] if isinstance(result["cmd"], str) else " ".join(map(str, result["cmd"]))
+        msg = f"{command} exited with status {result.get('rc')}"
     return " ".join(msg.split()) or "failed"
 
 

@@ -256,6 +256,17 @@ def test_a_failed_health_check_swaps_the_live_database_back(pushed, connect, san
     assert "wagtail_site__incoming" not in databases(connect("staging", "postgres"))
 
 
+def test_a_stop_command_that_fails_without_a_word_is_named_in_the_line(pushed, connect, sandbox_env):
+    live = connect("staging", "postgres").execute(LIVE_OID).fetchone()
+    proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={pushed[1].path}",
+                    "-e", json.dumps({"drydock_app_stop_command": ["/bin/false"]}))
+    assert proc.returncode != 0
+    assert ("/bin/false exited with status 1 (nothing was swapped: the live database is unchanged; the app did not"
+            " stop)") in " ".join(proc.stdout.split()), proc.stdout[-3000:]
+    assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
+    assert app_serves(sandbox_env, "staging")
+
+
 def test_a_failed_health_check_swaps_back_even_when_the_app_then_will_not_stop(pushed, connect, sandbox_env,
                                                                               tmp_path):
     """The stop before the swap-back fails (the first stop, before the swap, works): the
