@@ -267,6 +267,20 @@ def test_a_stop_command_that_fails_without_a_word_is_named_in_the_line(pushed, c
     assert app_serves(sandbox_env, "staging")
 
 
+def test_a_start_command_that_fails_without_a_word_is_named_in_the_line(pushed, sandbox_env, tmp_path):
+    failures = tmp_path / "failures.jsonl"
+    proc = subprocess.run(["ansible-playbook", "playbooks/restart_app.yml", "--limit", "staging",
+                           "-e", json.dumps({"drydock_app_start_command": ["/bin/false"]})],
+                          env=dict(ansible_env(), DRYDOCK_FAILURES_FILE=str(failures)), cwd=ROOT, capture_output=True,
+                          text=True)
+    try:
+        assert proc.returncode != 0
+        assert json.loads(failures.read_text().splitlines()[0])["msg"] == "/bin/false exited with status 1"
+    finally:
+        inv("app.restart", "staging", check=True)  # stopped by the restart whose start failed
+    assert app_serves(sandbox_env, "staging")
+
+
 def test_a_failed_health_check_swaps_back_even_when_the_app_then_will_not_stop(pushed, connect, sandbox_env,
                                                                               tmp_path):
     """The stop before the swap-back fails (the first stop, before the swap, works): the
