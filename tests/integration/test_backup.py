@@ -121,8 +121,9 @@ def test_a_backup_that_would_fill_the_hosts_disk_is_refused_before_it_dumps(back
 def test_the_hosts_postgresql_programs_are_those_in_drydock_pg_bindir(backup, connect):
     """One inventory setting for a host on another PostgreSQL version, for the dump and the restore."""
     before = row_counts(connect("local"))
+    newest = dumps.latest("production").path  # the fixture's may have been rotated away
     for args, program in ((["backup_database.yml", "--limit", "production"], "pg_dump"),
-                          (["pull_database.yml", "--limit", "local", "-e", f"drydock_dump={backup.path}"], "pg_restore")):
+                          (["pull_database.yml", "--limit", "local", "-e", f"drydock_dump={newest}"], "pg_restore")):
         proc = playbook(*args, "-e", "drydock_pg_bindir=/nonexistent/bin")
         assert proc.returncode != 0 and f"/nonexistent/bin/{program}" in proc.stdout, proc.stdout[-2000:]
     assert row_counts(connect("local")) == before

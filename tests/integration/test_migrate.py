@@ -159,6 +159,8 @@ def test_a_path_or_parameter_that_looks_like_a_template_is_taken_as_it_is(fresh_
     ("migrate.yml", "local", "django_migrate_python=/nonexistent/python", "no such file: /nonexistent/python"),
     ("verify_database.yml", "staging", "drydock_app_dir=/nonexistent",
      "no such file: /nonexistent/manage.py (drydock_app_dir, drydock_app_python)"),
+    ("pull_database.yml", "local", "drydock_dump=/nonexistent/site.dump.zst",
+     "no such file: /nonexistent/site.dump.zst (the local database is unchanged)"),
 ])
 def test_a_missing_file_the_inventory_names_is_the_error_line_not_the_loops_summary(sandbox_env, tmp_path, playbook_name,
                                                                                     env, setting, message):
@@ -169,7 +171,7 @@ def test_a_missing_file_the_inventory_names_is_the_error_line_not_the_loops_summ
                           env=dict(ansible_env(), DRYDOCK_FAILURES_FILE=str(failures)), cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode != 0
-    assert json.loads(failures.read_text().splitlines()[0])["msg"] == message
+    assert json.loads(failures.read_text().splitlines()[-1])["msg"] == message  # the last: drydock's line
 
 
 def test_broken_page_tree_fails_the_step_unless_fixtree(fresh_local, connect):
