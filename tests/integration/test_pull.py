@@ -125,15 +125,21 @@ def test_count_mismatch_after_restore_leaves_local_unchanged(pulled, connect, tm
     assert "wagtail_site__incoming" not in databases(connect("local"))
 
 
-@pytest.mark.parametrize("override", ["pg_restore_incoming=wagtail_site", "pg_restore_previous=wagtail_site"])
+@pytest.mark.parametrize("override", ["pg_restore_incoming=wagtail_site", "pg_restore_previous=wagtail_site",
+                                      "pg_restore_incoming=wagtail_site__snap_pre_pull"])
 def test_side_database_named_as_the_live_one_is_refused(pulled, connect, override):
     """The side database is dropped before the restore and the previous one replaced by the
-    swap: a setting that names either after the live database must stop before both."""
+    swap: a setting that names either after the live database, or both alike, must stop
+    before either (the last would drop the kept database, pre_pull, to restore into it)."""
     before = fingerprint(connect("local"))
+    oids = "SELECT datname, oid FROM pg_database WHERE datname LIKE 'wagtail_site%' ORDER BY datname"
+    databases_before = connect("local", "postgres").execute(oids).fetchall()
+    assert ("wagtail_site__snap_pre_pull",) in [(name,) for name, _ in databases_before]
     proc = playbook("pull_database.yml", "-e", f"drydock_dump={pulled.path}", "-e", override)
     assert proc.returncode != 0
-    assert "named apart from the live one" in proc.stdout + proc.stderr
+    assert "named apart from the live one and from each other" in proc.stdout + proc.stderr
     assert fingerprint(connect("local")) == before
+    assert connect("local", "postgres").execute(oids).fetchall() == databases_before
 
 
 @pytest.mark.parametrize("args, message", [

@@ -68,6 +68,10 @@ def test_production_needs_confirmation(pulled, connect):
     assert "refusing to change the Site of production without confirmation" in error_lines(proc)[-1]
     plain = playbook("site_hostname.yml", "--limit", "production", "-e", "wagtail_site_hostname=evil.test")
     assert plain.returncode != 0 and "without confirmation" in plain.stdout
+    for word in ("staging", "yes"):  # only the environment's own name confirms
+        other = playbook("site_hostname.yml", "--limit", "production", "-e", "wagtail_site_hostname=evil.test",
+                         "-e", f"drydock_confirm={word}")
+        assert other.returncode != 0 and "without confirmation" in other.stdout, other.stdout[-2000:]
     assert connect("production").execute(SITE).fetchone() == before
 
 
