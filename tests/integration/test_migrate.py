@@ -155,6 +155,18 @@ def test_a_path_or_parameter_that_looks_like_a_template_is_taken_as_it_is(fresh_
     assert out.read_text() == "{{ 7*7 }}"
 
 
+def test_fixtree_that_cannot_repair_an_orphan_fails_the_step_and_puts_it_back(fresh_local, connect):
+    """fixtree mends counts, never an orphan page: the tree is checked again after it, and a
+    step that would report the tree consistent on a broken one fails instead."""
+    connect("local").execute("UPDATE wagtailcore_page SET path = left(path, -8) || 'ZZZZ' || right(path, 4)"
+                             " WHERE id = (SELECT max(id) FROM wagtailcore_page WHERE numchild = 0 AND depth > 2)")
+    before = fingerprint(connect("local"))
+    proc = inv("migrate", "--fixtree")
+    assert proc.returncode == 1
+    assert "orphan" in error_lines(proc)[-1] and "put back" in error_lines(proc)[-1], error_lines(proc)[-1]
+    assert fingerprint(connect("local")) == before and applied(connect("local")) == {"0001_initial"}
+
+
 @pytest.mark.parametrize("playbook_name, env, setting, message", [
     ("migrate.yml", "local", "django_migrate_python=/nonexistent/python", "no such file: /nonexistent/python"),
     ("verify_database.yml", "staging", "drydock_app_dir=/nonexistent",
