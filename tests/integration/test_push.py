@@ -256,6 +256,19 @@ def test_a_failed_health_check_swaps_the_live_database_back(pushed, connect, san
     assert "wagtail_site__incoming" not in databases(connect("staging", "postgres"))
 
 
+def test_without_a_health_url_a_database_that_does_not_answer_is_swapped_back(pushed, connect, sandbox_env):
+    """The SQL check is all a target without drydock_app_health_url has: it must fail the push too."""
+    live = connect("staging", "postgres").execute(LIVE_OID).fetchone()
+    before = fingerprint(connect("staging"))
+    proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={pushed[1].path}",
+                    "-e", "drydock_app_health_url=", "-e", "app_service_database=no_such_database")
+    assert proc.returncode != 0
+    assert "(swapped back: staging runs its previous database again)" in " ".join(proc.stdout.split()), proc.stdout[-3000:]
+    assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
+    assert fingerprint(connect("staging")) == before
+    assert app_serves(sandbox_env, "staging")
+
+
 def test_a_stop_command_that_fails_without_a_word_is_named_in_the_line(pushed, connect, sandbox_env):
     live = connect("staging", "postgres").execute(LIVE_OID).fetchone()
     proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={pushed[1].path}",
