@@ -68,6 +68,20 @@ def test_retention_keeps_the_newest(backup):
     assert dumps.latest("production").path.parent.name == kept[-1]
 
 
+def test_the_host_keeps_its_newest_dumps_only(backup, sandbox_env, testinfra_host):
+    """Each backup leaves a full dump on the database host: without rotation its disk fills."""
+    host = testinfra_host("production")
+    folder = sandbox_env["production"]["backup_dir"]
+    made = []
+    for _ in range(3):
+        proc = playbook("backup_database.yml", "--limit", "production", "-e", "pg_backup_host_keep=2")
+        assert proc.returncode == 0, proc.stdout[-2000:]
+        made.append(dumps.latest("production").manifest["source"]["host_file"])
+    kept = sorted(f"{folder}/{name}" for name in host.check_output(f"ls {folder}").split()
+                  if re.fullmatch(r"wagtail_site-\d{8}T\d{6}Z\.dump\.zst", name))
+    assert kept == made[-2:]
+
+
 def test_a_backup_never_deletes_itself(backup):
     """Rotation goes by the folders' names: one named later (a skewed clock, a copy) must not
     make the backup just taken delete itself, with --keep 1 as with more."""

@@ -82,7 +82,8 @@ def test_notebook_turns_the_blog_into_a_podcast(fresh_local, connect):
 
     executed = Path(proc.stdout.split("executed notebook: ")[1].split()[0])
     assert executed.is_file() and executed.parent.parent == runs_dir()
-    for private in (executed, executed.parent / "ansible.log", executed.parent / "journal.jsonl"):  # they show data
+    for private in (executed, executed.parent / "ansible.log", executed.parent / "journal.jsonl",  # they show data
+                    executed.parent / "parameters.yml"):  # the notebook's database URL and --param values
         assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
     outputs = "".join(o.get("text", "") for c in nbformat.read(executed, 4).cells for o in c.get("outputs", []))
     assert f"with {len(posts)} posts" in outputs
@@ -153,6 +154,27 @@ def test_a_path_or_parameter_that_looks_like_a_template_is_taken_as_it_is(fresh_
     inv("migrate", "--no-migrate", "--notebook", str(tmp_path / "probe.ipynb"), "--param", "probe={{ 7*7 }}",
         "--param", f"out={out}", check=True)
     assert out.read_text() == "{{ 7*7 }}"
+
+
+def test_plain_ansible_cannot_hand_the_notebook_another_database(fresh_local, tmp_path):
+    """drydock's own parameters win over django_migrate_parameters: the notebook works on the
+    database the step's checks and its safety snapshot cover, whatever a -e says."""
+    parameters = nbformat.v4.new_code_cell("database_url = ''\nout = ''")
+    parameters.metadata["tags"] = ["parameters"]
+    notebook = nbformat.v4.new_notebook(cells=[
+        parameters, nbformat.v4.new_code_cell("with open(out, 'w') as handle:\n    handle.write(database_url)")],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(notebook, tmp_path / "probe.ipynb")
+    out = tmp_path / "probe.txt"
+    elsewhere = "postgresql://wagtail_site@127.0.0.1:55432/elsewhere"
+    vars_file = tmp_path / "vars.json"
+    vars_file.write_text(json.dumps({
+        "django_migrate_parameters": {"database_url": elsewhere, "out": str(out)},
+        "django_migrate_notebook": str(tmp_path / "probe.ipynb"), "django_migrate_migrate": False,
+        "django_migrate_output_dir": str(tmp_path / "run")}))
+    proc = playbook("migrate.yml", "--limit", "local", "-e", f"@{vars_file}")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert out.read_text() == _url()
 
 
 def test_fixtree_that_cannot_repair_an_orphan_fails_the_step_and_puts_it_back(fresh_local, connect):

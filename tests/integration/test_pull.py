@@ -1,6 +1,8 @@
 """`inv pull`: production's dump restored into local through a side database and a swap."""
 import json
 import shutil
+import stat
+from pathlib import Path
 
 import pytest
 
@@ -109,8 +111,9 @@ def test_damaged_dump_is_refused_and_local_is_unchanged(pulled, connect, tmp_pat
 
 @pytest.mark.parametrize("lie, expected", [({"blog_post": 1}, "blog_post"), ({"ghost_table": 5}, "ghost_table: missing")],
                          ids=["a count off by one", "a table the dump lacks"])
-def test_count_mismatch_after_restore_leaves_local_unchanged(pulled, connect, tmp_path, lie, expected):
-    """A dump that restores but does not hold what its manifest says never goes live."""
+def test_count_mismatch_after_restore_leaves_local_unchanged(pulled, connect, sandbox_env, tmp_path, lie, expected):
+    """A dump that restores but does not hold what its manifest says never goes live, and
+    the unpacked archive it was restored from (a full copy of the data) is not left behind."""
     folder = tmp_path / "lying"
     shutil.copytree(pulled.path.parent, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -123,6 +126,18 @@ def test_count_mismatch_after_restore_leaves_local_unchanged(pulled, connect, tm
     assert expected in error_lines(proc)[-1]
     assert fingerprint(connect("local")) == before
     assert "wagtail_site__incoming" not in databases(connect("local"))
+    incoming = Path(sandbox_env["local"]["backup_dir"]) / "incoming"
+    assert stat.S_IMODE(incoming.stat().st_mode) == 0o700 and not list(incoming.iterdir())
+
+
+def test_a_restore_the_disk_has_no_room_for_is_refused_before_it_starts(pulled, connect):
+    before = fingerprint(connect("local"))
+    proc = playbook("pull_database.yml", "-e", f"drydock_dump={pulled.path}", "-e", "pg_restore_disk_margin=1000000")
+    assert proc.returncode != 0
+    assert "not enough disk for the restore: " in proc.stdout and "(the database is restored beside the live one)" in \
+        " ".join(proc.stdout.split()), proc.stdout[-2000:]
+    assert fingerprint(connect("local")) == before
+    assert "wagtail_site__incoming" not in databases(connect("local", "postgres"))
 
 
 @pytest.mark.parametrize("override", ["pg_restore_incoming=wagtail_site", "pg_restore_previous=wagtail_site",
