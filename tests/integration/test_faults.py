@@ -88,8 +88,21 @@ def host_dir(sandbox_env: dict, env: str) -> Path:
     return Path(sandbox_env[env]["backup_dir"])
 
 
-def partial_dump_on(sandbox_env: dict, env: str) -> Callable[[], bool]:
-    return lambda: any(host_dir(sandbox_env, env).glob("*.partial"))
+class PartialDump:
+    """True once a dump being written shows on `env`'s host; keeps the modes it had then:
+    production data from its first byte, not only once it is renamed."""
+
+    def __init__(self, sandbox_env: dict, env: str):
+        self.folder = host_dir(sandbox_env, env)
+        self.modes: list[int] = []
+
+    def __call__(self) -> bool:
+        for partial in self.folder.glob("*.partial"):
+            try:
+                self.modes.append(stat.S_IMODE(partial.stat().st_mode))
+            except FileNotFoundError:  # renamed meanwhile: the dump was done
+                continue
+        return bool(self.modes)
 
 
 def assert_private_archive_left(sandbox_env: dict, env: str) -> None:
@@ -211,7 +224,7 @@ def test_pull_killed_at_each_step(pulled, connect, sandbox_env, step):
     since = time.time()
     blocked = BlockedSwap(connect, "local")
     conditions = {
-        "dump": partial_dump_on(sandbox_env, "production"),
+        "dump": PartialDump(sandbox_env, "production"),
         "fetch": after(task_started("Fetch the dump", since), 0.5),
         "restore": restoring(connect, "local", since),
         "swap": blocked.waiting,
@@ -223,6 +236,8 @@ def test_pull_killed_at_each_step(pulled, connect, sandbox_env, step):
     finally:
         blocked.release()
     assert fingerprint(connect("local")) == before
+    if step == "dump":
+        assert set(conditions["dump"].modes) == {0o600}
     if step == "restore":
         assert_private_archive_left(sandbox_env, "local")
     proc = next_run_succeeds("pull", "production")
@@ -238,7 +253,7 @@ def test_push_killed_at_each_step(staging_at_the_local_schema, connect, sandbox_
     before = fingerprint(connect("staging"))
     since = time.time()
     conditions = {
-        "dump": partial_dump_on(sandbox_env, "local"),
+        "dump": PartialDump(sandbox_env, "local"),
         "upload": after(task_started("Upload the dump", since), 0.5),
         "restore": restoring(connect, "staging", since),
         # The swap's phase begins by stopping the app; the rename itself runs on the host,
@@ -247,6 +262,8 @@ def test_push_killed_at_each_step(staging_at_the_local_schema, connect, sandbox_
     }
     kill_when(["push", "staging"], conditions[step], env=SLOW_SFTP if step == "upload" else None)
     assert fingerprint(connect("staging")) == before
+    if step == "dump":
+        assert set(conditions["dump"].modes) == {0o600}
     if step == "restore":
         assert_private_archive_left(sandbox_env, "staging")
     proc = next_run_succeeds("push", "staging")
