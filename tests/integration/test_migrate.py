@@ -136,6 +136,17 @@ def test_a_script_that_exits_non_zero_says_why_and_is_put_back(fresh_local, conn
     assert fingerprint(connect("local")) == before
 
 
+def probe_notebook(folder: Path, parameter: str) -> Path:
+    """A notebook that writes the value it got for `parameter` to the file its parameter `out` names."""
+    parameters = nbformat.v4.new_code_cell(f"{parameter} = ''\nout = ''")
+    parameters.metadata["tags"] = ["parameters"]
+    notebook = nbformat.v4.new_notebook(cells=[
+        parameters, nbformat.v4.new_code_cell(f"with open(out, 'w') as handle:\n    handle.write({parameter})")],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(notebook, folder / "probe.ipynb")
+    return folder / "probe.ipynb"
+
+
 def test_a_path_or_parameter_that_looks_like_a_template_is_taken_as_it_is(fresh_local, tmp_path):
     """Ansible renders a string from -e as Jinja when a task uses it: a file named
     `tag{{ 7*7 }}.py` must run as itself, not as tag49.py (nor any lookup run on the way),
@@ -144,14 +155,8 @@ def test_a_path_or_parameter_that_looks_like_a_template_is_taken_as_it_is(fresh_
         (tmp_path / name).write_text(f"print({says!r} + ' ran')\n")
     proc = inv("migrate", "--no-migrate", "--script", str(tmp_path / "tag{{ 7*7 }}.py"), check=True)
     assert "the script named with braces ran" in proc.stdout and "the rendered name ran" not in proc.stdout
-    parameters = nbformat.v4.new_code_cell("probe = ''\nout = ''")
-    parameters.metadata["tags"] = ["parameters"]
-    notebook = nbformat.v4.new_notebook(cells=[
-        parameters, nbformat.v4.new_code_cell("with open(out, 'w') as handle:\n    handle.write(probe)")],
-        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-    nbformat.write(notebook, tmp_path / "probe.ipynb")
     out = tmp_path / "probe.txt"
-    inv("migrate", "--no-migrate", "--notebook", str(tmp_path / "probe.ipynb"), "--param", "probe={{ 7*7 }}",
+    inv("migrate", "--no-migrate", "--notebook", str(probe_notebook(tmp_path, "probe")), "--param", "probe={{ 7*7 }}",
         "--param", f"out={out}", check=True)
     assert out.read_text() == "{{ 7*7 }}"
 
@@ -159,18 +164,12 @@ def test_a_path_or_parameter_that_looks_like_a_template_is_taken_as_it_is(fresh_
 def test_plain_ansible_cannot_hand_the_notebook_another_database(fresh_local, tmp_path):
     """drydock's own parameters win over django_migrate_parameters: the notebook works on the
     database the step's checks and its safety snapshot cover, whatever a -e says."""
-    parameters = nbformat.v4.new_code_cell("database_url = ''\nout = ''")
-    parameters.metadata["tags"] = ["parameters"]
-    notebook = nbformat.v4.new_notebook(cells=[
-        parameters, nbformat.v4.new_code_cell("with open(out, 'w') as handle:\n    handle.write(database_url)")],
-        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
-    nbformat.write(notebook, tmp_path / "probe.ipynb")
     out = tmp_path / "probe.txt"
     elsewhere = "postgresql://wagtail_site@127.0.0.1:55432/elsewhere"
     vars_file = tmp_path / "vars.json"
     vars_file.write_text(json.dumps({
         "django_migrate_parameters": {"database_url": elsewhere, "out": str(out)},
-        "django_migrate_notebook": str(tmp_path / "probe.ipynb"), "django_migrate_migrate": False,
+        "django_migrate_notebook": str(probe_notebook(tmp_path, "database_url")), "django_migrate_migrate": False,
         "django_migrate_output_dir": str(tmp_path / "run")}))
     proc = playbook("migrate.yml", "--limit", "local", "-e", f"@{vars_file}")
     assert proc.returncode == 0, proc.stdout[-3000:]
