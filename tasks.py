@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import shlex
 import subprocess
 
@@ -26,10 +27,14 @@ task = functools.partial(invoke.task, auto_shortflags=False)
 
 def one_line_errors(body):
     """Turn drydock's expected failures into one line on stderr and exit status 1."""
+    positional = [name for name, parameter in inspect.signature(body).parameters.items()
+                  if parameter.default is inspect.Parameter.empty][1:]  # after the context
+
     @functools.wraps(body)
     def wrapper(*args, **kwargs):
         # Invoke gives a task's positional argument whatever token comes next, --help included.
-        if any(value in ("--help", "-h") for value in [*args[1:], *kwargs.values()]):
+        given = dict(zip(positional, args[1:]), **{name: kwargs[name] for name in positional if name in kwargs})
+        if any(value in ("--help", "-h") for value in given.values()):
             raise Exit("drydock: error: --help after a task is read as its argument: "
                        "put it before the task's name (./inv --help TASK)", code=1)
         try:

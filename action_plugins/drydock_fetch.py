@@ -63,7 +63,7 @@ class ActionModule(ActionBase):
         try:
             manifest_text = json.dumps(args["manifest"], indent=2, sort_keys=True) + "\n"  # as to_nice_json(indent=2)
             make_private_folders(os.path.abspath(os.path.expanduser(args["private_root"])), os.path.dirname(dest))
-            refuse_without_room(os.path.dirname(dest), int(args["manifest"]["dump"]["size"]))
+            refuse_without_room(os.path.dirname(dest), int(args["manifest"].get("dump", {}).get("size", 0)), src)
             self._connection.fetch_file(src, partial)
             os.chmod(partial, 0o600)
             checksum = secure_hash(partial, hash_func=hashlib.sha256)
@@ -89,13 +89,13 @@ class ActionModule(ActionBase):
         return dict(result, changed=True, dest=dest, checksum=checksum, size=os.path.getsize(dest))
 
 
-def refuse_without_room(folder: str, size: int) -> None:
+def refuse_without_room(folder: str, size: int, src: str) -> None:
     """A fetch that would fill the controller's disk fails at its end, having filled it: refuse first."""
     disk = os.statvfs(folder)
     free = disk.f_bavail * disk.f_frsize
     if free < size:
-        raise AnsibleError(f"not enough disk on the controller for the dump in {folder}: "
-                           f"{free / 2**20:,.0f} MB free, {size / 2**20:,.0f} MB needed")
+        raise AnsibleError(f"not enough disk on the controller for the dump in {folder}: {free / 1e6:,.0f} MB free, "
+                           f"{size / 1e6:,.0f} MB needed (the dump stays on the host: {src})")
 
 
 def make_private_folders(root: str, folder: str) -> None:

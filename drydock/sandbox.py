@@ -258,10 +258,11 @@ class Sandbox:
             seed = json.loads((self.root / "seed.json").read_text())
         except (OSError, ValueError):
             return  # built before seed.json was written: nothing to compare with
-        built = (seed.get("posts_asked", DEFAULT_POSTS), seed.get("bulk_posts", 0))
+        built = (seed.get("posts_asked"), seed.get("bulk_posts", 0))  # posts_asked: not recorded before 2026-12-05
         for asked, had in zip((posts, bulk_posts), built):
-            if asked is not None and asked != had:
-                raise SandboxError(f"the sandbox in {self.root} is built with {built[0]} posts and {built[1]} in bulk: "
+            if asked is not None and had is not None and asked != had:
+                posts_part = f"{built[0]} posts and " if built[0] is not None else ""
+                raise SandboxError(f"the sandbox in {self.root} is built with {posts_part}{built[1]} in bulk: "
                                    "--posts and --scale apply when it is built; ./inv sandbox.down first")
 
     def _check_postgres_can_reach_project(self) -> None:
@@ -492,6 +493,7 @@ esac
                 "site_hostname": env.site_hostname,
                 "site_port": env.site_port,
                 "backup_dir": str(self.host_dir(env) / "backups"),
+                "pg_bindir": str(PG_BINDIR),  # the programs the clusters run with, for the playbooks too
             }
             for env in self.environments
         }

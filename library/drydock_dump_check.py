@@ -66,6 +66,7 @@ offsets_added: {description: TOC entries that got their data offset when the arc
 """
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -161,11 +162,10 @@ def place(module, path: str, archive: str, size: int, restore_bytes: int, data_d
                 proc = subprocess.run(["zstd", "-d", "-c", "-q", "--", path], stdout=target, stderr=subprocess.PIPE,
                                       text=True, check=False)
                 if proc.returncode != 0:
-                    # zstd says "zstd: <path> : <what> : <detail>"; the path is a temporary name.
-                    reason = " ".join(proc.stderr.split()).split(" : ", 1)[-1] or f"exit status {proc.returncode}"
-                    if "Write error" in reason:  # the disk, not the dump
-                        raise OSError(f"zstd: {reason}")
-                    raise DoesNotUnpack(f"zstd: {reason}")
+                    reason = zstd_reason(proc.stderr) or f"exit status {proc.returncode}"
+                    if proc.returncode > 0 and any(sign in reason for sign in DAMAGE_SIGNS):
+                        raise DoesNotUnpack(f"zstd: {reason}")
+                    raise OSError(f"zstd: {reason}")  # the disk, memory, a signal: not the dump
             else:
                 with open(path, "rb") as source:
                     shutil.copyfileobj(source, target, 1 << 20)
@@ -184,6 +184,16 @@ def place(module, path: str, archive: str, size: int, restore_bytes: int, data_d
 
 class DoesNotUnpack(Exception):
     """zstd could not decompress the dump: its data, not the disk."""
+
+
+# What zstd 1.5 says of data it cannot decompress (a flipped byte, a cut file, not zstd at all).
+DAMAGE_SIGNS = ("Decoding error", "premature end", "unsupported format", "Read error", "orrupt")
+
+
+def zstd_reason(stderr: str) -> str:
+    """zstd's message without its "zstd: <file> : " (or ": ") prefix: the file is a temporary name."""
+    text = " ".join(stderr.split())
+    return re.sub(r"^zstd: (?:\S*?(?: : |: ))?", "", text) if text.startswith("zstd: ") else text
 
 
 def discard(archive: str) -> None:

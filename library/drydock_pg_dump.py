@@ -30,10 +30,13 @@ options:
   compress: {description: "Compression level: zstd C(-1)..C(-19), or pg_dump's C(-Z) 0-9.", type: int, default: 1}
   min_free_mb:
     description:
-      - Refuse to start when the dump's folder would keep less than this many MB free once the
-        dump is written, so that a backup never fills the disk of a database server. The dump
-        is expected to be as big as the database's newest dump beside it, or, for its first,
-        as the database itself (a dump holds no indexes and is compressed).
+      - Refuse to start when the dump's folder would keep less than this many MB (10^6 bytes)
+        free once the dump is written, so that a backup never fills the disk of a database
+        server; 0 turns the check off. The dump is expected to be as big as the database's
+        newest dump beside it, or, for its first, as the database itself (a dump holds no
+        indexes and is compressed).
+      - To make room, the database's C(.partial) files are deleted first, then, if need be,
+        the dumps that C(keep) would delete after this one.
     type: int
     default: 0
   keep:
@@ -149,18 +152,45 @@ def dump_name_pattern(database: str) -> re.Pattern:
     return re.compile(re.escape(database) + r"-\d{8}T\d{6}Z\.dump(\.zst)?")
 
 
-def refuse_without_room(module, dest: str, database: str, database_size: int, min_free_mb: int) -> None:
-    """Fail unless the dump's folder keeps `min_free_mb` free after the dump (see min_free_mb)."""
+def make_room(module, dest: str, database: str, database_size: int, min_free_mb: int, keep: int) -> list[str]:
+    """Fail unless the dump's folder keeps `min_free_mb` free once the dump is written (0: no
+    check). Stale .partial files of the database go first; when that is not enough, the dumps
+    the rotation after this one would delete anyway (the host keeps `keep`, this one
+    included; the controller holds the fetched copies). Returns the files it deleted."""
+    if min_free_mb <= 0:
+        return []
     folder = os.path.dirname(dest)
-    earlier = sorted(name for name in os.listdir(folder) if dump_name_pattern(database).fullmatch(name))
-    expected = os.path.getsize(os.path.join(folder, earlier[-1])) if earlier else database_size
-    disk = os.statvfs(folder)
-    free = disk.f_bavail * disk.f_frsize
-    if free - expected < min_free_mb * 2**20:
+    pattern = dump_name_pattern(database)
+    names = os.listdir(folder)
+    removed = remove(folder, [name for name in names if name.endswith(".partial")
+                              and pattern.fullmatch(name[:-len(".partial")])])
+    earlier = sorted((name for name in names if pattern.fullmatch(name)), reverse=True)
+    expected = os.path.getsize(os.path.join(folder, earlier[0])) if earlier else database_size
+
+    def free() -> int:
+        disk = os.statvfs(folder)
+        return disk.f_bavail * disk.f_frsize
+
+    if free() - expected < min_free_mb * 10**6 and keep > 0:
+        removed += remove(folder, earlier[keep - 1:])
+    if free() - expected < min_free_mb * 10**6:
         basis = "as big as its last dump" if earlier else "as big as the database, for a first dump"
-        module.fail_json(msg=f"not enough disk on this host for the dump in {folder}: {bytes_to_human(free)} free, "
+        module.fail_json(msg=f"not enough disk on this host for the dump in {folder}: {bytes_to_human(free())} free, "
                              f"about {bytes_to_human(expected)} expected ({basis}), and {min_free_mb} MB must stay "
-                             "free for the server (pg_backup_min_free_mb)", dump=dest)
+                             "free for the server (pg_backup_min_free_mb; 0 turns this check off)", dump=dest)
+    return removed
+
+
+def remove(folder: str, names: list[str]) -> list[str]:
+    """Delete `names` in `folder`; the paths deleted (one that cannot be is left for the next run)."""
+    removed = []
+    for name in names:
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(os.path.join(folder, name))
+        except OSError:
+            continue
+    return removed
 
 
 def rotate(dest: str, database: str, keep: int) -> list[str]:
@@ -171,14 +201,8 @@ def rotate(dest: str, database: str, keep: int) -> list[str]:
     names = os.listdir(folder)
     dumps = sorted((name for name in names if pattern.fullmatch(name)), reverse=True)
     partials = [name for name in names if name.endswith(".partial") and pattern.fullmatch(name[:-len(".partial")])]
-    removed = []
-    for name in (dumps[keep:] if keep > 0 else []) + partials:
-        try:
-            os.unlink(os.path.join(folder, name))
-            removed.append(os.path.join(folder, name))
-        except OSError:  # tidying up must not fail a good dump: the next run tries again
-            continue
-    return removed
+    # Tidying up must not fail a good dump: a file that cannot be deleted is left for the next run.
+    return remove(folder, (dumps[keep:] if keep > 0 else []) + partials)
 
 
 def main() -> None:
@@ -207,9 +231,9 @@ def main() -> None:
     os.umask(0o077)  # a dump is production data: 0600 from the first byte
     try:
         with connect(params["socket_dir"], params["port"], params["database"]) as conn:
-            refuse_without_room(module, dest, params["database"],
-                                conn.execute("SELECT pg_database_size(current_database())").fetchone()[0],
-                                params["min_free_mb"])
+            made_room = make_room(module, dest, params["database"],
+                                  conn.execute("SELECT pg_database_size(current_database())").fetchone()[0],
+                                  params["min_free_mb"], params["keep"])
             # The write counters are read before the snapshot, in a transaction of their own. A
             # write committed in between is then in the dump but not counted, and a later
             # freshness check errs towards refusing. Read after it, a write committed while the
@@ -256,7 +280,7 @@ def main() -> None:
                                  capture_output=True, text=True, check=True).stdout.strip()
         os.chmod(partial, 0o600)
         os.rename(partial, dest)
-        removed = rotate(dest, params["database"], params["keep"])
+        removed = made_room + rotate(dest, params["database"], params["keep"])
     except (psycopg.Error, RuntimeError, OSError, subprocess.SubprocessError) as error:
         if os.path.exists(partial):
             os.unlink(partial)

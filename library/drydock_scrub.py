@@ -42,6 +42,7 @@ without_table: {description: "Rules whose table does not exist, not applied (not
 """
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.parsing.convert_bool import boolean
 from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, database_comment,
                                              set_database_comment)
 
@@ -67,7 +68,7 @@ def main() -> None:
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
             for rule in p["rules"]:
                 if conn.execute("SELECT to_regclass(%s) IS NULL", (rule["table"],)).fetchone()[0]:
-                    if rule.get("required", True):
+                    if boolean(rule.get("required", True), strict=False):
                         raise MissingTable(f"scrub rule {rule['name']}: its table {rule['table']} does not exist, so "
                                            "its data would leave unscrubbed: correct the rule in pg_scrub_rules, or "
                                            "give it required: false if this site may lack that table")
@@ -76,8 +77,11 @@ def main() -> None:
                 rows = conn.execute(rule["sql"]).rowcount
                 ran.append({"name": rule["name"], "rows": rows})
             if not ran:
-                raise MissingTable(f"no scrub rule ran on {p['database']} ({len(p['rules'])} in pg_scrub_rules, none "
-                                   "whose table exists): nothing would be scrubbed; correct pg_scrub_rules")
+                raise MissingTable(f"no scrub rule ran on {p['database']} ("
+                                   + (f"none of the {len(p['rules'])} in pg_scrub_rules has its table"
+                                      if p["rules"] else "pg_scrub_rules is empty")
+                                   + "): nothing would be scrubbed; correct pg_scrub_rules, or push an unscrubbed dump "
+                                     "knowingly (--dump with --allow-unscrubbed)")
             if module.check_mode:
                 conn.rollback()
         if not module.check_mode:

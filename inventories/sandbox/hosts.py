@@ -29,6 +29,8 @@ def host_vars(name: str, env: dict, conn: dict) -> dict:
         "drydock_site_port": env["site_port"],
         "drydock_host_backup_dir": env["backup_dir"],
     }
+    if "pg_bindir" in env:  # a sandbox built before it was recorded: the roles' default
+        hv["drydock_pg_bindir"] = env["pg_bindir"]
     if not server:
         # The example site is the app the migration step runs (in drydock's own venv).
         app_dir = SANDBOX.parent / "examples" / "wagtail_site"

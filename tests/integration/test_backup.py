@@ -118,18 +118,31 @@ def test_a_pull_restores_the_dump_its_own_backup_made(backup, connect):
 
 def test_a_backup_that_would_fill_the_hosts_disk_is_refused_before_it_dumps(backup, sandbox_env, testinfra_host):
     """A dump that fills the disk a database server writes to can stop the server: refused
-    before pg_dump starts, leaving nothing on the host or the controller."""
+    before pg_dump starts, once what it may delete to make room is gone (a killed dump's
+    .partial, the host's dumps beyond the newest pg_backup_host_keep - 1), leaving nothing
+    new on the host or the controller. 0 turns the check off."""
     host = testinfra_host("production")
     folder = sandbox_env["production"]["backup_dir"]
-    on_host = host.check_output(f"ls -A {folder}")
+    for _ in range(2):  # at least two dumps on the host
+        assert playbook("backup_database.yml", "--limit", "production").returncode == 0
+
+    def host_dumps() -> list[str]:
+        return sorted(name for name in host.check_output(f"ls -A {folder}").split() if name.startswith("wagtail_site-"))
+
+    stale = "wagtail_site-20000101T000000Z.dump.zst.partial"
+    host.check_output(f"touch {folder}/{stale}")
+    newest = max(name for name in host_dumps() if name.endswith(".dump.zst"))
     on_controller = sorted((backups_dir() / "production").rglob("*"))
-    proc = playbook("backup_database.yml", "--limit", "production", "-e", "pg_backup_min_free_mb=1000000000")
+    proc = playbook("backup_database.yml", "--limit", "production", "-e", "pg_backup_host_keep=2",
+                    "-e", "pg_backup_min_free_mb=1000000000")
     assert proc.returncode != 0
     assert re.search(rf"not enough disk on this host for the dump in {folder}: [\d.]+ [KMGT]?B free, about "
                      r"[\d.]+ [KMGT]?B expected \(as big as its last dump\), and 1000000000 MB must stay free",
                      " ".join(proc.stdout.split())), proc.stdout[-2000:]
-    assert host.check_output(f"ls -A {folder}") == on_host  # no .partial
+    assert host_dumps() == [newest]  # room made as the rotation would, and no .partial of its own
     assert sorted((backups_dir() / "production").rglob("*")) == on_controller
+    unchecked = playbook("backup_database.yml", "--limit", "production", "-e", "pg_backup_min_free_mb=0")
+    assert unchecked.returncode == 0, unchecked.stdout[-2000:]
 
 
 def test_the_hosts_postgresql_programs_are_those_in_drydock_pg_bindir(backup, connect):

@@ -362,8 +362,9 @@ EMAILS = {"name": "user_emails", "table": "auth_user", "sql": "UPDATE auth_user 
     # A misspelt table: without `required: false`, the rule must not be skipped quietly.
     ([{**EMAILS, "table": "auth_usr"}, {"name": "sessions", "table": "django_session", "sql": "DELETE FROM django_session"}],
      "scrub rule user_emails: its table auth_usr does not exist, so its data would leave unscrubbed"),
-    ([{**EMAILS, "table": "auth_usr", "required": False}],
-     "no scrub rule ran on wagtail_site__outgoing (1 in pg_scrub_rules, none whose table exists)"),
+    ([{**EMAILS, "table": "auth_usr", "required": "false"}],  # as an inventory may quote it
+     "no scrub rule ran on wagtail_site__outgoing (none of the 1 in pg_scrub_rules has its table)"),
+    ([], "no scrub rule ran on wagtail_site__outgoing (pg_scrub_rules is empty): nothing would be scrubbed"),
 ])
 def test_a_scrub_rule_for_a_missing_table_stops_the_push_before_anything_leaves(pushed, connect, tmp_path, rules, refusal):
     before = sorted((backups_dir() / "local").iterdir())

@@ -53,8 +53,9 @@ def test_up_twice_is_harmless(sandbox_env, connect):
     box = Sandbox(say=lambda message: None)
     pids_before = box.pids_file.read_text()
     before = fingerprint(connect("production"))
+    seed = json.loads((box.root / "seed.json").read_text())
     box.up()
-    box.up(posts=220, bulk_posts=0)  # what it was built with, asked for again
+    box.up(posts=seed.get("posts_asked"), bulk_posts=seed["bulk_posts"])  # what it was built with, asked for again
     assert box.pids_file.read_text() == pids_before
     assert fingerprint(connect("production")) == before
 
@@ -66,7 +67,7 @@ def test_up_refuses_a_size_the_running_sandbox_was_not_built_with(sandbox_env, c
 
     box = Sandbox()
     seed = json.loads((box.root / "seed.json").read_text())
-    built = f"{seed.get('posts_asked', 220)} posts and {seed['bulk_posts']} in bulk"  # 220 and 0 unless built by hand
+    built = f"{seed['posts_asked']} posts and {seed['bulk_posts']} in bulk"  # 220 and 0 unless built by hand
     before = fingerprint(connect("production"))
     proc = inv("sandbox.up", *option)
     assert proc.returncode == 1

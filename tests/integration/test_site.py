@@ -51,6 +51,8 @@ def test_setting_the_site_production_already_has_is_no_write_that_refuses_the_ne
     inv("pull", "production", check=True)  # the local copy is of production's newest backup
     hostname, port = connect("production").execute(SITE).fetchone()
     inv("site", "production", hostname, "--port", str(port), "--yes", check=True)
+    # A real push to production (its safety backup included), rolled back below: production's
+    # __previous is then the pushed copy, which no later test relies on.
     old = connect("production", "postgres").execute(LIVE_OID).fetchone()
     try:
         proc = inv("push", "production", "--yes")
