@@ -73,7 +73,7 @@ import subprocess
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.text.formatters import bytes_to_human
 from ansible.module_utils.drydock_archive import ArchiveFormatError, add_data_offsets
-from ansible.module_utils.drydock_pg import connect, list_entries, require_psycopg, sha256_file
+from ansible.module_utils.drydock_pg import connect, free_bytes, list_entries, require_psycopg, sha256_file
 
 
 def main() -> None:
@@ -133,11 +133,6 @@ def main() -> None:
     if params["side_database"]:
         facts["side_database_exists"] = bool(side)
     module.exit_json(changed=bool(archive) and not module.check_mode, **facts)
-
-
-def free_bytes(path: str) -> int:
-    disk = os.statvfs(path)
-    return disk.f_bavail * disk.f_frsize
 
 
 def place(module, path: str, archive: str, size: int, restore_bytes: int, data_directory: str, zstd: bool,

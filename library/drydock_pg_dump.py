@@ -85,8 +85,8 @@ import threading
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.text.formatters import bytes_to_human
 from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, database_comment,
-                                             latest_migrations, list_entries, refuse_unless_plain_name, row_counts,
-                                             server_version, sha256_file, write_fingerprint)
+                                             free_bytes, latest_migrations, list_entries, refuse_unless_plain_name,
+                                             row_counts, server_version, sha256_file, write_fingerprint)
 
 
 def dump_command(params: dict, snapshot: str | None, target: str) -> list[str]:
@@ -148,8 +148,14 @@ def recorded(record: dict) -> dict:
     return {"lineage": record.get("drydock_lineage"), "scrubbed": record.get("drydock_scrubbed", [])}
 
 
-def dump_name_pattern(database: str) -> re.Pattern:
-    return re.compile(re.escape(database) + r"-\d{8}T\d{6}Z\.dump(\.zst)?")
+def database_files(folder: str, database: str) -> tuple[list[str], list[str]]:
+    """The database's dumps in `folder` (those named <database>-<timestamp>.dump[.zst]),
+    newest first, and the .partial files interrupted dumps of it left."""
+    pattern = re.compile(re.escape(database) + r"-\d{8}T\d{6}Z\.dump(\.zst)?")
+    names = os.listdir(folder)
+    dumps = sorted((name for name in names if pattern.fullmatch(name)), reverse=True)
+    partials = [name for name in names if name.endswith(".partial") and pattern.fullmatch(name[:-len(".partial")])]
+    return dumps, partials
 
 
 def make_room(module, dest: str, database: str, database_size: int, min_free_mb: int, keep: int) -> list[str]:
@@ -160,24 +166,17 @@ def make_room(module, dest: str, database: str, database_size: int, min_free_mb:
     if min_free_mb <= 0:
         return []
     folder = os.path.dirname(dest)
-    pattern = dump_name_pattern(database)
-    names = os.listdir(folder)
-    removed = remove(folder, [name for name in names if name.endswith(".partial")
-                              and pattern.fullmatch(name[:-len(".partial")])])
-    earlier = sorted((name for name in names if pattern.fullmatch(name)), reverse=True)
+    earlier, partials = database_files(folder, database)
+    removed = remove(folder, partials)
     expected = os.path.getsize(os.path.join(folder, earlier[0])) if earlier else database_size
-
-    def free() -> int:
-        disk = os.statvfs(folder)
-        return disk.f_bavail * disk.f_frsize
-
-    if free() - expected < min_free_mb * 10**6 and keep > 0:
+    if free_bytes(folder) - expected < min_free_mb * 10**6 and keep > 0:
         removed += remove(folder, earlier[keep - 1:])
-    if free() - expected < min_free_mb * 10**6:
+    if free_bytes(folder) - expected < min_free_mb * 10**6:
         basis = "as big as its last dump" if earlier else "as big as the database, for a first dump"
-        module.fail_json(msg=f"not enough disk on this host for the dump in {folder}: {bytes_to_human(free())} free, "
-                             f"about {bytes_to_human(expected)} expected ({basis}), and {min_free_mb} MB must stay "
-                             "free for the server (pg_backup_min_free_mb; 0 turns this check off)", dump=dest)
+        module.fail_json(msg=f"not enough disk on this host for the dump in {folder}: "
+                             f"{bytes_to_human(free_bytes(folder))} free, about {bytes_to_human(expected)} expected "
+                             f"({basis}), and {min_free_mb} MB must stay free for the server (pg_backup_min_free_mb; "
+                             "0 turns this check off)", dump=dest)
     return removed
 
 
@@ -197,10 +196,7 @@ def rotate(dest: str, database: str, keep: int) -> list[str]:
     """Delete the database's dumps beside `dest` beyond the newest `keep` (0: keep all),
     and the .partial files that interrupted dumps left behind."""
     folder = os.path.dirname(dest)
-    pattern = dump_name_pattern(database)
-    names = os.listdir(folder)
-    dumps = sorted((name for name in names if pattern.fullmatch(name)), reverse=True)
-    partials = [name for name in names if name.endswith(".partial") and pattern.fullmatch(name[:-len(".partial")])]
+    dumps, partials = database_files(folder, database)
     # Tidying up must not fail a good dump: a file that cannot be deleted is left for the next run.
     return remove(folder, (dumps[keep:] if keep > 0 else []) + partials)
 

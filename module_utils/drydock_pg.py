@@ -153,6 +153,12 @@ def server_version(cur) -> str:
     return cur.fetchone()[0]
 
 
+def free_bytes(path: str) -> int:
+    """Bytes an unprivileged process may still write on `path`'s disk."""
+    disk = os.statvfs(path)
+    return disk.f_bavail * disk.f_frsize
+
+
 def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
