@@ -39,6 +39,18 @@ options:
         the dumps that C(keep) would delete after this one.
     type: int
     default: 0
+  room_only:
+    description:
+      - Only check that C(dest)'s folder has room for the dump, as C(min_free_mb) asks, once
+        C(reserve_bytes) more are taken: deletes nothing and dumps nothing. Counts the files
+        the dump would delete to make room as free. A push runs it before its restore, whose
+        safety backup of the target comes after it.
+    type: bool
+    default: false
+  reserve_bytes:
+    description: "With C(room_only): bytes another step takes first on the disk of the server's data directory (the restored copy), counted when C(dest)'s folder is on that disk."
+    type: int
+    default: 0
   keep:
     description:
       - After a successful dump, keep this many of the database's dumps in C(dest)'s folder
@@ -74,6 +86,8 @@ scrubbed: {description: Scrub rules applied to this copy., type: list, returned:
 lineage: {description: "Where this database's content came from (the backup a pull restored), if recorded.", type: dict, returned: changed}
 pg_dump_version: {description: pg_dump version., type: str, returned: changed}
 removed: {description: Older dumps deleted to keep C(keep)., type: list, returned: changed}
+free_bytes: {description: "With C(room_only): free bytes in the folder, the files it may delete counted.", type: int, returned: room_only}
+expected_bytes: {description: "With C(room_only): the size the dump is expected to have.", type: int, returned: room_only}
 """
 
 import os
@@ -158,26 +172,65 @@ def database_files(folder: str, database: str) -> tuple[list[str], list[str]]:
     return dumps, partials
 
 
+def expected_size(folder: str, earlier: list[str], database_size: int) -> tuple[int, str]:
+    """How big the next dump is expected to be, and why: as its last one, or as the database."""
+    if earlier:
+        return os.path.getsize(os.path.join(folder, earlier[0])), "as big as its last dump"
+    return database_size, "as big as the database, for a first dump"
+
+
+def deletable(earlier: list[str], partials: list[str], keep: int) -> list[str]:
+    """What a dump may delete to make room, in that order: the database's stale .partial
+    files, then the dumps the rotation after it would delete anyway (the host keeps `keep`,
+    the new one included; the controller holds the fetched copies)."""
+    return partials + (earlier[keep - 1:] if keep > 0 else [])
+
+
+def no_room(module, dest: str, free: int, expected: int, basis: str, min_free_mb: int, reserve: int = 0,
+            ahead: bool = False) -> None:
+    taken_first = f" once the restore has taken {bytes_to_human(reserve)}" if reserve else ""
+    counted = " (counting the files it may delete)" if ahead else ""
+    module.fail_json(msg=f"not enough disk on this host for the dump in {os.path.dirname(dest)}{taken_first}: "
+                         f"{bytes_to_human(free)} free{counted}, about {bytes_to_human(expected)} expected ({basis}), "
+                         f"and {min_free_mb} MB must stay free for the server (pg_backup_min_free_mb; "
+                         "0 turns this check off)", dump=dest)
+
+
 def make_room(module, dest: str, database: str, database_size: int, min_free_mb: int, keep: int) -> list[str]:
     """Fail unless the dump's folder keeps `min_free_mb` free once the dump is written (0: no
-    check). Stale .partial files of the database go first; when that is not enough, the dumps
-    the rotation after this one would delete anyway (the host keeps `keep`, this one
-    included; the controller holds the fetched copies). Returns the files it deleted."""
+    check), having deleted what it may, as little as it needs. Returns the files it deleted."""
     if min_free_mb <= 0:
         return []
     folder = os.path.dirname(dest)
     earlier, partials = database_files(folder, database)
+    expected, basis = expected_size(folder, earlier, database_size)
     removed = remove(folder, partials)
-    expected = os.path.getsize(os.path.join(folder, earlier[0])) if earlier else database_size
-    if free_bytes(folder) - expected < min_free_mb * 10**6 and keep > 0:
-        removed += remove(folder, earlier[keep - 1:])
     if free_bytes(folder) - expected < min_free_mb * 10**6:
-        basis = "as big as its last dump" if earlier else "as big as the database, for a first dump"
-        module.fail_json(msg=f"not enough disk on this host for the dump in {folder}: "
-                             f"{bytes_to_human(free_bytes(folder))} free, about {bytes_to_human(expected)} expected "
-                             f"({basis}), and {min_free_mb} MB must stay free for the server (pg_backup_min_free_mb; "
-                             "0 turns this check off)", dump=dest)
+        removed += remove(folder, deletable(earlier, [], keep))
+    if free_bytes(folder) - expected < min_free_mb * 10**6:
+        no_room(module, dest, free_bytes(folder), expected, basis, min_free_mb)
     return removed
+
+
+def check_room(module, dest: str, database: str, database_size: int, min_free_mb: int, keep: int,
+               reserve: int) -> None:
+    """make_room's verdict ahead of the dump, once `reserve` bytes are taken, deleting nothing:
+    the files it may delete count as free."""
+    folder = os.path.dirname(dest)
+    earlier, partials = database_files(folder, database) if os.path.isdir(folder) else ([], [])
+    expected, basis = expected_size(folder, earlier, database_size)
+    free = free_bytes(existing_parent(folder)) + sum(os.path.getsize(os.path.join(folder, name))
+                                                      for name in deletable(earlier, partials, keep))
+    if min_free_mb > 0 and free - reserve - expected < min_free_mb * 10**6:
+        no_room(module, dest, free, expected, basis, min_free_mb, reserve, ahead=True)
+    module.exit_json(changed=False, dump=dest, command=[], free_bytes=free, expected_bytes=expected)
+
+
+def existing_parent(path: str) -> str:
+    """`path`, or its nearest parent that exists (the first backup creates the folder)."""
+    while not os.path.isdir(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def remove(folder: str, names: list[str]) -> list[str]:
@@ -201,17 +254,37 @@ def rotate(dest: str, database: str, keep: int) -> list[str]:
     return remove(folder, (dumps[keep:] if keep > 0 else []) + partials)
 
 
+def room_only(module, params: dict) -> None:
+    """Whether the dump would have room once a restore into this server has taken
+    `reserve_bytes` on its data directory's disk (counted if the dump's folder is on it)."""
+    require_psycopg(module)
+    import psycopg
+    try:
+        with connect(params["socket_dir"], params["port"], params["database"]) as conn:
+            size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+            data_directory = conn.execute("SHOW data_directory").fetchone()[0]
+    except psycopg.Error as error:
+        module.fail_json(msg=" ".join(str(error).split()), dump=params["dest"])
+    folder = existing_parent(os.path.dirname(params["dest"]))
+    same_disk = os.stat(folder).st_dev == os.stat(data_directory).st_dev
+    check_room(module, params["dest"], params["database"], size, params["min_free_mb"], params["keep"],
+               params["reserve_bytes"] if same_disk else 0)
+
+
 def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(PG_CONNECTION_ARGS, dest=dict(type="path", required=True),
                            pg_bindir=dict(type="path", required=True), compress=dict(type="int", default=1),
                            compression=dict(type="str", default="zstd", choices=["zstd", "gzip"]),
-                           keep=dict(type="int", default=0), min_free_mb=dict(type="int", default=0)),
+                           keep=dict(type="int", default=0), min_free_mb=dict(type="int", default=0),
+                           room_only=dict(type="bool", default=False), reserve_bytes=dict(type="int", default=0)),
         supports_check_mode=True,
     )
     params = module.params
     dest = params["dest"]
     refuse_unless_plain_name(module, params["database"])
+    if params["room_only"]:
+        room_only(module, params)
     if module.check_mode:
         module.exit_json(changed=False, dump=dest, command=dump_command(params, "<snapshot>", dest))
     require_psycopg(module)

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -552,6 +553,42 @@ def test_a_push_refused_after_its_restore_takes_no_safety_backup(pushed, connect
         assert sorted((backups_dir() / "production").glob("safety/*")) == safety_backups
     finally:
         conn.execute("DELETE FROM django_migrations WHERE name = '9999_from_newer_code'")
+
+
+def test_a_safety_backup_without_room_refuses_the_push_before_its_restore(pushed, connect, sandbox_env, tmp_path):
+    """A protected target's safety backup is taken after the restore, on a disk the restored
+    copy then shares: one that will not fit then is refused before the upload, not once the
+    restore has taken its minutes, and nothing is deleted to make room for it."""
+    inv("backup", "production", check=True)
+    backup = dumps.latest("production")
+    folder = sandbox_env["production"]["backup_dir"]
+    disk = os.statvfs(folder)
+    free = disk.f_bavail * disk.f_frsize
+    # The copy will take half the free disk (as its manifest says), and three quarters must
+    # stay free: room for the safety backup now, none once the copy is restored.
+    copy = tmp_path / backup.path.parent.name
+    copy.mkdir(mode=0o700)
+    shutil.copy2(backup.path, copy / backup.path.name)
+    (copy / "manifest.json").write_text(json.dumps(dict(backup.manifest, database_size=free // 2)))
+    stale = os.path.join(folder, "wagtail_site-20000101T000000Z.dump.zst.partial")  # the dump would delete it
+    open(stale, "w").close()
+    before = fingerprint(connect("production"))
+    safety_backups = sorted((backups_dir() / "production").glob("safety/*"))
+    try:
+        proc = playbook("restore_database.yml", "--limit", "production", "-e", f"drydock_dump={copy / backup.path.name}",
+                        "-e", "drydock_confirm=production", "-e", "drydock_allow_lost_writes=true",
+                        "-e", f"pg_backup_min_free_mb={free * 3 // 4 // 10**6}")
+        assert proc.returncode != 0
+        assert re.search(rf"not enough disk on this host for the dump in {folder} once the restore has taken "
+                         r"[\d.]+ [KMGT]?B: [\d.]+ [KMGT]?B free \(counting the files it may delete\)",
+                         " ".join(proc.stdout.split())), proc.stdout[-3000:]
+        assert "Upload and check the dump" not in proc.stdout  # refused before the upload and the restore
+        assert os.path.exists(stale)
+    finally:
+        os.unlink(stale)
+    assert fingerprint(connect("production")) == before
+    assert "wagtail_site__incoming" not in databases(connect("production"))
+    assert sorted((backups_dir() / "production").glob("safety/*")) == safety_backups
 
 
 def test_pushing_a_safety_backup_back_never_rotates_it_away(pushed, connect):
