@@ -112,6 +112,16 @@ def assert_private_archive_left(sandbox_env: dict, env: str) -> None:
     assert archive.exists() and stat.S_IMODE(archive.stat().st_mode) == 0o600
 
 
+def upload_left_behind(since: float) -> Path:
+    """The upload of a run killed during it, in Ansible's temporary folder on the host: under
+    /var/tmp when Ansible becomes an unprivileged user (the sandbox's hosts), else the SSH
+    user's own."""
+    left = [upload for parent in (Path("/var/tmp"), Path.home() / ".ansible" / "tmp")
+            for upload in parent.glob("ansible-tmp-*/drydock-upload.dump") if upload.stat().st_mtime >= since]
+    assert len(left) == 1, f"uploads left since the kill: {left}"
+    return left[0]
+
+
 def assert_no_strays(connect, sandbox_env: dict) -> None:
     for env in ("production", "staging", "local"):
         side = {name for name in databases(connect(env, "postgres")) if name.endswith(SIDE_SUFFIXES)}
@@ -266,10 +276,17 @@ def test_push_killed_at_each_step(staging_at_the_local_schema, connect, sandbox_
         assert set(conditions["dump"].modes) == {0o600}
     if step == "restore":
         assert_private_archive_left(sandbox_env, "staging")
+    if step == "upload":
+        # A dump no run reads again: a run an hour later or more deletes it (made that old here).
+        upload = upload_left_behind(since)
+        assert stat.S_IMODE(upload.parent.stat().st_mode) == 0o700
+        os.utime(upload, (since - 3700, since - 3700))
     proc = next_run_succeeds("push", "staging")
     assert "clearing a stale lock on staging" in proc.stdout
     assert fingerprint(connect("staging")) != before  # the change made above arrived
     assert_no_strays(connect, sandbox_env)
+    if step == "upload":
+        assert not upload.parent.exists()
     # The app runs again, even after a kill while it was stopped.
     assert app_serves(sandbox_env, "staging")
 
