@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,19 +70,22 @@ def kill_when(args: list[str], condition: Callable[[], bool], env: dict | None =
     """Start `inv ARGS` in its own process group and SIGKILL the group as soon as
     `condition()` holds (ansible-playbook, in a session of its own, then gets SIGTERM from
     the kernel and stops what it runs: drydock.playbook)."""
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
-                            env=dict(ansible_env(), **(env or {})), cwd=ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    try:
-        while not condition():
-            assert proc.poll() is None, f"inv {' '.join(args)} ended before the step to interrupt"
-            assert time.monotonic() < deadline, f"inv {' '.join(args)} did not reach the step in {timeout} s"
-            time.sleep(0.01)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    # Killed, ansible-playbook leaves its own temporary folder (a cache of modules, half a MB)
+    # where it was told to: here, not under ~/.ansible/tmp, run after run.
+    with tempfile.TemporaryDirectory(prefix="drydock-killed-") as ansible_local_temp:
+        proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
+                                env=dict(ansible_env(), ANSIBLE_LOCAL_TEMP=ansible_local_temp, **(env or {})),
+                                cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        try:
+            while not condition():
+                assert proc.poll() is None, f"inv {' '.join(args)} ended before the step to interrupt"
+                assert time.monotonic() < deadline, f"inv {' '.join(args)} did not reach the step in {timeout} s"
+                time.sleep(0.01)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def host_dir(sandbox_env: dict, env: str) -> Path:
