@@ -148,11 +148,13 @@ def push(c, env, dump=None, yes=False, allow_lost_writes=False, allow_unscrubbed
 @task(help={"env": "the environment to roll back (e.g. staging)",
             "yes": "confirm for a protected environment without a prompt",
             "allow_lost_writes": "roll a protected environment back although it took writes since its database was swapped in "
-                                 "(they are set aside in DB__previous, which the next push drops)"})
+                                 "(they are set aside in DB__previous, which the next push drops)",
+            "allow_failed_check": "bring back DB__previous although a swap-back set it aside as it failed its check "
+                                  "(the check itself was wrong)"})
 @one_line_errors
-def rollback(c, env, yes=False, allow_lost_writes=False):
+def rollback(c, env, yes=False, allow_lost_writes=False, allow_failed_check=False):
     """Swap ENV's previous database back in (seconds, whatever the size); run again to undo."""
-    workflow.rollback(env, yes=yes, allow_lost_writes=allow_lost_writes)
+    workflow.rollback(env, yes=yes, allow_lost_writes=allow_lost_writes, allow_failed_check=allow_failed_check)
 
 
 @task(help={"env": "the environment whose app to restart (exactly one, e.g. staging)",

@@ -556,14 +556,16 @@ def _takes_safety_backup(hostvars: dict) -> bool:
     return inventory.as_bool(hostvars.get("drydock_safety_backup", hostvars.get("drydock_protected", False)))
 
 
-def rollback(env_text: str, yes: bool = False, allow_lost_writes: bool = False, say: Say = print) -> None:
+def rollback(env_text: str, yes: bool = False, allow_lost_writes: bool = False, allow_failed_check: bool = False,
+             say: Say = print) -> None:
     inv, env, target = _server(env_text)
     confirm(env, inv.protected(env), yes, "roll back")
     run = Run("rollback", route=[env])
     with target_lock(env, "rollback", say), run.step(
             "rollback", env=env, interrupted=lambda: _rollback_interrupted(run, env, target["drydock_db_name"], say)):
         run_playbook("rollback_database.yml", limit=env, run=run,
-                     extra_vars={"drydock_confirm": env, "drydock_allow_lost_writes": allow_lost_writes})
+                     extra_vars={"drydock_confirm": env, "drydock_allow_lost_writes": allow_lost_writes,
+                                 "drydock_allow_failed_check": allow_failed_check})
     say(_exchanged(run, env, target["drydock_db_name"]))
 
 

@@ -29,12 +29,24 @@ EXAMPLES = r"""
 
 RETURN = r"""
 live: {description: "The live database: name, oid and description.", type: dict, returned: success}
-previous: {description: "The previous generation: name, oid and description (null when there is none).", type: dict, returned: success}
+previous:
+  description:
+    - "The previous generation: name, oid and description (null when there is none)."
+    - "Also C(failed_check) and C(set_aside): why a swap-back set it aside after it failed its check, and when (else null)."
+  type: dict
+  returned: success
 """
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (PG_CONNECTION_ARGS, connect, database_row, describe_origin, parse_record,
                                              require_psycopg)
+
+
+def swapped_back(record: dict) -> dict:
+    """Why and when a swap-back set this database aside as it failed its check (else nulls)."""
+    failed = record.get("set_aside_by") == "swap-back" and isinstance(record.get("failed_check"), str)
+    return {"failed_check": record["failed_check"] if failed else None,
+            "set_aside": record.get("set_aside") if failed else None}
 
 
 def main() -> None:
@@ -52,8 +64,14 @@ def main() -> None:
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
             for role, name in (("live", p["database"]), ("previous", p["previous"])):
                 row = database_row(conn, name) if name else None
-                described[role] = row and {"name": name, "oid": row[0],
-                                           "description": describe_origin(parse_record(row[1]), live=role == "live")}
+                if row is None:
+                    described[role] = None
+                    continue
+                record = parse_record(row[1])
+                described[role] = {"name": name, "oid": row[0],
+                                   "description": describe_origin(record, live=role == "live")}
+                if role == "previous":
+                    described[role].update(swapped_back(record))
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
     module.exit_json(changed=False, **described)

@@ -38,6 +38,12 @@ options:
       - Either way the database going live (C(incoming), or C(previous) in an exchange) is
         noted as live since now (C(swapped_in), C(swapped_in_by)).
     type: dict
+  failed_check:
+    description:
+      - With C(exchange), the swap-back of a database that failed its check (a push's, or a
+        rollback's): why, recorded on the database set aside, so that C(inv verify) names it
+        and C(inv rollback) refuses to bring it back.
+    type: str
   close_previous:
     description:
       - After a swap, stop the database kept as C(previous) accepting connections, as every
@@ -90,7 +96,7 @@ def record_live_since(conn, socket_dir: str, port: int, name: str) -> None:
     drydock's (left as it is): failing to write it must not stop the exchange."""
     try:
         record = database_comment(conn, name)
-        if record.get("set_aside_by") == "exchange":
+        if record.get("set_aside_by") in ("exchange", "swap-back"):
             return
         with connect(socket_dir, port, name) as db:
             db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -116,7 +122,8 @@ def main() -> None:
         argument_spec=dict(database=dict(type="str", required=True), incoming=dict(type="str"),
                            previous=dict(type="str", required=True), socket_dir=dict(type="path", required=True),
                            port=dict(type="int", default=5432), exchange=dict(type="bool", default=False),
-                           comment=dict(type="dict"), close_previous=dict(type="bool", default=False)),
+                           comment=dict(type="dict"), close_previous=dict(type="bool", default=False),
+                           failed_check=dict(type="str")),
         supports_check_mode=True,
         required_if=[("exchange", False, ["incoming"])],
     )
@@ -139,8 +146,10 @@ def main() -> None:
                 terminated = exchange(conn, p["database"], p["previous"])
                 # Under their new names: the previous database is live now, and the other aside.
                 at = utc_now()
-                note(conn, p["database"], {"swapped_in": at, "swapped_in_by": "exchange"})
-                note(conn, p["previous"], {"set_aside": at, "set_aside_by": "exchange"})
+                by = "swap-back" if p["failed_check"] else "exchange"
+                note(conn, p["database"], {"swapped_in": at, "swapped_in_by": by})
+                note(conn, p["previous"], {"set_aside": at, "set_aside_by": by,
+                                           **({"failed_check": p["failed_check"]} if p["failed_check"] else {})})
                 module.exit_json(changed=True, previous=p["previous"], terminated=terminated,
                                  drydock_account=origin_of(database_comment(conn, p["database"])))
             if not database_exists(conn, p["incoming"]):

@@ -344,7 +344,7 @@ def add_to_record(conn, name: str, fields: dict) -> None:
 
 # What set a database aside or brought it live, in describe_origin's words ("swap": a pull
 # or a push swapping a restored copy in; a snapshot restore also names the snapshot).
-SWAPPED_BY = {"exchange": "a rollback", "snapshot restore": "a snapshot restore"}
+SWAPPED_BY = {"exchange": "a rollback", "swap-back": "a swap-back", "snapshot restore": "a snapshot restore"}
 
 
 def origin_of(record: dict) -> str:
@@ -383,9 +383,11 @@ def describe_origin(record: dict, live: bool) -> str:
         return origin
     if set_aside and not (went_live and went_live > set_aside):
         by = SWAPPED_BY.get(record.get("set_aside_by"))
+        failed = record.get("failed_check")
+        why = f": it failed its check ({failed})" if isinstance(failed, str) and by == "a swap-back" else ""
         if went_live:
-            return f"{origin}; live from {went_live} until {by or 'it was replaced'} at {set_aside}"
-        return f"{origin}; set aside at {set_aside}" + (f", by {by}" if by else "")
+            return f"{origin}; live from {went_live} until {by or 'it was replaced'} at {set_aside}{why}"
+        return f"{origin}; set aside at {set_aside}" + (f", by {by}" if by else "") + why
     return origin
 
 

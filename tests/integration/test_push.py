@@ -141,7 +141,9 @@ def test_a_rollback_whose_app_will_not_start_swaps_back(pushed, connect, sandbox
                               f" echo 'the app refused this database' >&2; exit 1; fi; exec {service} start"]
     live = connect("staging", "postgres").execute(LIVE_OID).fetchone()
     before = fingerprint(connect("staging"))
-    proc = playbook("rollback_database.yml", "--limit", "staging", "-e", json.dumps({"drydock_app_start_command": start}))
+    # The test above swapped the kept database back out as it failed its check: brought back knowingly.
+    proc = playbook("rollback_database.yml", "--limit", "staging", "-e", "drydock_allow_failed_check=true",
+                    "-e", json.dumps({"drydock_app_start_command": start}))
     assert proc.returncode != 0
     assert "(swapped back: staging runs the database it ran before the rollback again" in proc.stdout, proc.stdout[-3000:]
     assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
@@ -167,9 +169,11 @@ def test_verify_says_which_database_is_live_and_where_it_came_from(pushed, conne
     live, previous = origin_lines()
     assert live.startswith(f"live database: wagtail_site (oid {oid}): {pushed_copy}; live since "), live
     assert previous.startswith(f"previous: wagtail_site__previous (oid {previous_oid}): ") and pushed_copy not in previous
-    assert re.search(r"; (set aside at|live from \S+ until .+ at) \S+$", previous), previous  # a push, or the test above
+    # Set aside by a push, or by the swap-back of a test above.
+    assert re.search(r"; (set aside at|live from \S+ until .+ at) \S+(: it failed its check \(.*\))?$", previous), previous
     try:
-        rolled_back = inv("rollback", "staging", check=True).stdout
+        # The tests above swapped the kept database back out as it failed its check.
+        rolled_back = inv("rollback", "staging", "--allow-failed-check", check=True).stdout
         live, previous = origin_lines()
         assert pushed_copy not in live and live.endswith(", by a rollback"), live
         assert "staging now runs the database it had kept as wagtail_site__previous: " in rolled_back
@@ -255,6 +259,18 @@ def test_a_failed_health_check_swaps_the_live_database_back(pushed, connect, san
     assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
     assert fingerprint(connect("staging")) == before
     assert "wagtail_site__incoming" not in databases(connect("staging", "postgres"))
+    # The copy that failed is kept as __previous, and named so: a rollback would put it live again.
+    previous = next(line for line in inv("verify", "staging").stdout.splitlines() if line.startswith("previous: "))
+    assert re.search(r" until a swap-back at \S+: it failed its check \(Status code was 404", previous), previous
+    refused = inv("rollback", "staging")
+    assert refused.returncode == 1
+    assert re.fullmatch(r"drydock: error: staging: refusing to roll back staging: wagtail_site__previous is the database"
+                        r" swapped back out at \S+ as it failed its check \(Status code was 404.*\); fix the cause and"
+                        r" push again, or, if the check itself was wrong, pass --allow-failed-check \(ansible-playbook:"
+                        r" -e drydock_allow_failed_check=true\); the app was left running", error_lines(refused)[-1]), \
+        error_lines(refused)[-1]
+    assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
+    assert app_serves(sandbox_env, "staging")
 
 
 def test_without_a_health_url_a_database_that_does_not_answer_is_swapped_back(pushed, connect, sandbox_env):

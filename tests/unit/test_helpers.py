@@ -776,6 +776,13 @@ def test_describe_origin_says_what_the_swaps_recorded():
         " live from 2026-12-04T11:01:00+00:00 until a rollback at 2026-12-04T12:00:00+00:00")
     assert describe_origin({**pushed, "set_aside_by": "swap"}, live=False).endswith(
         " until it was replaced at 2026-12-04T12:00:00+00:00")
+    # A swap-back after its failed check says why; a rollback of it with --allow-failed-check
+    # and its reverse (an exchange) leave that behind.
+    failed = {**pushed, "set_aside_by": "swap-back", "failed_check": "Status code was 404"}
+    assert describe_origin(failed, live=False).endswith(
+        " until a swap-back at 2026-12-04T12:00:00+00:00: it failed its check (Status code was 404)")
+    assert describe_origin({**failed, "set_aside_by": "exchange"}, live=False).endswith(
+        " until a rollback at 2026-12-04T12:00:00+00:00")
     # Live again (a rollback's reverse), even within the same second as it was set aside.
     for again in ("2026-12-04T12:05:00+00:00", "2026-12-04T12:00:00+00:00"):
         assert describe_origin({**pushed, "swapped_in": again, "swapped_in_by": "exchange"}, live=True).endswith(
