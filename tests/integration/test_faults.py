@@ -346,6 +346,42 @@ def test_target_without_the_app_role_is_refused_before_any_change(staging_at_the
     assert_no_strays(connect, sandbox_env)
 
 
+def test_a_server_that_stops_during_the_restore_is_named_not_the_clean_up(pulled, connect, sandbox_env):
+    """The local server goes down while a pull restores into it: the line gives the restore's
+    failure, not the clean-up's (whose drop fails too), and says what is left; once the
+    server is up again (./inv sandbox.up starts it), the next pull clears it."""
+    local = sandbox_env["local"]
+    before = fingerprint(connect("local"))
+    since = time.time()
+    reached = restoring(connect, "local", since)
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "pull", "production", "--latest"],
+                            env=ansible_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not reached():
+            assert proc.poll() is None and time.monotonic() < deadline, "the pull never reached its restore"
+            time.sleep(0.01)
+        pg_ctl = [str(Path(local["pg_bindir"]) / "pg_ctl"), "stop", "-m", "immediate", "-D", str(ROOT / ".sandbox/local/data")]
+        subprocess.run(["sudo", "-n", "-u", local["os_user"], *pg_ctl] if os.geteuid() == 0 else pg_ctl,
+                       check=True, capture_output=True)
+        _out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        inv("sandbox.up", check=True)
+    line = [line for line in err.splitlines() if line.strip()][-1]
+    assert proc.returncode == 1 and line.startswith("drydock: error: local: "), err[-2000:]
+    failure, _, left = line.partition(" (the local database is unchanged; ")
+    assert "unable to connect" not in failure and "drop" not in failure, line  # the restore's own words
+    assert left.startswith("wagtail_site__incoming could not be dropped (") and left.endswith(
+        "): the next run drops it)"), line
+    assert fingerprint(connect("local")) == before
+    next_run_succeeds("pull", "production", "--latest")
+    assert_no_strays(connect, sandbox_env)
+
+
 # -- the network --------------------------------------------------------------------------------
 def test_ssh_dropped_during_upload(staging_at_the_local_schema, connect, sandbox_env):
     sandbox = ROOT / ".sandbox"
