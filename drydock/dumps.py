@@ -38,7 +38,7 @@ def load(path: Path) -> Dump:
         hint = f" (it holds backups: give one of them, e.g. {backups[-1].parent})" if backups else ""
         raise DrydockError(f"no dump file in the folder {path}{hint}")
     if not path.is_file():
-        raise DrydockError(f"no such dump file: {path}")
+        raise DrydockError(f"no such dump file or backup folder: {path}")
     manifest_path = path.parent / "manifest.json"
     if not manifest_path.is_file():
         raise DrydockError(f"no manifest.json beside {path}: drydock restores only dumps it can check")

@@ -67,7 +67,9 @@ def _backup_interrupted(run: Run, env: str) -> str:
     made = _fetched_into(run, backups_dir() / env)
     if made:
         return f"{env} is unchanged; the backup was fetched whole before the interruption: {made}"
-    return f"{env} is unchanged; the next backup deletes the unfinished one"
+    # Ansible's end does not stop a dump already running on the host: it may still finish there.
+    return (f"{env} is unchanged; a dump already started on its host may still finish there, unfetched (the host's "
+            f"rotation deletes it in time), and the next backup deletes the unfinished one here")
 
 
 def backup(env_text: str, keep: int | str | None = None, say: Say = print, run: Run | None = None,
@@ -233,7 +235,7 @@ def _snapshot_interrupted(run: Run, action: str, name: str) -> str:
     (a restore is a rename, a save a template copy: never half of either)."""
     progress = read_progress(run.dir)
     if progress is None and not _no_task_began(run):
-        return f"whether the {action} ran cannot be told (no task progress was recorded): `inv snapshot.list` says"
+        return f"whether the {action} ran cannot be told (no task progress was recorded): {_snapshot_tells(action)}"
     events = [entry["event"] for entry in progress or [] if entry.get("action") == "drydock_snapshot"]
     done = {"save": f"snapshot {name} was saved (a restore without its ready copy copies it)",
             "restore": f"the local database is back at snapshot {name}; the one it replaced is kept as <db>__previous",
@@ -245,8 +247,15 @@ def _snapshot_interrupted(run: Run, action: str, name: str) -> str:
         return f"the {action} ran: {done}"
     if state == "not run":
         return f"the {action} did not run: the local database and its snapshots are unchanged"
-    return (f"the {action} may have run, whole or not at all: `inv snapshot.list` (and, for a restore, "
-            f"`inv verify local`) says which")
+    return f"the {action} may have run, whole or not at all: {_snapshot_tells(action)}"
+
+
+def _snapshot_tells(action: str) -> str:
+    """Which command tells whether an interrupted snapshot step ran: a save or a delete shows
+    in the list; a restore in the local database's own record."""
+    if action == "restore":
+        return "`inv verify local` says which (its live database line ends `by a snapshot restore of <name>` if it did)"
+    return "`inv snapshot.list` says which"
 
 
 PHASES = ("all", "before", "after")
@@ -394,7 +403,8 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
             with _locks([LOCAL_LOCK] if not locked else [], "push", say):
                 unfinished.refuse_if_unfinished(f"push the local database to {env}")
                 with run.step("dump local", env=local, scrub=not protected,
-                              interrupted="nothing changed; the next push drops the outgoing copy left behind") as step:
+                              interrupted="nothing changed" + ("" if protected else
+                                                               "; the next push drops the outgoing copy left behind")) as step:
                     say(f"==> dumping the local database for {env}" + ("" if protected else " (scrubbed copy)"))
                     dump = _run_dumping("prepare_push.yml", limit=local, run=run, extra_vars={
                         "drydock_scrub": not protected, "pg_backup_controller_dir": str(backups_dir())})
@@ -545,7 +555,8 @@ def restart_app(env_text: str, yes: bool = False, say: Say = print) -> None:
     inv, env, _ = _server(env_text)
     confirm(env, inv.protected(env), yes, "restart the app of")
     run = Run("app-restart", route=[env])
-    with target_lock(env, "app restart", say), run.step("restart app", env=env):
+    with target_lock(env, "app restart", say), run.step(
+            "restart app", env=env, interrupted=f"its app may be stopped: inv app.restart {env} starts it"):
         run_playbook("restart_app.yml", limit=env, run=run, extra_vars={"drydock_confirm": env})
     say(f"{env}'s app was restarted and passed its health check")
 

@@ -565,7 +565,10 @@ def test_a_push_refused_after_its_restore_takes_no_safety_backup(pushed, connect
     try:
         proc = inv("push", "production", "--yes", "--allow-lost-writes", "--dump", str(backup.path.parent))
         assert proc.returncode == 1
-        assert "refusing to swap in a copy without 1 migration(s) production has applied" in error_lines(proc)[-1]
+        line = error_lines(proc)[-1]
+        assert "refusing to swap in a copy without 1 migration(s) production has applied" in line
+        # Not the local copy's: migrating that would not change this dump.
+        assert f"push a copy that has them (this dump is production's of {backup.manifest['created']})" in line, line
         assert sorted((backups_dir() / "production").glob("safety/*")) == safety_backups
     finally:
         conn.execute("DELETE FROM django_migrations WHERE name = '9999_from_newer_code'")

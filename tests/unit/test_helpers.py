@@ -807,12 +807,13 @@ def test_an_interrupted_backup_or_push_names_the_dumps_it_fetched_whole(tmp_path
     monkeypatch.setenv("DRYDOCK_BACKUPS", str(tmp_path / "backups"))
     run = Run("push", root=tmp_path / "runs")
     assert workflow._backup_interrupted(run, "production") == (
-        "production is unchanged; the next backup deletes the unfinished one")
+        "production is unchanged; a dump already started on its host may still finish there, unfetched (the host's"
+        " rotation deletes it in time), and the next backup deletes the unfinished one here")
     assert workflow._safety_backup_note(run, "production") == ""
     local = tmp_path / "backups" / "local" / "20261205T010000Z" / "wagtail_site__outgoing.dump.zst"
     safety = tmp_path / "backups" / "production" / "safety" / "20261205T010100Z" / "wagtail_site.dump.zst"
     run.fetched += [local, safety]
-    assert workflow._backup_interrupted(run, "production").endswith("the next backup deletes the unfinished one")
+    assert workflow._backup_interrupted(run, "production").endswith("the next backup deletes the unfinished one here")
     assert workflow._safety_backup_note(run, "production") == (
         f"; its safety backup, taken before the interruption: {safety}")
     backup = tmp_path / "backups" / "production" / "20261205T010200Z" / "wagtail_site.dump.zst"
