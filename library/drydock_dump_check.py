@@ -122,7 +122,7 @@ def main() -> None:
     if free < params["needed_bytes"]:
         module.fail_json(msg=f"not enough disk for the restore: {bytes_to_human(free)} free, "
                              f"{bytes_to_human(params['needed_bytes'])} needed (the database is restored "
-                             "beside the live one)")
+                             "beside the live one: its size × pg_restore_disk_margin)")
     offsets_added = 0
     if archive and not module.check_mode:
         os.umask(0o077)  # production data

@@ -187,13 +187,14 @@ def deletable(earlier: list[str], partials: list[str], keep: int) -> list[str]:
 
 
 def no_room(module, dest: str, free: int, expected: int, basis: str, min_free_mb: int, reserve: int = 0,
-            ahead: bool = False) -> None:
+            ahead: bool = False, removed: tuple[str, ...] = ()) -> None:
     taken_first = f" once the restore has taken {bytes_to_human(reserve)}" if reserve else ""
     counted = " (counting the files it may delete)" if ahead else ""
+    deleted = f"; {len(removed)} older file(s) of the database were deleted to make room" if removed else ""
     module.fail_json(msg=f"not enough disk on this host for the dump in {os.path.dirname(dest)}{taken_first}: "
                          f"{bytes_to_human(free)} free{counted}, about {bytes_to_human(expected)} expected ({basis}), "
                          f"and {min_free_mb} MB must stay free for the server (pg_backup_min_free_mb; "
-                         "0 turns this check off)", dump=dest)
+                         f"0 turns this check off){deleted}", dump=dest, removed=list(removed))
 
 
 def make_room(module, dest: str, database: str, database_size: int, min_free_mb: int, keep: int) -> list[str]:
@@ -208,7 +209,7 @@ def make_room(module, dest: str, database: str, database_size: int, min_free_mb:
     if free_bytes(folder) - expected < min_free_mb * 10**6:
         removed += remove(folder, deletable(earlier, [], keep))
     if free_bytes(folder) - expected < min_free_mb * 10**6:
-        no_room(module, dest, free_bytes(folder), expected, basis, min_free_mb)
+        no_room(module, dest, free_bytes(folder), expected, basis, min_free_mb, removed=tuple(removed))
     return removed
 
 

@@ -134,7 +134,7 @@ def test_a_restore_the_disk_has_no_room_for_is_refused_before_it_starts(pulled, 
     before = fingerprint(connect("local"))
     proc = playbook("pull_database.yml", "-e", f"drydock_dump={pulled.path}", "-e", "pg_restore_disk_margin=1000000")
     assert proc.returncode != 0
-    assert "not enough disk for the restore: " in proc.stdout and "(the database is restored beside the live one)" in \
+    assert "not enough disk for the restore: " in proc.stdout and "(the database is restored beside the live one: its size × pg_restore_disk_margin)" in \
         " ".join(proc.stdout.split()), proc.stdout[-2000:]
     assert fingerprint(connect("local")) == before
     assert "wagtail_site__incoming" not in databases(connect("local", "postgres"))
