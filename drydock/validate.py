@@ -1,5 +1,6 @@
 """Checks for anything a user types that later reaches SQL, a shell or a file name."""
 import re
+from urllib.parse import unquote, urlsplit
 
 # RFC 1123 host names (labels of letters, digits and inner hyphens), or "localhost".
 # The same pattern guards the playbooks (roles/wagtail_site/tasks/preflight.yml, library/drydock_site.py).
@@ -51,3 +52,17 @@ def snapshot_name(value: str) -> str:
     if not _SNAPSHOT.fullmatch(value or ""):
         raise InvalidInput(f"invalid snapshot name {value!r}: use lower-case letters, digits and _ (at most 30)")
     return value
+
+
+def app_url_without_password(url: str) -> str:
+    """The app's database URL, refused if it holds a password: the app's commands get it on
+    their command line, which the process list shows (the app_url_guard role checks the same
+    in the playbooks; a templated value is left to it)."""
+    if "{{" not in url:
+        parts = urlsplit(url)
+        # libpq decodes a parameter's name too: pass%77ord= is password=
+        if parts.password is not None or re.search(r"(^|&)(ssl)?password=", unquote(parts.query)):
+            raise InvalidInput("drydock_app_database_url holds a password, and the app's commands get the URL on their "
+                               "command line (the process list shows it): leave it out and put it in a passfile "
+                               "(~/.pgpass of the user the app runs as, or ?passfile=PATH in the URL)")
+    return url

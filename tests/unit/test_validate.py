@@ -112,3 +112,38 @@ def test_no_task_takes_a_one_letter_flag():
     assert proc.returncode != 0 and "No idea what '-o' is!" in proc.stderr
     listing = inv("--help", "site", check=True).stdout
     assert "--hostname" in listing and "-h," not in listing and "-p," not in listing
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("postgresql://wagtail_site@db:5432/wagtail_site?passfile=/srv/site/.pgpass", True),
+    ("postgresql:///wagtail_site?host=/var/run/postgresql", True),
+    ("postgresql://{{ app_user }}:{{ vault_password }}@db/site", True),  # templated: the playbooks' guard reads it
+    ("postgresql://wagtail_site:s3cret@db/wagtail_site", False),
+    ("postgresql://db/wagtail_site?user=w&password=s3cret", False),
+    ("postgresql://db/wagtail_site?pass%77ord=s3cret", False),  # libpq decodes the name too
+    ("postgresql://db/wagtail_site?sslpassword=key", False)])
+def test_an_app_url_with_a_password_is_refused(url, ok):
+    if ok:
+        assert validate.app_url_without_password(url) == url
+    else:
+        with pytest.raises(validate.InvalidInput, match="drydock_app_database_url holds a password"):
+            validate.app_url_without_password(url)
+
+
+def test_a_pipeline_refuses_a_password_in_the_app_url_before_it_backs_up_anything(tmp_path):
+    """The migration step refuses it too, but a pipeline would have backed up and pulled first."""
+    from drydock.paths import runs_dir
+    from tests.conftest import error_lines, inv
+
+    hosts = tmp_path / "hosts.yml"
+    hosts.write_text("all:\n  children:\n    drydock_servers:\n      hosts:\n        production: {}\n        staging: {}\n"
+                     "    drydock_local:\n      hosts:\n        local:\n          ansible_connection: local\n"
+                     "          drydock_app_database_url: postgresql://wagtail_site:s3cret@localhost/wagtail_site\n")
+    before = set(runs_dir().glob("*-pipeline"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DRYDOCK_INVENTORY", str(hosts))
+        proc = inv("pipeline", "production", "staging", "--yes")
+    assert proc.returncode == 1 and len(error_lines(proc)) == 1
+    assert error_lines(proc)[0].startswith("drydock: error: drydock_app_database_url holds a password")
+    assert "s3cret" not in proc.stdout + proc.stderr
+    assert set(runs_dir().glob("*-pipeline")) == before  # no run was started
