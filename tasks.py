@@ -9,7 +9,7 @@ import subprocess
 import invoke
 from invoke import Collection, Exit
 
-from drydock import testrun, workflow
+from drydock import paths, testrun, workflow
 from drydock.errors import DrydockError
 from drydock.paths import project_root
 from drydock.playbook import sandbox_inventory_only
@@ -38,6 +38,7 @@ def one_line_errors(body):
             raise Exit("drydock: error: --help after a task is read as its argument: "
                        "put it before the task's name (./inv --help TASK)", code=1)
         try:
+            paths.refuse_a_file_for_a_folder()
             return body(*args, **kwargs)
         except (DrydockError, InvalidInput, SandboxError) as error:
             raise Exit(f"drydock: error: {error}", code=1) from None

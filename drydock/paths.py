@@ -23,3 +23,16 @@ def runs_dir() -> Path:
 
 def example_site_dir() -> Path:
     return project_root() / "examples" / "wagtail_site"
+
+
+def refuse_a_file_for_a_folder() -> None:
+    """drydock makes its folders as it needs them: one that is a file (a DRYDOCK_RUNS or
+    DRYDOCK_BACKUPS mistyped) would fail it half-way, after a dump on the host."""
+    from drydock.errors import DrydockError
+
+    for name, folder in (("DRYDOCK_RUNS", runs_dir()), ("DRYDOCK_BACKUPS", backups_dir())):
+        if folder.exists() and not folder.is_dir():
+            source = f"{name}={os.environ[name]}" if os.environ.get(name) else str(folder)
+            kept = "runs and locks" if name == "DRYDOCK_RUNS" else "backups"
+            raise DrydockError(f"{source} is not a folder: drydock keeps its {kept} there; name a folder "
+                               "(it is made if missing)")

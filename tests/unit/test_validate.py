@@ -147,3 +147,18 @@ def test_a_pipeline_refuses_a_password_in_the_app_url_before_it_backs_up_anythin
     assert error_lines(proc)[0].startswith("drydock: error: drydock_app_database_url holds a password")
     assert "s3cret" not in proc.stdout + proc.stderr
     assert set(runs_dir().glob("*-pipeline")) == before  # no run was started
+
+
+@pytest.mark.parametrize("variable", ["DRYDOCK_RUNS", "DRYDOCK_BACKUPS"])
+def test_a_file_named_as_drydocks_folder_is_refused_in_one_line(tmp_path, variable):
+    """Not a traceback, nor a failure after the host has dumped its database."""
+    from tests.conftest import error_lines, inv
+
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(variable, str(a_file))
+        proc = inv("backup", "production")
+    assert proc.returncode == 1 and error_lines(proc) == [
+        f"drydock: error: {variable}={a_file} is not a folder: drydock keeps its "
+        f"{'runs and locks' if variable == 'DRYDOCK_RUNS' else 'backups'} there; name a folder (it is made if missing)"]
