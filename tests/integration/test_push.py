@@ -261,11 +261,13 @@ def test_a_failed_health_check_swaps_the_live_database_back(pushed, connect, san
     assert "wagtail_site__incoming" not in databases(connect("staging", "postgres"))
     # The copy that failed is kept as __previous, and named so: a rollback would put it live again.
     previous = next(line for line in inv("verify", "staging").stdout.splitlines() if line.startswith("previous: "))
-    assert re.search(r" until a swap-back at \S+: it failed its check \(Status code was 404", previous), previous
+    assert re.search(r" until a swap-back at \S+: it failed its check \(the app failed its health check: "
+                     r"http://\S+/no-such-page answered 404 for 2 s \(Status code was 404", previous), previous
     refused = inv("rollback", "staging")
     assert refused.returncode == 1
     assert re.fullmatch(r"drydock: error: staging: refusing to roll back staging: wagtail_site__previous is the database"
-                        r" swapped back out at \S+ as it failed its check \(Status code was 404.*\); fix the cause and"
+                        r" swapped back out at \S+ as it failed its check \(the app failed its health check: .*\);"
+                        r" fix the cause and"
                         r" push again, or, if the check itself was wrong, pass --allow-failed-check \(ansible-playbook:"
                         r" -e drydock_allow_failed_check=true\); the app was left running", error_lines(refused)[-1]), \
         error_lines(refused)[-1]
