@@ -14,7 +14,8 @@ def test_a_hostname_comes_back_lower_cased_as_wagtail_matches_it():
 
 
 @pytest.mark.parametrize("name", ["", "bad host", "x';--", '"q"', "-a.com", "a-.com", "a..b", "a" * 64 + ".com",
-                                  "under_score.com", "host:8000", "ümlaut.de", "a\nb", "example.org\n", "trailing-.test"])
+                                  "under_score.com", "host:8000", "ümlaut.de", "a\nb", "example.org\n", "trailing-.test",
+                                  ".".join(["a" * 63] * 4) + ".com"])  # valid labels, 260 characters in all
 def test_bad_hostnames(name):
     with pytest.raises(InvalidInput, match="invalid hostname"):
         validate.hostname(name)
