@@ -41,7 +41,15 @@ def test_pg_restore_error_is_the_error_line_not_the_failed_sql():
     assert pg_restore_error("", 1) == "pg_restore exited with 1"
 
 
-def test_journal_is_private_and_records_failures(tmp_path):
+@pytest.fixture
+def permissive_umask():
+    """umask 022, as most shells have it: a file or folder left to the umask shows as 0644 or 0755."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_journal_is_private_and_records_failures(tmp_path, permissive_umask):
     run = Run("example", root=tmp_path)
     with run.step("fine", bytes=3):
         pass
@@ -50,6 +58,8 @@ def test_journal_is_private_and_records_failures(tmp_path):
     assert stat.S_IMODE(run.dir.stat().st_mode) == 0o700
     journal = run.dir / "journal.jsonl"
     assert stat.S_IMODE(journal.stat().st_mode) == 0o600
+    # Made before Ansible appends to it (Ansible would create it by the umask): it can show production data.
+    assert stat.S_IMODE(run.ansible_log.stat().st_mode) == 0o600
     entries = [json.loads(line) for line in journal.read_text().splitlines()]
     assert [(e["step"], e["outcome"]) for e in entries] == [
         ("fine", "running"), ("fine", "ok"), ("broken", "running"), ("broken", "failed")]
