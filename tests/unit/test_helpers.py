@@ -671,6 +671,18 @@ def test_a_run_removes_only_its_own_lock(tmp_path):
     assert json.loads(path.read_text())["task"] == "pipeline"
 
 
+def test_the_locks_folder_is_private_from_the_first_lock(tmp_path, permissive_umask):
+    """A lock names the task and process of a run on each environment: runs/ and runs/locks/
+    are 0700 as the first lock makes them."""
+    from drydock.lock import target_lock
+
+    runs = tmp_path / "runs"
+    with target_lock("staging", "push", say=lambda m: None, root=runs) as path:
+        assert path.parent == runs / "locks"
+        modes = {folder.name: oct(stat.S_IMODE(folder.stat().st_mode)) for folder in (runs, path.parent)}
+        assert modes == {"runs": "0o700", "locks": "0o700"}
+
+
 @pytest.mark.parametrize("a, b, same", [
     ("CHECK (((a OR b) AND c))", "CHECK ((a OR (b AND c)))", False),
     ("CHECK ((((x)::integer > 0)))", "CHECK ((x > 0))", True),
