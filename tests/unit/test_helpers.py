@@ -136,6 +136,23 @@ def test_the_run_list_names_the_environments_in_order_and_an_interrupted_run(tmp
     # Ended before it reached staging, it still names it: where it was going is what it was.
     assert (push["envs"], push["outcome"], push["failed_step"]) == ("local→staging", "interrupted", "dump local")
 
+
+def test_the_run_list_names_the_first_step_that_failed(tmp_path):
+    """A verify that failed, then the rollback after it that failed too: the run failed at the
+    verify, and that is the step and error its line gives."""
+    from drydock.journal import list_runs
+
+    run = Run("push", root=tmp_path)
+    with run.step("restore", env="staging"):
+        pass
+    for name in ("verify staging", "rollback"):
+        with pytest.raises(RuntimeError), run.step(name, env="staging"):
+            raise RuntimeError(f"{name} broke")
+    (listed,) = list_runs(tmp_path)
+    assert (listed["outcome"], listed["failed_step"], listed["error"]) == ("failed", "verify staging",
+                                                                          "verify staging broke")
+
+
 def test_the_run_list_shows_the_newest_runs_and_says_how_many_it_left_out(tmp_path, monkeypatch):
     from drydock.validate import InvalidInput
     from drydock.workflow import runs_list
