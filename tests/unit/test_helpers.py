@@ -788,17 +788,22 @@ def test_ctrl_d_at_the_confirmation_prompt_is_a_refusal_in_one_line(monkeypatch)
         workflow.confirm("production", True, False, "push to", ask=end_of_input)
 
 
-def test_protected_reads_the_flag_as_the_playbooks_do():
+@pytest.mark.parametrize("flag, protected", [
+    *[(false, False) for false in ("false", "no", "off", "0", "n", "f", "", "none", "No", " FALSE ", 0, False, None)],
+    ("yes", True), ("true", True), ("On", True), ("1", True), (1, True), (True, True)])
+def test_protected_reads_the_flag_as_the_playbooks_do(flag, protected):
     """A string "false" in an inventory is false to Ansible's `| bool`: drydock must agree, or
     it would ask for a name the playbook then ignores (and the other way round)."""
+    from ansible.plugins.filter.core import to_bool
+
     from drydock.inventory import Inventory
 
-    inventory = Inventory(servers=("production", "staging", "preview", "qa", "live"), local=("local",), hostvars={
-        "production": {"drydock_protected": "yes"}, "staging": {"drydock_protected": "false"},
-        "preview": {"drydock_protected": False}, "qa": {},
+    inventory = Inventory(servers=("production", "staging", "qa", "live"), local=("local",), hostvars={
+        "production": {"drydock_protected": "yes"}, "staging": {"drydock_protected": flag}, "qa": {},
         # ansible-inventory --list leaves templates as they are: unreadable, so protected
         "live": {"drydock_protected": "{{ inventory_hostname == 'live' }}"}})
-    assert [inventory.protected(env) for env in inventory.servers] == [True, False, False, False, True]
+    assert [inventory.protected(env) for env in inventory.servers] == [True, protected, False, True]
+    assert to_bool(flag) is protected  # the playbooks' `drydock_protected | bool`
 
 
 def test_describe_origin_says_what_the_swaps_recorded():
