@@ -467,7 +467,7 @@ def test_load_requires_a_manifest(tmp_path):
 
 @pytest.mark.parametrize("damage", [
     lambda m: m["dump"].pop("size"), lambda m: m.pop("created"), lambda m: m["row_counts"].update(t="many"),
-    lambda m: m.update(source="production"), lambda m: m.update(row_counts=[1]),
+    lambda m: m.update(source="production"), lambda m: m.update(row_counts=[1]), lambda m: m["dump"].pop("sha256"),
 ])
 def test_load_refuses_an_incomplete_manifest_in_one_line(tmp_path, damage):
     folder = make_backup(tmp_path, "production", "20260101T000000Z")
