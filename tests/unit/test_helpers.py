@@ -67,6 +67,22 @@ def test_journal_is_private_and_records_failures(tmp_path, permissive_umask):
     assert entries[3]["error"] == "it broke"
 
 
+def test_a_manifest_kept_in_the_run_folder_is_private(tmp_path, permissive_umask):
+    """The copy of a backup's manifest a run keeps names production's tables and row counts:
+    0600, made so or over a copy left readable to others."""
+    from drydock.workflow import _keep_artifact
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"row_counts": {"blog_post": 220}}')
+    run = Run("backup", root=tmp_path / "runs")
+    kept = run.folder() / "manifest-production.json"
+    for left_before in (None, 0o644):
+        if left_before:
+            kept.chmod(left_before)
+        _keep_artifact(run, manifest, kept.name)
+        assert (oct(stat.S_IMODE(kept.stat().st_mode)), kept.read_text()) == ("0o600", manifest.read_text())
+
+
 def test_the_runs_folder_is_made_private_only_when_it_is_ours(tmp_path):
     """runs/ made by hand with the umask's mode becomes 0700; a folder another user made for
     us (DRYDOCK_RUNS) is theirs to set: changing it would fail unless we are root."""
