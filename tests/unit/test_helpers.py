@@ -355,6 +355,23 @@ def test_an_interrupted_step_whose_account_fails_still_ends_in_one_line(tmp_path
             raise KeyboardInterrupt
 
 
+def test_ctrl_c_before_any_step_fails_the_command_in_one_line():
+    """Interrupted before a step began, a command still fails (status 1: it did not do its
+    work), with drydock's one line rather than a traceback."""
+    from invoke import Exit
+
+    from tasks import one_line_errors
+
+    @one_line_errors
+    def command(c, env):
+        raise KeyboardInterrupt
+
+    with pytest.raises(Exit) as exited:
+        command(None, "staging")
+    assert (exited.value.code, exited.value.message) == (
+        1, "drydock: error: interrupted (see inv runs.list for the steps that ran)")
+
+
 def test_drydock_callbacks_stay_enabled_beside_ones_asked_for_in_the_environment(monkeypatch):
     from drydock.playbook import ansible_env
 
