@@ -37,11 +37,17 @@ def test_a_plain_name_passes_to_the_command(module):
     assert "--dbname=site__incoming" in proc.stdout
 
 
-@pytest.mark.parametrize("claimed_size, fetched", [(1, True), (2**60, False)])
+@pytest.mark.parametrize("claimed_size, fetched", [
+    (lambda free: 1, True), (lambda free: free + free // 10, False), (lambda free: 2**60, False),
+], ids=["1 byte", "a tenth over the free space", "2**60 bytes"])
 def test_the_fetch_refuses_a_dump_bigger_than_the_controllers_free_space(tmp_path, claimed_size, fetched):
-    """Checked before the transfer: a fetch that fills the disk fails only at its end."""
+    """Checked before the transfer: a fetch that fills the disk fails only at its end. Just
+    over the free space is too big too, not only a size no disk has."""
     import hashlib
+    import os
 
+    disk = os.statvfs(tmp_path)  # the backups' folder is made in it
+    claimed_size = claimed_size(disk.f_bavail * disk.f_frsize)
     src = tmp_path / "host" / "site-20261205T000000Z.dump.zst"
     src.parent.mkdir()
     src.write_bytes(b"a dump")
