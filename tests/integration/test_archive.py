@@ -96,6 +96,18 @@ def test_an_archive_cut_between_data_blocks_is_refused_untouched(databases_to_du
     assert archive.read_bytes() == cut
 
 
+def test_an_archive_cut_inside_its_last_chunk_is_refused_untouched(databases_to_dump, tmp_path):
+    """Cut a few bytes before its end, the last chunk's length runs past the end of the file:
+    what it says it holds never came."""
+    _from_file, piped = dump_twice(databases_to_dump["production"], tmp_path)
+    archive = tmp_path / "piped.dump"
+    cut = piped[:-8]  # the last chunk's end marker is 5 bytes: 3 more are its data
+    archive.write_bytes(cut)
+    with pytest.raises(ArchiveFormatError, match=rf"\Ait ends early, at byte {len(cut)}\Z"):
+        add_data_offsets(str(archive))
+    assert archive.read_bytes() == cut
+
+
 def test_an_archive_version_not_known_here_is_left_alone(databases_to_dump, tmp_path):
     _from_file, piped = dump_twice(databases_to_dump["with large objects"], tmp_path)
     assert piped[5:7] == bytes([1, 14])
