@@ -61,6 +61,11 @@ DRIFTS = {
     "orphan page": ("UPDATE wagtailcore_page SET path = left(path, 4) || '9999' || substr(path, 9) WHERE slug = 'post-1';"
                     " UPDATE wagtailcore_page SET numchild = numchild - 1 WHERE slug = 'blog'",
                     "has no parent (orphan)"),
+    # Home (depth 2) and its pages moved under a root that does not exist: only Home has no
+    # parent, and the root's numchild follows, so that this orphan is the only thing wrong.
+    "orphan page at depth 2": ("UPDATE wagtailcore_page SET path = '9999' || substr(path, 5) WHERE path LIKE '00010001%';"
+                               " UPDATE wagtailcore_page SET numchild = numchild - 1 WHERE depth = 1",
+                               "(99990001): has no parent (orphan)"),
     "wrong Site hostname": ("UPDATE wagtailcore_site SET hostname = 'wrong.example' WHERE is_default_site",
                             "Site: wrong.example:8000, expected localhost:8000"),
 }
