@@ -12,14 +12,26 @@ from drydock.playbook import ansible_env
 from drydock.validate import InvalidInput, environment_name
 
 
-def as_bool(value) -> bool:
-    """A safety flag from the inventory (drydock_protected, drydock_safety_backup): false only
-    when it says false as the playbooks' `| bool` reads it ("false", "no", 0, ...). Anything
-    else is true, a template too: `ansible-inventory --list` does not render templates, and
-    a flag drydock cannot read must ask for the name rather than skip it."""
-    if isinstance(value, bool):
-        return value
-    return str(value).strip().lower() not in ("false", "no", "off", "0", "n", "f", "", "none")
+# What Ansible's `| bool` reads, in the playbooks: any other string it takes for false (with
+# a deprecation warning), so a "y" would skip production's guards there.
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+
+
+def as_bool(value, name: str = "the flag") -> bool:
+    """A safety flag from the inventory (drydock_protected, drydock_safety_backup), read as the
+    playbooks' `| bool` reads it. A template is true: `ansible-inventory --list` does not
+    render templates, and a flag drydock cannot read must ask for the name rather than skip
+    it. Any other value is refused: drydock and the playbooks would read it differently."""
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        if "{{" in value or "{%" in value:
+            return True
+        if value.lower() in TRUE_WORDS + FALSE_WORDS:
+            return value.lower() in TRUE_WORDS
+    raise InvalidInput(f"{name} is {value!r} in the inventory: write true or false (the playbooks read only "
+                       f"{'/'.join(TRUE_WORDS + FALSE_WORDS)}, and take anything else for false)")
 
 
 @dataclass(frozen=True)
@@ -34,7 +46,7 @@ class Inventory:
 
     def protected(self, env: str) -> bool:
         """A protected environment (production) needs its name typed for any change."""
-        return as_bool(self.hostvars.get(env, {}).get("drydock_protected", False))
+        return as_bool(self.hostvars.get(env, {}).get("drydock_protected", False), f"drydock_protected of {env}")
 
     def lock_name(self, env: str) -> str:
         """The lock an environment's database is guarded by: the local one's is "local",

@@ -387,6 +387,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
         raise InvalidInput("--allow-unscrubbed applies to a --dump only: without one, the push scrubs the copy itself")
     inv, env, target = _server(env_text)
     protected = inv.protected(env)
+    take_safety_backup = _takes_safety_backup(env, target)
     confirm(env, protected, yes, "push to")
     own_run = run is None
     run = run or Run("push")
@@ -411,7 +412,6 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                     step.update(dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
                                 scrubbed=dump.manifest.get("scrubbed", []))
             _keep_artifact(run, dump.path.parent / "manifest.json", f"manifest-{local}.json")
-        take_safety_backup = _takes_safety_backup(target)
         with run.step("restore", env=env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
                       rows=dump.total_rows,
                       interrupted=lambda: _push_interrupted(run, env, target["drydock_db_name"], dump, say)
@@ -561,10 +561,11 @@ def restart_app(env_text: str, yes: bool = False, say: Say = print) -> None:
     say(f"{env}'s app was restarted and passed its health check")
 
 
-def _takes_safety_backup(hostvars: dict) -> bool:
+def _takes_safety_backup(env: str, hostvars: dict) -> bool:
     """Protected targets, unless the inventory's drydock_safety_backup says otherwise (the
     playbook's own default is the same; this decision is passed to it)."""
-    return inventory.as_bool(hostvars.get("drydock_safety_backup", hostvars.get("drydock_protected", False)))
+    name = "drydock_safety_backup" if "drydock_safety_backup" in hostvars else "drydock_protected"
+    return inventory.as_bool(hostvars.get(name, False), f"{name} of {env}")
 
 
 def rollback(env_text: str, yes: bool = False, allow_lost_writes: bool = False, allow_failed_check: bool = False,

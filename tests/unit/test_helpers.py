@@ -822,7 +822,7 @@ def test_ctrl_d_at_the_confirmation_prompt_is_a_refusal_in_one_line(monkeypatch)
 
 
 @pytest.mark.parametrize("flag, protected", [
-    *[(false, False) for false in ("false", "no", "off", "0", "n", "f", "", "none", "No", " FALSE ", 0, False, None)],
+    *[(false, False) for false in ("false", "no", "off", "0", "No", "FALSE", 0, False)],
     ("yes", True), ("true", True), ("On", True), ("1", True), (1, True), (True, True)])
 def test_protected_reads_the_flag_as_the_playbooks_do(flag, protected):
     """A string "false" in an inventory is false to Ansible's `| bool`: drydock must agree, or
@@ -837,6 +837,21 @@ def test_protected_reads_the_flag_as_the_playbooks_do(flag, protected):
         "live": {"drydock_protected": "{{ inventory_hostname == 'live' }}"}})
     assert [inventory.protected(env) for env in inventory.servers] == [True, protected, False, True]
     assert to_bool(flag) is protected  # the playbooks' `drydock_protected | bool`
+
+
+@pytest.mark.parametrize("flag", ["y", "t", "n", "f", "", "none", " false", "enabled", None, 2, 0.0, ["yes"]])
+def test_a_flag_drydock_and_the_playbooks_would_read_apart_is_refused(flag):
+    """Ansible's `| bool` takes any word but true/false/yes/no/on/off/1/0 for false: a "y"
+    would be protected for drydock's prompt, and unprotected for the playbooks' guards."""
+    from drydock.inventory import Inventory
+    from drydock.validate import InvalidInput
+
+    inventory = Inventory(servers=("production",), local=("local",),
+                          hostvars={"production": {"drydock_protected": flag}})
+    with pytest.raises(InvalidInput, match=r"^drydock_protected of production is .* in the inventory: write true or "
+                                           r"false \(the playbooks read only true/yes/on/1/false/no/off/0, and take "
+                                           r"anything else for false\)$"):
+        inventory.protected("production")
 
 
 def test_describe_origin_says_what_the_swaps_recorded():
