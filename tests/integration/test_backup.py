@@ -165,6 +165,17 @@ def test_an_environment_named_apart_from_its_host_is_refused(sandbox_env):
     assert not (backups_dir() / "prod").exists()
 
 
+@pytest.mark.parametrize("flag", ["drydock_protected", "drydock_safety_backup"])
+def test_a_safety_flag_the_bool_filter_would_misread_is_refused(sandbox_env, flag):
+    """`| bool` takes "y" for false: production's guards would be off for a plain playbook."""
+    before = sorted((backups_dir() / "production").rglob("*"))
+    proc = playbook("backup_database.yml", "--limit", "production", "-e", f"{flag}=y")
+    assert proc.returncode != 0
+    assert (f'{flag} of production is "y" in the inventory: write true or false (the playbooks read only '
+            "true/yes/on/1/false/no/off/0, and take anything else for false)") in " ".join(proc.stdout.split())
+    assert sorted((backups_dir() / "production").rglob("*")) == before
+
+
 def test_playbook_without_limit_is_refused_before_anything_changes(sandbox_env):
     def listing():
         return {env: sorted((backups_dir() / env).rglob("*")) for env in ("production", "staging")
