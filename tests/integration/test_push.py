@@ -17,6 +17,9 @@ from drydock.playbook import ansible_env
 from tests.conftest import (LIVE_OID, ROOT, app_serves, assert_private, connector, databases, error_lines,
                             fingerprint, inv, playbook, row_counts, run_module)
 
+# A check broken on purpose (a bogus health URL, a database that is not there) fails on the
+# database a swap-back brings back too: the line adds this.
+FAILED_AGAIN = "the app failed its health check again once swapped back ("
 PAGE_TREE_OK = """SELECT (SELECT count(*) FROM wagtailcore_page WHERE depth <> length(path) / 4)
      + (SELECT count(*) FROM wagtailcore_page p WHERE numchild <>
           (SELECT count(*) FROM wagtailcore_page c WHERE c.path LIKE p.path || '____')) = 0"""
@@ -124,8 +127,9 @@ def test_a_rollback_whose_health_check_fails_swaps_back(pushed, connect, sandbox
                     "-e", f"drydock_app_health_url=http://{sandbox_env['staging']['host']}:8000/no-such-page",
                     "-e", "app_service_health_timeout=2")
     assert proc.returncode != 0
+    # The check itself is broken here: it fails on the database swapped back too, and the line says so.
     assert ("(swapped back: staging runs the database it ran before the rollback again; the one that failed the check"
-            " is kept as wagtail_site__previous)") in proc.stdout, proc.stdout[-3000:]
+            f" is kept as wagtail_site__previous; {FAILED_AGAIN}") in " ".join(proc.stdout.split()), proc.stdout[-3000:]
     assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
     assert fingerprint(connect("staging")) == before
     assert app_serves(sandbox_env, "staging")
@@ -255,7 +259,12 @@ def test_a_failed_health_check_swaps_the_live_database_back(pushed, connect, san
     proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={pushed[1].path}",
                     "-e", f"drydock_app_health_url=http://{sandbox_env['staging']['host']}:8000/no-such-page",
                     "-e", "app_service_health_timeout=2")
-    assert proc.returncode != 0 and "(swapped back: staging runs its previous database again)" in proc.stdout
+    assert proc.returncode != 0
+    # The check itself is broken here: it fails on the database swapped back too, and the line says so.
+    line = " ".join(proc.stdout.split())
+    assert f"(swapped back: staging runs its previous database again; {FAILED_AGAIN}" in line, proc.stdout[-3000:]
+    again = line.split(FAILED_AGAIN, 1)[1]
+    assert "answered 404 for 2 s" in again and "): inv app.restart staging once the cause is fixed)" in again, again
     assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
     assert fingerprint(connect("staging")) == before
     assert "wagtail_site__incoming" not in databases(connect("staging", "postgres"))
@@ -282,7 +291,8 @@ def test_without_a_health_url_a_database_that_does_not_answer_is_swapped_back(pu
     proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={pushed[1].path}",
                     "-e", "drydock_app_health_url=", "-e", "app_service_database=no_such_database")
     assert proc.returncode != 0
-    assert "(swapped back: staging runs its previous database again)" in " ".join(proc.stdout.split()), proc.stdout[-3000:]
+    assert f"(swapped back: staging runs its previous database again; {FAILED_AGAIN}" in " ".join(
+        proc.stdout.split()), proc.stdout[-3000:]
     assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
     assert fingerprint(connect("staging")) == before
     assert app_serves(sandbox_env, "staging")
@@ -327,7 +337,8 @@ def test_a_failed_health_check_swaps_back_even_when_the_app_then_will_not_stop(p
                     "-e", f"drydock_app_health_url=http://{sandbox_env['staging']['host']}:8000/no-such-page",
                     "-e", "app_service_health_timeout=2", "-e", json.dumps({"drydock_app_stop_command": stop}))
     assert proc.returncode != 0
-    assert "(swapped back: staging runs its previous database again; the app did not stop)" in proc.stdout
+    assert f"(swapped back: staging runs its previous database again; the app did not stop; {FAILED_AGAIN}" in " ".join(
+        proc.stdout.split()), proc.stdout[-3000:]
     assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
     assert fingerprint(connect("staging")) == before
     assert app_serves(sandbox_env, "staging")
