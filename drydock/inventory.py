@@ -34,6 +34,13 @@ def as_bool(value, name: str = "the flag") -> bool:
                        f"{'/'.join(TRUE_WORDS + FALSE_WORDS)}, and take anything else for false)")
 
 
+# The host variables the playbooks read without a default (docs/configuration.md): missing
+# one, a command would fail only where its playbook first reads it, after a dump perhaps.
+HOST_VARIABLES = ("drydock_env", "drydock_db_name", "drydock_db_app_role", "drydock_db_os_user", "drydock_db_become",
+                  "drydock_db_port", "drydock_db_socket_dir", "drydock_host_backup_dir", "drydock_site_hostname",
+                  "drydock_site_port")
+
+
 @dataclass(frozen=True)
 class Inventory:
     servers: tuple[str, ...]
@@ -41,8 +48,22 @@ class Inventory:
     hostvars: dict
 
     def server(self, text: str) -> str:
-        """Validate a server environment typed by the user: exactly one, and known."""
-        return self._one_of(text, self.servers, local=self.local)
+        """Validate a server environment typed by the user: exactly one, known, and described."""
+        return self._described(self._one_of(text, self.servers, local=self.local))
+
+    def local_env(self) -> str:
+        """The local environment's name, once its host variables are there."""
+        return self._described(self.local[0])
+
+    def _described(self, env: str) -> str:
+        """`env`, refused if the inventory lacks host variables the playbooks need (a sandbox
+        that is down has none: its playbooks say so themselves)."""
+        hostvars = self.hostvars.get(env, {})
+        missing = [name for name in HOST_VARIABLES if name not in hostvars]
+        if missing and not hostvars.get("drydock_sandbox_down"):
+            raise DrydockError(f"{env} lacks {', '.join(missing)} in the inventory: the playbooks need "
+                               f"{'them' if len(missing) > 1 else 'it'} (docs/configuration.md, host variables)")
+        return env
 
     def protected(self, env: str) -> bool:
         """A protected environment (production) needs its name typed for any change."""
@@ -55,7 +76,7 @@ class Inventory:
 
     def environment(self, text: str) -> str:
         """Like server(), but the local environment is accepted too."""
-        return self._one_of(text, self.servers + self.local)
+        return self._described(self._one_of(text, self.servers + self.local))
 
     @staticmethod
     def _one_of(text: str, known: tuple[str, ...], local: tuple[str, ...] = ()) -> str:

@@ -101,7 +101,7 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
     inv = inventory.load()
     env = inv.server(env_text)
     shared = run is not None
-    local = inv.local[0]
+    local = inv.local_env()
     run = run or Run("pull", route=[env, local])
     target = inv.hostvars[local]
     # The local database's lock first: a pull refused by it must not have taken a backup.
@@ -326,7 +326,7 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
     if not (run_migrate or notebook or script or fixtree or plan):
         raise InvalidInput("--no-migrate leaves nothing to run: give it a --notebook, a --script or --fixtree")
     inv = inventory.load()
-    local = inv.local[0]
+    local = inv.local_env()
     if plan:
         run_playbook("migrate_plan.yml", limit=local)
         say("the plan is above, its pending migrations last; nothing was applied (inv migrate applies them)")
@@ -397,7 +397,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
             if own_run:
                 run.route = [dump.source_env, env]
         else:
-            local = inv.local[0]
+            local = inv.local_env()
             if own_run:
                 run.route = [local, env]
             # The local database's lock only while it is dumped: nothing after reads it.
@@ -613,19 +613,19 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
     """backup → pull → migrate (+ notebook or script) → push, one target lock around it all."""
     check_step_inputs(notebook, script, parameters=parameters)
     inv = inventory.load()
-    source, target = inv.server(source_text), inv.server(target_text)
     # The migration step would refuse it, after the backup and the pull: refused before them.
     app_url_without_password(str(inv.hostvars[inv.local[0]].get("drydock_app_database_url", "")))
+    source, target = inv.server(source_text), inv.server(target_text)
     if inv.protected(target) and not inv.protected(source):  # the push would refuse it, after all the rest
         raise DrydockError(f"refusing to push to {target} a copy of {source}'s data: {source} is not protected, so its "
                            f"data may be scrubbed or made up; run the pipeline from {target}")
     confirm(target, inv.protected(target), yes, "push to")
-    run = Run("pipeline", total=7, say=say, route=list(dict.fromkeys([source, inv.local[0], target])))
+    run = Run("pipeline", total=7, say=say, route=list(dict.fromkeys([source, inv.local_env(), target])))
     with _locks(list(dict.fromkeys([source, target, LOCAL_LOCK])), "pipeline", say):
         dump = backup(source, say=say, run=run, locked=True)
         pulled = pull(source, dump_path=str(dump.path), say=say, run=run, locked=True)
         migrate(notebook=notebook, script=script, parameters=parameters, say=say, run=run, locked=True)
-        verify(inv.local[0], say=say, run=run, locked=True)
+        verify(inv.local_env(), say=say, run=run, locked=True)
         pushed = push(target, yes=True, allow_lost_writes=allow_lost_writes, say=say, run=run, locked=True)
         try:
             verify(target, manifest=str(pushed.path.parent / "manifest.json"), say=say, run=run, locked=True)

@@ -764,12 +764,13 @@ def test_the_local_database_has_one_lock_whatever_the_inventory_calls_its_host(t
     """Snapshot commands read no inventory: every command that changes the local database
     must take the lock they take, `local`, even where the local host is called `laptop`."""
     from drydock import inventory, workflow
-    from drydock.inventory import Inventory
+    from drydock.inventory import HOST_VARIABLES, Inventory
     from drydock.lock import target_lock
 
     monkeypatch.setenv("DRYDOCK_RUNS", str(tmp_path))
+    described = {name: "x" for name in HOST_VARIABLES}
     laptop = Inventory(servers=("production", "staging"), local=("laptop",),
-                       hostvars={"production": {}, "staging": {}, "laptop": {}})
+                       hostvars={"production": described, "staging": described, "laptop": described})
     monkeypatch.setattr(inventory, "load", lambda: laptop)
     monkeypatch.setattr(workflow, "run_playbook", lambda *a, **k: pytest.fail("a playbook ran under another's lock"))
     with target_lock("local", "pull", say=lambda m: None, root=tmp_path):
@@ -940,3 +941,23 @@ def test_an_interrupted_snapshot_action_says_whether_its_module_ran(tmp_path, mo
     assert unfinished.read() is None
     progress("start", "failed")
     assert workflow._snapshot_interrupted(run, "save", "saved").startswith("the save did not run")
+
+
+def test_an_environment_without_the_host_variables_the_playbooks_need_is_refused_up_front():
+    """A push would otherwise dump the local database, then fail where the restore first
+    reads the missing variable."""
+    from drydock.inventory import HOST_VARIABLES, Inventory
+
+    described = {name: "x" for name in HOST_VARIABLES}
+    inventory = Inventory(servers=("production", "staging"), local=("local",), hostvars={
+        "production": described, "staging": {k: v for k, v in described.items() if k != "drydock_site_hostname"},
+        "local": {k: v for k, v in described.items() if k not in ("drydock_db_port", "drydock_env")}})
+    assert inventory.server("production") == "production"
+    with pytest.raises(DrydockError, match=r"^staging lacks drydock_site_hostname in the inventory: the playbooks "
+                                           r"need it \(docs/configuration.md, host variables\)$"):
+        inventory.server("staging")
+    with pytest.raises(DrydockError, match=r"^local lacks drydock_env, drydock_db_port in the inventory: the "
+                                           r"playbooks need them"):
+        inventory.local_env()
+    down = Inventory(servers=("staging",), local=("local",), hostvars={"staging": {"drydock_sandbox_down": True}})
+    assert down.server("staging") == "staging"  # its playbooks say the sandbox is down

@@ -50,9 +50,11 @@ def test_environment_names(name, ok):
 
 
 def test_an_unknown_environment_is_named_with_every_choice_the_command_takes():
-    from drydock.inventory import Inventory
+    from drydock.inventory import HOST_VARIABLES, Inventory
 
-    inv = Inventory(servers=("production", "staging"), local=("local",), hostvars={})
+    described = {name: "x" for name in HOST_VARIABLES}
+    inv = Inventory(servers=("production", "staging"), local=("local",),
+                    hostvars={"production": described, "staging": described, "local": described})
     assert inv.environment("local") == "local" and inv.server("staging") == "staging"
     with pytest.raises(InvalidInput, match=r"unknown environment 'nosuch': choose one of production, staging, local\Z"):
         inv.environment("nosuch")
