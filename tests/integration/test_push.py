@@ -309,6 +309,17 @@ def test_a_stop_command_that_fails_without_a_word_is_named_in_the_line(pushed, c
     assert app_serves(sandbox_env, "staging")
 
 
+def test_a_rollback_whose_app_will_not_stop_says_nothing_was_rolled_back(pushed, connect, sandbox_env):
+    live = connect("staging", "postgres").execute(LIVE_OID).fetchone()
+    proc = playbook("rollback_database.yml", "--limit", "staging", "-e", "drydock_allow_failed_check=true",
+                    "-e", json.dumps({"drydock_app_stop_command": ["/bin/false"]}))  # (whatever the tests above kept)
+    assert proc.returncode != 0
+    assert ("/bin/false exited with status 1 (nothing was rolled back: staging runs the database it ran before, and"
+            " its app was started again)") in " ".join(proc.stdout.split()), proc.stdout[-3000:]
+    assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
+    assert app_serves(sandbox_env, "staging")
+
+
 def test_a_start_command_that_fails_without_a_word_is_named_in_the_line(pushed, sandbox_env, tmp_path):
     failures = tmp_path / "failures.jsonl"
     proc = subprocess.run(["ansible-playbook", "playbooks/restart_app.yml", "--limit", "staging",
