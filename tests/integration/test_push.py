@@ -667,6 +667,15 @@ def test_the_check_made_with_the_app_stopped_counts_writes_a_session_still_holds
 def test_rolling_production_back_after_it_took_writes_is_refused_unless_allowed(pushed, connect, sandbox_env):
     """The rollback puts the live database aside as __previous, which the next push drops: a
     write production took since the push would be lost without a word."""
+    # First a database pushed in, written to, then replaced by the next push: the one the
+    # rollback below brings back, whatever the tests before left, has a push's baseline
+    # older than its last write.
+    inv("pull", "production", check=True)
+    inv("push", "production", "--yes", check=True)
+    # In a session of its own, which reports its write counters as it ends: the backup below counts it.
+    with psycopg.connect(sandbox_env["production"]["url"], autocommit=True) as writer:
+        writer.execute("UPDATE blog_post SET body = body || '<p>written before the next push</p>'"
+                       " WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)")
     inv("pull", "production", check=True)
     inv("push", "production", "--yes", check=True)
     pushed_oid = connect("production", "postgres").execute(LIVE_OID).fetchone()
