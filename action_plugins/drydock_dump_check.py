@@ -13,11 +13,14 @@ import os
 import shlex
 
 from ansible.plugins.action import ActionBase
+from ansible.utils.display import Display
+
+display = Display()
 
 UPLOAD_NAME = "drydock-upload.dump"
-EARLIER_UPLOAD_NAME = "dump"  # drydock's uploads before 2026-12-05, stale ones cleared alike
 # An upload in progress is written to without pause, and checked within minutes of its end.
 STALE_UPLOAD_MINUTES = 60
+NOT_REMOVED = "drydock-tmp-not-removed"
 
 
 class ActionModule(ActionBase):
@@ -48,15 +51,21 @@ class ActionModule(ActionBase):
 
     def _remove_tmp_path_and_stale_uploads(self) -> list[str]:
         """Remove this task's temporary folder, the upload with it, and in the same command
-        the folders of uploads a killed run left beside it, an hour old: a dump no run reads
-        again, production data perhaps. Returns those folders."""
+        the folders of uploads a killed run left beside it, an hour old, owned by the user
+        drydock connects as or becomes: a dump no run reads again, production data perhaps.
+        Returns those folders."""
         shell = self._connection._shell
         parent = os.path.dirname(shell.tmpdir.rstrip("/"))
-        stale = [shlex.quote(shell.join_path(parent, "ansible-tmp-*", name))
-                 for name in (UPLOAD_NAME, EARLIER_UPLOAD_NAME)]
-        command = (f"{shell.remove(shell.tmpdir, recurse=True)}; find {shlex.quote(parent)} -mindepth 2 -maxdepth 2 "
-                   f"-type f \\( -path {stale[0]} -o -path {stale[1]} \\) -mmin +{STALE_UPLOAD_MINUTES} -exec sh -c "
+        stale = shlex.quote(shell.join_path(parent, "ansible-tmp-*", UPLOAD_NAME))
+        owners = '-user "$(id -u)"' + (f" -o -user {shlex.quote(self._task.become_user)}"
+                                       if self._task.become and self._task.become_user else "")
+        command = (f"{shell.remove(shell.tmpdir, recurse=True)} || echo {NOT_REMOVED}; "
+                   f"find {shlex.quote(parent)} -mindepth 2 -maxdepth 2 -type f -path {stale} \\( {owners} \\) "
+                   f"-mmin +{STALE_UPLOAD_MINUTES} -exec sh -c "
                    + shlex.quote('rm -rf -- "${1%/*}" && echo "${1%/*}"') + " sh {} \\; 2>/dev/null; true")
-        done = self._low_level_execute_command(command, sudoable=False)
-        shell.tmpdir = None
-        return done.get("stdout", "").split()
+        lines = self._low_level_execute_command(command, sudoable=False).get("stdout", "").splitlines()
+        if NOT_REMOVED in lines:  # as Ansible's own clean-up would: said, not failed
+            display.warning(f"the upload could not be deleted with {shell.tmpdir} on the host: delete it")
+        else:
+            shell.tmpdir = None
+        return [line for line in lines if line and line != NOT_REMOVED]

@@ -30,7 +30,7 @@ def as_bool(value, name: str = "the flag") -> bool:
             return True
         if value.lower() in TRUE_WORDS + FALSE_WORDS:
             return value.lower() in TRUE_WORDS
-    raise InvalidInput(f"{name} is {value!r} in the inventory: write true or false (the playbooks read only "
+    raise InvalidInput(f"{name} is {value!r}: write true or false (the playbooks read only "
                        f"{'/'.join(TRUE_WORDS + FALSE_WORDS)}, and take anything else for false)")
 
 

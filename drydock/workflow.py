@@ -643,8 +643,10 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
                 # The playbook's "pass --allow-lost-writes" means the rollback's option, not the pipeline's.
                 knowingly = (f"; to roll back anyway: inv rollback {target} --allow-lost-writes"
                              if "--allow-lost-writes" in str(refused) else "")
-                # The host's name: the refusal names it again; and "not rolled back" says the rest.
-                reason = str(refused).removeprefix(f"{target}: ").split(" (nothing was rolled back: ")[0]
+                # The host's name: the refusal names it again; "not rolled back" says the rest, unless
+                # its app did not start again.
+                reason = str(refused).removeprefix(f"{target}: ").removesuffix(
+                    f" (nothing was rolled back: {target} runs the database it ran before, and its app was started again)")
                 raise DrydockError(f"{error} (not rolled back: {reason}){knowingly}") from None
             raise DrydockError(f"{error} (the push was rolled back: {target} runs its previous database)") from None
     say(f"\npipeline {source} → {target} done ({pulled.total_rows:,} rows pulled)\n{run.summary()}")

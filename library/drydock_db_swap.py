@@ -87,6 +87,15 @@ def note(conn, name: str, fields: dict) -> None:
         pass
 
 
+def account(conn, name: str) -> str | None:
+    """Where the database now live came from, for the rollback's line. Read after the exchange
+    has committed: failing to must not fail it (the rollback would say nothing was exchanged)."""
+    try:
+        return origin_of(database_comment(conn, name))
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def record_live_since(conn, socket_dir: str, port: int, name: str) -> None:
     """Note on `name`, about to go live, its write counters now, if a push set it aside: the
     push's guard made sure the copy that replaced it held all it had. One an exchange set
@@ -151,7 +160,7 @@ def main() -> None:
                 note(conn, p["previous"], {"set_aside": at, "set_aside_by": by,
                                            **({"failed_check": p["failed_check"]} if p["failed_check"] else {})})
                 module.exit_json(changed=True, previous=p["previous"], terminated=terminated,
-                                 drydock_account=origin_of(database_comment(conn, p["database"])))
+                                 drydock_account=account(conn, p["database"]))
             if not database_exists(conn, p["incoming"]):
                 module.fail_json(msg=f"nothing to swap in: database {p['incoming']} does not exist")
             has_live = database_exists(conn, p["database"])

@@ -229,7 +229,8 @@ def check_room(module, dest: str, database: str, database_size: int, min_free_mb
 
 def existing_parent(path: str) -> str:
     """`path`, or its nearest parent that exists (the first backup creates the folder)."""
-    while not os.path.isdir(path):
+    path = os.path.abspath(path)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     return path
 

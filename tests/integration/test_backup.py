@@ -171,7 +171,7 @@ def test_a_safety_flag_the_bool_filter_would_misread_is_refused(sandbox_env, fla
     before = sorted((backups_dir() / "production").rglob("*"))
     proc = playbook("backup_database.yml", "--limit", "production", "-e", f"{flag}=y")
     assert proc.returncode != 0
-    assert (f'{flag} of production is "y" in the inventory: write true or false (the playbooks read only '
+    assert (f"{flag} of production is 'y': write true or false (the playbooks read only "
             "true/yes/on/1/false/no/off/0, and take anything else for false)") in " ".join(proc.stdout.split())
     assert sorted((backups_dir() / "production").rglob("*")) == before
 

@@ -849,7 +849,7 @@ def test_a_flag_drydock_and_the_playbooks_would_read_apart_is_refused(flag):
 
     inventory = Inventory(servers=("production",), local=("local",),
                           hostvars={"production": {"drydock_protected": flag}})
-    with pytest.raises(InvalidInput, match=r"^drydock_protected of production is .* in the inventory: write true or "
+    with pytest.raises(InvalidInput, match=r"^drydock_protected of production is .*: write true or "
                                            r"false \(the playbooks read only true/yes/on/1/false/no/off/0, and take "
                                            r"anything else for false\)$"):
         inventory.protected("production")
