@@ -144,13 +144,31 @@ def test_ctrl_c_during_the_last_verify_keeps_the_pushed_copy_live_and_rolls_noth
     def steps() -> list[dict]:
         return [step for run in set(runs_dir().glob("*-pipeline")) - earlier for step in journal.read(run)]
 
-    def verifying_staging() -> bool:
-        try:
-            return any(step["step"] == "verify staging" and step["outcome"] == "running" for step in steps())
-        except ValueError:  # a journal line caught half written
-            return False
+    held: list = []  # [holder, watcher] once the push is done and the verify is held
 
-    line = interrupted_when(verifying_staging, "pipeline", "production", "staging")
+    def verify_held() -> bool:
+        """Once the push's restore is done (the pushed copy live, the verify not yet begun), lock
+        django_migrations, which the verify's schema step reads: the Ctrl-C then lands while the
+        verify waits, however fast it would otherwise have finished."""
+        if not held:
+            try:
+                pushed = any(step["step"] == "restore" and step["outcome"] == "ok" for step in steps())
+            except ValueError:  # a journal line caught half written
+                return False
+            if not pushed:
+                return False
+            held.extend([connect("staging", autocommit=False), connect("staging")])
+            held[0].execute("LOCK TABLE django_migrations IN ACCESS EXCLUSIVE MODE")
+        return held[1].execute("SELECT count(*) FROM pg_locks WHERE NOT granted"
+                               " AND relation = 'django_migrations'::regclass"
+                               " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                               ).fetchone()[0] > 0
+
+    try:
+        line = interrupted_when(verify_held, "pipeline", "production", "staging")
+    finally:
+        if held:
+            held[0].rollback()
     assert line.startswith("drydock: error: interrupted during verify staging: verify only reads staging: nothing changed"), line
     assert connect("staging", "postgres").execute(OID).fetchone()[0] != old  # the pushed copy is still live
     assert not [step for step in steps() if step["step"].startswith("rollback")]
