@@ -13,8 +13,20 @@ description:
 
 import json
 import os
+import re
 
 from ansible.plugins.callback import CallbackBase
+
+# libpq's words when nothing listens on a server's socket (a stopped server, or a socket folder
+# or port that is not its own), with the prefixes psycopg and community.postgresql add.
+NO_SERVER = re.compile(r'(?:unable to connect to database: )?(?:connection is bad: )?connection to server on socket'
+                       r' "(?P<socket>[^"]*)" failed: (?P<why>No such file or directory|Connection refused)'
+                       r'(?: Is the server running locally and accepting connections on that socket\?)?')
+
+
+def _in_drydock_words(line: str) -> str:
+    return NO_SERVER.sub(lambda found: f"no database server answers on {found['socket']} ({found['why']}): start it,"
+                                       f" or set drydock_db_socket_dir and drydock_db_port to its own", line)
 
 
 def _one_line(result: dict) -> str:
@@ -30,7 +42,7 @@ def _one_line(result: dict) -> str:
     elif msg.startswith("non-zero return code") and result.get("cmd"):  # a command that failed without a word
         command = result["cmd"] if isinstance(result["cmd"], str) else " ".join(map(str, result["cmd"]))
         msg = f"{command} exited with status {result.get('rc')}"
-    return " ".join(msg.split()) or "failed"
+    return _in_drydock_words(" ".join(msg.split())) or "failed"
 
 
 class CallbackModule(CallbackBase):

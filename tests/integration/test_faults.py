@@ -346,11 +346,52 @@ def test_target_without_the_app_role_is_refused_before_any_change(staging_at_the
     assert_no_strays(connect, sandbox_env)
 
 
+def stop_cluster(sandbox_env: dict, env: str) -> None:
+    """Stop `env`'s sandbox cluster at once, as a crash would (./inv sandbox.up starts it again)."""
+    cluster = sandbox_env[env]
+    pg_ctl = [str(Path(cluster["pg_bindir"]) / "pg_ctl"), "stop", "-m", "immediate", "-D", str(ROOT / f".sandbox/{env}/data")]
+    subprocess.run(["sudo", "-n", "-u", cluster["os_user"], *pg_ctl] if os.geteuid() == 0 else pg_ctl,
+                   check=True, capture_output=True)
+
+
+def test_a_stopped_server_is_named_in_one_line_and_nothing_changes(staging_at_the_local_schema, connect, sandbox_env):
+    """With staging's server down, every command that reaches it says so in drydock's words
+    (not libpq's "connection is bad", not Ansible's "Unknown error" of a failed ping) and
+    what to do; with the local one down, a push says so (its outgoing copy's drop fails in
+    the same words). Once they are up again, staging is as it was."""
+    before = fingerprint(connect("staging"))
+
+    def down_line(env: str) -> str:
+        socket = f"{sandbox_env[env]['socket_dir']}/.s.PGSQL.{sandbox_env[env]['port']}"
+        return (f"drydock: error: {env}: no database server answers on {socket} (No such file or directory): start it,"
+                " or set drydock_db_socket_dir and drydock_db_port to its own")
+
+    stop_cluster(sandbox_env, "local")
+    try:
+        assert error_lines(inv("push", "staging"))[-1] == down_line("local")
+    finally:
+        inv("sandbox.up", check=True)
+    down = down_line("staging")
+    stop_cluster(sandbox_env, "staging")
+    try:
+        assert error_lines(inv("verify", "staging"))[-1] == down
+        assert error_lines(inv("push", "staging"))[-1] == down + (
+            " (the live database is unchanged; wagtail_site__incoming could not be dropped (no server answers either):"
+            " the next run drops it)")
+        assert error_lines(inv("app.restart", "staging"))[-1] == down.replace(
+            "staging: ", "staging: the app's database wagtail_site does not answer: ", 1)
+    finally:
+        inv("sandbox.up", check=True)
+    assert fingerprint(connect("staging")) == before
+    next_run_succeeds("app.restart", "staging")
+    assert app_serves(sandbox_env, "staging")
+    assert_no_strays(connect, sandbox_env)
+
+
 def test_a_server_that_stops_during_the_restore_is_named_not_the_clean_up(pulled, connect, sandbox_env):
     """The local server goes down while a pull restores into it: the line gives the restore's
     failure, not the clean-up's (whose drop fails too), and says what is left; once the
     server is up again (./inv sandbox.up starts it), the next pull clears it."""
-    local = sandbox_env["local"]
     before = fingerprint(connect("local"))
     since = time.time()
     reached = restoring(connect, "local", since)
@@ -362,9 +403,7 @@ def test_a_server_that_stops_during_the_restore_is_named_not_the_clean_up(pulled
         while not reached():
             assert proc.poll() is None and time.monotonic() < deadline, "the pull never reached its restore"
             time.sleep(0.01)
-        pg_ctl = [str(Path(local["pg_bindir"]) / "pg_ctl"), "stop", "-m", "immediate", "-D", str(ROOT / ".sandbox/local/data")]
-        subprocess.run(["sudo", "-n", "-u", local["os_user"], *pg_ctl] if os.geteuid() == 0 else pg_ctl,
-                       check=True, capture_output=True)
+        stop_cluster(sandbox_env, "local")
         _out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:

@@ -961,3 +961,18 @@ def test_an_environment_without_the_host_variables_the_playbooks_need_is_refused
         inventory.local_env()
     down = Inventory(servers=("staging",), local=("local",), hostvars={"staging": {"drydock_sandbox_down": True}})
     assert down.server("staging") == "staging"  # its playbooks say the sandbox is down
+
+
+def test_a_server_that_does_not_listen_is_named_in_drydock_words():
+    from callback_plugins.drydock_failures import _one_line
+
+    socket = "/srv/pg/run/.s.PGSQL.5433"
+    libpq = f'connection to server on socket "{socket}" failed: Connection refused\n\tIs the server running locally' \
+            ' and accepting connections on that socket?'
+    expected = (f"no database server answers on {socket} (Connection refused): start it, or set drydock_db_socket_dir"
+                " and drydock_db_port to its own")
+    assert _one_line({"msg": f"connection is bad: {libpq}"}) == expected  # psycopg, in drydock's modules
+    assert _one_line({"msg": f"unable to connect to database: connection is bad: {libpq}"}) == expected  # community.postgresql
+    assert _one_line({"msg": f"wagtail_site__incoming: {libpq} (kept)"}) == f"wagtail_site__incoming: {expected} (kept)"
+    refused = 'connection to server on socket "/run/.s.PGSQL.5432" failed: FATAL:  Peer authentication failed for user "x"'
+    assert _one_line({"msg": refused}) == " ".join(refused.split())  # a server that answers: its own words
