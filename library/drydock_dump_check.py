@@ -141,7 +141,12 @@ def place(module, path: str, archive: str, size: int, restore_bytes: int, data_d
     its disk has room for it (and for the restore, if the data directory shares that disk), and
     give it the data offsets a piped dump lacks. Returns how many entries got one."""
     folder = os.path.dirname(archive)
-    os.makedirs(folder, mode=0o700, exist_ok=True)
+    try:  # as the OS user, never root (the role says why); 0700 even if it was there before
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
+    except OSError as error:
+        module.fail_json(msg=f"cannot make the folder for pg_restore's archive: {error} (pg_restore_host_dir:"
+                             f" its parent must be the OS user's, as drydock_host_backup_dir is)")
     discard(archive)  # an interrupted run's: it does not count as used space
     same_disk = os.stat(data_directory).st_dev == os.stat(folder).st_dev
     needed = size + (restore_bytes if same_disk else 0)

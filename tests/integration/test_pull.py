@@ -187,3 +187,35 @@ def test_bad_input_gets_one_line(sandbox_env, args, message):
     proc = inv(*args)
     assert proc.returncode != 0
     assert len(error_lines(proc)) == 1 and message in proc.stderr
+
+
+def test_a_link_in_place_of_the_archive_folder_hands_root_nothing(pulled, connect, sandbox_env):
+    """The OS user owns the backup folder, so it can put a link where the archive's folder
+    goes. Root must not follow it (it would make any folder the OS user's, 0700): the folder
+    is made and the archive written as the OS user, who cannot touch the link's target."""
+    import os
+    import tempfile
+
+    victim = Path(tempfile.mkdtemp(prefix="drydock-victim-", dir="/tmp"))  # root's, as /etc or /root/.ssh are
+    victim.chmod(0o755)
+    incoming = Path(sandbox_env["local"]["backup_dir"]) / "incoming"
+    aside = incoming.with_name("incoming.aside")
+    if incoming.exists():
+        incoming.rename(aside)
+    before = fingerprint(connect("local"))
+    try:
+        incoming.symlink_to(victim)
+        proc = inv("pull", "production", "--latest")
+        assert proc.returncode == 1
+        assert error_lines(proc)[-1].startswith("drydock: error: local: cannot make the folder for pg_restore's archive: ")
+        mode = victim.stat()
+        assert (mode.st_uid, stat.S_IMODE(mode.st_mode)) == (0, 0o755) and not list(victim.iterdir())
+        assert fingerprint(connect("local")) == before
+    finally:
+        if incoming.is_symlink():
+            incoming.unlink()
+        if aside.exists():
+            aside.rename(incoming)
+        shutil.rmtree(victim)
+    inv("pull", "production", "--latest", check=True)  # the real folder again
+    assert stat.S_IMODE(os.stat(incoming).st_mode) == 0o700
