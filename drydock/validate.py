@@ -54,15 +54,25 @@ def snapshot_name(value: str) -> str:
     return value
 
 
-def app_url_without_password(url: str) -> str:
-    """The app's database URL, refused if it holds a password: the app's commands get it on
-    their command line, which the process list shows (the app_url_guard role checks the same
-    in the playbooks; a templated value is left to it)."""
+def app_database_url(url: str, variable: str = "DATABASE_URL") -> str:
+    """The app's database URL, refused as the app_url_guard role refuses it in the playbooks
+    (a templated value is left to them): with a password, which the app's commands would get
+    on their command line, where the process list shows it; with a dbname= or service=
+    parameter, which the driver reads over the database the path names; and `variable`, the
+    environment variable it goes in, unless it is a name (it goes on that command line
+    unquoted)."""
+    if "{{" not in variable and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", variable):
+        raise InvalidInput(f"drydock_app_database_url_env must be an environment variable's name (letters, digits and _,"
+                           f" not first a digit), not {variable!r}")
     if "{{" not in url:
         parts = urlsplit(url)
         # libpq decodes a parameter's name too: pass%77ord= is password=
-        if parts.password is not None or re.search(r"(^|&)(ssl)?password=", unquote(parts.query)):
+        query = unquote(parts.query)
+        if parts.password is not None or re.search(r"(^|&)(ssl)?password=", query):
             raise InvalidInput("drydock_app_database_url holds a password, and the app's commands get the URL on their "
                                "command line (the process list shows it): leave it out and put it in a passfile "
                                "(~/.pgpass of the user the app runs as, or ?passfile=PATH in the URL)")
+        if re.search(r"(^|&)(dbname|service)=", query):
+            raise InvalidInput("drydock_app_database_url has a dbname= or service= parameter, which the driver reads over"
+                               " the database its path names: name the database in the path only")
     return url

@@ -20,7 +20,7 @@ from drydock.journal import Run, read_progress
 from drydock.lock import LOCAL as LOCAL_LOCK, target_lock
 from drydock.paths import backups_dir
 from drydock.playbook import run_playbook
-from drydock.validate import (InvalidInput, app_url_without_password, count as valid_count, hostname as valid_hostname,
+from drydock.validate import (InvalidInput, app_database_url, count as valid_count, hostname as valid_hostname,
                               port as valid_port, snapshot_name as valid_snapshot_name)
 
 Say = Callable[[str], None]
@@ -614,7 +614,9 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
     check_step_inputs(notebook, script, parameters=parameters)
     inv = inventory.load()
     # The migration step would refuse it, after the backup and the pull: refused before them.
-    app_url_without_password(str(inv.hostvars[inv.local[0]].get("drydock_app_database_url", "")))
+    local_vars = inv.hostvars[inv.local[0]]
+    app_database_url(str(local_vars.get("drydock_app_database_url", "")),
+                     str(local_vars.get("drydock_app_database_url_env", "DATABASE_URL")))
     source, target = inv.server(source_text), inv.server(target_text)
     if inv.protected(target) and not inv.protected(source):  # the push would refuse it, after all the rest
         raise DrydockError(f"refusing to push to {target} a copy of {source}'s data: {source} is not protected, so its "

@@ -250,14 +250,30 @@ def test_a_database_url_with_a_password_is_refused_before_anything_runs(fresh_lo
 
 @pytest.mark.parametrize("url", ["postgresql://wagtail_site@127.0.0.1/another",
                                  "postgresql://wagtail_site@127.0.0.1/another?application_name=/wagtail_site",
-                                 "postgresql://wagtail_site@127.0.0.1/wagtail_site?dbname=another"])
+                                 "postgresql://wagtail_site@127.0.0.1/wagtail_site?dbname=another",
+                                 "postgresql://wagtail_site@127.0.0.1/wagtail_site?db%6Eame=another"])
 def test_a_database_url_naming_another_database_is_refused(fresh_local, connect, tmp_path, url):
     """The step's safety snapshot is of the local database: a URL naming another one would be
-    migrated with nothing to put it back from (its name elsewhere in the URL does not count)."""
+    migrated with nothing to put it back from (its name elsewhere in the URL does not count,
+    and the driver reads a dbname= parameter, its name decoded, over the path)."""
     before = fingerprint(connect("local"))
     proc = playbook("migrate.yml", "-e", f"@{_vars_file(tmp_path, url)}")
     assert proc.returncode != 0
-    assert "drydock_app_database_url must name the database wagtail_site" in proc.stdout
+    assert ("drydock_app_database_url must name the database wagtail_site" in proc.stdout
+            or "drydock_app_database_url has a dbname= or service= parameter" in proc.stdout)
+    assert fingerprint(connect("local")) == before
+
+
+def test_a_variable_name_that_is_a_command_is_refused(fresh_local, connect, sandbox_env, tmp_path):
+    """The variable's name reaches the app's command line unquoted: a name holding a command
+    would run it."""
+    before = fingerprint(connect("local"))
+    planted = tmp_path / "planted"
+    proc = playbook("migrate.yml", "-e", f"@{_vars_file(tmp_path, sandbox_env['local']['url'])}",
+                    "-e", f"django_migrate_database_url_env='DATABASE_URL=x; touch {planted}; X'")
+    assert proc.returncode != 0
+    assert "drydock_app_database_url_env must be an environment variable's name" in proc.stdout
+    assert not planted.exists()
     assert fingerprint(connect("local")) == before
 
 

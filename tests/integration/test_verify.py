@@ -147,3 +147,37 @@ def test_verify_never_migrates_the_database_the_app_names_itself(fresh, sandbox_
     assert "the app's settings name the database wagtail_site, not the scratch database" in proc.stdout
     assert fingerprint(fresh) == before
     assert not [name for name in databases(fresh) if "__verify_" in name]
+
+
+@pytest.mark.parametrize("query", ["&dbname=wagtail_site", "&db%6Eame=wagtail_site", "&service=site"])
+def test_verify_refuses_a_url_whose_parameters_name_the_database(fresh, sandbox_env, tmp_path, query):
+    """The driver reads dbname= (its name decoded too) or service= over the URL's path: the
+    scratch URL would still name the live database, and verify would migrate it."""
+    from tests.conftest import fingerprint
+
+    before = fingerprint(fresh)
+    proc = subprocess.run(
+        ["ansible-playbook", "playbooks/verify_database.yml", "--limit", "local",
+         "-e", f"drydock_app_database_url={sandbox_env['local']['url']}{query}", "-e", f"db_verify_cache_dir={tmp_path}"],
+        env=ansible_env(), cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "drydock_app_database_url has a dbname= or service= parameter" in proc.stdout
+    assert fingerprint(fresh) == before
+
+
+def test_verify_never_migrates_the_database_the_apps_options_name(fresh, sandbox_env, tmp_path):
+    """The app's settings read a URL the inventory does not give (here DATABASE_URL, set
+    around drydock): its path names the scratch database, its ?dbname= the live one, which
+    is where Django would connect. The name the settings give is not the one that counts."""
+    from tests.conftest import fingerprint
+
+    before = fingerprint(fresh)
+    scratch = f"wagtail_site__verify_{hashlib.sha1(b'local').hexdigest()[:8]}"
+    aimed = sandbox_env["local"]["url"].replace("/wagtail_site?", f"/{scratch}?") + "&dbname=wagtail_site"
+    proc = subprocess.run(
+        ["ansible-playbook", "playbooks/verify_database.yml", "--limit", "local",
+         "-e", "drydock_app_database_url_env=OTHER_DATABASE_URL", "-e", f"db_verify_cache_dir={tmp_path}"],
+        env=dict(ansible_env(), DATABASE_URL=aimed), cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert f"the app's settings name the database wagtail_site, not the scratch database {scratch}" in proc.stdout
+    assert fingerprint(fresh) == before

@@ -127,10 +127,28 @@ def test_no_task_takes_a_one_letter_flag():
     ("postgresql://db/wagtail_site?sslpassword=key", False)])
 def test_an_app_url_with_a_password_is_refused(url, ok):
     if ok:
-        assert validate.app_url_without_password(url) == url
+        assert validate.app_database_url(url) == url
     else:
         with pytest.raises(validate.InvalidInput, match="drydock_app_database_url holds a password"):
-            validate.app_url_without_password(url)
+            validate.app_database_url(url)
+
+
+@pytest.mark.parametrize("url", ["postgresql://db/wagtail_site?dbname=other", "postgresql://db/wagtail_site?x=1&db%6Eame=o",
+                                 "postgresql://db/wagtail_site?service=site"])
+def test_an_app_url_whose_parameters_name_a_database_is_refused(url):
+    with pytest.raises(validate.InvalidInput, match="has a dbname= or service= parameter"):
+        validate.app_database_url(url)
+
+
+@pytest.mark.parametrize("variable, ok", [("DATABASE_URL", True), ("_SITE_DB2", True), ("{{ site_db_var }}", True),
+                                          ("2DB", False), ("DATABASE_URL=x; touch /tmp/p; X", False), ("", False)])
+def test_the_app_url_variable_must_be_a_name(variable, ok):
+    url = "postgresql://db/wagtail_site"
+    if ok:
+        assert validate.app_database_url(url, variable) == url
+    else:
+        with pytest.raises(validate.InvalidInput, match="must be an environment variable's name"):
+            validate.app_database_url(url, variable)
 
 
 def test_a_pipeline_refuses_a_password_in_the_app_url_before_it_backs_up_anything(tmp_path):

@@ -1,6 +1,6 @@
 """Print the app's migrations as JSON: [app, name] pairs and a hash of their files and
 of Django's version (what the schema they produce depends on, on the app's side), and the
-database the app's settings name (the role migrates only when that is its scratch database).
+database the app would connect to (the role migrates only when that is its scratch database).
 
 Run in the app's own Python with its settings; reads the migration files only (no database).
 """
@@ -11,7 +11,7 @@ import sys
 import django
 
 django.setup()
-from django.conf import settings  # noqa: E402
+from django.db import connection  # noqa: E402
 from django.db.migrations.loader import MigrationLoader  # noqa: E402
 
 loader = MigrationLoader(None, ignore_no_migrations=True)
@@ -22,5 +22,8 @@ for key in pairs:
     digest.update(repr(key).encode())
     with open(module.__file__, "rb") as handle:
         digest.update(handle.read())
+# The database the app would connect to: its OPTIONS (a URL's ?dbname=) go over NAME, and
+# a service names one from a file, which cannot be told here (None: the role refuses it).
+params = connection.get_connection_params()
 print(json.dumps({"migrations": [list(pair) for pair in pairs], "hash": digest.hexdigest()[:16],
-                  "database": settings.DATABASES["default"].get("NAME")}))
+                  "database": None if params.get("service") else params.get("dbname")}))
