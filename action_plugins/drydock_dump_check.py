@@ -35,7 +35,13 @@ class ActionModule(ActionBase):
                 if not os.path.isfile(source):
                     return dict(result, failed=True, msg=f"no such file: {source}")
                 upload = self._connection._shell.join_path(self._connection._shell.tmpdir, UPLOAD_NAME)
-                self._transfer_file(source, upload)
+                # A local host's "transfer" is a file copy in this process, under its umask
+                # (0644 with the usual 022): 0600 from the first byte, as the dump itself.
+                umask = os.umask(0o077)
+                try:
+                    self._transfer_file(source, upload)
+                finally:
+                    os.umask(umask)
                 # Readable by the user the module becomes (setfacl, or chown), as for copy.
                 self._fixup_perms2((self._connection._shell.tmpdir, upload), execute=False)
                 args.update(path=upload, label=args.get("label") or source)
