@@ -96,7 +96,10 @@ class Inventory:
 @functools.lru_cache(maxsize=None)
 def load() -> Inventory:
     """The inventory, read once per drydock command (ansible-inventory takes a second)."""
-    proc = subprocess.run(["ansible-inventory", "--list"], env=ansible_env(), capture_output=True, text=True)
+    # Quiet whatever ANSIBLE_VERBOSITY the operator set for the playbooks: at 1 and above,
+    # ansible-inventory writes its own lines into the JSON it prints.
+    proc = subprocess.run(["ansible-inventory", "--list"], env=dict(ansible_env(), ANSIBLE_VERBOSITY="0"),
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise DrydockError(f"cannot read the inventory: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     data = json.loads(proc.stdout)

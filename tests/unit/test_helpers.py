@@ -795,6 +795,23 @@ def test_an_inventory_with_a_server_called_local_is_refused(tmp_path, monkeypatc
         inventory.load.cache_clear()
 
 
+def test_the_inventory_is_read_whatever_verbosity_the_playbooks_get(tmp_path, monkeypatch):
+    """ANSIBLE_VERBOSITY=3 for a run's playbooks must not put ansible-inventory's own lines
+    into the JSON drydock reads the inventory from."""
+    from drydock import inventory
+
+    hosts = tmp_path / "hosts.yml"
+    hosts.write_text("all:\n  children:\n    drydock_servers:\n      hosts:\n        staging: {}\n"
+                     "    drydock_local:\n      hosts:\n        laptop: {ansible_connection: local}\n")
+    monkeypatch.setenv("DRYDOCK_INVENTORY", str(hosts))
+    monkeypatch.setenv("ANSIBLE_VERBOSITY", "3")
+    inventory.load.cache_clear()
+    try:
+        assert inventory.load().servers == ("staging",)
+    finally:
+        inventory.load.cache_clear()
+
+
 def test_the_sandbox_commands_set_a_real_inventory_aside(monkeypatch):
     """demo, test and bench call this first: a real inventory exported in the shell would
     otherwise aim them at the real production and staging."""
