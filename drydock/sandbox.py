@@ -284,13 +284,20 @@ class Sandbox:
 
     def _start_cluster(self, env: Environment, fresh: bool) -> None:
         data = self.data_dir(env)
+        host = self.host_dir(env)
+        # The host's folder is ours, not the cluster's OS user's: it holds the app's service
+        # script and pidfile and sshd's config, which run as us (root here), and a user who
+        # owns a folder can swap any file in it. That user gets only its own folders below.
+        # Also for a sandbox made before this was so, running or not.
+        host.mkdir(mode=0o711, parents=True, exist_ok=True)
+        os.chown(host, os.getuid(), os.getgid())
+        os.chmod(host, 0o711)
         pid_entry = self._pids().get(f"postgres-{env.name}")
         if pid_entry and self._alive(pid_entry["pid"], pid_entry["marker"]):
             return
-        host = self.host_dir(env)
         if fresh:
             self.say(f"  {env.name}: initdb on {env.address}:{PG_PORT}")
-            for folder, mode in ((host, 0o711), (self.socket_dir(env), 0o755), (host / "log", 0o700),
+            for folder, mode in ((data, 0o700), (self.socket_dir(env), 0o755), (host / "log", 0o700),
                                  (host / "backups", 0o700)):
                 folder.mkdir(mode=mode, parents=True, exist_ok=True)
                 os.chmod(folder, mode)

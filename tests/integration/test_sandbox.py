@@ -49,6 +49,23 @@ def test_app_database_is_owned_by_the_app_role(connect):
     assert owner == "wagtail_site"
 
 
+def test_what_runs_as_us_is_out_of_the_cluster_users_reach(sandbox_env):
+    """The app's service script and pidfile and sshd's config run as us (root in CI): their
+    folder is ours, or the clusters' OS user could swap them and be root. That user owns
+    only its data, socket, log and backup folders."""
+    import os
+
+    box = Sandbox(say=lambda message: None)
+    for env in box.environments:
+        host = box.host_dir(env)
+        assert (host.stat().st_uid, host.stat().st_mode & 0o022) == (os.getuid(), 0), host
+        for name in ("app-service", "app.pid", "sshd_config"):
+            if (host / name).exists():  # no app nor sshd on local
+                assert (host / name).stat().st_uid == os.getuid(), host / name
+        owned = {path.name for path in host.iterdir() if path.stat().st_uid != os.getuid()}
+        assert owned <= {"data", "run", "log", "backups"}, (host, owned)
+
+
 def test_up_twice_is_harmless(sandbox_env, connect):
     box = Sandbox(say=lambda message: None)
     pids_before = box.pids_file.read_text()
