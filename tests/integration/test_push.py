@@ -81,7 +81,9 @@ def test_staging_push_keeps_the_replaced_database_but_takes_no_file_backup(pushe
 def test_staging_copy_is_scrubbed(pushed, connect):
     emails = [e for (e,) in connect("staging").execute("SELECT email FROM auth_user")]
     assert emails and all(e.endswith("@example.invalid") for e in emails), emails
-    assert set(pushed[1].manifest["scrubbed"]) >= {"user_emails", "user_passwords", "sessions"}
+    users = connect("staging").execute("SELECT id, username, first_name, last_name FROM auth_user").fetchall()
+    assert users and all((name, first, last) == (f"user-{id_}", "", "") for id_, name, first, last in users), users
+    assert set(pushed[1].manifest["scrubbed"]) >= {"user_emails", "user_names", "user_passwords", "sessions"}
     # Recorded as run for whoever audits the push, though one rule's table is missing here
     # (form submissions): a result's `skipped` key would make Ansible call the task skipped.
     from drydock.journal import read_progress
