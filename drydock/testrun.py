@@ -31,29 +31,30 @@ ANSIBLE_LINT = ["ansible-lint", "playbooks", "roles"]
 PYFLAKES = [sys.executable, "-m", "pyflakes", "tasks.py", "drydock", "tests", "bench", "library", "module_utils",
             "action_plugins", "callback_plugins", "examples"]
 
-# Seconds per test file in a whole-suite run on this machine (2026-12-03, one pytest), without
-# the sandbox's start, which each shard pays once. The files of the slower shard were raised
-# after a two-shard run at 16:29Z that ended 1112 s against 923 s, the pipeline's on
-# 2026-12-04 for its two rollback tests (75 s), test_interrupt's for its app restarts (95 s).
+# Seconds per test file, summed from `--durations=0` of a two-shard fresh-clone CI on
+# 2026-12-05 (a busy machine: about 1.6 times a quiet run; only the proportions count),
+# without the sandbox's start, which each shard pays once, and with the tests added since.
 # Only the split uses them: a file not listed counts as DEFAULT_SECONDS.
 FILE_SECONDS = {
-    "tests/integration/test_faults.py": 428,
-    "tests/integration/test_migrate.py": 265,
-    "tests/integration/test_snapshot.py": 205,
-    "tests/integration/test_verify.py": 250,
-    "tests/e2e/test_pipeline.py": 250,
-    "tests/integration/test_push.py": 280,
-    "tests/integration/test_pull.py": 75,
-    "tests/integration/test_interrupt.py": 100,
-    "tests/integration/test_backup.py": 50,
-    "tests/integration/test_site.py": 40,
-    "tests/test_lint.py": 22,
-    "tests/integration/test_sandbox.py": 10,
-    "tests/unit/test_validate.py": 1,
+    "tests/integration/test_push.py": 600,
+    "tests/integration/test_migrate.py": 490,
+    "tests/integration/test_faults.py": 460,
+    "tests/e2e/test_pipeline.py": 400,
+    "tests/integration/test_interrupt.py": 235,
+    "tests/integration/test_verify.py": 185,
+    "tests/integration/test_snapshot.py": 175,
+    "tests/integration/test_pull.py": 100,
+    "tests/integration/test_backup.py": 85,
+    "tests/integration/test_site.py": 75,
+    "tests/test_lint.py": 12,
+    "tests/unit/test_module_inputs.py": 6,
+    "tests/integration/test_sandbox.py": 5,
+    "tests/unit/test_helpers.py": 5,
+    "tests/unit/test_testrun.py": 5,
+    "tests/unit/test_validate.py": 4,
+    "tests/integration/test_probe.py": 3,
     "tests/integration/test_archive.py": 2,
     "tests/unit/test_roles.py": 1,
-    "tests/unit/test_helpers.py": 1,
-    "tests/unit/test_testrun.py": 1,
     "tests/unit/test_bench.py": 1,
 }
 DEFAULT_SECONDS = 60
