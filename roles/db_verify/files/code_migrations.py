@@ -22,8 +22,9 @@ for key in pairs:
     digest.update(repr(key).encode())
     with open(module.__file__, "rb") as handle:
         digest.update(handle.read())
-# The database the app would connect to: its OPTIONS (a URL's ?dbname=) go over NAME, and
-# a service names one from a file, which cannot be told here (None: the role refuses it).
+# The database the app would connect to: its OPTIONS (a URL's ?dbname=) go over NAME (the
+# key is "dbname" from Django 4.2, "database" before); a service names one in a file, which
+# cannot be told here: the role refuses it.
 params = connection.get_connection_params()
 print(json.dumps({"migrations": [list(pair) for pair in pairs], "hash": digest.hexdigest()[:16],
-                  "database": None if params.get("service") else params.get("dbname")}))
+                  "database": params.get("dbname") or params.get("database"), "service": params.get("service")}))
