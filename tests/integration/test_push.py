@@ -78,6 +78,24 @@ def test_staging_push_keeps_the_replaced_database_but_takes_no_file_backup(pushe
     assert restore["outcome"] == "ok" and restore["safety_backup"] is None
 
 
+def test_the_default_user_names_rule_survives_a_username_it_would_give(connect):
+    """Usernames are unique row by row: renaming id 3 to user-3 fails while another user is
+    called that, unless the rule first moves every name out of the way."""
+    import yaml
+
+    rules = yaml.safe_load((ROOT / "roles/pg_scrub/defaults/main.yml").read_text())["pg_scrub_rules"]
+    conn = connect("local", autocommit=False)
+    try:  # a temporary auth_user, found before the real one, rolled back
+        conn.execute("CREATE TEMP TABLE auth_user (id int PRIMARY KEY, username varchar(150) UNIQUE,"
+                     " first_name text, last_name text)")
+        conn.execute("INSERT INTO auth_user VALUES (3, 'bob', 'Bob', 'Jones'), (7, 'user-3', 'Ann', 'Smith')")
+        conn.execute(next(rule for rule in rules if rule["name"] == "user_names")["sql"])
+        assert conn.execute("SELECT id, username, first_name, last_name FROM auth_user ORDER BY id").fetchall() == [
+            (3, "user-3", "", ""), (7, "user-7", "", "")]
+    finally:
+        conn.rollback()
+
+
 def test_staging_copy_is_scrubbed(pushed, connect):
     emails = [e for (e,) in connect("staging").execute("SELECT email FROM auth_user")]
     assert emails and all(e.endswith("@example.invalid") for e in emails), emails
