@@ -145,6 +145,10 @@ def place(module, path: str, archive: str, size: int, restore_bytes: int, data_d
         os.makedirs(folder, mode=0o700, exist_ok=True)
         os.chmod(folder, 0o700)
     except OSError as error:
+        if os.path.islink(folder) or (os.path.isdir(folder) and os.stat(folder).st_uid != os.geteuid()):
+            module.fail_json(msg=f"cannot use {folder} for pg_restore's archive: it is "
+                                 f"{'a link' if os.path.islink(folder) else 'not a folder of this OS user'} "
+                                 f"({error}): remove it, and the next run makes the folder")
         module.fail_json(msg=f"cannot make the folder for pg_restore's archive: {error} (pg_restore_host_dir:"
                              f" its parent must be the OS user's, as drydock_host_backup_dir is)")
     discard(archive)  # an interrupted run's: it does not count as used space
