@@ -18,8 +18,8 @@ import re
 from ansible.plugins.callback import CallbackBase
 
 # libpq's words when nothing listens on a server's socket (a stopped server, or a socket folder
-# or port that is not its own), with the prefixes psycopg and community.postgresql add.
-NO_SERVER = re.compile(r'(?:unable to connect to database: )?(?:connection is bad: )?connection to server on socket'
+# or port that is not its own), with the prefixes psycopg 3 and community.postgresql add.
+NO_SERVER = re.compile(r'(?:unable to connect to database: )?(?:connection (?:is bad|failed): )?connection to server on socket'
                        r' "(?P<socket>[^"]*)" failed: (?P<why>No such file or directory|Connection refused)'
                        r'(?: Is the server running locally and accepting connections on that socket\?)?')
 
