@@ -33,6 +33,8 @@ PG_PORT = 55432  # not 5432: many developers run their own PostgreSQL there
 SSH_PORT = 2222
 APP_PORT = 8000
 SSHD = Path("/usr/sbin/sshd")
+# What the clusters' OS user owns in a host's folder (data, socket, log, backups); the rest is ours.
+CLUSTER_USER_FOLDERS = ("data", "run", "log", "backups")
 # The migration production runs at: before the Podcast model exists.
 PRODUCTION_BLOG_MIGRATION = "0001_initial"
 DEFAULT_POSTS = 220  # posts Wagtail creates in production when `up` builds the sandbox
@@ -288,8 +290,17 @@ class Sandbox:
         # The host's folder is ours, not the cluster's OS user's: it holds the app's service
         # script and pidfile and sshd's config, which run as us (root here), and a user who
         # owns a folder can swap any file in it. That user gets only its own folders below.
-        # Also for a sandbox made before this was so, running or not.
+        # Also for a sandbox made before this was so, running or not: what that user may have
+        # put there (a link, or a file in place of ours) goes first, and is written anew.
         host.mkdir(mode=0o711, parents=True, exist_ok=True)
+        if host.stat().st_uid != os.getuid():
+            for entry in host.iterdir():
+                if entry.name in CLUSTER_USER_FOLDERS or entry.lstat().st_uid == os.getuid():
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
         os.chown(host, os.getuid(), os.getgid())
         os.chmod(host, 0o711)
         pid_entry = self._pids().get(f"postgres-{env.name}")

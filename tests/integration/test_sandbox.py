@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from drydock.sandbox import Sandbox, environments, sandbox_net, ssh_available
+from drydock.sandbox import CLUSTER_USER_FOLDERS, Sandbox, environments, sandbox_net, ssh_available
 from tests.conftest import fingerprint, row_counts
 
 ENVS = ("production", "staging", "local")
@@ -63,7 +63,7 @@ def test_what_runs_as_us_is_out_of_the_cluster_users_reach(sandbox_env):
             if (host / name).exists():  # no app nor sshd on local
                 assert (host / name).stat().st_uid == os.getuid(), host / name
         owned = {path.name for path in host.iterdir() if path.stat().st_uid != os.getuid()}
-        assert owned <= {"data", "run", "log", "backups"}, (host, owned)
+        assert owned <= set(CLUSTER_USER_FOLDERS), (host, owned)
 
 
 def test_up_twice_is_harmless(sandbox_env, connect):
