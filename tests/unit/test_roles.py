@@ -38,3 +38,34 @@ def test_tasks_have_capitalised_names(role):
     for path in (role / "tasks").glob("*.yml"):
         for task in yaml.safe_load(path.read_text()) or []:
             assert task.get("name", "")[:1].isupper(), f"{path}: {task.get('name')!r}"
+
+
+# Tasks that become root (become without become_user) on purpose: the backup folder itself,
+# whose parent is root's (docs/configuration.md), and the app's systemd unit, which names no
+# path. Anything else that acts on the hosts' files becomes the database's OS user: root
+# would follow a link that user had put in a folder it owns.
+BECOMES_ROOT = {
+    ("roles/pg_backup/tasks/main.yml", "Create the host's backup folder"),
+    ("roles/pg_restore/tasks/check.yml", "Create the host's backup folder"),
+    ("roles/app_service/tasks/start.yml", "Start the app's systemd unit"),
+    ("roles/app_service/tasks/stop.yml", "Stop the app's systemd unit"),
+}
+
+
+def _tasks(items):
+    for item in items or []:
+        if isinstance(item, dict):
+            yield item
+            for key in ("block", "rescue", "always", "tasks", "pre_tasks", "post_tasks", "handlers"):
+                yield from _tasks(item.get(key))
+
+
+def test_only_the_listed_tasks_become_root():
+    root = Path(__file__).resolve().parents[2]
+    found = set()
+    for path in sorted([*root.glob("roles/*/tasks/*.yml"), *root.glob("playbooks/*.yml"),
+                        *root.glob("playbooks/tasks/*.yml")]):
+        for task in _tasks(yaml.safe_load(path.read_text())):
+            if task.get("become") not in (None, False, "false") and "become_user" not in task:
+                found.add((str(path.relative_to(root)), task.get("name")))
+    assert found == BECOMES_ROOT
