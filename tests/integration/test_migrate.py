@@ -268,6 +268,19 @@ def test_a_database_url_naming_another_database_is_refused(fresh_local, connect,
     assert fingerprint(connect("local")) == before
 
 
+def test_an_app_whose_settings_connect_elsewhere_is_refused(fresh_local, connect, sandbox_env):
+    """The inventory's URL names the local database, but the app's settings read another
+    variable (here DATABASE_URL, set around drydock), whose ?dbname= names another database:
+    Django would migrate that one, which the step's safety snapshot does not cover."""
+    before = fingerprint(connect("local"))
+    proc = subprocess.run(["ansible-playbook", "playbooks/migrate.yml", "-e", "drydock_app_database_url_env=OTHER_DATABASE_URL"],
+                          env=dict(ansible_env(), DATABASE_URL=sandbox_env["local"]["url"] + "&dbname=postgres"),
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "the app's settings would connect to postgres, not to wagtail_site, whose safety snapshot" in proc.stdout
+    assert fingerprint(connect("local")) == before
+
+
 def test_a_variable_name_that_is_a_command_is_refused(fresh_local, connect, sandbox_env, tmp_path):
     """The variable's name reaches the app's command line unquoted: a name holding a command
     would run it."""
