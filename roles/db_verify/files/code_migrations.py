@@ -9,9 +9,9 @@ import json
 import sys
 
 import django
+from app_database import connects_to  # beside this file
 
-django.setup()
-from django.db import connection  # noqa: E402
+database = connects_to()  # sets Django up
 from django.db.migrations.loader import MigrationLoader  # noqa: E402
 
 loader = MigrationLoader(None, ignore_no_migrations=True)
@@ -22,9 +22,4 @@ for key in pairs:
     digest.update(repr(key).encode())
     with open(module.__file__, "rb") as handle:
         digest.update(handle.read())
-# The database the app would connect to: its OPTIONS (a URL's ?dbname=) go over NAME (the
-# key is "dbname" from Django 4.2, "database" before); a service names one in a file, which
-# cannot be told here: the role refuses it.
-params = connection.get_connection_params()
-print(json.dumps({"migrations": [list(pair) for pair in pairs], "hash": digest.hexdigest()[:16],
-                  "database": params.get("dbname") or params.get("database"), "service": params.get("service")}))
+print(json.dumps({"migrations": [list(pair) for pair in pairs], "hash": digest.hexdigest()[:16], **database}))
