@@ -141,13 +141,17 @@ def place(module, path: str, archive: str, size: int, restore_bytes: int, data_d
     its disk has room for it (and for the restore, if the data directory shares that disk), and
     give it the data offsets a piped dump lacks. Returns how many entries got one."""
     folder = os.path.dirname(archive)
-    try:  # as the OS user, never root (the role says why); 0700 even if it was there before
+    # Made here as the OS user, never root (the role says why). A link is refused whoever runs
+    # this and wherever it points: the folder is drydock's own, and always a real one.
+    if os.path.islink(folder):
+        module.fail_json(msg=f"cannot use {folder} for pg_restore's archive: it is a link: remove it, and the next "
+                             "run makes the folder")
+    try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
-        os.chmod(folder, 0o700)
+        os.chmod(folder, 0o700)  # 0700 even if it was there before
     except OSError as error:
-        if os.path.islink(folder) or (os.path.isdir(folder) and os.stat(folder).st_uid != os.geteuid()):
-            module.fail_json(msg=f"cannot use {folder} for pg_restore's archive: it is "
-                                 f"{'a link' if os.path.islink(folder) else 'not a folder of this OS user'} "
+        if os.path.isdir(folder) and os.stat(folder).st_uid != os.geteuid():
+            module.fail_json(msg=f"cannot use {folder} for pg_restore's archive: it is not a folder of this OS user "
                                  f"({error}): remove it, and the next run makes the folder")
         module.fail_json(msg=f"cannot make the folder for pg_restore's archive: {error} (pg_restore_host_dir:"
                              f" its parent must be the OS user's, as drydock_host_backup_dir is)")
