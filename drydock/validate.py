@@ -1,4 +1,5 @@
 """Checks for anything a user types that later reaches SQL, a shell or a file name."""
+import json
 import re
 from urllib.parse import unquote, urlsplit
 
@@ -61,18 +62,22 @@ def app_database_url(url: str, variable: str = "DATABASE_URL") -> str:
     parameter, which the driver reads over the database the path names; and `variable`, the
     environment variable it goes in, unless it is a name (it goes on that command line
     unquoted)."""
+    # In the guard's order, and in its words (tests/unit/test_validate.py holds them to both).
+    templated = "{{" in url
+    try:
+        parts = urlsplit("" if templated else url)
+    except ValueError as error:  # e.g. an unclosed [ around an IPv6 address
+        raise InvalidInput(f"drydock_app_database_url is not a URL: {error}") from None
+    # libpq decodes a parameter's name too: pass%77ord= is password=
+    query = unquote(parts.query)
+    if parts.password is not None or re.search(r"(^|&)(ssl)?password=", query):
+        raise InvalidInput("drydock_app_database_url holds a password, and the app's commands get the URL on their "
+                           "command line (the process list shows it): leave it out and put it in a passfile "
+                           "(~/.pgpass of the user the app runs as, or ?passfile=PATH in the URL)")
     if "{{" not in variable and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", variable):
         raise InvalidInput(f"drydock_app_database_url_env must be an environment variable's name (letters, digits and _,"
-                           f" not first a digit), not {variable!r}")
-    if "{{" not in url:
-        parts = urlsplit(url)
-        # libpq decodes a parameter's name too: pass%77ord= is password=
-        query = unquote(parts.query)
-        if parts.password is not None or re.search(r"(^|&)(ssl)?password=", query):
-            raise InvalidInput("drydock_app_database_url holds a password, and the app's commands get the URL on their "
-                               "command line (the process list shows it): leave it out and put it in a passfile "
-                               "(~/.pgpass of the user the app runs as, or ?passfile=PATH in the URL)")
-        if re.search(r"(^|&)(dbname|service)=", query):
-            raise InvalidInput("drydock_app_database_url has a dbname= or service= parameter, which the driver reads over"
-                               " the database its path names: name the database in the path only")
+                           f" not first a digit), not {json.dumps(variable)}")
+    if re.search(r"(^|&)(dbname|service)=", query):
+        raise InvalidInput("drydock_app_database_url has a dbname= or service= parameter, which the driver reads over"
+                           " the database its path names: name the database in the path only")
     return url

@@ -140,6 +140,11 @@ def test_an_app_url_whose_parameters_name_a_database_is_refused(url):
         validate.app_database_url(url)
 
 
+def test_an_app_url_that_does_not_parse_is_one_line_not_a_traceback():
+    with pytest.raises(validate.InvalidInput, match=r"drydock_app_database_url is not a URL: Invalid IPv6 URL"):
+        validate.app_database_url("postgresql://[::1/wagtail_site")
+
+
 @pytest.mark.parametrize("variable, ok", [("DATABASE_URL", True), ("_SITE_DB2", True), ("{{ site_db_var }}", True),
                                           ("2DB", False), ("DATABASE_URL=x; touch /tmp/p; X", False), ("", False)])
 def test_the_app_url_variable_must_be_a_name(variable, ok):
@@ -182,3 +187,128 @@ def test_a_file_named_as_drydocks_folder_is_refused_in_one_line(tmp_path, variab
     assert proc.returncode == 1 and error_lines(proc) == [
         f"drydock: error: {variable}={a_file} is not a folder: drydock keeps its "
         f"{'runs and locks' if variable == 'DRYDOCK_RUNS' else 'backups'} there; name a folder (it is made if missing)"]
+
+
+# The controller checks what it is given before anything runs (drydock/validate.py); the
+# playbooks check the same again, for an operator who runs them with plain ansible-playbook
+# (app_url_guard, wagtail_site's preflight). The rules are written twice, in Python and in
+# Jinja: these cases go through both, the playbooks' in one real ansible-playbook run.
+URL_CASES = [
+    ("postgresql://wagtail_site@db:5432/wagtail_site?passfile=/srv/site/.pgpass", "DATABASE_URL"),
+    ("postgresql:///wagtail_site?host=/var/run/postgresql", "SITE_DB"),
+    ("postgresql://wagtail_site:s3cret@db/wagtail_site", "DATABASE_URL"),
+    ("postgresql://:s3cret@db/wagtail_site", "DATABASE_URL"),
+    ("postgresql://db/wagtail_site?user=w&password=s3cret", "DATABASE_URL"),
+    ("postgresql://db/wagtail_site?pass%77ord=s3cret", "DATABASE_URL"),
+    ("postgresql://db/wagtail_site?sslpassword=key", "DATABASE_URL"),
+    ("postgresql://db/wagtail_site?mypassword=x", "DATABASE_URL"),  # not libpq's: allowed by both
+    ("postgresql://db/wagtail_site?dbname=other", "DATABASE_URL"),
+    ("postgresql://db/wagtail_site?x=1&db%6Eame=o", "DATABASE_URL"),
+    ("postgresql://db/wagtail_site?service=site", "DATABASE_URL"),
+    ("postgresql://db/wagtail_site?sslmode=require&target_session_attrs=any", "_SITE_DB2"),
+    ("postgresql://db/wagtail_site", "2DB"),
+    ("postgresql://db/wagtail_site", "DATABASE_URL=x; touch /tmp/p; X"),
+    ("postgresql://db/wagtail_site", "DATABASE_URL\n"),
+    ("postgresql://db/wagtail_site", ""),
+    ("postgresql://w:s3cret@db/wagtail_site?dbname=o", "bad name"),  # every rule broken: the first one named
+    ("postgresql://db/wagtail_site?dbname=o", "bad name"),
+]
+HOSTNAME_CASES = ["localhost", "www.drydock-example.org", "Preview.Example.ORG", "a" * 63 + ".com", "",
+                  "bad host", "x';--", "-a.com", "a-.com", "a..b", "a" * 64 + ".com", "under_score.com",
+                  "host:8000", "ümlaut.de", "example.org\n", ".".join(["a" * 63] * 4) + ".com"]
+
+PARITY_PLAYBOOK = """\
+- name: Put each case through the playbooks' own checks
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Check each URL and variable name
+      ansible.builtin.include_tasks: url_case.yml
+      loop: "{{ url_cases }}"
+      loop_control: {loop_var: case}
+    - name: Check each hostname
+      ansible.builtin.include_tasks: hostname_case.yml
+      loop: "{{ hostname_cases }}"
+      loop_control: {loop_var: case}
+    - name: Write down the verdicts
+      ansible.builtin.copy:
+        content: "{{ {'url': url_verdicts, 'hostname': hostname_verdicts} | to_json }}"
+        dest: "{{ verdicts_file }}"
+        mode: "0600"
+"""
+CASE_TASKS = """\
+- name: Check one case
+  block:
+    - name: Run the check
+      ansible.builtin.include_role:
+        name: {role}
+        tasks_from: {tasks}
+      vars: {vars}
+    - name: Note that it passed
+      ansible.builtin.set_fact:
+        {key}_verdicts: "{{{{ {key}_verdicts | default([]) + [none] }}}}"
+  rescue:
+    - name: Note why it was refused
+      ansible.builtin.set_fact:
+        {key}_verdicts: "{{{{ {key}_verdicts | default([]) + [ansible_failed_result.msg] }}}}"
+"""
+
+
+def _library_module(name: str):
+    """One of drydock's modules, imported as Ansible would run it (its module_utils under ansible.module_utils)."""
+    import importlib.util
+    import sys
+
+    import drydock_pg
+    from drydock.paths import project_root
+
+    sys.modules.setdefault("ansible.module_utils.drydock_pg", drydock_pg)
+    spec = importlib.util.spec_from_file_location(name, project_root() / "library" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _verdict(check, *args) -> str | None:
+    try:
+        check(*args)
+    except InvalidInput as error:
+        return str(error)
+    return None
+
+
+def test_the_controller_and_the_playbooks_refuse_the_same_urls_and_hostnames_with_the_same_words(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from drydock.paths import project_root
+    from drydock.playbook import ansible_env
+
+    (tmp_path / "parity.yml").write_text(PARITY_PLAYBOOK)
+    (tmp_path / "url_case.yml").write_text(CASE_TASKS.format(
+        role="app_url_guard", tasks="main", key="url",
+        vars="{app_url_guard_url: '{{ case[0] }}', app_url_guard_env: '{{ case[1] }}'}"))
+    (tmp_path / "hostname_case.yml").write_text(CASE_TASKS.format(
+        role="wagtail_site", tasks="preflight", key="hostname",
+        vars="{wagtail_site_hostname: '{{ case }}', wagtail_site_port: 443}"))
+    (tmp_path / "cases.json").write_text(json.dumps({
+        "url_cases": URL_CASES, "hostname_cases": HOSTNAME_CASES, "verdicts_file": str(tmp_path / "verdicts.json")}))
+    proc = subprocess.run(["ansible-playbook", "-i", "localhost,", "-c", "local", "-e", f"@{tmp_path / 'cases.json'}",
+                           "-e", f"ansible_python_interpreter={sys.executable}",
+                           str(tmp_path / "parity.yml")], cwd=project_root(), env=ansible_env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    playbooks = json.loads((tmp_path / "verdicts.json").read_text())
+
+    controller = [_verdict(validate.app_database_url, url, variable) for url, variable in URL_CASES]
+    assert playbooks["url"] == controller
+    assert controller.count(None) == 4  # the cases do test both ways
+
+    hostname_module = _library_module("drydock_site")  # the module that writes the Site checks it a third time
+    for name, refused in zip(HOSTNAME_CASES, playbooks["hostname"]):
+        by_controller = _verdict(validate.hostname, name)
+        assert (refused is None) == (by_controller is None) == bool(hostname_module.HOSTNAME.match(name)), name
+        if refused:
+            assert refused == f"invalid Site hostname {json.dumps(name)} or port \"443\"", name
+    assert playbooks["hostname"].count(None) == 4
