@@ -74,6 +74,7 @@ COPIES = Path("/tmp")  # not $TMPDIR: the clusters' OS user must be able to ente
 COPY_PREFIX = "drydock-shard-"
 PR_SET_PDEATHSIG = 1  # prctl(2), Linux
 RUNNER_FILE = "shard-runner.json"  # in each copy: which `inv test` runs it
+KEPT_FILE = "shard-kept.txt"  # in a failed shard's copy: kept for its logs, never deleted by a later run
 
 
 def test_files(root: Path) -> list[str]:
@@ -146,28 +147,37 @@ def _started(pid: int) -> str | None:
     return fields[19] if fields else None
 
 
-def stop_leftover_sandboxes(say: Callable[[str], None]) -> None:
-    """A shard's sandbox that outlived its run (its runner killed) holds the shard's addresses:
-    stop it (by the PIDs it recorded) before a new shard needs them. One whose runner still
-    runs belongs to another `inv test`: refuse rather than pull its sandbox away."""
-    for pids in sorted(COPIES.glob(f"{COPY_PREFIX}*/.sandbox/pids.json")):  # written from its first start on
-        copy = pids.parent.parent
+def clear_leftover_shards(say: Callable[[str], None]) -> None:
+    """Shard copies that an `inv test` left when it was killed (it deletes its own otherwise):
+    stop a sandbox still running there, which holds the shard's addresses (by the PIDs it
+    recorded), then delete the copy, unless it was kept for a failed shard's logs. A copy whose
+    runner still runs belongs to another `inv test`: refuse if its sandbox is up rather than pull
+    it away, and leave the copy alone."""
+    for copy in sorted(COPIES.glob(f"{COPY_PREFIX}*")):
+        pids = copy / ".sandbox" / "pids.json"  # written from the sandbox's first start on
         # Only a copy this user made: another user's files under /tmp could name any process.
         # Not through a symlink either, which could point at anyone's files.
         try:
-            if any(path.is_symlink() or path.lstat().st_uid != os.getuid() for path in (copy, pids.parent, pids)):
+            if any(path.is_symlink() or path.lstat().st_uid != os.getuid()
+                   for path in (copy, pids.parent, pids) if os.path.lexists(path)):
                 continue
         except OSError:  # gone meanwhile
             continue
         try:
             runner = json.loads((copy / RUNNER_FILE).read_text())
         except (OSError, ValueError):
-            runner = {}
-        if runner and _started(runner["pid"]) == runner["started"]:
-            raise SandboxError(f"another `inv test` (pid {runner['pid']}) runs a shard in {copy}: "
-                               "wait for it, or stop it")
-        say(f"stopping a shard sandbox left running in {pids.parent}")
-        Sandbox(root=pids.parent, say=lambda message: None).down()
+            runner = None  # being made this moment, or not made by this code: never deleted
+        if isinstance(runner, dict) and _started(runner.get("pid", 0)) == runner.get("started"):
+            if pids.exists():
+                raise SandboxError(f"another `inv test` (pid {runner['pid']}) runs a shard in {copy}: "
+                                   "wait for it, or stop it")
+            continue
+        if pids.exists():
+            say(f"stopping a shard sandbox left running in {pids.parent}")
+            Sandbox(root=pids.parent, say=lambda message: None).down()
+        if isinstance(runner, dict) and not (copy / KEPT_FILE).exists():
+            say(f"deleting {copy}: a shard's copy left by an `inv test` that was stopped")
+            shutil.rmtree(copy)
 
 
 class _Output:
@@ -209,7 +219,7 @@ def run(root: Path, pytest_args: list[str], shards: int, say: Callable[[str], No
     if own_net in {shard_net(index) for index in range(1, shards)}:
         raise SandboxError(f"the checkout's sandbox is on {own_net}.x, which a shard needs: "
                            "set another DRYDOCK_SANDBOX_NET or run --shards 1")
-    stop_leftover_sandboxes(say)
+    clear_leftover_shards(say)
     plan = split(test_files(root), shards)
     output = _Output(say)
     workers: list[tuple[Path, subprocess.Popen, threading.Thread]] = []
@@ -267,6 +277,8 @@ def _clean_up(copy: Path, keep: bool, say: Callable[[str], None]) -> None:
             say(f"drydock: the shard sandbox in {sandbox} did not stop: {error}")
             return
     if keep:
-        say(f"this shard did not pass: its runs and logs are kept in {copy / 'runs'}")
+        (copy / KEPT_FILE).write_text("This shard did not pass: its copy is kept for its runs/ (journals and Ansible"
+                                      " logs). Delete the folder when you are done with them.\n")
+        say(f"this shard did not pass: its runs and logs are kept in {copy / 'runs'} (delete {copy} when done)")
     else:
         shutil.rmtree(copy)

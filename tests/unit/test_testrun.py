@@ -75,8 +75,30 @@ def test_a_shard_sandbox_whose_runner_still_runs_is_left_alone(tmp_path, monkeyp
     (copy / ".sandbox" / "pids.json").write_text("{}")
     (copy / testrun.RUNNER_FILE).write_text(json.dumps({"pid": os.getpid(), "started": testrun._started(os.getpid())}))
     with pytest.raises(SandboxError, match=f"another `inv test` \\(pid {os.getpid()}\\)"):
-        testrun.stop_leftover_sandboxes(say=print)
+        testrun.clear_leftover_shards(say=print)
     assert (copy / ".sandbox" / "pids.json").exists()
+
+
+def test_a_shard_copy_left_by_a_killed_run_is_deleted_but_a_failed_shard_s_is_kept(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(testrun, "COPIES", tmp_path)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    said = []
+    copies = {}
+    for name in ("killed", "failed", "running", "unknown"):
+        copies[name] = tmp_path / f"{testrun.COPY_PREFIX}{name}"
+        (copies[name] / "runs").mkdir(parents=True)
+    for name in ("killed", "failed"):  # their runner is gone: its PID names no process now
+        (copies[name] / testrun.RUNNER_FILE).write_text(json.dumps({"pid": gone.pid, "started": "1"}))
+    (copies["failed"] / testrun.KEPT_FILE).write_text("kept\n")
+    (copies["running"] / testrun.RUNNER_FILE).write_text(
+        json.dumps({"pid": os.getpid(), "started": testrun._started(os.getpid())}))
+    testrun.clear_leftover_shards(say=said.append)
+    assert not copies["killed"].exists()
+    assert said == [f"deleting {copies['killed']}: a shard's copy left by an `inv test` that was stopped"]
+    assert all(copies[name].exists() for name in ("failed", "running", "unknown"))
 
 
 def test_a_shard_copy_of_another_user_is_never_acted_on(tmp_path, monkeypatch):
@@ -93,7 +115,7 @@ def test_a_shard_copy_of_another_user_is_never_acted_on(tmp_path, monkeypatch):
         (copy / ".sandbox" / "pids.json").write_text(json.dumps({"postgres": {"pid": victim.pid, "marker": "sleep"}}))
         real_uid = os.getuid()
         monkeypatch.setattr(os, "getuid", lambda: real_uid + 1)  # as if another user had made the copy
-        testrun.stop_leftover_sandboxes(say=print)
+        testrun.clear_leftover_shards(say=print)
         assert victim.poll() is None and (copy / ".sandbox" / "pids.json").exists()
         assert not Sandbox._alive(victim.pid, "")  # an empty marker names no process
     finally:
