@@ -167,7 +167,8 @@ def clear_leftover_shards(say: Callable[[str], None]) -> None:
             runner = json.loads((copy / RUNNER_FILE).read_text())
         except (OSError, ValueError):
             runner = None  # being made this moment, or not made by this code: never deleted
-        if isinstance(runner, dict) and _started(runner.get("pid", 0)) == runner.get("started"):
+        if (isinstance(runner, dict) and isinstance(runner.get("pid"), int) and runner.get("started") is not None
+                and _started(runner["pid"]) == runner["started"]):
             if pids.exists():
                 raise SandboxError(f"another `inv test` (pid {runner['pid']}) runs a shard in {copy}: "
                                    "wait for it, or stop it")
