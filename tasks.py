@@ -173,12 +173,15 @@ def app_restart(c, env, yes=False):
             "param": "a notebook parameter, name=value (repeatable)",
             "script": "run this script in the migration step",
             "yes": "confirm a push to a protected environment without a prompt",
-            "allow_lost_writes": "push even though the target took writes since the backup"})
+            "allow_lost_writes": "push even though the target took writes since the backup",
+            "allow_older_schema": "push although the target has applied Django migrations the local code lacks "
+                                  "(its code is being rolled back too)"})
 @one_line_errors
-def pipeline(c, source, target, notebook=None, script=None, param=None, yes=False, allow_lost_writes=False):
+def pipeline(c, source, target, notebook=None, script=None, param=None, yes=False, allow_lost_writes=False,
+             allow_older_schema=False):
     """backup SOURCE → pull → migrate (+ notebook or script) → verify local → push to TARGET → verify it, with a timing summary."""
     workflow.pipeline(source, target, notebook=notebook, script=script, parameters=param or [], yes=yes,
-                      allow_lost_writes=allow_lost_writes)
+                      allow_lost_writes=allow_lost_writes, allow_older_schema=allow_older_schema)
 
 
 @task(help={"env": "the environment to verify (local, staging, production)",

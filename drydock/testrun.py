@@ -39,7 +39,7 @@ FILE_SECONDS = {
     "tests/integration/test_push.py": 600,
     "tests/integration/test_migrate.py": 490,
     "tests/integration/test_faults.py": 460,
-    "tests/e2e/test_pipeline.py": 400,
+    "tests/e2e/test_pipeline.py": 510,
     "tests/integration/test_interrupt.py": 235,
     "tests/integration/test_verify.py": 185,
     "tests/integration/test_snapshot.py": 175,

@@ -609,7 +609,7 @@ def _rollback_interrupted(run: Run, env: str, database: str, say: Say) -> str:
 
 def pipeline(source_text: str, target_text: str, notebook: str | None = None, script: str | None = None,
              parameters: list[str] | tuple[str, ...] = (), yes: bool = False, allow_lost_writes: bool = False,
-             say: Say = print) -> Run:
+             allow_older_schema: bool = False, say: Say = print) -> Run:
     """backup → pull → migrate (+ notebook or script) → push, one target lock around it all."""
     check_step_inputs(notebook, script, parameters=parameters)
     inv = inventory.load()
@@ -628,7 +628,8 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
         pulled = pull(source, dump_path=str(dump.path), say=say, run=run, locked=True)
         migrate(notebook=notebook, script=script, parameters=parameters, say=say, run=run, locked=True)
         verify(inv.local_env(), say=say, run=run, locked=True)
-        pushed = push(target, yes=True, allow_lost_writes=allow_lost_writes, say=say, run=run, locked=True)
+        pushed = push(target, yes=True, allow_lost_writes=allow_lost_writes, allow_older_schema=allow_older_schema,
+                      say=say, run=run, locked=True)
         try:
             verify(target, manifest=str(pushed.path.parent / "manifest.json"), say=say, run=run, locked=True)
         except Interrupted:

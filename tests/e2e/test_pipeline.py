@@ -31,6 +31,20 @@ def test_pipeline_puts_the_podcast_on_staging(sandbox_env, connect):
     assert '<p class="kind">Podcast · Technology</p>' in html  # served by the Podcast's template
 
 
+def test_pipeline_pushes_a_copy_without_a_migration_the_target_applied_only_when_told(sandbox_env, connect):
+    """As if staging ran newer code than the checkout: its push would be refused without the option."""
+    newer = "INSERT INTO django_migrations (app, name, applied) VALUES ('blog', '9999_from_newer_code', now())"
+    recorded = "SELECT count(*) FROM django_migrations WHERE name = '9999_from_newer_code'"
+    connect("staging").execute(newer)
+    try:
+        proc = inv("pipeline", "production", "staging", "--allow-older-schema")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+        assert connect("staging").execute(recorded).fetchone()[0] == 0  # the pushed copy is live
+        assert connect("staging", "wagtail_site__previous").execute(recorded).fetchone()[0] == 1
+    finally:  # never leave staging ahead of the code for the tests after this one
+        connect("staging").execute("DELETE FROM django_migrations WHERE name = '9999_from_newer_code'")
+
+
 def test_pipeline_stops_before_the_push_when_the_local_copy_fails_verification(sandbox_env, connect, tmp_path):
     script = tmp_path / "by_hand.py"
     script.write_text("import django\ndjango.setup()\nfrom django.db import connection\n"
