@@ -96,7 +96,11 @@ def sandbox_down(c):
 def demo(c):
     """The whole workflow on the sandbox: production → local → Blog to Podcast → staging, then show it."""
     sandbox_inventory_only()
-    Sandbox().up()
+    box = Sandbox()
+    box.up()
+    if box.blog_kind("production") == "podcast":  # the notebook would refuse it, after the backup and the pull
+        raise DrydockError("production's blog is a Podcast already (a migrated copy was pushed there), and the demo "
+                           "turns a blog into one: ./inv sandbox.down && ./inv sandbox.up builds a fresh sandbox")
     workflow.pipeline("production", "staging",
                       notebook=str(project_root() / "examples" / "notebooks" / "blog_to_podcast.ipynb"))
     workflow.show_page("staging", "/blog/")

@@ -344,6 +344,13 @@ class Sandbox:
         return _run([str(PG_BINDIR / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir(env)),
                      "-p", str(PG_PORT), "-d", database, "-At"], as_db_user=True, input=sql)
 
+    def blog_kind(self, name: str) -> str:
+        """The model of environment `name`'s blog page: blog as built, podcast once the demo's
+        notebook has run on that database."""
+        env = next(env for env in self.environments if env.name == name)
+        return self._psql(env, DATABASE, "SELECT ct.model FROM wagtailcore_page p JOIN django_content_type ct"
+                                         " ON ct.id = p.content_type_id WHERE p.slug = 'blog'").strip()
+
     # -- ssh ----------------------------------------------------------------------------
     @property
     def ssh_dir(self) -> Path:

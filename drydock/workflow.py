@@ -120,7 +120,7 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
             run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
             unfinished.clear_unless_running()  # the local database was replaced: an interrupted step's state is gone
     say(f"local database {target['drydock_db_name']} now holds {env}'s dump of {dump.manifest['created']} "
-        f"({dump.manifest['dump']['size']:,} bytes restored): "
+        f"(a dump of {dump.manifest['dump']['size']:,} bytes): "
         f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, all counts equal to the manifest; "
         f"Site {_site_address(target)}; "
         f"the local database it replaced (if any) is kept as {target['drydock_db_name']}__snap_pre_pull")
@@ -429,7 +429,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                 # bug, and the operator must know the push has no backup to go back to.
                 raise DrydockError(f"{env} runs the pushed copy, but no safety backup of its previous database was "
                                    f"recorded; {target['drydock_db_name']}__previous still holds it")
-    say(f"{env} now runs the pushed copy ({dump.manifest['dump']['size']:,} bytes restored, {dump.total_rows:,} rows, "
+    say(f"{env} now runs the pushed copy (a dump of {dump.manifest['dump']['size']:,} bytes, {dump.total_rows:,} rows, "
         f"all counts equal to the manifest; "
         f"Site {_site_address(target)}); "
         f"its previous database is kept as {target['drydock_db_name']}__previous (inv rollback {env})"

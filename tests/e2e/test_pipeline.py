@@ -188,3 +188,22 @@ def test_ctrl_c_during_the_last_verify_keeps_the_pushed_copy_live_and_rolls_noth
     assert not [step for step in steps() if step["step"].startswith("rollback")]
     assert app_serves(sandbox_env, "staging")
     inv("verify", "staging", check=True)  # no lock left behind; the pushed copy passes on its own
+
+
+def test_the_demo_refuses_a_production_whose_blog_is_a_podcast_already_before_anything(sandbox_env, connect):
+    """As after a push of the demo's result to production: its notebook would fail, after a backup and a pull."""
+    production = connect("production")
+    as_built = production.execute("SELECT content_type_id FROM wagtailcore_page WHERE slug = 'blog'").fetchone()[0]
+    before = {env: fingerprint(connect(env)) for env in ("local", "staging")}
+    production.execute("UPDATE wagtailcore_page SET content_type_id = (SELECT id FROM django_content_type"
+                       " WHERE app_label = 'blog' AND model = 'podcast') WHERE slug = 'blog'")
+    try:
+        proc = inv("demo")
+    finally:
+        production.execute("UPDATE wagtailcore_page SET content_type_id = %s WHERE slug = 'blog'", (as_built,))
+    assert proc.returncode == 1
+    assert error_lines(proc) == ["drydock: error: production's blog is a Podcast already (a migrated copy was pushed "
+                                 "there), and the demo turns a blog into one: ./inv sandbox.down && ./inv sandbox.up "
+                                 "builds a fresh sandbox"]
+    assert "==> " not in proc.stdout  # no step began
+    assert {env: fingerprint(connect(env)) for env in ("local", "staging")} == before
