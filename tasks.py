@@ -98,9 +98,12 @@ def demo(c):
     sandbox_inventory_only()
     box = Sandbox()
     box.up()
-    if box.blog_kind("production") == "podcast":  # the notebook would refuse it, after the backup and the pull
-        raise DrydockError("production's blog is a Podcast already (a migrated copy was pushed there), and the demo "
-                           "turns a blog into one: ./inv sandbox.down && ./inv sandbox.up builds a fresh sandbox")
+    # The notebook turns the Blog into a Podcast: it would fail on anything else, after the backup and the pull.
+    kind = box.blog_kind("production")
+    if kind != "blog":
+        found = "a Podcast already (a migrated copy was pushed there)" if kind == "podcast" else f"not one Blog ({kind!r})"
+        raise DrydockError(f"production's blog is {found}, and the demo turns a Blog into a Podcast: "
+                           "./inv sandbox.down && ./inv sandbox.up builds a fresh sandbox")
     workflow.pipeline("production", "staging",
                       notebook=str(project_root() / "examples" / "notebooks" / "blog_to_podcast.ipynb"))
     workflow.show_page("staging", "/blog/")

@@ -130,7 +130,7 @@ def copy_checkout(root: Path) -> Path:
     copy = Path(tempfile.mkdtemp(prefix=COPY_PREFIX, dir=COPIES))
     try:
         copy.chmod(0o755)
-        (copy / RUNNER_FILE).write_text(json.dumps({"pid": os.getpid(), "started": _started(os.getpid())}))
+        (copy / RUNNER_FILE).write_text(json.dumps(_process(os.getpid())))
         for name in checkout_files(root):
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / name, copy / name)
@@ -147,12 +147,30 @@ def _started(pid: int) -> str | None:
     return fields[19] if fields else None
 
 
+def _process(pid: int) -> dict:
+    """A record that names process `pid` (its PID and start time), as RUNNER_FILE keeps it."""
+    return {"pid": pid, "started": _started(pid)}
+
+
+def _runs(record) -> bool:
+    """Whether the process a record of _process() names still runs."""
+    return (isinstance(record, dict) and isinstance(record.get("pid"), int) and record.get("started") is not None
+            and _started(record["pid"]) == record["started"])
+
+
+def _record_shard(copy: Path, pid: int) -> None:
+    """Add the shard's pytest to its copy's RUNNER_FILE: it outlives a killed runner while it
+    takes its sandbox down, and its copy is in use until it ends."""
+    runner = json.loads((copy / RUNNER_FILE).read_text())
+    (copy / RUNNER_FILE).write_text(json.dumps(dict(runner, shard=_process(pid))))
+
+
 def clear_leftover_shards(say: Callable[[str], None]) -> None:
     """Shard copies that an `inv test` left when it was killed (it deletes its own otherwise):
     stop a sandbox still running there, which holds the shard's addresses (by the PIDs it
     recorded), then delete the copy, unless it was kept for a failed shard's logs. A copy whose
-    runner still runs belongs to another `inv test`: refuse if its sandbox is up rather than pull
-    it away, and leave the copy alone."""
+    runner or shard still runs is in use: refuse if its sandbox is up rather than pull it away,
+    and leave the copy alone."""
     for copy in sorted(COPIES.glob(f"{COPY_PREFIX}*")):
         pids = copy / ".sandbox" / "pids.json"  # written from the sandbox's first start on
         # Only a copy this user made: another user's files under /tmp could name any process.
@@ -166,19 +184,24 @@ def clear_leftover_shards(say: Callable[[str], None]) -> None:
         try:
             runner = json.loads((copy / RUNNER_FILE).read_text())
         except (OSError, ValueError):
-            runner = None  # being made this moment, or not made by this code: never deleted
-        if (isinstance(runner, dict) and isinstance(runner.get("pid"), int) and runner.get("started") is not None
-                and _started(runner["pid"]) == runner["started"]):
+            runner = None  # being made or updated this moment, or not made by this code
+        made_here = isinstance(runner, dict) and isinstance(runner.get("pid"), int) and "started" in runner
+        records = (runner, runner.get("shard")) if made_here else ()
+        user = next((record for record in records if _runs(record)), None)
+        if user is not None:
             if pids.exists():
-                raise SandboxError(f"another `inv test` (pid {runner['pid']}) runs a shard in {copy}: "
+                raise SandboxError(f"a test run (pid {user['pid']}) still uses the shard sandbox in {copy}: "
                                    "wait for it, or stop it")
             continue
         if pids.exists():
             say(f"stopping a shard sandbox left running in {pids.parent}")
             Sandbox(root=pids.parent, say=lambda message: None).down()
-        if isinstance(runner, dict) and not (copy / KEPT_FILE).exists():
+        if made_here and not (copy / KEPT_FILE).exists():
             say(f"deleting {copy}: a shard's copy left by an `inv test` that was stopped")
-            shutil.rmtree(copy)
+            try:
+                shutil.rmtree(copy)
+            except OSError as error:
+                say(f"drydock: {copy} could not be deleted ({error}): the next `inv test` tries again")
 
 
 class _Output:
@@ -241,6 +264,8 @@ def run(root: Path, pytest_args: list[str], shards: int, say: Callable[[str], No
             proc = subprocess.Popen([*command, "-v", *files], cwd=folder, env=env, text=True, errors="replace",
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1,
                                     preexec_fn=_interrupt_when_the_runner_dies)
+            if folder != root:
+                _record_shard(folder, proc.pid)
             workers.append((folder, proc, threading.Thread(target=output.pump, args=(proc, prefix), daemon=True)))
         for _folder, _proc, thread in workers:
             thread.start()
@@ -270,6 +295,9 @@ def run(root: Path, pytest_args: list[str], shards: int, say: Callable[[str], No
 def _clean_up(copy: Path, keep: bool, say: Callable[[str], None]) -> None:
     """Stop a shard's sandbox if pytest could not (killed), then delete its copy; a failed
     shard's copy is kept for its runs/ (journals and Ansible logs)."""
+    if keep:  # first: a later run that stops the sandbox left here must not delete these logs
+        (copy / KEPT_FILE).write_text("This shard did not pass: its copy is kept for its runs/ (journals and Ansible"
+                                      " logs). Delete the folder when you are done with them.\n")
     sandbox = copy / ".sandbox"
     if sandbox.exists():
         try:
@@ -278,8 +306,6 @@ def _clean_up(copy: Path, keep: bool, say: Callable[[str], None]) -> None:
             say(f"drydock: the shard sandbox in {sandbox} did not stop: {error}")
             return
     if keep:
-        (copy / KEPT_FILE).write_text("This shard did not pass: its copy is kept for its runs/ (journals and Ansible"
-                                      " logs). Delete the folder when you are done with them.\n")
         say(f"this shard did not pass: its runs and logs are kept in {copy / 'runs'} (delete {copy} when done)")
     else:
         shutil.rmtree(copy)

@@ -66,7 +66,8 @@ def app_database_url(url: str, variable: str = "DATABASE_URL") -> str:
     templated = "{{" in url
     try:
         parts = urlsplit("" if templated else url)
-    except ValueError as error:  # e.g. an unclosed [ around an IPv6 address
+        parts.port  # noqa: B018 - the guard's urlsplit filter reads every part: a bad port fails it too
+    except ValueError as error:  # e.g. an unclosed [ around an IPv6 address, a port beyond 65535
         raise InvalidInput(f"drydock_app_database_url is not a URL: {error}") from None
     # libpq decodes a parameter's name too: pass%77ord= is password=
     query = unquote(parts.query)

@@ -31,8 +31,9 @@ def test_pipeline_puts_the_podcast_on_staging(sandbox_env, connect):
     assert '<p class="kind">Podcast · Technology</p>' in html  # served by the Podcast's template
 
 
-def test_pipeline_pushes_a_copy_without_a_migration_the_target_applied_only_when_told(sandbox_env, connect):
-    """As if staging ran newer code than the checkout: its push would be refused without the option."""
+def test_pipeline_pushes_a_copy_without_a_migration_the_target_applied_when_told(sandbox_env, connect):
+    """As if staging ran newer code than the checkout. Without the option its push is refused
+    (test_push checks that refusal; this run fails without the option passed on)."""
     newer = "INSERT INTO django_migrations (app, name, applied) VALUES ('blog', '9999_from_newer_code', now())"
     recorded = "SELECT count(*) FROM django_migrations WHERE name = '9999_from_newer_code'"
     connect("staging").execute(newer)
@@ -41,8 +42,9 @@ def test_pipeline_pushes_a_copy_without_a_migration_the_target_applied_only_when
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
         assert connect("staging").execute(recorded).fetchone()[0] == 0  # the pushed copy is live
         assert connect("staging", "wagtail_site__previous").execute(recorded).fetchone()[0] == 1
-    finally:  # never leave staging ahead of the code for the tests after this one
-        connect("staging").execute("DELETE FROM django_migrations WHERE name = '9999_from_newer_code'")
+    finally:  # never leave staging ahead of the code for the tests after this one, nor a rollback of it
+        for database in (None, "wagtail_site__previous"):
+            connect("staging", database).execute("DELETE FROM django_migrations WHERE name = '9999_from_newer_code'")
 
 
 def test_pipeline_stops_before_the_push_when_the_local_copy_fails_verification(sandbox_env, connect, tmp_path):
@@ -200,10 +202,11 @@ def test_the_demo_refuses_a_production_whose_blog_is_a_podcast_already_before_an
     try:
         proc = inv("demo")
     finally:
-        production.execute("UPDATE wagtailcore_page SET content_type_id = %s WHERE slug = 'blog'", (as_built,))
+        connect("production").execute("UPDATE wagtailcore_page SET content_type_id = %s WHERE slug = 'blog'",
+                                      (as_built,))
     assert proc.returncode == 1
     assert error_lines(proc) == ["drydock: error: production's blog is a Podcast already (a migrated copy was pushed "
-                                 "there), and the demo turns a blog into one: ./inv sandbox.down && ./inv sandbox.up "
-                                 "builds a fresh sandbox"]
+                                 "there), and the demo turns a Blog into a Podcast: ./inv sandbox.down && "
+                                 "./inv sandbox.up builds a fresh sandbox"]
     assert "==> " not in proc.stdout  # no step began
     assert {env: fingerprint(connect(env)) for env in ("local", "staging")} == before

@@ -73,32 +73,62 @@ def test_a_shard_sandbox_whose_runner_still_runs_is_left_alone(tmp_path, monkeyp
     copy = tmp_path / f"{testrun.COPY_PREFIX}other"
     (copy / ".sandbox").mkdir(parents=True)
     (copy / ".sandbox" / "pids.json").write_text("{}")
-    (copy / testrun.RUNNER_FILE).write_text(json.dumps({"pid": os.getpid(), "started": testrun._started(os.getpid())}))
-    with pytest.raises(SandboxError, match=f"another `inv test` \\(pid {os.getpid()}\\)"):
+    (copy / testrun.RUNNER_FILE).write_text(json.dumps(testrun._process(os.getpid())))
+    with pytest.raises(SandboxError, match=f"a test run \\(pid {os.getpid()}\\) still uses the shard sandbox"):
         testrun.clear_leftover_shards(say=print)
     assert (copy / ".sandbox" / "pids.json").exists()
 
 
-def test_a_shard_copy_left_by_a_killed_run_is_deleted_but_a_failed_shard_s_is_kept(tmp_path, monkeypatch):
+def test_a_shard_copy_left_by_a_killed_run_is_deleted_but_not_one_in_use_kept_or_unknown(tmp_path, monkeypatch):
     import subprocess
 
     monkeypatch.setattr(testrun, "COPIES", tmp_path)
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    said = []
-    copies = {}
-    for name in ("killed", "failed", "running", "unknown"):
-        copies[name] = tmp_path / f"{testrun.COPY_PREFIX}{name}"
-        (copies[name] / "runs").mkdir(parents=True)
-    for name in ("killed", "failed"):  # their runner is gone: its PID names no process now
-        (copies[name] / testrun.RUNNER_FILE).write_text(json.dumps({"pid": gone.pid, "started": "1"}))
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    gone = {"pid": ended.pid, "started": "1"}  # its PID names no process now
+    runners = {"killed": gone, "failed": gone, "running": testrun._process(os.getpid()),
+               "shard finishing": dict(gone, shard=testrun._process(os.getpid())), "no pid": {}, "junk": "{not json"}
+    copies = {name: tmp_path / f"{testrun.COPY_PREFIX}{name.replace(' ', '-')}" for name in [*runners, "no runner"]}
+    for name, copy in copies.items():
+        (copy / "runs").mkdir(parents=True)
+        if name in runners:
+            runner = runners[name]
+            (copy / testrun.RUNNER_FILE).write_text(runner if isinstance(runner, str) else json.dumps(runner))
     (copies["failed"] / testrun.KEPT_FILE).write_text("kept\n")
-    (copies["running"] / testrun.RUNNER_FILE).write_text(
-        json.dumps({"pid": os.getpid(), "started": testrun._started(os.getpid())}))
+    (tmp_path / f"{testrun.COPY_PREFIX}plain-file").write_text("not a copy")
+    said = []
     testrun.clear_leftover_shards(say=said.append)
-    assert not copies["killed"].exists()
     assert said == [f"deleting {copies['killed']}: a shard's copy left by an `inv test` that was stopped"]
-    assert all(copies[name].exists() for name in ("failed", "running", "unknown"))
+    assert [name for name, copy in copies.items() if not copy.exists()] == ["killed"]
+
+
+def test_a_shard_still_taking_its_sandbox_down_after_its_runner_was_killed_is_waited_for(tmp_path, monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(testrun, "COPIES", tmp_path)
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    copy = tmp_path / f"{testrun.COPY_PREFIX}orphan"
+    (copy / ".sandbox").mkdir(parents=True)
+    (copy / ".sandbox" / "pids.json").write_text("{}")
+    (copy / testrun.RUNNER_FILE).write_text(json.dumps({"pid": ended.pid, "started": "1",
+                                                        "shard": testrun._process(os.getpid())}))
+    with pytest.raises(SandboxError, match=f"a test run \\(pid {os.getpid()}\\) still uses the shard sandbox in {copy}"):
+        testrun.clear_leftover_shards(say=print)
+    assert (copy / ".sandbox" / "pids.json").exists()
+
+
+def test_a_failed_shard_s_copy_is_marked_kept_before_its_sandbox_is_stopped(tmp_path, monkeypatch):
+    """Were the stop to fail, the next run must still keep the copy's logs."""
+    def down(self):
+        assert (tmp_path / testrun.KEPT_FILE).exists()
+        raise SandboxError("would not stop")
+
+    monkeypatch.setattr(testrun.Sandbox, "down", down)
+    (tmp_path / ".sandbox").mkdir()
+    said = []
+    testrun._clean_up(tmp_path, keep=True, say=said.append)
+    assert (tmp_path / testrun.KEPT_FILE).exists() and said[-1].endswith("did not stop: would not stop")
 
 
 def test_a_shard_copy_of_another_user_is_never_acted_on(tmp_path, monkeypatch):

@@ -140,9 +140,11 @@ def test_an_app_url_whose_parameters_name_a_database_is_refused(url):
         validate.app_database_url(url)
 
 
-def test_an_app_url_that_does_not_parse_is_one_line_not_a_traceback():
-    with pytest.raises(validate.InvalidInput, match=r"drydock_app_database_url is not a URL: Invalid IPv6 URL"):
-        validate.app_database_url("postgresql://[::1/wagtail_site")
+@pytest.mark.parametrize("url, reason", [("postgresql://[::1/wagtail_site", "Invalid IPv6 URL"),
+                                         ("postgresql://db:99999/wagtail_site", "Port out of range 0-65535")])
+def test_an_app_url_that_does_not_parse_is_one_line_not_a_traceback(url, reason):
+    with pytest.raises(validate.InvalidInput, match=f"drydock_app_database_url is not a URL: {reason}"):
+        validate.app_database_url(url)
 
 
 @pytest.mark.parametrize("variable, ok", [("DATABASE_URL", True), ("_SITE_DB2", True), ("{{ site_db_var }}", True),
@@ -213,6 +215,9 @@ URL_CASES = [
     ("postgresql://w:s3cret@db/wagtail_site?dbname=o", "bad name"),  # every rule broken: the first one named
     ("postgresql://db/wagtail_site?dbname=o", "bad name"),
 ]
+# URLs that do not parse: both refuse them, in their own words (the guard's is a template error).
+UNPARSABLE_URLS = ["postgresql://db:99999/wagtail_site", "postgresql://h1:5432,h2:5433/wagtail_site",
+                   "postgresql://[::1/wagtail_site"]
 HOSTNAME_CASES = ["localhost", "www.drydock-example.org", "Preview.Example.ORG", "a" * 63 + ".com", "",
                   "bad host", "x';--", "-a.com", "a-.com", "a..b", "a" * 64 + ".com", "under_score.com",
                   "host:8000", "ümlaut.de", "example.org\n", ".".join(["a" * 63] * 4) + ".com"]
@@ -254,7 +259,7 @@ CASE_TASKS = """\
 """
 
 
-def _library_module(name: str):
+def _library_module(name: str, monkeypatch):
     """One of drydock's modules, imported as Ansible would run it (its module_utils under ansible.module_utils)."""
     import importlib.util
     import sys
@@ -262,7 +267,7 @@ def _library_module(name: str):
     import drydock_pg
     from drydock.paths import project_root
 
-    sys.modules.setdefault("ansible.module_utils.drydock_pg", drydock_pg)
+    monkeypatch.setitem(sys.modules, "ansible.module_utils.drydock_pg", drydock_pg)
     spec = importlib.util.spec_from_file_location(name, project_root() / "library" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -277,7 +282,7 @@ def _verdict(check, *args) -> str | None:
     return None
 
 
-def test_the_controller_and_the_playbooks_refuse_the_same_urls_and_hostnames_with_the_same_words(tmp_path):
+def test_the_controller_and_the_playbooks_refuse_the_same_urls_and_hostnames_with_the_same_words(tmp_path, monkeypatch):
     import json
     import subprocess
     import sys
@@ -293,7 +298,8 @@ def test_the_controller_and_the_playbooks_refuse_the_same_urls_and_hostnames_wit
         role="wagtail_site", tasks="preflight", key="hostname",
         vars="{wagtail_site_hostname: '{{ case }}', wagtail_site_port: 443}"))
     (tmp_path / "cases.json").write_text(json.dumps({
-        "url_cases": URL_CASES, "hostname_cases": HOSTNAME_CASES, "verdicts_file": str(tmp_path / "verdicts.json")}))
+        "url_cases": URL_CASES + [(url, "DATABASE_URL") for url in UNPARSABLE_URLS], "hostname_cases": HOSTNAME_CASES,
+        "verdicts_file": str(tmp_path / "verdicts.json")}))
     proc = subprocess.run(["ansible-playbook", "-i", "localhost,", "-c", "local", "-e", f"@{tmp_path / 'cases.json'}",
                            "-e", f"ansible_python_interpreter={sys.executable}",
                            str(tmp_path / "parity.yml")], cwd=project_root(), env=ansible_env(),
@@ -302,10 +308,13 @@ def test_the_controller_and_the_playbooks_refuse_the_same_urls_and_hostnames_wit
     playbooks = json.loads((tmp_path / "verdicts.json").read_text())
 
     controller = [_verdict(validate.app_database_url, url, variable) for url, variable in URL_CASES]
-    assert playbooks["url"] == controller
+    assert playbooks["url"][:len(URL_CASES)] == controller
     assert controller.count(None) == 4  # the cases do test both ways
+    for url, refused in zip(UNPARSABLE_URLS, playbooks["url"][len(URL_CASES):]):
+        assert refused and _verdict(validate.app_database_url, url).startswith(
+            "drydock_app_database_url is not a URL: "), url
 
-    hostname_module = _library_module("drydock_site")  # the module that writes the Site checks it a third time
+    hostname_module = _library_module("drydock_site", monkeypatch)  # the module that writes the Site checks it a third time
     for name, refused in zip(HOSTNAME_CASES, playbooks["hostname"]):
         by_controller = _verdict(validate.hostname, name)
         assert (refused is None) == (by_controller is None) == bool(hostname_module.HOSTNAME.match(name)), name
