@@ -119,10 +119,22 @@ def assert_private_archive_left(sandbox_env: dict, env: str) -> None:
 def upload_left_behind(since: float) -> Path:
     """The upload of a run killed during it, in Ansible's temporary folder on the host: under
     /var/tmp when Ansible becomes an unprivileged user (the sandbox's hosts), else the SSH
-    user's own."""
+    user's own. Another shard's sandbox shares those folders and may be uploading at the same
+    moment: this run's upload is the start of the dump it fetched to backups/local/."""
+    fetched = [dump for dump in (backups_dir() / "local").glob("*/*.dump.zst") if dump.stat().st_mtime >= since]
+
+    def start(path: Path, size: int) -> bytes:
+        with path.open("rb") as handle:
+            return handle.read(size)
+
+    def ours(upload: Path) -> bool:
+        head = start(upload, 1 << 20)
+        return any(start(dump, len(head)) == head for dump in fetched)
+
     left = [upload for parent in (Path("/var/tmp"), Path.home() / ".ansible" / "tmp")
-            for upload in parent.glob("ansible-tmp-*/drydock-upload.dump") if upload.stat().st_mtime >= since]
-    assert len(left) == 1, f"uploads left since the kill: {left}"
+            for upload in parent.glob("ansible-tmp-*/drydock-upload.dump")
+            if upload.stat().st_mtime >= since and ours(upload)]
+    assert len(left) == 1, f"uploads of {fetched} left since the kill: {left}"
     return left[0]
 
 
