@@ -7,7 +7,7 @@ import pytest
 
 from drydock.paths import runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import ROOT, databases, error_lines, inv, row_counts
+from tests.conftest import ROOT, databases, error_lines, fingerprint, inv, row_counts
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +136,6 @@ def test_verify_writes_nothing(sandbox_env, connect):
 def test_verify_never_migrates_the_database_the_app_names_itself(fresh, sandbox_env, tmp_path):
     """The app's settings read DATABASE_URL, and the inventory says they read another
     variable: the scratch URL would go unread, and `migrate` would run on the local database."""
-    from tests.conftest import fingerprint
-
     before = fingerprint(fresh)
     proc = subprocess.run(
         ["ansible-playbook", "playbooks/verify_database.yml", "--limit", "local",
@@ -153,8 +151,6 @@ def test_verify_never_migrates_the_database_the_app_names_itself(fresh, sandbox_
 def test_verify_refuses_a_url_whose_parameters_name_the_database(fresh, sandbox_env, tmp_path, query):
     """The driver reads dbname= (its name decoded too) or service= over the URL's path: the
     scratch URL would still name the live database, and verify would migrate it."""
-    from tests.conftest import fingerprint
-
     before = fingerprint(fresh)
     proc = subprocess.run(
         ["ansible-playbook", "playbooks/verify_database.yml", "--limit", "local",
@@ -169,8 +165,6 @@ def test_verify_never_migrates_the_database_the_apps_options_name(fresh, sandbox
     """The app's settings read a URL the inventory does not give (here DATABASE_URL, set
     around drydock): its path names the scratch database, its ?dbname= the live one, which
     is where Django would connect. The name the settings give is not the one that counts."""
-    from tests.conftest import fingerprint
-
     before = fingerprint(fresh)
     scratch = f"wagtail_site__verify_{hashlib.sha1(b'local').hexdigest()[:8]}"
     aimed = sandbox_env["local"]["url"].replace("/wagtail_site?", f"/{scratch}?") + "&dbname=wagtail_site"

@@ -79,13 +79,18 @@ def test_a_shard_sandbox_whose_runner_still_runs_is_left_alone(tmp_path, monkeyp
     assert (copy / ".sandbox" / "pids.json").exists()
 
 
-def test_a_shard_copy_left_by_a_killed_run_is_deleted_but_not_one_in_use_kept_or_unknown(tmp_path, monkeypatch):
+def _ended() -> dict:
+    """A runner record of a process that has ended: its PID names no process now."""
     import subprocess
 
-    monkeypatch.setattr(testrun, "COPIES", tmp_path)
     ended = subprocess.Popen(["true"])
     ended.wait()
-    gone = {"pid": ended.pid, "started": "1"}  # its PID names no process now
+    return {"pid": ended.pid, "started": "1"}
+
+
+def test_a_shard_copy_left_by_a_killed_run_is_deleted_but_not_one_in_use_kept_or_unknown(tmp_path, monkeypatch):
+    monkeypatch.setattr(testrun, "COPIES", tmp_path)
+    gone = _ended()
     runners = {"killed": gone, "failed": gone, "running": testrun._process(os.getpid()),
                "shard finishing": dict(gone, shard=testrun._process(os.getpid())), "no pid": {}, "junk": "{not json"}
     copies = {name: tmp_path / f"{testrun.COPY_PREFIX}{name.replace(' ', '-')}" for name in [*runners, "no runner"]}
@@ -103,16 +108,11 @@ def test_a_shard_copy_left_by_a_killed_run_is_deleted_but_not_one_in_use_kept_or
 
 
 def test_a_shard_still_taking_its_sandbox_down_after_its_runner_was_killed_is_waited_for(tmp_path, monkeypatch):
-    import subprocess
-
     monkeypatch.setattr(testrun, "COPIES", tmp_path)
-    ended = subprocess.Popen(["true"])
-    ended.wait()
     copy = tmp_path / f"{testrun.COPY_PREFIX}orphan"
     (copy / ".sandbox").mkdir(parents=True)
     (copy / ".sandbox" / "pids.json").write_text("{}")
-    (copy / testrun.RUNNER_FILE).write_text(json.dumps({"pid": ended.pid, "started": "1",
-                                                        "shard": testrun._process(os.getpid())}))
+    (copy / testrun.RUNNER_FILE).write_text(json.dumps(dict(_ended(), shard=testrun._process(os.getpid()))))
     with pytest.raises(SandboxError, match=f"a test run \\(pid {os.getpid()}\\) still uses the shard sandbox in {copy}"):
         testrun.clear_leftover_shards(say=print)
     assert (copy / ".sandbox" / "pids.json").exists()
