@@ -1,7 +1,9 @@
 """./inv bench: drydock against the hand-written runbook, measured in the same run.
 
 Builds the sandbox at the benchmark scale (production ~1 GB: Wagtail pages with long
-bodies, JSON revisions, a wide indexed log table), then alternates, run after run:
+bodies, JSON revisions, a wide indexed log table), then, run after run, lets each of the
+two pull production and push that local database to staging, as its user would, the one
+that goes first alternating:
   pull:  the runbook (pg_dump | gzip, copy, dropdb/createdb, gunzip | psql)  vs  inv pull production
   push:  the same towards staging                                            vs  inv push staging
          with a probe querying staging's live database every 50 ms (the downtime)
@@ -12,6 +14,12 @@ with autovacuum off and, untimed before each step, the vacuums, checkpoints and 
 load calls for (bench/quiet.py), so that no step pays for the one before it,
 and writes the medians to bench/results/<timestamp>.json (and latest.json) and a
 markdown table (printed, and beside the JSON).
+
+The two pulls do not leave the same database: psql's restore keeps the server's default
+TOAST compression (pglz), drydock's is lz4, and pg_dump reads the pglz one 1.7-2.5 s slower
+(5.8-6.6 s against 4.1 s, the same 1 GB restored both ways here). Until 2026-12-05 both
+pulls ran before both pushes, so every second run measured drydock's push of the runbook's
+pull (docs/performance.md).
 
 The whole bench keeps within a time budget (--minutes, 20 by default): a run is started
 only if one more, 25% longer than the longest so far, would end inside it. The runbook's gzip
@@ -165,19 +173,16 @@ class Bench:
     def staging_probe(self) -> DowntimeProbe:
         return DowntimeProbe(self.envs()["staging"]["url"])
 
-    def pull_pair(self, runbook: Runbook, drydock_first: bool) -> None:
-        order = [("drydock pull", lambda: self.inv("pull", "production")),
-                 ("runbook pull", lambda: runbook.pull("production", "local"))]
-        for name, action in (order if drydock_first else reversed(order)):
+    def pull_and_push(self, runbook: Runbook, drydock_first: bool) -> None:
+        """Each of the two pulls production, then pushes that local database to staging (see
+        the module's docstring), the one that goes first alternating from run to run."""
+        order = [("drydock", lambda: self.inv("pull", "production"), lambda: self.inv("push", "staging")),
+                 ("runbook", lambda: runbook.pull("production", "local"), lambda: runbook.push("local", "staging"))]
+        for who, pull, push in (order if drydock_first else reversed(order)):
             self.quiet.settle()
-            self.measure(name, action)
-
-    def push_pair(self, runbook: Runbook, drydock_first: bool) -> None:
-        order = [("drydock push", lambda: self.inv("push", "staging")),
-                 ("runbook push", lambda: runbook.push("local", "staging"))]
-        for name, action in (order if drydock_first else reversed(order)):
-            self.quiet.settle()
-            self.measure(name, action, probe=True)
+            self.measure(f"{who} pull", pull)
+            self.say(f"    vacuuming the pulled local database: {self.quiet.settle('local'):.1f} s")
+            self.measure(f"{who} push", push, probe=True)
 
     def reset_trio(self, runbook: Runbook) -> None:
         self.quiet.settle()
@@ -213,12 +218,10 @@ class Bench:
                 run_started = time.monotonic()
                 drydock_first = number % 2 == 1
                 self.say(f"--- run {number + 1}/{self.runs}")
-                self.pull_pair(runbook, drydock_first)
-                self.say(f"    vacuuming the pulled local database: {self.quiet.settle('local'):.1f} s")
+                self.pull_and_push(runbook, drydock_first)
                 if number == 0:
                     self.inv("snapshot.save", SNAPSHOT, "--force")
                     self.wait_for_snapshot_work()  # its ready copy, made in the background
-                self.push_pair(runbook, drydock_first)
                 self.reset_trio(runbook)
                 longest_run_s, done = max(longest_run_s, time.monotonic() - run_started), done + 1
         return self.report(db_bytes, seed_s, self.quiet.settle_s, done, time.monotonic() - started)
