@@ -4,13 +4,14 @@ from __future__ import annotations
 import functools
 import inspect
 import shlex
+import signal
 import subprocess
 
 import invoke
 from invoke import Collection, Exit
 
 from drydock import paths, testrun, workflow
-from drydock.errors import DrydockError
+from drydock.errors import DrydockError, Interrupted
 from drydock.paths import project_root
 from drydock.playbook import sandbox_inventory_only
 from drydock.sandbox import Sandbox, SandboxError, bulk_posts_for
@@ -25,8 +26,12 @@ task = functools.partial(invoke.task, auto_shortflags=False)
 # them instead, with a one-line error.
 
 
+INTERRUPTED_EXIT = 128 + signal.SIGINT
+
+
 def one_line_errors(body):
-    """Turn drydock's expected failures into one line on stderr and exit status 1."""
+    """Turn drydock's expected failures into one line on stderr and exit status 1; a run
+    stopped by Ctrl-C exits 130, as a shell reports a command that SIGINT stopped."""
     positional = [name for name, parameter in inspect.signature(body).parameters.items()
                   if parameter.default is inspect.Parameter.empty][1:]  # after the context
 
@@ -40,10 +45,13 @@ def one_line_errors(body):
         try:
             paths.refuse_a_file_for_a_folder()
             return body(*args, **kwargs)
+        except Interrupted as error:
+            raise Exit(f"drydock: error: {error}", code=INTERRUPTED_EXIT) from None
         except (DrydockError, InvalidInput, SandboxError) as error:
             raise Exit(f"drydock: error: {error}", code=1) from None
         except KeyboardInterrupt:  # outside a step (a step says what it left): nothing had begun
-            raise Exit("drydock: error: interrupted (see inv runs.list for the steps that ran)", code=1) from None
+            raise Exit("drydock: error: interrupted (see inv runs.list for the steps that ran)",
+                       code=INTERRUPTED_EXIT) from None
     return wrapper
 
 

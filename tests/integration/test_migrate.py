@@ -320,7 +320,7 @@ def test_an_interrupted_step_is_put_back_before_anything_else(fresh_local, conne
         _, stderr = proc.communicate(timeout=120)
     finally:
         subprocess.run(["pkill", "-f", f"python[0-9.]* {script}$"])
-    assert proc.returncode == 1
+    assert proc.returncode == 130
     assert stderr.strip().splitlines()[-1].startswith("drydock: error: interrupted during migrate: the local database may")
     refused = inv("migrate")
     assert refused.returncode == 1 and "did not finish" in error_lines(refused)[-1]

@@ -355,21 +355,29 @@ def test_an_interrupted_step_whose_account_fails_still_ends_in_one_line(tmp_path
             raise KeyboardInterrupt
 
 
-def test_ctrl_c_before_any_step_fails_the_command_in_one_line():
-    """Interrupted before a step began, a command still fails (status 1: it did not do its
-    work), with drydock's one line rather than a traceback."""
+def test_ctrl_c_fails_the_command_in_one_line_with_the_status_of_sigint():
+    """Interrupted, before a step began or during one, a command fails with drydock's one
+    line rather than a traceback, and status 130 (128 + SIGINT, what a shell reports for a
+    command Ctrl-C stopped), which a script can tell from a failed check's 1."""
     from invoke import Exit
 
+    from drydock.errors import DrydockError, Interrupted
     from tasks import one_line_errors
 
     @one_line_errors
-    def command(c, env):
-        raise KeyboardInterrupt
+    def command(c, raised):
+        raise raised
 
-    with pytest.raises(Exit) as exited:
-        command(None, "staging")
-    assert (exited.value.code, exited.value.message) == (
-        1, "drydock: error: interrupted (see inv runs.list for the steps that ran)")
+    outcomes = {}
+    for raised in (KeyboardInterrupt(), Interrupted("interrupted during restore: the swap did not run"),
+                   DrydockError("staging: the check failed")):
+        with pytest.raises(Exit) as exited:
+            command(None, raised)
+        outcomes[type(raised).__name__] = (exited.value.code, exited.value.message)
+    assert outcomes == {
+        "KeyboardInterrupt": (130, "drydock: error: interrupted (see inv runs.list for the steps that ran)"),
+        "Interrupted": (130, "drydock: error: interrupted during restore: the swap did not run"),
+        "DrydockError": (1, "drydock: error: staging: the check failed")}
 
 
 def test_drydock_callbacks_stay_enabled_beside_ones_asked_for_in_the_environment(monkeypatch):
