@@ -9,7 +9,7 @@ leaves it off until ./inv sandbox.down discards them). Between steps, untimed,
 the bench does itself what autovacuum would have done:
   - it vacuums and analyzes production once, after seeding;
   - it vacuums and analyzes the local database after each pull, as autovacuum would while
-    its user migrates it, before both pushes dump it;
+    its user migrates it, before the push that follows dumps it;
   - before every measured step, it runs CHECKPOINT on every cluster and then sync, so that
     the pages the step before wrote are on disk first. A 1 GB load leaves the kernel up to
     0.7 GB of dirty pages (seen in /proc/meminfo during the bench), and writing them out

@@ -17,9 +17,10 @@ markdown table (printed, and beside the JSON).
 
 The two pulls do not leave the same database: psql's restore keeps the server's default
 TOAST compression (pglz), drydock's is lz4, and pg_dump reads the pglz one 1.7-2.5 s slower
-(5.8-6.6 s against 4.1 s, the same 1 GB restored both ways here). Until 2026-12-05 both
-pulls ran before both pushes, so every second run measured drydock's push of the runbook's
-pull (docs/performance.md).
+(5.8-6.6 s against 4.1 s, the same 1 GB restored both ways here). Until the bench of
+2026-12-05T15:15Z both pulls ran before both pushes, so each push dumped whichever side's
+pull came last: drydock's push the runbook's pull in every second run, the runbook's push
+drydock's in the others (docs/performance.md).
 
 The whole bench keeps within a time budget (--minutes, 20 by default): a run is started
 only if one more, 25% longer than the longest so far, would end inside it. The runbook's gzip

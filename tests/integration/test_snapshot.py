@@ -383,7 +383,7 @@ def test_a_save_interrupted_while_copying_lets_connections_in_again(clean_snapsh
     for pid in held:
         os.kill(pid, signal.SIGCONT)
     save.communicate(timeout=120)
-    assert save.returncode != 0
+    assert save.returncode == 130  # stopped by Ctrl-C
     deadline = time.monotonic() + 30  # the module cleans up on its own, after drydock has returned
     while any(os.path.exists(f"/proc/{pid}") for pid in held) and time.monotonic() < deadline:
         time.sleep(0.1)
