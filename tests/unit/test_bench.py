@@ -137,3 +137,24 @@ def test_the_result_says_how_the_hosts_were_reached(tmp_path):
     assert bench.reach() == "unknown"  # no sandbox
     (tmp_path / "connection.json").write_text(json.dumps({"connection": "ssh", "become_method": "ansible.builtin.sudo"}))
     assert bench.reach() == "ssh connections, become by sudo"
+
+
+def test_each_side_pushes_the_local_database_it_has_just_pulled():
+    """The runbook's psql restore leaves pglz TOAST, drydock's lz4, and pg_dump reads them at
+    different speeds: a push must dump its own side's pull, never the other's."""
+    done = []
+    bench = Bench("bench", runs=3, minutes=0, say=lambda _line: None)
+    bench.quiet = SimpleNamespace(settle=lambda *vacuumed: done.append(("settle", *vacuumed)) or 0.0)
+    bench.inv = lambda *args: done.append(("drydock", *args)) or {}
+    bench.measure = lambda name, action, probe=False: action()
+    runbook = SimpleNamespace(pull=lambda source, target: done.append(("runbook pull", source, target)),
+                              push=lambda source, target: done.append(("runbook push", source, target)))
+    side = {"drydock": [("settle",), ("drydock", "pull", "production"), ("settle", "local"),
+                        ("drydock", "push", "staging")],
+            "runbook": [("settle",), ("runbook pull", "production", "local"), ("settle", "local"),
+                        ("runbook push", "local", "staging")]}
+    bench.pull_and_push(runbook, drydock_first=False)
+    assert done == side["runbook"] + side["drydock"]
+    done.clear()
+    bench.pull_and_push(runbook, drydock_first=True)
+    assert done == side["drydock"] + side["runbook"]
