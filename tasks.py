@@ -25,7 +25,7 @@ task = functools.partial(invoke.task, auto_shortflags=False)
 # itself and answers `--port abc` with a traceback. drydock.validate converts and checks
 # them instead, with a one-line error.
 
-
+# A run stopped by Ctrl-C exits as a shell reports a command that SIGINT stopped.
 INTERRUPTED_EXIT = 128 + signal.SIGINT
 
 
