@@ -31,31 +31,31 @@ ANSIBLE_LINT = ["ansible-lint", "playbooks", "roles"]
 PYFLAKES = [sys.executable, "-m", "pyflakes", "tasks.py", "drydock", "tests", "bench", "library", "module_utils",
             "action_plugins", "callback_plugins", "examples"]
 
-# Seconds per test file, summed from `--durations=0` of a two-shard fresh-clone CI on
-# 2026-12-05 (a busy machine: about 1.6 times a quiet run; only the proportions count),
-# without the sandbox's start, which each shard pays once, and with the tests added since.
-# Only the split uses them: a file not listed counts as DEFAULT_SECONDS.
+# Seconds per test file, summed from `--durations=0` of a two-shard run on 2026-12-05 at
+# 17:32Z (shards 18.7 and 15.8 minutes with the weights before), without the sandbox's start
+# (about 30 s), which each shard pays once in its first file. Only the proportions count,
+# and only the split uses them: a file not listed counts as DEFAULT_SECONDS.
 FILE_SECONDS = {
-    "tests/integration/test_push.py": 600,
-    "tests/integration/test_migrate.py": 490,
-    "tests/integration/test_faults.py": 460,
-    "tests/e2e/test_pipeline.py": 510,
-    "tests/integration/test_interrupt.py": 235,
-    "tests/integration/test_verify.py": 185,
-    "tests/integration/test_snapshot.py": 175,
-    "tests/integration/test_pull.py": 100,
-    "tests/integration/test_backup.py": 85,
-    "tests/integration/test_site.py": 75,
-    "tests/test_lint.py": 12,
-    "tests/unit/test_module_inputs.py": 6,
-    "tests/integration/test_sandbox.py": 5,
-    "tests/unit/test_helpers.py": 5,
-    "tests/unit/test_testrun.py": 5,
-    "tests/unit/test_validate.py": 4,
+    "tests/integration/test_push.py": 477,
+    "tests/integration/test_migrate.py": 298,
+    "tests/e2e/test_pipeline.py": 274,
+    "tests/integration/test_faults.py": 255,
+    "tests/integration/test_verify.py": 206,
+    "tests/integration/test_snapshot.py": 153,
+    "tests/integration/test_interrupt.py": 139,
+    "tests/integration/test_pull.py": 61,
+    "tests/integration/test_site.py": 58,
+    "tests/integration/test_backup.py": 43,
+    "tests/test_lint.py": 15,
+    "tests/unit/test_validate.py": 10,
+    "tests/unit/test_module_inputs.py": 8,
+    "tests/unit/test_helpers.py": 6,
+    "tests/integration/test_sandbox.py": 4,
     "tests/integration/test_probe.py": 3,
-    "tests/integration/test_archive.py": 2,
+    "tests/integration/test_archive.py": 3,
     "tests/unit/test_roles.py": 1,
     "tests/unit/test_bench.py": 1,
+    "tests/unit/test_testrun.py": 1,
 }
 DEFAULT_SECONDS = 60
 # Shard i > 0 puts its sandbox on 127.0.(SHARD_NET_BASE + i).x; the first shard uses the
