@@ -416,7 +416,13 @@ class Sandbox:
         return self.host_dir(env) / "app.pid"
 
     def _start_app(self, env: Environment) -> None:
-        """Write the host's app service script (start / stop, like a service manager) and start it."""
+        """Write the host's app service script (start / stop, like a service manager) and start it.
+
+        gunicorn imports the site once, before it forks its workers (--preload): each push and
+        rollback restarts the app, and two workers each importing Django and Wagtail cost a
+        second of CPU more per start. The pidfile comes after that import, so the start waits
+        for it (up to 30 s on a busy machine), and a site that cannot be imported fails the
+        start rather than the health check after it."""
         script = self.app_script(env)
         pidfile = self.app_pidfile(env)
         script.write_text(f"""#!/bin/sh
@@ -430,10 +436,10 @@ start)
     running && exit 0
     cd {example_site_dir()}
     DATABASE_URL='{self.url(env)}' DJANGO_SETTINGS_MODULE=wagtail_site.settings \\
-        {sys.executable} -m gunicorn --daemon --pid "$pidfile" --bind {env.address}:{APP_PORT} --workers 2 \\
+        {sys.executable} -m gunicorn --daemon --pid "$pidfile" --bind {env.address}:{APP_PORT} --workers 2 --preload \\
         --access-logfile {self.host_dir(env)}/app.log --error-logfile {self.host_dir(env)}/app.log \\
         --name drydock-{env.name} wagtail_site.wsgi
-    for _ in $(seq 50); do running && exit 0; sleep 0.1; done
+    for _ in $(seq 300); do running && exit 0; sleep 0.1; done
     echo "the app did not start: see {self.host_dir(env)}/app.log" >&2; exit 1 ;;
 stop)
     running || exit 0
