@@ -39,10 +39,23 @@ def tree_problems(conn) -> int:
                   (SELECT 1 FROM wagtailcore_page p WHERE p.path = left(c.path, -4)))""").fetchone()[0]
 
 
-@pytest.fixture
-def fresh_local(pulled, connect):
-    """The local database as production has it: blog at 0001, a Blog with posts."""
+AS_PRODUCTION = "as_production"
+
+
+@pytest.fixture(scope="module")
+def production_copy(pulled):
+    """A pull of production's latest backup, saved as a snapshot: restoring it puts the
+    local database back as production has it in a third of a pull's time."""
     inv("pull", "production", "--latest", check=True)
+    inv("snapshot.save", AS_PRODUCTION, "--force", check=True)
+    yield
+    inv("snapshot.delete", AS_PRODUCTION)
+
+
+@pytest.fixture
+def fresh_local(production_copy):
+    """The local database as production has it: blog at 0001, a Blog with posts."""
+    inv("snapshot.restore", AS_PRODUCTION, check=True)
     # No connection is handed out: every step terminates the sessions on the local database.
 
 
@@ -188,7 +201,7 @@ def test_fixtree_that_cannot_repair_an_orphan_fails_the_step_and_puts_it_back(fr
         assert "orphan" in error_lines(proc)[-1] and "put back" in error_lines(proc)[-1], error_lines(proc)[-1]
         assert fingerprint(connect("local")) == before and applied(connect("local")) == {"0001_initial"}
     finally:
-        inv("pull", "production", "--latest", check=True)  # put back means with its orphan: not for the tests after
+        inv("snapshot.restore", AS_PRODUCTION, check=True)  # put back means with its orphan: not for the tests after
 
 
 @pytest.mark.parametrize("playbook_name, env, setting, message", [
