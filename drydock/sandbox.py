@@ -421,8 +421,10 @@ class Sandbox:
         gunicorn imports the site once, before it forks its workers (--preload): each push and
         rollback restarts the app, and two workers each importing Django and Wagtail cost a
         second of CPU more per start. The pidfile comes after that import, so the start waits
-        for it (up to 30 s on a busy machine), and a site that cannot be imported fails the
-        start rather than the health check after it."""
+        for it (up to 30 s on a busy machine): a site that cannot be imported fails the start,
+        its traceback in app.log (--capture-output), rather than the health check after it. A
+        start that runs out of time stops the gunicorn it began, which would else come up
+        later without anyone knowing."""
         script = self.app_script(env)
         pidfile = self.app_pidfile(env)
         script.write_text(f"""#!/bin/sh
@@ -436,10 +438,11 @@ start)
     running && exit 0
     cd {example_site_dir()}
     DATABASE_URL='{self.url(env)}' DJANGO_SETTINGS_MODULE=wagtail_site.settings \\
-        {sys.executable} -m gunicorn --daemon --pid "$pidfile" --bind {env.address}:{APP_PORT} --workers 2 --preload \\
+        {sys.executable} -m gunicorn --daemon --pid "$pidfile" --bind {env.address}:{APP_PORT} --workers 2 --preload --capture-output \\
         --access-logfile {self.host_dir(env)}/app.log --error-logfile {self.host_dir(env)}/app.log \\
         --name drydock-{env.name} wagtail_site.wsgi
     for _ in $(seq 300); do running && exit 0; sleep 0.1; done
+    pkill -f -- "--name drydock-{env.name} " || true
     echo "the app did not start: see {self.host_dir(env)}/app.log" >&2; exit 1 ;;
 stop)
     running || exit 0

@@ -247,7 +247,11 @@ def allow_connections_again(conn, name: str) -> None:
     try:
         set_allow_connections(conn, name, True)
     except psycopg.Error:
-        with psycopg.connect(conn.info.dsn, autocommit=True) as fresh:  # as `conn` connected (no password)
+        # As `conn` connected (its password, if any, is not given back). The parameters that
+        # equal libpq's defaults are left out of get_parameters(): those that say where to
+        # connect are set again, or PGPORT and the like would choose.
+        where = dict(host=conn.info.host, port=conn.info.port, user=conn.info.user, dbname=conn.info.dbname)
+        with psycopg.connect(**{**conn.info.get_parameters(), **where}, autocommit=True) as fresh:
             set_allow_connections(fresh, name, True)
 
 

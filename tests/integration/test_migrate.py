@@ -49,7 +49,7 @@ def production_copy(pulled):
     inv("pull", "production", "--latest", check=True)
     inv("snapshot.save", AS_PRODUCTION, "--force", check=True)
     yield
-    inv("snapshot.delete", AS_PRODUCTION)
+    inv("snapshot.delete", AS_PRODUCTION, check=True)
 
 
 @pytest.fixture
