@@ -32,30 +32,31 @@ PYFLAKES = [sys.executable, "-m", "pyflakes", "tasks.py", "drydock", "tests", "b
             "action_plugins", "callback_plugins", "examples"]
 
 # Seconds per test file, summed from `--durations=0` of a two-shard run on 2026-12-05 at
-# 17:32Z (shards 18.7 and 15.8 minutes with the weights before), without the sandbox's start
-# (about 30 s), which each shard pays once in its first file. Only the proportions count,
-# and only the split uses them: a file not listed counts as DEFAULT_SECONDS.
+# 20:52Z (shards 18.0 and 16.7 minutes with the weights before, test_migrate having become
+# lighter), without the sandbox's start (about 30 s), which each shard pays once in its first
+# file. Only the proportions count, and only the split uses them: a file not listed counts as
+# DEFAULT_SECONDS.
 FILE_SECONDS = {
-    "tests/integration/test_push.py": 477,
-    "tests/integration/test_migrate.py": 298,
-    "tests/e2e/test_pipeline.py": 274,
-    "tests/integration/test_faults.py": 255,
-    "tests/integration/test_verify.py": 206,
-    "tests/integration/test_snapshot.py": 153,
-    "tests/integration/test_interrupt.py": 139,
-    "tests/integration/test_pull.py": 61,
-    "tests/integration/test_site.py": 58,
+    "tests/integration/test_push.py": 494,
+    "tests/e2e/test_pipeline.py": 287,
+    "tests/integration/test_faults.py": 276,
+    "tests/integration/test_migrate.py": 243,
+    "tests/integration/test_verify.py": 199,
+    "tests/integration/test_snapshot.py": 154,
+    "tests/integration/test_interrupt.py": 145,
+    "tests/integration/test_pull.py": 65,
+    "tests/integration/test_site.py": 54,
     "tests/integration/test_backup.py": 43,
-    "tests/test_lint.py": 15,
-    "tests/unit/test_validate.py": 10,
-    "tests/unit/test_module_inputs.py": 8,
+    "tests/test_lint.py": 22,
+    "tests/unit/test_validate.py": 11,
+    "tests/unit/test_module_inputs.py": 10,
     "tests/unit/test_helpers.py": 6,
+    "tests/unit/test_testrun.py": 4,
     "tests/integration/test_sandbox.py": 4,
     "tests/integration/test_probe.py": 3,
-    "tests/integration/test_archive.py": 3,
+    "tests/integration/test_archive.py": 1,
     "tests/unit/test_roles.py": 1,
     "tests/unit/test_bench.py": 1,
-    "tests/unit/test_testrun.py": 1,
 }
 DEFAULT_SECONDS = 60
 # Shard i > 0 puts its sandbox on 127.0.(SHARD_NET_BASE + i).x; the first shard uses the
