@@ -442,7 +442,7 @@ start)
         --access-logfile {self.host_dir(env)}/app.log --error-logfile {self.host_dir(env)}/app.log \\
         --name drydock-{env.name} wagtail_site.wsgi
     for _ in $(seq 300); do running && exit 0; sleep 0.1; done
-    pkill -f -- "--name drydock-{env.name} " || true
+    pkill -f -- "--pid $pidfile " || true  # this checkout's: another shard's app has the same --name
     echo "the app did not start: see {self.host_dir(env)}/app.log" >&2; exit 1 ;;
 stop)
     running || exit 0
