@@ -346,15 +346,39 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
     with _locks([] if locked else [LOCAL_LOCK], "migrate", say):
         unfinished.refuse_if_unfinished("migrate")  # under the lock: no step can be starting meanwhile
         with run.step("migrate", env=local, what=what, phase=phase,
-                      interrupted=f"the local database may be half-changed: put it back with "
-                                  f"`inv snapshot.restore {snapshot_name}` (or pull again); migrate and push refuse "
-                                  "until then"):
+                      interrupted=lambda: _migrate_interrupted(run, local, snapshot_name)):
             say(f"==> {what} on the local database (a safety snapshot is taken first)")
             run_playbook("migrate.yml", limit=local, extra_vars=extra, run=run)
     if notebook:
         say(f"executed notebook: {run.dir / Path(notebook).name}")
     say(f"{what}: done; the page tree is consistent")
     return run
+
+
+# drydock_progress records a role's task as "<role> : <name>": the step's mark, written once
+# its safety snapshot is taken (roles/django_migrate).
+MIGRATE_MARK_TASK = "django_migrate : Mark the local database as in the middle of a step"
+
+
+def _migrate_interrupted(run: Run, local: str, snapshot_name: str) -> str:
+    """What an interrupted migration step left, by its mark (drydock/unfinished.py): there from
+    the safety snapshot until the database is whole again. Without it, the advice to restore
+    the snapshot would be wrong: that snapshot may be an older step's, from before a pull."""
+    mark = unfinished.read()
+    if mark is not None:
+        return (f"the local database may be half-changed: put it back with "
+                f"`inv snapshot.restore {mark.get('snapshot') or snapshot_name}` (or pull again); migrate and push "
+                "refuse until then")
+    progress = read_progress(run.dir)
+    if progress is None and not _no_task_began(run):
+        return ("the local database is whole: the step had not begun changing it, or had ended or put it back "
+                "(`inv verify local` shows its migrations)")
+    marked = any((entry.get("host"), entry.get("task"), entry.get("event")) == (local, MIGRATE_MARK_TASK, "ok")
+                 for entry in progress or [])
+    if marked:
+        return ("the step had ended, or put the local database back, before the interruption: the database is whole "
+                "(`inv verify local` shows its migrations)")
+    return "the step had not begun changing the local database (its safety snapshot comes first): it is unchanged"
 
 
 def confirm(env: str, protected: bool, yes: bool, action: str, ask: Callable[[str], str] = input) -> bool:

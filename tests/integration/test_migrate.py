@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from drydock.paths import example_site_dir, runs_dir
+from drydock.paths import PG_BINDIR, example_site_dir, runs_dir
 from drydock.playbook import ansible_env
 from tests.conftest import ROOT, error_lines, fingerprint, inv, playbook
 
@@ -352,3 +352,46 @@ def test_an_interrupted_step_is_put_back_before_anything_else(fresh_local, conne
         inv("migrate", "--phase", "before", check=True)  # no longer refused
     finally:
         (runs_dir() / "locks" / "local.unfinished-step.json").unlink(missing_ok=True)  # never left for other tests
+
+
+def test_a_step_interrupted_before_its_snapshot_says_nothing_changed(fresh_local, connect, sandbox_env):
+    """Ctrl-C before the safety snapshot is taken: the database is unchanged and nothing
+    refuses the next step. Advice to restore before_step would be wrong there: that snapshot
+    is an older step's, perhaps from before the pull this step was to migrate. The snapshot's
+    first connection is held back by a lock every new session waits for."""
+    before = fingerprint(connect("local"))
+    local = sandbox_env["local"]
+    psql = [str(PG_BINDIR / "psql"), "-X", "-q", "-A", "-t", "-h", local["socket_dir"], "-p", str(local["port"]),
+            "-d", "postgres"]
+    holder = subprocess.Popen(["sudo", "-n", "-u", local["os_user"], *psql] if os.geteuid() == 0 else psql,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(sql: str) -> str:
+        holder.stdin.write(sql + "\n")
+        holder.stdin.flush()
+        return holder.stdout.readline().strip()
+
+    proc = None
+    try:
+        assert ask("BEGIN; LOCK TABLE pg_catalog.pg_database IN ACCESS EXCLUSIVE MODE; SELECT 'held';") == "held"
+        proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "migrate"],
+                                env=dict(ansible_env(), DRYDOCK_ROOT=str(ROOT)), cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + 180
+        waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'pg_catalog.pg_database'::regclass;"
+        while ask(waiting) == "0":
+            assert proc.poll() is None and time.monotonic() < deadline, "the step never reached the database"
+            time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the whole group
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        holder.communicate("ROLLBACK;\n", timeout=60)
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines()[-1] == (
+        "drydock: error: interrupted during migrate: the step had not begun changing the local database (its safety "
+        "snapshot comes first): it is unchanged")
+    assert not (runs_dir() / "locks" / "local.unfinished-step.json").exists()
+    assert fingerprint(connect("local")) == before
+    inv("migrate", "--phase", "before", check=True)  # nothing refuses it
