@@ -186,6 +186,39 @@ def test_the_run_list_shows_the_newest_runs_and_says_how_many_it_left_out(tmp_pa
             runs_list(last=bad, say=said.append)
 
 
+def test_an_interrupted_migration_step_says_what_it_left_by_its_mark(tmp_path, monkeypatch):
+    """The mark (there from the safety snapshot until the database is whole again) decides;
+    the progress Ansible reported tells a step stopped before it from one that ended."""
+    from drydock import unfinished
+    from drydock.workflow import MIGRATE_MARK_TASK, _migrate_interrupted
+
+    monkeypatch.setenv("DRYDOCK_RUNS", str(tmp_path))
+
+    def left(*, mark: dict | None = None, marked: bool | None = None, log: str = "TASK [x]") -> str:
+        run = Run("migrate", root=tmp_path)
+        run.folder()
+        run.ansible_log.write_text(log)
+        if marked is not None:
+            events = [{"event": event, "host": "local", "action": "ansible.builtin.copy", "task": MIGRATE_MARK_TASK}
+                      for event in (("start", "ok") if marked else ("start",))]
+            run.progress_file.write_text("".join(json.dumps(event) + "\n" for event in events))
+        unfinished.path().unlink(missing_ok=True)
+        if mark is not None:
+            unfinished.path().parent.mkdir(parents=True, exist_ok=True)
+            unfinished.path().write_text(json.dumps(mark))
+        return _migrate_interrupted(run, "local", "before_step")
+
+    assert left(mark={"run": "r", "snapshot": "own_name"}, marked=True) == (
+        "the local database may be half-changed: put it back with `inv snapshot.restore own_name` (or pull again); "
+        "migrate and push refuse until then")
+    assert left(marked=False) == ("the step had not begun changing the local database (its safety snapshot comes "
+                                  "first): it is unchanged")
+    assert left(log="") == left(marked=False)  # Ansible had not begun a task
+    assert left(marked=True).startswith("the step had ended, or put the local database back, before the interruption")
+    # Tasks ran, but nothing was recorded (the callback left out): only the mark can be read.
+    assert left().startswith("the local database is whole: the step had not begun changing it, or had ended")
+
+
 def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_progress_ansible_reported(tmp_path):
     """Ansible's log shows a task's banner only with its result: which swap ran is read from
     the events drydock_progress records, per host (a pipeline's pull swaps on local)."""
