@@ -100,6 +100,8 @@ def main() -> None:
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
     pushed = _baseline(record.get("drydock_pushed"))
+    if pushed:  # the dump it swapped in, for a refusal to name (as verify's origin line does)
+        pushed = {**pushed, "copy": record.get("drydock_pushed_copy")}
     if params["compare_writes_with"] is not None:
         facts["writes_since"], facts["writes_unknown"] = count_writes(
             params["compare_writes_with"], facts["write_fingerprint"], pushed, params["lineage_sha256"])

@@ -106,8 +106,9 @@ def count_writes(before: dict, now: dict, pushed: dict | None, lineage_sha256: s
     ["blog_post (+3)"], or, when they cannot be counted, why: ([], reason).
 
     When a push has replaced the target's database since (another database oid), writes
-    count from the baseline that push recorded on it (`pushed`), provided that push came
-    from the same backup; otherwise they are unknown. A fingerprint without an oid (an
+    count from the baseline that push recorded on it (`pushed`, with the pushed copy's
+    record as its `copy`), provided that push came from the same backup; otherwise they are
+    unknown. A fingerprint without an oid (an
     older manifest) is taken as the same database. Counters that went back, or statistics
     reset in between, cannot be compared either: a reason, never negative writes.
     """
@@ -118,7 +119,9 @@ def count_writes(before: dict, now: dict, pushed: dict | None, lineage_sha256: s
         if baseline.get("database_oid") != now.get("database_oid"):
             return [], "its database was replaced"
         if lineage_sha256 is None or pushed.get("lineage_sha256") != lineage_sha256:
-            return [], f"its database was replaced by the push of {pushed.get('recorded', '?')}, from another backup"
+            copy = pushed.get("copy") if isinstance(pushed.get("copy"), dict) else {}
+            which = f"a push from {copy.get('source', '?')}'s dump {copy['created']}" if copy.get("created") else "a push"
+            return [], f"its database was replaced by {which} at {pushed.get('recorded', '?')}, from another backup"
     if baseline.get("stats_reset") != now.get("stats_reset"):
         return [], f"its write statistics were reset ({now.get('stats_reset')})"
     changed = []

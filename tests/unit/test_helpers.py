@@ -606,7 +606,11 @@ def test_writes_count_from_the_baseline_of_a_push_of_the_same_backup_only():
     assert count_writes({**backup, "database_oid": None}, {**now, "tables": {"a": 6}}, None, "b1") == (["a (+1)"], None)
     assert count_writes(backup, now, pushed, "b1") == (["a (+1)"], None)  # from the push's baseline
     assert count_writes(backup, now, pushed, "b2") == (
-        [], "its database was replaced by the push of 20261203T160000Z, from another backup")
+        [], "its database was replaced by a push at 20261203T160000Z, from another backup")
+    copy = {"source": "local", "created": "20261203T155900Z", "sha256": "c1"}  # the dump it swapped in
+    assert count_writes(backup, now, {**pushed, "copy": copy}, "b2") == (
+        [], "its database was replaced by a push from local's dump 20261203T155900Z at 20261203T160000Z,"
+            " from another backup")
     assert count_writes(backup, now, None, "b1") == ([], "its database was replaced")  # nothing recorded
     assert count_writes(backup, {**now, "database_oid": 300}, pushed, "b1") == (
         [], "its database was replaced")  # replaced again since the push
