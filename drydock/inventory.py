@@ -56,11 +56,14 @@ class Inventory:
         return self._described(self.local[0])
 
     def _described(self, env: str) -> str:
-        """`env`, refused if the inventory lacks host variables the playbooks need (a sandbox
-        that is down has none: its playbooks say so themselves)."""
+        """`env`, refused if the inventory lacks host variables the playbooks need, or is the
+        sandbox's while it is down (its playbooks say so too, but only after Ansible's start
+        and a run folder for a command that never began)."""
         hostvars = self.hostvars.get(env, {})
+        if hostvars.get("drydock_sandbox_down"):
+            raise DrydockError("the sandbox is down: run ./inv sandbox.up first")
         missing = [name for name in HOST_VARIABLES if name not in hostvars]
-        if missing and not hostvars.get("drydock_sandbox_down"):
+        if missing:
             raise DrydockError(f"{env} lacks {', '.join(missing)} in the inventory: the playbooks need "
                                f"{'them' if len(missing) > 1 else 'it'} (docs/configuration.md, host variables)")
         return env

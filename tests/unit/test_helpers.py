@@ -1022,7 +1022,8 @@ def test_an_environment_without_the_host_variables_the_playbooks_need_is_refused
                                            r"playbooks need them"):
         inventory.local_env()
     down = Inventory(servers=("staging",), local=("local",), hostvars={"staging": {"drydock_sandbox_down": True}})
-    assert down.server("staging") == "staging"  # its playbooks say the sandbox is down
+    with pytest.raises(DrydockError, match=r"^the sandbox is down: run ./inv sandbox.up first$"):
+        down.server("staging")  # before any run or playbook starts (they would say so too)
 
 
 def test_a_server_that_does_not_listen_is_named_in_drydock_words():
