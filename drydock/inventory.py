@@ -34,6 +34,8 @@ def as_bool(value, name: str = "the flag") -> bool:
                        f"{'/'.join(TRUE_WORDS + FALSE_WORDS)}, and take anything else for false)")
 
 
+SAFETY_FLAGS = ("drydock_protected", "drydock_safety_backup")
+
 # The host variables the playbooks read without a default (docs/configuration.md): missing
 # one, a command would fail only where its playbook first reads it, after a dump perhaps.
 HOST_VARIABLES = ("drydock_env", "drydock_db_name", "drydock_db_app_role", "drydock_db_os_user", "drydock_db_become",
@@ -66,6 +68,8 @@ class Inventory:
         if missing:
             raise DrydockError(f"{env} lacks {', '.join(missing)} in the inventory: the playbooks need "
                                f"{'them' if len(missing) > 1 else 'it'} (docs/configuration.md, host variables)")
+        for flag in SAFETY_FLAGS:  # refused by every command alike, not only by those that read one
+            as_bool(hostvars.get(flag, False), f"{flag} of {env}")
         return env
 
     def protected(self, env: str) -> bool:

@@ -906,15 +906,23 @@ def test_protected_reads_the_flag_as_the_playbooks_do(flag, protected):
 def test_a_flag_drydock_and_the_playbooks_would_read_apart_is_refused(flag):
     """Ansible's `| bool` takes any word but true/false/yes/no/on/off/1/0 for false: a "y"
     would be protected for drydock's prompt, and unprotected for the playbooks' guards."""
-    from drydock.inventory import Inventory
+    from drydock.inventory import HOST_VARIABLES, SAFETY_FLAGS, Inventory
     from drydock.validate import InvalidInput
 
     inventory = Inventory(servers=("production",), local=("local",),
                           hostvars={"production": {"drydock_protected": flag}})
-    with pytest.raises(InvalidInput, match=r"^drydock_protected of production is .*: write true or "
-                                           r"false \(the playbooks read only true/yes/on/1/false/no/off/0, and take "
-                                           r"anything else for false\)$"):
+    refusal = (r"^{} of production is .*: write true or false \(the playbooks read only "
+               r"true/yes/on/1/false/no/off/0, and take anything else for false\)$")
+    with pytest.raises(InvalidInput, match=refusal.format("drydock_protected")):
         inventory.protected("production")
+    # Every command that names the environment refuses it alike, before its run begins: a
+    # backup reads neither flag, and its playbook's check would say so only once under way.
+    described = {name: "x" for name in HOST_VARIABLES}
+    for name in SAFETY_FLAGS:
+        inventory = Inventory(servers=("production",), local=("local",),
+                              hostvars={"production": {**described, name: flag}})
+        with pytest.raises(InvalidInput, match=refusal.format(name)):
+            inventory.server("production")
 
 
 def test_describe_origin_says_what_the_swaps_recorded():
