@@ -116,7 +116,7 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
             raise DrydockError(f"{dump.path} is a dump of {dump.source_env}, not of {env}")
         with run.step("pull", env=local, dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
                       interrupted=lambda: _pull_interrupted(run, local, dump)):
-            say(f"==> restoring {dump.path.name} into the local database")
+            say(f"==> restoring {dump.path.name} into the local database (from {dump.path.parent})")
             run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
             unfinished.clear_unless_running()  # the local database was replaced: an interrupted step's state is gone
     say(f"local database {target['drydock_db_name']} now holds {env}'s dump of {dump.manifest['created']} "
@@ -440,7 +440,7 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                       rows=dump.total_rows,
                       interrupted=lambda: _push_interrupted(run, env, target["drydock_db_name"], dump, say)
                       + _safety_backup_note(run, env)) as step:
-            say(f"==> restoring {dump.path.name} onto {env}")
+            say(f"==> restoring {dump.path.name} onto {env} (from {dump.path.parent})")
             safety = _run_dumping("restore_database.yml", limit=env, run=run, extra_vars={
                 "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
                 "drydock_allow_lost_writes": allow_lost_writes, "drydock_allow_unscrubbed": allow_unscrubbed,
