@@ -6,8 +6,8 @@ would make that state the one a retry starts from, and a push would ship it. So 
 (roles/django_migrate) writes this mark once its safety snapshot is taken, and removes it
 once the database is whole again: migrated, or put back from the snapshot. A pull or a
 snapshot restore, which replace the database, remove it too. While it is there, migrate, a
-push of the local database and a snapshot save refuse (and the step's own snapshot cannot be
-deleted), saying how to recover. It covers `inv` runs on this
+push of the local database, its verify and a snapshot save refuse (and the step's own
+snapshot cannot be deleted), saying how to recover. It covers `inv` runs on this
 machine, like the locks beside it.
 """
 from __future__ import annotations

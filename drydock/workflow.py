@@ -726,12 +726,17 @@ def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Ru
     report = run.dir / f"verify-{env}.txt"
     lock = inv.lock_name(env)
     try:
-        with _locks([] if locked else [lock], "verify", say), run.step(
-                f"verify {env}", env=env, report=str(report),
-                interrupted=f"verify only reads {env}: nothing changed (a scratch database it was building on the "
-                            f"local cluster is dropped by the next verify of {env})"):
-            run_playbook("verify_database.yml", limit=env, run=run, extra_vars={
-                "drydock_verify_report": str(report), "drydock_manifest": str(Path(manifest).resolve()) if manifest else ""})
+        with _locks([] if locked else [lock], "verify", say):
+            if lock == LOCAL_LOCK:
+                # Schema, migrations and page tree can all pass on a database a step left
+                # half-changed: the mark is about its data, which no check here sees.
+                unfinished.refuse_if_unfinished(f"verify {env}")
+            with run.step(f"verify {env}", env=env, report=str(report),
+                          interrupted=f"verify only reads {env}: nothing changed (a scratch database it was building "
+                                      f"on the local cluster is dropped by the next verify of {env})"):
+                run_playbook("verify_database.yml", limit=env, run=run, extra_vars={
+                    "drydock_verify_report": str(report),
+                    "drydock_manifest": str(Path(manifest).resolve()) if manifest else ""})
     finally:
         if report.exists():
             say(report.read_text().rstrip())

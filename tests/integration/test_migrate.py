@@ -340,6 +340,8 @@ def test_an_interrupted_step_is_put_back_before_anything_else(fresh_local, conne
     assert "inv snapshot.restore before_step" in error_lines(refused)[-1]
     pushed = inv("push", "staging")
     assert pushed.returncode == 1 and "refusing to push the local database to staging" in error_lines(pushed)[-1]
+    checked = inv("verify", "local")  # its checks would pass: the schema is whole, the data perhaps not
+    assert checked.returncode == 1 and "refusing to verify local: the migration step" in error_lines(checked)[-1]
     for args in (("snapshot.delete", "before_step"), ("snapshot.save", "before_step", "--force")):
         kept = inv(*args)  # the only whole copy from before the step
         assert kept.returncode == 1 and "before_step" in error_lines(kept)[-1], args
