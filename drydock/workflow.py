@@ -494,7 +494,7 @@ def _task_state(events: list[str]) -> str:
 def _pull_interrupted(run: Run, local: str, dump: Dump) -> str:
     state = _swap_state(run, local)
     if state == "not run":
-        return ("the swap did not run: the local database is unchanged; the next pull drops the side database and "
+        return ("the swap did not run: the local database is unchanged; the next pull drops any side database and "
                 "archive left behind")
     if state == "ran":
         return ("the swap ran: the local database is the pulled one, and the one before it is snapshot pre_pull "
@@ -510,7 +510,7 @@ def _push_interrupted(run: Run, env: str, database: str, dump: Dump, say: Say) -
     manifest = dump.path.parent / "manifest.json"
     if state == "not run":
         return (f"the swap did not run: {env} runs its old database, {_restart_app(run, env, say)}; the next push "
-                f"drops the side database left behind")
+                f"drops any side database left behind")
     if state == "ran":
         return (f"the swap ran: {env} runs the pushed copy, its database from before is {database}__previous, and its "
                 f"app may be stopped: `inv rollback {env}` brings that database back and starts the app (a second "

@@ -76,7 +76,7 @@ def test_ctrl_c_before_the_swap_leaves_the_old_database_serving_and_a_second_pus
     before, old, line = stopped_while_the_app_would("push", "stop", connect, tmp_path, STOPPED)
     assert line == ("drydock: error: interrupted during restore: the swap did not run: staging runs its old database,"
                     " and its app, stopped before the interruption, was restarted and passed its health check;"
-                    " the next push drops the side database left behind"), line
+                    " the next push drops any side database left behind"), line
     assert app_serves(sandbox_env, "staging")
     assert live_oid(connect) == old
     assert fingerprint(connect("staging")) == before
@@ -107,7 +107,7 @@ def test_ctrl_c_while_the_app_is_on_its_way_down_still_leaves_it_serving(staging
     under_way = STOP_UNDER_WAY.format(pidfile=ROOT / ".sandbox" / "staging" / "app.pid", killed=killed)
     _, old, line = stopped_while_the_app_would("push", "stop", connect, tmp_path, under_way)
     assert line.endswith("and its app, stopped before the interruption, was restarted and passed its health check;"
-                         " the next push drops the side database left behind"), line
+                         " the next push drops any side database left behind"), line
     deadline = time.monotonic() + 30
     while not killed.exists():  # the old app's end, come late
         assert time.monotonic() < deadline, "the old app was never killed"
@@ -121,7 +121,7 @@ def test_ctrl_c_before_the_swap_says_so_when_the_app_does_not_come_back(staging_
     assert line == ("drydock: error: interrupted during restore: the swap did not run: staging runs its old database,"
                     " but its app, stopped before the interruption, did not come back (staging: the app did not start:"
                     " a test broke it): restart it: inv app.restart staging (or its unit or start command); the next"
-                    " push drops the side database left behind"), line
+                    " push drops any side database left behind"), line
     assert not app_serves(sandbox_env, "staging")
     assert live_oid(connect) == old and fingerprint(connect("staging")) == before
     assert inv("app.restart", "production").returncode == 1  # not interactive, no --yes: refused

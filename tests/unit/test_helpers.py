@@ -246,7 +246,7 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
     # No app stop recorded: nothing to start again (say=pytest.fail: nothing is started).
     push, pull, rollback = interrupted_after()
     assert push == ("interrupted during restore: the swap did not run: staging runs its old database, and its app was"
-                    " not left stopped; the next push drops the side database left behind")
+                    " not left stopped; the next push drops any side database left behind")
     assert pull.startswith("the swap did not run: the local database is unchanged")
     assert rollback == ("the exchange did not run: staging runs the database it ran before, and its app was not left"
                         " stopped")
