@@ -66,10 +66,32 @@ def after(condition: Callable[[], bool], seconds: float) -> Callable[[], bool]:
     return check
 
 
-def kill_when(args: list[str], condition: Callable[[], bool], env: dict | None = None, timeout: float = 180) -> None:
+def process_tree(root: int) -> set[tuple[int, str]]:
+    """The processes descended from `root`, each with its start time (a pid can be reused)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command's name
+        except OSError:
+            continue  # ended meanwhile
+        parents[int(stat.parent.name)] = (int(fields[1]), fields[19])  # ppid, starttime
+    tree, todo = set(), [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, start) in parents.items():
+            if ppid == parent:
+                tree.add((pid, start))
+                todo.append(pid)
+    return tree
+
+
+def kill_when(args: list[str], condition: Callable[[], bool], env: dict | None = None, timeout: float = 180,
+              keep_tree: bool = False) -> set[tuple[int, str]]:
     """Start `inv ARGS` in its own process group and SIGKILL the group as soon as
     `condition()` holds (ansible-playbook, in a session of its own, then gets SIGTERM from
-    the kernel and stops what it runs: drydock.playbook)."""
+    the kernel and stops what it runs: drydock.playbook). With `keep_tree`, returns the
+    processes the run had at that moment, its modules among them, for wait_until_gone."""
+    killed: set[tuple[int, str]] = set()
     # Killed, ansible-playbook leaves its own temporary folder (a cache of modules, half a MB)
     # where it was told to: here, not under ~/.ansible/tmp, run after run.
     with tempfile.TemporaryDirectory(prefix="drydock-killed-") as ansible_local_temp:
@@ -84,8 +106,11 @@ def kill_when(args: list[str], condition: Callable[[], bool], env: dict | None =
                 time.sleep(0.01)
         finally:
             if proc.poll() is None:
+                if keep_tree:
+                    killed = process_tree(proc.pid)
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    return killed
 
 
 def host_dir(sandbox_env: dict, env: str) -> Path:
@@ -234,12 +259,18 @@ def change_a_post(conn, note: str) -> None:
                  (f"<p>{note}</p>",))
 
 
-def wait_until_gone(marker: str, timeout: float = 60) -> None:
-    """Wait until no process has `marker` in its command line (a killed run's module)."""
+def wait_until_gone(processes: set[tuple[int, str]], timeout: float = 60) -> None:
+    """Wait until none of a killed run's `processes` (kill_when's) runs: its modules too,
+    which are piped into Python, with no file to know them by."""
+    def running(pid: int, start: str) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19] == start
+        except OSError:
+            return False
+
     deadline = time.monotonic() + timeout
-    while any(marker.encode() in cmdline.read_bytes() for cmdline in Path("/proc").glob("[0-9]*/cmdline")
-              if cmdline.exists()):
-        assert time.monotonic() < deadline, f"{marker} still runs {timeout} s after the kill"
+    while left := [pid for pid, start in processes if running(pid, start)]:
+        assert time.monotonic() < deadline, f"processes {left} of the killed run still run {timeout} s after the kill"
         time.sleep(0.05)
 
 
@@ -256,9 +287,11 @@ def test_pull_killed_at_each_step(pulled, connect, sandbox_env, step):
         "swap": blocked.waiting,
     }
     try:
-        kill_when(["pull", "production"], conditions[step], env=SLOW_SFTP if step == "fetch" else None)
+        killed = kill_when(["pull", "production"], conditions[step], env=SLOW_SFTP if step == "fetch" else None,
+                           keep_tree=step == "swap")
         if step == "swap":  # the swap waits on our lock: released only once its module is gone
-            wait_until_gone("AnsiballZ_drydock_db_swap")
+            assert killed, "no process of the pull was found to wait for"
+            wait_until_gone(killed)
     finally:
         blocked.release()
     assert fingerprint(connect("local")) == before

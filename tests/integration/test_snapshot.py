@@ -318,9 +318,10 @@ def test_snapshot_actions_refuse_while_a_migration_step_holds_the_local_database
     assert fingerprint(connect("local")) != changed
 
 
-def _module_pids(name: str, ancestor: int) -> list[int]:
-    """The Python processes running the Ansible module `name` (its AnsiballZ wrapper) that
-    `ancestor` started, not the shells and sudo between them, nor another run's."""
+def _module_pids(ancestor: int) -> list[int]:
+    """The Python processes running an Ansible module that `ancestor` started, not the shells
+    and sudo between them, nor another run's. Piped into Python (pipelining, as Ansible runs
+    modules here), a module is a Python started without arguments."""
     parents, argvs = {}, {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -336,8 +337,7 @@ def _module_pids(name: str, ancestor: int) -> list[int]:
                 return True
         return False
 
-    return [pid for pid, argv in argvs.items() if len(argv) > 1 and b"python" in argv[0]
-            and argv[1].endswith(f"AnsiballZ_{name}.py".encode()) and descends(pid)]
+    return [pid for pid, argv in argvs.items() if b"python" in argv[0] and not any(argv[1:]) and descends(pid)]
 
 
 def _termination_pending(pid: int) -> bool:
@@ -355,16 +355,14 @@ def test_a_save_interrupted_while_copying_lets_connections_in_again(clean_snapsh
     The module is held (SIGSTOP) at the moment connections are barred, to interrupt it there."""
     watcher = connect("local", "postgres")
     barred = "SELECT NOT datallowconn FROM pg_database WHERE datname = 'wagtail_site'"
-    # Modules run from their AnsiballZ file, not piped into Python: _module_pids finds them by it.
-    module_files = dict(ansible_env(), ANSIBLE_PIPELINING="0")
     for _ in range(30):
         save = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "snapshot.save", "saved",
-                                 "--force"], env=module_files, cwd=ROOT, stdout=subprocess.PIPE,
+                                 "--force"], env=ansible_env(), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         held = []
         while save.poll() is None and not held:
             if watcher.execute(barred).fetchone()[0]:
-                held = _module_pids("drydock_snapshot", save.pid)
+                held = _module_pids(save.pid)  # the copy's: one task runs at a time
                 for pid in held:
                     os.kill(pid, signal.SIGSTOP)
                 if held and not watcher.execute(barred).fetchone()[0]:  # the copy ended first
