@@ -69,12 +69,12 @@ def after(condition: Callable[[], bool], seconds: float) -> Callable[[], bool]:
 def process_tree(root: int) -> set[tuple[int, str]]:
     """The processes descended from `root`, each with its start time (a pid can be reused)."""
     parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for proc_stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command's name
+            fields = proc_stat.read_text().rsplit(")", 1)[1].split()  # after the command's name
         except OSError:
             continue  # ended meanwhile
-        parents[int(stat.parent.name)] = (int(fields[1]), fields[19])  # ppid, starttime
+        parents[int(proc_stat.parent.name)] = (int(fields[1]), fields[19])  # ppid, starttime
     tree, todo = set(), [root]
     while todo:
         parent = todo.pop()
