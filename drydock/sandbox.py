@@ -421,9 +421,8 @@ class Sandbox:
         gunicorn imports the site once, before it forks its workers (--preload): each push and
         rollback restarts the app, and two workers each importing Django and Wagtail cost a
         second of CPU more per start. The pidfile comes after that import, so the start waits
-        for it (up to 30 s on a busy machine), or for the gunicorn to exit: a site that cannot be
-        imported fails the start, its traceback in app.log (--capture-output), rather than the
-        health check after it. A
+        for it (up to 30 s on a busy machine): a site that cannot be imported fails the start,
+        its traceback in app.log (--capture-output), rather than the health check after it. A
         start that runs out of time stops the gunicorn it began, which would else come up
         later without anyone knowing."""
         script = self.app_script(env)
@@ -442,11 +441,7 @@ start)
         {sys.executable} -m gunicorn --daemon --pid "$pidfile" --bind {env.address}:{APP_PORT} --workers 2 --preload --capture-output \\
         --access-logfile {self.host_dir(env)}/app.log --error-logfile {self.host_dir(env)}/app.log \\
         --name drydock-{env.name} wagtail_site.wsgi
-    for _ in $(seq 300); do
-        running && exit 0
-        pgrep -f -- "--pid $pidfile " >/dev/null || break  # gone before its pidfile: the import failed
-        sleep 0.1
-    done
+    for _ in $(seq 300); do running && exit 0; sleep 0.1; done
     pkill -f -- "--pid $pidfile " || true  # this checkout's: another shard's app has the same --name
     echo "the app did not start: see {self.host_dir(env)}/app.log" >&2; exit 1 ;;
 stop)
