@@ -6,8 +6,8 @@ would make that state the one a retry starts from, and a push would ship it. So 
 (roles/django_migrate) writes this mark once its safety snapshot is taken, and removes it
 once the database is whole again: migrated, or put back from the snapshot. A pull or a
 snapshot restore, which replace the database, remove it too. While it is there, migrate, a
-push of the local database, its verify and a snapshot save refuse (and the step's own
-snapshot cannot be deleted), saying how to recover. It covers `inv` runs on this
+push of the local database and a snapshot save refuse (and the step's own snapshot cannot be
+deleted), and a verify of it fails once it has shown its checks, saying how to recover. It covers `inv` runs on this
 machine, like the locks beside it.
 """
 from __future__ import annotations
@@ -73,10 +73,14 @@ def refuse_if_unfinished(action: str, root: Path | None = None) -> None:
 
 
 def refusal(action: str, mark: dict) -> DrydockError:
-    run, snapshot = mark.get("run", "?"), mark.get("snapshot", "before_step")
     if running(mark):
-        return DrydockError(f"refusing to {action}: the migration step of run {run} is changing the local database")
-    return DrydockError(
-        f"refusing to {action}: the migration step {mark.get('step', '?')} of run {run} did not finish and may have "
-        f"left the local database half-changed; put it back with `inv snapshot.restore {snapshot}` (or pull again), "
-        f"then retry")
+        return DrydockError(f"refusing to {action}: the migration step of run {mark.get('run', '?')} is changing the "
+                            "local database")
+    return DrydockError(f"refusing to {action}: {left_half_changed(mark)}, then retry")
+
+
+def left_half_changed(mark: dict) -> str:
+    """What an unfinished step's mark means, and the way back."""
+    return (f"the migration step {mark.get('step', '?')} of run {mark.get('run', '?')} did not finish and may have "
+            f"left the local database half-changed; put it back with "
+            f"`inv snapshot.restore {mark.get('snapshot') or 'before_step'}` (or pull again)")

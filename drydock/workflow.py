@@ -367,8 +367,8 @@ def _migrate_interrupted(run: Run, local: str, snapshot_name: str) -> str:
     mark = unfinished.read()
     if mark is not None:
         return (f"the local database may be half-changed: put it back with "
-                f"`inv snapshot.restore {mark.get('snapshot') or snapshot_name}` (or pull again); migrate and push "
-                "refuse until then")
+                f"`inv snapshot.restore {mark.get('snapshot') or snapshot_name}` (or pull again); migrate, push and "
+                "snapshot.save refuse until then, and verify local fails")
     progress = read_progress(run.dir)
     if progress is None and not _no_task_began(run):
         return ("the local database is whole: the step had not begun changing it, or had ended or put it back "
@@ -497,6 +497,7 @@ def _pull_interrupted(run: Run, local: str, dump: Dump) -> str:
         return ("the swap did not run: the local database is unchanged; the next pull drops any side database and "
                 "archive left behind")
     if state == "ran":
+        unfinished.clear_unless_running()  # the local database was replaced: a step's mark is about the old one
         return ("the swap ran: the local database is the pulled one, and the one before it is snapshot pre_pull "
                 "(`inv snapshot.restore pre_pull` brings it back; a second pull would replace it)")
     return ("the swap may have run: the local database is the old one or the pulled one, never half of each; "
@@ -726,17 +727,18 @@ def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Ru
     report = run.dir / f"verify-{env}.txt"
     lock = inv.lock_name(env)
     try:
-        with _locks([] if locked else [lock], "verify", say):
-            if lock == LOCAL_LOCK:
-                # Schema, migrations and page tree can all pass on a database a step left
-                # half-changed: the mark is about its data, which no check here sees.
-                unfinished.refuse_if_unfinished(f"verify {env}")
-            with run.step(f"verify {env}", env=env, report=str(report),
-                          interrupted=f"verify only reads {env}: nothing changed (a scratch database it was building "
-                                      f"on the local cluster is dropped by the next verify of {env})"):
-                run_playbook("verify_database.yml", limit=env, run=run, extra_vars={
-                    "drydock_verify_report": str(report),
-                    "drydock_manifest": str(Path(manifest).resolve()) if manifest else ""})
+        with _locks([] if locked else [lock], "verify", say), run.step(
+                f"verify {env}", env=env, report=str(report),
+                interrupted=f"verify only reads {env}: nothing changed (a scratch database it was building on the "
+                            f"local cluster is dropped by the next verify of {env})"):
+            run_playbook("verify_database.yml", limit=env, run=run, extra_vars={
+                "drydock_verify_report": str(report), "drydock_manifest": str(Path(manifest).resolve()) if manifest else ""})
+            # Schema, migrations and page tree can all pass on a database a step left
+            # half-changed: the mark is about its data, which no check here sees. The report
+            # is still shown (which database is live, after an interrupted pull or restore).
+            mark = unfinished.read() if lock == LOCAL_LOCK else None
+            if mark is not None:
+                raise DrydockError(f"{env} passed its checks, but {unfinished.left_half_changed(mark)}")
     finally:
         if report.exists():
             say(report.read_text().rstrip())

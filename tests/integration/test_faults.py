@@ -264,9 +264,10 @@ def wait_until_gone(processes: set[tuple[int, str]], timeout: float = 60) -> Non
     which are piped into Python, with no file to know them by."""
     def running(pid: int, start: str) -> bool:
         try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19] == start
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             return False
+        return fields[19] == start and fields[0] != "Z"  # a zombie has ended: only its parent's wait is left
 
     deadline = time.monotonic() + timeout
     while left := [pid for pid, start in processes if running(pid, start)]:

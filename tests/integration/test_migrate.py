@@ -11,6 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from drydock.journal import read_progress
 from drydock.paths import PG_BINDIR, example_site_dir, runs_dir
 from drydock.playbook import ansible_env
 from tests.conftest import ROOT, error_lines, fingerprint, inv, playbook
@@ -319,7 +320,8 @@ def test_an_interrupted_step_is_put_back_before_anything_else(fresh_local, conne
     before = fingerprint(connect("local"))
     script = tmp_path / "slow_step.py"
     script.write_text("import time\ntime.sleep(300)\n")
-    command = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "migrate", "--no-migrate", "--script", str(script)]
+    # Migrated, then stopped in the script: schema and page tree as verify wants them.
+    command = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "migrate", "--script", str(script)]
     proc = subprocess.Popen(command, env=dict(ansible_env(), DRYDOCK_ROOT=str(ROOT)), cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -340,8 +342,9 @@ def test_an_interrupted_step_is_put_back_before_anything_else(fresh_local, conne
     assert "inv snapshot.restore before_step" in error_lines(refused)[-1]
     pushed = inv("push", "staging")
     assert pushed.returncode == 1 and "refusing to push the local database to staging" in error_lines(pushed)[-1]
-    checked = inv("verify", "local")  # its checks would pass: the schema is whole, the data perhaps not
-    assert checked.returncode == 1 and "refusing to verify local: the migration step" in error_lines(checked)[-1]
+    checked = inv("verify", "local")  # its checks pass: the schema is whole, the data perhaps not
+    assert checked.returncode == 1 and "live database: wagtail_site" in checked.stdout  # its report, shown
+    assert error_lines(checked)[-1].startswith("drydock: error: local passed its checks, but the migration step script")
     for args in (("snapshot.delete", "before_step"), ("snapshot.save", "before_step", "--force")):
         kept = inv(*args)  # the only whole copy from before the step
         assert kept.returncode == 1 and "before_step" in error_lines(kept)[-1], args
@@ -360,7 +363,8 @@ def test_a_step_interrupted_before_its_snapshot_says_nothing_changed(fresh_local
     """Ctrl-C before the safety snapshot is taken: the database is unchanged and nothing
     refuses the next step. Advice to restore before_step would be wrong there: that snapshot
     is an older step's, perhaps from before the pull this step was to migrate. The snapshot's
-    first connection is held back by a lock every new session waits for."""
+    first connection is held back by a lock every new session waits for, and the Ctrl-C comes
+    once its task has begun."""
     before = fingerprint(connect("local"))
     local = sandbox_env["local"]
     psql = [str(PG_BINDIR / "psql"), "-X", "-q", "-A", "-t", "-h", local["socket_dir"], "-p", str(local["port"]),
@@ -373,17 +377,22 @@ def test_a_step_interrupted_before_its_snapshot_says_nothing_changed(fresh_local
         holder.stdin.flush()
         return holder.stdout.readline().strip()
 
+    def snapshot_started(runs: set[Path]) -> bool:
+        """The safety snapshot's task has begun in this test's run: held at its first connection."""
+        return any((entry.get("action"), entry.get("event")) == ("drydock_snapshot", "start")
+                   for folder in set(runs_dir().glob("*-migrate")) - runs for entry in read_progress(folder) or [])
+
     proc = None
     try:
         assert ask("BEGIN; LOCK TABLE pg_catalog.pg_database IN ACCESS EXCLUSIVE MODE; SELECT 'held';") == "held"
+        earlier_runs = set(runs_dir().glob("*-migrate"))
         proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "migrate"],
                                 env=dict(ansible_env(), DRYDOCK_ROOT=str(ROOT)), cwd=ROOT, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.monotonic() + 180
-        waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'pg_catalog.pg_database'::regclass;"
-        while ask(waiting) == "0":
-            assert proc.poll() is None and time.monotonic() < deadline, "the step never reached the database"
-            time.sleep(0.3)
+        while not snapshot_started(earlier_runs):
+            assert proc.poll() is None and time.monotonic() < deadline, "the step never began its safety snapshot"
+            time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the whole group
         _, stderr = proc.communicate(timeout=120)
     finally:

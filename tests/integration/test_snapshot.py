@@ -320,8 +320,8 @@ def test_snapshot_actions_refuse_while_a_migration_step_holds_the_local_database
 
 def _module_pids(ancestor: int) -> list[int]:
     """The Python processes running an Ansible module that `ancestor` started, not the shells
-    and sudo between them, nor another run's. Piped into Python (pipelining, as Ansible runs
-    modules here), a module is a Python started without arguments."""
+    and sudo between them, nor another run's. Piped into Python (pipelining), a module is a
+    Python started without arguments; else (become by su) its AnsiballZ file is the one."""
     parents, argvs = {}, {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -337,7 +337,8 @@ def _module_pids(ancestor: int) -> list[int]:
                 return True
         return False
 
-    return [pid for pid, argv in argvs.items() if b"python" in argv[0] and not any(argv[1:]) and descends(pid)]
+    return [pid for pid, argv in argvs.items() if b"python" in argv[0] and descends(pid)
+            and (not any(argv[1:]) or argv[1].endswith(b"/AnsiballZ_drydock_snapshot.py"))]
 
 
 def _termination_pending(pid: int) -> bool:

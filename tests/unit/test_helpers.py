@@ -210,7 +210,7 @@ def test_an_interrupted_migration_step_says_what_it_left_by_its_mark(tmp_path, m
 
     assert left(mark={"run": "r", "snapshot": "own_name"}, marked=True) == (
         "the local database may be half-changed: put it back with `inv snapshot.restore own_name` (or pull again); "
-        "migrate and push refuse until then")
+        "migrate, push and snapshot.save refuse until then, and verify local fails")
     assert left(marked=False) == ("the step had not begun changing the local database (its safety snapshot comes "
                                   "first): it is unchanged")
     assert left(log="") == left(marked=False)  # Ansible had not begun a task
@@ -219,11 +219,17 @@ def test_an_interrupted_migration_step_says_what_it_left_by_its_mark(tmp_path, m
     assert left().startswith("the local database is whole: the step had not begun changing it, or had ended")
 
 
-def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_progress_ansible_reported(tmp_path):
+def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_progress_ansible_reported(tmp_path,
+                                                                                                     monkeypatch):
     """Ansible's log shows a task's banner only with its result: which swap ran is read from
     the events drydock_progress records, per host (a pipeline's pull swaps on local)."""
+    from drydock import unfinished
     from drydock.dumps import Dump
     from drydock.workflow import _pull_interrupted, _push_interrupted, _rollback_interrupted
+
+    monkeypatch.setenv("DRYDOCK_RUNS", str(tmp_path))  # an unfinished step's mark: this test's own
+    unfinished.path().parent.mkdir(parents=True)
+    unfinished.path().write_text(json.dumps({"run": "r", "step": "migrate (all)", "pid": 0}))
 
     pushed = Dump(tmp_path / "local" / "x.dump.zst", {"source": {"env": "local"}, "created": "20260102T000000Z"})
     pulled = Dump(tmp_path / "production" / "y.dump.zst", {"source": {"env": "production"}, "created": "20260101T000000Z"})
@@ -248,9 +254,11 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
     assert push == ("interrupted during restore: the swap did not run: staging runs its old database, and its app was"
                     " not left stopped; the next push drops any side database left behind")
     assert pull.startswith("the swap did not run: the local database is unchanged")
+    assert unfinished.read() is not None  # still about the local database, which the pull left as it was
     assert rollback == ("the exchange did not run: staging runs the database it ran before, and its app was not left"
                         " stopped")
     push, pull, rollback = interrupted_after(("local", "start"), ("local", "ok"), ("staging", "start"))
+    assert unfinished.read() is None  # the pulled database replaced the one the step left half-changed
     assert "the swap was running" in push and ("`inv verify staging` says which (the copy's live database line reads"
                                                 " `pushed from local's dump 20260102T000000Z`)") in push
     assert pull.startswith("the swap ran: the local database is the pulled one")
