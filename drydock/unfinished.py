@@ -7,8 +7,8 @@ would make that state the one a retry starts from, and a push would ship it. So 
 once the database is whole again: migrated, or put back from the snapshot. A pull or a
 snapshot restore, which replace the database, remove it too. While it is there, migrate, a
 push of the local database and a snapshot save refuse (and the step's own snapshot cannot be
-deleted), and a verify of it fails once it has shown its checks, saying how to recover. It covers `inv` runs on this
-machine, like the locks beside it.
+deleted), and a verify of it fails once it has shown its checks, saying how to recover. It
+covers `inv` runs on this machine, like the locks beside it.
 """
 from __future__ import annotations
 

@@ -108,9 +108,9 @@ def count_writes(before: dict, now: dict, pushed: dict | None, lineage_sha256: s
     When a push has replaced the target's database since (another database oid), writes
     count from the baseline that push recorded on it (`pushed`, with the pushed copy's
     record as its `copy`), provided that push came from the same backup; otherwise they are
-    unknown. A fingerprint without an oid (an
-    older manifest) is taken as the same database. Counters that went back, or statistics
-    reset in between, cannot be compared either: a reason, never negative writes.
+    unknown. A fingerprint without an oid (an older manifest) is taken as the same database.
+    Counters that went back, or statistics reset in between, cannot be compared either: a
+    reason, never negative writes.
     """
     baseline = before
     if before.get("database_oid") not in (None, now.get("database_oid")):
