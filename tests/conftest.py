@@ -18,9 +18,10 @@ import psycopg
 import pytest
 
 import drydock_pg
-from drydock.paths import project_root
+from drydock.lock import process_start
+from drydock.paths import PG_BINDIR, project_root
 from drydock.playbook import ansible_env, sandbox_inventory_only
-from drydock.sandbox import Sandbox
+from drydock.sandbox import Sandbox, processes
 
 ROOT = project_root()
 sandbox_inventory_only(lambda message: print(message, file=sys.stderr))  # pytest run by hand, too
@@ -167,6 +168,28 @@ def connector(sandbox_env):
 def connect(sandbox_env):
     with connector(sandbox_env) as _connect:
         yield _connect
+
+
+def owner_psql(server: dict, database: str = "postgres", *options: str) -> list[str]:
+    """psql as the cluster's owner, over its socket (through sudo when we are root): for what
+    the app role may not do (rename databases, reset statistics, lock catalogs)."""
+    psql = [str(PG_BINDIR / "psql"), "-X", "-q", *options, "-h", server["socket_dir"], "-p", str(server["port"]),
+            "-d", database]
+    return ["sudo", "-n", "-u", server["os_user"], *psql] if os.geteuid() == 0 else psql
+
+
+def process_tree(root: int) -> set[tuple[int, str]]:
+    """The processes descended from `root`, each with what tells it from a later process given
+    the same pid (drydock.lock.process_start)."""
+    table = processes()
+    tree, todo = set(), [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, _pages) in table.items():
+            if ppid == parent and (start := process_start(pid)):  # else it ended meanwhile
+                tree.add((pid, start))
+                todo.append(pid)
+    return tree
 
 
 def row_counts(conn) -> dict[str, int]:

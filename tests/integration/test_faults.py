@@ -22,10 +22,11 @@ from typing import Callable
 import pytest
 
 from drydock import dumps, journal
+from drydock.lock import process_start, stat_fields
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
 from drydock.sandbox import child_pids
-from tests.conftest import ROOT, app_serves, databases, error_lines, fingerprint, inv, playbook
+from tests.conftest import ROOT, app_serves, databases, error_lines, fingerprint, inv, playbook, process_tree
 
 # sftp -l: bandwidth in Kbit/s. At 100 KB/s a transfer of the small sandbox's dump lasts
 # long enough to be interrupted in the middle.
@@ -64,25 +65,6 @@ def after(condition: Callable[[], bool], seconds: float) -> Callable[[], bool]:
             first.append(time.monotonic())
         return bool(first) and time.monotonic() - first[0] >= seconds
     return check
-
-
-def process_tree(root: int) -> set[tuple[int, str]]:
-    """The processes descended from `root`, each with its start time (a pid can be reused)."""
-    parents = {}
-    for proc_stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = proc_stat.read_text().rsplit(")", 1)[1].split()  # after the command's name
-        except OSError:
-            continue  # ended meanwhile
-        parents[int(proc_stat.parent.name)] = (int(fields[1]), fields[19])  # ppid, starttime
-    tree, todo = set(), [root]
-    while todo:
-        parent = todo.pop()
-        for pid, (ppid, start) in parents.items():
-            if ppid == parent:
-                tree.add((pid, start))
-                todo.append(pid)
-    return tree
 
 
 def kill_when(args: list[str], condition: Callable[[], bool], env: dict | None = None, timeout: float = 180,
@@ -263,11 +245,8 @@ def wait_until_gone(processes: set[tuple[int, str]], timeout: float = 60) -> Non
     """Wait until none of a killed run's `processes` (kill_when's) runs: its modules too,
     which are piped into Python, with no file to know them by."""
     def running(pid: int, start: str) -> bool:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return False
-        return fields[19] == start and fields[0] != "Z"  # a zombie has ended: only its parent's wait is left
+        fields = stat_fields(pid)  # a zombie has ended: only its parent's wait is left
+        return bool(fields) and fields[0] != "Z" and process_start(pid) == start
 
     deadline = time.monotonic() + timeout
     while left := [pid for pid, start in processes if running(pid, start)]:

@@ -12,9 +12,9 @@ import nbformat
 import pytest
 
 from drydock.journal import read_progress
-from drydock.paths import PG_BINDIR, example_site_dir, runs_dir
+from drydock.paths import example_site_dir, runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import ROOT, error_lines, fingerprint, inv, playbook
+from tests.conftest import ROOT, error_lines, fingerprint, inv, owner_psql, playbook
 
 NOTEBOOK = ROOT / "examples" / "notebooks" / "blog_to_podcast.ipynb"
 BLOG_CHILDREN = """SELECT c.id FROM wagtailcore_page c JOIN wagtailcore_page p ON left(c.path, -4) = p.path
@@ -366,11 +366,8 @@ def test_a_step_interrupted_before_its_snapshot_says_nothing_changed(fresh_local
     first connection is held back by a lock every new session waits for, and the Ctrl-C comes
     once its task has begun."""
     before = fingerprint(connect("local"))
-    local = sandbox_env["local"]
-    psql = [str(PG_BINDIR / "psql"), "-X", "-q", "-A", "-t", "-h", local["socket_dir"], "-p", str(local["port"]),
-            "-d", "postgres"]
-    holder = subprocess.Popen(["sudo", "-n", "-u", local["os_user"], *psql] if os.geteuid() == 0 else psql,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(owner_psql(sandbox_env["local"], "postgres", "-A", "-t"), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
 
     def ask(sql: str) -> str:
         holder.stdin.write(sql + "\n")

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -12,10 +13,10 @@ import psycopg
 import pytest
 
 from drydock import dumps
-from drydock.paths import PG_BINDIR, backups_dir, runs_dir
+from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
 from tests.conftest import (LIVE_OID, ROOT, app_serves, assert_private, connector, databases, error_lines,
-                            fingerprint, inv, playbook, row_counts, run_module)
+                            fingerprint, inv, owner_psql, playbook, row_counts, run_module)
 
 # A check broken on purpose (a bogus health URL, a database that is not there) fails on the
 # database a swap-back brings back too: the line adds this.
@@ -26,10 +27,8 @@ PAGE_TREE_OK = """SELECT (SELECT count(*) FROM wagtailcore_page WHERE depth <> l
 
 
 def as_db_owner(server: dict, sql: str, database: str = "postgres") -> str:
-    """A shell command running `sql` (no single quotes in it) as the cluster's owner, over
-    its socket: what the app role may not do (rename databases, reset statistics)."""
-    psql = f"{PG_BINDIR / 'psql'} -X -q -h {server['socket_dir']} -p {server['port']} -d {database} -c '{sql}'"
-    return psql if os.geteuid() != 0 else f"sudo -n -u {server['os_user']} {psql}"
+    """A shell command running `sql` as the cluster's owner (owner_psql)."""
+    return shlex.join([*owner_psql(server, database), "-c", sql])
 
 
 @pytest.fixture(scope="module")

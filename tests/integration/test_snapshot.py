@@ -15,7 +15,7 @@ import pytest
 import drydock_pg
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import ROOT, databases, error_lines, fingerprint, inv, playbook
+from tests.conftest import ROOT, databases, error_lines, fingerprint, inv, playbook, process_tree
 
 READY = "wagtail_site__ready_saved"
 ASIDE = "wagtail_site__previous__old"
@@ -322,23 +322,16 @@ def _module_pids(ancestor: int) -> list[int]:
     """The Python processes running an Ansible module that `ancestor` started, not the shells
     and sudo between them, nor another run's. Piped into Python (pipelining), a module is a
     Python started without arguments; else (become by su) its AnsiballZ file is the one."""
-    parents, argvs = {}, {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
+    pids = []
+    for pid, _start in process_tree(ancestor):
         try:
-            argvs[int(entry)] = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
-            parents[int(entry)] = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-
-    def descends(pid: int) -> bool:
-        while pid > 1:
-            pid = parents.get(pid, 0)
-            if pid == ancestor:
-                return True
-        return False
-
-    return [pid for pid, argv in argvs.items() if b"python" in argv[0] and descends(pid)
-            and (not any(argv[1:]) or argv[1].endswith(b"/AnsiballZ_drydock_snapshot.py"))]
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                argv = cmdline.read().split(b"\0")
+        except OSError:
+            continue  # ended meanwhile
+        if b"python" in argv[0] and (not any(argv[1:]) or argv[1].endswith(b"/AnsiballZ_drydock_snapshot.py")):
+            pids.append(pid)
+    return pids
 
 
 def _termination_pending(pid: int) -> bool:
