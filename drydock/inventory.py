@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from drydock.errors import DrydockError
 from drydock.lock import LOCAL as LOCAL_LOCK
-from drydock.playbook import ansible_env
+from drydock.playbook import ansible_env, run_playbook
 from drydock.validate import InvalidInput, environment_name
 
 
@@ -18,15 +18,20 @@ TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
 
 
+def is_template(value) -> bool:
+    return isinstance(value, str) and ("{{" in value or "{%" in value)
+
+
 def as_bool(value, name: str = "the flag") -> bool:
     """A safety flag from the inventory (drydock_protected, drydock_safety_backup), read as the
-    playbooks' `| bool` reads it. A template is true: `ansible-inventory --list` does not
-    render templates, and a flag drydock cannot read must ask for the name rather than skip
-    it. Any other value is refused: drydock and the playbooks would read it differently."""
+    playbooks' `| bool` reads it. load() renders a templated flag; one still a template (the
+    rendered value is one again) is true: a flag drydock cannot read must ask for the name
+    rather than skip it. Any other value is refused: drydock and the playbooks would read it
+    differently."""
     if isinstance(value, (bool, int)) and value in (0, 1):
         return bool(value)
     if isinstance(value, str):
-        if "{{" in value or "{%" in value:
+        if is_template(value):
             return True
         if value.lower() in TRUE_WORDS + FALSE_WORDS:
             return value.lower() in TRUE_WORDS
@@ -35,6 +40,12 @@ def as_bool(value, name: str = "the flag") -> bool:
 
 
 SAFETY_FLAGS = ("drydock_protected", "drydock_safety_backup")
+
+# The host variables drydock's own code reads, besides the playbooks: its refusals, its
+# prompts and the names and Site its summary lines report. `ansible-inventory --list` prints
+# a template as written ("{{ app }}__previous"), so load() has Ansible render these when one is.
+READ_VALUES = SAFETY_FLAGS + ("drydock_db_name", "drydock_site_hostname", "drydock_site_port",
+                              "drydock_app_database_url", "drydock_app_database_url_env", "django_migrate_snapshot")
 
 # The host variables the playbooks read without a default (docs/configuration.md): missing
 # one, a command would fail only where its playbook first reads it, after a dump perhaps.
@@ -120,4 +131,23 @@ def load() -> Inventory:
         raise DrydockError(f"a server in drydock_servers is called {LOCAL_LOCK!r}, the name drydock gives the local "
                            "database: rename that host in the inventory")
     return Inventory(servers=hosts["drydock_servers"], local=hosts["drydock_local"],
-                     hostvars=data.get("_meta", {}).get("hostvars", {}))
+                     hostvars=_rendered(data.get("_meta", {}).get("hostvars", {})))
+
+
+def _rendered(hostvars: dict) -> dict:
+    """`hostvars` with the templated READ_VALUES rendered by Ansible, as the playbooks render
+    them (lookups, other variables, inventory_hostname). A playbook run (about a second) only
+    when there is one: most inventories write these values plainly."""
+    templated = {host: names for host, values in hostvars.items()
+                 if (names := [name for name in READ_VALUES if is_template(values.get(name))])}
+    if not templated:
+        return hostvars
+    try:
+        results = run_playbook("inventory_values.yml", limit=",".join(templated), capture=True,
+                               extra_vars={"drydock_value_names": templated})
+    except DrydockError as error:
+        names = sorted({name for host_names in templated.values() for name in host_names})
+        raise DrydockError(f"cannot render the inventory's {', '.join(names)}: {error}") from error
+    for host in templated:
+        hostvars[host].update(results[host]["Render the values"]["msg"])
+    return hostvars

@@ -47,6 +47,7 @@ FILE_SECONDS = {
     "tests/integration/test_pull.py": 65,
     "tests/integration/test_site.py": 54,
     "tests/integration/test_backup.py": 43,
+    "tests/integration/test_inventory.py": 32,  # added 2026-12-06, measured alone
     "tests/test_lint.py": 22,
     "tests/unit/test_validate.py": 11,
     "tests/unit/test_module_inputs.py": 10,

@@ -904,7 +904,7 @@ def test_protected_reads_the_flag_as_the_playbooks_do(flag, protected):
 
     inventory = Inventory(servers=("production", "staging", "qa", "live"), local=("local",), hostvars={
         "production": {"drydock_protected": "yes"}, "staging": {"drydock_protected": flag}, "qa": {},
-        # ansible-inventory --list leaves templates as they are: unreadable, so protected
+        # A template still unrendered (load() renders them; not this Inventory): unreadable, so protected
         "live": {"drydock_protected": "{{ inventory_hostname == 'live' }}"}})
     assert [inventory.protected(env) for env in inventory.servers] == [True, protected, False, True]
     assert to_bool(flag) is protected  # the playbooks' `drydock_protected | bool`
