@@ -326,6 +326,8 @@ class Sandbox:
                 )
             with open(data / "pg_hba.conf", "a") as hba:
                 hba.write("host all all 127.0.0.0/8 scram-sha-256\n")
+        else:  # stopped by hand, or by a test of a stopped server: say so, not start it unseen
+            self.say(f"  {env.name}: starting its cluster, which was not running")
         _run([str(PG_BINDIR / "pg_ctl"), "-D", str(data), "-l", str(host / "log" / "postgresql.log"),
               "-w", "-t", "60", "start"], as_db_user=True)
         pid = int((data / "postmaster.pid").read_text().splitlines()[0])
