@@ -44,6 +44,13 @@ options:
         rollback's): why, recorded on the database set aside, so that C(inv verify) names it
         and C(inv rollback) refuses to bring it back.
     type: str
+  incoming_oid:
+    description:
+      - The oid of the C(incoming) database the caller restored and checked (the restore's
+        C(database_oid)). Nothing is swapped unless C(incoming) is still that database: another
+        run restoring onto the same server (from another controller, whose locks are its own)
+        drops and creates a database of that name, and its half-restored copy must never go live.
+    type: int
   close_previous:
     description:
       - After a swap, stop the database kept as C(previous) accepting connections, as every
@@ -73,8 +80,9 @@ from datetime import datetime, timezone
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, add_to_record, connect, database_comment, database_exists,
-                                             exchange, origin_of, set_allow_connections, set_database_comment, swap_in,
-                                             utc_now, write_fingerprint)
+                                             exchange, origin_of, refuse_another_database, set_allow_connections,
+                                             set_database_comment, swap_in, utc_now, write_fingerprint,
+                                             NotTheRestoredDatabase)
 
 
 def note(conn, name: str, fields: dict) -> None:
@@ -132,7 +140,7 @@ def main() -> None:
                            previous=dict(type="str", required=True), socket_dir=dict(type="path", required=True),
                            port=dict(type="int", default=5432), exchange=dict(type="bool", default=False),
                            comment=dict(type="dict"), close_previous=dict(type="bool", default=False),
-                           failed_check=dict(type="str")),
+                           failed_check=dict(type="str"), incoming_oid=dict(type="int")),
         supports_check_mode=True,
         required_if=[("exchange", False, ["incoming"])],
     )
@@ -163,6 +171,7 @@ def main() -> None:
                                  drydock_account=account(conn, p["database"]))
             if not database_exists(conn, p["incoming"]):
                 module.fail_json(msg=f"nothing to swap in: database {p['incoming']} does not exist")
+            refuse_another_database(conn, p["incoming"], p["incoming_oid"])  # before its comment is written
             has_live = database_exists(conn, p["database"])
             if module.check_mode:
                 module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=0)
@@ -172,11 +181,14 @@ def main() -> None:
                 set_database_comment(conn, p["incoming"], {**p["comment"], **swapped_in})
             else:
                 note(conn, p["incoming"], swapped_in)
-            terminated = swap_in(conn, p["database"], p["incoming"], p["previous"])
+            terminated = swap_in(conn, p["database"], p["incoming"], p["previous"], incoming_oid=p["incoming_oid"])
             if has_live:
                 note(conn, p["previous"], {"set_aside": at, "set_aside_by": "swap"})
                 if p["close_previous"]:
                     close_snapshot(module, conn, p["previous"])
+    except NotTheRestoredDatabase:
+        module.fail_json(msg=f"refusing to swap in {p['incoming']}: it is no longer the database this run restored and "
+                             "checked (another run restoring onto this server replaced it)")
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
     module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=terminated)

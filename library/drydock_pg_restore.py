@@ -59,6 +59,10 @@ EXAMPLES = r"""
 RETURN = r"""
 command: {description: The pg_restore command (run, or in check mode the one it would run)., type: list, returned: always}
 row_counts: {description: Rows per restored table., type: dict, returned: success}
+database_oid:
+  description: The oid of the side database whose rows were counted, for the swap to put live only that one.
+  type: int
+  returned: success
 migrations_missing:
   description: Migrations (app.name) applied in C(live_database) but not in the copy, sorted; empty without one.
   type: list
@@ -70,8 +74,8 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, applied_migrations, connect, database_exists,
-                                             pg_restore_error, refuse_unless_plain_name, row_count_problem,
-                                             row_counts)
+                                             database_oid, pg_restore_error, refuse_unless_plain_name,
+                                             row_count_problem, row_counts)
 
 # What PostgreSQL accepts for default_toast_compression; anything else never reaches PGOPTIONS.
 TOAST_COMPRESSIONS = ("", "pglz", "lz4")
@@ -142,6 +146,8 @@ def main() -> None:
             with conn.cursor() as cur:
                 counts = row_counts(cur)
                 copy_migrations = migration_names(cur)
+                # The database these rows were counted in: the swap puts live only that one.
+                oid = database_oid(conn, p["database"])
             # pg_database is shared: whether the live database exists is seen from here too.
             live = p["live_database"] if p["live_database"] and database_exists(conn, p["live_database"]) else ""
         missing = migrations_missing(p, live, copy_migrations)
@@ -159,7 +165,7 @@ def main() -> None:
     except OSError as error:
         module.fail_json(msg=f"restored and checked, but cannot remove the archive {p['archive']}: {error.strerror}",
                          row_counts=counts, command=argv)
-    module.exit_json(changed=True, row_counts=counts, migrations_missing=missing, command=argv)
+    module.exit_json(changed=True, row_counts=counts, migrations_missing=missing, database_oid=oid, command=argv)
 
 
 def migration_names(cur) -> set[str]:

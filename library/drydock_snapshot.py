@@ -88,8 +88,9 @@ from typing import Callable, Iterator
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, allow_connections_again, aside_name, connect,
-                                             database_comment, database_exists, parse_record, set_allow_connections,
-                                             set_database_comment, swap_in, terminate_sessions, utc_now)
+                                             database_comment, database_exists, database_oid, parse_record,
+                                             set_allow_connections, set_database_comment, swap_in, terminate_sessions,
+                                             utc_now)
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_]{0,29}\Z")
 SEPARATOR = "__snap_"
@@ -213,15 +214,10 @@ def _drop(conn, name: str) -> None:
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def _oid(conn, name: str) -> int | None:
-    row = conn.execute("SELECT oid FROM pg_database WHERE datname = %s", (name,)).fetchone()
-    return row[0] if row else None
-
-
 def ready_copy_of(conn, database: str, name: str) -> str | None:
     """The ready copy of snapshot `name`, if one was made from the snapshot as it is now."""
     ready = ready_db(database, name)
-    oid = _oid(conn, snapshot_db(database, name))
+    oid = database_oid(conn, snapshot_db(database, name))
     return ready if oid is not None and database_comment(conn, ready).get("snapshot_oid") == oid else None
 
 
@@ -236,9 +232,9 @@ def prepare(conn, database: str, name: str | None) -> dict:
     if snapshot and database_comment(conn, snapshot).get("ready_copy") and not ready_copy_of(conn, database, name):
         made = ready_db(database, name)
         _drop(conn, made)  # one made from an earlier snapshot of that name, or half made
-        oid = _oid(conn, snapshot)
+        oid = database_oid(conn, snapshot)
         file_copy(conn, snapshot, made)
-        if _oid(conn, snapshot) != oid:  # replaced meanwhile by something that takes no lock (a pull's swap)
+        if database_oid(conn, snapshot) != oid:  # replaced meanwhile by something that takes no lock (a pull's swap)
             _drop(conn, made)
             raise SnapshotError(f"{snapshot} was replaced while its ready copy was being made")
         set_allow_connections(conn, made, False)  # untouched until a restore swaps it in

@@ -258,18 +258,41 @@ def allow_connections_again(conn, name: str) -> None:
             set_allow_connections(fresh, name, True)
 
 
-def renames_in_one_transaction(conn, close: list[str], renames: list[tuple[str, str]], attempts: int = 3) -> int:
+class NotTheRestoredDatabase(Exception):
+    """The side database about to be swapped in is not the one this run restored and checked."""
+
+
+def database_oid(conn, name: str) -> int | None:
+    row = conn.execute("SELECT oid::bigint FROM pg_database WHERE datname = %s", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def refuse_another_database(conn, name: str, expect_oid: int | None) -> None:
+    """Raise NotTheRestoredDatabase unless `name` is the database `expect_oid` (None: any).
+    Another run restoring onto the same server (another controller: drydock's locks are each
+    controller's own) drops and creates the same side database: its half-restored copy must
+    never go live in the place of the one this run checked."""
+    if expect_oid is not None and database_oid(conn, name) != expect_oid:
+        raise NotTheRestoredDatabase(name)
+
+
+def renames_in_one_transaction(conn, close: list[str], renames: list[tuple[str, str]], attempts: int = 3,
+                               expect: tuple[str, int] | None = None) -> int:
     """End the other sessions on the databases `close`, then apply `renames`, all in one
     transaction: interrupted or failed at any point (even by SIGKILL), nothing has changed.
     PostgreSQL makes a rename wait up to 5 s for a session that connected in between, and
-    refuses it if the session stays; then the whole transaction is tried again.
-    Returns the number of sessions ended."""
+    refuses it if the session stays; then the whole transaction is tried again. With
+    `expect` (a name after the renames, and an oid), the transaction is undone unless that
+    name is then that database: checked after the renames, which lock it, so that nothing
+    can replace it in between. Returns the number of sessions ended."""
     for attempt in range(attempts):
         try:
             with conn.transaction():
                 terminated = sum(terminate_sessions(conn, name) for name in close)
                 for old, new in renames:
                     conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
+                if expect is not None:
+                    refuse_another_database(conn, *expect)
             return terminated
         except psycopg.errors.ObjectInUse:
             if attempt == attempts - 1:
@@ -282,22 +305,26 @@ def aside_name(previous: str) -> str:
     return previous[:58] + "__old"
 
 
-def swap_in(conn, database: str, incoming: str, previous: str, drop_aside: bool = True) -> int:
+def swap_in(conn, database: str, incoming: str, previous: str, drop_aside: bool = True,
+            incoming_oid: int | None = None) -> int:
     """Put `incoming` in place of `database`, keeping the old one as `previous`.
 
     All renames happen in one transaction (see renames_in_one_transaction): either the
     swap happened or nothing did. An existing `previous` (the generation before) is renamed
     aside in that transaction and dropped only once the swap has succeeded (or, with
     `drop_aside=False`, left for the caller to drop later: freeing a large database's files
-    can take seconds on some disks). `conn` is an autocommit connection to another database
-    (e.g. postgres). Returns the number of sessions terminated.
+    can take seconds on some disks). With `incoming_oid`, raises NotTheRestoredDatabase, and
+    nothing changes, unless `incoming` is that database. `conn` is an autocommit connection
+    to another database (e.g. postgres). Returns the number of sessions terminated.
     """
+    refuse_another_database(conn, incoming, incoming_oid)  # before anything, the aside drop included
     aside = aside_name(previous)
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(aside)))  # a crash's
     present = [name for name in (database, previous) if database_exists(conn, name)]
     renames = [(old, new) for old, new in [(previous, aside), (database, previous), (incoming, database)]
                if old == incoming or old in present]
-    terminated = renames_in_one_transaction(conn, present + [incoming], renames)
+    terminated = renames_in_one_transaction(conn, present + [incoming], renames,
+                                            expect=None if incoming_oid is None else (database, incoming_oid))
     if not drop_aside:
         return terminated
     # The swap has happened: tidying up the older generation must not fail it.

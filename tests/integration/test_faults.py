@@ -26,7 +26,8 @@ from drydock.lock import process_start, stat_fields
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
 from drydock.sandbox import child_pids
-from tests.conftest import ROOT, app_serves, databases, error_lines, fingerprint, inv, playbook, process_tree
+from tests.conftest import (LIVE_OID, ROOT, app_serves, databases, error_lines, fingerprint, inv, owner_psql, playbook,
+                            process_tree)
 
 # sftp -l: bandwidth in Kbit/s. At 100 KB/s a transfer of the small sandbox's dump lasts
 # long enough to be interrupted in the middle.
@@ -447,6 +448,54 @@ def test_a_server_that_stops_during_the_restore_is_named_not_the_clean_up(pulled
 
 
 # -- the network --------------------------------------------------------------------------------
+def test_a_side_database_another_run_replaced_is_never_swapped_in(staging_at_the_local_schema, connect, sandbox_env):
+    """Two controllers pushing to one server at once: drydock's locks are each controller's
+    own, and both restore into <db>__incoming. Here the other run's copy, half-restored (an
+    empty database), takes that name once this run has restored and checked its own: this
+    run must not swap it in, and says why. (Seen by hand before the swap knew the oid of the
+    database it restored: the push reported success with staging running a half-restored
+    copy.)"""
+    staging = connect("staging", "postgres")
+    before = fingerprint(connect("staging"))
+    oids = {name: staging.execute(LIVE_OID.replace("'wagtail_site'", f"'{name}'")).fetchone()
+            for name in ("wagtail_site", "wagtail_site__previous")}
+    since = time.time()
+    push = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "push", "staging"],
+                            env=ansible_env(), cwd=ROOT, start_new_session=True, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not task_started("Stop the app", since)():
+            assert push.poll() is None and time.monotonic() < deadline, "the push never reached its swap"
+            time.sleep(0.01)
+        paused = process_tree(push.pid)  # ansible-playbook is in a session of its own, not the group
+        for pid, _start in paused:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            replace = ("DROP DATABASE wagtail_site__incoming WITH (FORCE)",
+                       "CREATE DATABASE wagtail_site__incoming OWNER wagtail_site")
+            subprocess.run([*owner_psql(sandbox_env["staging"], "postgres", "-v", "ON_ERROR_STOP=1"),
+                            *(arg for sql in replace for arg in ("-c", sql))], check=True, capture_output=True)
+        finally:
+            for pid, _start in paused:
+                os.kill(pid, signal.SIGCONT)
+        _, stderr = push.communicate(timeout=180)
+    finally:
+        if push.poll() is None:
+            os.killpg(push.pid, signal.SIGKILL)
+            push.wait()
+    assert push.returncode == 1
+    assert ("refusing to swap in wagtail_site__incoming: it is no longer the database this run restored and checked "
+            "(another run restoring onto this server replaced it)") in stderr.strip().splitlines()[-1]
+    assert "the live database is unchanged" in stderr.strip().splitlines()[-1]
+    assert {name: staging.execute(LIVE_OID.replace("'wagtail_site'", f"'{name}'")).fetchone()
+            for name in oids} == oids
+    assert fingerprint(connect("staging")) == before
+    assert app_serves(sandbox_env, "staging")
+    next_run_succeeds("push", "staging")
+    assert_no_strays(connect, sandbox_env)
+
+
 def test_ssh_dropped_during_upload(staging_at_the_local_schema, connect, sandbox_env):
     sandbox = ROOT / ".sandbox"
     # A failure, not a skip: without sshd this fault of the matrix would go untested unseen.
