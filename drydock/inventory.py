@@ -9,17 +9,13 @@ from dataclasses import dataclass
 from drydock.errors import DrydockError
 from drydock.lock import LOCAL as LOCAL_LOCK
 from drydock.playbook import ansible_env, run_playbook
-from drydock.validate import InvalidInput, environment_name
+from drydock.validate import InvalidInput, environment_name, is_template
 
 
 # What Ansible's `| bool` reads, in the playbooks: any other string it takes for false (with
 # a deprecation warning), so a "y" would skip production's guards there.
 TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
-
-
-def is_template(value) -> bool:
-    return isinstance(value, str) and ("{{" in value or "{%" in value)
 
 
 def as_bool(value, name: str = "the flag") -> bool:
@@ -44,7 +40,7 @@ SAFETY_FLAGS = ("drydock_protected", "drydock_safety_backup")
 # The host variables drydock's own code reads, besides the playbooks: its refusals, its
 # prompts and the names and Site its summary lines report. `ansible-inventory --list` prints
 # a template as written ("{{ app }}__previous"), so load() has Ansible render these when one is.
-READ_VALUES = SAFETY_FLAGS + ("drydock_db_name", "drydock_site_hostname", "drydock_site_port",
+READ_VALUES = SAFETY_FLAGS + ("drydock_db_name", "drydock_site_hostname", "drydock_site_port", "drydock_app_url",
                               "drydock_app_database_url", "drydock_app_database_url_env", "django_migrate_snapshot")
 
 # The host variables the playbooks read without a default (docs/configuration.md): missing
@@ -138,16 +134,20 @@ def _rendered(hostvars: dict) -> dict:
     """`hostvars` with the templated READ_VALUES rendered by Ansible, as the playbooks render
     them (lookups, other variables, inventory_hostname). A playbook run (about a second) only
     when there is one: most inventories write these values plainly."""
-    templated = {host: names for host, values in hostvars.items()
-                 if (names := [name for name in READ_VALUES if is_template(values.get(name))])}
+    templated = {host: [name for name in READ_VALUES if is_template(values.get(name))]
+                 for host, values in hostvars.items()}
+    templated = {host: names for host, names in templated.items() if names}
     if not templated:
         return hostvars
+    listed = ", ".join(sorted({name for names in templated.values() for name in names}))
     try:
-        results = run_playbook("inventory_values.yml", limit=",".join(templated), capture=True,
-                               extra_vars={"drydock_value_names": templated})
+        # No --limit: a host named like a group (production) would match that group's hosts
+        # instead. The playbook's `when` skips the others, and a debug task connects nowhere.
+        results = run_playbook("inventory_values.yml", capture=True, extra_vars={"drydock_value_names": templated})
+        for host in templated:
+            hostvars[host].update(results[host]["Render the values"]["msg"])
     except DrydockError as error:
-        names = sorted({name for host_names in templated.values() for name in host_names})
-        raise DrydockError(f"cannot render the inventory's {', '.join(names)}: {error}") from error
-    for host in templated:
-        hostvars[host].update(results[host]["Render the values"]["msg"])
+        raise DrydockError(f"cannot render the inventory's {listed}: {error}") from error
+    except (KeyError, TypeError, AttributeError) as error:
+        raise DrydockError(f"cannot render the inventory's {listed}: no result for {error}") from error
     return hostvars

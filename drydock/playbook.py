@@ -69,11 +69,16 @@ def run_playbook(name: str, *, limit: str | None = None, extra_vars: dict | None
         env["DRYDOCK_FAILURES_FILE"] = str(failures)
         if capture:
             env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.posix.json"
+            # With ANSIBLE_VERBOSITY set, Ansible writes its own lines to stdout too, into the JSON.
+            env["ANSIBLE_VERBOSE_TO_STDERR"] = "True"
         stdout, returncode = _run_terminable(command, env, capture)
         if returncode != 0:
             raise DrydockError(_last_failure(failures) or f"{name} failed (exit {returncode})")
     if capture:
-        return _task_results(json.loads(stdout))
+        try:
+            return _task_results(json.loads(stdout))
+        except ValueError as error:
+            raise DrydockError(f"{name}: Ansible's output is not the JSON expected ({error})") from None
     return None
 
 

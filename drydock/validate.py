@@ -55,6 +55,11 @@ def snapshot_name(value: str) -> str:
     return value
 
 
+def is_template(value) -> bool:
+    """An inventory value Ansible would render (Jinja), as `ansible-inventory --list` prints it."""
+    return isinstance(value, str) and ("{{" in value or "{%" in value)
+
+
 def app_database_url(url: str, variable: str = "DATABASE_URL") -> str:
     """The app's database URL, refused as the app_url_guard role refuses it in the playbooks
     (a templated value is left to them): with a password, which the app's commands would get
@@ -63,7 +68,7 @@ def app_database_url(url: str, variable: str = "DATABASE_URL") -> str:
     environment variable it goes in, unless it is a name (it goes on that command line
     unquoted)."""
     # In the guard's order, and in its words (tests/unit/test_validate.py holds them to both).
-    templated = "{{" in url
+    templated = is_template(url)
     try:
         parts = urlsplit("" if templated else url)
         parts.port  # noqa: B018 - the guard's urlsplit filter reads every part: a bad port fails it too
@@ -75,7 +80,7 @@ def app_database_url(url: str, variable: str = "DATABASE_URL") -> str:
         raise InvalidInput("drydock_app_database_url holds a password, and the app's commands get the URL on their "
                            "command line (the process list shows it): leave it out and put it in a passfile "
                            "(~/.pgpass of the user the app runs as, or ?passfile=PATH in the URL)")
-    if "{{" not in variable and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", variable):
+    if not is_template(variable) and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", variable):
         raise InvalidInput(f"drydock_app_database_url_env must be an environment variable's name (letters, digits and _,"
                            f" not first a digit), not {json.dumps(variable)}")
     if re.search(r"(^|&)(dbname|service)=", query):

@@ -5,6 +5,7 @@ is one line, nothing is left behind (side databases, locks, partial files) once 
 run has gone through, and that next run succeeds."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from typing import Callable
 
 import pytest
 
+import drydock_pg
 from drydock import dumps, journal
 from drydock.lock import process_start, stat_fields
 from drydock.paths import backups_dir, runs_dir
@@ -468,17 +470,20 @@ def test_a_side_database_another_run_replaced_is_never_swapped_in(staging_at_the
         while not task_started("Stop the app", since)():
             assert push.poll() is None and time.monotonic() < deadline, "the push never reached its swap"
             time.sleep(0.01)
-        paused = process_tree(push.pid)  # ansible-playbook is in a session of its own, not the group
-        for pid, _start in paused:
-            os.kill(pid, signal.SIGSTOP)
+        paused = []  # the run's processes, ansible-playbook's among them (a session of its own)
         try:
+            for pid, _start in process_tree(push.pid):
+                with contextlib.suppress(ProcessLookupError):  # one of the app stop's, just ended
+                    os.kill(pid, signal.SIGSTOP)
+                    paused.append(pid)
             replace = ("DROP DATABASE wagtail_site__incoming WITH (FORCE)",
                        "CREATE DATABASE wagtail_site__incoming OWNER wagtail_site")
             subprocess.run([*owner_psql(sandbox_env["staging"], "postgres", "-v", "ON_ERROR_STOP=1"),
                             *(arg for sql in replace for arg in ("-c", sql))], check=True, capture_output=True)
-        finally:
-            for pid, _start in paused:
-                os.kill(pid, signal.SIGCONT)
+        finally:  # never left stopped: a stopped ansible-playbook would not end with the push
+            for pid in paused:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
         _, stderr = push.communicate(timeout=180)
     finally:
         if push.poll() is None:
@@ -494,6 +499,26 @@ def test_a_side_database_another_run_replaced_is_never_swapped_in(staging_at_the
     assert app_serves(sandbox_env, "staging")
     next_run_succeeds("push", "staging")
     assert_no_strays(connect, sandbox_env)
+
+
+def test_the_swaps_renames_are_undone_unless_they_put_the_restored_database_live(connect):
+    """The swap's last check, inside its transaction, after the renames have locked the
+    database: the test above stops at the check before it."""
+    admin = connect("local", "postgres")
+    side, live = "drydock_test_side", "drydock_test_live"
+    for name in (side, live):
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.execute(f"CREATE DATABASE {side}")
+    try:
+        oid = drydock_pg.database_oid(admin, side)
+        with pytest.raises(drydock_pg.NotTheRestoredDatabase):
+            drydock_pg.renames_in_one_transaction(admin, [side], [(side, live)], expect=(live, oid + 1))
+        assert drydock_pg.database_oid(admin, side) == oid and drydock_pg.database_oid(admin, live) is None
+        drydock_pg.renames_in_one_transaction(admin, [side], [(side, live)], expect=(live, oid))
+        assert drydock_pg.database_oid(admin, live) == oid and drydock_pg.database_oid(admin, side) is None
+    finally:
+        for name in (side, live):
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def test_ssh_dropped_during_upload(staging_at_the_local_schema, connect, sandbox_env):
