@@ -1,6 +1,7 @@
 """The environments an inventory defines: servers (production, staging, ...) and local."""
 from __future__ import annotations
 
+import configparser
 import functools
 import json
 import subprocess
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 from drydock.errors import DrydockError
 from drydock.lock import LOCAL as LOCAL_LOCK
+from drydock.paths import project_root, sandbox_dir
 from drydock.playbook import ansible_env, run_playbook
 from drydock.validate import InvalidInput, environment_name, is_template
 
@@ -105,6 +107,19 @@ class Inventory:
         if name not in known:
             raise InvalidInput(f"unknown environment {name!r}: choose one of {', '.join(known)}")
         return name
+
+
+def sandbox_down() -> bool:
+    """Whether commands would run on the sandbox's inventory (ansible.cfg's, no other named)
+    while the sandbox is down: for the snapshot commands, which read no inventory, so that
+    they refuse as Inventory._described does. Down as inventories/sandbox/hosts.py has it:
+    without .sandbox/env.json."""
+    if ansible_env().get("ANSIBLE_INVENTORY"):
+        return False
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(project_root() / "ansible.cfg")
+    return (config.get("defaults", "inventory", fallback="") == "inventories/sandbox"
+            and not (sandbox_dir() / "env.json").exists())
 
 
 @functools.lru_cache(maxsize=None)

@@ -165,6 +165,8 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
     database under it."""
     if action != "list":
         valid_snapshot_name(name)
+    if inventory.sandbox_down():  # before a run folder, and Ansible's lines before the same one
+        raise DrydockError("the sandbox is down: run ./inv sandbox.up first")
     extra = {"pg_snapshot_action": action, "pg_snapshot_name": name, "pg_snapshot_force": force,
              "pg_snapshot_ready_copy": ready_copy}
     if action == "list":

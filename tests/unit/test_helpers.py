@@ -825,6 +825,7 @@ def test_the_local_database_has_one_lock_whatever_the_inventory_calls_its_host(t
     laptop = Inventory(servers=("production", "staging"), local=("laptop",),
                        hostvars={"production": described, "staging": described, "laptop": described})
     monkeypatch.setattr(inventory, "load", lambda: laptop)
+    monkeypatch.setattr(inventory, "sandbox_down", lambda: False)  # this inventory is not the sandbox's
     monkeypatch.setattr(workflow, "run_playbook", lambda *a, **k: pytest.fail("a playbook ran under another's lock"))
     with target_lock("local", "pull", say=lambda m: None, root=tmp_path):
         for command in (workflow.migrate, lambda: workflow.site("laptop", "example.org", 80),
@@ -1040,6 +1041,30 @@ def test_an_environment_without_the_host_variables_the_playbooks_need_is_refused
     down = Inventory(servers=("staging",), local=("local",), hostvars={"staging": {"drydock_sandbox_down": True}})
     with pytest.raises(DrydockError, match=r"^the sandbox is down: run ./inv sandbox.up first$"):
         down.server("staging")  # before any run or playbook starts (they would say so too)
+
+
+def test_snapshot_commands_refuse_a_sandbox_that_is_down_before_a_run_begins(tmp_path, monkeypatch):
+    """They read no inventory (Inventory._described's refusal never comes): without this,
+    Ansible's lines and a failed run came before the same line."""
+    import shutil
+
+    from drydock import inventory, workflow
+    from drydock.paths import project_root
+
+    shutil.copy(project_root() / "ansible.cfg", tmp_path / "ansible.cfg")
+    monkeypatch.setenv("DRYDOCK_ROOT", str(tmp_path))
+    for name in ("DRYDOCK_INVENTORY", "ANSIBLE_INVENTORY"):
+        monkeypatch.delenv(name, raising=False)
+    for action, name in (("save", "before_notebook"), ("restore", "before_notebook"), ("delete", "x"), ("list", "")):
+        with pytest.raises(DrydockError, match=r"^the sandbox is down: run ./inv sandbox.up first$"):
+            workflow.snapshot(action, name)
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / ".sandbox").mkdir()
+    (tmp_path / ".sandbox" / "env.json").write_text("{}")
+    assert not inventory.sandbox_down()
+    (tmp_path / ".sandbox" / "env.json").unlink()
+    monkeypatch.setenv("DRYDOCK_INVENTORY", "inventories/mysite")  # a real inventory: no sandbox to be down
+    assert not inventory.sandbox_down()
 
 
 def test_a_server_that_does_not_listen_is_named_in_drydock_words():
