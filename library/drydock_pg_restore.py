@@ -60,9 +60,12 @@ RETURN = r"""
 command: {description: The pg_restore command (run, or in check mode the one it would run)., type: list, returned: always}
 row_counts: {description: Rows per restored table., type: dict, returned: success}
 database_oid:
-  description: The oid of the side database whose rows were counted, for the swap to put live only that one.
+  description:
+    - The oid of the side database this module created. The swap puts live only that one, and
+      the clean-up after a failure drops only that one (another run may have put its own under
+      the name since).
   type: int
-  returned: success
+  returned: once the side database was created, on success and failure
 migrations_missing:
   description: Migrations (app.name) applied in C(live_database) but not in the copy, sorted; empty without one.
   type: list
@@ -81,13 +84,16 @@ from ansible.module_utils.drydock_pg import (require_psycopg, applied_migrations
 TOAST_COMPRESSIONS = ("", "pglz", "lz4")
 
 
-def create_side_database(params: dict) -> None:
+def create_side_database(params: dict) -> int:
+    """Create the side database; its oid, which tells it from one another run creates later
+    under that name (the swap and the clean-up act only on this one)."""
     from psycopg import sql
     name, owner = sql.Identifier(params["database"]), sql.Identifier(params["owner"])
     with connect(params["socket_dir"], params["port"], "postgres", autocommit=True) as conn:
         if params["drop_existing"]:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0 ENCODING 'UTF8'").format(name, owner))
+        return database_oid(conn, params["database"])
 
 
 def restore_command(p: dict) -> list[str]:
@@ -97,13 +103,13 @@ def restore_command(p: dict) -> list[str]:
             "--", p["archive"]]
 
 
-def restore(module: AnsibleModule, argv: list[str]) -> None:
+def restore(module: AnsibleModule, argv: list[str], oid: int) -> None:
     p = module.params
     # Session settings for every pg_restore connection, its parallel jobs included.
     pgoptions = f"-c default_toast_compression={p['toast_compression']}" if p["toast_compression"] else ""
     rc, _, stderr = module.run_command(argv, environ_update={"PGOPTIONS": pgoptions})
     if rc != 0:
-        module.fail_json(msg=pg_restore_error(stderr, rc), rc=rc, stderr=stderr, command=argv)
+        module.fail_json(msg=pg_restore_error(stderr, rc), rc=rc, stderr=stderr, command=argv, database_oid=oid)
 
 
 def file_identity(path: str) -> tuple[int, int, int, int]:
@@ -138,24 +144,24 @@ def main() -> None:
         archive = file_identity(p["archive"])
     except OSError as error:
         module.fail_json(msg=f"cannot read the archive {p['archive']}: {error.strerror}", command=argv)
+    oid = None  # once created: every result names the side database by it (the clean-up drops only that one)
     try:
-        create_side_database(p)
-        restore(module, argv)
+        oid = create_side_database(p)
+        restore(module, argv, oid)
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             with conn.cursor() as cur:
                 counts = row_counts(cur)
                 copy_migrations = migration_names(cur)
-                # The database these rows were counted in: the swap puts live only that one.
-                oid = database_oid(conn, p["database"])
             # pg_database is shared: whether the live database exists is seen from here too.
             live = p["live_database"] if p["live_database"] and database_exists(conn, p["live_database"]) else ""
         missing = migrations_missing(p, live, copy_migrations)
     except psycopg.Error as error:
-        module.fail_json(msg=" ".join(str(error).split()), command=argv)
+        module.fail_json(msg=" ".join(str(error).split()), command=argv,
+                         **({"database_oid": oid} if oid is not None else {}))
     problem = row_count_problem(p["database"], p["expect_row_counts"], counts)
     if problem:
-        module.fail_json(msg=problem, row_counts=counts, command=argv)
+        module.fail_json(msg=problem, row_counts=counts, command=argv, database_oid=oid)
     # Restored and checked: the archive (production data) has served its purpose.
     try:
         if file_identity(p["archive"]) == archive:
@@ -164,7 +170,7 @@ def main() -> None:
         pass
     except OSError as error:
         module.fail_json(msg=f"restored and checked, but cannot remove the archive {p['archive']}: {error.strerror}",
-                         row_counts=counts, command=argv)
+                         row_counts=counts, command=argv, database_oid=oid)
     module.exit_json(changed=True, row_counts=counts, migrations_missing=missing, database_oid=oid, command=argv)
 
 
