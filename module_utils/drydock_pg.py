@@ -314,10 +314,11 @@ def swap_in(conn, database: str, incoming: str, previous: str, drop_aside: bool 
     aside in that transaction and dropped only once the swap has succeeded (or, with
     `drop_aside=False`, left for the caller to drop later: freeing a large database's files
     can take seconds on some disks). With `incoming_oid`, raises NotTheRestoredDatabase, and
-    nothing changes, unless `incoming` is that database. `conn` is an autocommit connection
-    to another database (e.g. postgres). Returns the number of sessions terminated.
+    nothing is renamed, unless `incoming` is that database (checked in the renames'
+    transaction; drydock_db_swap checks first too, before it writes anything). `conn` is an
+    autocommit connection to another database (e.g. postgres). Returns the number of
+    sessions terminated.
     """
-    refuse_another_database(conn, incoming, incoming_oid)  # before anything, the aside drop included
     aside = aside_name(previous)
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(aside)))  # a crash's
     present = [name for name in (database, previous) if database_exists(conn, name)]

@@ -28,7 +28,7 @@ from drydock.lock import process_start, stat_fields
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
 from drydock.sandbox import child_pids
-from tests.conftest import (LIVE_OID, ROOT, app_serves, databases, error_lines, fingerprint, inv, owner_psql, playbook,
+from tests.conftest import (ROOT, app_serves, databases, error_lines, fingerprint, inv, owner_psql, playbook,
                             process_tree)
 
 # sftp -l: bandwidth in Kbit/s. At 100 KB/s a transfer of the small sandbox's dump lasts
@@ -458,8 +458,7 @@ def test_a_side_database_another_run_replaced_is_never_swapped_in(staging_at_the
     copy.)"""
     staging = connect("staging", "postgres")
     before = fingerprint(connect("staging"))
-    oids = {name: staging.execute(LIVE_OID.replace("'wagtail_site'", f"'{name}'")).fetchone()
-            for name in ("wagtail_site", "wagtail_site__previous")}
+    oids = {name: drydock_pg.database_oid(staging, name) for name in ("wagtail_site", "wagtail_site__previous")}
     since = time.time()
     push = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "push", "staging"],
                             env=ansible_env(), cwd=ROOT, start_new_session=True, text=True,
@@ -493,8 +492,7 @@ def test_a_side_database_another_run_replaced_is_never_swapped_in(staging_at_the
     assert ("refusing to swap in wagtail_site__incoming: it is no longer the database this run restored and checked "
             "(another run restoring onto this server replaced it)") in stderr.strip().splitlines()[-1]
     assert "the live database is unchanged" in stderr.strip().splitlines()[-1]
-    assert {name: staging.execute(LIVE_OID.replace("'wagtail_site'", f"'{name}'")).fetchone()
-            for name in oids} == oids
+    assert {name: drydock_pg.database_oid(staging, name) for name in oids} == oids
     assert fingerprint(connect("staging")) == before
     assert app_serves(sandbox_env, "staging")
     # Its clean-up left the other run's side database alone, which the next run then drops.
