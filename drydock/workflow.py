@@ -151,7 +151,8 @@ def site(env_text: str, hostname: str, port: int | str = "", site_name: str = ""
         run_playbook("site_hostname.yml", limit=env, run=run, extra_vars={
             "wagtail_site_hostname": hostname, "wagtail_site_port": port, "wagtail_site_name": site_name,
             "drydock_confirm": env if protected else ""})
-    say(f"{env}: Site {site_name or '(default)'} is now {hostname}:{port}")
+    before = run.task_account(env, "drydock_site")
+    say(f"{env}: Site {site_name or '(default)'} is now {hostname}:{port}" + (f" ({before})" if before else ""))
 
 
 def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool = True,

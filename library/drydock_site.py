@@ -39,6 +39,7 @@ RETURN = r"""
 before: {description: hostname and port before the change., type: dict, returned: success}
 django_site: {description: The django_site domain written, or null when not changed., type: str, returned: success}
 problems: {description: How the Site differs from the expected one., type: list, returned: verify_only}
+drydock_account: {description: "What changed, in a line for drydock's summary: the Site's address before and after, or that it was already so.", type: str, returned: success}
 """
 
 import re
@@ -110,7 +111,14 @@ def switch(conn, database: str, hostname: str, port: int, site_name: str, django
         conn.execute("UPDATE django_site SET domain = %s WHERE id = %s AND domain IS DISTINCT FROM %s",
                      (domain, django_site_id, domain))
     changed = (old_host, old_port) != (hostname, port) or domain != old_domain
-    return {"before": {"hostname": old_host, "port": old_port}, "django_site": domain, "changed": changed}
+    if (old_host, old_port) != (hostname, port):
+        account = f"it was {old_host}:{old_port}"
+    elif changed:
+        account = f"the Site was already so; django_site's domain was {old_domain}"
+    else:
+        account = "it was already so: nothing changed"
+    return {"before": {"hostname": old_host, "port": old_port}, "django_site": domain, "changed": changed,
+            "drydock_account": account}
 
 
 def main() -> None:

@@ -101,7 +101,8 @@ def test_an_inventory_written_from_the_example_pulls_and_pushes(sandbox_env, con
 
     # The Site's port, when not given, is the inventory's for that environment.
     site = inv("site", "staging", "staging.drydock-example.org", check=True)
-    assert site.stdout.splitlines()[-1] == "staging: Site (default) is now staging.drydock-example.org:443"
+    assert site.stdout.splitlines()[-1] == ("staging: Site (default) is now staging.drydock-example.org:443 "
+                                            "(it was already so: nothing changed)")
 
 
 def test_a_template_that_cannot_be_rendered_is_refused_in_one_line_before_anything_runs(sandbox_env, tmp_path,

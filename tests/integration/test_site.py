@@ -12,7 +12,9 @@ SITE = "SELECT hostname, port FROM wagtailcore_site WHERE is_default_site"
 
 def test_switch_sets_wagtail_and_django_sites(pulled, connect):
     try:
-        inv("site", "local", "preview.example.test", "--port", "8443", check=True)
+        changed = inv("site", "local", "preview.example.test", "--port", "8443", check=True)
+        assert changed.stdout.splitlines()[-1] == ("local: Site (default) is now preview.example.test:8443 "
+                                                   "(it was localhost:8000)")
         conn = connect("local")
         assert conn.execute(SITE).fetchone() == ("preview.example.test", 8443)
         assert conn.execute("SELECT domain FROM django_site WHERE id = 1").fetchone()[0] == "preview.example.test:8443"
@@ -50,7 +52,9 @@ def test_setting_the_site_production_already_has_is_no_write_that_refuses_the_ne
     nothing would still count as a write since the backup, and refuse a push to production."""
     inv("pull", "production", check=True)  # the local copy is of production's newest backup
     hostname, port = connect("production").execute(SITE).fetchone()
-    inv("site", "production", hostname, "--port", str(port), "--yes", check=True)
+    same = inv("site", "production", hostname, "--port", str(port), "--yes", check=True)
+    assert same.stdout.splitlines()[-1] == (f"production: Site (default) is now {hostname}:{port} "
+                                            "(it was already so: nothing changed)")
     # A real push to production (its safety backup included), rolled back below: production's
     # __previous is then the pushed copy, which no later test relies on.
     old = connect("production", "postgres").execute(LIVE_OID).fetchone()
