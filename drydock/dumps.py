@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from drydock.errors import DrydockError
 from drydock.paths import backups_dir
+
+# The folder each backup is fetched into: its UTC time (roles/pg_backup).
+BACKUP_FOLDER = re.compile(r"\d{8}T\d{6}Z")
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,10 @@ def latest(env: str, root: Path | None = None, kind: str = "") -> Dump:
     folder = (root or backups_dir()) / env
     if kind:
         folder = folder / kind
-    candidates = sorted(folder.glob("*/manifest.json"), reverse=True) if folder.is_dir() else []
+    # Only the folders backups are written to (a timestamp, as the rotation's BACKUP_NAME): a
+    # copy kept under another name ("keep-before-release") would sort after them all.
+    candidates = sorted((path for path in folder.glob("*/manifest.json") if BACKUP_FOLDER.fullmatch(path.parent.name)),
+                        reverse=True) if folder.is_dir() else []
     for manifest_path in candidates:
         dump = in_folder(manifest_path.parent)
         if dump:

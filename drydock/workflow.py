@@ -201,7 +201,8 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
     elif action == "restore":
         how = f"swapped in its ready copy in {database_s:.2f} s, the next one is being made in the background" if used else \
             f"copied it in {database_s:.2f} s: it had no ready copy" + (f"; making one failed: {error}" if error else "")
-        say(f"the local database is back at snapshot {name} ({how}; the one it replaced is kept as {database}__previous)")
+        say(f"the local database is back at snapshot {name} ({how}; the one it replaced is kept as {database}__previous "
+            f"until the next snapshot restore, a failed migration step's included, drops it)")
     else:
         say(f"deleted snapshot {name}")
     return None
@@ -666,7 +667,10 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
             say(f"==> {target} failed verification: rolling the push back")
             try:
                 with run.step(f"rollback {target}", env=target) as step:
-                    run_playbook("rollback_database.yml", limit=target, run=run, extra_vars={"drydock_confirm": target})
+                    # The copy set aside is marked as failed: inv rollback then refuses to put it live again.
+                    run_playbook("rollback_database.yml", limit=target, run=run, extra_vars={
+                        "drydock_confirm": target,
+                        "drydock_rollback_failed_check": f"inv verify {target} failed after the push: {error}"})
                     step.update(state=f"{target} back on its previous database")
             except Interrupted:
                 raise
@@ -679,7 +683,8 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
                 reason = str(refused).removeprefix(f"{target}: ").removesuffix(
                     f" (nothing was rolled back: {target} runs the database it ran before, and its app was started again)")
                 raise DrydockError(f"{error} (not rolled back: {reason}){knowingly}") from None
-            raise DrydockError(f"{error} (the push was rolled back: {target} runs its previous database)") from None
+            raise DrydockError(f"{error} (the push was rolled back: {target} runs its previous database; inv rollback "
+                               f"refuses to put the pushed copy live again unless --allow-failed-check)") from None
     say(f"\npipeline {source} → {target} done ({pulled.total_rows:,} rows pulled)\n{run.summary()}")
     return run
 

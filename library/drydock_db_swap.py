@@ -51,6 +51,30 @@ options:
         run restoring onto the same server (from another controller, whose locks are its own)
         drops and creates a database of that name, and its half-restored copy must never go live.
     type: int
+  keep_older:
+    description:
+      - With a swap, keep the generation before C(previous) (the database it replaces there)
+        as C(previous)__old rather than drop it, and return its oid as C(older_oid): a push
+        that fails its checks after the swap puts it back (C(older_oid) with C(exchange)),
+        one that passes drops it (C(drop_older)). Without it, a push that was swapped back
+        would have cost the database C(inv rollback) brought back before it.
+    type: bool
+    default: false
+  older_oid:
+    description:
+      - With C(exchange) (a push's swap-back), also put the database of this oid, kept as
+        C(previous)__old by the swap, back as C(previous); the database that failed takes the
+        name C(previous)__old (the next swap drops it). Nothing of that unless
+        C(previous)__old is still that database: then a plain exchange.
+      - With C(drop_older), the database to drop.
+    type: int
+  drop_older:
+    description:
+      - Only drop C(previous)__old if it is the database C(older_oid) (the push it was kept
+        for went live and passed its checks). A failure to is a warning: the next swap drops
+        it.
+    type: bool
+    default: false
   close_previous:
     description:
       - After a swap, stop the database kept as C(previous) accepting connections, as every
@@ -74,15 +98,18 @@ RETURN = r"""
 previous: {description: Name of the old live database, or null when there was none., type: str, returned: success}
 terminated: {description: Sessions terminated on the live database., type: int, returned: success}
 drydock_account: {description: "Where the database now live came from, in a line (see drydock_db_origin).", type: str, returned: an exchange}
+older_oid: {description: "The oid of the generation kept as C(previous)__old, or null when there was none.", type: int, returned: a swap with keep_older}
+older_restored: {description: "Whether the swap-back put the kept generation back as C(previous) (the copy that failed is then C(previous)__old).", type: bool, returned: an exchange}
+dropped: {description: "The database drop_older dropped, or null.", type: str, returned: drop_older}
 """
 
 from datetime import datetime, timezone
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import (require_psycopg, add_to_record, connect, database_comment, database_exists,
-                                             exchange, origin_of, refuse_another_database, set_allow_connections,
-                                             set_database_comment, swap_in, utc_now, write_fingerprint,
-                                             NotTheRestoredDatabase)
+from ansible.module_utils.drydock_pg import (require_psycopg, add_to_record, aside_name, connect, database_comment,
+                                             database_exists, database_oid, drop_database, exchange,
+                                             exchange_restoring_older, origin_of, refuse_another_database, set_allow_connections, set_database_comment,
+                                             swap_in, utc_now, write_fingerprint, NotTheRestoredDatabase)
 
 
 def note(conn, name: str, fields: dict) -> None:
@@ -140,11 +167,18 @@ def main() -> None:
                            previous=dict(type="str", required=True), socket_dir=dict(type="path", required=True),
                            port=dict(type="int", default=5432), exchange=dict(type="bool", default=False),
                            comment=dict(type="dict"), close_previous=dict(type="bool", default=False),
-                           failed_check=dict(type="str"), incoming_oid=dict(type="int")),
+                           failed_check=dict(type="str"), incoming_oid=dict(type="int"),
+                           keep_older=dict(type="bool", default=False), older_oid=dict(type="int"),
+                           drop_older=dict(type="bool", default=False)),
         supports_check_mode=True,
-        required_if=[("exchange", False, ["incoming"])],
+        mutually_exclusive=[("exchange", "drop_older")],
+        required_if=[("drop_older", True, ["older_oid"])],
     )
     p = module.params
+    if p["drop_older"]:
+        drop_older(module)
+    if not p["exchange"] and not p["incoming"]:
+        module.fail_json(msg="a swap needs incoming (the side database to swap in)")
     names = [p["database"], p["previous"]] + ([] if p["exchange"] else [p["incoming"]])
     if len(set(names)) != len(names):
         module.fail_json(msg="database, incoming and previous must be different names")
@@ -160,15 +194,26 @@ def main() -> None:
                 if module.check_mode:
                     module.exit_json(changed=True, previous=p["previous"], terminated=0)
                 record_live_since(conn, p["socket_dir"], p["port"], p["previous"])
-                terminated = exchange(conn, p["database"], p["previous"])
-                # Under their new names: the previous database is live now, and the other aside.
+                older_restored = False
+                if p["older_oid"] is not None:
+                    try:
+                        terminated = exchange_restoring_older(conn, p["database"], p["previous"], p["older_oid"])
+                        older_restored = True
+                    except NotTheRestoredDatabase:  # not (or no longer) the generation the swap kept
+                        pass
+                if not older_restored:
+                    terminated = exchange(conn, p["database"], p["previous"])
+                # Under their new names: the previous database is live now, and the other aside
+                # (unless it was dropped, and the generation before it is previous again, as it was).
                 at = utc_now()
                 by = "swap-back" if p["failed_check"] else "exchange"
                 note(conn, p["database"], {"swapped_in": at, "swapped_in_by": by})
-                note(conn, p["previous"], {"set_aside": at, "set_aside_by": by,
-                                           **({"failed_check": p["failed_check"]} if p["failed_check"] else {})})
+                # The database set aside: previous, or the kept generation's name when that is previous again.
+                note(conn, aside_name(p["previous"]) if older_restored else p["previous"],
+                     {"set_aside": at, "set_aside_by": by,
+                      **({"failed_check": p["failed_check"]} if p["failed_check"] else {})})
                 module.exit_json(changed=True, previous=p["previous"], terminated=terminated,
-                                 drydock_account=account(conn, p["database"]))
+                                 older_restored=older_restored, drydock_account=account(conn, p["database"]))
             if not database_exists(conn, p["incoming"]):
                 module.fail_json(msg=f"nothing to swap in: database {p['incoming']} does not exist")
             refuse_another_database(conn, p["incoming"], p["incoming_oid"])  # before its comment is written
@@ -181,7 +226,10 @@ def main() -> None:
                 set_database_comment(conn, p["incoming"], {**p["comment"], **swapped_in})
             else:
                 note(conn, p["incoming"], swapped_in)
-            terminated = swap_in(conn, p["database"], p["incoming"], p["previous"], incoming_oid=p["incoming_oid"])
+            terminated = swap_in(conn, p["database"], p["incoming"], p["previous"], drop_aside=not p["keep_older"],
+                                 incoming_oid=p["incoming_oid"])
+            # Any database under that name was dropped by swap_in before its renames: this is the one it kept.
+            older_oid = database_oid(conn, aside_name(p["previous"])) if p["keep_older"] else None
             if has_live:
                 note(conn, p["previous"], {"set_aside": at, "set_aside_by": "swap"})
                 if p["close_previous"]:
@@ -191,7 +239,29 @@ def main() -> None:
                              "checked (another run restoring onto this server replaced it)")
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
-    module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=terminated)
+    module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=terminated,
+                     **({"older_oid": older_oid} if p["keep_older"] else {}))
+
+
+def drop_older(module: AnsibleModule) -> None:
+    """Drop the generation a push's swap kept (keep_older), now that the push passed its
+    checks, if it is still the database older_oid. Never fails: the push has succeeded, and a
+    leftover is dropped by the next swap."""
+    p = module.params
+    older = aside_name(p["previous"])
+    if module.check_mode:
+        module.exit_json(changed=False, dropped=None)
+    require_psycopg(module)
+    dropped = None
+    try:
+        with connect(p["socket_dir"], p["port"], "postgres", autocommit=True) as conn:
+            if database_oid(conn, older) == p["older_oid"]:
+                drop_database(conn, older)
+                dropped = older
+    except Exception as error:  # noqa: BLE001 - said, not failed
+        module.warn(f"{older}, the generation before {p['previous']}, could not be dropped "
+                    f"({' '.join(str(error).split())}): the next push drops it")
+    module.exit_json(changed=dropped is not None, dropped=dropped)
 
 
 if __name__ == "__main__":

@@ -320,7 +320,7 @@ def swap_in(conn, database: str, incoming: str, previous: str, drop_aside: bool 
     sessions terminated.
     """
     aside = aside_name(previous)
-    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(aside)))  # a crash's
+    drop_database(conn, aside)  # a crash's, or one a push kept and was interrupted before it decided
     present = [name for name in (database, previous) if database_exists(conn, name)]
     renames = [(old, new) for old, new in [(previous, aside), (database, previous), (incoming, database)]
                if old == incoming or old in present]
@@ -330,10 +330,15 @@ def swap_in(conn, database: str, incoming: str, previous: str, drop_aside: bool 
         return terminated
     # The swap has happened: tidying up the older generation must not fail it.
     try:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(aside)))
+        drop_database(conn, aside)
     except Exception:  # noqa: BLE001 - a leftover aside database is dropped by the next swap
         pass
     return terminated
+
+
+def drop_database(conn, name: str) -> None:
+    """Drop `name` if it exists, ending its sessions. `conn`: autocommit, to another database."""
+    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def exchange(conn, first: str, second: str) -> int:
@@ -342,6 +347,18 @@ def exchange(conn, first: str, second: str) -> int:
     temporary = first[:55] + "__swapping"
     return renames_in_one_transaction(conn, [first, second],
                                       [(first, temporary), (second, first), (temporary, second)])
+
+
+def exchange_restoring_older(conn, database: str, previous: str, older_oid: int) -> int:
+    """A push's swap-back: exchange `database` and `previous` as exchange() does and, in the
+    same transaction, put the generation a swap kept as aside_name(previous) back as
+    `previous`, where inv rollback finds it; the copy that failed takes the kept generation's
+    name (writes it took while live are there; the next swap drops it). Raises
+    NotTheRestoredDatabase, and nothing is renamed, unless the kept generation is the
+    database `older_oid`. Returns the sessions terminated."""
+    older, temporary = aside_name(previous), database[:55] + "__swapping"
+    renames = [(database, temporary), (previous, database), (older, previous), (temporary, older)]
+    return renames_in_one_transaction(conn, [database, previous, older], renames, expect=(previous, older_oid))
 
 
 def parse_record(comment: str | None) -> dict:

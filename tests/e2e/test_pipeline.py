@@ -122,10 +122,18 @@ def test_pipeline_rolls_staging_back_when_it_fails_verification_after_the_push(s
     assert proc.returncode == 1
     line = error_lines(proc)[-1]
     assert "row counts" in line and "django_session" in line, line
-    assert line.endswith("(the push was rolled back: staging runs its previous database)"), line
+    assert line.endswith("(the push was rolled back: staging runs its previous database; inv rollback refuses to put"
+                         " the pushed copy live again unless --allow-failed-check)"), line
     assert connect("staging", "postgres").execute(OID).fetchone()[0] == writer.original_oid
     assert fingerprint(connect("staging")) == before
     assert app_serves(sandbox_env, "staging")
+    # The copy that failed verification is named so, and a plain rollback does not bring it back.
+    refused = inv("rollback", "staging")
+    assert refused.returncode == 1
+    assert ("wagtail_site__previous is the database swapped back out at " in error_lines(refused)[-1]
+            and " as it failed its check (inv verify staging failed after the push: " in error_lines(refused)[-1]), \
+        error_lines(refused)[-1]
+    assert connect("staging", "postgres").execute(OID).fetchone()[0] == writer.original_oid
 
 
 def test_pipeline_never_rolls_back_a_protected_target_that_took_writes_since_the_push(sandbox_env, connect):

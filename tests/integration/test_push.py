@@ -21,6 +21,9 @@ from tests.conftest import (LIVE_OID, ROOT, app_serves, assert_private, connecto
 # A check broken on purpose (a bogus health URL, a database that is not there) fails on the
 # database a swap-back brings back too: the line adds this.
 FAILED_AGAIN = "the app failed its health check again once swapped back ("
+# A push's swap-back puts back the generation its swap kept (there is one after the fixture's push).
+BEFORE_THIS_PUSH = ("wagtail_site__previous is again the one from before this push, and the copy that failed is kept"
+                    " as wagtail_site__previous__old until the next push")
 PAGE_TREE_OK = """SELECT (SELECT count(*) FROM wagtailcore_page WHERE depth <> length(path) / 4)
      + (SELECT count(*) FROM wagtailcore_page p WHERE numchild <>
           (SELECT count(*) FROM wagtailcore_page c WHERE c.path LIKE p.path || '____')) = 0"""
@@ -32,7 +35,7 @@ def as_db_owner(server: dict, sql: str, database: str = "postgres") -> str:
 
 
 @pytest.fixture(scope="module")
-def pushed(pulled, connect_module):
+def pushed(pulled, connect_module, sandbox_env):
     """Staging's content before, and the manifest of the copy pushed onto it."""
     inv("pull", "production", "--latest", check=True)
     # A signed-in user's session, which must not leave this machine (the sessions rule).
@@ -40,7 +43,10 @@ def pushed(pulled, connect_module):
                                     " VALUES ('drydock-test-session', 'signed-in', now() + interval '1 day')")
     before = fingerprint(connect_module("staging"))
     inv("push", "staging", "--allow-older-schema", check=True)  # whatever schema an earlier module left there
-    return before, dumps.latest("local")
+    yield before, dumps.latest("local")
+    # The copy the last failed push below kept aside (the next push would drop it): not left to other modules.
+    subprocess.run(["/bin/sh", "-c", as_db_owner(sandbox_env["staging"], "DROP DATABASE IF EXISTS wagtail_site__previous__old")],
+                   check=True)
 
 
 @pytest.fixture(scope="module")
@@ -272,35 +278,78 @@ def test_a_push_to_an_environment_named_otherwise_is_refused_before_the_upload(p
     assert fingerprint(connect("production")) == before
 
 
-def test_a_failed_health_check_swaps_the_live_database_back(pushed, connect, sandbox_env):
-    before = fingerprint(connect("staging"))
-    live = connect("staging", "postgres").execute(LIVE_OID).fetchone()
-    proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={pushed[1].path}",
+PREVIOUS_OID = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site__previous'"
+
+
+def previous_line(report: str) -> str:
+    return next(line for line in report.splitlines() if line.startswith("previous: "))
+
+
+def failing_health_check_push(pushed, sandbox_env):
+    return playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={pushed[1].path}",
                     "-e", f"drydock_app_health_url=http://{sandbox_env['staging']['host']}:8000/no-such-page",
                     "-e", "app_service_health_timeout=2")
+
+
+def test_a_failed_health_check_swaps_the_live_database_back(pushed, connect, sandbox_env):
+    """...and leaves <db>__previous as it found it: the database inv rollback would bring back
+    before the push still is (the swap kept it until the checks passed). The copy that failed
+    is kept aside, with whatever it took while live, until the next push."""
+    before = fingerprint(connect("staging"))
+    postgres = connect("staging", "postgres")
+    live, previous = postgres.execute(LIVE_OID).fetchone(), postgres.execute(PREVIOUS_OID).fetchone()
+    assert previous is not None  # the fixture's push made one
+    previous_before = previous_line(inv("verify", "staging").stdout)
+    proc = failing_health_check_push(pushed, sandbox_env)
     assert proc.returncode != 0
     # The check itself is broken here: it fails on the database swapped back too, and the line says so.
     line = " ".join(proc.stdout.split())
-    assert f"(swapped back: staging runs its previous database again; {FAILED_AGAIN}" in line, proc.stdout[-3000:]
+    assert f"(swapped back: staging runs its previous database again; {BEFORE_THIS_PUSH}; {FAILED_AGAIN}" in line, \
+        proc.stdout[-3000:]
     again = line.split(FAILED_AGAIN, 1)[1]
     assert "answered 404 for 2 s" in again and "): inv app.restart staging once the cause is fixed)" in again, again
-    assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
+    assert postgres.execute(LIVE_OID).fetchone() == live
     assert fingerprint(connect("staging")) == before
-    assert "wagtail_site__incoming" not in databases(connect("staging", "postgres"))
-    # The copy that failed is kept as __previous, and named so: a rollback would put it live again.
-    previous = next(line for line in inv("verify", "staging").stdout.splitlines() if line.startswith("previous: "))
-    assert re.search(r" until a swap-back at \S+: it failed its check \(the app failed its health check: "
-                     r"http://\S+/no-such-page answered 404 for 2 s \(Status code was 404", previous), previous
-    refused = inv("rollback", "staging")
-    assert refused.returncode == 1
-    assert re.fullmatch(r"drydock: error: staging: refusing to roll back staging: wagtail_site__previous is the database"
-                        r" swapped back out at \S+ as it failed its check \(the app failed its health check: .*\);"
-                        r" fix the cause and"
-                        r" push again, or, if the check itself was wrong, pass --allow-failed-check \(ansible-playbook:"
-                        r" -e drydock_allow_failed_check=true\); the app was left running", error_lines(refused)[-1]), \
-        error_lines(refused)[-1]
-    assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
+    assert postgres.execute(PREVIOUS_OID).fetchone() == previous
+    assert previous_line(inv("verify", "staging").stdout) == previous_before  # its record too
+    assert not {name for name in databases(postgres) if name.endswith(("__incoming", "__swapping"))}
+    assert "wagtail_site__previous__old" in databases(postgres)
     assert app_serves(sandbox_env, "staging")
+
+
+def test_a_failed_push_onto_a_target_without_a_previous_database_keeps_the_copy_named(pushed, connect, sandbox_env):
+    """Before a target's first push there is no <db>__previous to put back: the copy that failed
+    is kept under that name, named so (inv verify), and inv rollback refuses to bring it back."""
+    staging = sandbox_env["staging"]
+    postgres = connect("staging", "postgres")
+    live = postgres.execute(LIVE_OID).fetchone()
+    before = fingerprint(connect("staging"))
+    subprocess.run(["/bin/sh", "-c", as_db_owner(staging, "ALTER DATABASE wagtail_site__previous RENAME TO"
+                                                          " wagtail_site_hidden")], check=True)
+    try:
+        proc = failing_health_check_push(pushed, sandbox_env)
+        assert proc.returncode != 0
+        assert f"(swapped back: staging runs its previous database again; {FAILED_AGAIN}" in " ".join(
+            proc.stdout.split()), proc.stdout[-3000:]
+        assert postgres.execute(LIVE_OID).fetchone() == live
+        assert fingerprint(connect("staging")) == before
+        previous = previous_line(inv("verify", "staging").stdout)
+        assert re.search(r" until a swap-back at \S+: it failed its check \(the app failed its health check: "
+                         r"http://\S+/no-such-page answered 404 for 2 s \(Status code was 404", previous), previous
+        refused = inv("rollback", "staging")
+        assert refused.returncode == 1
+        assert re.fullmatch(r"drydock: error: staging: refusing to roll back staging: wagtail_site__previous is the"
+                            r" database swapped back out at \S+ as it failed its check \(the app failed its health"
+                            r" check: .*\); fix the cause and push again, or, if the check itself was wrong, pass"
+                            r" --allow-failed-check \(ansible-playbook: -e drydock_allow_failed_check=true\); the app"
+                            r" was left running", error_lines(refused)[-1]), error_lines(refused)[-1]
+        assert postgres.execute(LIVE_OID).fetchone() == live
+        assert app_serves(sandbox_env, "staging")
+    finally:
+        subprocess.run(["/bin/sh", "-c", as_db_owner(staging, "DROP DATABASE IF EXISTS wagtail_site__previous")],
+                       check=True)
+        subprocess.run(["/bin/sh", "-c", as_db_owner(
+            staging, "ALTER DATABASE wagtail_site_hidden RENAME TO wagtail_site__previous")], check=True)
 
 
 def test_without_a_health_url_a_database_that_does_not_answer_is_swapped_back(pushed, connect, sandbox_env):
@@ -310,7 +359,7 @@ def test_without_a_health_url_a_database_that_does_not_answer_is_swapped_back(pu
     proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={pushed[1].path}",
                     "-e", "drydock_app_health_url=", "-e", "app_service_database=no_such_database")
     assert proc.returncode != 0
-    assert f"(swapped back: staging runs its previous database again; {FAILED_AGAIN}" in " ".join(
+    assert f"(swapped back: staging runs its previous database again; {BEFORE_THIS_PUSH}; {FAILED_AGAIN}" in " ".join(
         proc.stdout.split()), proc.stdout[-3000:]
     assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
     assert fingerprint(connect("staging")) == before
@@ -367,7 +416,8 @@ def test_a_failed_health_check_swaps_back_even_when_the_app_then_will_not_stop(p
                     "-e", f"drydock_app_health_url=http://{sandbox_env['staging']['host']}:8000/no-such-page",
                     "-e", "app_service_health_timeout=2", "-e", json.dumps({"drydock_app_stop_command": stop}))
     assert proc.returncode != 0
-    assert f"(swapped back: staging runs its previous database again; the app did not stop; {FAILED_AGAIN}" in " ".join(
+    assert (f"(swapped back: staging runs its previous database again; {BEFORE_THIS_PUSH}; the app did not stop; "
+            f"{FAILED_AGAIN}") in " ".join(
         proc.stdout.split()), proc.stdout[-3000:]
     assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
     assert fingerprint(connect("staging")) == before
@@ -401,10 +451,14 @@ def test_a_failing_swap_back_leaves_the_app_stopped_and_says_what_is_live(pushed
         subprocess.run(["/bin/sh", "-c", as_db_owner(staging, "ALTER DATABASE wagtail_site__aside RENAME TO wagtail_site__previous")],
                        check=True)
     assert connect("staging", "postgres").execute(LIVE_OID).fetchone() != live  # the pushed copy
+    # Nothing was dropped: the generation before the push's __previous is still kept aside
+    # (the next push's swap drops it).
+    assert "wagtail_site__previous__old" in databases(connect("staging", "postgres"))
     inv("rollback", "staging", "--yes", check=True)
     assert connect("staging", "postgres").execute(LIVE_OID).fetchone() == live
     assert fingerprint(connect("staging")) == before
     assert app_serves(sandbox_env, "staging")  # the rollback started it
+    subprocess.run(["/bin/sh", "-c", as_db_owner(staging, "DROP DATABASE wagtail_site__previous__old")], check=True)
 
 
 def newest_local_dump(scrubbed: bool):
@@ -757,7 +811,8 @@ def test_a_write_while_the_app_stops_refuses_the_swap(pushed, connect, sandbox_e
     """The last write check runs once the app is stopped, after the upload and the restore:
     a write production took meanwhile (here by its stop command) refuses the swap, and the
     app runs again on the live database, which keeps that write. Plain ansible-playbook
-    takes the protected target's safety backup too."""
+    takes the protected target's safety backup too, and deletes it again when nothing was
+    swapped: a push that never went live rotates no older one out."""
     production = sandbox_env["production"]
     inv("backup", "production", check=True)
     backup = dumps.latest("production")
@@ -770,8 +825,10 @@ def test_a_write_while_the_app_stops_refuses_the_swap(pushed, connect, sandbox_e
                     "-e", "drydock_confirm=production", "-e", json.dumps({"drydock_app_stop_command": stop}))
     assert proc.returncode != 0
     assert "refusing to push to production: it has taken writes since the backup" in proc.stdout
-    assert "blog_post (+1)" in proc.stdout and "(nothing was swapped: the live database is unchanged)" in proc.stdout
-    assert len(set((backups_dir() / "production" / "safety").glob("*/manifest.json")) - safety_backups) == 1
+    assert "blog_post (+1)" in proc.stdout
+    assert ("(nothing was swapped: the live database is unchanged; the safety backup taken for it was deleted)"
+            in " ".join(proc.stdout.split())), proc.stdout[-3000:]
+    assert set((backups_dir() / "production" / "safety").glob("*/manifest.json")) == safety_backups
     assert connect("production", "postgres").execute(LIVE_OID).fetchone() == live
     assert "wagtail_site__incoming" not in databases(connect("production", "postgres"))
     assert app_serves(sandbox_env, "production")

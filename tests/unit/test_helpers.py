@@ -525,6 +525,8 @@ def test_latest_picks_the_newest_complete_backup(tmp_path):
     make_backup(tmp_path, "production", "20260101T000000Z")
     newest = make_backup(tmp_path, "production", "20260102T000000Z")
     make_backup(tmp_path, "production", "20260103T000000Z", with_dump=False)  # interrupted fetch
+    # An older backup copied aside by hand, under a name that sorts after every timestamp.
+    make_backup(tmp_path, "production", "keep-before-release")
     assert dumps.latest("production", root=tmp_path).path.parent == newest
 
 
