@@ -147,12 +147,26 @@ def site(env_text: str, hostname: str, port: int | str = "", site_name: str = ""
     confirm(env, protected, yes, "change the Site of")
     run = Run("site", route=[env])
     lock = inv.lock_name(env)
-    with _locks([lock], "site", say), run.step("site", env=env, hostname=hostname, port=port):
+    with _locks([lock], "site", say), run.step("site", env=env, hostname=hostname, port=port,
+                                               interrupted=lambda: _site_interrupted(run, env, hostname, port)):
         run_playbook("site_hostname.yml", limit=env, run=run, extra_vars={
             "wagtail_site_hostname": hostname, "wagtail_site_port": port, "wagtail_site_name": site_name,
             "drydock_confirm": env if protected else ""})
     before = run.task_account(env, "drydock_site")
     say(f"{env}: Site {site_name or '(default)'} is now {hostname}:{port}" + (f" ({before})" if before else ""))
+
+
+def _site_interrupted(run: Run, env: str, hostname: str, port: int) -> str:
+    """Whether an interrupted `inv site` changed the Site, from its module's progress (the
+    change is one transaction: all of it or none)."""
+    events = run.task_events(env, "drydock_site")
+    state = ("not run" if _no_task_began(run) else "running") if events is None else _task_state(events)
+    if state == "ran":
+        return f"the Site of {env} was set to {hostname}:{port} before the interruption"
+    if state == "not run":
+        return f"the Site of {env} is unchanged (its change had not begun)"
+    return (f"the Site of {env} is either unchanged or {hostname}:{port}, never half of each (one transaction): "
+            f"run the command again to be sure")
 
 
 def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool = True,

@@ -1024,6 +1024,32 @@ def test_an_interrupted_snapshot_action_says_whether_its_module_ran(tmp_path, mo
     assert workflow._snapshot_interrupted(run, "save", "saved").startswith("the save did not run")
 
 
+def test_an_interrupted_site_change_says_whether_the_site_changed(tmp_path):
+    """The Site's change is one transaction: its module's progress tells whether it ran."""
+    from drydock import workflow
+    from drydock.journal import Run
+
+    run = Run("site", root=tmp_path)
+    assert workflow._site_interrupted(run, "production", "www.example.org", 443) == (
+        "the Site of production is unchanged (its change had not begun)")
+
+    def progress(*events: str) -> None:
+        run.progress_file.write_text("".join(
+            json.dumps({"event": event, "host": "production", "action": "drydock_site", "task": "Set"}) + "\n"
+            for event in events))
+
+    run.ansible_log.write_text("TASK [wagtail_site : Set the Site's hostname and port] ****\n")
+    progress("start")
+    assert workflow._site_interrupted(run, "production", "www.example.org", 443) == (
+        "the Site of production is either unchanged or www.example.org:443, never half of each (one transaction):"
+        " run the command again to be sure")
+    progress("start", "ok")
+    assert workflow._site_interrupted(run, "production", "www.example.org", 443) == (
+        "the Site of production was set to www.example.org:443 before the interruption")
+    progress("start", "failed")
+    assert workflow._site_interrupted(run, "production", "www.example.org", 443).endswith("(its change had not begun)")
+
+
 def test_an_environment_without_the_host_variables_the_playbooks_need_is_refused_up_front():
     """A push would otherwise dump the local database, then fail where the restore first
     reads the missing variable."""
