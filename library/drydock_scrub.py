@@ -66,6 +66,10 @@ def main() -> None:
     ran, without_table = [], []
     try:
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
+            # A database never pulled or migrated: the rules' tables are missing for that reason.
+            if conn.execute("SELECT to_regclass('django_migrations') IS NULL").fetchone()[0]:
+                raise MissingTable(f"{p['database']} holds no Django tables (no django_migrations): there is nothing "
+                                   "to push; pull a copy into the local database first (inv pull <server>)")
             for rule in p["rules"]:
                 if conn.execute("SELECT to_regclass(%s) IS NULL", (rule["table"],)).fetchone()[0]:
                     if boolean(rule.get("required", True), strict=False):

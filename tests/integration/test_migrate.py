@@ -68,6 +68,25 @@ def test_plan_shows_sql_and_applies_nothing(fresh_local, connect):
     assert applied(connect("local")) == {"0001_initial"}
 
 
+def test_the_plan_of_a_database_never_migrated_says_to_pull_first(sandbox_env):
+    """Each migration's SQL needs the ones before it applied (some read the schema): on a
+    database no migration was applied to, the plan lists them and says so, in seconds."""
+    local = sandbox_env["local"]
+    create = subprocess.run([*owner_psql(local), "-c", "CREATE DATABASE wagtail_empty OWNER wagtail_site"],
+                            capture_output=True, text=True)
+    assert create.returncode == 0, create.stderr
+    try:
+        url = local["url"].replace("/wagtail_site?", "/wagtail_empty?")
+        proc = playbook("migrate_plan.yml", "--limit", "local", "-e", "drydock_db_name=wagtail_empty",
+                        "-e", f"drydock_app_database_url={url}")
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        text = " ".join(proc.stdout.split())
+        assert "No migration is applied to this database yet (was it ever pulled?)" in text, text[-2000:]
+        assert "== " not in text and "Pending migrations (" in text and "blog.0001_initial" in text
+    finally:
+        subprocess.run([*owner_psql(local), "-c", "DROP DATABASE IF EXISTS wagtail_empty"], check=True)
+
+
 def test_phases_follow_the_deploy_order(fresh_local, connect):
     inv("migrate", "--phase", "before", check=True)
     assert applied(connect("local")) == {"0001_initial", "0002_podcast"}  # 0003 is Safe.after_deploy

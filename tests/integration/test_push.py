@@ -491,6 +491,24 @@ def test_a_scrub_rule_for_a_missing_table_stops_the_push_before_anything_leaves(
     assert "wagtail_site__outgoing" not in databases(connect("local", "postgres"))
 
 
+def test_a_local_database_never_pulled_is_named_not_the_scrub_rules(pushed, connect, sandbox_env):
+    """An empty local database lacks every rule's table: the push says why, rather than
+    steering to the rules."""
+    local = sandbox_env["local"]
+    subprocess.run(["/bin/sh", "-c", as_db_owner(local, "CREATE DATABASE wagtail_empty OWNER wagtail_site")], check=True)
+    try:
+        before = sorted((backups_dir() / "local").iterdir())
+        proc = playbook("prepare_push.yml", "--limit", "local", "-e", "drydock_db_name=wagtail_empty")
+        assert proc.returncode != 0
+        assert ("wagtail_empty__outgoing holds no Django tables (no django_migrations): there is nothing to push;"
+                " pull a copy into the local database first (inv pull <server>)") in " ".join(proc.stdout.split()), \
+            proc.stdout[-2000:]
+        assert sorted((backups_dir() / "local").iterdir()) == before
+        assert "wagtail_empty__outgoing" not in databases(connect("local", "postgres"))
+    finally:
+        subprocess.run(["/bin/sh", "-c", as_db_owner(local, "DROP DATABASE IF EXISTS wagtail_empty")], check=True)
+
+
 def test_scrubbed_dump_is_refused_by_production(pushed, connect):
     before = fingerprint(connect("production"))
     proc = inv("push", "production", "--yes", "--dump", str(newest_local_dump(scrubbed=True).path))
