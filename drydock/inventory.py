@@ -4,8 +4,10 @@ from __future__ import annotations
 import configparser
 import functools
 import json
+import os
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from drydock.errors import DrydockError
 from drydock.lock import LOCAL as LOCAL_LOCK
@@ -127,6 +129,11 @@ def load() -> Inventory:
     """The inventory, read once per drydock command (ansible-inventory takes a second)."""
     # Quiet whatever ANSIBLE_VERBOSITY the operator set for the playbooks: at 1 and above,
     # ansible-inventory writes its own lines into the JSON it prints.
+    # One path, resolved from the project's folder (ANSIBLE_INVENTORY may list several sources):
+    # Ansible would only warn, then find no hosts.
+    if os.environ.get("DRYDOCK_INVENTORY") and not Path(ansible_env()["ANSIBLE_INVENTORY"]).exists():
+        raise DrydockError(f"no inventory at {ansible_env()['ANSIBLE_INVENTORY']} (DRYDOCK_INVENTORY="
+                           f"{os.environ['DRYDOCK_INVENTORY']}, read from the project's folder)")
     proc = subprocess.run(["ansible-inventory", "--list"], env=dict(ansible_env(), ANSIBLE_VERBOSITY="0"),
                           capture_output=True, text=True)
     if proc.returncode != 0:

@@ -255,7 +255,8 @@ def _snapshot_interrupted(run: Run, action: str, name: str) -> str:
     if progress is None and not _no_task_began(run):
         return f"whether the {action} ran cannot be told (no task progress was recorded): {_snapshot_tells(action)}"
     events = [entry["event"] for entry in progress or [] if entry.get("action") == "drydock_snapshot"]
-    done = {"save": f"snapshot {name} was saved (a restore without its ready copy copies it)",
+    done = {"save": f"snapshot {name} was saved (its ready copy, made in the background, may not be there yet: "
+                    f"`inv snapshot.list` says; a restore without it copies the snapshot)",
             "restore": f"the local database is back at snapshot {name}; the one it replaced is kept as <db>__previous",
             "delete": f"snapshot {name} was deleted"}[action]
     state = _task_state(events)
@@ -343,6 +344,9 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
                            "--param, --fixtree, --phase or --no-migrate with it")
     if not (run_migrate or notebook or script or fixtree or plan):
         raise InvalidInput("--no-migrate leaves nothing to run: give it a --notebook, a --script or --fixtree")
+    if not run_migrate and phase != "all":
+        raise InvalidInput(f"--phase {phase} chooses the migrations to apply, and --no-migrate applies none: give one "
+                           "of the two")
     inv = inventory.load()
     local = inv.local_env()
     if plan:
@@ -351,7 +355,8 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
         return None
     run = run or Run("migrate", route=[local])
     snapshot_name = inv.hostvars[local].get("django_migrate_snapshot", "before_step")
-    what = f"notebook {Path(notebook).name}" if notebook else f"script {Path(script).name}" if script else f"migrate ({phase})"
+    what = (f"notebook {Path(notebook).name}" if notebook else f"script {Path(script).name}" if script
+            else f"migrate ({phase})" if run_migrate else "fixtree")
     extra = {"django_migrate_phase": phase, "django_migrate_migrate": run_migrate,
              "django_migrate_fixtree": fixtree, "django_migrate_output_dir": str(run.dir),
              "django_migrate_parameters": notebook_parameters,

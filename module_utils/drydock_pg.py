@@ -458,7 +458,8 @@ def describe_origin(record: dict, live: bool) -> str:
 
 SCHEMA_QUERIES = {
     "table": """
-        SELECT c.relname, c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        SELECT c.relname, CASE c.relkind WHEN 'p' THEN 'partitioned table' ELSE 'table' END
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p')""",
     "column": """
         SELECT c.relname || '.' || a.attname,
@@ -533,7 +534,8 @@ def schema_diff(expected: dict, actual: dict) -> list[str]:
         want, have = expected.get(kind, {}), actual.get(kind, {})
         for name in sorted(set(want) | set(have)):
             if name not in have:
-                lines.append(f"{kind} {name}: missing (expected {want[name]})")
+                # A table's or a sequence's definition is its kind: nothing more to say.
+                lines.append(f"{kind} {name}: missing" + ("" if want[name] == kind else f" (expected {want[name]})"))
             elif name not in want:
                 lines.append(f"{kind} {name}: not in the code's schema ({have[name]})")
             elif normalized(want[name]) != normalized(have[name]):

@@ -169,6 +169,8 @@ def test_side_database_named_as_the_live_one_is_refused(pulled, connect, overrid
     (["migrate", "--plan", "--phase", "before"], "--plan shows every pending migration and runs nothing"),
     (["migrate", "--plan", "--no-migrate"], "--plan shows every pending migration and runs nothing"),
     (["migrate", "--no-migrate"], "--no-migrate leaves nothing to run: give it a --notebook, a --script or --fixtree"),
+    (["migrate", "--no-migrate", "--fixtree", "--phase", "before"], "--phase before chooses the migrations to apply,"
+                                                                     " and --no-migrate applies none: give one of the two"),
     (["migrate", "--param", "title=x"], "--param sets a notebook's parameters: give --notebook with it"),
     (["pipeline", "production", "staging", "--param", "title=x"], "--param sets a notebook's parameters"),
     (["migrate", "--plan", "--notebook", "examples/notebooks/blog_to_podcast.ipynb"], "--plan shows every pending"),

@@ -565,11 +565,12 @@ def test_load_refuses_an_incomplete_manifest_in_one_line(tmp_path, damage):
 def test_schema_diff_names_each_object_and_ignores_deparse_noise():
     from drydock_pg import schema_diff
 
-    reference = {"column": {"t.a": "integer not null", "t.b": "text null"},
+    reference = {"table": {"t": "table", "gone": "table"}, "column": {"t.a": "integer not null", "t.b": "text null"},
                  "index": {"i": "CREATE INDEX i ON public.t USING btree (a) WHERE ((b)::text = ANY ((ARRAY['x'::character varying])::text[]))"}}
-    restored = {"column": {"t.a": "bigint not null", "t.c": "text null"},
+    restored = {"table": {"t": "table"}, "column": {"t.a": "bigint not null", "t.c": "text null"},
                 "index": {"i": "CREATE INDEX i ON public.t USING btree (a) WHERE ((b)::text = ANY (ARRAY[('x'::character varying)::text]))"}}
     assert schema_diff(reference, restored) == [
+        "table gone: missing",
         "column t.a: is bigint not null, expected integer not null",
         "column t.b: missing (expected text null)",
         "column t.c: not in the code's schema (text null)",
@@ -846,6 +847,19 @@ def test_an_inventory_with_a_server_called_local_is_refused(tmp_path, monkeypatc
     inventory.load.cache_clear()
     try:
         with pytest.raises(DrydockError, match="a server in drydock_servers is called 'local'"):
+            inventory.load()
+    finally:
+        inventory.load.cache_clear()
+
+
+def test_an_inventory_path_that_does_not_exist_is_named(tmp_path, monkeypatch):
+    """Ansible only warns about a missing inventory, then finds no hosts: say what is wrong."""
+    from drydock import inventory
+
+    monkeypatch.setenv("DRYDOCK_INVENTORY", str(tmp_path / "nosuch"))
+    inventory.load.cache_clear()
+    try:
+        with pytest.raises(DrydockError, match=f"^no inventory at {tmp_path}/nosuch \\(DRYDOCK_INVENTORY="):
             inventory.load()
     finally:
         inventory.load.cache_clear()
