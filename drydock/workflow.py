@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 from drydock import dumps, inventory, unfinished
 from drydock.dumps import Dump
 from drydock.errors import DrydockError, Interrupted
-from drydock.journal import Run, read_progress
+from drydock.journal import Run, read, read_progress
 from drydock.lock import LOCAL as LOCAL_LOCK, target_lock
 from drydock.paths import backups_dir
 from drydock.playbook import run_playbook
@@ -369,7 +369,7 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
     with _locks([] if locked else [LOCAL_LOCK], "migrate", say):
         unfinished.refuse_if_unfinished("migrate")  # under the lock: no step can be starting meanwhile
         with run.step("migrate", env=local, what=what, phase=phase,
-                      interrupted=lambda: _migrate_interrupted(run, local, snapshot_name)):
+                      interrupted=lambda: _migrate_interrupted(run, local, snapshot_name) + _pulled_before(run)):
             say(f"==> {what} on the local database (a safety snapshot is taken first)")
             run_playbook("migrate.yml", limit=local, extra_vars=extra, run=run)
     if notebook:
@@ -381,6 +381,13 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
 # drydock_progress records a role's task as "<role> : <name>": the step's mark, written once
 # its safety snapshot is taken (roles/django_migrate).
 MIGRATE_MARK_TASK = "django_migrate : Mark the local database as in the middle of a step"
+
+
+def _pulled_before(run: Run) -> str:
+    """In a pipeline, what its pull did before the step: "unchanged" is about the step alone."""
+    pulls = [step for step in read(run.dir) if step["step"] == "pull" and step.get("outcome") == "ok"]
+    return ("; the pipeline's pull before it had replaced the local database (snapshot pre_pull holds the one from "
+            "before the pipeline)") if pulls else ""
 
 
 def _migrate_interrupted(run: Run, local: str, snapshot_name: str) -> str:

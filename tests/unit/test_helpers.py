@@ -219,6 +219,19 @@ def test_an_interrupted_migration_step_says_what_it_left_by_its_mark(tmp_path, m
     assert left().startswith("the local database is whole: the step had not begun changing it, or had ended")
 
 
+def test_an_interrupted_step_in_a_pipeline_says_its_pull_had_replaced_the_local_database(tmp_path):
+    from drydock.workflow import _pulled_before
+
+    run = Run("pipeline", root=tmp_path)
+    with run.step("backup"):
+        pass
+    assert _pulled_before(run) == ""
+    with run.step("pull"):
+        pass
+    assert _pulled_before(run) == ("; the pipeline's pull before it had replaced the local database (snapshot pre_pull"
+                                   " holds the one from before the pipeline)")
+
+
 def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_progress_ansible_reported(tmp_path,
                                                                                                      monkeypatch):
     """Ansible's log shows a task's banner only with its result: which swap ran is read from
