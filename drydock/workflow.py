@@ -164,7 +164,7 @@ def _site_interrupted(run: Run, env: str, hostname: str, port: int) -> str:
     if state == "ran":
         return f"the Site of {env} was set to {hostname}:{port} before the interruption"
     if state == "not run":
-        return f"the Site of {env} is unchanged (its change had not begun)"
+        return f"the Site of {env} is unchanged (its change had not begun, or failed and was undone)"
     return (f"the Site of {env} is either unchanged or {hostname}:{port}, never half of each (one transaction): "
             f"run the command again to be sure")
 
@@ -561,7 +561,8 @@ def _push_interrupted(run: Run, env: str, database: str, dump: Dump, say: Say) -
 
 def _safety_backup_note(run: Run, env: str) -> str:
     made = _fetched_into(run, backups_dir() / env / "safety")
-    return f"; its safety backup, taken before the interruption: {made}" if made else ""
+    # Not one a push that did not go live deleted again before the interruption.
+    return f"; its safety backup, taken before the interruption: {made}" if made and made.exists() else ""
 
 
 # drydock_progress records a role's task as "<role> : <name>": app_service's stop and start.

@@ -10,7 +10,8 @@ description:
     to C(previous) and C(incoming) to live: either both renames happen or neither does, even
     if the module is killed half-way. Takes milliseconds whatever the size.
   - An existing database named C(previous) (the generation before) is renamed aside in the
-    same transaction and dropped only once the swap has succeeded.
+    same transaction and dropped only once the swap has succeeded (with C(keep_older), kept
+    until the caller decides).
   - When the live database does not exist yet, C(incoming) is simply renamed.
   - The old live database's comment records when it was set aside (C(set_aside)), which
     C(inv snapshot.list) shows as the age of the pull's C(pre_pull) snapshot.
@@ -68,6 +69,12 @@ options:
         C(previous)__old is still that database: then a plain exchange.
       - With C(drop_older), the database to drop.
     type: int
+  live_oid:
+    description:
+      - With C(exchange) (a push's swap-back), the oid of the copy the swap put live: nothing is
+        exchanged unless C(database) is still that one (another run from another controller may
+        have swapped since).
+    type: int
   drop_older:
     description:
       - Only drop C(previous)__old if it is the database C(older_oid) (the push it was kept
@@ -98,8 +105,14 @@ RETURN = r"""
 previous: {description: Name of the old live database, or null when there was none., type: str, returned: success}
 terminated: {description: Sessions terminated on the live database., type: int, returned: success}
 drydock_account: {description: "Where the database now live came from, in a line (see drydock_db_origin).", type: str, returned: an exchange}
-older_oid: {description: "The oid of the generation kept as C(previous)__old, or null when there was none.", type: int, returned: a swap with keep_older}
-older_restored: {description: "Whether the swap-back put the kept generation back as C(previous) (the copy that failed is then C(previous)__old).", type: bool, returned: an exchange}
+older_oid:
+  description: The oid of the generation kept as C(previous)__old, or null when there was none.
+  type: int
+  returned: a swap with keep_older
+older_restored:
+  description: Whether the swap-back put the kept generation back as C(previous) (the copy that failed is then C(previous)__old).
+  type: bool
+  returned: an exchange
 dropped: {description: "The database drop_older dropped, or null.", type: str, returned: drop_older}
 """
 
@@ -108,8 +121,9 @@ from datetime import datetime, timezone
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, add_to_record, aside_name, connect, database_comment,
                                              database_exists, database_oid, drop_database, exchange,
-                                             exchange_restoring_older, origin_of, refuse_another_database, set_allow_connections, set_database_comment,
-                                             swap_in, utc_now, write_fingerprint, NotTheRestoredDatabase)
+                                             exchange_restoring_older, origin_of, refuse_another_database,
+                                             set_allow_connections, set_database_comment, swap_in, utc_now,
+                                             write_fingerprint, NotTheRestoredDatabase)
 
 
 def note(conn, name: str, fields: dict) -> None:
@@ -169,6 +183,7 @@ def main() -> None:
                            comment=dict(type="dict"), close_previous=dict(type="bool", default=False),
                            failed_check=dict(type="str"), incoming_oid=dict(type="int"),
                            keep_older=dict(type="bool", default=False), older_oid=dict(type="int"),
+                           live_oid=dict(type="int"),
                            drop_older=dict(type="bool", default=False)),
         supports_check_mode=True,
         mutually_exclusive=[("exchange", "drop_older")],
@@ -193,18 +208,27 @@ def main() -> None:
                     module.fail_json(msg=f"cannot exchange: database {missing[0]} does not exist")
                 if module.check_mode:
                     module.exit_json(changed=True, previous=p["previous"], terminated=0)
-                record_live_since(conn, p["socket_dir"], p["port"], p["previous"])
-                older_restored = False
-                if p["older_oid"] is not None:
-                    try:
-                        terminated = exchange_restoring_older(conn, p["database"], p["previous"], p["older_oid"])
-                        older_restored = True
-                    except NotTheRestoredDatabase:  # not (or no longer) the generation the swap kept
-                        pass
+                older = aside_name(p["previous"])
+                older_restored = p["older_oid"] is not None and database_oid(conn, older) == p["older_oid"]
+                # Brought back with the older generation behind it, the database keeps the write
+                # baseline it had: a rollback to that generation must count every write it took
+                # since it went live, which the copy that failed held but the generation lacks.
                 if not older_restored:
-                    terminated = exchange(conn, p["database"], p["previous"])
-                # Under their new names: the previous database is live now, and the other aside
-                # (unless it was dropped, and the generation before it is previous again, as it was).
+                    record_live_since(conn, p["socket_dir"], p["port"], p["previous"])
+                try:
+                    if older_restored:
+                        try:
+                            terminated = exchange_restoring_older(conn, p["database"], p["previous"], p["older_oid"],
+                                                                  p["live_oid"])
+                        except NotTheRestoredDatabase:  # replaced meanwhile: the plain exchange below checks live
+                            older_restored = False
+                    if not older_restored:
+                        terminated = exchange(conn, p["database"], p["previous"], p["live_oid"])
+                except NotTheRestoredDatabase:
+                    module.fail_json(msg=f"refusing to swap back: {p['database']} is no longer the copy this run swapped"
+                                         " in (another run has swapped since); nothing was exchanged")
+                # Under their new names: the previous database is live now, and the other aside (as
+                # previous, or as previous__old when the generation before is previous again).
                 at = utc_now()
                 by = "swap-back" if p["failed_check"] else "exchange"
                 note(conn, p["database"], {"swapped_in": at, "swapped_in_by": by})
@@ -226,10 +250,10 @@ def main() -> None:
                 set_database_comment(conn, p["incoming"], {**p["comment"], **swapped_in})
             else:
                 note(conn, p["incoming"], swapped_in)
+            # Read before the swap (a rename keeps a database's oid), so that nothing can fail once it has committed.
+            older_oid = database_oid(conn, p["previous"]) if p["keep_older"] else None
             terminated = swap_in(conn, p["database"], p["incoming"], p["previous"], drop_aside=not p["keep_older"],
                                  incoming_oid=p["incoming_oid"])
-            # Any database under that name was dropped by swap_in before its renames: this is the one it kept.
-            older_oid = database_oid(conn, aside_name(p["previous"])) if p["keep_older"] else None
             if has_live:
                 note(conn, p["previous"], {"set_aside": at, "set_aside_by": "swap"})
                 if p["close_previous"]:
@@ -249,14 +273,13 @@ def drop_older(module: AnsibleModule) -> None:
     leftover is dropped by the next swap."""
     p = module.params
     older = aside_name(p["previous"])
-    if module.check_mode:
-        module.exit_json(changed=False, dropped=None)
     require_psycopg(module)
     dropped = None
     try:
         with connect(p["socket_dir"], p["port"], "postgres", autocommit=True) as conn:
             if database_oid(conn, older) == p["older_oid"]:
-                drop_database(conn, older)
+                if not module.check_mode:
+                    drop_database(conn, older)
                 dropped = older
     except Exception as error:  # noqa: BLE001 - said, not failed
         module.warn(f"{older}, the generation before {p['previous']}, could not be dropped "

@@ -103,14 +103,15 @@ def switch(conn, database: str, hostname: str, port: int, site_name: str, django
     # refuses a target that has taken writes since its backup.
     conn.execute("UPDATE wagtailcore_site SET hostname = %s, port = %s WHERE id = %s"
                  " AND (hostname, port) IS DISTINCT FROM (%s, %s)", (hostname, port, site_id, hostname, port))
-    domain, old_domain = None, None
+    domain, old_domain, domain_changed = None, None, False
     if tables[1] and is_default:  # django_site follows the default Site, however it was named
         domain = django_domain(hostname, port)
         row = conn.execute("SELECT domain FROM django_site WHERE id = %s", (django_site_id,)).fetchone()
         old_domain = row[0] if row else None
+        domain_changed = row is not None and old_domain != domain  # no row: nothing is written
         conn.execute("UPDATE django_site SET domain = %s WHERE id = %s AND domain IS DISTINCT FROM %s",
                      (domain, django_site_id, domain))
-    changed = (old_host, old_port) != (hostname, port) or domain != old_domain
+    changed = (old_host, old_port) != (hostname, port) or domain_changed
     if (old_host, old_port) != (hostname, port):
         account = f"it was {old_host}:{old_port}"
     elif changed:

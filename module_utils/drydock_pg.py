@@ -277,22 +277,23 @@ def refuse_another_database(conn, name: str, expect_oid: int | None) -> None:
 
 
 def renames_in_one_transaction(conn, close: list[str], renames: list[tuple[str, str]], attempts: int = 3,
-                               expect: tuple[str, int] | None = None) -> int:
+                               expect: list[tuple[str, int | None]] = ()) -> int:
     """End the other sessions on the databases `close`, then apply `renames`, all in one
     transaction: interrupted or failed at any point (even by SIGKILL), nothing has changed.
     PostgreSQL makes a rename wait up to 5 s for a session that connected in between, and
     refuses it if the session stays; then the whole transaction is tried again. With
-    `expect` (a name after the renames, and an oid), the transaction is undone unless that
-    name is then that database: checked after the renames, which lock it, so that nothing
-    can replace it in between. Returns the number of sessions ended."""
+    `expect` (names after the renames, each with an oid, or None for any), the transaction is
+    undone (NotTheRestoredDatabase) unless each name is then that database: checked after the
+    renames, which lock them, so that nothing can replace one in between. Returns the number
+    of sessions ended."""
     for attempt in range(attempts):
         try:
             with conn.transaction():
                 terminated = sum(terminate_sessions(conn, name) for name in close)
                 for old, new in renames:
                     conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
-                if expect is not None:
-                    refuse_another_database(conn, *expect)
+                for name, oid in expect:
+                    refuse_another_database(conn, name, oid)
             return terminated
         except psycopg.errors.ObjectInUse:
             if attempt == attempts - 1:
@@ -324,8 +325,7 @@ def swap_in(conn, database: str, incoming: str, previous: str, drop_aside: bool 
     present = [name for name in (database, previous) if database_exists(conn, name)]
     renames = [(old, new) for old, new in [(previous, aside), (database, previous), (incoming, database)]
                if old == incoming or old in present]
-    terminated = renames_in_one_transaction(conn, present + [incoming], renames,
-                                            expect=None if incoming_oid is None else (database, incoming_oid))
+    terminated = renames_in_one_transaction(conn, present + [incoming], renames, expect=[(database, incoming_oid)])
     if not drop_aside:
         return terminated
     # The swap has happened: tidying up the older generation must not fail it.
@@ -341,24 +341,28 @@ def drop_database(conn, name: str) -> None:
     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def exchange(conn, first: str, second: str) -> int:
+def exchange(conn, first: str, second: str, first_oid: int | None = None) -> int:
     """Swap the names of two databases (e.g. live and previous) in one transaction,
-    after terminating their sessions. Returns the sessions terminated."""
+    after terminating their sessions. With `first_oid`, raises NotTheRestoredDatabase, and
+    nothing is renamed, unless `first` was that database. Returns the sessions terminated."""
     temporary = first[:55] + "__swapping"
     return renames_in_one_transaction(conn, [first, second],
-                                      [(first, temporary), (second, first), (temporary, second)])
+                                      [(first, temporary), (second, first), (temporary, second)],
+                                      expect=[(second, first_oid)])
 
 
-def exchange_restoring_older(conn, database: str, previous: str, older_oid: int) -> int:
+def exchange_restoring_older(conn, database: str, previous: str, older_oid: int, live_oid: int | None = None) -> int:
     """A push's swap-back: exchange `database` and `previous` as exchange() does and, in the
     same transaction, put the generation a swap kept as aside_name(previous) back as
     `previous`, where inv rollback finds it; the copy that failed takes the kept generation's
     name (writes it took while live are there; the next swap drops it). Raises
     NotTheRestoredDatabase, and nothing is renamed, unless the kept generation is the
-    database `older_oid`. Returns the sessions terminated."""
+    database `older_oid` (and, with `live_oid`, `database` was that one). Returns the
+    sessions terminated."""
     older, temporary = aside_name(previous), database[:55] + "__swapping"
     renames = [(database, temporary), (previous, database), (older, previous), (temporary, older)]
-    return renames_in_one_transaction(conn, [database, previous, older], renames, expect=(previous, older_oid))
+    return renames_in_one_transaction(conn, [database, previous, older], renames,
+                                      expect=[(previous, older_oid), (older, live_oid)])
 
 
 def parse_record(comment: str | None) -> dict:

@@ -512,9 +512,9 @@ def test_the_swaps_renames_are_undone_unless_they_put_the_restored_database_live
     try:
         oid = drydock_pg.database_oid(admin, side)
         with pytest.raises(drydock_pg.NotTheRestoredDatabase):
-            drydock_pg.renames_in_one_transaction(admin, [side], [(side, live)], expect=(live, oid + 1))
+            drydock_pg.renames_in_one_transaction(admin, [side], [(side, live)], expect=[(live, oid + 1)])
         assert drydock_pg.database_oid(admin, side) == oid and drydock_pg.database_oid(admin, live) is None
-        drydock_pg.renames_in_one_transaction(admin, [side], [(side, live)], expect=(live, oid))
+        drydock_pg.renames_in_one_transaction(admin, [side], [(side, live)], expect=[(live, oid)])
         assert drydock_pg.database_oid(admin, live) == oid and drydock_pg.database_oid(admin, side) is None
     finally:
         for name in (side, live):

@@ -346,10 +346,12 @@ def test_a_failed_push_onto_a_target_without_a_previous_database_keeps_the_copy_
         assert postgres.execute(LIVE_OID).fetchone() == live
         assert app_serves(sandbox_env, "staging")
     finally:
-        subprocess.run(["/bin/sh", "-c", as_db_owner(staging, "DROP DATABASE IF EXISTS wagtail_site__previous")],
-                       check=True)
-        subprocess.run(["/bin/sh", "-c", as_db_owner(
-            staging, "ALTER DATABASE wagtail_site_hidden RENAME TO wagtail_site__previous")], check=True)
+        # The copy that failed, unless the swap-back failed and it is staging's own database there.
+        if postgres.execute(PREVIOUS_OID).fetchone() not in (None, live):
+            subprocess.run(["/bin/sh", "-c", as_db_owner(staging, "DROP DATABASE wagtail_site__previous")], check=True)
+        if postgres.execute(PREVIOUS_OID).fetchone() is None:
+            subprocess.run(["/bin/sh", "-c", as_db_owner(
+                staging, "ALTER DATABASE wagtail_site_hidden RENAME TO wagtail_site__previous")], check=True)
 
 
 def test_without_a_health_url_a_database_that_does_not_answer_is_swapped_back(pushed, connect, sandbox_env):
@@ -823,6 +825,40 @@ def test_writes_that_cannot_be_counted_refuse_a_rollback_and_a_push(pushed, conn
     assert connect("production", "postgres").execute(LIVE_OID).fetchone() == live
     assert fingerprint(connect("production")) == before
     assert app_serves(sandbox_env, "production")
+
+
+def test_a_failed_push_keeps_the_write_baseline_a_rollback_counts_from(pushed, connect, sandbox_env):
+    """A push swapped back puts the generation before <db>__previous back: a rollback would now
+    bring back that older database, not the copy that failed. Production's writes since its
+    database went live are not in it, so the rollback must still count them: the swap-back
+    leaves production's write baseline as it was."""
+    production = sandbox_env["production"]
+    inv("pull", "production", check=True)
+    inv("push", "production", "--yes", check=True)  # the live database now went live by a push
+    writer = connect("production")
+    writer.execute("UPDATE blog_post SET body = body WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)")
+    writer.close()  # a session sends its last write counters as it exits: the backup's are then up to date
+    inv("backup", "production", check=True)  # it holds that write: the push below may go ahead
+    live = connect("production", "postgres").execute(LIVE_OID).fetchone()
+    try:
+        proc = playbook("restore_database.yml", "--limit", "production", "-e",
+                        f"drydock_dump={dumps.latest('production').path}", "-e", "drydock_confirm=production",
+                        "-e", f"drydock_app_health_url=http://{production['host']}:8000/no-such-page",
+                        "-e", "app_service_health_timeout=2")
+        assert proc.returncode != 0
+        assert f"(swapped back: production runs its previous database again; {BEFORE_THIS_PUSH}" \
+            in " ".join(proc.stdout.split()), proc.stdout[-3000:]
+        assert connect("production", "postgres").execute(LIVE_OID).fetchone() == live
+        refused = inv("rollback", "production", "--yes")
+        assert refused.returncode == 1
+        line = error_lines(refused)[-1]
+        assert "refusing to roll back production: it has taken writes since it was swapped in (" in line, line
+        assert "blog_post (+1)" in line, line
+        assert connect("production", "postgres").execute(LIVE_OID).fetchone() == live
+        assert app_serves(sandbox_env, "production")
+    finally:
+        subprocess.run(["/bin/sh", "-c", as_db_owner(production, "DROP DATABASE IF EXISTS wagtail_site__previous__old")],
+                       check=True)
 
 
 def test_a_write_while_the_app_stops_refuses_the_swap(pushed, connect, sandbox_env):

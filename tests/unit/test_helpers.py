@@ -1015,6 +1015,10 @@ def test_an_interrupted_backup_or_push_names_the_dumps_it_fetched_whole(tmp_path
     safety = tmp_path / "backups" / "production" / "safety" / "20261205T010100Z" / "wagtail_site.dump.zst"
     run.fetched += [local, safety]
     assert workflow._backup_interrupted(run, "production").endswith("the next backup deletes the unfinished one here")
+    # One the push deleted again (it did not go live) before the interruption is not named.
+    assert workflow._safety_backup_note(run, "production") == ""
+    safety.parent.mkdir(parents=True)
+    safety.write_bytes(b"PGDMP")
     assert workflow._safety_backup_note(run, "production") == (
         f"; its safety backup, taken before the interruption: {safety}")
     backup = tmp_path / "backups" / "production" / "20261205T010200Z" / "wagtail_site.dump.zst"
@@ -1058,7 +1062,7 @@ def test_an_interrupted_site_change_says_whether_the_site_changed(tmp_path):
 
     run = Run("site", root=tmp_path)
     assert workflow._site_interrupted(run, "production", "www.example.org", 443) == (
-        "the Site of production is unchanged (its change had not begun)")
+        "the Site of production is unchanged (its change had not begun, or failed and was undone)")
 
     def progress(*events: str) -> None:
         run.progress_file.write_text("".join(
@@ -1074,7 +1078,7 @@ def test_an_interrupted_site_change_says_whether_the_site_changed(tmp_path):
     assert workflow._site_interrupted(run, "production", "www.example.org", 443) == (
         "the Site of production was set to www.example.org:443 before the interruption")
     progress("start", "failed")
-    assert workflow._site_interrupted(run, "production", "www.example.org", 443).endswith("(its change had not begun)")
+    assert workflow._site_interrupted(run, "production", "www.example.org", 443).endswith("failed and was undone)")
 
 
 def test_an_environment_without_the_host_variables_the_playbooks_need_is_refused_up_front():
