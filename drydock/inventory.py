@@ -127,13 +127,13 @@ def sandbox_down() -> bool:
 @functools.lru_cache(maxsize=None)
 def load() -> Inventory:
     """The inventory, read once per drydock command (ansible-inventory takes a second)."""
-    # Quiet whatever ANSIBLE_VERBOSITY the operator set for the playbooks: at 1 and above,
-    # ansible-inventory writes its own lines into the JSON it prints.
     # DRYDOCK_INVENTORY is one path, resolved from the project's folder: a missing one, Ansible
     # would only warn about, then find no hosts.
     if os.environ.get("DRYDOCK_INVENTORY") and not Path(ansible_env()["ANSIBLE_INVENTORY"]).exists():
         raise DrydockError(f"no inventory at {ansible_env()['ANSIBLE_INVENTORY']} (DRYDOCK_INVENTORY="
                            f"{os.environ['DRYDOCK_INVENTORY']}, read from the project's folder)")
+    # Quiet whatever ANSIBLE_VERBOSITY the operator set for the playbooks: at 1 and above,
+    # ansible-inventory writes its own lines into the JSON it prints.
     proc = subprocess.run(["ansible-inventory", "--list"], env=dict(ansible_env(), ANSIBLE_VERBOSITY="0"),
                           capture_output=True, text=True)
     if proc.returncode != 0:
