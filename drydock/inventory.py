@@ -129,12 +129,13 @@ def load() -> Inventory:
     """The inventory, read once per drydock command (ansible-inventory takes a second)."""
     # DRYDOCK_INVENTORY is one path, resolved from the project's folder: a missing one, Ansible
     # would only warn about, then find no hosts.
-    if os.environ.get("DRYDOCK_INVENTORY") and not Path(ansible_env()["ANSIBLE_INVENTORY"]).exists():
-        raise DrydockError(f"no inventory at {ansible_env()['ANSIBLE_INVENTORY']} (DRYDOCK_INVENTORY="
+    env = ansible_env()
+    if os.environ.get("DRYDOCK_INVENTORY") and not Path(env["ANSIBLE_INVENTORY"]).exists():
+        raise DrydockError(f"no inventory at {env['ANSIBLE_INVENTORY']} (DRYDOCK_INVENTORY="
                            f"{os.environ['DRYDOCK_INVENTORY']}, read from the project's folder)")
     # Quiet whatever ANSIBLE_VERBOSITY the operator set for the playbooks: at 1 and above,
     # ansible-inventory writes its own lines into the JSON it prints.
-    proc = subprocess.run(["ansible-inventory", "--list"], env=dict(ansible_env(), ANSIBLE_VERBOSITY="0"),
+    proc = subprocess.run(["ansible-inventory", "--list"], env=dict(env, ANSIBLE_VERBOSITY="0"),
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise DrydockError(f"cannot read the inventory: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -142,7 +143,7 @@ def load() -> Inventory:
     hosts = {group: tuple(data.get(group, {}).get("hosts", [])) for group in ("drydock_servers", "drydock_local")}
     missing = [group for group, names in hosts.items() if not names]
     if missing:
-        where = ansible_env().get("ANSIBLE_INVENTORY") or "inventories/sandbox (ansible.cfg)"
+        where = env.get("ANSIBLE_INVENTORY") or "inventories/sandbox (ansible.cfg)"
         raise DrydockError(f"the inventory {where} has no hosts in {' or '.join(missing)}: "
                            "is its path right? (see docs/configuration.md)")
     if LOCAL_LOCK in hosts["drydock_servers"]:  # its lock would be the local database's (drydock.lock.LOCAL)

@@ -159,8 +159,7 @@ def site(env_text: str, hostname: str, port: int | str = "", site_name: str = ""
 def _site_interrupted(run: Run, env: str, hostname: str, port: int) -> str:
     """Whether an interrupted `inv site` changed the Site, from its module's progress (the
     change is one transaction: all of it or none)."""
-    events = run.task_events(env, "drydock_site")
-    state = ("not run" if _no_task_began(run) else "running") if events is None else _task_state(events)
+    state = _events_state(run, run.task_events(env, "drydock_site"))
     if state == "ran":
         return f"the Site of {env} was set to {hostname}:{port} before the interruption"
     if state == "not run":
@@ -505,10 +504,16 @@ def _swap_state(run: Run, host: str) -> str:
     swap task ran, or the host stopped answering), "swapping back" (a second swap had
     started) or "unknown" (tasks ran, but no progress was recorded)."""
     events = run.task_events(host, "drydock_db_swap")
+    if events is not None and events.count("start") > 1:
+        return "swapping back"
+    return _events_state(run, events)
+
+
+def _events_state(run: Run, events: list[str] | None) -> str:
+    """_task_state of a module's events (Run.task_events), or, when no progress was recorded,
+    "not run" if no task had begun, else "unknown"."""
     if events is None:
         return "not run" if _no_task_began(run) else "unknown"
-    if events.count("start") > 1:
-        return "swapping back"
     return _task_state(events)
 
 

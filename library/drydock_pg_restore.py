@@ -77,7 +77,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, applied_migrations, connect, database_exists,
-                                             database_oid, pg_restore_error, refuse_unless_plain_name,
+                                             database_oid, drop_database, pg_restore_error, refuse_unless_plain_name,
                                              row_count_problem, row_counts)
 
 # What PostgreSQL accepts for default_toast_compression; anything else never reaches PGOPTIONS.
@@ -91,7 +91,7 @@ def create_side_database(params: dict) -> int:
     name, owner = sql.Identifier(params["database"]), sql.Identifier(params["owner"])
     with connect(params["socket_dir"], params["port"], "postgres", autocommit=True) as conn:
         if params["drop_existing"]:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+            drop_database(conn, params["database"])
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0 ENCODING 'UTF8'").format(name, owner))
         return database_oid(conn, params["database"])
 

@@ -88,9 +88,9 @@ from typing import Callable, Iterator
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, allow_connections_again, aside_name, connect,
-                                             database_comment, database_exists, database_oid, parse_record,
-                                             set_allow_connections, set_database_comment, swap_in, terminate_sessions,
-                                             utc_now)
+                                             database_comment, database_exists, database_oid, drop_database,
+                                             parse_record, set_allow_connections, set_database_comment, swap_in,
+                                             terminate_sessions, utc_now)
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_]{0,29}\Z")
 SEPARATOR = "__snap_"
@@ -199,19 +199,14 @@ def save(conn, database: str, name: str, force: bool, ready_copy: bool = False) 
     if database_exists(conn, target):
         if not force:
             raise SnapshotError(f"snapshot {name} of {database} exists already: delete it, or replace it with --force")
-        _drop(conn, target)
-    _drop(conn, ready_db(database, name))  # a copy of what this name held before
+        drop_database(conn, target)
+    drop_database(conn, ready_db(database, name))  # a copy of what this name held before
     template_copy(conn, database, target)
     set_database_comment(conn, target, {
         "drydock_snapshot": name, "source": database, "created": utc_now(),
         "lineage": database_comment(conn, database).get("drydock_lineage"), "ready_copy": ready_copy})
     set_allow_connections(conn, target, False)  # nobody changes a snapshot
     return target
-
-
-def _drop(conn, name: str) -> None:
-    sql = psycopg_sql()
-    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def ready_copy_of(conn, database: str, name: str) -> str | None:
@@ -226,16 +221,16 @@ def prepare(conn, database: str, name: str | None) -> dict:
     snapshot's ready copy if it was saved with one and has none."""
     previous_aside = aside_name(f"{database}__previous")
     dropped = database_exists(conn, previous_aside)
-    _drop(conn, previous_aside)
+    drop_database(conn, previous_aside)
     made = None
     snapshot = snapshot_db(database, name) if name else None
     if snapshot and database_comment(conn, snapshot).get("ready_copy") and not ready_copy_of(conn, database, name):
         made = ready_db(database, name)
-        _drop(conn, made)  # one made from an earlier snapshot of that name, or half made
+        drop_database(conn, made)  # one made from an earlier snapshot of that name, or half made
         oid = database_oid(conn, snapshot)
         file_copy(conn, snapshot, made)
         if database_oid(conn, snapshot) != oid:  # replaced meanwhile by something that takes no lock (a pull's swap)
-            _drop(conn, made)
+            drop_database(conn, made)
             raise SnapshotError(f"{snapshot} was replaced while its ready copy was being made")
         set_allow_connections(conn, made, False)  # untouched until a restore swaps it in
         # The record comes last: a copy without it (interrupted) is not taken for ready.
@@ -258,7 +253,7 @@ def copy(conn, database: str, name: str) -> str:
     target = f"{database}__{name}"
     if too_long := cut_short(target):  # cut short, its drop could hit another database
         raise SnapshotError(f"database {database} has too long a name for a working copy: {too_long}")
-    _drop(conn, target)
+    drop_database(conn, target)
     template_copy(conn, database, target)
     set_database_comment(conn, target, database_comment(conn, database) or None)
     return target
@@ -281,7 +276,7 @@ def restore(conn, database: str, name: str) -> tuple[str, bool]:
     whether the ready copy was used."""
     snapshot = find(conn, database, name)["database"]
     incoming = ready_copy_of(conn, database, name)
-    _drop(conn, f"{database}__incoming")  # an interrupted restore's
+    drop_database(conn, f"{database}__incoming")  # an interrupted restore's
     if incoming is None:
         incoming = f"{database}__incoming"
         file_copy(conn, snapshot, incoming)
@@ -299,8 +294,8 @@ def restore(conn, database: str, name: str) -> tuple[str, bool]:
 
 def delete(conn, database: str, name: str) -> str:
     snapshot = find(conn, database, name)["database"]
-    _drop(conn, ready_db(database, name))
-    _drop(conn, snapshot)
+    drop_database(conn, ready_db(database, name))
+    drop_database(conn, snapshot)
     return snapshot
 
 
