@@ -17,6 +17,8 @@ from drydock.playbook import sandbox_inventory_only
 from drydock.sandbox import Sandbox, SandboxError, bulk_posts_for
 from drydock.validate import InvalidInput, count
 
+paths.no_world_writable_files()
+
 # No short flags: Invoke would make one from each option's first letter (`push -l` for
 # --allow-unscrubbed, `site -h` for --hostname rather than help); long names say what they do.
 task = functools.partial(invoke.task, auto_shortflags=False)

@@ -5,6 +5,14 @@ from pathlib import Path
 PG_BINDIR = Path(os.environ.get("DRYDOCK_PG_BINDIR", "/usr/lib/postgresql/15/bin"))
 
 
+def no_world_writable_files() -> None:
+    """Keep group and others from writing what drydock's tools make without a mode of their
+    own: the sandbox's app script and pid records, a test shard's copy of the checkout. root
+    runs or trusts them later, so a umask of 000 would let any local user change what root
+    runs or stops. Called by each entry point (tasks.py, the tests' conftest)."""
+    os.umask(os.umask(0) | 0o022)
+
+
 def project_root() -> Path:
     return Path(os.environ.get("DRYDOCK_ROOT", Path(__file__).resolve().parent.parent))
 

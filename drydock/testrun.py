@@ -132,7 +132,10 @@ def copy_checkout(root: Path) -> Path:
     """A copy of the checkout for one shard, under /tmp."""
     copy = Path(tempfile.mkdtemp(prefix=COPY_PREFIX, dir=COPIES))
     try:
-        copy.chmod(0o755)
+        # The clusters' OS user (postgres, when we are root) must pass through to the copy's
+        # sandbox; nobody else may list it: an untracked file of a private checkout (a `.env`,
+        # a notebook with production rows) is copied too, with its own mode.
+        copy.chmod(0o711 if os.geteuid() == 0 else 0o700)
         (copy / RUNNER_FILE).write_text(json.dumps(_process(os.getpid())))
         for name in checkout_files(root):
             (copy / name).parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,14 @@ _HOSTNAME = re.compile(r"(?=.{1,253})([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])
 # Snapshot names become part of a database name: <db>__snap_<name>.
 _SNAPSHOT = re.compile(r"[a-z0-9][a-z0-9_]{0,29}")
 _ENV_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+# A URL whose every part is where a reader looks for it: scheme://[userinfo@]host[:port] and
+# then a path, query or fragment. A password with an unencoded / ? # or @ moves a piece of it
+# into the host or the port, where urlsplit's error would quote it; such a URL is refused in
+# words that quote nothing (so is a key=value DSN, whose password no check here would see).
+# The app_url_guard role holds the same pattern.
+_URL_SHAPE = re.compile(r"(?s)[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*@)?(\[[^\]/?#@]*\]|[^/?#@:\[\]]*)(:[0-9]*)?([/?#].*)?\Z")
+NOT_A_URL = ("drydock_app_database_url is not a URL of the form postgresql://USER@HOST:PORT/DATABASE?PARAMETERS "
+             "(a / ? # @ or : inside a part must be percent-encoded); it is not shown here, as it may hold a password")
 
 
 class InvalidInput(ValueError):
@@ -69,11 +77,13 @@ def app_database_url(url: str, variable: str = "DATABASE_URL") -> str:
     unquoted)."""
     # In the guard's order, and in its words (tests/unit/test_validate.py holds them to both).
     templated = is_template(url)
+    if not templated and not _URL_SHAPE.match(url):
+        raise InvalidInput(NOT_A_URL)
     try:
         parts = urlsplit("" if templated else url)
         parts.port  # noqa: B018 - the guard's urlsplit filter reads every part: a bad port fails it too
-    except ValueError as error:  # e.g. an unclosed [ around an IPv6 address, a port beyond 65535
-        raise InvalidInput(f"drydock_app_database_url is not a URL: {error}") from None
+    except ValueError:  # a port beyond 65535: the guard fails on it in Ansible's words
+        raise InvalidInput(NOT_A_URL) from None
     # libpq decodes a parameter's name too: pass%77ord= is password=
     query = unquote(parts.query)
     if parts.password is not None or re.search(r"(^|&)(ssl)?password=", query):

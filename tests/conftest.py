@@ -19,11 +19,12 @@ import pytest
 
 import drydock_pg
 from drydock.lock import process_start
-from drydock.paths import PG_BINDIR, project_root
+from drydock.paths import PG_BINDIR, no_world_writable_files, project_root
 from drydock.playbook import ansible_env, sandbox_inventory_only
 from drydock.sandbox import Sandbox, processes
 
 ROOT = project_root()
+no_world_writable_files()  # pytest run by hand starts the sandbox too
 sandbox_inventory_only(lambda message: print(message, file=sys.stderr))  # pytest run by hand, too
 
 

@@ -1139,3 +1139,20 @@ def test_a_server_that_does_not_listen_is_named_in_drydock_words():
     assert _one_line({"msg": f"wagtail_site__incoming: {libpq} (kept)"}) == f"wagtail_site__incoming: {expected} (kept)"
     refused = 'connection to server on socket "/run/.s.PGSQL.5432" failed: FATAL:  Peer authentication failed for user "x"'
     assert _one_line({"msg": refused}) == " ".join(refused.split())  # a server that answers: its own words
+
+
+@pytest.mark.parametrize("entry_point", ["tasks", "tests.conftest"])
+def test_under_a_umask_of_000_what_drydock_makes_without_a_mode_is_not_writable_by_others(tmp_path, entry_point):
+    """The sandbox's app script and pid records, a shard's copy: root runs or trusts them later."""
+    import subprocess
+
+    from drydock.paths import project_root
+
+    made = subprocess.run(
+        [sys.executable, "-c", f"import os, sys, {entry_point}; os.mkdir(sys.argv[1]); open(sys.argv[2], 'w').close()",
+         str(tmp_path / "folder"), str(tmp_path / "file")],
+        cwd=project_root(), env=dict(os.environ, PYTHONPATH=str(project_root() / "module_utils")),  # as pytest's pythonpath
+        preexec_fn=lambda: os.umask(0), capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    assert (oct(stat.S_IMODE((tmp_path / "folder").stat().st_mode)),
+            oct(stat.S_IMODE((tmp_path / "file").stat().st_mode))) == ("0o755", "0o644")
