@@ -4,9 +4,11 @@ A failing step puts the database back from its safety snapshot; an interrupted o
 a killed controller) cannot, and leaves it half-changed. Retaking the snapshot from there
 would make that state the one a retry starts from, and a push would ship it. So the step
 (roles/django_migrate) writes this mark once its safety snapshot is taken, and removes it
-once the database is whole again: migrated, or put back from the snapshot. A pull or a
-snapshot restore, which replace the database, remove it too. While it is there, migrate, a
-push of the local database and a snapshot save refuse (and the step's own snapshot cannot be
+once the database is whole again: migrated, or put back from the snapshot. A snapshot
+restore, which replaces the database, removes it too. A pull keeps the database it replaces
+as snapshot pre_pull, so the mark goes with it (PRE_PULL): restoring pre_pull brings it back
+rather than a half-changed database that looks whole. While it is there, migrate, a push of
+the local database and a snapshot save refuse (and the step's own snapshot cannot be
 deleted), and a verify of it fails once it has shown its checks, saying how to recover. It
 covers `inv` runs on this machine, like the locks beside it.
 """
@@ -21,8 +23,15 @@ from drydock.lock import owner_running, process_start
 from drydock.paths import runs_dir
 
 
-def path(root: Path | None = None) -> Path:
-    return (root or runs_dir()) / "locks" / "local.unfinished-step.json"
+# The snapshot a pull keeps the database it replaced under (drydock_pg_restore's swap).
+PRE_PULL = "pre_pull"
+
+
+def path(root: Path | None = None, snapshot: str | None = None) -> Path:
+    """The mark of the live local database, or of the snapshot that now holds a database a
+    step left half-changed."""
+    return (root or runs_dir()) / "locks" / ("local.unfinished-step.json" if snapshot is None
+                                              else f"local.unfinished-step.{snapshot}.json")
 
 
 def record(run_id: str, what: str) -> dict:
@@ -30,9 +39,9 @@ def record(run_id: str, what: str) -> dict:
     return {"run": run_id, "step": what, "pid": os.getpid(), "process_start": process_start(os.getpid())}
 
 
-def read(root: Path | None = None) -> dict | None:
+def read(root: Path | None = None, snapshot: str | None = None) -> dict | None:
     """The mark's record, or None when no step is unfinished."""
-    mark = path(root)
+    mark = path(root, snapshot)
     if not mark.exists():
         return None
     try:
@@ -62,6 +71,39 @@ def clear_unless_running(root: Path | None = None) -> None:
     mark = read(root)
     if mark is not None and not running(mark):
         path(root).unlink(missing_ok=True)
+
+
+def pulled(root: Path | None = None) -> dict | None:
+    """A pull swapped in a whole database and kept the one it replaced as snapshot pre_pull:
+    an unfinished step's mark goes with that one (returned), and a mark pre_pull held from an
+    earlier pull goes with what that pull dropped. A running step's mark stays its own."""
+    mark = read(root)
+    if mark is not None and running(mark):
+        return None
+    if mark is None:
+        path(root, PRE_PULL).unlink(missing_ok=True)
+        return None
+    path(root).replace(path(root, PRE_PULL))
+    return mark
+
+
+def restored(snapshot: str, root: Path | None = None) -> dict | None:
+    """The local database is snapshot `snapshot` again: whole, unless that snapshot holds a
+    database a step left half-changed, whose mark is then the live database's again (returned)."""
+    mark = read(root, snapshot)
+    if mark is None:
+        clear_unless_running(root)
+        return None
+    live = path(root)
+    tmp = live.with_name(live.name + ".new")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+        json.dump(mark, handle)  # a copy: the snapshot still holds that database, and keeps its own mark
+    tmp.replace(live)
+    return mark
+
+
+def snapshot_deleted(snapshot: str, root: Path | None = None) -> None:
+    path(root, snapshot).unlink(missing_ok=True)
 
 
 def refuse_if_unfinished(action: str, root: Path | None = None) -> None:

@@ -6,8 +6,10 @@ from urllib.parse import unquote, urlsplit
 # RFC 1123 host names (labels of letters, digits and inner hyphens), or "localhost".
 # The same pattern guards the playbooks (roles/wagtail_site/tasks/preflight.yml, library/drydock_site.py).
 _HOSTNAME = re.compile(r"(?=.{1,253})([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
-# Snapshot names become part of a database name: <db>__snap_<name>.
-_SNAPSHOT = re.compile(r"[a-z0-9][a-z0-9_]{0,29}")
+# Snapshot names become part of a database name: <db>__snap_<name>. No "__" in them: drydock
+# adds __old to a name it sets aside, and looks for __snap_ and __ready_ (pre_pull__old would be
+# the name the pull sets pre_pull aside under, and dropped by it).
+_SNAPSHOT = re.compile(r"(?!.*__)[a-z0-9][a-z0-9_]{0,29}")
 _ENV_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 # A URL whose every part is where a reader looks for it: scheme://[userinfo@]host[:port] and
 # then a path, query or fragment. A password with an unencoded / ? # or @ moves a piece of it
@@ -59,7 +61,7 @@ def environment_name(value: str) -> str:
 
 def snapshot_name(value: str) -> str:
     if not _SNAPSHOT.fullmatch(value or ""):
-        raise InvalidInput(f"invalid snapshot name {value!r}: use lower-case letters, digits and _ (at most 30)")
+        raise InvalidInput(f"invalid snapshot name {value!r}: use lower-case letters, digits and single _ (at most 30)")
     return value
 
 

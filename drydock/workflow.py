@@ -118,15 +118,22 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
                       interrupted=lambda: _pull_interrupted(run, local, dump)):
             say(f"==> restoring {dump.path.name} into the local database (from {dump.path.parent})")
             run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
-            unfinished.clear_unless_running()  # the local database was replaced: an interrupted step's state is gone
+            half_changed = unfinished.pulled()  # an interrupted step's mark goes with the database it replaced
     say(f"local database {target['drydock_db_name']} now holds {env}'s dump of {dump.manifest['created']} "
         f"(a dump of {dump.manifest['dump']['size']:,} bytes): "
         f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, all counts equal to the manifest; "
         f"Site {_site_address(target)}; "
-        f"the local database it replaced (if any) is kept as {target['drydock_db_name']}__snap_pre_pull")
+        f"the local database it replaced (if any) is kept as {target['drydock_db_name']}__snap_pre_pull"
+        + (_kept_half_changed(half_changed) if half_changed else ""))
     if not shared:
         say(run.summary())
     return dump
+
+
+def _kept_half_changed(mark: dict) -> str:
+    return (f" (the one the migration step {mark.get('step', '?')} of run {mark.get('run', '?')} did not finish on: "
+            f"restoring snapshot {unfinished.PRE_PULL} brings it back with that mark, and migrate, push and "
+            f"snapshot.save refuse it)")
 
 
 def _site_address(hostvars: dict) -> str:
@@ -200,6 +207,8 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
                       interrupted=lambda: _snapshot_interrupted(run, action, name)) as step:
             if action != "restore":
                 run_playbook("snapshot.yml", extra_vars=extra, run=run)
+                if action == "delete":
+                    unfinished.snapshot_deleted(name)  # a mark that went with the database it held
             else:  # captured, to tell whether the restore was a rename; it takes a second or two
                 say(f"==> restoring snapshot {name}")
                 results = run_playbook("snapshot.yml", extra_vars=extra, run=run, capture=True)
@@ -207,7 +216,7 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
                 database_s = _module_result(results, "database_s")
                 database = _module_result(results, "snapshot").split("__snap_")[0]  # <db>__snap_<name>
                 step.update(ready_copy_used=used, database_s=database_s)
-                unfinished.clear_unless_running()  # the local database is a whole snapshot again
+                half_changed = unfinished.restored(name)  # whole again, unless the snapshot holds a half-changed one
     if action == "save":
         say(f"saved snapshot {name} of the local database"
             + ("; its ready copy is being made in the background" if ready_copy else ""))
@@ -215,7 +224,8 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
         how = f"swapped in its ready copy in {database_s:.2f} s, the next one is being made in the background" if used else \
             f"copied it in {database_s:.2f} s: it had no ready copy" + (f"; making one failed: {error}" if error else "")
         say(f"the local database is back at snapshot {name} ({how}; the one it replaced is kept as {database}__previous "
-            f"until the next snapshot restore, a failed migration step's included, drops it)")
+            f"until the next snapshot restore, a failed migration step's included, drops it)"
+            + (f"; but {unfinished.left_half_changed(half_changed)}" if half_changed else ""))
     else:
         say(f"deleted snapshot {name}")
     return None
@@ -260,8 +270,10 @@ def _snapshot_interrupted(run: Run, action: str, name: str) -> str:
             "delete": f"snapshot {name} was deleted"}[action]
     state = _task_state(events)
     if state == "ran":
-        if action == "restore":
-            unfinished.clear_unless_running()  # the local database is a whole snapshot again
+        if action == "restore" and (half_changed := unfinished.restored(name)):
+            done += f"; but {unfinished.left_half_changed(half_changed)}"
+        elif action == "delete":
+            unfinished.snapshot_deleted(name)
         return f"the {action} ran: {done}"
     if state == "not run":
         return f"the {action} did not run: the local database and its snapshots are unchanged"
@@ -370,11 +382,26 @@ def migrate(notebook: str | None = None, script: str | None = None, plan: bool =
         with run.step("migrate", env=local, what=what, phase=phase,
                       interrupted=lambda: _migrate_interrupted(run, local, snapshot_name) + _pulled_before(run)):
             say(f"==> {what} on the local database (a safety snapshot is taken first)")
-            run_playbook("migrate.yml", limit=local, extra_vars=extra, run=run)
+            try:
+                run_playbook("migrate.yml", limit=local, extra_vars=extra, run=run)
+            except Interrupted:
+                raise
+            except DrydockError as error:
+                # A failing step puts the database back and removes its mark; one still there
+                # means the step was stopped midway (ansible-playbook killed, say).
+                raise _with_unfinished_advice(error) from None
     if notebook:
         say(f"executed notebook: {run.dir / Path(notebook).name}")
     say(f"{what}: done; the page tree is consistent")
     return run
+
+
+def _with_unfinished_advice(error: DrydockError) -> DrydockError:
+    """`error`, with what an unfinished step's mark on the local database means, if it has one."""
+    mark = unfinished.read()
+    if mark is None or unfinished.running(mark):
+        return error
+    return DrydockError(f"{error}; {unfinished.left_half_changed(mark)}")
 
 
 # drydock_progress records a role's task as "<role> : <name>": the step's mark, written once
@@ -532,9 +559,10 @@ def _pull_interrupted(run: Run, local: str, dump: Dump) -> str:
         return ("the swap did not run: the local database is unchanged; the next pull drops any side database and "
                 "archive left behind")
     if state == "ran":
-        unfinished.clear_unless_running()  # the local database was replaced: a step's mark is about the old one
+        half_changed = unfinished.pulled()  # the local database was replaced: a step's mark goes with the old one
         return ("the swap ran: the local database is the pulled one, and the one before it is snapshot pre_pull "
-                "(`inv snapshot.restore pre_pull` brings it back; a second pull would replace it)")
+                "(`inv snapshot.restore pre_pull` brings it back; a second pull would replace it)"
+                + (_kept_half_changed(half_changed) if half_changed else ""))
     return ("the swap may have run: the local database is the old one or the pulled one, never half of each; "
             f"`inv verify local` says which (the pulled one's live database line reads `restored from "
             f"{dump.source_env}'s backup {dump.manifest['created']}`); if the swap went through, snapshot pre_pull "
@@ -771,8 +799,14 @@ def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Ru
                 f"verify {env}", env=env, report=str(report),
                 interrupted=f"verify only reads {env}: nothing changed (a scratch database it was building on the "
                             f"local cluster is dropped by the next verify of {env})"):
-            run_playbook("verify_database.yml", limit=env, run=run, extra_vars={
-                "drydock_verify_report": str(report), "drydock_manifest": str(Path(manifest).resolve()) if manifest else ""})
+            try:
+                run_playbook("verify_database.yml", limit=env, run=run, extra_vars={
+                    "drydock_verify_report": str(report),
+                    "drydock_manifest": str(Path(manifest).resolve()) if manifest else ""})
+            except Interrupted:
+                raise
+            except DrydockError as error:  # a failed check says so, and the mark's advice too
+                raise _with_unfinished_advice(error) if lock == LOCAL_LOCK else error from None
             # Schema, migrations and page tree can all pass on a database a step left
             # half-changed: the mark is about its data, which no check here sees. The report
             # is still shown (which database is live, after an interrupted pull or restore).

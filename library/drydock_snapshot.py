@@ -30,7 +30,7 @@ options:
     required: true
     choices: [save, restore, delete, list, copy, prepare]
   database: {description: The database the snapshots are of., type: str, required: true}
-  name: {description: "Snapshot name: lower-case letters, digits and _ (at most 30); not for list.", type: str}
+  name: {description: "Snapshot name: lower-case letters, digits and single _ (at most 30); not for list.", type: str}
   force: {description: With save, replace an existing snapshot of that name., type: bool, default: false}
   ready_copy:
     description:
@@ -92,7 +92,7 @@ from ansible.module_utils.drydock_pg import (require_psycopg, allow_connections_
                                              parse_record, set_allow_connections, set_database_comment, swap_in,
                                              terminate_sessions, utc_now)
 
-NAME = re.compile(r"[a-z0-9][a-z0-9_]{0,29}\Z")
+NAME = re.compile(r"(?!.*__)[a-z0-9][a-z0-9_]{0,29}\Z")  # as drydock/validate.py
 SEPARATOR = "__snap_"
 READY = "__ready_"
 
@@ -134,7 +134,7 @@ def list_snapshots(conn) -> list[dict]:
     ready_of = {parse_record(comment).get("snapshot_oid") for datname, _oid, _size, comment in rows if READY in datname}
     snapshots = []
     for datname, oid, size, comment in rows:
-        if SEPARATOR not in datname:
+        if SEPARATOR not in datname or datname.endswith("__old"):  # a ready copy, or a generation set aside to drop
             continue
         source, name = datname.split(SEPARATOR, 1)
         meta = parse_record(comment)
@@ -189,19 +189,28 @@ def cut_short(name: str) -> str | None:
 
 
 def save(conn, database: str, name: str, force: bool, ready_copy: bool = False) -> str:
-    target = snapshot_db(database, name)
-    longest = ready_db(database, name) if ready_copy else target
+    target, ready = snapshot_db(database, name), ready_db(database, name)
+    replacing = database_exists(conn, target)
+    longest = ready if ready_copy or replacing else target  # a replacement is made under the ready copy's name
     if too_long := cut_short(longest):
         raise SnapshotError(f"snapshot name {name} is too long for database {database}: {too_long}"
-                            + (" (or save with --no-ready-copy)" if ready_copy else ""))
+                            + (" (or delete the snapshot first)" if replacing else
+                               " (or save with --no-ready-copy)" if ready_copy else ""))
     if not database_exists(conn, database):
         raise SnapshotError(f"database {database} does not exist")
-    if database_exists(conn, target):
-        if not force:
-            raise SnapshotError(f"snapshot {name} of {database} exists already: delete it, or replace it with --force")
-        drop_database(conn, target)
-    drop_database(conn, ready_db(database, name))  # a copy of what this name held before
-    template_copy(conn, database, target)
+    if replacing and not force:
+        raise SnapshotError(f"snapshot {name} of {database} exists already: delete it, or replace it with --force")
+    drop_database(conn, ready)  # a copy of what this name held before
+    if not replacing:
+        template_copy(conn, database, target)
+    else:
+        # The old snapshot goes only once the new one is whole: a copy that fails or is
+        # interrupted (disk full, Ctrl-C) leaves it as it was. The copy is made under the
+        # ready copy's name, dropped above; a leftover of it is never taken for a ready copy
+        # (it has no record) and the next save or prepare drops it.
+        template_copy(conn, database, ready)
+        swap_in(conn, target, ready, aside_name(target))  # the old snapshot set aside, then dropped
+        drop_database(conn, aside_name(target))
     set_database_comment(conn, target, {
         "drydock_snapshot": name, "source": database, "created": utc_now(),
         "lineage": database_comment(conn, database).get("drydock_lineage"), "ready_copy": ready_copy})
@@ -374,7 +383,7 @@ def main() -> None:
     )
     p = module.params
     if p["name"] is not None and not NAME.match(p["name"]):
-        module.fail_json(msg=f"invalid snapshot name {p['name']!r}: use lower-case letters, digits and _ (at most 30)")
+        module.fail_json(msg=f"invalid snapshot name {p['name']!r}: use lower-case letters, digits and single _ (at most 30)")
     require_psycopg(module)
     import psycopg
 

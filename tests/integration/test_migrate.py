@@ -14,7 +14,7 @@ import pytest
 from drydock.journal import read_progress
 from drydock.paths import example_site_dir, runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import ROOT, error_lines, fingerprint, inv, owner_psql, playbook
+from tests.conftest import ROOT, error_lines, fingerprint, inv, owner_psql, playbook, process_tree
 
 NOTEBOOK = ROOT / "examples" / "notebooks" / "blog_to_podcast.ipynb"
 BLOG_CHILDREN = """SELECT c.id FROM wagtailcore_page c JOIN wagtailcore_page p ON left(c.path, -4) = p.path
@@ -364,18 +364,77 @@ def test_an_interrupted_step_is_put_back_before_anything_else(fresh_local, conne
     checked = inv("verify", "local")  # its checks pass: the schema is whole, the data perhaps not
     assert checked.returncode == 1 and "live database: wagtail_site" in checked.stdout  # its report, shown
     assert error_lines(checked)[-1].startswith("drydock: error: local passed its checks, but the migration step script")
+    connect("local").execute("CREATE TABLE drift_by_hand (id int)")
+    drifted = inv("verify", "local")  # a check that fails says what the mark means too
+    assert drifted.returncode == 1 and "drift_by_hand" in error_lines(drifted)[-1]
+    assert error_lines(drifted)[-1].endswith("may have left the local database half-changed; put it back with "
+                                             "`inv snapshot.restore before_step` (or pull again)")
+    connect("local").execute("DROP TABLE drift_by_hand")
     for args in (("snapshot.delete", "before_step"), ("snapshot.save", "before_step", "--force")):
         kept = inv(*args)  # the only whole copy from before the step
         assert kept.returncode == 1 and "before_step" in error_lines(kept)[-1], args
     half = inv("snapshot.save", "half_changed")  # it would come back later as if it were whole
     assert half.returncode == 1 and "refusing to save snapshot half_changed" in error_lines(half)[-1]
     assert "half_changed" not in inv("snapshot.list", check=True).stdout
+    half_changed = fingerprint(connect("local"))
     try:
+        # A pull keeps the half-changed database as snapshot pre_pull: undoing the pull brings
+        # it back with its mark, not as a database that looks whole.
+        pulled = inv("pull", "production", "--latest", check=True)
+        assert "did not finish on: restoring snapshot pre_pull brings it back with that mark" in pulled.stdout
+        restored = inv("snapshot.restore", "pre_pull", check=True)
+        assert fingerprint(connect("local")) == half_changed
+        assert "; but the migration step script slow_step.py of run " in restored.stdout
+        pushed = inv("push", "staging")
+        assert pushed.returncode == 1 and "refusing to push the local database to staging" in error_lines(pushed)[-1]
         inv("snapshot.restore", "before_step", check=True)
         assert fingerprint(connect("local")) == before
         inv("migrate", "--phase", "before", check=True)  # no longer refused
     finally:
-        (runs_dir() / "locks" / "local.unfinished-step.json").unlink(missing_ok=True)  # never left for other tests
+        for mark in (runs_dir() / "locks").glob("local.unfinished-step*.json"):
+            mark.unlink()  # never left for other tests
+
+
+def _runs_ansible_playbook(pid: int) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:  # ended meanwhile
+        return False
+    return len(argv) > 1 and argv[1].endswith(b"/ansible-playbook")
+
+
+def test_a_step_whose_ansible_is_killed_says_the_database_may_be_half_changed(fresh_local, connect, tmp_path):
+    """ansible-playbook killed outright (the OOM killer, say) in the middle of a step: drydock
+    is not interrupted, but the step did not finish, and its line says what that means."""
+    before = fingerprint(connect("local"))
+    script = tmp_path / "slow_step.py"
+    script.write_text("import time\ntime.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "migrate", "--script",
+                             str(script)], env=dict(ansible_env(), DRYDOCK_ROOT=str(ROOT)), cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while subprocess.run(["pgrep", "-f", f"python[0-9.]* {script}$"], capture_output=True).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, "the step never started"
+            time.sleep(0.5)
+        playbooks = [pid for pid, _ in process_tree(proc.pid) if _runs_ansible_playbook(pid)]
+        for pid in playbooks:
+            os.kill(pid, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        subprocess.run(["pkill", "-f", f"python[0-9.]* {script}$"])
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        assert playbooks and proc.returncode == 1
+        assert stderr.strip().splitlines()[-1].endswith(
+            "did not finish and may have left the local database half-changed; put it back with "
+            "`inv snapshot.restore before_step` (or pull again)")
+        inv("snapshot.restore", "before_step", check=True)
+        assert fingerprint(connect("local")) == before
+    finally:
+        for mark in (runs_dir() / "locks").glob("local.unfinished-step*.json"):
+            mark.unlink()  # never left for other tests
 
 
 def test_a_step_interrupted_before_its_snapshot_says_nothing_changed(fresh_local, connect, sandbox_env):

@@ -152,10 +152,18 @@ def test_snapshot_of_another_database_is_refused(clean_snapshots, connect):
         conn.execute("DROP DATABASE IF EXISTS otherdb")
 
 
-@pytest.mark.parametrize("name", ["Bad", "a-b", "x" * 31, "semi;colon"])
+@pytest.mark.parametrize("name", ["Bad", "a-b", "x" * 31, "semi;colon", "pre_pull__old", "x__snap_y"])
 def test_bad_names_get_one_line(sandbox_env, name):
     proc = inv("snapshot.save", name)
     assert proc.returncode == 1 and len(error_lines(proc)) == 1 and "invalid snapshot name" in proc.stderr
+
+
+def test_a_name_with_a_double_underscore_is_refused_by_the_playbook_too(pulled, connect):
+    """pre_pull__old is where a pull sets snapshot pre_pull aside, and drops it from there."""
+    before = databases(connect("local", "postgres"))
+    proc = playbook("snapshot.yml", "-e", "pg_snapshot_action=save", "-e", "pg_snapshot_name=pre_pull__old")
+    assert proc.returncode != 0 and "invalid snapshot name \"pre_pull__old\"" in proc.stdout
+    assert databases(connect("local", "postgres")) == before
 
 
 @pytest.mark.parametrize("name, why", [("pre_pull", "a pull keeps the database it replaces under it"),
@@ -346,9 +354,12 @@ def _termination_pending(pid: int) -> bool:
 def test_a_save_interrupted_while_copying_lets_connections_in_again(clean_snapshots, connect):
     """The copy bars connections to the live local database while it runs. Ctrl-C then (the
     module gets SIGTERM from Ansible) must not leave it barred: the app could not connect.
-    The module is held (SIGSTOP) at the moment connections are barred, to interrupt it there."""
+    The module is held (SIGSTOP) at the moment connections are barred, to interrupt it there.
+    The save replaces snapshot `saved` (--force): the old one must survive a copy that never ended."""
+    inv("snapshot.save", "saved", check=True)
     watcher = connect("local", "postgres")
     barred = "SELECT NOT datallowconn FROM pg_database WHERE datname = 'wagtail_site'"
+    snapshot_oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site__snap_saved'"
     for _ in range(30):
         save = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "snapshot.save", "saved",
                                  "--force"], env=ansible_env(), cwd=ROOT, stdout=subprocess.PIPE,
@@ -369,6 +380,8 @@ def test_a_save_interrupted_while_copying_lets_connections_in_again(clean_snapsh
         save.communicate(timeout=120)
     else:
         pytest.fail("never caught the copy with connections barred")
+    old_snapshot = watcher.execute(snapshot_oid).fetchone()
+    assert old_snapshot is not None, "the snapshot being replaced was dropped before its replacement was made"
     save.send_signal(signal.SIGINT)  # Ctrl-C: drydock stops Ansible, Ansible its module
     deadline = time.monotonic() + 60
     while not all(_termination_pending(pid) for pid in held):  # Ansible's SIGTERM reached the held module
@@ -383,6 +396,10 @@ def test_a_save_interrupted_while_copying_lets_connections_in_again(clean_snapsh
         time.sleep(0.1)
     assert not watcher.execute(barred).fetchone()[0], "the local database still refuses connections"
     assert fingerprint(connect("local")) is not None
+    assert watcher.execute(snapshot_oid).fetchone() == old_snapshot  # the copy never ended: the old one stays
+    inv("snapshot.save", "saved", "--force", check=True)  # and the next save goes through
+    assert watcher.execute(snapshot_oid).fetchone() != old_snapshot
+    assert "wagtail_site__snap_saved__old" not in databases(watcher)  # the old one, set aside, was dropped
 
 
 def test_connections_are_let_in_again_when_the_session_that_barred_them_cannot_say_so(connect):

@@ -1156,3 +1156,27 @@ def test_under_a_umask_of_000_what_drydock_makes_without_a_mode_is_not_writable_
     assert made.returncode == 0, made.stderr
     assert (oct(stat.S_IMODE((tmp_path / "folder").stat().st_mode)),
             oct(stat.S_IMODE((tmp_path / "file").stat().st_mode))) == ("0o755", "0o644")
+
+
+def test_an_unfinished_steps_mark_goes_with_the_database_a_pull_keeps_as_pre_pull(tmp_path):
+    """A pull keeps the half-changed database as snapshot pre_pull; restoring that snapshot
+    makes it the live database again, with its mark; deleting it, or a later pull, forgets it."""
+    from drydock import unfinished
+
+    mark = {"run": "r1", "step": "notebook n.ipynb", "pid": 0, "snapshot": "before_step"}
+    unfinished.path(tmp_path).parent.mkdir(parents=True)
+    unfinished.path(tmp_path).write_text(json.dumps(mark))
+    assert unfinished.pulled(tmp_path) == mark
+    assert unfinished.read(tmp_path) is None and unfinished.read(tmp_path, "pre_pull") == mark
+    assert unfinished.restored("other", tmp_path) is None and unfinished.read(tmp_path) is None
+    assert unfinished.restored("pre_pull", tmp_path) == mark
+    assert unfinished.read(tmp_path) == mark == unfinished.read(tmp_path, "pre_pull")  # the snapshot still holds it
+    assert stat.S_IMODE(unfinished.path(tmp_path).stat().st_mode) == 0o600
+    unfinished.restored("other", tmp_path)  # a whole snapshot: the live database is whole again
+    assert unfinished.read(tmp_path) is None
+    assert unfinished.pulled(tmp_path) is None  # a pull of a whole database: pre_pull now holds that one
+    assert unfinished.read(tmp_path, "pre_pull") is None
+    unfinished.path(tmp_path).write_text(json.dumps(mark))
+    unfinished.pulled(tmp_path)
+    unfinished.snapshot_deleted("pre_pull", tmp_path)
+    assert unfinished.read(tmp_path) is None and unfinished.read(tmp_path, "pre_pull") is None
