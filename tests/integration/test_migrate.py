@@ -314,6 +314,18 @@ def test_an_app_whose_settings_connect_elsewhere_is_refused(fresh_local, connect
     assert fingerprint(connect("local")) == before
 
 
+def test_an_app_url_that_reaches_a_database_of_that_name_on_another_server_is_refused(fresh_local, connect,
+                                                                                      sandbox_env, tmp_path):
+    """Production's host and port in the local app's URL, by mistake: same database name, so
+    every check of names passes, but the step would change production and put back a local
+    database it never touched."""
+    before, production_before = fingerprint(connect("local")), fingerprint(connect("production"))
+    proc = playbook("migrate.yml", "-e", f"@{_vars_file(tmp_path, sandbox_env['production']['url'])}")
+    assert proc.returncode != 0
+    assert "the app's settings reach a database wagtail_site on another server than the local cluster" in proc.stdout
+    assert fingerprint(connect("production")) == production_before and fingerprint(connect("local")) == before
+
+
 def test_a_variable_name_that_is_a_command_is_refused(fresh_local, connect, sandbox_env, tmp_path):
     """The variable's name reaches the app's command line unquoted: a name holding a command
     would run it."""

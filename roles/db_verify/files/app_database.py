@@ -1,4 +1,5 @@
-"""Print, as JSON, the database the app would connect to: {"database": ..., "service": ...}.
+"""Print, as JSON, the database the app would connect to: {"database": ..., "service": ...};
+with --server, also the server it reaches ("server": its system identifier and start time).
 
 Asked of Django itself, not read from the URL: its settings' OPTIONS (a URL's ?dbname=) go
 over NAME, and settings may read another variable or name the database themselves. The key
@@ -7,6 +8,7 @@ which cannot be told here: the callers refuse it. Run in the app's own Python wi
 settings, by verify (through code_migrations.py) and by the migration step's preflight.
 """
 import json
+import sys
 
 
 def connects_to() -> dict:
@@ -19,5 +21,25 @@ def connects_to() -> dict:
     return {"database": params.get("dbname") or params.get("database"), "service": params.get("service")}
 
 
+# Which cluster a session is on: its system identifier (one per initdb) and when its
+# postmaster started. Both readable by any role. The migration step's preflight asks the
+# local cluster the same over drydock's own socket.
+SERVER_IDENTITY = ("SELECT system_identifier::text || ' ' || extract(epoch FROM pg_postmaster_start_time())::text"
+                   " FROM pg_control_system()")
+
+
+def server() -> str:
+    """The server the app's settings reach: a host or port in its URL may name another
+    cluster, with a database of the same name."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(SERVER_IDENTITY)
+        return cursor.fetchone()[0]
+
+
 if __name__ == "__main__":
-    print(json.dumps(connects_to()))
+    answer = connects_to()
+    if "--server" in sys.argv[1:]:
+        answer["server"] = server()
+    print(json.dumps(answer))
