@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -113,19 +114,32 @@ def shard_net(index: int) -> str:
     return f"127.0.{SHARD_NET_BASE + index}"
 
 
+def _git_files(root: Path, *which: str) -> list[str] | None:
+    try:
+        listing = subprocess.run(["git", "ls-files", "-z", *which, "--exclude-standard"], cwd=root, capture_output=True)
+    except FileNotFoundError:  # no git on this machine
+        return None
+    if listing.returncode != 0:
+        return None
+    return [name for name in listing.stdout.decode().split("\0") if name and (root / name).is_file()]
+
+
 def checkout_files(root: Path) -> list[str]:
     """The files a shard's copy needs: git's tracked and untracked-but-not-ignored files (no
     backups, media or local secrets); without git, everything but local state."""
-    try:
-        listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                                 cwd=root, capture_output=True)
-    except FileNotFoundError:  # no git on this machine
-        listing = None
-    if listing is not None and listing.returncode == 0:
-        return [name for name in listing.stdout.decode().split("\0") if name and (root / name).is_file()]
+    listed = _git_files(root, "--cached", "--others")
+    if listed is not None:
+        return listed
     return [str(path.relative_to(root)) for path in root.rglob("*")
             if path.is_file() and path.relative_to(root).parts[0] not in NOT_COPIED
             and "__pycache__" not in path.parts]
+
+
+def private_files(root: Path) -> set[str]:
+    """The files a copy keeps to its owner: what git does not track (a `.env`, a notebook with
+    production rows) may have been private only by its checkout's folder. Without git, none:
+    such a checkout is .ci/run's copy of the tracked files."""
+    return set(_git_files(root, "--others") or [])
 
 
 def copy_checkout(root: Path) -> Path:
@@ -133,13 +147,15 @@ def copy_checkout(root: Path) -> Path:
     copy = Path(tempfile.mkdtemp(prefix=COPY_PREFIX, dir=COPIES))
     try:
         # The clusters' OS user (postgres, when we are root) must pass through to the copy's
-        # sandbox; nobody else may list it: an untracked file of a private checkout (a `.env`,
-        # a notebook with production rows) is copied too, with its own mode.
+        # sandbox; nobody else may list it, nor read what git does not track (private_files).
         copy.chmod(0o711 if os.geteuid() == 0 else 0o700)
         (copy / RUNNER_FILE).write_text(json.dumps(_process(os.getpid())))
+        private = private_files(root)
         for name in checkout_files(root):
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / name, copy / name)
+            if name in private:
+                os.chmod(copy / name, stat.S_IMODE(os.stat(copy / name).st_mode) & 0o700)
     except BaseException:
         shutil.rmtree(copy)
         raise

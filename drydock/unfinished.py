@@ -73,18 +73,34 @@ def clear_unless_running(root: Path | None = None) -> None:
         path(root).unlink(missing_ok=True)
 
 
-def pulled(root: Path | None = None) -> dict | None:
+def pulled(root: Path | None = None, swap_certain: bool = True) -> dict | None:
     """A pull swapped in a whole database and kept the one it replaced as snapshot pre_pull:
     an unfinished step's mark goes with that one (returned), and a mark pre_pull held from an
-    earlier pull goes with what that pull dropped. A running step's mark stays its own."""
+    earlier pull goes with what that pull dropped. A running step's mark stays its own. When
+    the swap may or may not have run (`swap_certain` false), pre_pull gets a copy and the
+    live database keeps its mark: a false alarm on one of them, never a half-changed
+    database that looks whole."""
     mark = read(root)
     if mark is not None and running(mark):
         return None
     if mark is None:
-        path(root, PRE_PULL).unlink(missing_ok=True)
+        if swap_certain:
+            path(root, PRE_PULL).unlink(missing_ok=True)
         return None
-    path(root).replace(path(root, PRE_PULL))
+    # Its snapshot (before_step) is the way back only until the next step retakes it.
+    _write(path(root, PRE_PULL), dict(mark, kept_by_pull=True))
+    if swap_certain:
+        path(root).unlink()
     return mark
+
+
+def _write(target: Path, mark: dict) -> None:
+    """Write a mark whole (a new file renamed over the old), 0600 like the rest of runs/."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".new")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+        json.dump(mark, handle)
+    tmp.replace(target)
 
 
 def restored(snapshot: str, root: Path | None = None) -> dict | None:
@@ -94,11 +110,7 @@ def restored(snapshot: str, root: Path | None = None) -> dict | None:
     if mark is None:
         clear_unless_running(root)
         return None
-    live = path(root)
-    tmp = live.with_name(live.name + ".new")
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
-        json.dump(mark, handle)  # a copy: the snapshot still holds that database, and keeps its own mark
-    tmp.replace(live)
+    _write(path(root), mark)  # a copy: the snapshot still holds that database, and keeps its own mark
     return mark
 
 
@@ -123,6 +135,9 @@ def refusal(action: str, mark: dict) -> DrydockError:
 
 def left_half_changed(mark: dict) -> str:
     """What an unfinished step's mark means, and the way back."""
+    snapshot = mark.get("snapshot") or "before_step"
+    way_back = (f"pull again, or `inv snapshot.restore {snapshot}` if no migration step has run since that one (each "
+                f"takes {snapshot} anew)" if mark.get("kept_by_pull") else
+                f"put it back with `inv snapshot.restore {snapshot}` (or pull again)")
     return (f"the migration step {mark.get('step', '?')} of run {mark.get('run', '?')} did not finish and may have "
-            f"left the local database half-changed; put it back with "
-            f"`inv snapshot.restore {mark.get('snapshot') or 'before_step'}` (or pull again)")
+            f"left the local database half-changed; {way_back}")

@@ -12,11 +12,12 @@ _HOSTNAME = re.compile(r"(?=.{1,253})([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])
 _SNAPSHOT = re.compile(r"(?!.*__)[a-z0-9][a-z0-9_]{0,29}")
 _ENV_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 # A URL whose every part is where a reader looks for it: scheme://[userinfo@]host[:port] and
-# then a path, query or fragment. A password with an unencoded / ? # or @ moves a piece of it
-# into the host or the port, where urlsplit's error would quote it; such a URL is refused in
-# words that quote nothing (so is a key=value DSN, whose password no check here would see).
+# then a path, query or fragment without an @. A password with an unencoded / ? # or @ moves a
+# piece of it into the host or the port, where urlsplit's error would quote it, or past them,
+# where no check sees a password (mysite:2024/secret@host reads as host mysite, port 2024);
+# such a URL is refused in words that quote nothing (so is a key=value DSN).
 # The app_url_guard role holds the same pattern.
-_URL_SHAPE = re.compile(r"(?s)[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*@)?(\[[^\]/?#@]*\]|[^/?#@:\[\]]*)(:[0-9]*)?([/?#].*)?\Z")
+_URL_SHAPE = re.compile(r"(?s)[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*@)?(\[[^\]/?#@]*\]|[^/?#@:\[\]]*)(:[0-9]*)?([/?#][^@]*)?\Z")
 NOT_A_URL = ("drydock_app_database_url is not a URL of the form postgresql://USER@HOST:PORT/DATABASE?PARAMETERS "
              "(a / ? # @ or : inside a part must be percent-encoded); it is not shown here, as it may hold a password")
 

@@ -118,7 +118,9 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
                       interrupted=lambda: _pull_interrupted(run, local, dump)):
             say(f"==> restoring {dump.path.name} into the local database (from {dump.path.parent})")
             run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
-            half_changed = unfinished.pulled()  # an interrupted step's mark goes with the database it replaced
+        # After the step, once, under the lock: an interrupt in between leaves the mark on the
+        # pulled database (a false alarm) rather than moving it twice, the second time losing it.
+        half_changed = unfinished.pulled()  # an interrupted step's mark goes with the database it replaced
     say(f"local database {target['drydock_db_name']} now holds {env}'s dump of {dump.manifest['created']} "
         f"(a dump of {dump.manifest['dump']['size']:,} bytes): "
         f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, all counts equal to the manifest; "
@@ -563,6 +565,7 @@ def _pull_interrupted(run: Run, local: str, dump: Dump) -> str:
         return ("the swap ran: the local database is the pulled one, and the one before it is snapshot pre_pull "
                 "(`inv snapshot.restore pre_pull` brings it back; a second pull would replace it)"
                 + (_kept_half_changed(half_changed) if half_changed else ""))
+    unfinished.pulled(swap_certain=False)  # pre_pull may now hold what a step left half-changed
     return ("the swap may have run: the local database is the old one or the pulled one, never half of each; "
             f"`inv verify local` says which (the pulled one's live database line reads `restored from "
             f"{dump.source_env}'s backup {dump.manifest['created']}`); if the swap went through, snapshot pre_pull "

@@ -134,7 +134,7 @@ def list_snapshots(conn) -> list[dict]:
     ready_of = {parse_record(comment).get("snapshot_oid") for datname, _oid, _size, comment in rows if READY in datname}
     snapshots = []
     for datname, oid, size, comment in rows:
-        if SEPARATOR not in datname or datname.endswith("__old"):  # a ready copy, or a generation set aside to drop
+        if SEPARATOR not in datname or datname.endswith(("__old", "__new")):  # a ready copy, or a save's leftover
             continue
         source, name = datname.split(SEPARATOR, 1)
         meta = parse_record(comment)
@@ -188,29 +188,35 @@ def cut_short(name: str) -> str | None:
     return f"{name} would pass PostgreSQL's {MAX_NAME_BYTES} bytes" if len(name.encode()) > MAX_NAME_BYTES else None
 
 
+def new_name(snapshot: str) -> str:
+    """Where a forced save makes the snapshot that replaces `snapshot` (as aside_name, in 63 bytes)."""
+    return snapshot[:58] + "__new"
+
+
 def save(conn, database: str, name: str, force: bool, ready_copy: bool = False) -> str:
     target, ready = snapshot_db(database, name), ready_db(database, name)
-    replacing = database_exists(conn, target)
-    longest = ready if ready_copy or replacing else target  # a replacement is made under the ready copy's name
+    longest = ready if ready_copy else target
     if too_long := cut_short(longest):
         raise SnapshotError(f"snapshot name {name} is too long for database {database}: {too_long}"
-                            + (" (or delete the snapshot first)" if replacing else
-                               " (or save with --no-ready-copy)" if ready_copy else ""))
+                            + (" (or save with --no-ready-copy)" if ready_copy else ""))
     if not database_exists(conn, database):
         raise SnapshotError(f"database {database} does not exist")
+    replacing = database_exists(conn, target)
     if replacing and not force:
         raise SnapshotError(f"snapshot {name} of {database} exists already: delete it, or replace it with --force")
-    drop_database(conn, ready)  # a copy of what this name held before
     if not replacing:
+        drop_database(conn, ready)  # a copy of what this name held before
         template_copy(conn, database, target)
     else:
-        # The old snapshot goes only once the new one is whole: a copy that fails or is
-        # interrupted (disk full, Ctrl-C) leaves it as it was. The copy is made under the
-        # ready copy's name, dropped above; a leftover of it is never taken for a ready copy
-        # (it has no record) and the next save or prepare drops it.
-        template_copy(conn, database, ready)
-        swap_in(conn, target, ready, aside_name(target))  # the old snapshot set aside, then dropped
+        # The old snapshot (and its ready copy) go only once the new one is whole: a copy that
+        # fails or is interrupted (disk full, Ctrl-C) leaves them as they were. A leftover
+        # <snapshot>__new or __old is dropped by the next forced save or the delete of the name.
+        incoming = new_name(target)
+        drop_database(conn, incoming)
+        template_copy(conn, database, incoming)
+        swap_in(conn, target, incoming, aside_name(target))  # the old snapshot set aside, then dropped
         drop_database(conn, aside_name(target))
+        drop_database(conn, ready)  # the old snapshot's
     set_database_comment(conn, target, {
         "drydock_snapshot": name, "source": database, "created": utc_now(),
         "lineage": database_comment(conn, database).get("drydock_lineage"), "ready_copy": ready_copy})
@@ -303,7 +309,8 @@ def restore(conn, database: str, name: str) -> tuple[str, bool]:
 
 def delete(conn, database: str, name: str) -> str:
     snapshot = find(conn, database, name)["database"]
-    drop_database(conn, ready_db(database, name))
+    for leftover in (ready_db(database, name), new_name(snapshot), aside_name(snapshot)):  # its ready copy, a save's
+        drop_database(conn, leftover)
     drop_database(conn, snapshot)
     return snapshot
 

@@ -151,3 +151,27 @@ def test_a_shard_copy_of_another_user_is_never_acted_on(tmp_path, monkeypatch):
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_a_shard_copy_cannot_be_listed_and_keeps_what_git_does_not_track_to_its_owner(tmp_path):
+    import shutil
+    import stat
+    import subprocess
+
+    root = tmp_path / "checkout"
+    (root / "tests").mkdir(parents=True)
+    (root / "tests" / "test_x.py").write_text("")
+    (root / ".env").write_text("SECRET=1\n")  # untracked: private only by the checkout's folder
+    for path in (root / "tests" / "test_x.py", root / ".env"):
+        path.chmod(0o644)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "add", "tests/test_x.py"], cwd=root, check=True)
+    copy = testrun.copy_checkout(root)
+    try:
+        def mode(path):
+            return oct(stat.S_IMODE(path.stat().st_mode))
+
+        assert mode(copy) == ("0o711" if os.geteuid() == 0 else "0o700")
+        assert (mode(copy / "tests" / "test_x.py"), mode(copy / ".env")) == ("0o644", "0o600")
+    finally:
+        shutil.rmtree(copy)

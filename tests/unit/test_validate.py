@@ -142,7 +142,8 @@ def test_an_app_url_whose_parameters_name_a_database_is_refused(url):
 
 @pytest.mark.parametrize("url", ["postgresql://[::1/wagtail_site", "postgresql://db:99999/wagtail_site",
                                  "postgresql://app:s3cr/et@db/wagtail_site", "postgresql://app:s3cr?et@db/wagtail_site",
-                                 "postgresql://app:s3@cret@db/wagtail_site", "host=db dbname=wagtail_site password=s3cret"])
+                                 "postgresql://app:s3@cret@db/wagtail_site", "host=db dbname=wagtail_site password=s3cret",
+                                 "postgresql://app:2024/s3cret@db/wagtail_site", "postgresql://app:12?s3cret@db/site"])
 def test_an_app_url_that_does_not_parse_is_one_line_that_quotes_none_of_it(url):
     """A password with an unencoded / or ? puts a piece of it where the port goes: Python's
     error would quote that piece. A key=value DSN is no URL, and its password no check sees."""
@@ -219,6 +220,8 @@ URL_CASES = [
     ("postgresql://w:s3cret@db/wagtail_site?dbname=o", "bad name"),  # every rule broken: the first one named
     ("postgresql://db/wagtail_site?dbname=o", "bad name"),
     ("postgresql://app:s3cr/et@db/wagtail_site", "DATABASE_URL"),  # the port would be "s3cr"
+    ("postgresql://app:2024/s3cret@db/wagtail_site", "DATABASE_URL"),  # host app, port 2024, no password seen
+    ("postgresql://app:12?s3cret@db/wagtail_site", "DATABASE_URL"),
     ("postgresql://app:s3@cret@db/wagtail_site", "DATABASE_URL"),
     ("host=db dbname=wagtail_site password=s3cret", "DATABASE_URL"),
     ("postgresql://[::1]:5432/wagtail_site", "DATABASE_URL"),
