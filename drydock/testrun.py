@@ -32,30 +32,30 @@ ANSIBLE_LINT = ["ansible-lint", "playbooks", "roles"]
 PYFLAKES = [sys.executable, "-m", "pyflakes", "tasks.py", "drydock", "tests", "bench", "library", "module_utils",
             "action_plugins", "callback_plugins", "examples"]
 
-# Seconds per test file, summed from `--durations=0` of a two-shard run on 2026-12-05 at
-# 20:52Z (shards 18.0 and 16.7 minutes with the weights before, test_migrate having become
-# lighter), without the sandbox's start (about 30 s), which each shard pays once in its first
-# file. Only the proportions count, and only the split uses them: a file not listed counts as
-# DEFAULT_SECONDS. test_push and test_migrate were raised on 2026-12-06 by what their new
-# tests took (the first shard then took 19.3 minutes against the second's 17.3).
+# Seconds per test file, summed from `--durations=0` of a two-shard run on 2026-12-06 at
+# 07:06Z (shards 17.5 and 18.3 minutes), without the sandbox's start (about 30 s), which each
+# shard pays once in its first file. Only the proportions count, and only the split uses
+# them: a file not listed counts as DEFAULT_SECONDS. test_migrate, test_pipeline and
+# test_snapshot were raised by what the tests and the preflight task added at 08:26Z took
+# (shards 18.2 and 19.8 minutes with the weights before).
 FILE_SECONDS = {
-    "tests/integration/test_push.py": 620,
-    "tests/e2e/test_pipeline.py": 287,
-    "tests/integration/test_faults.py": 276,
-    "tests/integration/test_migrate.py": 250,
-    "tests/integration/test_verify.py": 199,
-    "tests/integration/test_snapshot.py": 154,
-    "tests/integration/test_interrupt.py": 145,
-    "tests/integration/test_pull.py": 65,
-    "tests/integration/test_site.py": 54,
+    "tests/integration/test_push.py": 557,
+    "tests/integration/test_migrate.py": 335,
+    "tests/e2e/test_pipeline.py": 291,
+    "tests/integration/test_faults.py": 261,
+    "tests/integration/test_verify.py": 212,
+    "tests/integration/test_snapshot.py": 161,
+    "tests/integration/test_interrupt.py": 155,
+    "tests/integration/test_site.py": 58,
+    "tests/integration/test_pull.py": 57,
     "tests/integration/test_backup.py": 43,
-    "tests/integration/test_inventory.py": 32,  # added 2026-12-06, measured alone
-    "tests/test_lint.py": 22,
+    "tests/integration/test_inventory.py": 41,
+    "tests/test_lint.py": 18,
     "tests/unit/test_validate.py": 11,
-    "tests/unit/test_module_inputs.py": 10,
+    "tests/unit/test_module_inputs.py": 8,
     "tests/unit/test_helpers.py": 6,
-    "tests/unit/test_testrun.py": 4,
     "tests/integration/test_sandbox.py": 4,
+    "tests/unit/test_testrun.py": 3,
     "tests/integration/test_probe.py": 3,
     "tests/integration/test_archive.py": 1,
     "tests/unit/test_roles.py": 1,
