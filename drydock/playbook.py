@@ -13,10 +13,11 @@ from pathlib import Path
 
 from drydock.errors import DrydockError
 from drydock.journal import Run
+from drydock.leftovers import stop_left_running
 from drydock.paths import project_root
 
 
-DRYDOCK_CALLBACKS = ("drydock_failures", "drydock_progress")  # callback_plugins/, enabled in ansible.cfg
+DRYDOCK_CALLBACKS = ("drydock_failures", "drydock_progress", "drydock_workers")  # callback_plugins/, enabled in ansible.cfg
 
 
 def ansible_env(run: Run | None = None) -> dict[str, str]:
@@ -67,11 +68,13 @@ def run_playbook(name: str, *, limit: str | None = None, extra_vars: dict | None
             command += ["--extra-vars", f"@{vars_file}"]
         env = ansible_env(run)
         env["DRYDOCK_FAILURES_FILE"] = str(failures)
+        workers = Path(scratch) / "workers.txt"
+        env["DRYDOCK_WORKERS_FILE"] = str(workers)
         if capture:
             env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.posix.json"
             # With ANSIBLE_VERBOSITY set, Ansible writes its own lines to stdout too, into the JSON.
             env["ANSIBLE_VERBOSE_TO_STDERR"] = "True"
-        stdout, returncode = _run_terminable(command, env, capture)
+        stdout, returncode = _run_terminable(command, env, capture, workers)
         if returncode != 0:
             raise DrydockError(_last_failure(failures) or f"{name} failed (exit {returncode})")
     if capture:
@@ -95,7 +98,7 @@ def _untrusted(value):
     return value
 
 
-def _run_terminable(command: list[str], env: dict, capture: bool) -> tuple[str | None, int]:
+def _run_terminable(command: list[str], env: dict, capture: bool, workers: Path) -> tuple[str | None, int]:
     """Run ansible-playbook so that it stops *with* drydock, whatever stops drydock.
 
     Ansible stops cleanly only on SIGTERM or SIGINT: it passes the signal to its workers,
@@ -103,7 +106,8 @@ def _run_terminable(command: list[str], env: dict, capture: bool) -> tuple[str |
     SIGKILL of ansible-playbook would leave the workers finishing their task unattended.
     So ansible-playbook runs in a session of its own, out of reach of a signal to drydock's
     process group, and gets SIGTERM from the kernel when drydock dies (even by SIGKILL) or
-    from here when drydock is interrupted."""
+    from here when drydock is interrupted. If ansible-playbook itself is killed, what its
+    tasks left running is stopped here (drydock.leftovers), before the caller goes on."""
     proc = subprocess.Popen(command, env=env, cwd=project_root(), text=True, start_new_session=True,
                             preexec_fn=_die_with_parent, stdout=subprocess.PIPE if capture else None)
     # Without a terminal (a session of its own), Ansible cannot prompt: hosts' SSH keys must
@@ -113,8 +117,21 @@ def _run_terminable(command: list[str], env: dict, capture: bool) -> tuple[str |
     except BaseException:
         proc.terminate()
         _wait_for_exit(proc)
+        _stop_left_running(workers)  # after a kill on timeout, or a task that left its process group
         raise
+    if proc.returncode < 0:  # killed by a signal, which Ansible never passed on to its workers
+        _stop_left_running(workers)
     return stdout, proc.returncode
+
+
+def _stop_left_running(workers: Path) -> None:
+    """drydock.leftovers.stop_left_running; a second Ctrl-C does not cut it short."""
+    while True:
+        try:
+            stop_left_running(workers, say=lambda line: print(line, flush=True))
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def _wait_for_exit(proc: subprocess.Popen, seconds: float = 60) -> None:

@@ -12,6 +12,7 @@ import nbformat
 import pytest
 
 from drydock.journal import read_progress
+from drydock.lock import stat_fields
 from drydock.paths import example_site_dir, runs_dir
 from drydock.playbook import ansible_env
 from tests.conftest import ROOT, error_lines, fingerprint, inv, owner_psql, playbook, process_tree
@@ -415,30 +416,39 @@ def _runs_ansible_playbook(pid: int) -> bool:
     return len(argv) > 1 and argv[1].endswith(b"/ansible-playbook")
 
 
-def test_a_step_whose_ansible_is_killed_says_the_database_may_be_half_changed(fresh_local, connect, tmp_path):
-    """ansible-playbook killed outright (the OOM killer, say) in the middle of a step: drydock
-    is not interrupted, but the step did not finish, and its line says what that means."""
+@pytest.mark.parametrize("killed", ["ansible-playbook", "ansible-playbook and its workers"])
+def test_a_step_whose_ansible_is_killed_says_the_database_may_be_half_changed(fresh_local, connect, tmp_path, killed):
+    """ansible-playbook killed outright (the OOM killer, say; or `pkill -9`, its workers with
+    it) in the middle of a step: drydock is not interrupted, but the step did not finish, and
+    its line says what that means. The step's script, which Ansible no longer stops, is
+    stopped before the lock is released: it cannot write into a database restored meanwhile."""
     before = fingerprint(connect("local"))
     script = tmp_path / "slow_step.py"
     script.write_text("import time\ntime.sleep(300)\n")
+    step = f"python[0-9.]* {script}$"
     proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "migrate", "--script",
                              str(script)], env=dict(ansible_env(), DRYDOCK_ROOT=str(ROOT)), cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while subprocess.run(["pgrep", "-f", f"python[0-9.]* {script}$"], capture_output=True).returncode != 0:
+        while subprocess.run(["pgrep", "-f", step], capture_output=True).returncode != 0:
             assert proc.poll() is None and time.monotonic() < deadline, "the step never started"
             time.sleep(0.5)
+        # ansible-playbook is inv's child; its workers, forks of it, are its children.
         playbooks = [pid for pid, _ in process_tree(proc.pid) if _runs_ansible_playbook(pid)]
         for pid in playbooks:
-            os.kill(pid, signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=120)
+            if killed != "ansible-playbook" or int(stat_fields(pid)[1]) == proc.pid:
+                os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=120)
+        left = subprocess.run(["pgrep", "-f", step], capture_output=True, text=True).stdout
     finally:
-        subprocess.run(["pkill", "-f", f"python[0-9.]* {script}$"])
+        subprocess.run(["pkill", "-f", step])
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     try:
-        assert playbooks and proc.returncode == 1
+        assert len(playbooks) >= 2 and proc.returncode == 1
+        assert left == "", f"the step's script still runs after inv returned: PID {left}"
+        assert "==> stopping the " in stdout and "left running" in stdout
         assert stderr.strip().splitlines()[-1].endswith(
             "did not finish and may have left the local database half-changed; put it back with "
             "`inv snapshot.restore before_step` (or pull again)")
