@@ -195,6 +195,10 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
     if action == "list":
         snapshots = _module_result(run_playbook("snapshot.yml", extra_vars=extra, capture=True), "snapshots")
         say(format_snapshots(snapshots))
+        held = unfinished.read(snapshot=unfinished.PRE_PULL)
+        if held is not None and any(snap["name"] == unfinished.PRE_PULL for snap in snapshots):
+            say(f"{unfinished.PRE_PULL}: holds the database the migration step {held.get('step', '?')} of run "
+                f"{held.get('run', '?')} did not finish, perhaps half-changed: restored, migrate and push refuse it")
         return snapshots
     run = Run(f"snapshot-{action}", route=[LOCAL_LOCK])  # the local database, whatever its host's name
     with target_lock(LOCAL_LOCK, f"snapshot {action}", say):

@@ -395,6 +395,8 @@ def test_an_interrupted_step_is_put_back_before_anything_else(fresh_local, conne
         # it back with its mark, not as a database that looks whole.
         pulled = inv("pull", "production", "--latest", check=True)
         assert "did not finish on: restoring snapshot pre_pull brings it back with that mark" in pulled.stdout
+        listed = inv("snapshot.list", check=True).stdout
+        assert "pre_pull: holds the database the migration step script slow_step.py of run " in listed
         restored = inv("snapshot.restore", "pre_pull", check=True)
         assert fingerprint(connect("local")) == half_changed
         assert "; but the migration step script slow_step.py of run " in restored.stdout
