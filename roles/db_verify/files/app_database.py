@@ -30,12 +30,18 @@ SERVER_IDENTITY = ("SELECT system_identifier::text || ' ' || extract(epoch FROM 
 
 def server() -> str:
     """The server the app's settings reach: a host or port in its URL may name another
-    cluster, with a database of the same name."""
-    from django.db import connection
+    cluster, with a database of the same name. One line on stderr, and exit status 1, when
+    it cannot be reached: the caller reports stderr's last line, not a traceback's."""
+    from django.db import OperationalError, connection
 
-    with connection.cursor() as cursor:
-        cursor.execute(SERVER_IDENTITY)
-        return cursor.fetchone()[0]
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(SERVER_IDENTITY)
+            return cursor.fetchone()[0]
+    except OperationalError as error:
+        # psycopg's words name the address and the reason (Connection refused, no such database...).
+        reason = " ".join(str(error).split()).removeprefix("connection failed: ")
+        sys.exit(f"the app cannot reach its database: {reason}")
 
 
 if __name__ == "__main__":
