@@ -251,6 +251,8 @@ def test_broken_page_tree_fails_the_step_unless_fixtree(fresh_local, connect):
     assert proc.returncode == 1 and "numchild does not match its children" in error_lines(proc)[-1]
     # The migrations that ran before the check are undone with the rest: put back from before_step.
     assert "put back" in error_lines(proc)[-1]
+    assert error_lines(proc)[-1].endswith("; run the step with --fixtree (ansible-playbook: -e django_migrate_fixtree=true)"
+                                          " to have manage.py fixtree repair the tree")
     assert applied(connect("local")) == {"0001_initial"} and fingerprint(connect("local")) == before
     inv("migrate", "--fixtree", check=True)
     assert tree_problems(connect("local")) == 0
