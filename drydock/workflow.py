@@ -348,7 +348,21 @@ def check_step_inputs(notebook: str | None, script: str | None, phase: str = "al
     for path in (notebook, script):
         if path and not Path(path).is_file():
             raise InvalidInput(f"no such file: {path}")
+    if notebook:
+        refuse_unreadable_notebook(notebook)
     return parse_parameters(parameters)
+
+
+def refuse_unreadable_notebook(path: str) -> None:
+    """A notebook papermill cannot read would fail the step only after manage.py migrate and
+    the safety snapshot, which the failure then puts back: refuse it first."""
+    import nbformat
+
+    try:
+        nbformat.read(path, as_version=4)
+    except Exception as error:  # noqa: BLE001 - nbformat raises JSON, validation and OS errors alike
+        reason = " ".join(str(error).split())[:200]
+        raise InvalidInput(f"{path} is not a notebook papermill can read ({type(error).__name__}: {reason})") from None
 
 
 def migrate(notebook: str | None = None, script: str | None = None, plan: bool = False, phase: str = "all",

@@ -88,6 +88,21 @@ def test_a_pipeline_refuses_a_missing_notebook_before_it_backs_up_anything():
     assert set(runs_dir().glob("*-pipeline")) == before  # no run was started
 
 
+@pytest.mark.parametrize("text", ["{not json", '{"cells": "not a list"}'])
+def test_a_notebook_papermill_cannot_read_is_refused_before_anything_runs(tmp_path, text):
+    from drydock.paths import runs_dir
+    from tests.conftest import error_lines, inv
+
+    notebook = tmp_path / "broken.ipynb"
+    notebook.write_text(text)
+    before = set(runs_dir().glob("*-migrate")) | set(runs_dir().glob("*-pipeline"))
+    for args in (["migrate"], ["pipeline", "production", "staging"]):
+        proc = inv(*args, "--notebook", str(notebook))
+        assert proc.returncode == 1 and len(error_lines(proc)) == 1, args
+        assert error_lines(proc)[0].startswith(f"drydock: error: {notebook} is not a notebook papermill can read ("), args
+    assert set(runs_dir().glob("*-migrate")) | set(runs_dir().glob("*-pipeline")) == before  # no run was started
+
+
 @pytest.mark.parametrize("name, ok", [("before_notebook", True), ("a" * 30, True), ("a" * 31, False), ("a-b", False),
                                       ("Bad", False), ("semi;colon", False), ("a\n", False), ("", False)])
 def test_snapshot_names(name, ok):
