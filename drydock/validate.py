@@ -56,7 +56,8 @@ def port(value: int | str) -> int:
 
 def environment_name(value: str) -> str:
     if not _ENV_NAME.fullmatch(value or ""):
-        raise InvalidInput(f"invalid environment name {value!r}")
+        raise InvalidInput(f"invalid environment name {value!r}: an environment is named in lower-case letters, digits, - and _,"
+                           " starting with a letter (at most 32)")
     return value
 
 
