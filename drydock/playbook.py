@@ -106,8 +106,9 @@ def _run_terminable(command: list[str], env: dict, capture: bool, workers: Path)
     SIGKILL of ansible-playbook would leave the workers finishing their task unattended.
     So ansible-playbook runs in a session of its own, out of reach of a signal to drydock's
     process group, and gets SIGTERM from the kernel when drydock dies (even by SIGKILL) or
-    from here when drydock is interrupted. If ansible-playbook itself is killed, what its
-    tasks left running is stopped here (drydock.leftovers), before the caller goes on."""
+    from here when drydock is interrupted. What a task that did not finish left running (if
+    ansible-playbook itself is killed: the whole task) is stopped here (drydock.leftovers),
+    before the caller goes on and releases its lock."""
     proc = subprocess.Popen(command, env=env, cwd=project_root(), text=True, start_new_session=True,
                             preexec_fn=_die_with_parent, stdout=subprocess.PIPE if capture else None)
     # Without a terminal (a session of its own), Ansible cannot prompt: hosts' SSH keys must
@@ -117,21 +118,19 @@ def _run_terminable(command: list[str], env: dict, capture: bool, workers: Path)
     except BaseException:
         proc.terminate()
         _wait_for_exit(proc)
-        _stop_left_running(workers)  # after a kill on timeout, or a task that left its process group
+        # A module still cleaning up, a kernel outside its task's process group, or all of a
+        # task after the kill on timeout.
+        stop_left_running(workers, say=_say)
         raise
-    if proc.returncode < 0:  # killed by a signal, which Ansible never passed on to its workers
-        _stop_left_running(workers)
+    if proc.returncode != 0:
+        # Killed by a signal, which Ansible never passes on to its workers; or a worker was
+        # (Ansible then fails the run, and that worker's task runs on).
+        stop_left_running(workers, say=_say)
     return stdout, proc.returncode
 
 
-def _stop_left_running(workers: Path) -> None:
-    """drydock.leftovers.stop_left_running; a second Ctrl-C does not cut it short."""
-    while True:
-        try:
-            stop_left_running(workers, say=lambda line: print(line, flush=True))
-            return
-        except KeyboardInterrupt:
-            continue
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def _wait_for_exit(proc: subprocess.Popen, seconds: float = 60) -> None:

@@ -198,7 +198,8 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
         held = unfinished.read(snapshot=unfinished.PRE_PULL)
         if held is not None and any(snap["name"] == unfinished.PRE_PULL for snap in snapshots):
             say(f"{unfinished.PRE_PULL}: holds the database the migration step {held.get('step', '?')} of run "
-                f"{held.get('run', '?')} did not finish, perhaps half-changed: restored, migrate and push refuse it")
+                f"{held.get('run', '?')} did not finish, perhaps half-changed; once it is restored, migrate, push and "
+                "snapshot.save refuse it")
         return snapshots
     run = Run(f"snapshot-{action}", route=[LOCAL_LOCK])  # the local database, whatever its host's name
     with target_lock(LOCAL_LOCK, f"snapshot {action}", say):
@@ -360,9 +361,11 @@ def refuse_unreadable_notebook(path: str) -> None:
 
     try:
         nbformat.read(path, as_version=4)
-    except Exception as error:  # noqa: BLE001 - nbformat raises JSON, validation and OS errors alike
-        reason = " ".join(str(error).split())[:200]
-        raise InvalidInput(f"{path} is not a notebook papermill can read ({type(error).__name__}: {reason})") from None
+    except OSError as error:
+        raise InvalidInput(f"cannot read the notebook {path}: {error.strerror}") from None
+    except Exception as error:  # noqa: BLE001 - nbformat raises JSON and validation errors alike
+        # Its type only: nbformat's message quotes the file, which may not be a notebook at all (a passfile).
+        raise InvalidInput(f"{path} is not a notebook papermill can read ({type(error).__name__})") from None
 
 
 def migrate(notebook: str | None = None, script: str | None = None, plan: bool = False, phase: str = "all",

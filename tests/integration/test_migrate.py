@@ -452,7 +452,7 @@ def test_a_step_whose_ansible_is_killed_says_the_database_may_be_half_changed(fr
     try:
         assert len(playbooks) >= 2 and proc.returncode == 1
         assert left == "", f"the step's script still runs after inv returned: PID {left}"
-        assert "==> stopping the " in stdout and "left running" in stdout
+        assert "==> waiting for the " in stdout and "of the task that did not finish to stop" in stdout
         assert stderr.strip().splitlines()[-1].endswith(
             "did not finish and may have left the local database half-changed; put it back with "
             "`inv snapshot.restore before_step` (or pull again)")
