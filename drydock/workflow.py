@@ -362,7 +362,7 @@ def refuse_unreadable_notebook(path: str) -> None:
     try:
         nbformat.read(path, as_version=4)
     except OSError as error:
-        raise InvalidInput(f"cannot read the notebook {path}: {error.strerror}") from None
+        raise InvalidInput(f"cannot read the notebook {path}: {error.strerror or type(error).__name__}") from None
     except Exception as error:  # noqa: BLE001 - nbformat raises JSON and validation errors alike
         # Its type only: nbformat's message quotes the file, which may not be a notebook at all (a passfile).
         raise InvalidInput(f"{path} is not a notebook papermill can read ({type(error).__name__})") from None
