@@ -89,8 +89,8 @@ from typing import Callable, Iterator
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, allow_connections_again, aside_name, connect,
                                              database_comment, database_exists, database_oid, drop_database,
-                                             parse_record, set_allow_connections, set_database_comment, swap_in,
-                                             terminate_sessions, utc_now)
+                                             parse_record, set_allow_connections, set_database_comment,
+                                             suffixed_name, swap_in, terminate_sessions, utc_now)
 
 NAME = re.compile(r"(?!.*__)[a-z0-9][a-z0-9_]{0,29}\Z")  # as drydock/validate.py
 SEPARATOR = "__snap_"
@@ -189,8 +189,8 @@ def cut_short(name: str) -> str | None:
 
 
 def new_name(snapshot: str) -> str:
-    """Where a forced save makes the snapshot that replaces `snapshot` (as aside_name, in 63 bytes)."""
-    return snapshot[:58] + "__new"
+    """Where a forced save makes the snapshot that replaces `snapshot`."""
+    return suffixed_name(snapshot, "__new")
 
 
 def save(conn, database: str, name: str, force: bool, ready_copy: bool = False) -> str:

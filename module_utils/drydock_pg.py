@@ -301,9 +301,15 @@ def renames_in_one_transaction(conn, close: list[str], renames: list[tuple[str, 
     return 0
 
 
+def suffixed_name(name: str, suffix: str) -> str:
+    """`name` ending in `suffix`, cut short so that the whole keeps within PostgreSQL's 63 bytes
+    of a database name (drydock's names are ASCII)."""
+    return name[:63 - len(suffix)] + suffix
+
+
 def aside_name(previous: str) -> str:
     """Where a swap puts the generation before `previous` until it is dropped."""
-    return previous[:58] + "__old"
+    return suffixed_name(previous, "__old")
 
 
 def swap_in(conn, database: str, incoming: str, previous: str, drop_aside: bool = True,
