@@ -70,6 +70,9 @@ def run_playbook(name: str, *, limit: str | None = None, extra_vars: dict | None
         env["DRYDOCK_FAILURES_FILE"] = str(failures)
         workers = Path(scratch) / "workers.txt"
         env["DRYDOCK_WORKERS_FILE"] = str(workers)
+        # Ansible's own scratch (its module cache) too: a killed ansible-playbook leaves it,
+        # which in ~/.ansible/tmp nothing would ever remove.
+        env["ANSIBLE_LOCAL_TEMP"] = str(Path(scratch) / "ansible")
         if capture:
             env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.posix.json"
             # With ANSIBLE_VERBOSITY set, Ansible writes its own lines to stdout too, into the JSON.

@@ -452,6 +452,10 @@ def test_a_step_whose_ansible_is_killed_says_the_database_may_be_half_changed(fr
     try:
         assert len(playbooks) >= 2 and proc.returncode == 1
         assert left == "", f"the step's script still runs after inv returned: PID {left}"
+        # Nor is Ansible's scratch of the killed ansible-playbook left in ~/.ansible/tmp.
+        ansible_tmp = Path.home() / ".ansible" / "tmp"
+        assert not [entry for pid in playbooks for entry in ansible_tmp.glob(f"ansible-local-{pid}*")
+                    if len(entry.name) == len(f"ansible-local-{pid}") + 8]  # mkdtemp's 8 random characters
         assert "==> waiting for the " in stdout and "of the task that did not finish to stop" in stdout
         assert stderr.strip().splitlines()[-1].endswith(
             "did not finish and may have left the local database half-changed; put it back with "
