@@ -267,6 +267,7 @@ def run(root: Path, pytest_args: list[str], shards: int, say: Callable[[str], No
         raise SandboxError(f"the checkout's sandbox is on {own_net}.x, which a shard needs: "
                            "set another DRYDOCK_SANDBOX_NET or run --shards 1")
     clear_leftover_shards(say)
+    own_sandbox_existed = (root / ".sandbox").exists()
     plan = split(test_files(root), shards)
     output = _Output(say)
     workers: list[tuple[Path, subprocess.Popen, threading.Thread]] = []
@@ -309,10 +310,26 @@ def run(root: Path, pytest_args: list[str], shards: int, say: Callable[[str], No
         for folder, proc, _thread in workers:
             if folder != root:
                 _clean_up(folder, keep=proc.returncode not in (0, NO_TESTS_COLLECTED), say=say)
+            elif not own_sandbox_existed:
+                _stop_sandbox_of_killed_shard(root, proc.returncode, say)
     codes = [proc.returncode for _folder, proc, _thread in workers]
     if all(code == NO_TESTS_COLLECTED for code in codes):
         return NO_TESTS_COLLECTED
     return next((code for code in codes if code not in (0, NO_TESTS_COLLECTED)), 0)
+
+
+def _stop_sandbox_of_killed_shard(root: Path, returncode: int, say: Callable[[str], None]) -> None:
+    """The checkout's own shard takes down the sandbox it started, unless a signal killed its
+    pytest (a SIGTERM to the whole process group, as a CI's time limit sends): then it is
+    taken down here. Only called when the checkout had no sandbox before the run."""
+    sandbox = root / ".sandbox"
+    if returncode >= 0 or not sandbox.exists():
+        return
+    say(f"drydock: stopping the sandbox the killed shard left running in {sandbox}")
+    try:
+        Sandbox(root=sandbox, say=lambda message: None).down()
+    except SandboxError as error:
+        say(f"drydock: the sandbox in {sandbox} did not stop: {error}")
 
 
 def _clean_up(copy: Path, keep: bool, say: Callable[[str], None]) -> None:

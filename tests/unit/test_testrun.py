@@ -175,3 +175,32 @@ def test_a_shard_copy_cannot_be_listed_and_keeps_what_git_does_not_track_to_its_
         assert (mode(copy / "tests" / "test_x.py"), mode(copy / ".env")) == ("0o644", "0o600")
     finally:
         shutil.rmtree(copy)
+
+
+@pytest.mark.parametrize("returncode, stopped", [(-15, True), (1, False), (0, False)])
+def test_the_sandbox_a_killed_checkout_shard_started_is_taken_down(tmp_path, returncode, stopped):
+    """A SIGTERM to `inv test`'s whole process group kills the checkout's pytest before it
+    tears its sandbox down; a pytest that ended by itself has done that already (or kept it
+    on purpose)."""
+    import subprocess
+    import sys
+    import time
+
+    from drydock.sandbox import Sandbox
+
+    marker = "drydock-test-left-running-sandbox"
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    try:
+        while not Sandbox._alive(server.pid, marker):  # until it has exec'd: the sandbox's own check
+            time.sleep(0.01)
+        (tmp_path / ".sandbox").mkdir()
+        (tmp_path / ".sandbox" / "pids.json").write_text(json.dumps({"postgres-local": {"pid": server.pid,
+                                                                                      "marker": marker}}))
+        said = []
+        testrun._stop_sandbox_of_killed_shard(tmp_path, returncode, say=said.append)
+        assert (server.wait(timeout=10) is not None) if stopped else server.poll() is None
+        assert (tmp_path / ".sandbox").exists() is not stopped
+        assert bool(said) is stopped
+    finally:
+        server.kill()
+        server.wait()
