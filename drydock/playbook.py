@@ -14,10 +14,11 @@ from pathlib import Path
 from drydock.errors import DrydockError
 from drydock.journal import Run
 from drydock.leftovers import stop_left_running
-from drydock.paths import project_root
+from drydock.paths import project_root, runs_dir
 
 
-DRYDOCK_CALLBACKS = ("drydock_failures", "drydock_progress", "drydock_workers")  # callback_plugins/, enabled in ansible.cfg
+DRYDOCK_CALLBACKS = ("drydock_failures", "drydock_progress", "drydock_workers",  # callback_plugins/, enabled in ansible.cfg
+                     "drydock_module_cache")
 
 
 def ansible_env(run: Run | None = None) -> dict[str, str]:
@@ -30,6 +31,8 @@ def ansible_env(run: Run | None = None) -> dict[str, str]:
     if os.environ.get("ANSIBLE_CALLBACKS_ENABLED"):
         enabled = [name.strip() for name in os.environ["ANSIBLE_CALLBACKS_ENABLED"].split(",") if name.strip()]
         env["ANSIBLE_CALLBACKS_ENABLED"] = ",".join(enabled + [name for name in DRYDOCK_CALLBACKS if name not in enabled])
+    # Where callback_plugins/drydock_module_cache keeps the module payloads Ansible builds.
+    env["DRYDOCK_MODULE_CACHE"] = str(runs_dir() / "cache" / "ansible-modules")
     if run is not None:
         env["ANSIBLE_LOG_PATH"] = str(run.ansible_log)
         env["DRYDOCK_PROGRESS_FILE"] = str(run.progress_file)

@@ -52,6 +52,7 @@ FILE_SECONDS = {
     "tests/integration/test_inventory.py": 41,
     "tests/test_lint.py": 18,
     "tests/unit/test_validate.py": 11,
+    "tests/unit/test_module_cache.py": 9,
     "tests/unit/test_module_inputs.py": 8,
     "tests/unit/test_helpers.py": 6,
     "tests/integration/test_sandbox.py": 4,

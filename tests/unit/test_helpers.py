@@ -438,7 +438,8 @@ def test_drydock_callbacks_stay_enabled_beside_ones_asked_for_in_the_environment
     from drydock.playbook import ansible_env
 
     monkeypatch.setenv("ANSIBLE_CALLBACKS_ENABLED", "ansible.posix.profile_tasks, drydock_failures")
-    assert ansible_env()["ANSIBLE_CALLBACKS_ENABLED"] == "ansible.posix.profile_tasks,drydock_failures,drydock_progress,drydock_workers"
+    assert ansible_env()["ANSIBLE_CALLBACKS_ENABLED"] == ("ansible.posix.profile_tasks,drydock_failures,drydock_progress,"
+                                                          "drydock_workers,drydock_module_cache")
     monkeypatch.delenv("ANSIBLE_CALLBACKS_ENABLED")
     assert "ANSIBLE_CALLBACKS_ENABLED" not in ansible_env()  # ansible.cfg's list holds
 
