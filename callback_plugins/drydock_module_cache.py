@@ -8,12 +8,18 @@ its modules anew, about 0.15 CPU-seconds apiece (docs/performance.md). This call
 start of the playbook and before any task, makes that cache a link to a folder that outlives
 the run, under $DRYDOCK_MODULE_CACHE.
 
-Ansible names a cached payload by the module's name alone, so each folder is named by a key
-of everything the payloads are built from: Ansible's and Python's versions, every file of
-the module and module_utils paths drydock configures (by content), and the installed
-Ansible and collections (by each file's size and time, or each collection's manifest). Code
-that changes gets a new folder, never a payload built from the old. Folders of other keys go
-once nobody has used them for a day. If anything here fails, Ansible builds as it always does.
+Ansible names a cached payload by the module's name (with its compression and extensions),
+not by its code, so each folder is named by a key of what the payloads are built from:
+Ansible's and Python's versions, every file of the module and module_utils folders Ansible
+searches outside collections (by content), and the installed Ansible and collections (by
+each file's size and time, or each collection's manifest). Code that changes gets a new
+folder. Where a name could mean two files (the same module in two of those folders, which
+one depends on the roles a playbook loads) or a folder links elsewhere, nothing is cached.
+
+The folders hold code that runs on the hosts as root, unpickled by Ansible here first: the
+folder and each folder above it must be writable by this user (or root) alone. Each run
+holds a shared lock on its folder; folders of other keys go once unused for a day and not
+locked. If anything here fails, the playbook warns and Ansible builds as it always does.
 """
 from __future__ import annotations
 
@@ -24,10 +30,11 @@ short_description: Keep the module payloads Ansible builds between runs, keyed b
 description:
   - Links ansible-playbook's AnsiballZ cache to a folder under the directory named by the
     DRYDOCK_MODULE_CACHE environment variable, named by a hash of Ansible's and Python's
-    versions, the configured module and module_utils paths' files and the installed
-    collections; does nothing when it is unset.
+    versions, the module and module_utils folders' files and the installed collections;
+    does nothing when it is unset.
 """
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -40,37 +47,86 @@ from ansible import constants as C
 from ansible import release
 from ansible.plugins.callback import CallbackBase
 
-# A folder of another key (older code) goes once unused for this long: a run still using it
-# would otherwise lose its cache in the middle, and its tasks would fail.
-UNUSED_FOR_S = 24 * 3600
 ANSIBLE_CACHE_NAME = "ansiballz_cache"  # the folder Ansible keeps its payloads in, in its local tmp
+IN_USE = ".in-use"  # in each key's folder: every run using it holds a shared lock on this file
+# A folder of another key (older code) goes once unused for this long and not locked.
+UNUSED_FOR_S = 24 * 3600
+# Ansible writes a payload to `<name>-part` and renames it: one this old was left by a kill.
+PART_LEFT_AFTER_S = 3600
+
+
+class NotCached(Exception):
+    """This playbook's modules cannot be cached safely: Ansible builds them per run."""
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every file under `folder`, sorted. A linked folder inside would be read by Ansible but
+    not by rglob: refused rather than left out of the key."""
+    found = []
+    for parent, folders, names in os.walk(folder):
+        for name in folders:
+            if os.path.islink(os.path.join(parent, name)):
+                raise NotCached(f"{os.path.join(parent, name)} links a folder")
+        found += [Path(parent, name) for name in names]
+    return sorted(path for path in found if "__pycache__" not in path.parts)
 
 
 def _content(digest, folder: Path) -> None:
     """Every file under `folder` by name and content: code one edits."""
-    if folder.is_dir():
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts:
-                digest.update(f"{path.relative_to(folder)}\0".encode())
-                digest.update(path.read_bytes())
+    for path in _files(folder):
+        digest.update(f"{path.relative_to(folder)}\0".encode())
+        digest.update(path.read_bytes())
 
 
 def _installed(digest, folder: Path) -> None:
     """Every file under `folder` by name, size and time: installed code, rewritten by pip."""
-    if folder.is_dir():
-        for path in sorted(folder.rglob("*.py")):
-            info = path.stat()
-            digest.update(f"{path.relative_to(folder)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    for path in _files(folder):
+        info = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
 
 
-def _collection_manifests(digest) -> None:
-    """Each installed collection's manifest: a collection installed or upgraded rewrites it."""
+def _collections(digest) -> None:
+    """Each collection by its manifest, which installing or upgrading it rewrites; one without
+    (a source checkout) by its plugins' files."""
     from ansible.utils.collection_loader import AnsibleCollectionConfig
 
     for root in AnsibleCollectionConfig.collection_paths:
-        for manifest in sorted(Path(root).glob("ansible_collections/*/*/MANIFEST.json")):
-            info = manifest.stat()
-            digest.update(f"{manifest}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+        for collection in sorted(Path(root).glob("ansible_collections/*/*")):
+            manifest = collection / "MANIFEST.json"
+            digest.update(f"{collection}\n".encode())
+            if manifest.is_file():
+                info = manifest.stat()
+                digest.update(f"{info.st_size}\0{info.st_mtime_ns}\n".encode())
+            else:
+                _installed(digest, collection / "plugins")
+
+
+def _searched_folders(playbook_dir: Path | None) -> tuple[list[Path], list[Path]]:
+    """The module and module_utils folders Ansible may search outside collections: the
+    configured ones, the playbook's own, and those of every role it could load."""
+    modules = [Path(folder) for folder in C.DEFAULT_MODULE_PATH]
+    module_utils = [Path(folder) for folder in C.DEFAULT_MODULE_UTILS_PATH]
+    roles_paths = [Path(folder) for folder in C.DEFAULT_ROLES_PATH]
+    if playbook_dir:
+        modules.append(playbook_dir / "library")
+        module_utils.append(playbook_dir / "module_utils")
+        roles_paths.append(playbook_dir / "roles")
+    for roles in roles_paths:
+        for role in sorted(roles.glob("*")):
+            modules.append(role / "library")
+            module_utils.append(role / "module_utils")
+    return [f for f in modules if f.is_dir()], [f for f in module_utils if f.is_dir()]
+
+
+def _refuse_a_name_in_two_places(folders: list[Path]) -> None:
+    """Ansible caches `ansible.legacy.<name>` whichever folder it came from."""
+    seen: dict[str, Path] = {}
+    for folder in folders:
+        for path in _files(folder):
+            name = str(path.relative_to(folder).with_suffix(""))
+            if seen.get(name, folder) != folder:
+                raise NotCached(f"{name} is in {seen[name]} and in {folder}")
+            seen[name] = folder
 
 
 def cache_key(playbook_dir: Path | None) -> str:
@@ -78,22 +134,28 @@ def cache_key(playbook_dir: Path | None) -> str:
     ansible_dir = Path(release.__file__).resolve().parent
     for part in ("modules", "module_utils", "_internal", "executor"):
         _installed(digest, ansible_dir / part)
-    _collection_manifests(digest)
-    folders = [*C.DEFAULT_MODULE_PATH, *C.DEFAULT_MODULE_UTILS_PATH]
-    if playbook_dir:
-        folders += [playbook_dir / "library", playbook_dir / "module_utils"]
-    for roles in C.DEFAULT_ROLES_PATH:
-        for role in sorted(Path(roles).glob("*")):
-            folders += [role / "library", role / "module_utils"]
-    for folder in folders:
-        digest.update(f"{folder}\n".encode())
-        _content(digest, Path(folder))
+    _collections(digest)
+    modules, module_utils = _searched_folders(playbook_dir)
+    _refuse_a_name_in_two_places(modules)
+    _refuse_a_name_in_two_places(module_utils)
+    for folder in modules + module_utils:
+        digest.update(f"{folder.resolve()}\n".encode())
+        _content(digest, folder)
     return digest.hexdigest()[:24]
 
 
+def _check_ancestors(path: Path) -> None:
+    """Every folder above `path` must be writable by this user or root alone (or be sticky,
+    as /tmp is): anyone else could put another folder in its place after the checks here."""
+    for folder in path.parents:
+        info = folder.stat()
+        if info.st_uid not in (0, os.geteuid()) or (info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX):
+            raise NotCached(f"{folder} is writable by other users")
+
+
 def _private_folder(path: Path) -> Path:
-    """`path`, made 0700 if missing, and only if it is a real folder of ours that nobody else
-    may write to: its payloads run on the hosts, as root or the clusters' user."""
+    """`path`, made 0700 with any folder missing above it, and only if it is a real folder of
+    this user that nobody else may write to."""
     missing, folder = [], path
     while not os.path.lexists(folder):
         missing.append(folder)
@@ -102,17 +164,62 @@ def _private_folder(path: Path) -> Path:
         folder.mkdir(mode=0o700, exist_ok=True)
     info = path.lstat()
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
-        raise PermissionError(f"{path} is not a 0700 folder of this user")
+        raise NotCached(f"{path} is not a 0700 folder of this user")
     return path
 
 
+def _hold(folder: Path) -> int:
+    """A shared lock on the folder's IN_USE file, held until this process ends (its workers,
+    forked from it, share it; the descriptor is never closed). Taken after a prune may have
+    moved the folder: check it is still the one at its path."""
+    fd = os.open(folder / IN_USE, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        same = os.stat(folder / IN_USE).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:
+        os.close(fd)
+        raise NotCached(f"{folder} was dropped as unused meanwhile")
+    return fd
+
+
 def _drop_unused(base: Path, keep: str) -> None:
+    """Drop the folders of other keys no run has begun with for a day and none holds: moved
+    aside under the lock first, so that a run starting meanwhile makes a new one."""
     for folder in base.iterdir():
+        if folder.name.startswith(".dropping-"):  # moved aside by a run killed before it deleted it
+            shutil.rmtree(folder, ignore_errors=True)
+        if folder.name == keep or folder.name.startswith(".") or folder.is_symlink() or not folder.is_dir():
+            continue
         try:
-            if folder.name != keep and time.time() - folder.lstat().st_mtime > UNUSED_FOR_S:
-                shutil.rmtree(folder)
+            if time.time() - folder.stat().st_mtime < UNUSED_FOR_S:
+                continue
+            fd = os.open(folder / IN_USE, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                aside = base / f".dropping-{folder.name}-{os.getpid()}"
+                folder.rename(aside)
+            finally:
+                os.close(fd)
+            shutil.rmtree(aside)
         except OSError:
-            pass  # another run dropped it meanwhile, or it is not ours to drop
+            pass  # in use, or another run is dropping it
+
+
+def _drop_damaged(folder: Path) -> None:
+    """An empty payload (written, renamed, then lost to a crash before it reached the disk)
+    would fail every later task of its module; a `-part` left by a killed run is clutter."""
+    for entry in folder.iterdir():
+        try:
+            info = entry.lstat()
+            if entry.name.endswith("-part"):
+                if time.time() - info.st_mtime > PART_LEFT_AFTER_S:
+                    entry.unlink()
+            elif info.st_size == 0 and not entry.name.endswith(".lock") and entry.name != IN_USE:
+                entry.unlink()
+        except OSError:
+            pass
 
 
 class CallbackModule(CallbackBase):
@@ -121,18 +228,31 @@ class CallbackModule(CallbackBase):
     CALLBACK_NAME = "drydock_module_cache"
     CALLBACK_NEEDS_ENABLED = True
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._key: str | None = None
+
     def v2_playbook_on_start(self, playbook):
         base = os.environ.get("DRYDOCK_MODULE_CACHE")
         if not base:
             return
+        link = Path(C.DEFAULT_LOCAL_TMP) / ANSIBLE_CACHE_NAME
         try:
-            key = cache_key(Path(playbook._basedir) if getattr(playbook, "_basedir", None) else None)
-            base_folder = _private_folder(Path(base))
+            key = cache_key(Path(playbook._basedir).resolve() if getattr(playbook, "_basedir", None) else None)
+            if os.path.lexists(link):  # made for a playbook before this one, on the same command line
+                if key != self._key:
+                    raise NotCached("the playbooks of this command search different module folders")
+                return
+            base_folder = _private_folder(Path(base).resolve())
+            _check_ancestors(base_folder)
             folder = _private_folder(base_folder / key)
-            os.utime(folder)  # in use: not dropped as unused
-            link = Path(C.DEFAULT_LOCAL_TMP) / ANSIBLE_CACHE_NAME
-            if not os.path.lexists(link):  # no task has run yet: nothing is in Ansible's own
-                link.symlink_to(folder, target_is_directory=True)
+            _hold(folder)  # until this process ends
+            os.utime(folder)  # begun with now: not dropped as unused
+            _drop_damaged(folder)
+            link.symlink_to(folder, target_is_directory=True)  # absolute: resolved above
+            self._key = key
             _drop_unused(base_folder, keep=key)
         except Exception as error:  # a cache only: whatever goes wrong, the run goes on without it
+            if os.path.islink(link):
+                os.unlink(link)  # Ansible makes its own folder for the next module it builds
             self._display.warning(f"drydock_module_cache: building modules per run ({error})")

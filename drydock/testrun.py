@@ -329,7 +329,7 @@ def _stop_sandbox_of_killed_shard(root: Path, returncode: int, say: Callable[[st
     say(f"drydock: stopping the sandbox the killed shard left running in {sandbox}")
     try:
         Sandbox(root=sandbox, say=lambda message: None).down()
-    except SandboxError as error:
+    except (SandboxError, OSError, ValueError) as error:  # the shards' copies are cleaned up after this
         say(f"drydock: the sandbox in {sandbox} did not stop: {error}")
 
 
