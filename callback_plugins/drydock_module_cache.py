@@ -13,13 +13,15 @@ not by its code, so each folder is named by a key of what the payloads are built
 Ansible's and Python's versions, every file of the module and module_utils folders Ansible
 searches outside collections (by content), and the installed Ansible and collections (by
 each file's size and time, or each collection's manifest). Code that changes gets a new
-folder. Where a name could mean two files (the same module in two of those folders, which
-one depends on the roles a playbook loads) or a folder links elsewhere, nothing is cached.
+folder; code edited during a run loses what that run built. Where a name could mean two
+files (which one, depends on the roles a playbook loads) or a folder links elsewhere,
+nothing is cached.
 
 The folders hold code that runs on the hosts as root, unpickled by Ansible here first: the
 folder and each folder above it must be writable by this user (or root) alone. Each run
 holds a shared lock on its folder; folders of other keys go once unused for a day and not
-locked. If anything here fails, the playbook warns and Ansible builds as it always does.
+locked, and nothing else is ever deleted. If anything here fails, the playbook warns and
+Ansible builds as it always does.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ description:
 import fcntl
 import hashlib
 import os
+import pickle
+import re
 import shutil
 import stat
 import sys
@@ -53,6 +57,8 @@ IN_USE = ".in-use"  # in each key's folder: every run using it holds a shared lo
 UNUSED_FOR_S = 24 * 3600
 # Ansible writes a payload to `<name>-part` and renames it: one this old was left by a kill.
 PART_LEFT_AFTER_S = 3600
+KEY = re.compile(r"[0-9a-f]{24}")  # a key's folder
+DROPPING = re.compile(r"\.dropping-[0-9a-f]{24}-[0-9]+")  # one moved aside to be deleted
 
 
 class NotCached(Exception):
@@ -102,31 +108,39 @@ def _collections(digest) -> None:
 
 
 def _searched_folders(playbook_dir: Path | None) -> tuple[list[Path], list[Path]]:
-    """The module and module_utils folders Ansible may search outside collections: the
-    configured ones, the playbook's own, and those of every role it could load."""
-    modules = [Path(folder) for folder in C.DEFAULT_MODULE_PATH]
-    module_utils = [Path(folder) for folder in C.DEFAULT_MODULE_UTILS_PATH]
+    """The module and module_utils folders Ansible may search outside collections, resolved:
+    its loaders' paths as they stand once the playbooks are loaded (the configured ones,
+    Ansible's own, those beside every playbook on the command line or imported), and those
+    of every role a play could load later (from the roles paths or beside the playbook)."""
+    from ansible.plugins.loader import module_loader, module_utils_loader
+
+    modules = [Path(folder) for folder in module_loader._get_paths()]
+    module_utils = [Path(folder) for folder in module_utils_loader._get_paths(subdirs=False)]
     roles_paths = [Path(folder) for folder in C.DEFAULT_ROLES_PATH]
     if playbook_dir:
-        modules.append(playbook_dir / "library")
-        module_utils.append(playbook_dir / "module_utils")
-        roles_paths.append(playbook_dir / "roles")
+        roles_paths += [playbook_dir / "roles", playbook_dir]
     for roles in roles_paths:
         for role in sorted(roles.glob("*")):
             modules.append(role / "library")
             module_utils.append(role / "module_utils")
-    return [f for f in modules if f.is_dir()], [f for f in module_utils if f.is_dir()]
+
+    def existing(folders: list[Path]) -> list[Path]:
+        return list(dict.fromkeys(folder.resolve() for folder in folders if folder.is_dir()))
+
+    return existing(modules), existing(module_utils)
 
 
-def _refuse_a_name_in_two_places(folders: list[Path]) -> None:
-    """Ansible caches `ansible.legacy.<name>` whichever folder it came from."""
+def _refuse_a_name_in_two_places(folders: list[Path], name_of) -> None:
+    """Ansible keeps one payload per module name (`ansible.legacy.<name>` whichever folder
+    it came from) and one module_utils file per dotted name: which file a name meant could
+    depend on the roles a playbook loads, so a name for two files is not cached."""
     seen: dict[str, Path] = {}
     for folder in folders:
         for path in _files(folder):
-            name = str(path.relative_to(folder).with_suffix(""))
-            if seen.get(name, folder) != folder:
-                raise NotCached(f"{name} is in {seen[name]} and in {folder}")
-            seen[name] = folder
+            if path.suffix == ".py":
+                name, file = name_of(path.relative_to(folder)), path.resolve()
+                if seen.setdefault(name, file) != file:
+                    raise NotCached(f"{name} is both {seen[name]} and {file}")
 
 
 def cache_key(playbook_dir: Path | None) -> str:
@@ -136,11 +150,15 @@ def cache_key(playbook_dir: Path | None) -> str:
         _installed(digest, ansible_dir / part)
     _collections(digest)
     modules, module_utils = _searched_folders(playbook_dir)
-    _refuse_a_name_in_two_places(modules)
-    _refuse_a_name_in_two_places(module_utils)
+    # A module of ours named as one of Ansible's is cached under another name (ansible.legacy.x,
+    # not ansible.modules.x): no clash there.
+    _refuse_a_name_in_two_places([folder for folder in modules if not folder.is_relative_to(ansible_dir)],
+                                 lambda path: path.stem)  # Ansible looks a module up by its file's name
+    _refuse_a_name_in_two_places(module_utils, lambda path: ".".join(path.with_suffix("").parts))
     for folder in modules + module_utils:
-        digest.update(f"{folder.resolve()}\n".encode())
-        _content(digest, folder)
+        if not folder.is_relative_to(ansible_dir):  # Ansible's own: by size and time, above
+            digest.update(f"{folder}\n".encode())
+            _content(digest, folder)
     return digest.hexdigest()[:24]
 
 
@@ -186,16 +204,17 @@ def _hold(folder: Path) -> int:
 
 def _drop_unused(base: Path, keep: str) -> None:
     """Drop the folders of other keys no run has begun with for a day and none holds: moved
-    aside under the lock first, so that a run starting meanwhile makes a new one."""
+    aside under the lock first, so that a run starting meanwhile makes a new one. Only
+    folders this callback made (a key's name, with its IN_USE file): DRYDOCK_MODULE_CACHE
+    could name a folder holding anything."""
     for folder in base.iterdir():
-        if folder.name.startswith(".dropping-"):  # moved aside by a run killed before it deleted it
-            shutil.rmtree(folder, ignore_errors=True)
-        if folder.name == keep or folder.name.startswith(".") or folder.is_symlink() or not folder.is_dir():
-            continue
         try:
-            if time.time() - folder.stat().st_mtime < UNUSED_FOR_S:
+            if DROPPING.fullmatch(folder.name) and not folder.is_symlink():  # a killed run's, moved aside
+                shutil.rmtree(folder)
+            if (folder.name == keep or not KEY.fullmatch(folder.name) or folder.is_symlink()
+                    or not (folder / IN_USE).is_file() or time.time() - folder.stat().st_mtime < UNUSED_FOR_S):
                 continue
-            fd = os.open(folder / IN_USE, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(folder / IN_USE, os.O_RDWR)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 aside = base / f".dropping-{folder.name}-{os.getpid()}"
@@ -208,18 +227,21 @@ def _drop_unused(base: Path, keep: str) -> None:
 
 
 def _drop_damaged(folder: Path) -> None:
-    """An empty payload (written, renamed, then lost to a crash before it reached the disk)
-    would fail every later task of its module; a `-part` left by a killed run is clutter."""
+    """A payload that does not load (written, renamed, then cut short by a crash before it
+    reached the disk: Ansible does not sync it) would fail every later task of its module;
+    a `-part` left by a killed run is clutter."""
     for entry in folder.iterdir():
         try:
-            info = entry.lstat()
             if entry.name.endswith("-part"):
-                if time.time() - info.st_mtime > PART_LEFT_AFTER_S:
+                if time.time() - entry.lstat().st_mtime > PART_LEFT_AFTER_S:
                     entry.unlink()
-            elif info.st_size == 0 and not entry.name.endswith(".lock") and entry.name != IN_USE:
-                entry.unlink()
+            elif not entry.name.endswith(".lock") and entry.name != IN_USE:
+                with entry.open("rb") as payload:
+                    pickle.load(payload)  # what Ansible does with it: from our own 0700 folder
         except OSError:
             pass
+        except Exception:  # cut short, or not a payload at all
+            entry.unlink(missing_ok=True)
 
 
 class CallbackModule(CallbackBase):
@@ -231,15 +253,20 @@ class CallbackModule(CallbackBase):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._key: str | None = None
+        self._folder: Path | None = None
+        self._started = time.time()
 
     def v2_playbook_on_start(self, playbook):
         base = os.environ.get("DRYDOCK_MODULE_CACHE")
         if not base:
             return
         link = Path(C.DEFAULT_LOCAL_TMP) / ANSIBLE_CACHE_NAME
+        if os.path.lexists(link) and not os.path.islink(link):
+            return  # Ansible's own, from an earlier playbook of this command that was not cached
+        self._playbook_dir = Path(playbook._basedir).resolve() if getattr(playbook, "_basedir", None) else None
         try:
-            key = cache_key(Path(playbook._basedir).resolve() if getattr(playbook, "_basedir", None) else None)
-            if os.path.lexists(link):  # made for a playbook before this one, on the same command line
+            key = cache_key(self._playbook_dir)
+            if os.path.lexists(link):  # made for an earlier playbook of this command
                 if key != self._key:
                     raise NotCached("the playbooks of this command search different module folders")
                 return
@@ -250,9 +277,27 @@ class CallbackModule(CallbackBase):
             os.utime(folder)  # begun with now: not dropped as unused
             _drop_damaged(folder)
             link.symlink_to(folder, target_is_directory=True)  # absolute: resolved above
-            self._key = key
-            _drop_unused(base_folder, keep=key)
+            self._key, self._folder = key, folder
         except Exception as error:  # a cache only: whatever goes wrong, the run goes on without it
             if os.path.islink(link):
                 os.unlink(link)  # Ansible makes its own folder for the next module it builds
             self._display.warning(f"drydock_module_cache: building modules per run ({error})")
+            return
+        _drop_unused(base_folder, keep=key)
+
+    def v2_playbook_on_stats(self, stats):
+        """Ansible builds a payload when a task first needs it, from the code as it is then:
+        code edited during the run would be kept under the key of the code before. The
+        payloads built since the run began go then (another run may build them again)."""
+        if self._folder is None:
+            return
+        try:
+            changed = cache_key(self._playbook_dir) != self._key
+        except Exception:
+            changed = True
+        if changed:
+            for entry in self._folder.iterdir():
+                if entry.name != IN_USE and entry.lstat().st_mtime >= self._started - 1:
+                    entry.unlink(missing_ok=True)
+            self._display.warning("drydock_module_cache: module code changed during the run: "
+                                  "the payloads it built are not kept")

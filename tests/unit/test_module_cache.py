@@ -102,7 +102,7 @@ def test_a_module_name_in_two_folders_is_not_cached(world, tmp_path):
     role_library.mkdir(parents=True)
     (role_library / "drydock_cache_probe.py").write_text("# another module of the same name\n")
     output = run("one")
-    assert "answer=one" in output and NOT_CACHED in output and "drydock_cache_probe is in " in output
+    assert "answer=one" in output and NOT_CACHED in output and "drydock_cache_probe is both " in output
     assert not paths["cache"].exists() or not list(paths["cache"].glob("*/" + PAYLOAD))
 
 
@@ -135,3 +135,21 @@ def test_a_cache_others_may_write_to_is_not_used(world):
     output = run("one")
     assert "answer=one" in output and NOT_CACHED in output and "is writable by other users" in output
     assert list(cache.iterdir()) == []
+
+
+def test_only_folders_it_made_are_ever_dropped_and_a_payload_cut_short_is_built_again(world):
+    """DRYDOCK_MODULE_CACHE may name a folder holding other things; a crash can leave a payload
+    cut short (Ansible does not sync it), which would fail every later task of its module."""
+    run, paths = world
+    cache = paths["cache"]
+    cache.mkdir(mode=0o700, parents=True)
+    mine = cache / "notes-of-the-user"
+    mine.mkdir()
+    day_ago = time.time() - 25 * 3600
+    os.utime(mine, (day_ago, day_ago))
+    run("one")
+    (folder,) = set(cache.iterdir()) - {mine}
+    payload = folder / PAYLOAD
+    payload.write_bytes(payload.read_bytes()[:1000])
+    assert "answer=one" in run("one")
+    assert mine.exists() and len(payload.read_bytes()) > 1000
