@@ -73,8 +73,9 @@ def run_playbook(name: str, *, limit: str | None = None, extra_vars: dict | None
         env["DRYDOCK_FAILURES_FILE"] = str(failures)
         workers = Path(scratch) / "workers.txt"
         env["DRYDOCK_WORKERS_FILE"] = str(workers)
-        # Ansible's own scratch (its module cache) too: a killed ansible-playbook leaves it,
-        # which in ~/.ansible/tmp nothing would ever remove.
+        # Ansible's own temporary folder too: a killed ansible-playbook leaves it, which in
+        # ~/.ansible/tmp nothing would ever remove (the module payloads it builds are kept
+        # apart, see callback_plugins/drydock_module_cache.py).
         env["ANSIBLE_LOCAL_TEMP"] = str(Path(scratch) / "ansible")
         if capture:
             env["ANSIBLE_STDOUT_CALLBACK"] = "ansible.posix.json"
