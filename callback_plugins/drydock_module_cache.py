@@ -254,8 +254,10 @@ class CallbackModule(CallbackBase):
         super().__init__(*args, **kwargs)
         self._key: str | None = None
         self._folder: Path | None = None
+        self._playbook_dir: Path | None = None
         self._started = time.time()
 
+    # Ansible 2.19 fails the playbook when a callback raises: nothing may escape these two.
     def v2_playbook_on_start(self, playbook):
         base = os.environ.get("DRYDOCK_MODULE_CACHE")
         if not base:
@@ -263,8 +265,8 @@ class CallbackModule(CallbackBase):
         link = Path(C.DEFAULT_LOCAL_TMP) / ANSIBLE_CACHE_NAME
         if os.path.lexists(link) and not os.path.islink(link):
             return  # Ansible's own, from an earlier playbook of this command that was not cached
-        self._playbook_dir = Path(playbook._basedir).resolve() if getattr(playbook, "_basedir", None) else None
         try:
+            self._playbook_dir = Path(playbook._basedir).resolve() if getattr(playbook, "_basedir", None) else None
             key = cache_key(self._playbook_dir)
             if os.path.lexists(link):  # made for an earlier playbook of this command
                 if key != self._key:
@@ -283,7 +285,10 @@ class CallbackModule(CallbackBase):
                 os.unlink(link)  # Ansible makes its own folder for the next module it builds
             self._display.warning(f"drydock_module_cache: building modules per run ({error})")
             return
-        _drop_unused(base_folder, keep=key)
+        try:
+            _drop_unused(base_folder, keep=key)
+        except OSError:  # left for a later run: an exception here would fail the playbook (Ansible 2.19)
+            pass
 
     def v2_playbook_on_stats(self, stats):
         """Ansible builds a payload when a task first needs it, from the code as it is then:
@@ -296,8 +301,11 @@ class CallbackModule(CallbackBase):
         except Exception:
             changed = True
         if changed:
-            for entry in self._folder.iterdir():
-                if entry.name != IN_USE and entry.lstat().st_mtime >= self._started - 1:
-                    entry.unlink(missing_ok=True)
+            try:
+                for entry in self._folder.iterdir():
+                    if entry.name != IN_USE and entry.lstat().st_mtime >= self._started - 1:
+                        entry.unlink(missing_ok=True)
+            except OSError as error:
+                self._display.warning(f"drydock_module_cache: delete {self._folder} ({error})")
             self._display.warning("drydock_module_cache: module code changed during the run: "
                                   "the payloads it built are not kept")

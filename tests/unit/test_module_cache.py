@@ -40,7 +40,8 @@ def world(tmp_path):
     (tmp_path / "play.yml").write_text(PLAYBOOK)
     paths = {"cache": tmp_path / "runs" / "cache" / "ansible-modules"}
 
-    def run(answer: str, prefix: str = "") -> str:
+    def run(answer: str, prefix: str = "", playbook: str = PLAYBOOK) -> str:
+        (tmp_path / "play.yml").write_text(playbook)
         (library / "drydock_cache_probe.py").write_text(MODULE.replace("{answer}", answer))
         (module_utils / "drydock_cache_probe_prefix.py").write_text(f"PREFIX = {prefix!r}\n")
         env = dict(ansible_env(), DRYDOCK_MODULE_CACHE=str(paths["cache"]), ANSIBLE_LIBRARY=str(library),
@@ -153,3 +154,15 @@ def test_only_folders_it_made_are_ever_dropped_and_a_payload_cut_short_is_built_
     payload.write_bytes(payload.read_bytes()[:1000])
     assert "answer=one" in run("one")
     assert mine.exists() and len(payload.read_bytes()) > 1000
+
+
+def test_a_module_edited_while_a_run_goes_on_is_not_kept_under_the_key_of_before(world, tmp_path):
+    """The run began with the code answering "one", and its module was built (when first used)
+    from the code edited since: a later run of the code of before must not get that build."""
+    run, paths = world
+    edit_first = PLAYBOOK.replace("  tasks:\n", "  tasks:\n    - ansible.builtin.copy:\n"
+                                  f"        dest: {tmp_path / 'library' / 'drydock_cache_probe.py'}\n"
+                                  f"        content: {json.dumps(MODULE.replace('{answer}', 'edited'))}\n", 1)
+    output = run("one", playbook=edit_first)
+    assert "answer=edited" in output and "module code changed during the run" in output
+    assert "answer=one" in run("one")
