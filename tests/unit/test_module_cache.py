@@ -32,12 +32,12 @@ NOT_CACHED = "drydock_module_cache: building modules per run"
 
 @pytest.fixture
 def world(tmp_path):
-    """run(answer, prefix="") runs a playbook whose module answers `prefix + answer`, the
-    prefix from a module_utils file of its own; its output. `cache` is where it keeps them."""
+    """run(answer, prefix="", playbook=PLAYBOOK) runs a playbook whose module answers
+    `prefix + answer`, the prefix from a module_utils file of its own; its output.
+    paths["cache"] is the DRYDOCK_MODULE_CACHE it runs with."""
     library, module_utils = tmp_path / "library", tmp_path / "module_utils"
     library.mkdir()
     module_utils.mkdir()
-    (tmp_path / "play.yml").write_text(PLAYBOOK)
     paths = {"cache": tmp_path / "runs" / "cache" / "ansible-modules"}
 
     def run(answer: str, prefix: str = "", playbook: str = PLAYBOOK) -> str:
