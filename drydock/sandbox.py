@@ -426,7 +426,9 @@ class Sandbox:
         for it (up to 30 s on a busy machine): a site that cannot be imported fails the start,
         its traceback in app.log (--capture-output), rather than the health check after it. A
         start that runs out of time stops the gunicorn it began, which would else come up
-        later without anyone knowing."""
+        later without anyone knowing. No control socket: gunicorn's default is one path in the
+        user's home (~/.gunicorn/gunicorn.ctl) for every gunicorn, which each sandbox app, and
+        each shard's, would take from the one before."""
         script = self.app_script(env)
         pidfile = self.app_pidfile(env)
         script.write_text(f"""#!/bin/sh
@@ -441,6 +443,7 @@ start)
     cd {example_site_dir()}
     DATABASE_URL='{self.url(env)}' DJANGO_SETTINGS_MODULE=wagtail_site.settings \\
         {sys.executable} -m gunicorn --daemon --pid "$pidfile" --bind {env.address}:{APP_PORT} --workers 2 --preload --capture-output \\
+        --no-control-socket \\
         --access-logfile {self.host_dir(env)}/app.log --error-logfile {self.host_dir(env)}/app.log \\
         --name drydock-{env.name} wagtail_site.wsgi
     for _ in $(seq 300); do running && exit 0; sleep 0.1; done

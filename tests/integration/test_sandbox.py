@@ -1,9 +1,11 @@
 """The sandbox world: three real clusters, seeded production, older staging, reachable hosts."""
 import json
+import os
+from pathlib import Path
 
 import pytest
 
-from drydock.sandbox import CLUSTER_USER_FOLDERS, Sandbox, environments, sandbox_net, ssh_available
+from drydock.sandbox import APP_PORT, CLUSTER_USER_FOLDERS, Sandbox, environments, sandbox_net, ssh_available
 from tests.conftest import fingerprint, row_counts
 
 ENVS = ("production", "staging", "local")
@@ -53,8 +55,6 @@ def test_what_runs_as_us_is_out_of_the_cluster_users_reach(sandbox_env):
     """The app's service script and pidfile and sshd's config run as us (root in CI): their
     folder is ours, or the clusters' OS user could swap them and be root. That user owns
     only its data, socket, log and backup folders."""
-    import os
-
     box = Sandbox(say=lambda message: None)
     for env in box.environments:
         host = box.host_dir(env)
@@ -103,3 +103,33 @@ def test_commands_run_on_the_host_they_name(testinfra_host, sandbox_env, env):
     data = host.file(sandbox_env[env]["socket_dir"])
     assert data.is_directory
     assert host.socket(f"tcp://{address}:{sandbox_env[env]['port']}").is_listening
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets `pid` and its children hold open."""
+    inodes = set()
+    for proc in [pid, *(int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]:
+        for fd in Path(f"/proc/{proc}/fd").iterdir():
+            target = os.readlink(fd) if fd.is_symlink() else ""
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    return inodes
+
+
+@pytest.mark.parametrize("env", ["production", "staging"])
+def test_the_app_listens_on_its_hosts_address_and_nowhere_else(sandbox_env, env):
+    """Only the host's loopback address and port: no socket of its own in the user's home,
+    such as gunicorn's control socket, which every gunicorn there would share."""
+    box = Sandbox(say=lambda message: None)
+    environment = next(e for e in box.environments if e.name == env)
+    inodes = _socket_inodes(int(box.app_pidfile(environment).read_text().split()[0]))
+    unix_paths = [fields[7] for fields in (line.split() for line in Path("/proc/net/unix").read_text().splitlines()[1:])
+                  if len(fields) > 7 and fields[6] in inodes]
+    assert unix_paths == []
+    listening = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes and fields[3] == "0A":  # LISTEN
+            address, port = fields[1].split(":")
+            listening.add((".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)), int(port, 16)))
+    assert listening == {(environment.address, APP_PORT)}
