@@ -32,34 +32,34 @@ ANSIBLE_LINT = ["ansible-lint", "playbooks", "roles"]
 PYFLAKES = [sys.executable, "-m", "pyflakes", "tasks.py", "drydock", "tests", "bench", "library", "module_utils",
             "action_plugins", "callback_plugins", "examples"]
 
-# Seconds per test file, summed from `--durations=0` of a two-shard run on 2026-12-06 at
-# 07:06Z (shards 17.5 and 18.3 minutes), without the sandbox's start (about 30 s), which each
-# shard pays once in its first file. Only the proportions count, and only the split uses
-# them: a file not listed counts as DEFAULT_SECONDS. test_migrate, test_pipeline and
-# test_snapshot were raised by what the tests and the preflight task added at 08:26Z took
-# (shards 18.2 and 19.8 minutes with the weights before).
+# Seconds per test file, from `--durations` of two two-shard runs on 2026-12-06 at 15:40Z
+# and 16:00Z (shards 19.1 and 17.8, then 18.1 and 16.4 minutes, split by the weights of
+# 07:06Z: the module payloads kept since 13:52Z made test_migrate and test_verify a third
+# shorter), without the sandbox's start (about 30 s), which each shard pays once in its
+# first file. Only the proportions count, and only the split uses them: a file not listed
+# counts as DEFAULT_SECONDS.
 FILE_SECONDS = {
-    "tests/integration/test_push.py": 557,
-    "tests/integration/test_migrate.py": 370,
-    "tests/e2e/test_pipeline.py": 291,
-    "tests/integration/test_faults.py": 265,
-    "tests/integration/test_verify.py": 212,
-    "tests/integration/test_snapshot.py": 161,
-    "tests/integration/test_interrupt.py": 155,
-    "tests/integration/test_site.py": 58,
-    "tests/integration/test_pull.py": 57,
-    "tests/integration/test_backup.py": 43,
-    "tests/integration/test_inventory.py": 41,
+    "tests/integration/test_push.py": 540,
+    "tests/integration/test_faults.py": 280,
+    "tests/integration/test_migrate.py": 270,
+    "tests/e2e/test_pipeline.py": 270,
+    "tests/integration/test_verify.py": 145,
+    "tests/integration/test_interrupt.py": 140,
+    "tests/integration/test_snapshot.py": 115,
+    "tests/integration/test_pull.py": 45,
+    "tests/integration/test_site.py": 40,
+    "tests/integration/test_backup.py": 38,
+    "tests/integration/test_inventory.py": 35,
     "tests/test_lint.py": 18,
     "tests/unit/test_validate.py": 11,
-    "tests/unit/test_module_cache.py": 9,
+    "tests/unit/test_module_cache.py": 10,
     "tests/unit/test_module_inputs.py": 8,
     "tests/unit/test_helpers.py": 6,
-    "tests/integration/test_sandbox.py": 4,
+    "tests/integration/test_sandbox.py": 5,
     "tests/unit/test_testrun.py": 3,
     "tests/integration/test_probe.py": 3,
+    "tests/integration/test_archive.py": 2,
     "tests/unit/test_leftovers.py": 2,
-    "tests/integration/test_archive.py": 1,
     "tests/unit/test_roles.py": 1,
     "tests/unit/test_bench.py": 1,
 }
