@@ -127,9 +127,12 @@ def test_the_app_listens_on_its_hosts_address_and_nowhere_else(sandbox_env, env)
                   if len(fields) > 7 and fields[6] in inodes]
     assert unix_paths == []
     listening = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[9] in inodes and fields[3] == "0A":  # LISTEN
-            address, port = fields[1].split(":")
-            listening.add((".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0)), int(port, 16)))
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes and fields[3] == "0A":  # LISTEN
+                address, port = fields[1].split(":")
+                if table == "tcp":  # four bytes, little-endian
+                    address = ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0))
+                listening.add((address, int(port, 16)))
     assert listening == {(environment.address, APP_PORT)}
