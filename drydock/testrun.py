@@ -32,34 +32,32 @@ ANSIBLE_LINT = ["ansible-lint", "playbooks", "roles"]
 PYFLAKES = [sys.executable, "-m", "pyflakes", "tasks.py", "drydock", "tests", "bench", "library", "module_utils",
             "action_plugins", "callback_plugins", "examples"]
 
-# Seconds per test file, from `--durations` of two two-shard runs on 2026-12-06 at 15:40Z
-# and 16:00Z (shards 19.1 and 17.8, then 18.1 and 16.4 minutes, split by the weights of
-# 07:06Z: the module payloads kept since 13:52Z made test_migrate and test_verify a third
-# shorter), without the sandbox's start (about 30 s), which each shard pays once in its
-# first file. Only the proportions count, and only the split uses them: a file not listed
-# counts as DEFAULT_SECONDS.
+# Seconds per test file, summed from `--durations=0` of a two-shard run on 2026-12-06 at
+# 16:28Z (shards 19.3 and 17.8 minutes), without the sandbox's start (about 32 s), which
+# each shard pays once in its first file. Only the proportions count, and only the split
+# uses them: a file not listed counts as DEFAULT_SECONDS.
 FILE_SECONDS = {
-    "tests/integration/test_push.py": 540,
-    "tests/integration/test_faults.py": 280,
-    "tests/integration/test_migrate.py": 270,
-    "tests/e2e/test_pipeline.py": 270,
-    "tests/integration/test_verify.py": 145,
-    "tests/integration/test_interrupt.py": 140,
-    "tests/integration/test_snapshot.py": 115,
-    "tests/integration/test_pull.py": 45,
-    "tests/integration/test_site.py": 40,
-    "tests/integration/test_backup.py": 38,
-    "tests/integration/test_inventory.py": 35,
-    "tests/test_lint.py": 18,
-    "tests/unit/test_validate.py": 11,
-    "tests/unit/test_module_cache.py": 10,
-    "tests/unit/test_module_inputs.py": 8,
-    "tests/unit/test_helpers.py": 6,
-    "tests/integration/test_sandbox.py": 5,
-    "tests/unit/test_testrun.py": 3,
+    "tests/integration/test_push.py": 558,
+    "tests/integration/test_migrate.py": 337,
+    "tests/e2e/test_pipeline.py": 273,
+    "tests/integration/test_faults.py": 259,
+    "tests/integration/test_verify.py": 187,
+    "tests/integration/test_snapshot.py": 144,
+    "tests/integration/test_interrupt.py": 124,
+    "tests/integration/test_pull.py": 58,
+    "tests/integration/test_site.py": 58,
+    "tests/integration/test_backup.py": 43,
+    "tests/integration/test_inventory.py": 42,
+    "tests/unit/test_module_cache.py": 19,
+    "tests/test_lint.py": 17,
+    "tests/unit/test_validate.py": 12,
+    "tests/unit/test_module_inputs.py": 10,
+    "tests/unit/test_helpers.py": 7,
+    "tests/integration/test_sandbox.py": 4,
+    "tests/integration/test_archive.py": 4,
+    "tests/unit/test_testrun.py": 4,
     "tests/integration/test_probe.py": 3,
-    "tests/integration/test_archive.py": 2,
-    "tests/unit/test_leftovers.py": 2,
+    "tests/unit/test_leftovers.py": 1,
     "tests/unit/test_roles.py": 1,
     "tests/unit/test_bench.py": 1,
 }
