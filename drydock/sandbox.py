@@ -426,9 +426,9 @@ class Sandbox:
         for it (up to 30 s on a busy machine): a site that cannot be imported fails the start,
         its traceback in app.log (--capture-output), rather than the health check after it. A
         start that runs out of time stops the gunicorn it began, which would else come up
-        later without anyone knowing. No control socket: gunicorn's default is one path in the
-        user's home (~/.gunicorn/gunicorn.ctl) for every gunicorn, which each sandbox app, and
-        each shard's, would take from the one before."""
+        later without anyone knowing. No control socket: its default path ($XDG_RUNTIME_DIR/
+        gunicorn.ctl, else ~/.gunicorn/gunicorn.ctl) is one for every gunicorn of the user,
+        which each sandbox app, and each shard's, would take from the one before."""
         script = self.app_script(env)
         pidfile = self.app_pidfile(env)
         script.write_text(f"""#!/bin/sh

@@ -1,6 +1,9 @@
 """The sandbox world: three real clusters, seeded production, older staging, reachable hosts."""
 import json
 import os
+import socket
+import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -110,7 +113,10 @@ def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     for proc in [pid, *(int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]:
         for fd in Path(f"/proc/{proc}/fd").iterdir():
-            target = os.readlink(fd) if fd.is_symlink() else ""
+            try:
+                target = os.readlink(fd)
+            except FileNotFoundError:  # closed meanwhile
+                continue
             if target.startswith("socket:["):
                 inodes.add(target[len("socket:["):-1])
     return inodes
@@ -122,6 +128,7 @@ def test_the_app_listens_on_its_hosts_address_and_nowhere_else(sandbox_env, env)
     such as gunicorn's control socket, which every gunicorn there would share."""
     box = Sandbox(say=lambda message: None)
     environment = next(e for e in box.environments if e.name == env)
+    time.sleep(1)  # gunicorn opens its control socket in a thread, after the workers are forked
     inodes = _socket_inodes(int(box.app_pidfile(environment).read_text().split()[0]))
     unix_paths = [fields[7] for fields in (line.split() for line in Path("/proc/net/unix").read_text().splitlines()[1:])
                   if len(fields) > 7 and fields[6] in inodes]
@@ -132,7 +139,7 @@ def test_the_app_listens_on_its_hosts_address_and_nowhere_else(sandbox_env, env)
             fields = line.split()
             if fields[9] in inodes and fields[3] == "0A":  # LISTEN
                 address, port = fields[1].split(":")
-                if table == "tcp":  # four bytes, little-endian
-                    address = ".".join(str(int(address[i:i + 2], 16)) for i in (6, 4, 2, 0))
+                if table == "tcp":  # the address's four bytes as the kernel holds them, in hex
+                    address = socket.inet_ntoa(struct.pack("=I", int(address, 16)))
                 listening.add((address, int(port, 16)))
     assert listening == {(environment.address, APP_PORT)}
