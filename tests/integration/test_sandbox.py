@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from drydock.sandbox import APP_PORT, CLUSTER_USER_FOLDERS, Sandbox, environments, sandbox_net, ssh_available
-from tests.conftest import fingerprint, row_counts
+from tests.conftest import fingerprint, process_tree, row_counts
 
 ENVS = ("production", "staging", "local")
 
@@ -109,9 +109,9 @@ def test_commands_run_on_the_host_they_name(testinfra_host, sandbox_env, env):
 
 
 def _socket_inodes(pid: int) -> set[str]:
-    """The inodes of the sockets `pid` and its children hold open."""
+    """The inodes of the sockets `pid` and its descendants hold open."""
     inodes = set()
-    for proc in [pid, *(int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]:
+    for proc in [pid, *(descendant for descendant, _start in process_tree(pid))]:
         for fd in Path(f"/proc/{proc}/fd").iterdir():
             try:
                 target = os.readlink(fd)
