@@ -9,6 +9,7 @@ short_description: Record task failures for drydock's one-line error messages
 description:
   - Appends host, task and message of each failed or unreachable task to the file named
     by the DRYDOCK_FAILURES_FILE environment variable; does nothing when it is unset.
+  - A task delegated to another host also records that host (C(delegated_to)).
 """
 
 import json
@@ -57,6 +58,12 @@ class CallbackModule(CallbackBase):
             return
         entry = {"kind": kind, "host": result._host.get_name(), "task": result.task_name,
                  "msg": "<hidden by no_log>" if result._result.get("censored") else _one_line(result._result)}
+        # A verify of staging builds its reference on the local cluster: when that fails, the
+        # line must name the host the task ran on, not only the environment it was for.
+        # (Left out if its name is still a template: rendering it is what failed.)
+        delegated = result._task.delegate_to
+        if delegated and delegated != entry["host"] and "{" not in str(delegated):
+            entry["delegated_to"] = str(delegated)
         # 0600 whatever the umask: a failure's message may quote the data or a command's stderr.
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry) + "\n")

@@ -182,4 +182,5 @@ def _last_failure(path: Path) -> str | None:
     if not entries:
         return None
     last = entries[-1]
-    return f"{last['host']}: {last['msg']}"
+    where = f"{last['host']} (on {last['delegated_to']})" if last.get("delegated_to") else last["host"]
+    return f"{where}: {last['msg']}"

@@ -386,7 +386,9 @@ def test_a_stopped_server_is_named_in_one_line_and_nothing_changes(staging_at_th
     """With staging's server down, every command that reaches it says so in drydock's words
     (not libpq's "connection is bad", not Ansible's "Unknown error" of a failed ping) and
     what to do; with the local one down, a push says so (its outgoing copy's drop fails in
-    the same words), and so does a migration step, whose app cannot reach it. Once they are up again, staging is as it was."""
+    the same words), and so does a migration step, whose app cannot reach it, and a verify of
+    staging, whose reference schema is built on the local cluster, names local as the host
+    that failed. Once they are up again, staging is as it was."""
     before = fingerprint(connect("staging"))
 
     def down_line(env: str) -> str:
@@ -403,6 +405,8 @@ def test_a_stopped_server_is_named_in_one_line_and_nothing_changes(staging_at_th
             f'drydock: error: local: the app cannot reach its database: connection to server at "{local["host"]}",'
             f' port {local["port"]} failed: Connection refused Is the server running on that host and accepting'
             ' TCP/IP connections?')
+        assert error_lines(inv("verify", "staging"))[-1] == down_line("local").replace(
+            "error: local: ", "error: staging (on local): ", 1)
     finally:
         inv("sandbox.up", check=True)
     down = down_line("staging")
