@@ -52,6 +52,12 @@ class CallbackModule(CallbackBase):
     CALLBACK_NAME = "drydock_failures"
     CALLBACK_NEEDS_ENABLED = True
 
+    def __init__(self):
+        super().__init__()
+        # A looped task's own result keeps delegate_to as written (a template); each item's
+        # result has it rendered.
+        self._item_delegated = {}
+
     def _record(self, result, kind: str) -> None:
         path = os.environ.get("DRYDOCK_FAILURES_FILE")
         if not path:
@@ -59,14 +65,19 @@ class CallbackModule(CallbackBase):
         entry = {"kind": kind, "host": result._host.get_name(), "task": result.task_name,
                  "msg": "<hidden by no_log>" if result._result.get("censored") else _one_line(result._result)}
         # A verify of staging builds its reference on the local cluster: when that fails, the
-        # line must name the host the task ran on, not only the environment it was for.
-        # (Left out if its name is still a template: rendering it is what failed.)
-        delegated = result._task.delegate_to
-        if delegated and delegated != entry["host"] and "{" not in str(delegated):
+        # line must name the host the task ran on, not only the environment it was for. Not
+        # the controller (localhost): drydock runs there, and its message names the file. Nor
+        # a name still a template: rendering it is what failed.
+        delegated = self._item_delegated.pop((entry["host"], result.task._uuid), result.task.delegate_to)
+        if delegated and delegated not in (entry["host"], "localhost") and "{" not in str(delegated):
             entry["delegated_to"] = str(delegated)
         # 0600 whatever the umask: a failure's message may quote the data or a command's stderr.
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry) + "\n")
+
+    def v2_runner_item_on_failed(self, result):
+        if result.task.delegate_to:
+            self._item_delegated[(result.host.get_name(), result.task._uuid)] = result.task.delegate_to
 
     def v2_runner_on_failed(self, result, ignore_errors=False):
         if not ignore_errors:

@@ -1142,6 +1142,44 @@ def test_a_server_that_does_not_listen_is_named_in_drydock_words():
     assert _one_line({"msg": refused}) == " ".join(refused.split())  # a server that answers: its own words
 
 
+FAILING_PLAY = """\
+- hosts: production
+  gather_facts: false
+  tasks:
+    - name: Fail on purpose
+      ansible.builtin.fail:
+        msg: broken on purpose
+{where}
+"""
+
+
+@pytest.mark.parametrize("where, label", [
+    ("", "production"),
+    ("      delegate_to: \"{{ groups['drydock_local'][0] }}\"", "production (on local)"),
+    # A looped task's own result keeps delegate_to unrendered: the item's says where it ran.
+    ("      delegate_to: \"{{ groups['drydock_local'][0] }}\"\n      loop: [absent, present]", "production (on local)"),
+    ("      delegate_to: localhost", "production"),  # drydock's own machine
+], ids=["own-host", "delegated", "delegated-loop", "controller"])
+def test_the_one_line_error_names_the_host_a_delegated_task_failed_on(tmp_path, where, label):
+    """A verify of staging builds its reference schema on the local cluster: a failure there
+    must not read as staging's. Real ansible-playbook runs, with drydock's failures callback."""
+    import subprocess
+
+    from drydock.paths import project_root
+    from drydock.playbook import _last_failure, ansible_env
+
+    local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    (tmp_path / "hosts.json").write_text(json.dumps({"all": {"children": {
+        "drydock_local": {"hosts": {"local": local}}, "drydock_servers": {"hosts": {"production": local}}}}}))
+    (tmp_path / "play.yml").write_text(FAILING_PLAY.format(where=where))
+    failures = tmp_path / "failures.jsonl"
+    proc = subprocess.run(["ansible-playbook", "-i", str(tmp_path / "hosts.json"), str(tmp_path / "play.yml")],
+                          cwd=project_root(), env=dict(ansible_env(), DRYDOCK_FAILURES_FILE=str(failures)),
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert _last_failure(failures) == f"{label}: broken on purpose"
+
+
 @pytest.mark.parametrize("entry_point", ["tasks", "tests.conftest"])
 def test_under_a_umask_of_000_what_drydock_makes_without_a_mode_is_not_writable_by_others(tmp_path, entry_point):
     """The sandbox's app script and pid records, a shard's copy: root runs or trusts them later."""
