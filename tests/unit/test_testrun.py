@@ -189,9 +189,14 @@ def test_the_sandbox_a_killed_checkout_shard_started_is_taken_down(tmp_path, ret
     from drydock.sandbox import Sandbox
 
     marker = "drydock-test-left-running-sandbox"
-    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    # Stopped as a "postgres-" entry is, by SIGINT. Python's own SIGINT handler only sets a flag,
+    # which a sleep entered just after it ran never sees (a CI run waited out the 30 s): the
+    # kernel's default action ends it wherever it is.
+    server = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGINT, signal.SIG_DFL);"
+                                                     " print(flush=True); time.sleep(60)", marker], stdout=subprocess.PIPE)
     try:
-        while not Sandbox._alive(server.pid, marker):  # until it has exec'd: the sandbox's own check
+        assert server.stdout.readline() == b"\n"  # its SIGINT is the kernel's from here on
+        while not Sandbox._alive(server.pid, marker):  # the sandbox's own check sees it
             time.sleep(0.01)
         (tmp_path / ".sandbox").mkdir()
         (tmp_path / ".sandbox" / "pids.json").write_text(json.dumps({"postgres-local": {"pid": server.pid,
@@ -204,3 +209,4 @@ def test_the_sandbox_a_killed_checkout_shard_started_is_taken_down(tmp_path, ret
     finally:
         server.kill()
         server.wait()
+        server.stdout.close()
