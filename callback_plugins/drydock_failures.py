@@ -25,9 +25,14 @@ NO_SERVER = re.compile(r'(?:unable to connect to database: )?(?:connection (?:is
                        r'(?: Is the server running locally and accepting connections on that socket\?)?')
 
 
-def _in_drydock_words(line: str) -> str:
+def _in_drydock_words(line: str, by_the_app: bool = False) -> str:
+    """`line` with libpq's words for a server that does not answer replaced by what to do. A
+    command's (the app's Python: app_database.py, manage.py) connects by the app's database
+    URL, drydock's own modules by drydock_db_socket_dir and drydock_db_port."""
+    fix = ("point the host and port of drydock_app_database_url at it" if by_the_app else
+           "set drydock_db_socket_dir and drydock_db_port to its own")
     return NO_SERVER.sub(lambda found: f"no database server answers on {found['socket']} ({found['why']}): start it,"
-                                       f" or set drydock_db_socket_dir and drydock_db_port to its own", line)
+                                       f" or {fix}", line)
 
 
 def _one_line(result: dict) -> str:
@@ -43,7 +48,7 @@ def _one_line(result: dict) -> str:
     elif msg.startswith("non-zero return code") and result.get("cmd"):  # a command that failed without a word
         command = result["cmd"] if isinstance(result["cmd"], str) else " ".join(map(str, result["cmd"]))
         msg = f"{command} exited with status {result.get('rc')}"
-    return _in_drydock_words(" ".join(msg.split())) or "failed"
+    return _in_drydock_words(" ".join(msg.split()), by_the_app="cmd" in result) or "failed"
 
 
 class CallbackModule(CallbackBase):

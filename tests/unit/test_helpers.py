@@ -1138,6 +1138,12 @@ def test_a_server_that_does_not_listen_is_named_in_drydock_words():
     assert _one_line({"msg": f"connection is bad: {libpq}"}) == expected  # psycopg, in drydock's modules
     assert _one_line({"msg": f"unable to connect to database: connection is bad: {libpq}"}) == expected  # community.postgresql
     assert _one_line({"msg": f"wagtail_site__incoming: {libpq} (kept)"}) == f"wagtail_site__incoming: {expected} (kept)"
+    # The app's own Python (a command: app_database.py, as the migration step asks it) connects
+    # by the app's URL: its settings are what to correct, not drydock's socket.
+    app = {"msg": "non-zero return code", "cmd": ["python", "app_database.py", "--server"], "rc": 1,
+           "stderr_lines": [f"the app cannot reach its database: connection is bad: {' '.join(libpq.split())}"]}
+    assert _one_line(app) == (f"the app cannot reach its database: no database server answers on {socket} (Connection"
+                              " refused): start it, or point the host and port of drydock_app_database_url at it")
     refused = 'connection to server on socket "/run/.s.PGSQL.5432" failed: FATAL:  Peer authentication failed for user "x"'
     assert _one_line({"msg": refused}) == " ".join(refused.split())  # a server that answers: its own words
 
