@@ -92,14 +92,15 @@ class Run:
         """Where callback_plugins/drydock_progress records each task's start and result."""
         return self.folder() / PROGRESS_FILE
 
-    def task_events(self, host: str, action: str) -> list[str] | None:
+    def task_events(self, host: str, action: str, but: str = "") -> list[str] | None:
         """The events (start, ok, failed, unreachable) of the tasks running module `action` on
-        `host` in this run so far, in order (see read_progress); None when nothing was
-        recorded at all."""
+        `host` in this run so far, in order (see read_progress), but those of tasks whose name
+        begins with `but`, if given; None when nothing was recorded at all."""
         progress = read_progress(self.dir)
         if progress is None:
             return None
-        return [entry["event"] for entry in progress if entry.get("host") == host and entry.get("action") == action]
+        return [entry["event"] for entry in progress if entry.get("host") == host and entry.get("action") == action
+                and not (but and str(entry.get("task", "")).startswith(but))]
 
     def task_account(self, host: str, action: str) -> str | None:
         """The line the last task running module `action` on `host` returned for drydock's

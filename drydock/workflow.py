@@ -546,6 +546,11 @@ def _no_task_began(run: Run) -> bool:
     return "TASK [" not in run.ansible_log.read_text(errors="replace")
 
 
+# A push that passed its checks runs drydock_db_swap once more, to drop the generation its
+# swap kept (restore_database.yml): no swap-back, nor part of the swap.
+DROP_KEPT_GENERATION_TASK = "Drop the generation kept until the checks passed"
+
+
 # What an interrupted pull or push left depends on whether its swap ran, which only the
 # progress Ansible reported tells (drydock_progress): its log does not show a task stopped
 # midway. The swap is one transaction, so the live database is always whole.
@@ -553,7 +558,7 @@ def _swap_state(run: Run, host: str) -> str:
     """Whether the run's swap on `host` ran: "not run", "ran", "running" (stopped while the
     swap task ran, or the host stopped answering), "swapping back" (a second swap had
     started) or "unknown" (tasks ran, but no progress was recorded)."""
-    events = run.task_events(host, "drydock_db_swap")
+    events = run.task_events(host, "drydock_db_swap", but=DROP_KEPT_GENERATION_TASK)
     if events is not None and events.count("start") > 1:
         return "swapping back"
     return _events_state(run, events)

@@ -300,6 +300,10 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
     # A rollback swapping back: its app is not started again (say=pytest.fail) on what may be the failed database.
     assert rollback.startswith("it was swapping back after the app failed its check: staging runs one of its two")
     assert f"`inv verify staging --manifest {tmp_path / 'local' / 'manifest.json'}` passes on the pushed copy alone" in push
+    # The same module dropping the generation the swap kept, once the checks passed: no swap-back.
+    dropping = ("task", "Drop the generation kept until the checks passed, the one before <db>__previous")
+    push, *_ = interrupted_after(("staging", "start"), ("staging", "ok"), ("staging", "start", dropping))
+    assert "the swap ran: staging runs the pushed copy" in push, push
     # No progress, and no task in Ansible's log either: interrupted before the playbook's first task.
     push, pull, rollback = interrupted_after(recorded=False)
     assert "the swap did not run" in push and pull.startswith("the swap did not run")
