@@ -12,7 +12,8 @@ description:
   - An existing database named C(previous) (the generation before) is renamed aside in the
     same transaction and dropped only once the swap has succeeded (with C(keep_older), kept
     until the caller decides).
-  - When the live database does not exist yet, C(incoming) is simply renamed.
+  - When the live database does not exist (yet, or dropped by hand), C(incoming) is simply
+    renamed, and an existing C(previous) stays as it is: nothing is kept aside, nothing dropped.
   - The old live database's comment records when it was set aside (C(set_aside)), which
     C(inv snapshot.list) shows as the age of the pull's C(pre_pull) snapshot.
   - An exchange marks the database it sets aside as set aside by an exchange, and records on
@@ -251,7 +252,8 @@ def main() -> None:
             else:
                 note(conn, p["incoming"], swapped_in)
             # Read before the swap (a rename keeps a database's oid), so that nothing can fail once it has committed.
-            older_oid = database_oid(conn, p["previous"]) if p["keep_older"] else None
+            # Without a live database, previous is not moved aside (swap_in): no generation is kept.
+            older_oid = database_oid(conn, p["previous"]) if p["keep_older"] and has_live else None
             terminated = swap_in(conn, p["database"], p["incoming"], p["previous"], drop_aside=not p["keep_older"],
                                  incoming_oid=p["incoming_oid"])
             if has_live:

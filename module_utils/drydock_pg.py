@@ -320,7 +320,10 @@ def swap_in(conn, database: str, incoming: str, previous: str, drop_aside: bool 
     swap happened or nothing did. An existing `previous` (the generation before) is renamed
     aside in that transaction and dropped only once the swap has succeeded (or, with
     `drop_aside=False`, left for the caller to drop later: freeing a large database's files
-    can take seconds on some disks). With `incoming_oid`, raises NotTheRestoredDatabase, and
+    can take seconds on some disks). Without a live `database` there is nothing to keep, and
+    `previous` stays as it is: moved aside, it would be dropped with no database taking its
+    place (a pull onto a local database dropped by hand would lose snapshot pre_pull). With
+    `incoming_oid`, raises NotTheRestoredDatabase, and
     nothing is renamed, unless `incoming` is that database (checked in the renames'
     transaction; drydock_db_swap checks first too, before it writes anything). `conn` is an
     autocommit connection to another database (e.g. postgres). Returns the number of
@@ -328,10 +331,13 @@ def swap_in(conn, database: str, incoming: str, previous: str, drop_aside: bool 
     """
     aside = aside_name(previous)
     drop_database(conn, aside)  # a crash's, or one a push kept and was interrupted before it decided
-    present = [name for name in (database, previous) if database_exists(conn, name)]
-    renames = [(old, new) for old, new in [(previous, aside), (database, previous), (incoming, database)]
-               if old == incoming or old in present]
-    terminated = renames_in_one_transaction(conn, present + [incoming], renames, expect=[(database, incoming_oid)])
+    renames = [(incoming, database)]
+    if database_exists(conn, database):
+        renames.insert(0, (database, previous))
+        if database_exists(conn, previous):
+            renames.insert(0, (previous, aside))
+    terminated = renames_in_one_transaction(conn, [old for old, _new in renames], renames,
+                                            expect=[(database, incoming_oid)])
     if not drop_aside:
         return terminated
     # The swap has happened: tidying up the older generation must not fail it.

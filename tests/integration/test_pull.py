@@ -56,6 +56,21 @@ def test_old_local_database_is_kept_and_no_side_database_is_left(pulled, connect
                                     ("wagtail_site__snap_pre_pull",)).fetchone() == (False,)
 
 
+def test_a_pull_onto_a_local_database_dropped_by_hand_keeps_snapshot_pre_pull(pulled, connect):
+    """With no live local database the swap has nothing to set aside, and snapshot pre_pull,
+    the database before the pull before, stays (set aside, it was dropped with nothing in its
+    place)."""
+    admin = connect("local", "postgres")
+    pre_pull = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site__snap_pre_pull'"
+    kept = admin.execute(pre_pull).fetchone()
+    assert kept is not None  # the module's pull made it
+    admin.execute("DROP DATABASE wagtail_site WITH (FORCE)")  # the developer's dropdb
+    inv("pull", "production", "--latest", check=True)
+    assert admin.execute(pre_pull).fetchone() == kept
+    assert row_counts(connect("local")) == pulled.manifest["row_counts"]
+    assert not {name for name in databases(admin) if name.endswith(("__old", "__incoming"))}
+
+
 def test_pre_pull_snapshot_lists_its_age(pulled):
     """The swap notes when it set the old local database aside: its age, not '?'."""
     listing = inv("snapshot.list", check=True).stdout.splitlines()

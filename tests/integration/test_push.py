@@ -354,6 +354,36 @@ def test_a_failed_push_onto_a_target_without_a_previous_database_keeps_the_copy_
                 staging, "ALTER DATABASE wagtail_site_hidden RENAME TO wagtail_site__previous")], check=True)
 
 
+def test_a_failed_push_onto_a_target_whose_live_database_is_gone_keeps_its_previous(pushed, connect, sandbox_env):
+    """A live database dropped by hand: the swap replaces nothing and leaves <db>__previous
+    as it is (moved aside, it was dropped with nothing in its place). A failed check then
+    has nothing to go back to: the app is left stopped, not started on the copy that failed."""
+    staging = sandbox_env["staging"]
+    service = str(ROOT / ".sandbox" / "staging" / "app-service")
+    postgres = connect("staging", "postgres")
+    previous = postgres.execute(PREVIOUS_OID).fetchone()
+    assert previous is not None  # the fixture's push made one
+    subprocess.run([service, "stop"], check=True)
+    subprocess.run(["/bin/sh", "-c", as_db_owner(staging, "ALTER DATABASE wagtail_site RENAME TO wagtail_site_gone")],
+                   check=True)
+    try:
+        proc = failing_health_check_push(pushed, sandbox_env)
+        assert proc.returncode != 0
+        assert ("(not swapped back; nothing was live before the swap to go back to: the pushed copy is live, and the"
+                " app was left stopped)") in " ".join(proc.stdout.split()), proc.stdout[-3000:]
+        assert postgres.execute(PREVIOUS_OID).fetchone() == previous
+        assert not {name for name in databases(postgres) if name.endswith(("__old", "__incoming", "__swapping"))}
+        assert not app_serves(sandbox_env, "staging")
+    finally:
+        subprocess.run([service, "stop"], check=True)
+        subprocess.run(["/bin/sh", "-c", as_db_owner(staging, "DROP DATABASE IF EXISTS wagtail_site WITH (FORCE)")],
+                       check=True)
+        subprocess.run(["/bin/sh", "-c", as_db_owner(staging, "ALTER DATABASE wagtail_site_gone RENAME TO wagtail_site")],
+                       check=True)
+        subprocess.run([service, "start"], check=True)
+    assert app_serves(sandbox_env, "staging")
+
+
 def test_without_a_health_url_a_database_that_does_not_answer_is_swapped_back(pushed, connect, sandbox_env):
     """The SQL check is all a target without drydock_app_health_url has: it must fail the push too."""
     live = connect("staging", "postgres").execute(LIVE_OID).fetchone()
