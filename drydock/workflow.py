@@ -731,11 +731,12 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
     """backup → pull → migrate (+ notebook or script) → push, one target lock around it all."""
     check_step_inputs(notebook, script, parameters=parameters)
     inv = inventory.load()
+    # First: a sandbox that is down has no app URL to check below, and says so here.
+    source, target = inv.server(source_text), inv.server(target_text)
     # The migration step would refuse it, after the backup and the pull: refused before them.
     local_vars = inv.hostvars[inv.local[0]]
     app_database_url(str(local_vars.get("drydock_app_database_url", "")),
                      str(local_vars.get("drydock_app_database_url_env", "DATABASE_URL")))
-    source, target = inv.server(source_text), inv.server(target_text)
     if inv.protected(target) and not inv.protected(source):  # the push would refuse it, after all the rest
         raise DrydockError(f"refusing to push to {target} a copy of {source}'s data: {source} is not protected, so its "
                            f"data may be scrubbed or made up; run the pipeline from {target}")

@@ -1131,6 +1131,25 @@ def test_snapshot_commands_refuse_a_sandbox_that_is_down_before_a_run_begins(tmp
     assert not inventory.sandbox_down()
 
 
+def test_the_pipeline_refuses_a_sandbox_that_is_down_in_its_own_words(tmp_path, monkeypatch):
+    """The sandbox's inventory gives its hosts no app database URL while it is down: checked
+    first, that URL was refused as malformed, which sent the operator looking for a password."""
+    import shutil
+
+    from drydock import workflow
+    from drydock.paths import project_root
+
+    shutil.copy(project_root() / "ansible.cfg", tmp_path / "ansible.cfg")
+    (tmp_path / "inventories" / "sandbox").mkdir(parents=True)
+    shutil.copy(project_root() / "inventories" / "sandbox" / "hosts.py", tmp_path / "inventories" / "sandbox")
+    monkeypatch.setenv("DRYDOCK_ROOT", str(tmp_path))
+    for name in ("DRYDOCK_INVENTORY", "ANSIBLE_INVENTORY"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(DrydockError, match=r"^the sandbox is down: run ./inv sandbox.up first$"):
+        workflow.pipeline("production", "staging", say=pytest.fail)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_server_that_does_not_listen_is_named_in_drydock_words():
     from callback_plugins.drydock_failures import _one_line
 

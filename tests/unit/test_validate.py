@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from drydock import validate
@@ -182,10 +184,15 @@ def test_a_pipeline_refuses_a_password_in_the_app_url_before_it_backs_up_anythin
     """The migration step refuses it too, but a pipeline would have backed up and pulled first."""
     from tests.conftest import error_lines, inv
 
+    from drydock.inventory import HOST_VARIABLES
+
+    described = {name: "x" for name in HOST_VARIABLES}  # the environments pass, as they are checked first
+    local = {**described, "ansible_connection": "local",
+             "drydock_app_database_url": "postgresql://wagtail_site:s3cret@localhost/wagtail_site"}
     hosts = tmp_path / "hosts.yml"
-    hosts.write_text("all:\n  children:\n    drydock_servers:\n      hosts:\n        production: {}\n        staging: {}\n"
-                     "    drydock_local:\n      hosts:\n        local:\n          ansible_connection: local\n"
-                     "          drydock_app_database_url: postgresql://wagtail_site:s3cret@localhost/wagtail_site\n")
+    hosts.write_text(json.dumps({"all": {"children": {  # JSON is YAML
+        "drydock_servers": {"hosts": {"production": described, "staging": described}},
+        "drydock_local": {"hosts": {"local": local}}}}}))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DRYDOCK_INVENTORY", str(hosts))
         patch.setenv("DRYDOCK_RUNS", str(tmp_path / "runs"))  # its own: no other run shows there
