@@ -66,14 +66,14 @@ offsets_added: {description: TOC entries that got their data offset when the arc
 """
 
 import os
-import re
 import shutil
 import subprocess
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.text.formatters import bytes_to_human
 from ansible.module_utils.drydock_archive import ArchiveFormatError, add_data_offsets
-from ansible.module_utils.drydock_pg import connect, free_bytes, list_entries, require_psycopg, sha256_file
+from ansible.module_utils.drydock_pg import (ZSTD_DAMAGE_SIGNS, DoesNotUnpack, connect, free_bytes, list_entries,
+                                             require_psycopg, sha256_file, zstd_reason)
 
 
 def main() -> None:
@@ -104,6 +104,8 @@ def main() -> None:
                              "(truncated or corrupted)")
     try:
         toc_entries = list_entries(params["pg_bindir"], path, zstd=params["zstd"])
+    except DoesNotUnpack as error:
+        refuse_damaged(module, label, error)
     except RuntimeError as error:
         module.fail_json(msg=f"this host's pg_restore cannot read {label}: {str(error).rsplit(': ', 1)[-1]}")
     try:
@@ -171,17 +173,16 @@ def place(module, path: str, archive: str, size: int, restore_bytes: int, data_d
                                       text=True, check=False)
                 if proc.returncode != 0:
                     reason = zstd_reason(proc.stderr) or f"exit status {proc.returncode}"
-                    if proc.returncode > 0 and any(sign in reason for sign in DAMAGE_SIGNS):
+                    if proc.returncode > 0 and any(sign in reason for sign in ZSTD_DAMAGE_SIGNS):
                         raise DoesNotUnpack(f"zstd: {reason}")
                     raise OSError(f"zstd: {reason}")  # the disk, memory, a signal: not the dump
             else:
                 with open(path, "rb") as source:
                     shutil.copyfileobj(source, target, 1 << 20)
         return add_data_offsets(archive)
-    except DoesNotUnpack as error:  # yet its sha256 was right
+    except DoesNotUnpack as error:
         discard(archive)
-        module.fail_json(msg=f"refusing {label}: it does not unpack ({error}), though its sha256 is the "
-                             "manifest's: it was damaged before its manifest was written")
+        refuse_damaged(module, label, error)
     except ArchiveFormatError as error:
         discard(archive)
         module.fail_json(msg=f"refusing {label}: its data does not match its table of contents ({error})")
@@ -190,18 +191,11 @@ def place(module, path: str, archive: str, size: int, restore_bytes: int, data_d
         module.fail_json(msg=f"cannot place {label} for pg_restore: {error}")
 
 
-class DoesNotUnpack(Exception):
-    """zstd could not decompress the dump: its data, not the disk."""
-
-
-# What zstd 1.5 says of data it cannot decompress (a flipped byte, a cut file, not zstd at all).
-DAMAGE_SIGNS = ("Decoding error", "premature end", "unsupported format", "Read error", "orrupt")
-
-
-def zstd_reason(stderr: str) -> str:
-    """zstd's message without its "zstd: <file> : " (or ": ") prefix: the file is a temporary name."""
-    text = " ".join(stderr.split())
-    return re.sub(r"^zstd: (?:\S*?(?: : |: ))?", "", text) if text.startswith("zstd: ") else text
+def refuse_damaged(module, label: str, error: DoesNotUnpack) -> None:
+    """Its sha256 was right, yet zstd cannot decompress it (its start, which pg_restore --list
+    reads, or further on, as it is placed for pg_restore)."""
+    module.fail_json(msg=f"refusing {label}: it does not unpack ({error}), though its sha256 is the "
+                         "manifest's: it was damaged before its manifest was written")
 
 
 def discard(archive: str) -> None:

@@ -170,19 +170,43 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# What zstd 1.5 says of data it cannot decompress (a flipped byte, a cut file, not zstd at all).
+ZSTD_DAMAGE_SIGNS = ("Decoding error", "premature end", "unsupported format", "Read error", "orrupt")
+
+
+class DoesNotUnpack(RuntimeError):
+    """zstd could not decompress the dump: its data, not the disk, nor pg_restore."""
+
+
+def zstd_reason(stderr: str) -> str:
+    """zstd's message without the file it names (a temporary name): "zstd: <file> : " or
+    "zstd: " before it, or "<file> : " alone, as zstd -q writes a read error."""
+    text = " ".join(stderr.split())
+    if text.startswith("zstd: "):
+        return re.sub(r"^zstd: (?:\S*?(?: : |: ))?", "", text)
+    return re.sub(r"^/\S*? : ", "", text)
+
+
 def list_entries(pg_bindir: str, path: str, zstd: bool = False) -> int:
     """Number of TOC entries pg_restore reads; raises RuntimeError with pg_restore's own
-    last line if it cannot read the archive (corrupt, or made by a newer pg_dump).
+    last line if it cannot read the archive (corrupt, or made by a newer pg_dump), or
+    DoesNotUnpack when zstd could not decompress its start (then pg_restore read nothing).
     A zstd-compressed archive is read through `zstd -dc`: the table of contents is
     at its start, so pg_restore stops reading after a few kilobytes."""
     command = [os.path.join(pg_bindir, "pg_restore"), "--list"]
+    unpack_errors = ""
     if not zstd:
         proc = subprocess.run(command + [path], capture_output=True, text=True, check=False)
     else:
         with subprocess.Popen(["zstd", "-dcq", "--", path], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL) as unpack:
+                              stderr=subprocess.PIPE, text=True) as unpack:
             proc = subprocess.run(command, stdin=unpack.stdout, capture_output=True, text=True, check=False)
             unpack.stdout.close()  # zstd stops on the closed pipe once pg_restore has the TOC
+            unpack_errors = unpack.stderr.read()  # a line or two, unless the data is damaged: none
+        if proc.returncode != 0 and unpack.returncode > 0:
+            reason = zstd_reason(unpack_errors)
+            if any(sign in reason for sign in ZSTD_DAMAGE_SIGNS):
+                raise DoesNotUnpack(f"zstd: {reason}")
     if proc.returncode != 0:
         detail = proc.stderr.strip().splitlines()
         raise RuntimeError(f"pg_restore --list cannot read {path}: {detail[-1] if detail else proc.returncode}")

@@ -327,11 +327,14 @@ def test_push_killed_at_each_step(staging_at_the_local_schema, connect, sandbox_
 
 
 # -- damaged and unreadable dumps, a target without the app role -------------------------------
-@pytest.mark.parametrize("how", ["truncated", "flipped byte", "flipped byte, then checksummed"])
+@pytest.mark.parametrize("how", ["truncated", "flipped byte", "flipped byte, then checksummed",
+                                 "truncated, then checksummed", "not zstd, then checksummed"])
 def test_damaged_dump_is_refused_by_the_push(staging_at_the_local_schema, connect, sandbox_env, tmp_path, how):
     def damage(data: bytearray) -> None:
-        if how == "truncated":
+        if how.startswith("truncated"):
             del data[len(data) // 2:]
+        elif how.startswith("not zstd"):  # pg_restore --list, reading through zstd, gets nothing
+            data[:] = bytes(len(data))
         else:  # past the table of contents, which pg_restore --list reads first
             data[len(data) * 9 // 10] ^= 0xFF
 
@@ -343,6 +346,7 @@ def test_damaged_dump_is_refused_by_the_push(staging_at_the_local_schema, connec
         # zstd's words depend on where the byte lands: a checksum that fails, a corrupted block…
         line = error_lines(proc)[0]
         assert ": it does not unpack (zstd: " in line and "), though its sha256 is the manifest's: " in line, line
+        assert "(zstd: /" not in line, line  # not the name of the file it was uploaded to, which is gone
         assert error_lines(proc)[0].endswith("it was damaged before its manifest was written (the live database is unchanged)")
     else:
         assert "sha256" in error_lines(proc)[0] and "truncated or corrupted" in error_lines(proc)[0]
