@@ -125,7 +125,8 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
         f"(a dump of {dump.manifest['dump']['size']:,} bytes): "
         f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, all counts equal to the manifest; "
         f"Site {_site_address(target)}; "
-        f"the local database it replaced (if any) is kept as {target['drydock_db_name']}__snap_pre_pull"
+        f"the local database it replaced, if there was one, is now snapshot pre_pull "
+        f"({target['drydock_db_name']}__snap_pre_pull; inv snapshot.restore pre_pull brings it back)"
         + (_kept_half_changed(half_changed) if half_changed else ""))
     if not shared:
         say(run.summary())
