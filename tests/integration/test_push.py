@@ -434,6 +434,23 @@ def test_a_start_command_that_fails_without_a_word_is_named_in_the_line(pushed, 
     assert app_serves(sandbox_env, "staging")
 
 
+def test_a_password_in_the_health_url_is_shown_nowhere(sandbox_env, tmp_path):
+    """A staging site behind a login checked with https://user:password@…: the failed check's
+    line (journal, database comment) shows the URL without them, and Ansible's output neither."""
+    host = sandbox_env["staging"]["host"]
+    failures = tmp_path / "failures.jsonl"
+    proc = subprocess.run(["ansible-playbook", "playbooks/restart_app.yml", "--limit", "staging",
+                           "-e", f"drydock_app_health_url=http://drydock:s3cret@{host}:8000/no-such-page",
+                           "-e", "app_service_health_timeout=2"],
+                          env=dict(ansible_env(), DRYDOCK_FAILURES_FILE=str(failures)), cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode != 0
+    line = json.loads(failures.read_text().splitlines()[0])["msg"]
+    assert line.startswith(f"the app failed its health check: http://{host}:8000/no-such-page answered 404 for 2 s"), line
+    assert "s3cret" not in proc.stdout + proc.stderr + failures.read_text()
+    assert app_serves(sandbox_env, "staging")  # started again: only the check was wrong
+
+
 def test_a_failed_health_check_swaps_back_even_when_the_app_then_will_not_stop(pushed, connect, sandbox_env,
                                                                               tmp_path):
     """The stop before the swap-back fails (the first stop, before the swap, works): the
