@@ -153,13 +153,24 @@ def copy_checkout(root: Path) -> Path:
         private = private_files(root)
         for name in checkout_files(root):
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(root / name, copy / name)
             if name in private:
-                os.chmod(copy / name, stat.S_IMODE(os.stat(copy / name).st_mode) & 0o700)
+                _copy_private(root / name, copy / name)
+            else:
+                shutil.copy2(root / name, copy / name)
     except BaseException:
         shutil.rmtree(copy)
         raise
     return copy
+
+
+def _copy_private(source: Path, target: Path) -> None:
+    """Copy `source` readable by its owner alone from the first byte on (shutil.copy2 would
+    create the copy with the umask's mode, and only then set the source's)."""
+    status = source.stat()
+    with open(source, "rb") as reader, open(target, "xb", opener=lambda path, flags: os.open(path, flags, 0o600)) as writer:
+        shutil.copyfileobj(reader, writer)
+    os.chmod(target, stat.S_IMODE(status.st_mode) & 0o700)
+    os.utime(target, ns=(status.st_atime_ns, status.st_mtime_ns))
 
 
 def _started(pid: int) -> str | None:

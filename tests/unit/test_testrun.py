@@ -153,10 +153,20 @@ def test_a_shard_copy_of_another_user_is_never_acted_on(tmp_path, monkeypatch):
         victim.wait()
 
 
-def test_a_shard_copy_cannot_be_listed_and_keeps_what_git_does_not_track_to_its_owner(tmp_path):
+def test_a_shard_copy_cannot_be_listed_and_keeps_what_git_does_not_track_to_its_owner(tmp_path, monkeypatch):
     import shutil
     import stat
     import subprocess
+
+    # What another user could read while a file is copied: the copy's mode as its bytes go in.
+    modes_while_copied = {}
+    copy_bytes = shutil.copyfileobj
+
+    def watched(reader, writer, *args, **kwargs):
+        modes_while_copied[os.path.basename(reader.name)] = oct(stat.S_IMODE(os.fstat(writer.fileno()).st_mode))
+        return copy_bytes(reader, writer, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfileobj", watched)
 
     root = tmp_path / "checkout"
     (root / "tests").mkdir(parents=True)
@@ -173,6 +183,8 @@ def test_a_shard_copy_cannot_be_listed_and_keeps_what_git_does_not_track_to_its_
 
         assert mode(copy) == ("0o711" if os.geteuid() == 0 else "0o700")
         assert (mode(copy / "tests" / "test_x.py"), mode(copy / ".env")) == ("0o644", "0o600")
+        assert modes_while_copied[".env"] == "0o600", modes_while_copied
+        assert (copy / ".env").read_text() == "SECRET=1\n"
     finally:
         shutil.rmtree(copy)
 
