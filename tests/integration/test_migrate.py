@@ -170,6 +170,24 @@ def test_a_script_that_exits_non_zero_says_why_and_is_put_back(fresh_local, conn
     assert fingerprint(connect("local")) == before
 
 
+def test_a_step_whose_put_back_fails_too_says_why_the_step_failed(fresh_local, sandbox_env, tmp_path):
+    """The put-back's failure alone would hide the step's: the line gives both, then the way
+    back, as the database may be half-changed."""
+    script = tmp_path / "fail_and_lose_the_snapshot.py"
+    drop = [*owner_psql(sandbox_env["local"]), "-c", "DROP DATABASE wagtail_site__snap_before_step"]
+    script.write_text(f"import subprocess, sys\nsubprocess.run({drop!r}, check=True)\n"
+                      "print('refusing: on purpose')\nsys.exit(3)\n")
+    proc = inv("migrate", "--no-migrate", "--script", str(script))
+    assert proc.returncode == 1
+    line = error_lines(proc)[-1]
+    assert "Run the script failed: refusing: on purpose (exit 3); putting the local database back from snapshot" \
+           " before_step failed too: " in line, line
+    assert line.endswith("may have left the local database half-changed; put it back with `inv snapshot.restore"
+                         " before_step` (or pull again)"), line
+    refused = inv("migrate")  # the mark stays
+    assert refused.returncode == 1 and "did not finish" in error_lines(refused)[-1]
+
+
 def probe_notebook(folder: Path, parameter: str) -> Path:
     """A notebook that writes the value it got for `parameter` to the file its parameter `out` names."""
     parameters = nbformat.v4.new_code_cell(f"{parameter} = ''\nout = ''")
