@@ -98,7 +98,7 @@ import threading
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.text.formatters import bytes_to_human
-from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, database_comment,
+from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, DoesNotUnpack, connect, database_comment,
                                              free_bytes, latest_migrations, list_entries, refuse_unless_plain_name,
                                              row_counts, server_version, sha256_file, write_fingerprint)
 
@@ -346,7 +346,10 @@ def main() -> None:
             if proc.returncode != 0:
                 raise RuntimeError(f"pg_dump failed: {errors.strip()}")
         # Checked before it gets its final name: a dump under that name is always readable.
-        toc_entries = list_entries(params["pg_bindir"], partial, zstd=zstd)
+        try:
+            toc_entries = list_entries(params["pg_bindir"], partial, zstd=zstd)
+        except DoesNotUnpack as error:  # zstd's words alone would not say which file
+            raise RuntimeError(f"pg_restore --list cannot read {partial}: it does not unpack ({error})") from None
         version = subprocess.run([os.path.join(params["pg_bindir"], "pg_dump"), "--version"],
                                  capture_output=True, text=True, check=True).stdout.strip()
         os.chmod(partial, 0o600)
