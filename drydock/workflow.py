@@ -120,13 +120,14 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
             run_playbook("pull_database.yml", limit=local, extra_vars={"drydock_dump": str(dump.path)}, run=run)
         # After the step, once, under the lock: an interrupt in between leaves the mark on the
         # pulled database (a false alarm) rather than moving it twice, the second time losing it.
-        half_changed = unfinished.pulled()  # an interrupted step's mark goes with the database it replaced
+        replaced, half_changed = _pulled_over(run, local)
     say(f"local database {target['drydock_db_name']} now holds {env}'s dump of {dump.manifest['created']} "
         f"(a dump of {dump.manifest['dump']['size']:,} bytes): "
         f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, all counts equal to the manifest; "
         f"Site {_site_address(target)}; "
-        f"the local database it replaced, if there was one, is now snapshot pre_pull "
-        f"({target['drydock_db_name']}__snap_pre_pull; inv snapshot.restore pre_pull brings it back)"
+        + (f"the local database it replaced is now snapshot pre_pull ({target['drydock_db_name']}__snap_pre_pull; "
+           f"inv snapshot.restore pre_pull brings it back)" if replaced else
+           "there was no local database to replace: snapshot pre_pull was left as it was")
         + (_kept_half_changed(half_changed) if half_changed else ""))
     if not shared:
         say(run.summary())
@@ -536,7 +537,9 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
     say(f"{env} now runs the pushed copy (a dump of {dump.manifest['dump']['size']:,} bytes, {dump.total_rows:,} rows, "
         f"all counts equal to the manifest; "
         f"Site {_site_address(target)}); "
-        f"its previous database is kept as {target['drydock_db_name']}__previous (inv rollback {env})"
+        + (f"its previous database is kept as {target['drydock_db_name']}__previous (inv rollback {env})"
+           if not _swapped_onto_nothing(run, env) else
+           f"it had no live database to replace: {target['drydock_db_name']}__previous was left as it was")
         + (f"; safety backup: {safety.path}" if safety else ""))
     return dump
 
@@ -582,15 +585,38 @@ def _task_state(events: list[str]) -> str:
     return {"ok": "ran", "failed": "not run"}.get(events[-1], "running")
 
 
+# drydock_db_swap's account of a swap that found no live database to set aside.
+NOTHING_WAS_LIVE = "nothing was live to set aside"
+
+
+def _swapped_onto_nothing(run: Run, host: str) -> bool:
+    """Whether the run's swap on `host` found no live database (one dropped by hand): it then
+    left <db>__previous, or snapshot pre_pull, as it was (module_utils' swap_in)."""
+    return (run.task_account(host, "drydock_db_swap") or "").startswith(NOTHING_WAS_LIVE)
+
+
+def _pulled_over(run: Run, local: str) -> tuple[bool, dict | None]:
+    """After a pull's swap ran: whether it replaced a local database (then kept as snapshot
+    pre_pull), and the mark of an unfinished step that went with that one into pre_pull."""
+    if _swapped_onto_nothing(run, local):
+        # pre_pull, and its mark, are as they were; a mark on the live database was about the
+        # one dropped by hand: the pulled one is whole.
+        unfinished.clear_unless_running()
+        return False, None
+    return True, unfinished.pulled()
+
+
 def _pull_interrupted(run: Run, local: str, dump: Dump) -> str:
     state = _swap_state(run, local)
     if state == "not run":
         return ("the swap did not run: the local database is unchanged; the next pull drops any side database and "
                 "archive left behind")
     if state == "ran":
-        half_changed = unfinished.pulled()  # the local database was replaced: a step's mark goes with the old one
-        return ("the swap ran: the local database is the pulled one, and the one before it is snapshot pre_pull "
-                "(`inv snapshot.restore pre_pull` brings it back; a second pull would replace it)"
+        replaced, half_changed = _pulled_over(run, local)
+        return ("the swap ran: the local database is the pulled one, and "
+                + ("the one before it is snapshot pre_pull (`inv snapshot.restore pre_pull` brings it back; a second "
+                   "pull would replace it)" if replaced else
+                   "there was none before it to replace: snapshot pre_pull was left as it was")
                 + (_kept_half_changed(half_changed) if half_changed else ""))
     unfinished.pulled(swap_certain=False)  # pre_pull may now hold what a step left half-changed
     return ("the swap may have run: the local database is the old one or the pulled one, never half of each; "
@@ -605,6 +631,9 @@ def _push_interrupted(run: Run, env: str, database: str, dump: Dump, say: Say) -
     if state == "not run":
         return (f"the swap did not run: {env} runs its old database, {_restart_app(run, env, say)}; the next push "
                 f"drops any side database left behind")
+    if state == "ran" and _swapped_onto_nothing(run, env):
+        return (f"the swap ran: {env} runs the pushed copy (it had no live database to replace: {database}__previous "
+                f"was left as it was), and its app may be stopped: `inv app.restart {env}` starts it")
     if state == "ran":
         return (f"the swap ran: {env} runs the pushed copy, its database from before is {database}__previous, and its "
                 f"app may be stopped: `inv rollback {env}` brings that database back and starts the app (a second "

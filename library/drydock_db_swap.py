@@ -105,7 +105,13 @@ EXAMPLES = r"""
 RETURN = r"""
 previous: {description: Name of the old live database, or null when there was none., type: str, returned: success}
 terminated: {description: Sessions terminated on the live database., type: int, returned: success}
-drydock_account: {description: "Where the database now live came from, in a line (see drydock_db_origin).", type: str, returned: an exchange}
+drydock_account:
+  description:
+    - An exchange's, where the database now live came from, in a line (see drydock_db_origin).
+    - A swap's, what it set aside, or, without a live database, that it set nothing aside (C(nothing was live to set
+      aside: ...)), which drydock's lines then say.
+  type: str
+  returned: success
 older_oid:
   description: The oid of the generation kept as C(previous)__old, or null when there was none.
   type: int
@@ -265,8 +271,10 @@ def main() -> None:
                              "checked (another run restoring onto this server replaced it)")
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))
+    set_aside = (f"{p['database']} was set aside as {p['previous']}" if has_live else
+                 f"nothing was live to set aside: {p['previous']} was left as it was")
     module.exit_json(changed=True, previous=p["previous"] if has_live else None, terminated=terminated,
-                     **({"older_oid": older_oid} if p["keep_older"] else {}))
+                     drydock_account=set_aside, **({"older_oid": older_oid} if p["keep_older"] else {}))
 
 
 def drop_older(module: AnsibleModule) -> None:

@@ -317,6 +317,46 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
                              " staging (or its unit or start command)")
 
 
+def test_a_swap_onto_a_database_dropped_by_hand_says_so_and_leaves_pre_pull_and_its_mark(tmp_path, monkeypatch):
+    """Its swap found no live database, so snapshot pre_pull (and <db>__previous) stayed as
+    they were: pre_pull keeps the mark of the half-changed database it holds, and the lines
+    do not call it the database the pull replaced."""
+    from drydock import unfinished
+    from drydock.dumps import Dump
+    from drydock.workflow import _pull_interrupted, _pulled_over, _push_interrupted
+
+    monkeypatch.setenv("DRYDOCK_RUNS", str(tmp_path))
+    unfinished.path().parent.mkdir(parents=True)
+    half_changed = {"run": "r", "step": "migrate (all)", "pid": 0, "kept_by_pull": True}
+    unfinished.path(snapshot=unfinished.PRE_PULL).write_text(json.dumps(half_changed))
+    unfinished.path().write_text(json.dumps({"run": "s", "step": "migrate (all)", "pid": 0}))  # of the dropped one
+
+    def swapped(account: str) -> Run:
+        run = Run("pull", root=tmp_path)
+        run.progress_file.write_text("".join(json.dumps(line) + "\n" for line in [
+            {"event": "start", "host": "local", "action": "drydock_db_swap", "task": "Swap"},
+            {"event": "ok", "host": "local", "action": "drydock_db_swap", "task": "Swap", "account": account}]))
+        return run
+
+    nothing = swapped("nothing was live to set aside: site__snap_pre_pull was left as it was")
+    assert _pulled_over(nothing, "local") == (False, None)
+    assert unfinished.read(snapshot=unfinished.PRE_PULL) == half_changed  # still warns, once restored
+    assert unfinished.read() is None  # the pulled database is whole
+    pulled = Dump(tmp_path / "production" / "y.dump.zst", {"source": {"env": "production"}, "created": "2026"})
+    assert _pull_interrupted(nothing, "local", pulled) == ("the swap ran: the local database is the pulled one, and"
+                                                           " there was none before it to replace: snapshot pre_pull"
+                                                           " was left as it was")
+    on_staging = swapped("nothing was live to set aside: site__previous was left as it was")
+    on_staging.progress_file.write_text(on_staging.progress_file.read_text().replace('"local"', '"staging"'))
+    assert _push_interrupted(on_staging, "staging", "site", pulled, say=pytest.fail).startswith(
+        "the swap ran: staging runs the pushed copy (it had no live database to replace: site__previous was left as"
+        " it was), and its app may be stopped: `inv app.restart staging` starts it")
+    # A swap that set a database aside: the usual account, and the mark goes with it into pre_pull.
+    unfinished.path().write_text(json.dumps({"run": "t", "step": "migrate (all)", "pid": 0}))
+    replaced, mark = _pulled_over(swapped("site was set aside as site__snap_pre_pull"), "local")
+    assert replaced and mark["run"] == "t" and unfinished.read(snapshot=unfinished.PRE_PULL)["run"] == "t"
+
+
 def test_an_app_counts_as_stopped_from_a_stop_that_began_until_a_start_that_ended_well(tmp_path):
     from drydock.workflow import _app_may_be_stopped
 
