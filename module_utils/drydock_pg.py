@@ -190,19 +190,19 @@ def zstd_reason(stderr: str) -> str:
 def list_entries(pg_bindir: str, path: str, zstd: bool = False) -> int:
     """Number of TOC entries pg_restore reads; raises RuntimeError with pg_restore's own
     last line if it cannot read the archive (corrupt, or made by a newer pg_dump), or
-    DoesNotUnpack when zstd could not decompress its start (then pg_restore read nothing).
+    DoesNotUnpack when zstd could not decompress the part pg_restore read.
     A zstd-compressed archive is read through `zstd -dc`: the table of contents is
     at its start, so pg_restore stops reading after a few kilobytes."""
     command = [os.path.join(pg_bindir, "pg_restore"), "--list"]
-    unpack_errors = ""
     if not zstd:
         proc = subprocess.run(command + [path], capture_output=True, text=True, check=False)
     else:
         with subprocess.Popen(["zstd", "-dcq", "--", path], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) as unpack:
+                              stderr=subprocess.PIPE) as unpack:
             proc = subprocess.run(command, stdin=unpack.stdout, capture_output=True, text=True, check=False)
             unpack.stdout.close()  # zstd stops on the closed pipe once pg_restore has the TOC
-            unpack_errors = unpack.stderr.read()  # a line or two, unless the data is damaged: none
+            unpack_errors = unpack.stderr.read().decode(errors="replace")  # empty, unless the data is damaged
+        # Killed by the closed pipe (a negative status) is how zstd ends when pg_restore has read enough.
         if proc.returncode != 0 and unpack.returncode > 0:
             reason = zstd_reason(unpack_errors)
             if any(sign in reason for sign in ZSTD_DAMAGE_SIGNS):
