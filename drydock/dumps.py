@@ -27,6 +27,12 @@ class Dump:
     def total_rows(self) -> int:
         return sum(self.manifest["row_counts"].values())
 
+    @property
+    def kind(self) -> str:
+        """How drydock's lines name it: a safety backup (taken before a push replaced its
+        environment's database, fetched into backups/<env>/safety/) or a dump."""
+        return "safety backup" if self.path.parent.parent.name == "safety" else "dump"
+
 
 def load(path: Path) -> Dump:
     """A dump and its manifest (a backup folder, or its manifest, stands for the dump in it);

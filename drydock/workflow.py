@@ -121,7 +121,7 @@ def pull(env_text: str, dump_path: str | None = None, latest: bool = False, say:
         # After the step, once, under the lock: an interrupt in between leaves the mark on the
         # pulled database (a false alarm) rather than moving it twice, the second time losing it.
         replaced, half_changed = _pulled_over(run, local)
-    say(f"local database {target['drydock_db_name']} now holds {env}'s dump of {dump.manifest['created']} "
+    say(f"local database {target['drydock_db_name']} now holds {env}'s {dump.kind} of {dump.manifest['created']} "
         f"(a dump of {dump.manifest['dump']['size']:,} bytes): "
         f"{len(dump.manifest['row_counts'])} tables, {dump.total_rows:,} rows, all counts equal to the manifest; "
         f"Site {_site_address(target)}; "

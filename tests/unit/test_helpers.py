@@ -1190,6 +1190,15 @@ def test_the_pipeline_refuses_a_sandbox_that_is_down_in_its_own_words(tmp_path, 
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_safety_backup_is_named_so_in_drydocks_lines(tmp_path):
+    from drydock.dumps import Dump
+
+    def dump(*folders: str) -> Dump:
+        return Dump(tmp_path.joinpath("backups", "production", *folders, "20260101T000000Z", "x.dump.zst"), {})
+
+    assert (dump("safety").kind, dump().kind) == ("safety backup", "dump")
+
+
 def test_a_server_that_does_not_listen_is_named_in_drydock_words():
     from callback_plugins.drydock_failures import _one_line
 
