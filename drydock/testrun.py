@@ -33,30 +33,31 @@ PYFLAKES = [sys.executable, "-m", "pyflakes", "tasks.py", "drydock", "tests", "b
             "action_plugins", "callback_plugins", "examples"]
 
 # Seconds per test file, summed from `--durations=0` of a two-shard run on 2026-12-06 at
-# 16:28Z (shards 19.3 and 17.8 minutes), without the sandbox's start (about 32 s), which
-# each shard pays once in its first file. Only the proportions count, and only the split
-# uses them: a file not listed counts as DEFAULT_SECONDS.
+# 20:50Z (shards 18.8 and 17.8 minutes), plus the tests added since (at their own measured
+# times), without the sandbox's start (about 32 s), which each shard pays once in its first
+# file. Only the proportions count, and only the split uses them: a file not listed counts
+# as DEFAULT_SECONDS.
 FILE_SECONDS = {
-    "tests/integration/test_push.py": 558,
-    "tests/integration/test_migrate.py": 337,
-    "tests/e2e/test_pipeline.py": 273,
-    "tests/integration/test_faults.py": 259,
-    "tests/integration/test_verify.py": 187,
-    "tests/integration/test_snapshot.py": 144,
-    "tests/integration/test_interrupt.py": 124,
+    "tests/integration/test_push.py": 581,
+    "tests/integration/test_migrate.py": 320,
+    "tests/e2e/test_pipeline.py": 299,
+    "tests/integration/test_faults.py": 290,
+    "tests/integration/test_verify.py": 193,
+    "tests/integration/test_snapshot.py": 133,
+    "tests/integration/test_interrupt.py": 122,
     "tests/integration/test_pull.py": 58,
-    "tests/integration/test_site.py": 58,
-    "tests/integration/test_backup.py": 43,
-    "tests/integration/test_inventory.py": 42,
-    "tests/unit/test_module_cache.py": 19,
-    "tests/test_lint.py": 17,
-    "tests/unit/test_validate.py": 12,
-    "tests/unit/test_module_inputs.py": 10,
-    "tests/unit/test_helpers.py": 7,
-    "tests/integration/test_sandbox.py": 4,
-    "tests/integration/test_archive.py": 4,
-    "tests/unit/test_testrun.py": 4,
-    "tests/integration/test_probe.py": 3,
+    "tests/integration/test_site.py": 52,
+    "tests/integration/test_backup.py": 44,
+    "tests/integration/test_inventory.py": 33,
+    "tests/integration/test_archive.py": 33,
+    "tests/unit/test_module_cache.py": 21,
+    "tests/unit/test_validate.py": 16,
+    "tests/test_lint.py": 14,
+    "tests/unit/test_module_inputs.py": 9,
+    "tests/unit/test_helpers.py": 9,
+    "tests/integration/test_sandbox.py": 5,
+    "tests/integration/test_probe.py": 4,
+    "tests/unit/test_testrun.py": 3,
     "tests/unit/test_leftovers.py": 1,
     "tests/unit/test_roles.py": 1,
     "tests/unit/test_bench.py": 1,
