@@ -146,6 +146,14 @@ def load() -> Inventory:
         where = env.get("ANSIBLE_INVENTORY") or "inventories/sandbox (ansible.cfg)"
         raise DrydockError(f"the inventory {where} has no hosts in {' or '.join(missing)}: "
                            "is its path right? (see docs/configuration.md)")
+    for name in hosts["drydock_servers"] + hosts["drydock_local"]:
+        # Every host's name is an environment's: a folder under backups/, a lock, a word on the
+        # command line. The playbooks refuse a bad one too, but only once a pull has dumped.
+        try:
+            environment_name(name)
+        except InvalidInput as error:
+            raise DrydockError(f"the inventory's host {name!r} cannot be an environment: {str(error).split(': ', 1)[1]}; "
+                               "rename it (its address goes in ansible_host)") from None
     if LOCAL_LOCK in hosts["drydock_servers"]:  # its lock would be the local database's (drydock.lock.LOCAL)
         raise DrydockError(f"a server in drydock_servers is called {LOCAL_LOCK!r}, the name drydock gives the local "
                            "database: rename that host in the inventory")

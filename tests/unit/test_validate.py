@@ -203,6 +203,32 @@ def test_a_pipeline_refuses_a_password_in_the_app_url_before_it_backs_up_anythin
     assert not list((tmp_path / "runs").glob("*-pipeline"))  # no run was started
 
 
+@pytest.mark.parametrize("servers, local, bad", [(("production", "staging"), "laptop.lan", "laptop.lan"),
+                                                 (("Prod", "staging"), "local", "Prod")])
+def test_a_host_whose_name_cannot_be_an_environment_is_refused_before_anything_runs(tmp_path, servers, local, bad):
+    """pg_backup's preflight refuses it as well, but in a pull only after production was dumped,
+    and a server named `Prod` could never be typed on the command line."""
+    from tests.conftest import error_lines, inv
+
+    from drydock.inventory import HOST_VARIABLES
+
+    def described(name: str) -> dict:  # each host as the other checks want it
+        return {**{variable: "x" for variable in HOST_VARIABLES}, "drydock_env": name, "ansible_connection": "local"}
+    hosts = tmp_path / "hosts.yml"
+    hosts.write_text(json.dumps({"all": {"children": {  # JSON is YAML
+        "drydock_servers": {"hosts": {name: described(name) for name in servers}},
+        "drydock_local": {"hosts": {local: described(local)}}}}}))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DRYDOCK_INVENTORY", str(hosts))
+        patch.setenv("DRYDOCK_RUNS", str(tmp_path / "runs"))
+        proc = inv("pull", "staging")
+    assert proc.returncode == 1 and error_lines(proc) == [
+        f"drydock: error: the inventory's host {bad!r} cannot be an environment: an environment is named in "
+        "lower-case letters, digits, - and _, starting with a letter (at most 32); rename it (its address goes "
+        "in ansible_host)"]
+    assert not list((tmp_path / "runs").glob("*-pull"))  # no run was started
+
+
 @pytest.mark.parametrize("variable", ["DRYDOCK_RUNS", "DRYDOCK_BACKUPS"])
 def test_a_file_named_as_drydocks_folder_is_refused_in_one_line(tmp_path, variable):
     """Not a traceback, nor a failure after the host has dumped its database."""
