@@ -1,8 +1,11 @@
 """The fault matrix: a pull and a push killed (SIGKILL) at each of their steps, damaged
 dumps, a dump from a newer pg_dump, a target without the app role, and the SSH connection
-dropped during the upload. For each: the live database keeps its exact content, the error
-is one line, nothing is left behind (side databases, locks, partial files) once the next
-run has gone through, and that next run succeeds."""
+dropped during the upload. For each: the live database keeps its exact content (a push's
+swap that the host finishes after the controller died leaves it, unchanged, as
+`__previous`: never a mix), the error is one line (a killed run prints none: the journal,
+which `inv runs.list` shows, says that it was killed and in which step), nothing is left
+behind (side databases, locks, partial files) once the next run has gone through, and that
+next run succeeds."""
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +31,8 @@ from drydock.lock import process_start, stat_fields
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
 from drydock.sandbox import child_pids
-from tests.conftest import (ROOT, app_serves, databases, error_lines, fingerprint, inv, owner_psql, playbook,
-                            process_tree)
+from tests.conftest import (LIVE_OID, ROOT, app_serves, databases, error_lines, fingerprint, inv, owner_psql,
+                            playbook, process_tree)
 
 # sftp -l: bandwidth in Kbit/s. At 100 KB/s a transfer of the small sandbox's dump lasts
 # long enough to be interrupted in the middle.
@@ -126,26 +129,52 @@ def assert_private_archive_left(sandbox_env: dict, env: str) -> None:
     assert archive.exists() and stat.S_IMODE(archive.stat().st_mode) == 0o600
 
 
-def upload_left_behind(since: float) -> Path:
-    """The upload of a run killed during it, in Ansible's temporary folder on the host: under
-    /var/tmp when Ansible becomes an unprivileged user (the sandbox's hosts), else the SSH
-    user's own. Another shard's sandbox shares those folders and may be uploading at the same
-    moment: this run's upload is the start of the dump it fetched to backups/local/."""
+def uploads(since: float) -> list[tuple[Path, int]]:
+    """The uploads of runs begun after `since`, each with the size of the dump it is (the
+    start of), in Ansible's temporary folder on the host: under /var/tmp when Ansible becomes
+    an unprivileged user (the sandbox's hosts), else the SSH user's own. Another shard's
+    sandbox shares those folders and may be uploading at the same moment: this run's upload
+    is the start of the dump it fetched to backups/local/."""
     fetched = [dump for dump in (backups_dir() / "local").glob("*/*.dump.zst") if dump.stat().st_mtime >= since]
 
     def start(path: Path, size: int) -> bytes:
         with path.open("rb") as handle:
             return handle.read(size)
 
-    def ours(upload: Path) -> bool:
-        head = start(upload, 1 << 20)
-        return any(start(dump, len(head)) == head for dump in fetched)
+    found = []
+    for parent in (Path("/var/tmp"), Path.home() / ".ansible" / "tmp"):
+        for upload in parent.glob("ansible-tmp-*/drydock-upload.dump"):
+            try:
+                if upload.stat().st_mtime < since or not (head := start(upload, 1 << 20)):
+                    continue
+            except FileNotFoundError:  # checked and moved on meanwhile
+                continue
+            found += [(upload, dump.stat().st_size) for dump in fetched if start(dump, len(head)) == head]
+    return found
 
-    left = [upload for parent in (Path("/var/tmp"), Path.home() / ".ansible" / "tmp")
-            for upload in parent.glob("ansible-tmp-*/drydock-upload.dump")
-            if upload.stat().st_mtime >= since and ours(upload)]
-    assert len(left) == 1, f"uploads of {fetched} left since the kill: {left}"
-    return left[0]
+
+def upload_under_way(since: float) -> Callable[[], bool]:
+    """True once this run's upload has begun on the host and is not complete: the kill lands
+    in the middle of the transfer, not in the check after it."""
+    return lambda: any(0 < upload.stat().st_size < size for upload, size in uploads(since))
+
+
+def upload_left_behind(since: float) -> Path:
+    """The upload of a run killed during it: a part of the dump, not all of it."""
+    left = uploads(since)
+    assert len(left) == 1, f"uploads left since the kill: {left}"
+    upload, size = left[0]
+    assert upload.stat().st_size < size, "the upload was complete: the kill did not land during it"
+    return upload
+
+
+def assert_killed_during(task: str, step: str, since: float) -> None:
+    """A SIGKILLed run prints nothing: `inv runs.list` says that it was killed, and in which
+    step (which also shows that the kill landed where the test meant it to)."""
+    runs = [run for run in journal.list_runs() if run["task"] == task and run_started(Path(run["id"])) >= since]
+    assert len(runs) == 1, runs
+    assert (runs[0]["outcome"], runs[0]["failed_step"]) == ("killed", step), runs[0]
+    assert runs[0]["error"] == f"the run ended during {step} without finishing it (killed?)"
 
 
 def assert_no_strays(connect, sandbox_env: dict) -> None:
@@ -278,8 +307,12 @@ def test_pull_killed_at_each_step(pulled, connect, sandbox_env, step):
     finally:
         blocked.release()
     assert fingerprint(connect("local")) == before
+    assert_killed_during("pull", "backup" if step in ("dump", "fetch") else "pull", since)
     if step == "dump":
         assert set(conditions["dump"].modes) == {0o600}
+    if step == "fetch":  # cut off during the transfer: a partial file, no manifest
+        partial = [path for path in backups_dir().glob("production/*/*.partial") if path.stat().st_mtime >= since]
+        assert partial and not (partial[0].parent / "manifest.json").exists(), partial
     if step == "restore":
         assert_private_archive_left(sandbox_env, "local")
     proc = next_run_succeeds("pull", "production")
@@ -289,24 +322,61 @@ def test_pull_killed_at_each_step(pulled, connect, sandbox_env, step):
     assert_no_strays(connect, sandbox_env)
 
 
-@pytest.mark.parametrize("step", ["dump", "fetch", "upload", "restore", "swap"])
+def drydock_sessions_ended(conn, timeout: float = 60) -> None:
+    """Wait until no module of drydock's has a session on `conn`'s server: over SSH, a module
+    the killed controller started runs on to its end on the host."""
+    deadline = time.monotonic() + timeout
+    while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'drydock'").fetchone()[0]:
+        assert time.monotonic() < deadline, f"drydock's sessions still open {timeout} s after the kill"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("step", ["dump", "fetch", "upload", "restore", "app stop", "swap"])
 def test_push_killed_at_each_step(staging_at_the_local_schema, connect, sandbox_env, step):
     change_a_post(connect("local"), f"push killed at {step}")
     before = fingerprint(connect("staging"))
+    watcher = connect("staging", "postgres")
+    old_live = watcher.execute(LIVE_OID).fetchone()[0]
     since = time.time()
+    blocked = BlockedSwap(connect, "staging")
     conditions = {
         "dump": PartialDump(sandbox_env, "local"),
         # The local host is reached without SSH: its fetch is a file copy of milliseconds,
         # and the kill lands as it starts.
         "fetch": task_started("Fetch the dump", since),
-        "upload": after(task_started("Upload the dump", since), 0.5),
+        "upload": upload_under_way(since),
         "restore": restoring(connect, "staging", since),
-        # The swap's phase begins by stopping the app; the rename itself runs on the host,
-        # where a controller's death cannot interrupt it half-way (one transaction).
-        "swap": task_started("Stop the app", since),
+        "app stop": task_started("Stop the app", since),
+        "swap": blocked.waiting,
     }
-    kill_when(["push", "staging"], conditions[step], env=SLOW_SFTP if step == "upload" else None)
-    assert fingerprint(connect("staging")) == before
+    incoming = None
+    try:
+        killed = kill_when(["push", "staging"], conditions[step], env=SLOW_SFTP if step == "upload" else None,
+                           keep_tree=step == "swap")
+        if step == "swap":  # the swap waits on our lock, its transaction open
+            incoming = watcher.execute("SELECT oid FROM pg_database WHERE datname = 'wagtail_site__incoming'").fetchone()
+            wait_until_gone(killed)
+    finally:
+        blocked.release()
+    assert_killed_during("push", "dump local" if step in ("dump", "fetch") else "restore", since)
+    if step == "swap":
+        # Over SSH the swap's module runs on the host, out of the dead controller's reach: let
+        # go, it commits there, or ends with its connection. Either way staging runs a whole
+        # database: the one from before, unchanged, or the restored copy, with the one from
+        # before kept unchanged as wagtail_site__previous (never a mix).
+        drydock_sessions_ended(watcher)
+        live = watcher.execute(LIVE_OID).fetchone()[0]
+        assert live in (old_live, incoming and incoming[0]), (live, old_live, incoming)
+        if live != old_live:
+            previous = watcher.execute("SELECT oid FROM pg_database WHERE datname = 'wagtail_site__previous'").fetchone()
+            assert previous == (old_live,)
+            before_now = fingerprint(connect("staging", "wagtail_site__previous"))
+        else:
+            before_now = fingerprint(connect("staging"))
+        assert before_now == before
+    else:
+        assert watcher.execute(LIVE_OID).fetchone()[0] == old_live
+        assert fingerprint(connect("staging")) == before
     if step == "dump":
         assert set(conditions["dump"].modes) == {0o600}
     if step == "restore":
@@ -338,6 +408,7 @@ def test_damaged_dump_is_refused_by_the_push(staging_at_the_local_schema, connec
         else:  # past the table of contents, which pg_restore --list reads first
             data[len(data) * 9 // 10] ^= 0xFF
 
+    change_a_post(connect("staging"), f"damaged dump: {how}")  # a copy swapped in would lack it
     before = fingerprint(connect("staging"))
     checksummed = how.endswith("checksummed")  # damaged before the manifest was written, as a bad disk would
     proc = inv("push", "staging", "--dump", str(edited_copy(scrubbed_local_dump(), tmp_path, damage, checksummed)))
@@ -352,6 +423,8 @@ def test_damaged_dump_is_refused_by_the_push(staging_at_the_local_schema, connec
         assert "sha256" in error_lines(proc)[0] and "truncated or corrupted" in error_lines(proc)[0]
     assert fingerprint(connect("staging")) == before
     assert_no_strays(connect, sandbox_env)
+    next_run_succeeds("push", "staging")
+    assert_no_strays(connect, sandbox_env)
 
 
 def test_dump_from_a_newer_pg_dump_is_refused(staging_at_the_local_schema, connect, sandbox_env, tmp_path):
@@ -359,6 +432,7 @@ def test_dump_from_a_newer_pg_dump_is_refused(staging_at_the_local_schema, conne
         assert data[:5] == b"PGDMP"
         data[6] += 10  # the archive's minor version: bytes 5, 6, 7 are major, minor, revision
 
+    change_a_post(connect("staging"), "newer pg_dump")
     before = fingerprint(connect("staging"))
     dump = edited_copy(scrubbed_local_dump(), tmp_path, newer_archive_version, True, unpacked=True)
     proc = inv("push", "staging", "--dump", str(dump))
@@ -366,15 +440,20 @@ def test_dump_from_a_newer_pg_dump_is_refused(staging_at_the_local_schema, conne
     assert "pg_restore cannot read" in error_lines(proc)[0] and "unsupported version" in error_lines(proc)[0]
     assert fingerprint(connect("staging")) == before
     assert_no_strays(connect, sandbox_env)
+    next_run_succeeds("push", "staging")
+    assert_no_strays(connect, sandbox_env)
 
 
 def test_target_without_the_app_role_is_refused_before_any_change(staging_at_the_local_schema, connect, sandbox_env):
+    change_a_post(connect("staging"), "no app role")
     before = fingerprint(connect("staging"))
     proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={scrubbed_local_dump().path}",
                     "-e", "drydock_db_app_role=no_such_role")
     assert proc.returncode != 0
     assert "the app role no_such_role does not exist on this server" in proc.stdout
     assert fingerprint(connect("staging")) == before
+    assert_no_strays(connect, sandbox_env)
+    next_run_succeeds("push", "staging")
     assert_no_strays(connect, sandbox_env)
 
 
@@ -542,6 +621,7 @@ def test_ssh_dropped_during_upload(staging_at_the_local_schema, connect, sandbox
         pytest.fail("the sandbox reaches its hosts without SSH, so a dropped connection cannot be tested: "
                     "install openssh-server (and leave DRYDOCK_SANDBOX_SSH unset), then ./inv sandbox.down")
     listener = json.loads((sandbox / "pids.json").read_text())["sshd-staging"]["pid"]
+    change_a_post(connect("staging"), "ssh dropped")  # a copy swapped in would lack it
     before = fingerprint(connect("staging"))
     since = time.time()
     # Once the network is gone, Ansible tries the transfer again in other ways, each new
