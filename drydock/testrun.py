@@ -36,8 +36,8 @@ PYFLAKES = [sys.executable, "-m", "pyflakes", "tasks.py", "drydock", "tests", "b
 # 20:50Z (shards 18.8 and 17.8 minutes), plus the tests added since (at their own measured
 # times; test_faults.py from a run of that file alone on 2026-12-07, 00:55Z, once its kills
 # and refusals were each followed by the next run), without the sandbox's start (about 32 s),
-# which each shard pays once in its first file. Only the proportions count, and only the split uses them: a file not listed counts
-# as DEFAULT_SECONDS.
+# which each shard pays once in its first file. Only the proportions count, and only the
+# split uses them: a file not listed counts as DEFAULT_SECONDS.
 FILE_SECONDS = {
     "tests/integration/test_push.py": 581,
     "tests/integration/test_migrate.py": 320,
