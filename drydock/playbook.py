@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from drydock.errors import DrydockError
+from drydock.errors import DrydockError, HostUnreachable
 from drydock.journal import Run
 from drydock.leftovers import stop_left_running
 from drydock.paths import project_root, runs_dir
@@ -83,7 +83,8 @@ def run_playbook(name: str, *, limit: str | None = None, extra_vars: dict | None
             env["ANSIBLE_VERBOSE_TO_STDERR"] = "True"
         stdout, returncode = _run_terminable(command, env, capture, workers)
         if returncode != 0:
-            raise DrydockError(_last_failure(failures) or f"{name} failed (exit {returncode})")
+            line, unreachable = _last_failure(failures) or (f"{name} failed (exit {returncode})", False)
+            raise HostUnreachable(line) if unreachable else DrydockError(line)
     if capture:
         try:
             return _task_results(json.loads(stdout))
@@ -175,7 +176,9 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _last_failure(path: Path) -> str | None:
+def _last_failure(path: Path) -> tuple[str, bool] | None:
+    """The last failure drydock_failures recorded, as one line, and whether its host did not
+    answer (then the line names the task it was at: Ansible's message does not)."""
     if not path.exists():
         return None
     entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -183,4 +186,8 @@ def _last_failure(path: Path) -> str | None:
         return None
     last = entries[-1]
     where = f"{last['host']} (on {last['delegated_to']})" if last.get("delegated_to") else last["host"]
-    return f"{where}: {last['msg']}"
+    if last.get("kind") == "unreachable":
+        task = last["task"].split(" : ", 1)[-1]  # without its role
+        msg = last["msg"].removeprefix("Task failed: ")  # Ansible's prefix to every unreachable's message
+        return f"{where}: the host did not answer during the task \"{task}\": {msg}", True
+    return f"{where}: {last['msg']}", False

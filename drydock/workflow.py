@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 from drydock import dumps, inventory, unfinished
 from drydock.dumps import Dump
-from drydock.errors import DrydockError, Interrupted
+from drydock.errors import DrydockError, HostUnreachable, Interrupted
 from drydock.journal import Run, read, read_progress
 from drydock.lock import LOCAL as LOCAL_LOCK, target_lock
 from drydock.paths import backups_dir
@@ -522,12 +522,18 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                       interrupted=lambda: _push_interrupted(run, env, target["drydock_db_name"], dump, say)
                       + _safety_backup_note(run, env)) as step:
             say(f"==> restoring {dump.path.name} onto {env} (from {dump.path.parent})")
-            safety = _run_dumping("restore_database.yml", limit=env, run=run, extra_vars={
-                "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
-                "drydock_allow_lost_writes": allow_lost_writes, "drydock_allow_unscrubbed": allow_unscrubbed,
-                "drydock_allow_older_schema": allow_older_schema,
-                "drydock_safety_backup": take_safety_backup,
-                "pg_backup_controller_dir": str(backups_dir())}, optional=True)
+            try:
+                safety = _run_dumping("restore_database.yml", limit=env, run=run, extra_vars={
+                    "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
+                    "drydock_allow_lost_writes": allow_lost_writes, "drydock_allow_unscrubbed": allow_unscrubbed,
+                    "drydock_allow_older_schema": allow_older_schema,
+                    "drydock_safety_backup": take_safety_backup,
+                    "pg_backup_controller_dir": str(backups_dir())}, optional=True)
+            except HostUnreachable as error:
+                # The playbook's rescue, which says what a failure left, does not run for a host
+                # that does not answer: say it as for an interruption, from the tasks' progress.
+                raise HostUnreachable(f"{error}; {_push_interrupted(run, env, target['drydock_db_name'], dump, say)}"
+                                      f"{_safety_backup_note(run, env)}") from None
             step.update(safety_backup=str(safety.path) if safety else None)
             if take_safety_backup and safety is None:
                 # The playbook stops before swapping when the backup fails: reaching here is a

@@ -1255,7 +1255,36 @@ def test_the_one_line_error_names_the_host_a_delegated_task_failed_on(tmp_path, 
                           cwd=project_root(), env=dict(ansible_env(), DRYDOCK_FAILURES_FILE=str(failures)),
                           capture_output=True, text=True)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert _last_failure(failures) == f"{label}: broken on purpose"
+    assert _last_failure(failures) == (f"{label}: broken on purpose", False)
+
+
+def test_a_host_that_does_not_answer_is_named_with_the_task_it_was_at(tmp_path):
+    """Ansible's message for an unreachable host names no task, and the playbooks' rescue
+    blocks, which would say what the failure left, do not run for it. A real SSH connection
+    to a loopback port where nothing listens."""
+    import socket
+    import subprocess
+
+    from drydock.paths import project_root
+    from drydock.playbook import _last_failure, ansible_env
+
+    with socket.socket() as probe:  # a port free a moment ago: refused, at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    host = {"ansible_connection": "ssh", "ansible_host": "127.0.0.1", "ansible_port": port}
+    (tmp_path / "hosts.json").write_text(json.dumps({"all": {"hosts": {"staging": host}}}))
+    (tmp_path / "play.yml").write_text("- hosts: staging\n  gather_facts: false\n  tasks:\n"
+                                       "    - name: Upload the dump\n      ansible.builtin.ping:\n")
+    failures = tmp_path / "failures.jsonl"
+    proc = subprocess.run(["ansible-playbook", "-i", str(tmp_path / "hosts.json"), str(tmp_path / "play.yml")],
+                          cwd=project_root(), env=dict(ansible_env(), DRYDOCK_FAILURES_FILE=str(failures)),
+                          capture_output=True, text=True)
+    assert proc.returncode == 4, proc.stdout[-2000:] + proc.stderr[-2000:]  # Ansible's: a host unreachable
+    line, unreachable = _last_failure(failures)
+    assert unreachable
+    assert line.startswith('staging: the host did not answer during the task "Upload the dump": Failed to connect to '
+                           "the host via ssh: "), line
+    assert "Connection refused" in line and "\n" not in line
 
 
 @pytest.mark.parametrize("entry_point", ["tasks", "tests.conftest"])
