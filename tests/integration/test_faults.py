@@ -32,7 +32,7 @@ from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
 from drydock.sandbox import child_pids
 from tests.conftest import (LIVE_OID, ROOT, app_serves, databases, error_lines, fingerprint, inv, owner_psql,
-                            playbook, process_tree)
+                            process_tree)
 
 # sftp -l: bandwidth in Kbit/s. At 100 KB/s a transfer of the small sandbox's dump lasts
 # long enough to be interrupted in the middle.
@@ -444,13 +444,24 @@ def test_dump_from_a_newer_pg_dump_is_refused(staging_at_the_local_schema, conne
     assert_no_strays(connect, sandbox_env)
 
 
-def test_target_without_the_app_role_is_refused_before_any_change(staging_at_the_local_schema, connect, sandbox_env):
+def test_target_without_the_app_role_is_refused_before_any_change(staging_at_the_local_schema, connect, sandbox_env,
+                                                                  tmp_path):
+    """Through `inv push`, with staging told of a role its server lacks: the sandbox's
+    inventory, and a host_vars file beside it that Ansible reads over the script's variables."""
+    inventory = tmp_path / "inventory"
+    (inventory / "host_vars").mkdir(parents=True)
+    (inventory / "hosts.py").symlink_to(ROOT / "inventories" / "sandbox" / "hosts.py")
+    (inventory / "host_vars" / "staging.yml").write_text("drydock_db_app_role: no_such_role\n")
     change_a_post(connect("staging"), "no app role")
     before = fingerprint(connect("staging"))
-    proc = playbook("restore_database.yml", "--limit", "staging", "-e", f"drydock_dump={scrubbed_local_dump().path}",
-                    "-e", "drydock_db_app_role=no_such_role")
-    assert proc.returncode != 0
-    assert "the app role no_such_role does not exist on this server" in proc.stdout
+    since = time.time()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DRYDOCK_INVENTORY", str(inventory))
+        proc = inv("push", "staging", "--dump", str(scrubbed_local_dump().path))
+    assert proc.returncode == 1 and error_lines(proc) == [
+        "drydock: error: staging: the app role no_such_role does not exist on this server: create it first (it owns "
+        "everything restored) (the live database is unchanged)"]
+    assert not task_started("Restore into the side database", since)(), "the restore began"
     assert fingerprint(connect("staging")) == before
     assert_no_strays(connect, sandbox_env)
     next_run_succeeds("push", "staging")
