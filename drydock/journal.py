@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from drydock.errors import Interrupted
+from drydock.errors import HostUnreachable, Interrupted
 from drydock.lock import owner_running, process_start
 from drydock.paths import runs_dir
 
@@ -116,10 +116,13 @@ class Run:
             handle.write(json.dumps(entry, sort_keys=True) + "\n")
 
     @contextmanager
-    def step(self, name: str, interrupted: str | Callable[[], str] = "", **details) -> Iterator[dict]:
+    def step(self, name: str, interrupted: str | Callable[[], str] = "",
+             unreachable: Callable[[], str] | None = None, **details) -> Iterator[dict]:
         """Journal a step: its start, end, outcome and whatever details the body adds.
         Interrupted (Ctrl-C), it ends the command with one line that says what it may have
-        left (`interrupted`, or what it returns then) and how to go on."""
+        left (`interrupted`, or what it returns then) and how to go on; failed because a host
+        stopped answering, whose playbook's rescue then did not run to say so, it adds what
+        `unreachable` returns to the failure's line."""
         self.folder()
         route = {"route": self.route} if self.route else {}
         entry = {"step": name, "start": datetime.now(timezone.utc).isoformat(), **route, **details}
@@ -135,12 +138,14 @@ class Run:
             entry["outcome"] = "ok"
         except KeyboardInterrupt:
             entry["outcome"] = "interrupted"
-            try:
-                left = interrupted() if callable(interrupted) else interrupted
-            except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - the one line must come whatever happens
-                left = f"what it left could not be told ({str(error) or 'interrupted again'})"
+            left = _account(interrupted)
             entry["error"] = f"interrupted during {name}" + (f": {left}" if left else "")
             raise Interrupted(entry["error"]) from None
+        except HostUnreachable as error:
+            entry["outcome"] = "failed"
+            left = _account(unreachable) if unreachable else ""
+            entry["error"] = f"{error}; {left}" if left else str(error)
+            raise HostUnreachable(entry["error"]) from None
         except BaseException as error:
             entry["outcome"] = "failed"
             entry["error"] = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -180,6 +185,15 @@ def read(run_dir: Path) -> list[dict]:
             steps[index] = {**steps[index], "outcome": "killed",
                             "error": f"the run ended during {steps[index]['step']} without finishing it (killed?)"}
     return steps
+
+
+def _account(left: str | Callable[[], str]) -> str:
+    """What a stopped step left, as its callable tells, or why that could not be told: the
+    one line must come whatever happens (a Ctrl-C while it is worked out too)."""
+    try:
+        return left() if callable(left) else left
+    except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001
+        return f"what it left could not be told ({str(error) or 'interrupted again'})"
 
 
 def run_folders(root: Path | None = None) -> list[Path]:

@@ -517,23 +517,19 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
                     step.update(dump=str(dump.path), bytes=dump.manifest["dump"]["size"], rows=dump.total_rows,
                                 scrubbed=dump.manifest.get("scrubbed", []))
             _keep_artifact(run, dump.path.parent / "manifest.json", f"manifest-{local}.json")
+        def left(host_answers: bool) -> str:
+            return (_push_interrupted(run, env, target["drydock_db_name"], dump, say, host_answers)
+                    + _safety_backup_note(run, env, "the interruption" if host_answers else "the host stopped answering"))
+
         with run.step("restore", env=env, dump=str(dump.path), bytes=dump.manifest["dump"]["size"],
-                      rows=dump.total_rows,
-                      interrupted=lambda: _push_interrupted(run, env, target["drydock_db_name"], dump, say)
-                      + _safety_backup_note(run, env)) as step:
+                      rows=dump.total_rows, interrupted=lambda: left(True), unreachable=lambda: left(False)) as step:
             say(f"==> restoring {dump.path.name} onto {env} (from {dump.path.parent})")
-            try:
-                safety = _run_dumping("restore_database.yml", limit=env, run=run, extra_vars={
-                    "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
-                    "drydock_allow_lost_writes": allow_lost_writes, "drydock_allow_unscrubbed": allow_unscrubbed,
-                    "drydock_allow_older_schema": allow_older_schema,
-                    "drydock_safety_backup": take_safety_backup,
-                    "pg_backup_controller_dir": str(backups_dir())}, optional=True)
-            except HostUnreachable as error:
-                # The playbook's rescue, which says what a failure left, does not run for a host
-                # that does not answer: say it as for an interruption, from the tasks' progress.
-                raise HostUnreachable(f"{error}; {_push_interrupted(run, env, target['drydock_db_name'], dump, say)}"
-                                      f"{_safety_backup_note(run, env)}") from None
+            safety = _run_dumping("restore_database.yml", limit=env, run=run, extra_vars={
+                "drydock_dump": str(dump.path), "drydock_confirm": env if protected else "",
+                "drydock_allow_lost_writes": allow_lost_writes, "drydock_allow_unscrubbed": allow_unscrubbed,
+                "drydock_allow_older_schema": allow_older_schema,
+                "drydock_safety_backup": take_safety_backup,
+                "pg_backup_controller_dir": str(backups_dir())}, optional=True)
             step.update(safety_backup=str(safety.path) if safety else None)
             if take_safety_backup and safety is None:
                 # The playbook stops before swapping when the backup fails: reaching here is a
@@ -631,15 +627,21 @@ def _pull_interrupted(run: Run, local: str, dump: Dump) -> str:
             f"holds the old one, and a second pull would replace it")
 
 
-def _push_interrupted(run: Run, env: str, database: str, dump: Dump, say: Say) -> str:
+def _push_interrupted(run: Run, env: str, database: str, dump: Dump, say: Say, host_answers: bool = True) -> str:
+    """What an interrupted push left on `env`, and how to go on. With `host_answers` false (the
+    push failed because the host stopped answering), nothing is tried on the host."""
     state = _swap_state(run, env)
     manifest = dump.path.parent / "manifest.json"
     if state == "not run":
-        return (f"the swap did not run: {env} runs its old database, {_restart_app(run, env, say)}; the next push "
+        app = _restart_app(run, env, say) if host_answers else _app_left(run, env)
+        return (f"the swap did not run: {env} runs its old database, {app}; the next push "
                 f"drops any side database left behind")
     if state == "ran" and _swapped_onto_nothing(run, env):
         return (f"the swap ran: {env} runs the pushed copy (it had no live database to replace: {database}__previous "
                 f"was left as it was), and its app may be stopped: `inv app.restart {env}` starts it")
+    if state == "ran" and _app_may_be_stopped(run, env) is False:  # e.g. while the kept generation was dropped
+        return (f"the swap ran: {env} runs the pushed copy, and its app was not left stopped; its database from before "
+                f"is {database}__previous (`inv rollback {env}` brings it back; a second push would drop it)")
     if state == "ran":
         return (f"the swap ran: {env} runs the pushed copy, its database from before is {database}__previous, and its "
                 f"app may be stopped: `inv rollback {env}` brings that database back and starts the app (a second "
@@ -657,10 +659,10 @@ def _push_interrupted(run: Run, env: str, database: str, dump: Dump, say: Say) -
             f"one it is before you roll back or push again (a second push would drop {database}__previous)")
 
 
-def _safety_backup_note(run: Run, env: str) -> str:
+def _safety_backup_note(run: Run, env: str, before: str = "the interruption") -> str:
     made = _fetched_into(run, backups_dir() / env / "safety")
     # Not one a push that did not go live deleted again before the interruption.
-    return f"; its safety backup, taken before the interruption: {made}" if made and made.exists() else ""
+    return f"; its safety backup, taken before {before}: {made}" if made and made.exists() else ""
 
 
 # drydock_progress records a role's task as "<role> : <name>": app_service's stop and start.
@@ -682,6 +684,13 @@ def _app_may_be_stopped(run: Run, env: str) -> bool | None:
         elif task.startswith(APP_START_TASKS) and entry.get("event") == "ok":
             stopped = False
     return stopped
+
+
+def _app_left(run: Run, env: str) -> str:
+    """What became of `env`'s app in a run whose host stopped answering: nothing is tried there."""
+    if _app_may_be_stopped(run, env) is False:
+        return "and its app was not left stopped"
+    return f"and its app may be stopped: once the host answers, inv app.restart {env}"
 
 
 def _restart_app(run: Run, env: str, say: Say) -> str:
@@ -789,6 +798,9 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
             verify(target, manifest=str(pushed.path.parent / "manifest.json"), say=say, run=run, locked=True)
         except Interrupted:
             raise  # stopped by hand, not a failed check: nothing is rolled back
+        except HostUnreachable as error:  # no check failed, and a rollback could not reach the host either
+            raise DrydockError(f"{error} (not rolled back: {target} runs the pushed copy, unchecked; once it answers, "
+                               f"inv verify {target}, and inv rollback {target} if that fails)") from None
         except DrydockError as error:
             say(f"==> {target} failed verification: rolling the push back")
             try:

@@ -232,6 +232,86 @@ def test_an_interrupted_step_in_a_pipeline_says_its_pull_had_replaced_the_local_
                                    " holds the one from before the pipeline)")
 
 
+def test_a_push_whose_host_stopped_answering_says_what_it_left_and_tries_nothing_there(tmp_path):
+    """The playbook's rescue does not run for a host that does not answer: the push's line
+    says what the tasks' progress tells, and no restart of the app is tried over the
+    connection that failed (say=pytest.fail: nothing is started)."""
+    from drydock.dumps import Dump
+    from drydock.errors import HostUnreachable
+    from drydock.workflow import _push_interrupted
+
+    pushed = Dump(tmp_path / "local" / "x.dump.zst", {"source": {"env": "local"}, "created": "20260102T000000Z"})
+    lost = 'staging: the host did not answer during the task "Swap": Failed to connect to the host via ssh: reset'
+
+    def failed_after(*events: tuple[str, str, str]) -> str:
+        run = Run("push", root=tmp_path)
+        run.ansible_log.write_text("TASK [Restore]\n")
+        run.progress_file.write_text("".join(json.dumps({"event": event, "host": "staging", "action": action,
+                                                         "task": task}) + "\n" for action, task, event in events))
+        with pytest.raises(HostUnreachable) as error:
+            with run.step("restore", unreachable=lambda: _push_interrupted(run, "staging", "site", pushed,
+                                                                           say=pytest.fail, host_answers=False)):
+                raise HostUnreachable(lost)
+        assert read_journal(run.dir)[-1]["error"] == str(error.value)  # as `inv runs.show` gives it
+        return str(error.value)
+
+    stop = ("ansible.builtin.command", "app_service : Stop the app with its stop command")
+    start = ("ansible.builtin.command", "app_service : Start the app with its start command")
+    swap = ("drydock_db_swap", "Swap")
+    assert failed_after((*stop, "start"), (*stop, "ok"), (*swap, "start")) == (
+        f"{lost}; the swap was running: staging runs its old database or the pushed copy, and its app may be stopped; "
+        "`inv verify staging` says which (the copy's live database line reads `pushed from local's dump "
+        "20260102T000000Z`): if it is the copy, `inv rollback staging` brings back the database from before and "
+        "starts the app, or `inv app.restart staging` starts the app on the copy (a second push would drop the "
+        "database from before); if not, push again")
+    assert failed_after((*stop, "start")) == (
+        f"{lost}; the swap did not run: staging runs its old database, and its app may be stopped: once the host "
+        "answers, inv app.restart staging; the next push drops any side database left behind")
+    assert failed_after((*stop, "start"), (*swap, "start"), (*swap, "ok")) == (
+        f"{lost}; the swap ran: staging runs the pushed copy, its database from before is site__previous, and its app "
+        "may be stopped: `inv rollback staging` brings that database back and starts the app (a second push would "
+        "drop it)")
+    # Lost while the generation kept until the checks passed was dropped: the push had gone live.
+    assert failed_after((*stop, "start"), (*swap, "start"), (*swap, "ok"), (*start, "start"), (*start, "ok")) == (
+        f"{lost}; the swap ran: staging runs the pushed copy, and its app was not left stopped; its database from "
+        "before is site__previous (`inv rollback staging` brings it back; a second push would drop it)")
+
+
+def test_a_pipeline_whose_last_verify_cannot_reach_the_target_rolls_nothing_back(tmp_path, monkeypatch):
+    """No check failed, and a rollback could not reach the host either. The steps before are
+    drydock's own functions, replaced here: only the pipeline's choice is under test."""
+    from types import SimpleNamespace
+
+    from drydock import inventory, workflow
+    from drydock.errors import HostUnreachable
+
+    def described(name: str) -> dict:
+        return {**{variable: "x" for variable in inventory.HOST_VARIABLES}, "drydock_env": name,
+                "ansible_connection": "local", "drydock_app_database_url": "postgresql://site@localhost/x"}
+    hosts = tmp_path / "hosts.yml"
+    hosts.write_text(json.dumps({"all": {"children": {  # JSON is YAML
+        "drydock_servers": {"hosts": {"production": described("production"), "staging": described("staging")}},
+        "drydock_local": {"hosts": {"local": described("local")}}}}}))
+    monkeypatch.setenv("DRYDOCK_INVENTORY", str(hosts))
+    monkeypatch.setenv("DRYDOCK_RUNS", str(tmp_path / "runs"))
+    inventory.load.cache_clear()
+    lost = 'staging: the host did not answer during the task "Check": Failed to connect to the host via ssh: reset'
+
+    def verify(env: str, **_):
+        if env == "staging":
+            raise HostUnreachable(lost)
+    pushed = SimpleNamespace(path=tmp_path / "local" / "x.dump.zst")
+    for name, stand_in in {"backup": lambda *a, **k: pushed, "pull": lambda *a, **k: None,
+                           "migrate": lambda *a, **k: None, "verify": verify, "push": lambda *a, **k: pushed,
+                           "run_playbook": lambda *a, **k: pytest.fail("a rollback was tried")}.items():
+        monkeypatch.setattr(workflow, name, stand_in)
+    with pytest.raises(DrydockError) as error:
+        workflow.pipeline("production", "staging", say=lambda line: None)
+    inventory.load.cache_clear()
+    assert str(error.value) == (f"{lost} (not rolled back: staging runs the pushed copy, unchecked; once it answers, "
+                                "inv verify staging, and inv rollback staging if that fails)")
+
+
 def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_progress_ansible_reported(tmp_path,
                                                                                                      monkeypatch):
     """Ansible's log shows a task's banner only with its result: which swap ran is read from
@@ -277,8 +357,9 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
     assert pull.startswith("the swap ran: the local database is the pulled one")
     assert rollback.startswith("the exchange may have run: staging runs one of its two databases, whole")
     push, _, rollback = interrupted_after(("staging", "start"), ("staging", "ok"))
-    assert ("the swap ran: staging runs the pushed copy, its database from before is site__previous" in push
-            and "`inv rollback staging` brings that database back" in push and "push again" not in push)
+    assert push == ("interrupted during restore: the swap ran: staging runs the pushed copy, and its app was not left "
+                    "stopped; its database from before is site__previous (`inv rollback "
+                    "staging` brings it back; a second push would drop it)")
     assert rollback == ("the exchange ran: staging now runs the database it had kept as site__previous; the one it"
                         " replaced is kept as site__previous in its place (inv rollback staging swaps them back), and"
                         " its app was not left stopped")
