@@ -13,7 +13,7 @@ from drydock.errors import DrydockError
 from drydock.lock import LOCAL as LOCAL_LOCK
 from drydock.paths import project_root, sandbox_dir
 from drydock.playbook import ansible_env, run_playbook
-from drydock.validate import InvalidInput, environment_name, is_template
+from drydock.validate import ENV_NAME_RULE, InvalidInput, environment_name, is_environment_name, is_template
 
 
 # What Ansible's `| bool` reads, in the playbooks: any other string it takes for false (with
@@ -149,11 +149,9 @@ def load() -> Inventory:
     for name in hosts["drydock_servers"] + hosts["drydock_local"]:
         # Every host's name is an environment's: a folder under backups/, a lock, a word on the
         # command line. The playbooks refuse a bad one too, but only once a pull has dumped.
-        try:
-            environment_name(name)
-        except InvalidInput as error:
-            raise DrydockError(f"the inventory's host {name!r} cannot be an environment: {str(error).split(': ', 1)[1]}; "
-                               "rename it (its address goes in ansible_host)") from None
+        if not is_environment_name(name):
+            raise DrydockError(f"the inventory's host {name!r} cannot be an environment: {ENV_NAME_RULE}; "
+                               "rename it (its address goes in ansible_host)")
     if LOCAL_LOCK in hosts["drydock_servers"]:  # its lock would be the local database's (drydock.lock.LOCAL)
         raise DrydockError(f"a server in drydock_servers is called {LOCAL_LOCK!r}, the name drydock gives the local "
                            "database: rename that host in the inventory")

@@ -11,6 +11,7 @@ _HOSTNAME = re.compile(r"(?=.{1,253})([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])
 # the name the pull sets pre_pull aside under, and dropped by it).
 _SNAPSHOT = re.compile(r"(?!.*__)[a-z0-9][a-z0-9_]{0,29}")
 _ENV_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+ENV_NAME_RULE = "an environment is named in lower-case letters, digits, - and _, starting with a letter (at most 32)"
 # A URL whose every part is where a reader looks for it: scheme://[userinfo@]host[:port] and
 # then a path, query or fragment without an @. A password with an unencoded / ? # or @ moves a
 # piece of it into the host or the port, where urlsplit's error would quote it, or past them,
@@ -54,10 +55,13 @@ def port(value: int | str) -> int:
     return number
 
 
+def is_environment_name(value: str) -> bool:
+    return bool(_ENV_NAME.fullmatch(value or ""))
+
+
 def environment_name(value: str) -> str:
-    if not _ENV_NAME.fullmatch(value or ""):
-        raise InvalidInput(f"invalid environment name {value!r}: an environment is named in lower-case letters, digits, - and _,"
-                           " starting with a letter (at most 32)")
+    if not is_environment_name(value):
+        raise InvalidInput(f"invalid environment name {value!r}: {ENV_NAME_RULE}")
     return value
 
 
