@@ -62,17 +62,6 @@ def task_started(task: str, since: float) -> Callable[[], bool]:
     return lambda: any(name.startswith(task) for name in started_tasks(since))
 
 
-def after(condition: Callable[[], bool], seconds: float) -> Callable[[], bool]:
-    """True `seconds` after `condition` first held: in the middle of a slow step."""
-    first: list[float] = []
-
-    def check() -> bool:
-        if not first and condition():
-            first.append(time.monotonic())
-        return bool(first) and time.monotonic() - first[0] >= seconds
-    return check
-
-
 def kill_when(args: list[str], condition: Callable[[], bool], env: dict | None = None, timeout: float = 180,
               keep_tree: bool = False) -> set[tuple[int, str]]:
     """Start `inv ARGS` in its own process group and SIGKILL the group as soon as
@@ -153,10 +142,28 @@ def uploads(since: float) -> list[tuple[Path, int]]:
     return found
 
 
+def size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # moved or removed meanwhile
+        return 0
+
+
 def upload_under_way(since: float) -> Callable[[], bool]:
     """True once this run's upload has begun on the host and is not complete: the kill lands
     in the middle of the transfer, not in the check after it."""
-    return lambda: any(0 < upload.stat().st_size < size for upload, size in uploads(since))
+    return lambda: any(0 < size_or_zero(upload) < size for upload, size in uploads(since))
+
+
+def fetch_under_way(env: str, since: float) -> Callable[[], bool]:
+    """True once a fetch from `env` has begun writing its dump on the controller (sftp writes
+    it out only at the end: the file stays empty while the transfer lasts)."""
+    def begun(partial: Path) -> bool:
+        try:
+            return partial.stat().st_mtime >= since
+        except FileNotFoundError:  # renamed meanwhile: the fetch was done
+            return False
+    return lambda: any(begun(partial) for partial in backups_dir().glob(f"{env}/*/*.partial"))
 
 
 def upload_left_behind(since: float) -> Path:
@@ -235,23 +242,35 @@ def edited_copy(dump, tmp_path: Path, edit: Callable[[bytearray], None], fix_che
 
 # -- SIGKILL at each step -------------------------------------------------------------------
 class BlockedSwap:
-    """Hold a lock that makes the swap's rename of <db>__incoming wait (COMMENT ON DATABASE,
-    from a session on another database, which the swap does not end), so that a kill lands
-    while the swap's transaction is open."""
+    """Hold a lock, from a session on another database (which the swap does not end), that a
+    statement of the swap's module waits for, so that a kill lands while that module runs:
+    taken once the side database exists, released (rolled back) by `release`.
+    - "comment": COMMENT ON DATABASE <db>__incoming, which the module writes its record on
+      before its renames (drydock_db_swap): a lock on the database as an object.
+    - "rename": an uncommitted update of the live database's row in pg_database (its
+      connection limit, set to what it is), which the rename of that database, inside the
+      swap's transaction and once its sessions were ended, waits for: a lock on our
+      transaction (drydock_pg.renames_in_one_transaction)."""
 
-    def __init__(self, connect, env: str):
+    HOLD = {"comment": ("COMMENT ON DATABASE wagtail_site__incoming IS NULL", "object"),
+            "rename": ("ALTER DATABASE wagtail_site CONNECTION LIMIT -1", "transactionid")}
+
+    def __init__(self, connect, env: str, at: str = "comment"):
         self.watcher = connect(env, "postgres")
         self.holder = connect(env, "postgres", autocommit=False)
+        self.statement, self.locktype = self.HOLD[at]
         self.holding = False
 
     def waiting(self) -> bool:
         if not self.holding:
             if "wagtail_site__incoming" not in databases(self.watcher):
                 return False
-            self.holder.execute("COMMENT ON DATABASE wagtail_site__incoming IS NULL")
+            self.holder.execute(self.statement)
             self.holding = True
-        return self.watcher.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'object'"
-                                    " AND classid = 'pg_database'::regclass").fetchone()[0] > 0
+        # drydock's modules name their sessions; the app role may not read their queries.
+        return self.watcher.execute(
+            "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid) WHERE NOT granted AND locktype = %s"
+            " AND application_name = 'drydock'", (self.locktype,)).fetchone()[0] > 0
 
     def release(self) -> None:
         self.holder.rollback()
@@ -294,7 +313,7 @@ def test_pull_killed_at_each_step(pulled, connect, sandbox_env, step):
     blocked = BlockedSwap(connect, "local")
     conditions = {
         "dump": PartialDump(sandbox_env, "production"),
-        "fetch": after(task_started("Fetch the dump", since), 0.5),
+        "fetch": fetch_under_way("production", since),
         "restore": restoring(connect, "local", since),
         "swap": blocked.waiting,
     }
@@ -310,9 +329,9 @@ def test_pull_killed_at_each_step(pulled, connect, sandbox_env, step):
     assert_killed_during("pull", "backup" if step in ("dump", "fetch") else "pull", since)
     if step == "dump":
         assert set(conditions["dump"].modes) == {0o600}
-    if step == "fetch":  # cut off during the transfer: a partial file, no manifest
-        partial = [path for path in backups_dir().glob("production/*/*.partial") if path.stat().st_mtime >= since]
-        assert partial and not (partial[0].parent / "manifest.json").exists(), partial
+    if step == "fetch":  # cut off during the transfer: the backup's folder has no manifest
+        folders = [path for path in backups_dir().glob("production/*") if path.stat().st_mtime >= since]
+        assert folders and not [path for path in folders if (path / "manifest.json").exists()], folders
     if step == "restore":
         assert_private_archive_left(sandbox_env, "local")
     proc = next_run_succeeds("pull", "production")
@@ -338,7 +357,7 @@ def test_push_killed_at_each_step(staging_at_the_local_schema, connect, sandbox_
     watcher = connect("staging", "postgres")
     old_live = watcher.execute(LIVE_OID).fetchone()[0]
     since = time.time()
-    blocked = BlockedSwap(connect, "staging")
+    blocked = BlockedSwap(connect, "staging", at="rename")
     conditions = {
         "dump": PartialDump(sandbox_env, "local"),
         # The local host is reached without SSH: its fetch is a file copy of milliseconds,
@@ -346,14 +365,15 @@ def test_push_killed_at_each_step(staging_at_the_local_schema, connect, sandbox_
         "fetch": task_started("Fetch the dump", since),
         "upload": upload_under_way(since),
         "restore": restoring(connect, "staging", since),
-        "app stop": task_started("Stop the app", since),
+        "app stop": task_started("Stop the app with its stop command", since),
         "swap": blocked.waiting,
     }
     incoming = None
     try:
         killed = kill_when(["push", "staging"], conditions[step], env=SLOW_SFTP if step == "upload" else None,
                            keep_tree=step == "swap")
-        if step == "swap":  # the swap waits on our lock, its transaction open
+        if step == "swap":  # the swap's rename waits on our lock, its transaction open
+            assert killed, "no process of the push was found to wait for"
             incoming = watcher.execute("SELECT oid FROM pg_database WHERE datname = 'wagtail_site__incoming'").fetchone()
             wait_until_gone(killed)
     finally:
