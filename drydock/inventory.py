@@ -147,8 +147,8 @@ def load() -> Inventory:
         raise DrydockError(f"the inventory {where} has no hosts in {' or '.join(missing)}: "
                            "is its path right? (see docs/configuration.md)")
     for name in hosts["drydock_servers"] + hosts["drydock_local"]:
-        # Every host's name is an environment's: a folder under backups/, a lock, a word on the
-        # command line. The playbooks refuse a bad one too, but only once a pull has dumped.
+        # Every host's name is an environment's: a folder under backups/ and a word on the command
+        # line (a server's, its lock's too). The playbooks refuse a bad one, but only once a pull dumped.
         if not is_environment_name(name):
             raise DrydockError(f"the inventory's host {name!r} cannot be an environment: {ENV_NAME_RULE}; "
                                "rename it (its address goes in ansible_host)")
