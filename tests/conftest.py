@@ -57,6 +57,22 @@ def interrupted_when(reached: Callable[[], bool], *args: str) -> str:
     return stderr.strip().splitlines()[-1]
 
 
+def described_inventory(folder: Path, servers: tuple[str, ...], local: str, **variables) -> Path:
+    """An inventory file whose hosts have every variable drydock's commands require (as "x"),
+    their own drydock_env, a local connection and `variables`: for refusals that come before
+    any of those values is used."""
+    from drydock.inventory import HOST_VARIABLES
+
+    def described(name: str) -> dict:
+        return {**{variable: "x" for variable in HOST_VARIABLES}, "drydock_env": name, "ansible_connection": "local",
+                **variables}
+    hosts = folder / "hosts.yml"
+    hosts.write_text(json.dumps({"all": {"children": {  # JSON is YAML
+        "drydock_servers": {"hosts": {name: described(name) for name in servers}},
+        "drydock_local": {"hosts": {local: described(local)}}}}}))
+    return hosts
+
+
 def playbook(name: str, *args: str) -> subprocess.CompletedProcess:
     """Run a playbook with plain ansible-playbook, as an operator would."""
     return subprocess.run(["ansible-playbook", f"playbooks/{name}", *args], env=ansible_env(), cwd=ROOT,

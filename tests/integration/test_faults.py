@@ -31,7 +31,7 @@ from drydock.lock import process_start, stat_fields
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
 from drydock.sandbox import child_pids
-from tests.conftest import (LIVE_OID, ROOT, app_serves, databases, error_lines, fingerprint, inv, owner_psql,
+from tests.conftest import (ROOT, app_serves, databases, error_lines, fingerprint, inv, owner_psql,
                             process_tree)
 
 # sftp -l: bandwidth in Kbit/s. At 100 KB/s a transfer of the small sandbox's dump lasts
@@ -355,7 +355,8 @@ def test_push_killed_at_each_step(staging_at_the_local_schema, connect, sandbox_
     change_a_post(connect("local"), f"push killed at {step}")
     before = fingerprint(connect("staging"))
     watcher = connect("staging", "postgres")
-    old_live = watcher.execute(LIVE_OID).fetchone()[0]
+    old_live = drydock_pg.database_oid(watcher, "wagtail_site")
+    assert old_live is not None
     since = time.time()
     blocked = BlockedSwap(connect, "staging", at="rename")
     conditions = {
@@ -374,7 +375,7 @@ def test_push_killed_at_each_step(staging_at_the_local_schema, connect, sandbox_
                            keep_tree=step == "swap")
         if step == "swap":  # the swap's rename waits on our lock, its transaction open
             assert killed, "no process of the push was found to wait for"
-            incoming = watcher.execute("SELECT oid FROM pg_database WHERE datname = 'wagtail_site__incoming'").fetchone()
+            incoming = drydock_pg.database_oid(watcher, "wagtail_site__incoming")
             wait_until_gone(killed)
     finally:
         blocked.release()
@@ -385,17 +386,16 @@ def test_push_killed_at_each_step(staging_at_the_local_schema, connect, sandbox_
         # database: the one from before, unchanged, or the restored copy, with the one from
         # before kept unchanged as wagtail_site__previous (never a mix).
         drydock_sessions_ended(watcher)
-        live = watcher.execute(LIVE_OID).fetchone()[0]
-        assert live in (old_live, incoming and incoming[0]), (live, old_live, incoming)
+        live = drydock_pg.database_oid(watcher, "wagtail_site")
+        assert live in (old_live, incoming), (live, old_live, incoming)
         if live != old_live:
-            previous = watcher.execute("SELECT oid FROM pg_database WHERE datname = 'wagtail_site__previous'").fetchone()
-            assert previous == (old_live,)
+            assert drydock_pg.database_oid(watcher, "wagtail_site__previous") == old_live
             before_now = fingerprint(connect("staging", "wagtail_site__previous"))
         else:
             before_now = fingerprint(connect("staging"))
         assert before_now == before
     else:
-        assert watcher.execute(LIVE_OID).fetchone()[0] == old_live
+        assert drydock_pg.database_oid(watcher, "wagtail_site") == old_live
         assert fingerprint(connect("staging")) == before
     if step == "dump":
         assert set(conditions["dump"].modes) == {0o600}

@@ -285,13 +285,10 @@ def test_a_pipeline_whose_last_verify_cannot_reach_the_target_rolls_nothing_back
     from drydock import inventory, workflow
     from drydock.errors import HostUnreachable
 
-    def described(name: str) -> dict:
-        return {**{variable: "x" for variable in inventory.HOST_VARIABLES}, "drydock_env": name,
-                "ansible_connection": "local", "drydock_app_database_url": "postgresql://site@localhost/x"}
-    hosts = tmp_path / "hosts.yml"
-    hosts.write_text(json.dumps({"all": {"children": {  # JSON is YAML
-        "drydock_servers": {"hosts": {"production": described("production"), "staging": described("staging")}},
-        "drydock_local": {"hosts": {"local": described("local")}}}}}))
+    from tests.conftest import described_inventory
+
+    hosts = described_inventory(tmp_path, ("production", "staging"), "local",
+                                drydock_app_database_url="postgresql://site@localhost/x")
     monkeypatch.setenv("DRYDOCK_INVENTORY", str(hosts))
     monkeypatch.setenv("DRYDOCK_RUNS", str(tmp_path / "runs"))
     inventory.load.cache_clear()

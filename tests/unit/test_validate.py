@@ -208,16 +208,9 @@ def test_a_pipeline_refuses_a_password_in_the_app_url_before_it_backs_up_anythin
 def test_a_host_whose_name_cannot_be_an_environment_is_refused_before_anything_runs(tmp_path, servers, local, bad):
     """pg_backup's preflight refuses it as well, but in a pull only after production was dumped,
     and a server named `Prod` could never be typed on the command line."""
-    from tests.conftest import error_lines, inv
+    from tests.conftest import described_inventory, error_lines, inv
 
-    from drydock.inventory import HOST_VARIABLES
-
-    def described(name: str) -> dict:  # each host as the other checks want it
-        return {**{variable: "x" for variable in HOST_VARIABLES}, "drydock_env": name, "ansible_connection": "local"}
-    hosts = tmp_path / "hosts.yml"
-    hosts.write_text(json.dumps({"all": {"children": {  # JSON is YAML
-        "drydock_servers": {"hosts": {name: described(name) for name in servers}},
-        "drydock_local": {"hosts": {local: described(local)}}}}}))
+    hosts = described_inventory(tmp_path, servers, local)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DRYDOCK_INVENTORY", str(hosts))
         patch.setenv("DRYDOCK_RUNS", str(tmp_path / "runs"))
