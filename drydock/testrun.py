@@ -32,36 +32,34 @@ ANSIBLE_LINT = ["ansible-lint", "playbooks", "roles"]
 PYFLAKES = [sys.executable, "-m", "pyflakes", "tasks.py", "drydock", "tests", "bench", "library", "module_utils",
             "action_plugins", "callback_plugins", "examples"]
 
-# Seconds per test file, summed from `--durations=0` of a two-shard run on 2026-12-06 at
-# 20:50Z (shards 18.8 and 17.8 minutes), plus the tests added since (at their own measured
-# times; test_faults.py from a run of that file alone on 2026-12-07, 00:55Z, once its kills
-# and refusals were each followed by the next run), without the sandbox's start (about 32 s),
-# which each shard pays once in its first file. Only the proportions count, and only the
-# split uses them: a file not listed counts as DEFAULT_SECONDS.
+# Seconds per test file, summed from `--durations=0` of a fresh-clone two-shard run on
+# 2026-12-07 at 03:00Z (shards 20.4 and 21.5 minutes), without the sandbox's start (about
+# 30 s), which each shard pays once in its first file. Only the proportions count, and only
+# the split uses them: a file not listed counts as DEFAULT_SECONDS.
 FILE_SECONDS = {
-    "tests/integration/test_push.py": 581,
-    "tests/integration/test_migrate.py": 320,
-    "tests/e2e/test_pipeline.py": 299,
-    "tests/integration/test_faults.py": 380,
-    "tests/integration/test_verify.py": 193,
-    "tests/integration/test_snapshot.py": 133,
-    "tests/integration/test_interrupt.py": 122,
-    "tests/integration/test_pull.py": 58,
-    "tests/integration/test_site.py": 52,
-    "tests/integration/test_backup.py": 44,
-    "tests/integration/test_inventory.py": 33,
-    "tests/integration/test_archive.py": 33,
-    "tests/unit/test_module_cache.py": 21,
+    "tests/integration/test_push.py": 628,
+    "tests/integration/test_faults.py": 399,
+    "tests/integration/test_migrate.py": 343,
+    "tests/e2e/test_pipeline.py": 250,
+    "tests/integration/test_verify.py": 215,
+    "tests/integration/test_snapshot.py": 175,
+    "tests/integration/test_interrupt.py": 153,
+    "tests/integration/test_pull.py": 70,
+    "tests/integration/test_site.py": 62,
+    "tests/integration/test_backup.py": 35,
+    "tests/integration/test_inventory.py": 34,
+    "tests/test_lint.py": 22,
+    "tests/unit/test_module_cache.py": 19,
+    "tests/unit/test_module_inputs.py": 16,
     "tests/unit/test_validate.py": 16,
-    "tests/test_lint.py": 14,
-    "tests/unit/test_module_inputs.py": 9,
-    "tests/unit/test_helpers.py": 9,
-    "tests/integration/test_sandbox.py": 5,
-    "tests/integration/test_probe.py": 4,
-    "tests/unit/test_testrun.py": 3,
+    "tests/unit/test_helpers.py": 11,
+    "tests/integration/test_sandbox.py": 6,
+    "tests/integration/test_probe.py": 3,
+    "tests/integration/test_archive.py": 1,
     "tests/unit/test_leftovers.py": 1,
-    "tests/unit/test_roles.py": 1,
+    "tests/unit/test_testrun.py": 1,
     "tests/unit/test_bench.py": 1,
+    "tests/unit/test_roles.py": 1,
 }
 DEFAULT_SECONDS = 60
 # Shard i > 0 puts its sandbox on 127.0.(SHARD_NET_BASE + i).x; the first shard uses the
