@@ -31,24 +31,24 @@ problems: {description: One line per problem found (at most 20)., type: list, re
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import PG_CONNECTION_ARGS, connect, require_psycopg
+from ansible.module_utils.drydock_pg import PG_CONNECTION_ARGS, connect, is_table, require_psycopg
 
 STEPLEN = 4  # treebeard's path step length in Wagtail
 
 CHECKS = {
     "depth does not match its path": f"""
-        SELECT id, path, depth FROM wagtailcore_page WHERE depth <> length(path) / {STEPLEN}
+        SELECT id, path, depth FROM public.wagtailcore_page WHERE depth <> length(path) / {STEPLEN}
            OR length(path) % {STEPLEN} <> 0""",
     "numchild does not match its children": f"""
-        SELECT p.id, p.path, p.numchild, coalesce(c.n, 0) FROM wagtailcore_page p
-        LEFT JOIN (SELECT left(path, -{STEPLEN}) AS parent, count(*) AS n FROM wagtailcore_page
+        SELECT p.id, p.path, p.numchild, coalesce(c.n, 0) FROM public.wagtailcore_page p
+        LEFT JOIN (SELECT left(path, -{STEPLEN}) AS parent, count(*) AS n FROM public.wagtailcore_page
                    WHERE depth > 1 GROUP BY 1) c ON c.parent = p.path
         WHERE p.numchild <> coalesce(c.n, 0)""",
     "has no parent (orphan)": f"""
-        SELECT c.id, c.path FROM wagtailcore_page c
-        WHERE c.depth > 1 AND NOT EXISTS (SELECT 1 FROM wagtailcore_page p WHERE p.path = left(c.path, -{STEPLEN}))""",
+        SELECT c.id, c.path FROM public.wagtailcore_page c
+        WHERE c.depth > 1 AND NOT EXISTS (SELECT 1 FROM public.wagtailcore_page p WHERE p.path = left(c.path, -{STEPLEN}))""",
     "path appears more than once": """
-        SELECT min(id), path, count(*) FROM wagtailcore_page GROUP BY path HAVING count(*) > 1""",
+        SELECT min(id), path, count(*) FROM public.wagtailcore_page GROUP BY path HAVING count(*) > 1""",
 }
 
 
@@ -70,10 +70,9 @@ def main() -> None:
 
     try:
         with connect(p["socket_dir"], p["port"], p["database"]) as conn, conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('public.wagtailcore_page') IS NOT NULL")
-            if not cur.fetchone()[0]:
+            if not is_table(cur, "public.wagtailcore_page"):
                 module.fail_json(msg=f"database {p['database']} has no wagtailcore_page table", problems=[])
-            cur.execute("SELECT count(*) FROM wagtailcore_page")
+            cur.execute("SELECT count(*) FROM public.wagtailcore_page")
             pages = cur.fetchone()[0]
             problems = tree_problems(cur)
     except psycopg.Error as error:

@@ -43,7 +43,7 @@ without_table: {description: "Rules whose table does not exist, not applied (not
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.parsing.convert_bool import boolean
-from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, database_comment,
+from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, database_comment, is_table,
                                              set_database_comment)
 
 
@@ -67,9 +67,13 @@ def main() -> None:
     try:
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
             # A database never pulled or migrated: the rules' tables are missing for that reason.
-            if conn.execute("SELECT to_regclass('django_migrations') IS NULL").fetchone()[0]:
+            if not is_table(conn.cursor(), "public.django_migrations"):
                 raise MissingTable(f"{p['database']} holds no Django tables (no django_migrations): there is nothing "
                                    "to push; pull a copy into the local database first (inv pull <server>)")
+            # The rules are the operator's SQL, written for the app's search path (auth_user, not
+            # public.auth_user): they run with it, in this transaction only. What they run (and
+            # what triggers on their tables run) runs as the superuser: docs/configuration.md.
+            conn.execute('SET LOCAL search_path TO "$user", public')
             for rule in p["rules"]:
                 if conn.execute("SELECT to_regclass(%s) IS NULL", (rule["table"],)).fetchone()[0]:
                     if boolean(rule.get("required", True), strict=False):

@@ -45,7 +45,7 @@ drydock_account: {description: "What changed, in a line for drydock's summary: t
 import re
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import PG_CONNECTION_ARGS, connect, require_psycopg
+from ansible.module_utils.drydock_pg import PG_CONNECTION_ARGS, connect, is_table, require_psycopg
 
 # RFC 1123 host names; \Z, not $, so that a trailing newline is refused too.
 HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
@@ -63,12 +63,12 @@ class SiteError(Exception):
 def site_problems(conn, database: str, hostname: str, port: int, site_name: str, django_site_id: int) -> list[str]:
     """How the Site differs from hostname:port, read only. Writes nothing, so that the write
     counters the push guard compares are not disturbed."""
-    tables = conn.execute("SELECT to_regclass('public.wagtailcore_site') IS NOT NULL,"
-                          " to_regclass('public.django_site') IS NOT NULL").fetchone()
+    tables = (is_table(conn.cursor(), "public.wagtailcore_site"), is_table(conn.cursor(), "public.django_site"))
     if not tables[0]:
         return [f"database {database} has no wagtailcore_site table"]
     where, args = ("is_default_site", ()) if not site_name else ("site_name = %s", (site_name,))
-    rows = conn.execute(f"SELECT hostname, port, is_default_site FROM wagtailcore_site WHERE {where}", args).fetchall()
+    rows = conn.execute(f"SELECT hostname, port, is_default_site FROM public.wagtailcore_site WHERE {where}",
+                        args).fetchall()
     if len(rows) != 1:
         return [f"{len(rows)} Sites match {'the default Site' if not site_name else repr(site_name)}, expected 1"]
     problems = []
@@ -77,7 +77,7 @@ def site_problems(conn, database: str, hostname: str, port: int, site_name: str,
         problems.append(f"{rows[0][0]}:{rows[0][1]}, expected {hostname}:{port}"
                         + (" (stored with capitals, Wagtail never matches it: set it again)" if capitals else ""))
     if tables[1] and rows[0][2]:  # django_site follows the default Site, however it was named
-        row = conn.execute("SELECT domain FROM django_site WHERE id = %s", (django_site_id,)).fetchone()
+        row = conn.execute("SELECT domain FROM public.django_site WHERE id = %s", (django_site_id,)).fetchone()
         if row is None:
             problems.append(f"django_site has no row {django_site_id} (SITE_ID)")
         elif row[0] != django_domain(hostname, port):
@@ -86,12 +86,11 @@ def site_problems(conn, database: str, hostname: str, port: int, site_name: str,
 
 
 def switch(conn, database: str, hostname: str, port: int, site_name: str, django_site_id: int) -> dict:
-    tables = conn.execute("SELECT to_regclass('public.wagtailcore_site') IS NOT NULL,"
-                          " to_regclass('public.django_site') IS NOT NULL").fetchone()
+    tables = (is_table(conn.cursor(), "public.wagtailcore_site"), is_table(conn.cursor(), "public.django_site"))
     if not tables[0]:
         raise SiteError(f"database {database} has no wagtailcore_site table: is it a Wagtail site's database?")
     where, args = ("is_default_site", ()) if not site_name else ("site_name = %s", (site_name,))
-    rows = conn.execute(f"SELECT id, hostname, port, is_default_site FROM wagtailcore_site WHERE {where} FOR UPDATE",
+    rows = conn.execute(f"SELECT id, hostname, port, is_default_site FROM public.wagtailcore_site WHERE {where} FOR UPDATE",
                         args).fetchall()
     which = "the default Site" if not site_name else f"site_name {site_name!r}"
     if not rows:
@@ -101,15 +100,15 @@ def switch(conn, database: str, hostname: str, port: int, site_name: str, django
     site_id, old_host, old_port, is_default = rows[0]
     # Rows already right are not updated: an update counts as a write, and a push to production
     # refuses a target that has taken writes since its backup.
-    conn.execute("UPDATE wagtailcore_site SET hostname = %s, port = %s WHERE id = %s"
+    conn.execute("UPDATE public.wagtailcore_site SET hostname = %s, port = %s WHERE id = %s"
                  " AND (hostname, port) IS DISTINCT FROM (%s, %s)", (hostname, port, site_id, hostname, port))
     domain, old_domain, domain_changed = None, None, False
     if tables[1] and is_default:  # django_site follows the default Site, however it was named
         domain = django_domain(hostname, port)
-        row = conn.execute("SELECT domain FROM django_site WHERE id = %s", (django_site_id,)).fetchone()
+        row = conn.execute("SELECT domain FROM public.django_site WHERE id = %s", (django_site_id,)).fetchone()
         old_domain = row[0] if row else None
         domain_changed = row is not None and old_domain != domain  # no row: nothing is written
-        conn.execute("UPDATE django_site SET domain = %s WHERE id = %s AND domain IS DISTINCT FROM %s",
+        conn.execute("UPDATE public.django_site SET domain = %s WHERE id = %s AND domain IS DISTINCT FROM %s",
                      (domain, django_site_id, domain))
     changed = (old_host, old_port) != (hostname, port) or domain_changed
     if (old_host, old_port) != (hostname, port):

@@ -40,9 +40,25 @@ PG_CONNECTION_ARGS = dict(
 )
 
 
+# The modules connect as the cluster's superuser, into databases the app's role owns, and
+# that role may create functions and operators in their `public` schema. With `public` on
+# the search path, a function there whose argument types fit a call better than the built-in
+# one is chosen instead (CVE-2018-1058: a `public.shobj_description(oid, text)` would run as
+# the superuser at every backup). So only pg_catalog is searched, and the app's tables are
+# named with their schema (`public.django_migrations`).
+SAFE_SEARCH_PATH = "-c search_path=pg_catalog,pg_temp"
+
+
 def connect(socket_dir: str, port: int, database: str, autocommit: bool = False):
     return psycopg.connect(host=socket_dir, port=port, dbname=database, autocommit=autocommit,
-                           application_name="drydock")
+                           application_name="drydock", options=SAFE_SEARCH_PATH)
+
+
+def is_table(cur, name: str) -> bool:
+    """Whether the schema-qualified `name` is an ordinary table. A view (or a foreign table)
+    of that name is taken for none: what a view runs, the superuser reading it would run."""
+    cur.execute("SELECT EXISTS (SELECT FROM pg_class WHERE oid = to_regclass(%s) AND relkind = 'r')", (name,))
+    return cur.fetchone()[0]
 
 
 def user_tables(cur) -> list[tuple[str, str]]:
@@ -70,10 +86,9 @@ def row_counts(cur) -> dict[str, int]:
 
 def latest_migrations(cur) -> dict[str, str]:
     """The latest applied Django migration per app, or {} where there is no django_migrations."""
-    cur.execute("SELECT to_regclass('public.django_migrations') IS NOT NULL")
-    if not cur.fetchone()[0]:
+    if not is_table(cur, "public.django_migrations"):
         return {}
-    cur.execute("SELECT DISTINCT ON (app) app, name FROM django_migrations ORDER BY app, applied DESC, id DESC")
+    cur.execute("SELECT DISTINCT ON (app) app, name FROM public.django_migrations ORDER BY app, applied DESC, id DESC")
     return dict(cur.fetchall())
 
 
@@ -585,10 +600,9 @@ def schema_diff(expected: dict, actual: dict) -> list[str]:
 
 def applied_migrations(cur) -> list[list[str]]:
     """Every (app, name) row of django_migrations, or [] where there is no such table."""
-    cur.execute("SELECT to_regclass('public.django_migrations') IS NOT NULL")
-    if not cur.fetchone()[0]:
+    if not is_table(cur, "public.django_migrations"):
         return []
-    cur.execute("SELECT app, name FROM django_migrations ORDER BY app, name")
+    cur.execute("SELECT app, name FROM public.django_migrations ORDER BY app, name")
     return [[app, name] for app, name in cur.fetchall()]
 
 

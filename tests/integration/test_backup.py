@@ -199,3 +199,38 @@ def test_bad_input_gets_one_line(sandbox_env, args, message):
     proc = inv(*args)
     assert proc.returncode == 1
     assert len(error_lines(proc)) == 1 and message in proc.stderr
+
+
+# What the app's role can do in its own database (it owns its public schema): plant a
+# function that fits drydock's call of a built-in better than the built-in does, and would
+# run with the rights of whoever calls it. Each call leaves a row saying who that was.
+PLANTED = """
+CREATE TABLE public.drydock_planted_calls (caller text, superuser text);
+CREATE FUNCTION public.shobj_description(object oid, catalog text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.drydock_planted_calls VALUES (current_user, current_setting('is_superuser'));
+    RETURN pg_catalog.shobj_description(object, catalog::name);
+END $$;
+"""
+UNPLANT = "DROP FUNCTION IF EXISTS public.shobj_description(oid, text); DROP TABLE IF EXISTS public.drydock_planted_calls"
+
+
+def test_a_function_the_apps_role_plants_never_runs_as_the_superuser(backup, connect):
+    """CVE-2018-1058's pattern: drydock's modules connect as the cluster's superuser into the
+    app's database. A backup, a pull (and its restore, row counts and Site update on the
+    local copy) and a verify must each call only the built-in functions."""
+    production = connect("production")
+    production.execute(PLANTED)
+    try:
+        inv("backup", "production", check=True)
+        inv("pull", "production", "--latest", check=True)
+        inv("verify", "production")  # fails: the planted table and function are drift; it ran its reads
+        # The planted function itself works: called as it was meant to be caught, it records.
+        production.execute("SELECT public.shobj_description(0::oid, 'pg_database'::text)")
+        assert production.execute("SELECT caller, superuser FROM public.drydock_planted_calls").fetchall() == [
+            ("wagtail_site", "off")]
+        # The copy pulled onto the local cluster carries the function; nothing called it there either.
+        assert connect("local").execute("SELECT count(*) FROM public.drydock_planted_calls").fetchone()[0] == 0
+    finally:
+        production.execute(UNPLANT)
+        connect("local").execute(UNPLANT)
