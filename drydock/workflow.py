@@ -473,6 +473,9 @@ def confirm(env: str, protected: bool, yes: bool, action: str, ask: Callable[[st
     except EOFError:  # Ctrl-D
         answer = ""
         print()
+    except KeyboardInterrupt:  # every command asks before its run begins: there are no steps to look up
+        print()
+        raise Interrupted(f"interrupted at the confirmation: nothing was done to {env}") from None
     if answer.strip() != env:
         raise DrydockError(f"not confirmed: nothing was done to {env}")
     return True

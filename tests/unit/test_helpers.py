@@ -1045,6 +1045,21 @@ def test_ctrl_d_at_the_confirmation_prompt_is_a_refusal_in_one_line(monkeypatch)
         workflow.confirm("production", True, False, "push to", ask=end_of_input)
 
 
+def test_ctrl_c_at_the_confirmation_prompt_says_nothing_was_done(monkeypatch):
+    """Not "see inv runs.list for the steps that ran": a command asks before its run begins."""
+    import sys
+
+    from drydock import workflow
+    from drydock.errors import Interrupted
+
+    def ctrl_c(prompt):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    with pytest.raises(Interrupted, match=r"^interrupted at the confirmation: nothing was done to production$"):
+        workflow.confirm("production", True, False, "push to", ask=ctrl_c)
+
+
 @pytest.mark.parametrize("flag, protected", [
     *[(false, False) for false in ("false", "no", "off", "0", "No", "FALSE", 0, False)],
     ("yes", True), ("true", True), ("On", True), ("1", True), (1, True), (True, True)])
