@@ -135,7 +135,8 @@ def count_writes(before: dict, now: dict, pushed: dict | None, lineage_sha256: s
             return [], "its database was replaced"
         if lineage_sha256 is None or pushed.get("lineage_sha256") != lineage_sha256:
             copy = pushed.get("copy") if isinstance(pushed.get("copy"), dict) else {}
-            which = f"a push from {copy.get('source', '?')}'s dump {copy['created']}" if copy.get("created") else "a push"
+            which = (f"a push from {copy.get('source', '?')}'s {dump_kind(copy)} {copy['created']}" if copy.get("created")
+                     else "a push")
             return [], f"its database was replaced by {which} at {pushed.get('recorded', '?')}, from another backup"
     if baseline.get("stats_reset") != now.get("stats_reset"):
         return [], f"its write statistics were reset ({now.get('stats_reset')})"
@@ -467,6 +468,12 @@ def add_to_record(conn, name: str, fields: dict) -> None:
 SWAPPED_BY = {"exchange": "a rollback", "swap-back": "a swap-back", "snapshot restore": "a snapshot restore"}
 
 
+def dump_kind(pushed: dict) -> str:
+    """What a pushed copy's record says it was: "safety backup" (its stamp names a folder under
+    backups/<env>/safety/) or "dump" (under backups/<env>/; records made before the kind was)."""
+    return "safety backup" if pushed.get("kind") == "safety backup" else "dump"
+
+
 def origin_of(record: dict) -> str:
     """Where a database's content came from, as drydock's swaps recorded it on the database
     (see parse_record), in a few words for a person."""
@@ -475,7 +482,7 @@ def origin_of(record: dict) -> str:
 
     pushed, lineage = record.get("drydock_pushed_copy"), record.get("drydock_lineage")
     if isinstance(pushed, dict):
-        origin = f"pushed from {pushed.get('source', '?')}'s dump {pushed.get('created', '?')}"
+        origin = f"pushed from {pushed.get('source', '?')}'s {dump_kind(pushed)} {pushed.get('created', '?')}"
         if isinstance(pushed.get("lineage"), dict):
             origin += f" (a copy of {backup(pushed['lineage'])})"
         return origin

@@ -787,6 +787,8 @@ def test_pushing_a_safety_backup_back_never_rotates_it_away(pushed, connect):
     assert newer.path != safety.path
     assert sorted(p.name for p in safety.path.parent.parent.iterdir()) == sorted(
         [safety.path.parent.name, newer.path.parent.name])  # keep=1 deleted the rest
+    # Its stamp names a folder under backups/production/safety/, and verify says so.
+    assert f"pushed from production's safety backup {safety.manifest['created']}" in inv("verify", "production").stdout
 
 
 def test_the_check_made_with_the_app_stopped_counts_writes_a_session_still_holds_back(pushed, connect):

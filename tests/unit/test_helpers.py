@@ -1113,6 +1113,8 @@ def test_describe_origin_says_what_the_swaps_recorded():
     assert describe_origin(pushed, live=False) == (
         "pushed from local's dump 20261204T110000Z (a copy of production's backup 20261204T100000Z);"
         " live from 2026-12-04T11:01:00+00:00 until a rollback at 2026-12-04T12:00:00+00:00")
+    safety = {"drydock_pushed_copy": {"source": "production", "created": "20261204T090000Z", "kind": "safety backup"}}
+    assert describe_origin(safety, live=True) == "pushed from production's safety backup 20261204T090000Z"
     assert describe_origin({**pushed, "set_aside_by": "swap"}, live=False).endswith(
         " until it was replaced at 2026-12-04T12:00:00+00:00")
     # A swap-back after its failed check says why; a rollback of it with --allow-failed-check
