@@ -1032,32 +1032,23 @@ def test_the_sandbox_commands_set_a_real_inventory_aside(monkeypatch):
     assert "ANSIBLE_INVENTORY" not in ansible_env() and "DRYDOCK_INVENTORY" not in ansible_env()
 
 
-def test_ctrl_d_at_the_confirmation_prompt_is_a_refusal_in_one_line(monkeypatch):
-    import sys
-
-    from drydock import workflow
-
-    def end_of_input(prompt):
-        raise EOFError
-
-    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
-    with pytest.raises(DrydockError, match=r"^not confirmed: nothing was done to production$"):
-        workflow.confirm("production", True, False, "push to", ask=end_of_input)
-
-
-def test_ctrl_c_at_the_confirmation_prompt_says_nothing_was_done(monkeypatch):
-    """Not "see inv runs.list for the steps that ran": a command asks before its run begins."""
+@pytest.mark.parametrize("key, refusal", [
+    (EOFError, "not confirmed: nothing was done to production"),  # Ctrl-D: a refusal (exit 1)
+    # Ctrl-C: exit 130, and not "see inv runs.list for the steps that ran": no run has begun.
+    (KeyboardInterrupt, "interrupted at the confirmation: nothing was done to production")])
+def test_ctrl_d_or_ctrl_c_at_the_confirmation_prompt_says_nothing_was_done(monkeypatch, key, refusal):
     import sys
 
     from drydock import workflow
     from drydock.errors import Interrupted
 
-    def ctrl_c(prompt):
-        raise KeyboardInterrupt
+    def pressed(prompt):
+        raise key
 
     monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
-    with pytest.raises(Interrupted, match=r"^interrupted at the confirmation: nothing was done to production$"):
-        workflow.confirm("production", True, False, "push to", ask=ctrl_c)
+    with pytest.raises(DrydockError, match=f"^{refusal}$") as raised:
+        workflow.confirm("production", True, False, "push to", ask=pressed)
+    assert isinstance(raised.value, Interrupted) == (key is KeyboardInterrupt)
 
 
 @pytest.mark.parametrize("flag, protected", [
