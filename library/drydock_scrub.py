@@ -67,12 +67,12 @@ def main() -> None:
     try:
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
             # A database never pulled or migrated: the rules' tables are missing for that reason.
-            if not is_table(conn.cursor(), "public.django_migrations"):
+            if not is_table(conn, "public.django_migrations"):
                 raise MissingTable(f"{p['database']} holds no Django tables (no django_migrations): there is nothing "
                                    "to push; pull a copy into the local database first (inv pull <server>)")
             # The rules are the operator's SQL, written for the app's search path (auth_user, not
             # public.auth_user): they run with it, in this transaction only. What they run (and
-            # what triggers on their tables run) runs as the superuser: docs/configuration.md.
+            # what triggers on their tables run) runs as the superuser: docs/runbook.md, section 8.
             conn.execute('SET LOCAL search_path TO "$user", public')
             for rule in p["rules"]:
                 if conn.execute("SELECT to_regclass(%s) IS NULL", (rule["table"],)).fetchone()[0]:

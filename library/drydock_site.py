@@ -63,7 +63,7 @@ class SiteError(Exception):
 def site_problems(conn, database: str, hostname: str, port: int, site_name: str, django_site_id: int) -> list[str]:
     """How the Site differs from hostname:port, read only. Writes nothing, so that the write
     counters the push guard compares are not disturbed."""
-    tables = (is_table(conn.cursor(), "public.wagtailcore_site"), is_table(conn.cursor(), "public.django_site"))
+    tables = (is_table(conn, "public.wagtailcore_site"), is_table(conn, "public.django_site"))
     if not tables[0]:
         return [f"database {database} has no wagtailcore_site table"]
     where, args = ("is_default_site", ()) if not site_name else ("site_name = %s", (site_name,))
@@ -86,12 +86,12 @@ def site_problems(conn, database: str, hostname: str, port: int, site_name: str,
 
 
 def switch(conn, database: str, hostname: str, port: int, site_name: str, django_site_id: int) -> dict:
-    tables = (is_table(conn.cursor(), "public.wagtailcore_site"), is_table(conn.cursor(), "public.django_site"))
+    tables = (is_table(conn, "public.wagtailcore_site"), is_table(conn, "public.django_site"))
     if not tables[0]:
         raise SiteError(f"database {database} has no wagtailcore_site table: is it a Wagtail site's database?")
     where, args = ("is_default_site", ()) if not site_name else ("site_name = %s", (site_name,))
-    rows = conn.execute(f"SELECT id, hostname, port, is_default_site FROM public.wagtailcore_site WHERE {where} FOR UPDATE",
-                        args).fetchall()
+    rows = conn.execute(f"SELECT id, hostname, port, is_default_site FROM public.wagtailcore_site WHERE {where}"
+                        " FOR UPDATE", args).fetchall()
     which = "the default Site" if not site_name else f"site_name {site_name!r}"
     if not rows:
         raise SiteError(f"no Site matches {which} in {database}: nothing changed")

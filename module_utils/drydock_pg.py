@@ -54,11 +54,12 @@ def connect(socket_dir: str, port: int, database: str, autocommit: bool = False)
                            application_name="drydock", options=SAFE_SEARCH_PATH)
 
 
-def is_table(cur, name: str) -> bool:
-    """Whether the schema-qualified `name` is an ordinary table. A view (or a foreign table)
-    of that name is taken for none: what a view runs, the superuser reading it would run."""
-    cur.execute("SELECT EXISTS (SELECT FROM pg_class WHERE oid = to_regclass(%s) AND relkind = 'r')", (name,))
-    return cur.fetchone()[0]
+def is_table(conn, name: str) -> bool:
+    """Whether the schema-qualified `name` is an ordinary table (`conn`: a connection or a
+    cursor). A view (or a foreign table) of that name is taken for none: what a view runs,
+    the superuser reading it would run."""
+    return conn.execute("SELECT EXISTS (SELECT FROM pg_class WHERE oid = to_regclass(%s) AND relkind = 'r')",
+                        (name,)).fetchone()[0]
 
 
 def user_tables(cur) -> list[tuple[str, str]]:
