@@ -741,10 +741,28 @@ def rollback(env_text: str, yes: bool = False, allow_lost_writes: bool = False, 
     run = Run("rollback", route=[env])
     with target_lock(env, "rollback", say), run.step(
             "rollback", env=env, interrupted=lambda: _rollback_interrupted(run, env, target["drydock_db_name"], say)):
-        run_playbook("rollback_database.yml", limit=env, run=run,
-                     extra_vars={"drydock_confirm": env, "drydock_allow_lost_writes": allow_lost_writes,
-                                 "drydock_allow_failed_check": allow_failed_check})
+        try:
+            run_playbook("rollback_database.yml", limit=env, run=run,
+                         extra_vars={"drydock_confirm": env, "drydock_allow_lost_writes": allow_lost_writes,
+                                     "drydock_allow_failed_check": allow_failed_check})
+        except DrydockError as error:
+            # The playbook's own refusals and its exchange's failures say what they left; a
+            # failure before either (a server that does not answer) says nothing of it.
+            if not isinstance(error, Interrupted) and "the app was left running" not in str(error) \
+                    and _stop_never_began(run, env):
+                error.args = (f"{error} (nothing was rolled back: {env} runs the database it ran before, and its app"
+                              " was not stopped)",)
+            raise
     say(_exchanged(run, env, target["drydock_db_name"]))
+
+
+def _stop_never_began(run: Run, env: str) -> bool:
+    """Whether this run never began to stop `env`'s app, by the tasks' progress."""
+    progress = read_progress(run.dir)
+    if progress is None:
+        return _no_task_began(run)
+    return not any(entry.get("host") == env and entry.get("event") == "start"
+                   and str(entry.get("task", "")).startswith(APP_STOP_TASKS) for entry in progress)
 
 
 def _exchanged(run: Run, env: str, database: str) -> str:

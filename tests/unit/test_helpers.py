@@ -309,6 +309,39 @@ def test_a_pipeline_whose_last_verify_cannot_reach_the_target_rolls_nothing_back
                                 "inv verify staging, and inv rollback staging if that fails)")
 
 
+@pytest.mark.parametrize("events, error, line", [
+    # A server that does not answer, before the app was touched: that is said.
+    ([], "staging: no database server answers on /run (Connection refused)",
+     "staging: no database server answers on /run (Connection refused) (nothing was rolled back: staging runs the"
+     " database it ran before, and its app was not stopped)"),
+    # The playbook's refusals say it themselves; a failure once the stop began says what it left.
+    ([], "nothing to roll back to: x; the app was left running", "nothing to roll back to: x; the app was left running"),
+    ([("app_service : Stop the app with its stop command", "start")], "staging: /bin/false exited with status 1 (…)",
+     "staging: /bin/false exited with status 1 (…)")], ids=["server down", "refusal", "after the stop began"])
+def test_a_rollback_that_failed_before_stopping_the_app_says_nothing_was_rolled_back(tmp_path, monkeypatch, events,
+                                                                                   error, line):
+    from drydock import inventory, workflow
+
+    from tests.conftest import described_inventory
+
+    monkeypatch.setenv("DRYDOCK_INVENTORY", str(described_inventory(tmp_path, ("production", "staging"), "local")))
+    monkeypatch.setenv("DRYDOCK_RUNS", str(tmp_path / "runs"))
+    inventory.load.cache_clear()
+
+    def failing_playbook(name, run, **_):
+        run.ansible_log.write_text("TASK [Look for the previous database]\n")
+        run.progress_file.write_text("".join(json.dumps({"event": event, "host": "staging", "task": task}) + "\n"
+                                             for task, event in [("Look for the previous database", "start"), *events]))
+        raise DrydockError(error)
+    monkeypatch.setattr(workflow, "run_playbook", failing_playbook)
+    try:
+        with pytest.raises(DrydockError) as raised:
+            workflow.rollback("staging", say=lambda said: None)
+    finally:
+        inventory.load.cache_clear()
+    assert str(raised.value) == line
+
+
 def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_progress_ansible_reported(tmp_path,
                                                                                                      monkeypatch):
     """Ansible's log shows a task's banner only with its result: which swap ran is read from
