@@ -60,10 +60,15 @@ class SiteError(Exception):
     pass
 
 
+def site_tables(conn) -> tuple[bool, bool]:
+    """Whether the database has Wagtail's Site table, and Django's (an app may lack the sites app)."""
+    return is_table(conn, "public.wagtailcore_site"), is_table(conn, "public.django_site")
+
+
 def site_problems(conn, database: str, hostname: str, port: int, site_name: str, django_site_id: int) -> list[str]:
     """How the Site differs from hostname:port, read only. Writes nothing, so that the write
     counters the push guard compares are not disturbed."""
-    tables = (is_table(conn, "public.wagtailcore_site"), is_table(conn, "public.django_site"))
+    tables = site_tables(conn)
     if not tables[0]:
         return [f"database {database} has no wagtailcore_site table"]
     where, args = ("is_default_site", ()) if not site_name else ("site_name = %s", (site_name,))
@@ -86,7 +91,7 @@ def site_problems(conn, database: str, hostname: str, port: int, site_name: str,
 
 
 def switch(conn, database: str, hostname: str, port: int, site_name: str, django_site_id: int) -> dict:
-    tables = (is_table(conn, "public.wagtailcore_site"), is_table(conn, "public.django_site"))
+    tables = site_tables(conn)
     if not tables[0]:
         raise SiteError(f"database {database} has no wagtailcore_site table: is it a Wagtail site's database?")
     where, args = ("is_default_site", ()) if not site_name else ("site_name = %s", (site_name,))
