@@ -70,12 +70,16 @@ def main() -> None:
             if not is_table(conn, "public.django_migrations"):
                 raise MissingTable(f"{p['database']} holds no Django tables (no django_migrations): there is nothing "
                                    "to push; pull a copy into the local database first (inv pull <server>)")
-            # The rules are the operator's SQL, written for the app's search path (auth_user, not
-            # public.auth_user): they run with it, in this transaction only. What they run (and
-            # what triggers on their tables run) runs as the superuser: docs/runbook.md, section 8.
-            conn.execute('SET LOCAL search_path TO "$user", public')
+            # The rules are the operator's SQL, written for the app's tables without their schema
+            # (auth_user, not public.auth_user): they run with `public` on the search path, in this
+            # transaction only. Not "$user", public: as the superuser that is a schema `postgres`
+            # first, which the app's role (the database's owner) can create, and an auth_user of
+            # its own there would take the rules' writes while public.auth_user left unscrubbed.
+            # What they run (and what triggers on their tables run) runs as the superuser:
+            # docs/runbook.md, section 8.
+            conn.execute("SET LOCAL search_path TO public")
             for rule in p["rules"]:
-                if conn.execute("SELECT to_regclass(%s) IS NULL", (rule["table"],)).fetchone()[0]:
+                if not is_table(conn, rule["table"]):
                     if boolean(rule.get("required", True), strict=False):
                         raise MissingTable(f"scrub rule {rule['name']}: its table {rule['table']} does not exist, so "
                                            "its data would leave unscrubbed: correct the rule in pg_scrub_rules, or "

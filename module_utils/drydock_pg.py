@@ -55,8 +55,8 @@ def connect(socket_dir: str, port: int, database: str, autocommit: bool = False)
 
 
 def is_table(conn, name: str) -> bool:
-    """Whether the schema-qualified `name` is an ordinary table (`conn`: a connection or a
-    cursor). A view (or a foreign table) of that name is taken for none: what a view runs,
+    """Whether `name` is an ordinary table (`conn`: a connection or a cursor); schema-qualified,
+    unless the caller chose the search path. A view (or a foreign table) of that name is taken for none: what a view runs,
     the superuser reading it would run."""
     return conn.execute("SELECT EXISTS (SELECT FROM pg_class WHERE oid = to_regclass(%s) AND relkind = 'r')",
                         (name,)).fetchone()[0]

@@ -79,12 +79,18 @@ def playbook(name: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-def run_module(env: str, module: str, args: str) -> dict:
+def run_module(env: str, module: str, args: str | dict) -> dict:
     """Run one of drydock's database modules on `env`'s host as its playbooks do (on the
-    app's database, as the clusters' OS user); its result."""
+    app's database unless `args` names another, as the clusters' OS user); its result.
+    `args` is key=value text, or a dict for values that are lists or mappings."""
+    connection = {"database": "{{ drydock_db_name }}", "socket_dir": "{{ drydock_db_socket_dir }}",
+                  "port": "{{ drydock_db_port }}"}
+    if isinstance(args, dict):
+        args = json.dumps({**connection, **args})
+    else:
+        args = " ".join([*(f"{key}={value}" for key, value in connection.items()), args])
     proc = subprocess.run(
-        ["ansible", env, "-m", module, "-a",
-         f"database={{{{ drydock_db_name }}}} socket_dir={{{{ drydock_db_socket_dir }}}} port={{{{ drydock_db_port }}}} {args}",
+        ["ansible", env, "-m", module, "-a", args,
          "-e", "ansible_become={{ drydock_db_become }}", "-e", "ansible_become_user={{ drydock_db_os_user }}"],
         cwd=ROOT, env=dict(ansible_env(), ANSIBLE_CALLBACK_RESULT_FORMAT="json"), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -15,8 +15,8 @@ import pytest
 from drydock import dumps
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import (LIVE_OID, ROOT, app_serves, assert_private, connector, databases, error_lines,
-                            fingerprint, inv, owner_psql, playbook, row_counts, run_module)
+from tests.conftest import (LIVE_OID, ROOT, app_serves, assert_private, connector, database_url, databases,
+                            error_lines, fingerprint, inv, owner_psql, playbook, row_counts, run_module)
 
 # A check broken on purpose (a bogus health URL, a database that is not there) fails on the
 # database a swap-back brings back too: the line adds this.
@@ -99,6 +99,32 @@ def test_the_default_user_names_rule_survives_a_username_it_would_give(connect):
             (3, "user-3", "", ""), (7, "user-7", "", "")]
     finally:
         conn.rollback()
+
+
+def test_the_scrub_rules_write_the_apps_tables_not_a_schema_named_after_the_superuser(sandbox_env):
+    """As the superuser, "$user" on the search path is a schema `postgres`, which the app's
+    role (the database's owner) can create: an auth_user of its own there must not take the
+    rules' writes while public.auth_user leaves unscrubbed."""
+    import yaml
+
+    rules = yaml.safe_load((ROOT / "roles/pg_scrub/defaults/main.yml").read_text())["pg_scrub_rules"]
+    scratch = "drydock_test_scrub_decoy"
+    local = sandbox_env["local"]
+    subprocess.run([*owner_psql(local), "-c", f"CREATE DATABASE {scratch} OWNER {local['app_role']}"], check=True)
+    try:
+        with psycopg.connect(database_url(sandbox_env, "local", scratch), autocommit=True) as conn:
+            conn.execute("CREATE TABLE public.django_migrations (id int); CREATE SCHEMA postgres;"
+                         " CREATE TABLE public.auth_user (id int, email text);"
+                         " CREATE TABLE postgres.auth_user (LIKE public.auth_user);"
+                         " INSERT INTO public.auth_user VALUES (1, 'ada@drydock-example.org');"
+                         " INSERT INTO postgres.auth_user VALUES (1, 'decoy@drydock-example.org')")
+            result = run_module("local", "drydock_scrub",
+                                {"database": scratch, "rules": [r for r in rules if r["name"] == "user_emails"]})
+            assert result["ran"] == [{"name": "user_emails", "rows": 1}]
+            assert conn.execute("TABLE public.auth_user").fetchall() == [(1, "user1@example.invalid")]
+            assert conn.execute("TABLE postgres.auth_user").fetchall() == [(1, "decoy@drydock-example.org")]
+    finally:
+        subprocess.run([*owner_psql(local), "-c", f"DROP DATABASE {scratch} WITH (FORCE)"], check=True)
 
 
 def test_staging_copy_is_scrubbed(pushed, connect):
