@@ -253,17 +253,23 @@ def format_snapshots(snapshots: list[dict], now: datetime | None = None) -> str:
     now = now or datetime.now(timezone.utc)
     rows = []
     for snap in snapshots:
-        age = "?"
-        if snap.get("created"):
-            seconds = (now - datetime.fromisoformat(snap["created"])).total_seconds()
-            age = f"{seconds / 86400:.1f} d" if seconds >= 86400 else f"{seconds / 3600:.1f} h" if seconds >= 3600 \
-                else f"{seconds / 60:.0f} min"
         rows.append({"name": snap["name"], "of database": snap["source"],
-                     "size": f"{snap['size'] / 1048576:.1f} MB", "age": age,
+                     "size": f"{snap['size'] / 1048576:.1f} MB", "age": _age(snap.get("created"), now),
                      "ready copy": "yes" if snap.get("ready") else "failed" if snap.get("ready_copy_error") else "no"})
     failures = [f"{snap['name']}: making its ready copy failed: {snap['ready_copy_error']}"
                 for snap in snapshots if snap.get("ready_copy_error") and not snap.get("ready")]
     return "\n".join([table(rows, ["name", "of database", "size", "age", "ready copy"]), *failures])
+
+
+def _age(created, now: datetime) -> str:
+    """How long ago `created` (an ISO time with its offset, from a database's comment) was, or
+    "?": any database whose name holds __snap_ is listed, and its comment may be anyone's."""
+    try:
+        seconds = (now - datetime.fromisoformat(created)).total_seconds()
+    except (TypeError, ValueError):  # none, not a string, not ISO, or without an offset
+        return "?"
+    return f"{seconds / 86400:.1f} d" if seconds >= 86400 else f"{seconds / 3600:.1f} h" if seconds >= 3600 \
+        else f"{seconds / 60:.0f} min"
 
 
 def _snapshot_interrupted(run: Run, action: str, name: str) -> str:

@@ -985,6 +985,19 @@ def test_snapshot_listing_says_which_have_a_ready_copy_and_why_one_failed():
     assert lines[4] == "c: making its ready copy failed: disk full"
 
 
+@pytest.mark.parametrize("created", [None, 20240101, "yesterday", "2024-01-01 10:00"])
+def test_a_snapshot_whose_record_has_no_time_drydock_can_read_is_listed_without_an_age(created):
+    """Any database whose name holds __snap_ is listed, with what its comment says: someone
+    else's record (a time without its offset, a number) must not stop the listing."""
+    from datetime import datetime, timezone
+
+    from drydock.workflow import format_snapshots
+
+    snap = {"name": "2024", "source": "reports", "size": 1048576, "created": created, "ready": False}
+    text = format_snapshots([snap], now=datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc))
+    assert text.splitlines()[1].split() == ["2024", "reports", "1.0", "MB", "?", "no"]
+
+
 def test_the_local_database_has_one_lock_whatever_the_inventory_calls_its_host(tmp_path, monkeypatch):
     """Snapshot commands read no inventory: every command that changes the local database
     must take the lock they take, `local`, even where the local host is called `laptop`."""
