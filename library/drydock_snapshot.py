@@ -205,7 +205,7 @@ def save(conn, database: str, name: str, force: bool, ready_copy: bool = False) 
     if replacing and not force:
         raise SnapshotError(f"snapshot {name} of {database} exists already: delete it, or replace it with --force")
     if not replacing:
-        drop_database(conn, ready)  # a copy of what this name held before
+        drop_ready_copy(conn, database, name)  # a copy of what this name held before
         template_copy(conn, database, target)
     else:
         # The old snapshot (and its ready copy) go only once the new one is whole: a copy that
@@ -216,12 +216,20 @@ def save(conn, database: str, name: str, force: bool, ready_copy: bool = False) 
         template_copy(conn, database, incoming)
         swap_in(conn, target, incoming, aside_name(target))  # the old snapshot set aside, then dropped
         drop_database(conn, aside_name(target))
-        drop_database(conn, ready)  # the old snapshot's
+        drop_ready_copy(conn, database, name)  # the old snapshot's
     set_database_comment(conn, target, {
         "drydock_snapshot": name, "source": database, "created": utc_now(),
         "lineage": database_comment(conn, database).get("drydock_lineage"), "ready_copy": ready_copy})
     set_allow_connections(conn, target, False)  # nobody changes a snapshot
     return target
+
+
+def drop_ready_copy(conn, database: str, name: str) -> None:
+    """Drop snapshot `name`'s ready copy, if it has one. A ready copy's name that PostgreSQL
+    would cut short is none (save refuses to make one) and may be another snapshot's: a long
+    database name and two names alike but for their last letters, saved without ready copies."""
+    if cut_short(ready_db(database, name)) is None:
+        drop_database(conn, ready_db(database, name))
 
 
 def ready_copy_of(conn, database: str, name: str) -> str | None:
@@ -309,7 +317,8 @@ def restore(conn, database: str, name: str) -> tuple[str, bool]:
 
 def delete(conn, database: str, name: str) -> str:
     snapshot = find(conn, database, name)["database"]
-    for leftover in (ready_db(database, name), new_name(snapshot), aside_name(snapshot)):  # its ready copy, a save's
+    drop_ready_copy(conn, database, name)
+    for leftover in (new_name(snapshot), aside_name(snapshot)):  # a save's
         drop_database(conn, leftover)
     drop_database(conn, snapshot)
     return snapshot

@@ -261,18 +261,28 @@ def test_delete_removes_the_ready_copy_too(clean_snapshots, connect):
 
 def test_a_name_too_long_for_its_ready_copy_is_refused(pulled, connect):
     """<db>__snap_<name> is one byte shorter than <db>__ready_<name>: at 63 bytes only the
-    snapshot fits, and PostgreSQL would silently cut the ready copy's name short."""
-    database, name = "d" * 26, "n" * 30
+    snapshot fits, and PostgreSQL would silently cut the ready copy's name short, to that of
+    the ready copy of a name one letter shorter, which neither its save nor its delete drops."""
+    database, name, shorter = "d" * 26, "n" * 30, "n" * 29
     conn = connect("local", "postgres")
     conn.execute(f"CREATE DATABASE {database}")
-    args = ("-e", "pg_snapshot_action=save", "-e", f"pg_snapshot_name={name}", "-e", f"pg_snapshot_database={database}")
+
+    def snapshot(action: str, snapshot_name: str, *more: str):
+        return playbook("snapshot.yml", "-e", f"pg_snapshot_action={action}", "-e", f"pg_snapshot_name={snapshot_name}",
+                        "-e", f"pg_snapshot_database={database}", *more)
+
+    shorter_ready = f"{database}__ready_{shorter}"
     try:
-        refused = playbook("snapshot.yml", *args)
+        assert snapshot("save", shorter).returncode == 0
+        wait_for(lambda: shorter_ready in databases(conn), "the ready copy")
+        refused = snapshot("save", name)
         assert refused.returncode != 0 and f"{database}__ready_{name} would pass PostgreSQL's 63 bytes" in refused.stdout
-        assert playbook("snapshot.yml", *args, "-e", "pg_snapshot_ready_copy=false").returncode == 0
+        assert snapshot("save", name, "-e", "pg_snapshot_ready_copy=false").returncode == 0
+        assert snapshot("delete", name).returncode == 0
+        assert shorter_ready in databases(conn)
     finally:
-        playbook("snapshot.yml", "-e", "pg_snapshot_action=delete", "-e", f"pg_snapshot_name={name}",
-                 "-e", f"pg_snapshot_database={database}")
+        for each in (name, shorter):
+            snapshot("delete", each)
         conn.execute(f"DROP DATABASE IF EXISTS {database}")
 
 
