@@ -9,6 +9,8 @@ description:
   - In one transaction, terminates the sessions on the databases involved and renames live
     to C(previous) and C(incoming) to live: either both renames happen or neither does, even
     if the module is killed half-way. Takes milliseconds whatever the size.
+  - In that transaction C(incoming) takes the live database's grants, connection limit and
+    settings (the server's, which a dump does not carry), in place of its own.
   - An existing database named C(previous) (the generation before) is renamed aside in the
     same transaction and dropped only once the swap has succeeded (with C(keep_older), kept
     until the caller decides).

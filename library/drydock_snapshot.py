@@ -12,7 +12,8 @@ description:
     stays exactly as saved.
   - Restore swaps the snapshot's ready copy C(db__ready_name) in by renaming, when there is
     one made from the snapshot as it is; otherwise it copies the snapshot into C(db__incoming)
-    and swaps that in. The replaced database is kept as C(db__previous); the generation before
+    and swaps that in, with the replaced database's grants, connection limit and settings
+    (a template copy takes none). The replaced database is kept as C(db__previous); the generation before
     it is renamed aside, left for C(prepare) to drop. A snapshot of another database is refused.
   - Prepare is the second half of save and restore, which run it in the background (see
     C(background)): it drops the generation a restore put aside and, for a snapshot saved with

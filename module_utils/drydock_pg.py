@@ -3,6 +3,7 @@ OS user (peer authentication, no password anywhere), and read the facts a manife
 verification need. Small pure functions; each takes an open psycopg cursor."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -318,9 +319,10 @@ def refuse_another_database(conn, name: str, expect_oid: int | None) -> None:
 
 
 def renames_in_one_transaction(conn, close: list[str], renames: list[tuple[str, str]], attempts: int = 3,
-                               expect: list[tuple[str, int | None]] = ()) -> int:
-    """End the other sessions on the databases `close`, then apply `renames`, all in one
-    transaction: interrupted or failed at any point (even by SIGKILL), nothing has changed.
+                               expect: list[tuple[str, int | None]] = (), first=None) -> int:
+    """End the other sessions on the databases `close`, then call `first()` (if given), then
+    apply `renames`, all in one transaction: interrupted or failed at any point (even by
+    SIGKILL), nothing has changed.
     PostgreSQL makes a rename wait up to 5 s for a session that connected in between, and
     refuses it if the session stays; then the whole transaction is tried again. With
     `expect` (names after the renames, each with an oid, or None for any), the transaction is
@@ -331,6 +333,8 @@ def renames_in_one_transaction(conn, close: list[str], renames: list[tuple[str, 
         try:
             with conn.transaction():
                 terminated = sum(terminate_sessions(conn, name) for name in close)
+                if first is not None:
+                    first()
                 for old, new in renames:
                     conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
                 for name, oid in expect:
@@ -372,13 +376,14 @@ def swap_in(conn, database: str, incoming: str, previous: str, drop_aside: bool 
     """
     aside = aside_name(previous)
     drop_database(conn, aside)  # a crash's, or one a push kept and was interrupted before it decided
-    renames = [(incoming, database)]
+    renames, carry = [(incoming, database)], None
     if database_exists(conn, database):
         renames.insert(0, (database, previous))
         if database_exists(conn, previous):
             renames.insert(0, (previous, aside))
+        carry = functools.partial(carry_database_settings, conn, database, incoming)
     terminated = renames_in_one_transaction(conn, [old for old, _new in renames], renames,
-                                            expect=[(database, incoming_oid)])
+                                            expect=[(database, incoming_oid)], first=carry)
     if not drop_aside:
         return terminated
     # The swap has happened: tidying up the older generation must not fail it.
@@ -387,6 +392,49 @@ def swap_in(conn, database: str, incoming: str, previous: str, drop_aside: bool 
     except Exception:  # noqa: BLE001 - a leftover aside database is dropped by the next swap
         pass
     return terminated
+
+
+# What aclexplode() calls a database's privileges, and how GRANT names them (the same words).
+DATABASE_PRIVILEGES = {"CONNECT": "CONNECT", "CREATE": "CREATE", "TEMPORARY": "TEMPORARY"}
+
+
+def carry_database_settings(conn, source: str, target: str) -> None:
+    """Give `target` the grants, connection limit and settings (ALTER DATABASE ... SET, ALTER
+    ROLE ... IN DATABASE ... SET) of `source`, in place of its own. They are the server's, set
+    on its live database, not the content's: a database restored from a dump or copied from
+    a snapshot has none of them, and swapped in without them it would let back in every role
+    that a REVOKE CONNECT ... FROM PUBLIC kept out. Called inside the swap's transaction."""
+    (source_oid, source_limit), (target_oid, target_limit) = (
+        conn.execute("SELECT oid, datconnlimit FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        for name in (source, target))
+    target_name = sql.Identifier(target)
+    # An ACL of NULL means the defaults: aclexplode() of acldefault() spells them out.
+    acl = ("SELECT grantee, privilege_type, is_grantable FROM pg_database,"
+           " aclexplode(coalesce(datacl, acldefault('d', datdba))) WHERE oid = %s ORDER BY 1, 2")
+    wanted, held = (conn.execute(acl, (oid,)).fetchall() for oid in (source_oid, target_oid))
+    if wanted != held:
+        for grantee in sorted({grantee for grantee, _privilege, _grantable in held}):
+            conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM {} CASCADE").format(target_name, role_name(conn, grantee)))
+        for grantee, privilege, grantable in wanted:
+            conn.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
+                sql.SQL(DATABASE_PRIVILEGES[privilege]), target_name, role_name(conn, grantee),
+                sql.SQL(" WITH GRANT OPTION" if grantable else "")))
+    if source_limit != target_limit:
+        conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT {}").format(target_name, sql.Literal(source_limit)))
+    # Each setting as the server stores it, untouched: written again through ALTER DATABASE ...
+    # SET, a value would need quoting by its parameter's kind (search_path is a list). A
+    # superuser may write this catalog, and DROP DATABASE removes a database's rows.
+    conn.execute("DELETE FROM pg_db_role_setting WHERE setdatabase = %s", (target_oid,))
+    conn.execute("INSERT INTO pg_db_role_setting (setdatabase, setrole, setconfig)"
+                 " SELECT %s, setrole, setconfig FROM pg_db_role_setting WHERE setdatabase = %s",
+                 (target_oid, source_oid))
+
+
+def role_name(conn, oid: int):
+    """A role as GRANT and REVOKE name it: PUBLIC for aclexplode()'s grantee 0."""
+    if oid == 0:
+        return sql.SQL("PUBLIC")
+    return sql.Identifier(conn.execute("SELECT rolname FROM pg_roles WHERE oid = %s", (oid,)).fetchone()[0])
 
 
 def drop_database(conn, name: str) -> None:

@@ -229,6 +229,36 @@ def fingerprint(conn) -> dict[str, str]:
 LIVE_OID = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
 
 
+# What a server's operator sets on its live database, not in its content: a swap must keep it.
+SERVER_OWN_SETTINGS = ('REVOKE CONNECT ON DATABASE {db} FROM PUBLIC; GRANT CONNECT ON DATABASE {db} TO {role};'
+                       ' ALTER DATABASE {db} CONNECTION LIMIT 77; ALTER DATABASE {db} SET search_path = "$user", public;'
+                       " ALTER ROLE {role} IN DATABASE {db} SET lock_timeout = '1h'")
+SERVER_OWN_SETTINGS_UNDONE = ("GRANT CONNECT ON DATABASE {db} TO PUBLIC; ALTER DATABASE {db} CONNECTION LIMIT -1;"
+                              " ALTER DATABASE {db} RESET ALL; ALTER ROLE {role} IN DATABASE {db} RESET ALL")
+
+
+def database_settings(conn, name: str) -> tuple:
+    """A database's grants, connection limit and settings (its own and its roles')."""
+    return conn.execute(
+        "SELECT datacl::text, datconnlimit, ARRAY(SELECT setrole || ':' || array_to_string(setconfig, ';')"
+        " FROM pg_db_role_setting WHERE setdatabase = d.oid ORDER BY 1) FROM pg_database d WHERE datname = %s",
+        (name,)).fetchone()
+
+
+@contextmanager
+def server_own_settings(server: dict):
+    """SERVER_OWN_SETTINGS on `server`'s live database while the block runs."""
+    def run(template: str) -> None:
+        statements = template.format(db=server["database"], role=server["app_role"])
+        subprocess.run([*owner_psql(server), "-v", "ON_ERROR_STOP=1", "-c", statements], check=True)
+
+    run(SERVER_OWN_SETTINGS)
+    try:
+        yield
+    finally:
+        run(SERVER_OWN_SETTINGS_UNDONE)
+
+
 def databases(conn) -> set[str]:
     return {name for (name,) in conn.execute("SELECT datname FROM pg_database").fetchall()}
 

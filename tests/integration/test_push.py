@@ -15,8 +15,9 @@ import pytest
 from drydock import dumps
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import (LIVE_OID, ROOT, app_serves, assert_private, connector, database_url, databases,
-                            error_lines, fingerprint, inv, owner_psql, playbook, row_counts, run_module)
+from tests.conftest import (LIVE_OID, ROOT, app_serves, assert_private, connector, database_settings, database_url,
+                            databases, error_lines, fingerprint, inv, owner_psql, playbook, row_counts, run_module,
+                            server_own_settings)
 
 # A check broken on purpose (a bogus health URL, a database that is not there) fails on the
 # database a swap-back brings back too: the line adds this.
@@ -997,3 +998,14 @@ def test_a_copy_without_migrations_the_target_has_applied_is_refused_unless_allo
     allowed = inv("push", "staging", "--allow-older-schema")
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     assert not connect("staging").execute("SELECT 1 FROM django_migrations WHERE name = '9999_from_newer_code'").fetchall()
+
+
+def test_a_push_keeps_the_servers_grants_limit_and_settings(pushed, connect, sandbox_env):
+    """pg_dump carries none of them (they are the server's, set on its live database): the
+    database a push swaps in gets those of the one it replaces, and roles kept out of it by a
+    REVOKE CONNECT ... FROM PUBLIC stay out."""
+    with server_own_settings(sandbox_env["staging"]):
+        before = database_settings(connect("staging"), "wagtail_site")
+        assert "=T/" in before[0] and before[1] == 77 and len(before[2]) == 2
+        inv("push", "staging", "--allow-older-schema", check=True)
+        assert database_settings(connect("staging"), "wagtail_site") == before

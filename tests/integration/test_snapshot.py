@@ -15,7 +15,8 @@ import pytest
 import drydock_pg
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import ROOT, databases, error_lines, fingerprint, inv, playbook, process_tree
+from tests.conftest import (ROOT, database_settings, databases, error_lines, fingerprint, inv, playbook,
+                            process_tree, server_own_settings)
 
 READY = "wagtail_site__ready_saved"
 ASIDE = "wagtail_site__previous__old"
@@ -89,6 +90,18 @@ def test_save_change_restore_gives_back_the_saved_data(clean_snapshots, connect)
     assert re.search(r": restored from production's backup \d{8}T\d{6}Z; live since \S+, by a snapshot restore of saved$",
                      live), live
     assert not any(line.startswith("previous: ") for line in report)  # local's is the snapshot pre_pull
+
+
+def test_a_restore_keeps_the_servers_grants_limit_and_settings_on_the_local_database(clean_snapshots, connect,
+                                                                                      sandbox_env):
+    """A snapshot is a template copy, which takes none of them: the restored database gets
+    the ones of the database it replaces."""
+    with server_own_settings(sandbox_env["local"]):
+        before = database_settings(connect("local"), "wagtail_site")
+        assert "=T/" in before[0] and before[1] == 77 and len(before[2]) == 2  # PUBLIC may no longer connect
+        inv("snapshot.save", "saved", check=True)
+        inv("snapshot.restore", "saved", check=True)
+        assert database_settings(connect("local"), "wagtail_site") == before
 
 
 def test_list_shows_size_age_and_ready_copy(clean_snapshots, connect):
