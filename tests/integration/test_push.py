@@ -42,6 +42,13 @@ def pushed(pulled, connect_module, sandbox_env):
     # A signed-in user's session, which must not leave this machine (the sessions rule).
     connect_module("local").execute("INSERT INTO django_session (session_key, session_data, expire_date)"
                                     " VALUES ('drydock-test-session', 'signed-in', now() + interval '1 day')")
+    # What Wagtail's user views and Django's admin log of a user: its username (the log rules).
+    user_type = "(SELECT id FROM django_content_type WHERE app_label = 'auth' AND model = 'user')"
+    connect_module("local").execute(
+        "INSERT INTO wagtailcore_modellogentry (label, action, data, timestamp, content_changed, deleted, object_id,"
+        f" content_type_id) SELECT username, 'wagtail.edit', '{{}}', now(), true, false, id, {user_type} FROM auth_user;"
+        " INSERT INTO django_admin_log (action_time, object_id, object_repr, action_flag, change_message,"
+        f" content_type_id, user_id) SELECT now(), id, username, 2, '[]', {user_type}, id FROM auth_user")
     before = fingerprint(connect_module("staging"))
     inv("push", "staging", "--allow-older-schema", check=True)  # whatever schema an earlier module left there
     yield before, dumps.latest("local")
@@ -144,6 +151,10 @@ def test_staging_copy_is_scrubbed(pushed, connect):
     staging_hashes = [h for (h,) in connect("staging").execute("SELECT password FROM auth_user")]
     assert staging_hashes and all(h.startswith("!") for h in staging_hashes) and not local_hashes & set(staging_hashes)
     assert connect("staging").execute("SELECT count(*) FROM django_session").fetchone()[0] == 0
+    # The usernames the logs keep of users are gone too.
+    for log in ("SELECT object_id, label FROM wagtailcore_modellogentry", "SELECT object_id, object_repr FROM django_admin_log"):
+        entries = connect("staging").execute(log).fetchall()
+        assert entries and all(label == f"user-{id_}" for id_, label in entries), entries
     # the local database itself keeps its data
     assert any(e.endswith("@drydock-example.org") for (e,) in connect("local").execute("SELECT email FROM auth_user"))
     assert any(h.startswith("pbkdf2_") for h in local_hashes)
