@@ -10,6 +10,12 @@ description:
     (UTF8, from template0, owned by C(owner)), runs C(pg_restore --exit-on-error --no-owner
     --role=owner --jobs=N) into it, checks every table's row count against C(expect_row_counts),
     then deletes C(archive).
+  - pg_restore runs twice: the schema (pre-data) first, then the rows and what follows them.
+    In between, the module refuses to load rows when a CHECK constraint (of a table or a
+    domain) or a generated column calls a function other than PostgreSQL's own immutable ones
+    or an installed extension's, unless C(trusted_functions) names it: such a function, which
+    the dump brought, runs as each row is loaded, in pg_restore's session, which logged in
+    as the superuser (C(--role) only sets the app's role, and the function can reset it).
   - With C(live_database), also lists the Django migrations applied in that database (the
     live one, on the same server) that the restored copy lacks: the code running on the
     live database expects them, so the caller can refuse to swap such a copy in.
@@ -42,6 +48,14 @@ options:
     description: The live database whose applied migrations the copy must have (C(migrations_missing)); empty for none.
     type: str
     default: ""
+  trusted_functions:
+    description:
+      - Functions the rows' checks may call although they are not PostgreSQL's own immutable
+        ones, as C(regprocedure) prints them with only C(pg_catalog) on the search path
+        (C(public.valid_isbn(text)), C(now())).
+    type: list
+    elements: str
+    default: []
 """
 
 EXAMPLES = r"""
@@ -57,7 +71,14 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
-command: {description: The pg_restore command (run, or in check mode the one it would run)., type: list, returned: always}
+command:
+  description: The pg_restore commands, schema then rows (run, or in check mode those it would run), each a list.
+  type: list
+  returned: always
+untrusted:
+  description: What would run an untrusted function as rows are loaded ("constraint c on public.t calls public.f(integer)").
+  type: list
+  returned: when that refused the restore
 row_counts: {description: Rows per restored table., type: dict, returned: success}
 database_oid:
   description:
@@ -78,7 +99,7 @@ import os
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, applied_migrations, connect, database_exists,
                                              database_oid, drop_database, pg_restore_error, refuse_unless_plain_name,
-                                             row_count_problem, row_counts)
+                                             row_count_problem, row_counts, untrusted_row_code)
 
 # What PostgreSQL accepts for default_toast_compression; anything else never reaches PGOPTIONS.
 TOAST_COMPRESSIONS = ("", "pglz", "lz4")
@@ -96,20 +117,47 @@ def create_side_database(params: dict) -> int:
         return database_oid(conn, params["database"])
 
 
-def restore_command(p: dict) -> list[str]:
+# The two runs of pg_restore: the schema, checked before any row is loaded; then the rows,
+# and the indexes, constraints and triggers that follow them.
+SCHEMA, ROWS = ["--section=pre-data"], ["--section=data", "--section=post-data"]
+
+
+def restore_commands(p: dict) -> list[list[str]]:
     """pg_restore into the side database as the app role, stopping at the first error."""
-    return [os.path.join(p["pg_bindir"], "pg_restore"), "--exit-on-error", "--no-owner", f"--role={p['owner']}",
-            f"--jobs={p['jobs']}", f"--host={p['socket_dir']}", f"--port={p['port']}", f"--dbname={p['database']}",
-            "--", p["archive"]]
+    return [[os.path.join(p["pg_bindir"], "pg_restore"), "--exit-on-error", "--no-owner", f"--role={p['owner']}",
+             f"--jobs={p['jobs']}", *sections, f"--host={p['socket_dir']}", f"--port={p['port']}",
+             f"--dbname={p['database']}", "--", p["archive"]] for sections in (SCHEMA, ROWS)]
 
 
-def restore(module: AnsibleModule, argv: list[str], oid: int) -> None:
+def restore(module: AnsibleModule, argvs: list[list[str]], oid: int) -> None:
+    schema, rows = argvs
+    run_pg_restore(module, schema, argvs, oid)
+    refuse_untrusted_row_code(module, argvs, oid)
+    run_pg_restore(module, rows, argvs, oid)
+
+
+def run_pg_restore(module: AnsibleModule, argv: list[str], argvs: list[list[str]], oid: int) -> None:
     p = module.params
     # Session settings for every pg_restore connection, its parallel jobs included.
     pgoptions = f"-c default_toast_compression={p['toast_compression']}" if p["toast_compression"] else ""
     rc, _, stderr = module.run_command(argv, environ_update={"PGOPTIONS": pgoptions})
     if rc != 0:
-        module.fail_json(msg=pg_restore_error(stderr, rc), rc=rc, stderr=stderr, command=argv, database_oid=oid)
+        module.fail_json(msg=pg_restore_error(stderr, rc), rc=rc, stderr=stderr, command=argvs, database_oid=oid)
+
+
+def refuse_untrusted_row_code(module: AnsibleModule, argvs: list[list[str]], oid: int) -> None:
+    """Fail before the rows are loaded when loading them would run an untrusted function."""
+    p = module.params
+    with connect(p["socket_dir"], p["port"], p["database"]) as conn, conn.cursor() as cur:
+        untrusted = untrusted_row_code(cur, p["trusted_functions"])
+    if untrusted:
+        module.fail_json(
+            msg=f"refusing to load the dump's rows: {'; '.join(untrusted[:3])}"
+                + (f" (and {len(untrusted) - 3} more)" if len(untrusted) > 3 else "")
+                + ": a function of the dump's own (or a volatile one) would run as each row is loaded, in a session "
+                  "that logged in as the superuser; read it on the server the dump came from, and if it is the "
+                  "app's and harmless, name it in pg_restore_trusted_functions (docs/runbook.md, section 8)",
+            untrusted=untrusted, command=argvs, database_oid=oid)
 
 
 def file_identity(path: str) -> tuple[int, int, int, int]:
@@ -127,27 +175,28 @@ def main() -> None:
                            toast_compression=dict(type="str", default="", choices=list(TOAST_COMPRESSIONS)),
                            expect_row_counts=dict(type="dict", required=True),
                            pg_bindir=dict(type="path", required=True), socket_dir=dict(type="path", required=True),
-                           port=dict(type="int", default=5432), live_database=dict(type="str", default="")),
+                           port=dict(type="int", default=5432), live_database=dict(type="str", default=""),
+                           trusted_functions=dict(type="list", elements="str", default=[])),
         supports_check_mode=True,
     )
     p = module.params
     if p["jobs"] < 1:
         module.fail_json(msg=f"jobs must be at least 1, not {p['jobs']}")
     refuse_unless_plain_name(module, p["database"])
-    argv = restore_command(p)
+    argvs = restore_commands(p)
     if module.check_mode:
-        module.exit_json(changed=True, command=argv)
+        module.exit_json(changed=True, command=argvs)
     require_psycopg(module)
     import psycopg
 
     try:
         archive = file_identity(p["archive"])
     except OSError as error:
-        module.fail_json(msg=f"cannot read the archive {p['archive']}: {error.strerror}", command=argv)
+        module.fail_json(msg=f"cannot read the archive {p['archive']}: {error.strerror}", command=argvs)
     oid = None  # once created: every result names the side database by it (the clean-up drops only that one)
     try:
         oid = create_side_database(p)
-        restore(module, argv, oid)
+        restore(module, argvs, oid)
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             with conn.cursor() as cur:
@@ -157,11 +206,11 @@ def main() -> None:
             live = p["live_database"] if p["live_database"] and database_exists(conn, p["live_database"]) else ""
         missing = migrations_missing(p, live, copy_migrations)
     except psycopg.Error as error:
-        module.fail_json(msg=" ".join(str(error).split()), command=argv,
+        module.fail_json(msg=" ".join(str(error).split()), command=argvs,
                          **({"database_oid": oid} if oid is not None else {}))
     problem = row_count_problem(p["database"], p["expect_row_counts"], counts)
     if problem:
-        module.fail_json(msg=problem, row_counts=counts, command=argv, database_oid=oid)
+        module.fail_json(msg=problem, row_counts=counts, command=argvs, database_oid=oid)
     # Restored and checked: the archive (production data) has served its purpose.
     try:
         if file_identity(p["archive"]) == archive:
@@ -170,8 +219,8 @@ def main() -> None:
         pass
     except OSError as error:
         module.fail_json(msg=f"restored and checked, but cannot remove the archive {p['archive']}: {error.strerror}",
-                         row_counts=counts, command=argv, database_oid=oid)
-    module.exit_json(changed=True, row_counts=counts, migrations_missing=missing, database_oid=oid, command=argv)
+                         row_counts=counts, command=argvs, database_oid=oid)
+    module.exit_json(changed=True, row_counts=counts, migrations_missing=missing, database_oid=oid, command=argvs)
 
 
 def migration_names(cur) -> set[str]:

@@ -265,6 +265,52 @@ def pg_restore_error(stderr: str, rc: int) -> str:
     return (causes or errors or lines[-1:] or [f"pg_restore exited with {rc}"])[0]
 
 
+# What runs while pg_restore loads a table's rows (COPY): its CHECK constraints, those of the
+# domains its columns have, and its generated columns. Triggers and rules come after the rows
+# (post-data), and COPY fires no rule; index builds run as the table's owner, restricted.
+ROW_EXPRESSIONS = """
+SELECT format('constraint %s on %s', quote_ident(conname),
+              CASE WHEN conrelid <> 0 THEN conrelid::regclass::text ELSE 'domain ' || contypid::regtype END),
+       conbin::text
+  FROM pg_constraint WHERE contype = 'c'
+UNION ALL
+SELECT format('generated column %s of %s', quote_ident(a.attname), d.adrelid::regclass), d.adbin::text
+  FROM pg_attrdef d JOIN pg_attribute a ON (a.attrelid, a.attnum) = (d.adrelid, d.adnum) WHERE a.attgenerated <> ''
+"""
+# The functions a stored expression (pg_node_tree) calls: a function call's funcid, an
+# operator's opfuncid (OpExpr, DistinctExpr, NullIfExpr, ScalarArrayOpExpr), and the operators
+# of a row comparison (RowCompareExpr's opnos). pg_depend would not do: it records nothing
+# about PostgreSQL's own (pinned) functions, set_config() among them.
+CALLED_FUNCTIONS = re.compile(r":(?:funcid|opfuncid) (\d+)")
+COMPARED_ROWS = re.compile(r":opnos \(o ([\d ]+)\)")
+# A function that may run there: immutable, and PostgreSQL's own or an installed extension's
+# (written by whoever installed it on this server, not brought by the dump).
+CALLABLE = """
+SELECT oid::regprocedure::text,
+       provolatile = 'i' AND (pronamespace = 'pg_catalog'::regnamespace OR EXISTS (
+           SELECT FROM pg_depend WHERE classid = 'pg_proc'::regclass AND objid = p.oid AND deptype = 'e'))
+  FROM pg_proc p WHERE oid = ANY(%s) OR oid IN (SELECT oprcode FROM pg_operator WHERE oid = ANY(%s))
+"""
+
+
+def untrusted_row_code(cur, trusted: list[str]) -> list[str]:
+    """What would run a function of the dump's own, or a volatile one, as each row is loaded:
+    pg_restore logs in as the superuser and only sets the app's role, which such a function can
+    reset (docs/runbook.md, section 8). Each as "constraint c on public.t calls public.f(integer)";
+    [] when every expression calls only PostgreSQL's own immutable functions (Django's checks
+    do), or functions `trusted` names (as regprocedure prints them: public.f(integer), now())."""
+    found = []
+    for what, tree in cur.execute(ROW_EXPRESSIONS).fetchall():
+        functions = sorted({int(oid) for oid in CALLED_FUNCTIONS.findall(tree)})
+        operators = sorted({int(oid) for group in COMPARED_ROWS.findall(tree) for oid in group.split()})
+        if not functions and not operators:
+            continue
+        for name, callable_ in cur.execute(CALLABLE, (functions, operators)).fetchall():
+            if not callable_ and name not in trusted:
+                found.append(f"{what} calls {name}")
+    return sorted(found)
+
+
 def database_exists(conn, name: str) -> bool:
     return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
 

@@ -238,3 +238,41 @@ def test_a_link_in_place_of_the_archive_folder_hands_root_nothing(pulled, connec
         shutil.rmtree(victim)
     inv("pull", "production", "--latest", check=True)  # the real folder again
     assert stat.S_IMODE(os.stat(incoming).st_mode) == 0o700
+
+
+# A function the app's role plants, as a compromised app could: each call writes on itself
+# who ran it (a comment, not a row: the restore checks its row counts).
+PLANTED_CHECK = """
+CREATE FUNCTION public.planted_ok(int) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN RESET ROLE; EXECUTE format('COMMENT ON FUNCTION public.planted_ok(int) IS %L', current_user); RETURN true; END $$;
+ALTER TABLE public.blog_post ADD CONSTRAINT planted_check CHECK (public.planted_ok(page_ptr_id))"""
+CALLED_BY = "SELECT obj_description('public.planted_ok(int)'::regprocedure)"
+
+
+def test_a_check_that_calls_a_function_of_the_dumps_own_refuses_the_pull_before_its_rows(pulled, connect):
+    """What the app's role plants on production travels in the dump. pg_restore logs in as
+    the superuser and only sets the app's role: a CHECK constraint's function runs as each row
+    is loaded, and can reset the role to the superuser's. The pull refuses before any row;
+    named in pg_restore_trusted_functions, the function runs, and shows what it would have done."""
+    production = connect("production")
+    production.execute(PLANTED_CHECK)  # as the app's role
+    assert production.execute(CALLED_BY).fetchone() == ("wagtail_site",)  # ran on production's rows, as itself
+    before = fingerprint(connect("local"))
+    try:
+        proc = inv("pull", "production")
+        assert proc.returncode == 1 and len(error_lines(proc)) == 1, proc.stdout[-2000:]
+        assert error_lines(proc)[0].startswith(
+            "drydock: error: local: refusing to load the dump's rows: constraint planted_check on public.blog_post"
+            " calls public.planted_ok(integer): a function of the dump's own (or a volatile one) would run as each"
+            " row is loaded, in a session that logged in as the superuser;"), error_lines(proc)[0]
+        assert error_lines(proc)[0].endswith("(the local database is unchanged)")
+        assert fingerprint(connect("local")) == before
+        assert "wagtail_site__incoming" not in databases(connect("local", "postgres"))
+        trusted = playbook("pull_database.yml", "-e", f"drydock_dump={dumps.latest('production').path}",
+                           "-e", json.dumps({"pg_restore_trusted_functions": ["public.planted_ok(integer)"]}))
+        assert trusted.returncode == 0, trusted.stdout[-2000:]
+        assert connect("local").execute(CALLED_BY).fetchone() == ("postgres",)  # as the superuser
+    finally:
+        production.execute("ALTER TABLE public.blog_post DROP CONSTRAINT IF EXISTS planted_check;"
+                           " DROP FUNCTION IF EXISTS public.planted_ok(int)")
+        inv("pull", "production", check=True)  # the newest backup, and the local database, without them
