@@ -10,7 +10,8 @@ description:
     to C(previous) and C(incoming) to live: either both renames happen or neither does, even
     if the module is killed half-way. Takes milliseconds whatever the size.
   - In that transaction C(incoming) takes the live database's grants, connection limit and
-    settings (the server's, which a dump does not carry), in place of its own.
+    settings (the server's, which a dump does not carry), in place of its own; in an
+    exchange, the database brought live takes them likewise: they stay with the live name.
   - An existing database named C(previous) (the generation before) is renamed aside in the
     same transaction and dropped only once the swap has succeeded (with C(keep_older), kept
     until the caller decides).

@@ -56,10 +56,10 @@ def connect(socket_dir: str, port: int, database: str, autocommit: bool = False)
 
 
 def is_table(conn, name: str) -> bool:
-    """Whether `name` is an ordinary table (`conn`: a connection or a cursor); schema-qualified,
-    unless the caller chose the search path. A view (or a foreign table) of that name is taken for none: what a view runs,
-    the superuser reading it would run."""
-    return conn.execute("SELECT EXISTS (SELECT FROM pg_class WHERE oid = to_regclass(%s) AND relkind = 'r')",
+    """Whether `name` is a table, ordinary or partitioned (`conn`: a connection or a cursor);
+    schema-qualified, unless the caller chose the search path. A view (or a foreign table) of
+    that name is taken for none: what a view runs, the superuser reading it would run."""
+    return conn.execute("SELECT EXISTS (SELECT FROM pg_class WHERE oid = to_regclass(%s) AND relkind IN ('r', 'p'))",
                         (name,)).fetchone()[0]
 
 
@@ -449,15 +449,22 @@ def carry_database_settings(conn, source: str, target: str) -> None:
     ROLE ... IN DATABASE ... SET) of `source`, in place of its own. They are the server's, set
     on its live database, not the content's: a database restored from a dump or copied from
     a snapshot has none of them, and swapped in without them it would let back in every role
-    that a REVOKE CONNECT ... FROM PUBLIC kept out. Called inside the swap's transaction."""
-    (source_oid, source_limit), (target_oid, target_limit) = (
-        conn.execute("SELECT oid, datconnlimit FROM pg_database WHERE datname = %s", (name,)).fetchone()
-        for name in (source, target))
+    that a REVOKE CONNECT ... FROM PUBLIC kept out. Called inside a swap's transaction, before
+    its renames. Who granted what is not kept: each grant is recorded as the owner's."""
+    found = [conn.execute("SELECT oid, datdba, datconnlimit FROM pg_database WHERE datname = %s", (name,)).fetchone()
+             for name in (source, target)]
+    if None in found:  # gone since the caller looked: the renames that follow say so
+        return
+    (source_oid, source_owner, source_limit), (target_oid, target_owner, target_limit) = found
     target_name = sql.Identifier(target)
-    # An ACL of NULL means the defaults: aclexplode() of acldefault() spells them out.
+    # An ACL of NULL means the defaults: aclexplode() of acldefault() spells them out. The
+    # owner's rights go to the owner, whoever that is on each side (a live database made by
+    # hand with createdb is the superuser's; a restored one, the app role's).
     acl = ("SELECT grantee, privilege_type, is_grantable FROM pg_database,"
-           " aclexplode(coalesce(datacl, acldefault('d', datdba))) WHERE oid = %s ORDER BY 1, 2")
-    wanted, held = (conn.execute(acl, (oid,)).fetchall() for oid in (source_oid, target_oid))
+           " aclexplode(coalesce(datacl, acldefault('d', datdba))) WHERE oid = %s")
+    wanted = sorted((target_owner if grantee == source_owner else grantee, privilege, grantable)
+                    for grantee, privilege, grantable in conn.execute(acl, (source_oid,)).fetchall())
+    held = sorted(conn.execute(acl, (target_oid,)).fetchall())
     if wanted != held:
         for grantee in sorted({grantee for grantee, _privilege, _grantable in held}):
             conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM {} CASCADE").format(target_name, role_name(conn, grantee)))
@@ -465,15 +472,18 @@ def carry_database_settings(conn, source: str, target: str) -> None:
             conn.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
                 sql.SQL(DATABASE_PRIVILEGES[privilege]), target_name, role_name(conn, grantee),
                 sql.SQL(" WITH GRANT OPTION" if grantable else "")))
-    if source_limit != target_limit:
+    # -2 marks a database a DROP DATABASE left half-dropped (PostgreSQL 15.4+): no limit to carry.
+    if source_limit >= -1 and source_limit != target_limit:
         conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT {}").format(target_name, sql.Literal(source_limit)))
     # Each setting as the server stores it, untouched: written again through ALTER DATABASE ...
     # SET, a value would need quoting by its parameter's kind (search_path is a list). A
-    # superuser may write this catalog, and DROP DATABASE removes a database's rows.
-    conn.execute("DELETE FROM pg_db_role_setting WHERE setdatabase = %s", (target_oid,))
-    conn.execute("INSERT INTO pg_db_role_setting (setdatabase, setrole, setconfig)"
-                 " SELECT %s, setrole, setconfig FROM pg_db_role_setting WHERE setdatabase = %s",
-                 (target_oid, source_oid))
+    # superuser may write this catalog; DROP DATABASE and DROP ROLE remove their rows.
+    settings = "SELECT setrole, setconfig FROM pg_db_role_setting WHERE setdatabase = %s ORDER BY setrole"
+    if conn.execute(settings, (source_oid,)).fetchall() != conn.execute(settings, (target_oid,)).fetchall():
+        conn.execute("DELETE FROM pg_db_role_setting WHERE setdatabase = %s", (target_oid,))
+        conn.execute("INSERT INTO pg_db_role_setting (setdatabase, setrole, setconfig)"
+                     " SELECT %s, setrole, setconfig FROM pg_db_role_setting WHERE setdatabase = %s",
+                     (target_oid, source_oid))
 
 
 def role_name(conn, oid: int):
@@ -490,26 +500,31 @@ def drop_database(conn, name: str) -> None:
 
 def exchange(conn, first: str, second: str, first_oid: int | None = None) -> int:
     """Swap the names of two databases (e.g. live and previous) in one transaction,
-    after terminating their sessions. With `first_oid`, raises NotTheRestoredDatabase, and
-    nothing is renamed, unless `first` was that database. Returns the sessions terminated."""
+    after terminating their sessions; `second` takes `first`'s grants, connection limit and
+    settings (carry_database_settings: they stay with the live name). With `first_oid`,
+    raises NotTheRestoredDatabase, and nothing is renamed, unless `first` was that database.
+    Returns the sessions terminated."""
     temporary = first[:55] + "__swapping"
     return renames_in_one_transaction(conn, [first, second],
                                       [(first, temporary), (second, first), (temporary, second)],
-                                      expect=[(second, first_oid)])
+                                      expect=[(second, first_oid)],
+                                      first=functools.partial(carry_database_settings, conn, first, second))
 
 
 def exchange_restoring_older(conn, database: str, previous: str, older_oid: int, live_oid: int | None = None) -> int:
     """A push's swap-back: exchange `database` and `previous` as exchange() does and, in the
     same transaction, put the generation a swap kept as aside_name(previous) back as
     `previous`, where inv rollback finds it; the copy that failed takes the kept generation's
-    name (writes it took while live are there; the next swap drops it). Raises
+    name (writes it took while live are there; the next swap drops it). `previous` takes
+    `database`'s grants, connection limit and settings, as in exchange(). Raises
     NotTheRestoredDatabase, and nothing is renamed, unless the kept generation is the
     database `older_oid` (and, with `live_oid`, `database` was that one). Returns the
     sessions terminated."""
     older, temporary = aside_name(previous), database[:55] + "__swapping"
     renames = [(database, temporary), (previous, database), (older, previous), (temporary, older)]
     return renames_in_one_transaction(conn, [database, previous, older], renames,
-                                      expect=[(previous, older_oid), (older, live_oid)])
+                                      expect=[(previous, older_oid), (older, live_oid)],
+                                      first=functools.partial(carry_database_settings, conn, database, previous))
 
 
 def parse_record(comment: str | None) -> dict:

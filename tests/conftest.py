@@ -234,7 +234,7 @@ SERVER_OWN_SETTINGS = ('REVOKE CONNECT ON DATABASE {db} FROM PUBLIC; GRANT CONNE
                        ' ALTER DATABASE {db} CONNECTION LIMIT 77; ALTER DATABASE {db} SET search_path = "$user", public;'
                        " ALTER ROLE {role} IN DATABASE {db} SET lock_timeout = '1h'")
 SERVER_OWN_SETTINGS_UNDONE = ("GRANT CONNECT ON DATABASE {db} TO PUBLIC; ALTER DATABASE {db} CONNECTION LIMIT -1;"
-                              " ALTER DATABASE {db} RESET ALL; ALTER ROLE {role} IN DATABASE {db} RESET ALL")
+                              " ALTER DATABASE {db} RESET ALL; ALTER ROLE {role} IN DATABASE {db} RESET ALL;")
 
 
 def database_settings(conn, name: str) -> tuple:
@@ -248,15 +248,19 @@ def database_settings(conn, name: str) -> tuple:
 @contextmanager
 def server_own_settings(server: dict):
     """SERVER_OWN_SETTINGS on `server`'s live database while the block runs."""
-    def run(template: str) -> None:
-        statements = template.format(db=server["database"], role=server["app_role"])
+    def run(template: str, database: str) -> None:
+        statements = template.format(db=f'"{database}"', role=server["app_role"])
         subprocess.run([*owner_psql(server), "-v", "ON_ERROR_STOP=1", "-c", statements], check=True)
 
-    run(SERVER_OWN_SETTINGS)
+    run(SERVER_OWN_SETTINGS, server["database"])
     try:
         yield
-    finally:
-        run(SERVER_OWN_SETTINGS_UNDONE)
+    finally:  # on the database a swap set aside with them too, which a rollback would bring back
+        aside = f"{server['database']}__previous"
+        listed = subprocess.run([*owner_psql(server), "-Atc", "SELECT datname FROM pg_database"],
+                                capture_output=True, text=True, check=True).stdout.split()
+        for database in (server["database"], *([aside] if aside in listed else [])):
+            run(SERVER_OWN_SETTINGS_UNDONE, database)
 
 
 def databases(conn) -> set[str]:

@@ -15,8 +15,8 @@ import pytest
 import drydock_pg
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import (ROOT, database_settings, databases, error_lines, fingerprint, inv, playbook,
-                            process_tree, server_own_settings)
+from tests.conftest import (ROOT, database_settings, databases, error_lines, fingerprint, inv, owner_psql,
+                            playbook, process_tree, server_own_settings)
 
 READY = "wagtail_site__ready_saved"
 ASIDE = "wagtail_site__previous__old"
@@ -102,6 +102,43 @@ def test_a_restore_keeps_the_servers_grants_limit_and_settings_on_the_local_data
         inv("snapshot.save", "saved", check=True)
         inv("snapshot.restore", "saved", check=True)
         assert database_settings(connect("local"), "wagtail_site") == before
+
+
+def test_the_owners_rights_go_to_the_restored_databases_owner(clean_snapshots, connect, sandbox_env):
+    """A live database made by hand (createdb) belongs to the superuser, a restored one to the
+    app's role: what the live one's owner could do, the restored one's owner can."""
+    local = sandbox_env["local"]
+    inv("snapshot.save", "saved", check=True)  # owned by the app's role, as the live database is now
+
+    def owner(database: str, role: str) -> None:
+        subprocess.run([*owner_psql(local), "-c", f'ALTER DATABASE {database} OWNER TO "{role}"'], check=True)
+
+    owner("wagtail_site", local["os_user"])
+    try:
+        inv("snapshot.restore", "saved", check=True)
+        assert connect("local").execute(  # each: given a list, the function asks for any one of them
+            "SELECT bool_and(has_database_privilege('wagtail_site', p)) FROM unnest('{CREATE,CONNECT,TEMPORARY}'::text[]) p"
+        ).fetchone() == (True,)
+    finally:
+        for database in ("wagtail_site", "wagtail_site__previous"):
+            owner(database, local["app_role"])
+
+
+def test_a_half_dropped_local_database_is_replaced_by_a_restore(clean_snapshots, connect, sandbox_env):
+    """An interrupted DROP DATABASE leaves a database no one may connect to, its connection
+    limit -2 (PostgreSQL 15.4+): a restore puts a whole one in its place."""
+    local = sandbox_env["local"]
+    inv("snapshot.save", "saved", check=True)
+    subprocess.run([*owner_psql(local), "-c", "UPDATE pg_database SET datconnlimit = -2 WHERE datname = 'wagtail_site'"],
+                   check=True)
+    try:
+        proc = inv("snapshot.restore", "saved")
+        assert proc.returncode == 0, proc.stdout[-2000:]
+        assert connect("local").execute("SELECT datconnlimit FROM pg_database WHERE datname = 'wagtail_site'"
+                                        ).fetchone() == (-1,)
+    finally:  # the half-dropped one, wherever it is
+        subprocess.run([*owner_psql(local), "-c", "DROP DATABASE IF EXISTS wagtail_site__previous",
+                        "-c", "UPDATE pg_database SET datconnlimit = -1 WHERE datconnlimit = -2"], check=True)
 
 
 def test_list_shows_size_age_and_ready_copy(clean_snapshots, connect):
