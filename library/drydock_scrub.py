@@ -72,9 +72,10 @@ def main() -> None:
                                    "to push; pull a copy into the local database first (inv pull <server>)")
             # The rules are the operator's SQL, written for the app's tables without their schema
             # (auth_user, not public.auth_user): they run with `public` on the search path, in this
-            # transaction only. Not "$user", public: as the superuser that is a schema `postgres`
-            # first, which the app's role (the database's owner) can create, and an auth_user of
-            # its own there would take the rules' writes while public.auth_user left unscrubbed.
+            # transaction only. Not "$user", public: as the superuser that is a schema named after
+            # it first (postgres), which the app's role (the database's owner) can create, and an
+            # auth_user of its own there would take the rules' writes while public.auth_user left
+            # unscrubbed.
             # What they run (and what triggers on their tables run) runs as the superuser:
             # docs/runbook.md, section 8.
             conn.execute("SET LOCAL search_path TO public")

@@ -110,9 +110,9 @@ def test_the_default_user_names_rule_survives_a_username_it_would_give(connect):
 
 
 def test_the_scrub_rules_write_the_apps_tables_not_a_schema_named_after_the_superuser(sandbox_env):
-    """As the superuser, "$user" on the search path is a schema `postgres`, which the app's
-    role (the database's owner) can create: an auth_user of its own there must not take the
-    rules' writes while public.auth_user leaves unscrubbed."""
+    """As the superuser, "$user" on the search path is a schema named after it (postgres),
+    which the app's role (the database's owner) can create: an auth_user of its own there must
+    not take the rules' writes while public.auth_user leaves unscrubbed."""
     import yaml
 
     rules = yaml.safe_load((ROOT / "roles/pg_scrub/defaults/main.yml").read_text())["pg_scrub_rules"]
@@ -121,16 +121,17 @@ def test_the_scrub_rules_write_the_apps_tables_not_a_schema_named_after_the_supe
     subprocess.run([*owner_psql(local), "-c", f"CREATE DATABASE {scratch} OWNER {local['app_role']}"], check=True)
     try:
         with psycopg.connect(database_url(sandbox_env, "local", scratch), autocommit=True) as conn:
-            conn.execute("CREATE TABLE public.django_migrations (id int); CREATE SCHEMA postgres;"
+            decoy = f'"{local["os_user"]}".auth_user'  # the cluster's superuser is its OS user
+            conn.execute(f'CREATE TABLE public.django_migrations (id int); CREATE SCHEMA "{local["os_user"]}";'
                          " CREATE TABLE public.auth_user (id int, email text);"
-                         " CREATE TABLE postgres.auth_user (LIKE public.auth_user);"
+                         f" CREATE TABLE {decoy} (LIKE public.auth_user);"
                          " INSERT INTO public.auth_user VALUES (1, 'ada@drydock-example.org');"
-                         " INSERT INTO postgres.auth_user VALUES (1, 'decoy@drydock-example.org')")
+                         f" INSERT INTO {decoy} VALUES (1, 'decoy@drydock-example.org')")
             result = run_module("local", "drydock_scrub",
                                 {"database": scratch, "rules": [r for r in rules if r["name"] == "user_emails"]})
             assert result["ran"] == [{"name": "user_emails", "rows": 1}]
             assert conn.execute("TABLE public.auth_user").fetchall() == [(1, "user1@example.invalid")]
-            assert conn.execute("TABLE postgres.auth_user").fetchall() == [(1, "decoy@drydock-example.org")]
+            assert conn.execute(f"TABLE {decoy}").fetchall() == [(1, "decoy@drydock-example.org")]
     finally:
         subprocess.run([*owner_psql(local), "-c", f"DROP DATABASE {scratch} WITH (FORCE)"], check=True)
 
