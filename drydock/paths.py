@@ -22,11 +22,17 @@ def sandbox_dir() -> Path:
 
 
 def backups_dir() -> Path:
-    return Path(os.environ.get("DRYDOCK_BACKUPS", project_root() / "backups"))
+    return _folder("DRYDOCK_BACKUPS", "backups")
 
 
 def runs_dir() -> Path:
-    return Path(os.environ.get("DRYDOCK_RUNS", project_root() / "runs"))
+    return _folder("DRYDOCK_RUNS", "runs")
+
+
+def _folder(variable: str, default: str) -> Path:
+    """The folder the environment variable names (relative to where drydock was started; empty
+    counts as unset), or the checkout's own: absolute, as Ansible, started elsewhere, gets it."""
+    return Path(os.environ.get(variable) or project_root() / default).absolute()
 
 
 def example_site_dir() -> Path:

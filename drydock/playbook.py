@@ -31,8 +31,10 @@ def ansible_env(run: Run | None = None) -> dict[str, str]:
     if os.environ.get("ANSIBLE_CALLBACKS_ENABLED"):
         enabled = [name.strip() for name in os.environ["ANSIBLE_CALLBACKS_ENABLED"].split(",") if name.strip()]
         env["ANSIBLE_CALLBACKS_ENABLED"] = ",".join(enabled + [name for name in DRYDOCK_CALLBACKS if name not in enabled])
-    # Where callback_plugins/drydock_module_cache keeps the module payloads Ansible builds.
+    # Where callback_plugins/drydock_module_cache keeps the module payloads Ansible builds, and
+    # the folder db_verify keeps its reference schemas under (as drydock reads DRYDOCK_RUNS).
     env["DRYDOCK_MODULE_CACHE"] = str(runs_dir() / "cache" / "ansible-modules")
+    env["DRYDOCK_RUNS"] = str(runs_dir())
     if run is not None:
         env["ANSIBLE_LOG_PATH"] = str(run.ansible_log)
         env["DRYDOCK_PROGRESS_FILE"] = str(run.progress_file)
