@@ -10,12 +10,15 @@ description:
     (UTF8, from template0, owned by C(owner)), runs C(pg_restore --exit-on-error --no-owner
     --role=owner --jobs=N) into it, checks every table's row count against C(expect_row_counts),
     then deletes C(archive).
+  - Before anything is created, refuses a dump that brings functions (or aggregates,
+    procedures) of its own that C(trusted_functions) does not name: the superuser's sessions
+    could run them (an index expression, a partition key, a cast in a foreign key's check).
   - pg_restore runs twice: the schema (pre-data) first, then the rows and what follows them.
     In between, the module refuses to load rows when a CHECK constraint (of a table or a
     domain) or a generated column calls a function other than PostgreSQL's own immutable ones
-    or an installed extension's, unless C(trusted_functions) names it: such a function, which
-    the dump brought, runs as each row is loaded, in pg_restore's session, which logged in
-    as the superuser (C(--role) only sets the app's role, and the function can reset it).
+    or an installed extension's, unless C(trusted_functions) names it: it would run as each
+    row is loaded, in pg_restore's session, which logged in as the superuser (C(--role) only
+    sets the app's role, and a function can reset it).
   - With C(live_database), also lists the Django migrations applied in that database (the
     live one, on the same server) that the restored copy lacks: the code running on the
     live database expects them, so the caller can refuse to swap such a copy in.
@@ -50,9 +53,9 @@ options:
     default: ""
   trusted_functions:
     description:
-      - Functions the rows' checks may call although they are not PostgreSQL's own immutable
-        ones, as C(regprocedure) prints them with only C(pg_catalog) on the search path
-        (C(public.valid_isbn(text)), C(now())).
+      - Functions the dump may bring, and its rows' checks may call although they are not
+        PostgreSQL's own immutable ones, as C(regprocedure) prints them with only
+        C(pg_catalog) on the search path (C(public.valid_isbn(text)), C(now())).
     type: list
     elements: str
     default: []
@@ -76,7 +79,9 @@ command:
   type: list
   returned: always
 untrusted:
-  description: What would run an untrusted function as rows are loaded ("constraint c on public.t calls public.f(integer)").
+  description:
+    - The dump's own functions not trusted (public.f(integer)), or what would run an untrusted
+      function as rows are loaded ("constraint c on public.t calls set_config(text,text,boolean)").
   type: list
   returned: when that refused the restore
 row_counts: {description: Rows per restored table., type: dict, returned: success}
@@ -99,7 +104,7 @@ import os
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, applied_migrations, connect, database_exists,
                                              database_oid, drop_database, pg_restore_error, refuse_unless_plain_name,
-                                             row_count_problem, row_counts, untrusted_row_code)
+                                             dumped_functions, row_count_problem, row_counts, untrusted_row_code)
 
 # What PostgreSQL accepts for default_toast_compression; anything else never reaches PGOPTIONS.
 TOAST_COMPRESSIONS = ("", "pglz", "lz4")
@@ -145,8 +150,28 @@ def run_pg_restore(module: AnsibleModule, argv: list[str], argvs: list[list[str]
         module.fail_json(msg=pg_restore_error(stderr, rc), rc=rc, stderr=stderr, command=argvs, database_oid=oid)
 
 
+def refuse_functions_of_its_own(module: AnsibleModule, argvs: list[list[str]]) -> None:
+    """Fail, before anything is created, when the dump brings functions of its own that
+    trusted_functions does not name: restored, the superuser's sessions could run them in
+    more ways than drydock can check (an index expression, a partition key, a cast in a
+    foreign key's check, an aggregate's initial value while the schema is restored)."""
+    p = module.params
+    rc, toc, stderr = module.run_command([os.path.join(p["pg_bindir"], "pg_restore"), "--list", "--", p["archive"]])
+    if rc != 0:
+        module.fail_json(msg=pg_restore_error(stderr, rc), rc=rc, stderr=stderr, command=argvs)
+    own = [name for name in dumped_functions(toc) if name not in p["trusted_functions"]]
+    if own:
+        module.fail_json(
+            msg=f"refusing to restore a dump that brings {len(own)} function(s) of its own ({', '.join(own[:3])}"
+                + (", …" if len(own) > 3 else "") + "): the superuser's sessions (pg_restore's, drydock's) could run "
+                "them, and a Django/Wagtail database has none; read them on the server the dump came from, and if "
+                "they are the app's and harmless, name them in pg_restore_trusted_functions (docs/runbook.md, section 8)",
+            untrusted=own, command=argvs)
+
+
 def refuse_untrusted_row_code(module: AnsibleModule, argvs: list[list[str]], oid: int) -> None:
-    """Fail before the rows are loaded when loading them would run an untrusted function."""
+    """Fail before the rows are loaded when loading them would run a function that is not
+    PostgreSQL's own immutable one (set_config() in a CHECK constraint, say)."""
     p = module.params
     with connect(p["socket_dir"], p["port"], p["database"]) as conn, conn.cursor() as cur:
         untrusted = untrusted_row_code(cur, p["trusted_functions"])
@@ -154,9 +179,9 @@ def refuse_untrusted_row_code(module: AnsibleModule, argvs: list[list[str]], oid
         module.fail_json(
             msg=f"refusing to load the dump's rows: {'; '.join(untrusted[:3])}"
                 + (f" (and {len(untrusted) - 3} more)" if len(untrusted) > 3 else "")
-                + ": a function of the dump's own (or a volatile one) would run as each row is loaded, in a session "
-                  "that logged in as the superuser; read it on the server the dump came from, and if it is the "
-                  "app's and harmless, name it in pg_restore_trusted_functions (docs/runbook.md, section 8)",
+                + ": a function that is not PostgreSQL's own immutable one would run as each row is loaded, in a "
+                  "session that logged in as the superuser; if you have read it and trust it, name it in "
+                  "pg_restore_trusted_functions (docs/runbook.md, section 8)",
             untrusted=untrusted, command=argvs, database_oid=oid)
 
 
@@ -193,6 +218,7 @@ def main() -> None:
         archive = file_identity(p["archive"])
     except OSError as error:
         module.fail_json(msg=f"cannot read the archive {p['archive']}: {error.strerror}", command=argvs)
+    refuse_functions_of_its_own(module, argvs)
     oid = None  # once created: every result names the side database by it (the clean-up drops only that one)
     try:
         oid = create_side_database(p)

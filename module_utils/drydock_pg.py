@@ -265,6 +265,30 @@ def pg_restore_error(stderr: str, rc: int) -> str:
     return (causes or errors or lines[-1:] or [f"pg_restore exited with {rc}"])[0]
 
 
+# A function a dump brings of its own, as its table of contents (pg_restore --list) names it:
+# "262; 1255 16491 FUNCTION public planted_ok(integer) wagtail_site". An installed extension's
+# functions are not listed there (its CREATE EXTENSION is).
+DUMPED_FUNCTION = re.compile(r"^\d+; \d+ \d+ (?:FUNCTION|AGGREGATE|PROCEDURE) (\S+) (.+) \S+$")
+
+
+def dumped_functions(toc: str) -> list[str]:
+    """The functions, aggregates and procedures a dump brings of its own, as regprocedure
+    prints them with only pg_catalog on the search path (public.planted_ok(integer))."""
+    return sorted({f"{match[1]}.{match[2].replace(', ', ',')}" for line in toc.splitlines()
+                   if (match := DUMPED_FUNCTION.match(line))})
+
+
+def functions_of_its_own(conn) -> list[str]:
+    """The functions (aggregates, procedures) made in this database after initdb that no
+    installed extension owns, as regprocedure prints them. Read from the catalog alone: a
+    superuser's query on the app's tables could run them (an index expression calling one
+    with constant arguments is evaluated as PostgreSQL plans the query)."""
+    return [name for (name,) in conn.execute(
+        "SELECT oid::regprocedure::text FROM pg_proc p WHERE oid >= 16384 AND NOT EXISTS ("
+        " SELECT FROM pg_depend WHERE classid = 'pg_proc'::regclass AND objid = p.oid AND deptype = 'e') ORDER BY 1"
+    ).fetchall()]
+
+
 # What runs while pg_restore loads a table's rows (COPY): its CHECK constraints, those of the
 # domains its columns have, and its generated columns. Triggers and rules come after the rows
 # (post-data), and COPY fires no rule; index builds run as the table's owner, restricted.

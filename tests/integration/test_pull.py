@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from drydock import dumps
-from tests.conftest import LIVE_OID, databases, error_lines, fingerprint, inv, playbook, row_counts
+from tests.conftest import LIVE_OID, ROOT, databases, error_lines, fingerprint, inv, playbook, row_counts
 
 
 @pytest.fixture(scope="module")
@@ -242,36 +242,70 @@ def test_a_link_in_place_of_the_archive_folder_hands_root_nothing(pulled, connec
 
 # A function the app's role plants, as a compromised app could: each call writes on itself
 # who ran it (a comment, not a row: the restore checks its row counts).
-PLANTED_CHECK = """
+PLANTED_FUNCTION = """
 CREATE FUNCTION public.planted_ok(int) RETURNS boolean LANGUAGE plpgsql AS $$
-BEGIN RESET ROLE; EXECUTE format('COMMENT ON FUNCTION public.planted_ok(int) IS %L', current_user); RETURN true; END $$;
-ALTER TABLE public.blog_post ADD CONSTRAINT planted_check CHECK (public.planted_ok(page_ptr_id))"""
+BEGIN RESET ROLE; EXECUTE format('COMMENT ON FUNCTION public.planted_ok(int) IS %L', current_user); RETURN true; END $$"""
 CALLED_BY = "SELECT obj_description('public.planted_ok(int)'::regprocedure)"
+PLANTED = {  # a CHECK constraint on blog_post calling it; one calling PostgreSQL's set_config()
+    "function of its own": f"{PLANTED_FUNCTION}; ALTER TABLE public.blog_post ADD CONSTRAINT planted_check"
+                           " CHECK (public.planted_ok(page_ptr_id))",
+    "volatile built-in": "ALTER TABLE public.blog_post ADD CONSTRAINT planted_check"
+                         " CHECK (set_config('application_name', 'planted', false) IS NOT NULL)",
+}
+REFUSAL = {
+    "function of its own": "drydock: error: local: refusing to restore a dump that brings 1 function(s) of its own"
+                           " (public.planted_ok(integer)): the superuser's sessions (pg_restore's, drydock's) could run"
+                           " them, and a Django/Wagtail database has none;",
+    "volatile built-in": "drydock: error: local: refusing to load the dump's rows: constraint planted_check on"
+                         " public.blog_post calls set_config(text,text,boolean): a function that is not PostgreSQL's"
+                         " own immutable one would run as each row is loaded, in a session that logged in as the"
+                         " superuser;",
+}
 
 
-def test_a_check_that_calls_a_function_of_the_dumps_own_refuses_the_pull_before_its_rows(pulled, connect):
-    """What the app's role plants on production travels in the dump. pg_restore logs in as
-    the superuser and only sets the app's role: a CHECK constraint's function runs as each row
-    is loaded, and can reset the role to the superuser's. The pull refuses before any row;
-    named in pg_restore_trusted_functions, the function runs, and shows what it would have done."""
+def trusting_production(tmp_path: Path, function: str) -> Path:
+    """An inventory: the sandbox's, with production alone trusting `function`."""
+    inventory = tmp_path / "inventory"
+    (inventory / "host_vars").mkdir(parents=True)
+    (inventory / "hosts.py").symlink_to(ROOT / "inventories" / "sandbox" / "hosts.py")
+    (inventory / "host_vars" / "production.yml").write_text(f"drydock_trusted_functions: ['{function}']\n")
+    return inventory
+
+
+@pytest.mark.parametrize("planted", sorted(PLANTED))
+def test_a_dump_whose_code_the_superuser_would_run_is_refused_before_its_rows(pulled, connect, planted, tmp_path):
+    """What the app's role plants on production travels in the dump, and pg_restore logs in as
+    the superuser, only setting the app's role. A function of the database's own is refused by
+    the backup, and, trusted there, by the restore, before anything is created (the
+    superuser's sessions could run it in more ways than a check can see); a CHECK constraint
+    calling one of PostgreSQL's that is not immutable, before any row is loaded. Trusted by the
+    restore too, the planted function runs, and shows what it would have done."""
     production = connect("production")
-    production.execute(PLANTED_CHECK)  # as the app's role
-    assert production.execute(CALLED_BY).fetchone() == ("wagtail_site",)  # ran on production's rows, as itself
+    production.execute(PLANTED[planted])  # as the app's role
     before = fingerprint(connect("local"))
     try:
-        proc = inv("pull", "production")
+        if planted == "function of its own":
+            refused = inv("pull", "production")
+            assert refused.returncode == 1 and error_lines(refused)[0].startswith(
+                "drydock: error: production: refusing to back up wagtail_site: it holds 1 function(s) of its own"
+                " (public.planted_ok(integer)), which the superuser's reads of its tables could run"), refused.stderr
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("DRYDOCK_INVENTORY", str(trusting_production(tmp_path, "public.planted_ok(integer)")))
+                inv("backup", "production", check=True)
+            proc = inv("pull", "production", "--latest")
+        else:
+            proc = inv("pull", "production")
         assert proc.returncode == 1 and len(error_lines(proc)) == 1, proc.stdout[-2000:]
-        assert error_lines(proc)[0].startswith(
-            "drydock: error: local: refusing to load the dump's rows: constraint planted_check on public.blog_post"
-            " calls public.planted_ok(integer): a function of the dump's own (or a volatile one) would run as each"
-            " row is loaded, in a session that logged in as the superuser;"), error_lines(proc)[0]
+        assert error_lines(proc)[0].startswith(REFUSAL[planted]), error_lines(proc)[0]
         assert error_lines(proc)[0].endswith("(the local database is unchanged)")
         assert fingerprint(connect("local")) == before
         assert "wagtail_site__incoming" not in databases(connect("local", "postgres"))
-        trusted = playbook("pull_database.yml", "-e", f"drydock_dump={dumps.latest('production').path}",
-                           "-e", json.dumps({"pg_restore_trusted_functions": ["public.planted_ok(integer)"]}))
-        assert trusted.returncode == 0, trusted.stdout[-2000:]
-        assert connect("local").execute(CALLED_BY).fetchone() == ("postgres",)  # as the superuser
+        if planted == "function of its own":
+            assert production.execute(CALLED_BY).fetchone() == ("wagtail_site",)  # it ran on production, as itself
+            trusted = playbook("pull_database.yml", "-e", f"drydock_dump={dumps.latest('production').path}",
+                               "-e", json.dumps({"pg_restore_trusted_functions": ["public.planted_ok(integer)"]}))
+            assert trusted.returncode == 0, trusted.stdout[-2000:]
+            assert connect("local").execute(CALLED_BY).fetchone() == ("postgres",)  # as the superuser
     finally:
         production.execute("ALTER TABLE public.blog_post DROP CONSTRAINT IF EXISTS planted_check;"
                            " DROP FUNCTION IF EXISTS public.planted_ok(int)")
