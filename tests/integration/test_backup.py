@@ -8,7 +8,7 @@ import pytest
 
 from drydock import dumps
 from drydock.paths import PG_BINDIR, backups_dir
-from tests.conftest import assert_private, error_lines, inv, playbook, row_counts
+from tests.conftest import ROOT, assert_private, error_lines, inv, playbook, row_counts
 
 
 @pytest.fixture(scope="module")
@@ -215,16 +215,30 @@ END $$;
 UNPLANT = "DROP FUNCTION IF EXISTS public.shobj_description(oid, text); DROP TABLE IF EXISTS public.drydock_planted_calls"
 
 
-def test_a_function_the_apps_role_plants_never_runs_as_the_superuser(backup, connect):
-    """CVE-2018-1058's pattern: drydock's modules connect as the cluster's superuser into the
-    app's database. A backup, a pull (and its restore, row counts and Site update on the
-    local copy) and a verify must each call only the built-in functions."""
+def test_a_function_the_apps_role_plants_never_runs_as_the_superuser(backup, connect, tmp_path):
+    """drydock's modules connect as the cluster's superuser into the app's database. A backup
+    refuses a database that holds a function of its own before it reads a table (the
+    superuser's reads could run it). Trusted (drydock_trusted_functions), the function must
+    still not be called in place of a built-in (CVE-2018-1058's pattern): a backup, a pull (its
+    restore, row counts and Site update on the local copy) and a verify call only built-ins."""
     production = connect("production")
     production.execute(PLANTED)
     try:
-        inv("backup", "production", check=True)
-        inv("pull", "production", "--latest", check=True)
-        inv("verify", "production")  # fails: the planted table and function are drift; it ran its reads
+        refused = inv("backup", "production")
+        assert refused.returncode == 1 and len(error_lines(refused)) == 1
+        assert error_lines(refused)[0].startswith(
+            "drydock: error: production: refusing to back up wagtail_site: it holds 1 function(s) of its own"
+            " (public.shobj_description(oid,text)), which the superuser's reads of its tables could run"), refused.stderr
+        inventory = tmp_path / "inventory"
+        (inventory / "group_vars").mkdir(parents=True)
+        (inventory / "hosts.py").symlink_to(ROOT / "inventories" / "sandbox" / "hosts.py")
+        (inventory / "group_vars" / "all.yml").write_text(
+            "drydock_trusted_functions: ['public.shobj_description(oid,text)']\n")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("DRYDOCK_INVENTORY", str(inventory))
+            inv("backup", "production", check=True)
+            inv("pull", "production", "--latest", check=True)
+            inv("verify", "production")  # fails: the planted table and function are drift; it ran its reads
         # The planted function itself works: called as it was meant to be caught, it records.
         production.execute("SELECT public.shobj_description(0::oid, 'pg_database'::text)")
         assert production.execute("SELECT caller, superuser FROM public.drydock_planted_calls").fetchall() == [
