@@ -104,7 +104,8 @@ import os
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, applied_migrations, connect, database_exists,
                                              database_oid, drop_database, pg_restore_error, refuse_unless_plain_name,
-                                             dumped_functions, row_count_problem, row_counts, untrusted_row_code)
+                                             dumped_functions, row_count_problem, row_counts, table_of_contents,
+                                             untrusted_row_code)
 
 # What PostgreSQL accepts for default_toast_compression; anything else never reaches PGOPTIONS.
 TOAST_COMPRESSIONS = ("", "pglz", "lz4")
@@ -156,9 +157,10 @@ def refuse_functions_of_its_own(module: AnsibleModule, argvs: list[list[str]]) -
     more ways than drydock can check (an index expression, a partition key, a cast in a
     foreign key's check, an aggregate's initial value while the schema is restored)."""
     p = module.params
-    rc, toc, stderr = module.run_command([os.path.join(p["pg_bindir"], "pg_restore"), "--list", "--", p["archive"]])
-    if rc != 0:
-        module.fail_json(msg=pg_restore_error(stderr, rc), rc=rc, stderr=stderr, command=argvs)
+    try:
+        toc = table_of_contents(p["pg_bindir"], p["archive"])
+    except RuntimeError as error:
+        module.fail_json(msg=str(error), command=argvs)
     own = [name for name in dumped_functions(toc) if name not in p["trusted_functions"]]
     if own:
         module.fail_json(

@@ -206,9 +206,14 @@ def zstd_reason(stderr: str) -> str:
 
 
 def list_entries(pg_bindir: str, path: str, zstd: bool = False) -> int:
-    """Number of TOC entries pg_restore reads; raises RuntimeError with pg_restore's own
-    last line if it cannot read the archive (corrupt, or made by a newer pg_dump), or
-    DoesNotUnpack when zstd could not decompress the part pg_restore read.
+    """Number of TOC entries pg_restore reads (table_of_contents)."""
+    return sum(1 for line in table_of_contents(pg_bindir, path, zstd).splitlines() if line and not line.startswith(";"))
+
+
+def table_of_contents(pg_bindir: str, path: str, zstd: bool = False) -> str:
+    """The archive's table of contents, as pg_restore --list prints it; raises RuntimeError
+    with pg_restore's own last line if it cannot read the archive (corrupt, or made by a
+    newer pg_dump), or DoesNotUnpack when zstd could not decompress the part pg_restore read.
     A zstd-compressed archive is read through `zstd -dc`: the table of contents is
     at its start, so pg_restore stops reading after a few kilobytes."""
     command = [os.path.join(pg_bindir, "pg_restore"), "--list"]
@@ -228,7 +233,7 @@ def list_entries(pg_bindir: str, path: str, zstd: bool = False) -> int:
     if proc.returncode != 0:
         detail = proc.stderr.strip().splitlines()
         raise RuntimeError(f"pg_restore --list cannot read {path}: {detail[-1] if detail else proc.returncode}")
-    return sum(1 for line in proc.stdout.splitlines() if line and not line.startswith(";"))
+    return proc.stdout
 
 
 def count_differences(expected: dict[str, int], actual: dict[str, int]) -> list[str]:
@@ -278,14 +283,19 @@ def dumped_functions(toc: str) -> list[str]:
                    if (match := DUMPED_FUNCTION.match(line))})
 
 
+# Whether the function `p` (a pg_proc row) belongs to an installed extension: written by whoever
+# installed it on this server, not brought by a dump.
+EXTENSION_MEMBER = ("EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_proc'::regclass AND objid = p.oid"
+                    " AND deptype = 'e')")
+
+
 def functions_of_its_own(conn) -> list[str]:
     """The functions (aggregates, procedures) made in this database after initdb that no
     installed extension owns, as regprocedure prints them. Read from the catalog alone: a
     superuser's query on the app's tables could run them (an index expression calling one
     with constant arguments is evaluated as PostgreSQL plans the query)."""
     return [name for (name,) in conn.execute(
-        "SELECT oid::regprocedure::text FROM pg_proc p WHERE oid >= 16384 AND NOT EXISTS ("
-        " SELECT FROM pg_depend WHERE classid = 'pg_proc'::regclass AND objid = p.oid AND deptype = 'e') ORDER BY 1"
+        f"SELECT oid::regprocedure::text FROM pg_proc p WHERE oid >= 16384 AND NOT {EXTENSION_MEMBER} ORDER BY 1"
     ).fetchall()]
 
 
@@ -307,12 +317,10 @@ SELECT format('generated column %s of %s', quote_ident(a.attname), d.adrelid::re
 # about PostgreSQL's own (pinned) functions, set_config() among them.
 CALLED_FUNCTIONS = re.compile(r":(?:funcid|opfuncid) (\d+)")
 COMPARED_ROWS = re.compile(r":opnos \(o ([\d ]+)\)")
-# A function that may run there: immutable, and PostgreSQL's own or an installed extension's
-# (written by whoever installed it on this server, not brought by the dump).
-CALLABLE = """
+# A function that may run there: immutable, and PostgreSQL's own or an installed extension's.
+CALLABLE = f"""
 SELECT oid::regprocedure::text,
-       provolatile = 'i' AND (pronamespace = 'pg_catalog'::regnamespace OR EXISTS (
-           SELECT FROM pg_depend WHERE classid = 'pg_proc'::regclass AND objid = p.oid AND deptype = 'e'))
+       provolatile = 'i' AND (pronamespace = 'pg_catalog'::regnamespace OR {EXTENSION_MEMBER})
   FROM pg_proc p WHERE oid = ANY(%s) OR oid IN (SELECT oprcode FROM pg_operator WHERE oid = ANY(%s))
 """
 
