@@ -14,6 +14,7 @@ options:
   database: {description: Database to read., type: str, required: true}
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
+  trusted_functions: {description: "Functions and rules of the database's own to accept, as a refusal names them; any other refuses the module before it reads a table.", type: list, elements: str, default: []}
   content: {description: Also return an md5 of each table's content (reads every row)., type: bool, default: false}
   row_counts: {description: "Count every table's rows (reads every table); false for the write counters alone.", type: bool, default: true}
   end_other_sessions:
@@ -61,9 +62,9 @@ writes_unknown: {description: "Why the writes since C(compare_writes_with) canno
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, content_fingerprint,
-                                             count_writes, database_comment, latest_migrations, row_count_problem,
-                                             row_counts, terminate_sessions, write_fingerprint)
+from ansible.module_utils.drydock_pg import (require_psycopg, APP_DATABASE_ARGS, connect, content_fingerprint,
+                                             count_writes, database_comment, latest_migrations, refuse_code_of_its_own,
+                                             row_count_problem, row_counts, terminate_sessions, write_fingerprint)
 
 
 def _baseline(value) -> dict | None:
@@ -74,7 +75,7 @@ def _baseline(value) -> dict | None:
 
 def main() -> None:
     module = AnsibleModule(
-        argument_spec=dict(PG_CONNECTION_ARGS, content=dict(type="bool", default=False),
+        argument_spec=dict(APP_DATABASE_ARGS, content=dict(type="bool", default=False),
                            row_counts=dict(type="bool", default=True), end_other_sessions=dict(type="bool", default=False),
                            expect_row_counts=dict(type="dict"), compare_writes_with=dict(type="dict"),
                            lineage_sha256=dict(type="str"), writes_since_push=dict(type="bool", default=False)),
@@ -90,6 +91,7 @@ def main() -> None:
                 terminate_sessions(conn, params["database"], wait_ms=5000)
                 conn.commit()  # the snapshot below starts after they have gone
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            refuse_code_of_its_own(module, conn, "read")
             with conn.cursor() as cur:
                 facts = dict(migrations=latest_migrations(cur), write_fingerprint=write_fingerprint(cur))
                 if params["row_counts"] or params["expect_row_counts"] is not None:

@@ -15,6 +15,7 @@ options:
   database: {description: Database to check., type: str, required: true}
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
+  trusted_functions: {description: "Functions and rules of the database's own to accept, as a refusal names them; any other refuses the module before it reads a table.", type: list, elements: str, default: []}
   report_only: {description: Return the problems without failing., type: bool, default: false}
 """
 
@@ -31,7 +32,7 @@ problems: {description: One line per problem found (at most 20)., type: list, re
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import PG_CONNECTION_ARGS, connect, is_table, require_psycopg
+from ansible.module_utils.drydock_pg import APP_DATABASE_ARGS, connect, is_table, refuse_code_of_its_own, require_psycopg
 
 STEPLEN = 4  # treebeard's path step length in Wagtail
 
@@ -62,7 +63,7 @@ def tree_problems(cur, limit: int = 20) -> list[str]:
 
 
 def main() -> None:
-    module = AnsibleModule(argument_spec=dict(PG_CONNECTION_ARGS, report_only=dict(type="bool", default=False)),
+    module = AnsibleModule(argument_spec=dict(APP_DATABASE_ARGS, report_only=dict(type="bool", default=False)),
                            supports_check_mode=True)
     p = module.params
     require_psycopg(module)
@@ -70,6 +71,7 @@ def main() -> None:
 
     try:
         with connect(p["socket_dir"], p["port"], p["database"]) as conn, conn.cursor() as cur:
+            refuse_code_of_its_own(module, conn, "read the page tree of", problems=[])
             if not is_table(cur, "public.wagtailcore_page"):
                 module.fail_json(msg=f"database {p['database']} has no wagtailcore_page table", problems=[])
             cur.execute("SELECT count(*) FROM public.wagtailcore_page")

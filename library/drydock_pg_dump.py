@@ -41,9 +41,10 @@ options:
     default: 0
   trusted_functions:
     description:
-      - Functions of the database's own that may be there (as C(regprocedure) prints them,
-        C(public.valid_isbn(text))). Any other refuses the dump before a table is read: the
-        superuser's reads of the app's tables could run it.
+      - Functions and rules of the database's own that may be there (as C(regprocedure) prints
+        a function, C(public.valid_isbn(text)); a rule as C(rule r on public.t)). Any other
+        refuses the dump before a table is read: the superuser's reads of the app's tables
+        could run it.
     type: list
     elements: str
     default: []
@@ -106,10 +107,10 @@ import threading
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.text.formatters import bytes_to_human
-from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, DoesNotUnpack, connect, database_comment,
-                                             free_bytes, latest_migrations, list_entries, refuse_unless_plain_name,
-                                             row_counts, server_version, sha256_file, write_fingerprint,
-                                             functions_of_its_own)
+from ansible.module_utils.drydock_pg import (require_psycopg, APP_DATABASE_ARGS, DoesNotUnpack, connect, database_comment,
+                                             free_bytes, latest_migrations, list_entries, refuse_code_of_its_own,
+                                             refuse_unless_plain_name, row_counts, server_version, sha256_file,
+                                             write_fingerprint)
 
 
 def dump_command(params: dict, snapshot: str | None, target: str) -> list[str]:
@@ -265,21 +266,6 @@ def rotate(dest: str, database: str, keep: int) -> list[str]:
     return remove(folder, (dumps[keep:] if keep > 0 else []) + partials)
 
 
-def refuse_functions_of_its_own(module, conn, params: dict) -> None:
-    """Fail before any of the app's tables is read if the database holds functions of its own
-    that trusted_functions does not name: the row counts below plan queries on those tables,
-    and planning evaluates an index expression's function called with constants, as the
-    superuser. A Django/Wagtail database has none."""
-    own = [name for name in functions_of_its_own(conn) if name not in params["trusted_functions"]]
-    if own:
-        module.fail_json(
-            msg=f"refusing to back up {params['database']}: it holds {len(own)} function(s) of its own "
-                f"({', '.join(own[:3])}{', …' if len(own) > 3 else ''}), which the superuser's reads of its tables "
-                "could run, and a Django/Wagtail database has none; read them, and if they are the app's and "
-                "harmless, name them in drydock_trusted_functions (docs/runbook.md, section 8)",
-            untrusted=own, dump=params["dest"])
-
-
 def room_only(module, params: dict) -> None:
     """Whether the dump would have room once a restore into this server has taken
     `reserve_bytes` on its data directory's disk (counted if the dump's folder is on it)."""
@@ -299,12 +285,11 @@ def room_only(module, params: dict) -> None:
 
 def main() -> None:
     module = AnsibleModule(
-        argument_spec=dict(PG_CONNECTION_ARGS, dest=dict(type="path", required=True),
+        argument_spec=dict(APP_DATABASE_ARGS, dest=dict(type="path", required=True),
                            pg_bindir=dict(type="path", required=True), compress=dict(type="int", default=1),
                            compression=dict(type="str", default="zstd", choices=["zstd", "gzip"]),
                            keep=dict(type="int", default=0), min_free_mb=dict(type="int", default=0),
-                           room_only=dict(type="bool", default=False), reserve_bytes=dict(type="int", default=0),
-                           trusted_functions=dict(type="list", elements="str", default=[])),
+                           room_only=dict(type="bool", default=False), reserve_bytes=dict(type="int", default=0)),
         supports_check_mode=True,
     )
     params = module.params
@@ -327,7 +312,9 @@ def main() -> None:
     os.umask(0o077)  # a dump is production data: 0600 from the first byte
     try:
         with connect(params["socket_dir"], params["port"], params["database"]) as conn:
-            refuse_functions_of_its_own(module, conn, params)
+            # Before any of the app's tables is read: the row counts below plan queries on them,
+            # and planning evaluates an index expression's function called with constants.
+            refuse_code_of_its_own(module, conn, "back up", dump=dest)
             made_room = make_room(module, dest, params["database"],
                                   conn.execute("SELECT pg_database_size(current_database())").fetchone()[0],
                                   params["min_free_mb"], params["keep"])

@@ -11,8 +11,9 @@ description:
     --role=owner --jobs=N) into it, checks every table's row count against C(expect_row_counts),
     then deletes C(archive).
   - Before anything is created, refuses a dump that brings functions (or aggregates,
-    procedures) of its own that C(trusted_functions) does not name: the superuser's sessions
-    could run them (an index expression, a partition key, a cast in a foreign key's check).
+    procedures) or rules of its own that C(trusted_functions) does not name: the superuser's
+    sessions could run them (an index expression, a partition key, a cast in a foreign key's
+    check, a rule on a table drydock writes).
   - pg_restore runs twice: the schema (pre-data) first, then the rows and what follows them.
     In between, the module refuses to load rows when a CHECK constraint (of a table or a
     domain) or a generated column calls a function other than PostgreSQL's own immutable ones
@@ -55,7 +56,8 @@ options:
     description:
       - Functions the dump may bring, and its rows' checks may call although they are not
         PostgreSQL's own immutable ones, as C(regprocedure) prints them with only
-        C(pg_catalog) on the search path (C(public.valid_isbn(text)), C(now())).
+        C(pg_catalog) on the search path (C(public.valid_isbn(text)), C(now())); rules it may
+        bring, as C(rule r on public.t).
     type: list
     elements: str
     default: []
@@ -103,9 +105,9 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, applied_migrations, connect, database_exists,
-                                             database_oid, drop_database, pg_restore_error, refuse_unless_plain_name,
-                                             dumped_functions, row_count_problem, row_counts, table_of_contents,
-                                             untrusted_row_code)
+                                             database_oid, drop_database, dumped_code, pg_restore_error,
+                                             refuse_code_of_its_own, refuse_unless_plain_name, row_count_problem,
+                                             row_counts, table_of_contents, untrusted_row_code)
 
 # What PostgreSQL accepts for default_toast_compression; anything else never reaches PGOPTIONS.
 TOAST_COMPRESSIONS = ("", "pglz", "lz4")
@@ -151,20 +153,21 @@ def run_pg_restore(module: AnsibleModule, argv: list[str], argvs: list[list[str]
         module.fail_json(msg=pg_restore_error(stderr, rc), rc=rc, stderr=stderr, command=argvs, database_oid=oid)
 
 
-def refuse_functions_of_its_own(module: AnsibleModule, argvs: list[list[str]]) -> None:
-    """Fail, before anything is created, when the dump brings functions of its own that
-    trusted_functions does not name: restored, the superuser's sessions could run them in
-    more ways than drydock can check (an index expression, a partition key, a cast in a
-    foreign key's check, an aggregate's initial value while the schema is restored)."""
+def refuse_dumped_code(module: AnsibleModule, argvs: list[list[str]]) -> None:
+    """Fail, before anything is created, when the dump brings functions or rules of its own
+    that trusted_functions does not name: restored, the superuser's sessions could run them
+    in more ways than drydock can check (an index expression, a partition key, a cast in a
+    foreign key's check, an aggregate's initial value while the schema is restored, a rule
+    on a table the Site switch writes)."""
     p = module.params
     try:
         toc = table_of_contents(p["pg_bindir"], p["archive"])
     except RuntimeError as error:
         module.fail_json(msg=str(error), command=argvs)
-    own = [name for name in dumped_functions(toc) if name not in p["trusted_functions"]]
+    own = [name for name in dumped_code(toc) if name not in p["trusted_functions"]]
     if own:
         module.fail_json(
-            msg=f"refusing to restore a dump that brings {len(own)} function(s) of its own ({', '.join(own[:3])}"
+            msg=f"refusing to restore a dump that brings {len(own)} function(s) or rule(s) of its own ({', '.join(own[:3])}"
                 + (", …" if len(own) > 3 else "") + "): the superuser's sessions (pg_restore's, drydock's) could run "
                 "them, and a Django/Wagtail database has none; read them on the server the dump came from, and if "
                 "they are the app's and harmless, name them in pg_restore_trusted_functions (docs/runbook.md, section 8)",
@@ -220,7 +223,7 @@ def main() -> None:
         archive = file_identity(p["archive"])
     except OSError as error:
         module.fail_json(msg=f"cannot read the archive {p['archive']}: {error.strerror}", command=argvs)
-    refuse_functions_of_its_own(module, argvs)
+    refuse_dumped_code(module, argvs)
     oid = None  # once created: every result names the side database by it (the clean-up drops only that one)
     try:
         oid = create_side_database(p)
@@ -232,7 +235,7 @@ def main() -> None:
                 copy_migrations = migration_names(cur)
             # pg_database is shared: whether the live database exists is seen from here too.
             live = p["live_database"] if p["live_database"] and database_exists(conn, p["live_database"]) else ""
-        missing = migrations_missing(p, live, copy_migrations)
+        missing = migrations_missing(module, live, copy_migrations, oid)
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()), command=argvs,
                          **({"database_oid": oid} if oid is not None else {}))
@@ -255,11 +258,14 @@ def migration_names(cur) -> set[str]:
     return {f"{app}.{name}" for app, name in applied_migrations(cur)}
 
 
-def migrations_missing(p: dict, live: str, copy_migrations: set[str]) -> list[str]:
-    """The migrations applied in the live database that the copy lacks ([] without one)."""
+def migrations_missing(module: AnsibleModule, live: str, copy_migrations: set[str], oid: int) -> list[str]:
+    """The migrations applied in the live database that the copy lacks ([] without one). The
+    live database may have taken code of its own since its last backup: it is refused first."""
     if not live:
         return []
+    p = module.params
     with connect(p["socket_dir"], p["port"], live) as conn, conn.cursor() as cur:
+        refuse_code_of_its_own(module, conn, "read", database_oid=oid)
         return sorted(migration_names(cur) - copy_migrations)
 
 

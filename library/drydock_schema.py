@@ -15,6 +15,7 @@ options:
   database: {description: Database to read., type: str, required: true}
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
+  trusted_functions: {description: "Functions and rules of the database's own to accept, as a refusal names them; any other refuses the module before it reads a table.", type: list, elements: str, default: []}
   reference: {description: A schema returned earlier (e.g. of a database migrated from zero)., type: dict}
   code_migrations: {description: "The code's migrations as [app, name] pairs.", type: list, elements: list}
 """
@@ -36,13 +37,13 @@ migration_drift: {description: One line per differing migration record., type: l
 """
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, applied_migrations, connect,
-                                             migration_diff, schema_diff, schema_snapshot)
+from ansible.module_utils.drydock_pg import (require_psycopg, APP_DATABASE_ARGS, applied_migrations, connect,
+                                             migration_diff, refuse_code_of_its_own, schema_diff, schema_snapshot)
 
 
 def main() -> None:
     module = AnsibleModule(
-        argument_spec=dict(PG_CONNECTION_ARGS, reference=dict(type="dict"),
+        argument_spec=dict(APP_DATABASE_ARGS, reference=dict(type="dict"),
                            code_migrations=dict(type="list", elements="list")),
         supports_check_mode=True,
     )
@@ -52,6 +53,7 @@ def main() -> None:
 
     try:
         with connect(p["socket_dir"], p["port"], p["database"]) as conn, conn.cursor() as cur:
+            refuse_code_of_its_own(module, conn, "read")
             result = {"schema": schema_snapshot(cur), "applied": applied_migrations(cur)}
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()))

@@ -17,6 +17,7 @@ options:
   database: {description: The database copy to scrub., type: str, required: true}
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
+  trusted_functions: {description: "Functions and rules of the database's own to accept, as a refusal names them; any other refuses the module before it runs a rule.", type: list, elements: str, default: []}
   rules:
     description:
       - "Rules: C(name), C(table) and C(sql), and C(required) (default true). A rule whose table
@@ -43,8 +44,8 @@ without_table: {description: "Rules whose table does not exist, not applied (not
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.parsing.convert_bool import boolean
-from ansible.module_utils.drydock_pg import (require_psycopg, PG_CONNECTION_ARGS, connect, database_comment, is_table,
-                                             set_database_comment)
+from ansible.module_utils.drydock_pg import (require_psycopg, APP_DATABASE_ARGS, connect, database_comment, is_table,
+                                             refuse_code_of_its_own, set_database_comment)
 
 
 class MissingTable(Exception):
@@ -53,7 +54,7 @@ class MissingTable(Exception):
 
 def main() -> None:
     module = AnsibleModule(
-        argument_spec=dict(PG_CONNECTION_ARGS, rules=dict(type="list", elements="dict", required=True)),
+        argument_spec=dict(APP_DATABASE_ARGS, rules=dict(type="list", elements="dict", required=True)),
         supports_check_mode=True,
     )
     p = module.params
@@ -66,6 +67,7 @@ def main() -> None:
     ran, without_table = [], []
     try:
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
+            refuse_code_of_its_own(module, conn, "scrub", writes=True)
             # A database never pulled or migrated: the rules' tables are missing for that reason.
             if not is_table(conn, "public.django_migrations"):
                 raise MissingTable(f"{p['database']} holds no Django tables (no django_migrations): there is nothing "

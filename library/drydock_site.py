@@ -14,6 +14,7 @@ options:
   database: {description: Database to change., type: str, required: true}
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
+  trusted_functions: {description: "Functions and rules of the database's own to accept, as a refusal names them; any other refuses the module before it reads or writes a table.", type: list, elements: str, default: []}
   hostname: {description: "New hostname (a DNS name), stored lower-cased as Wagtail matches it.", type: str, required: true}
   site_port: {description: New port of the Site., type: int, required: true}
   site_name: {description: site_name of the Site to change; empty for the default Site., type: str, default: ""}
@@ -45,7 +46,7 @@ drydock_account: {description: "What changed, in a line for drydock's summary: t
 import re
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.drydock_pg import PG_CONNECTION_ARGS, connect, is_table, require_psycopg
+from ansible.module_utils.drydock_pg import APP_DATABASE_ARGS, connect, is_table, refuse_code_of_its_own, require_psycopg
 
 # RFC 1123 host names; \Z, not $, so that a trailing newline is refused too.
 HOSTNAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
@@ -128,7 +129,7 @@ def switch(conn, database: str, hostname: str, port: int, site_name: str, django
 
 def main() -> None:
     module = AnsibleModule(
-        argument_spec=dict(PG_CONNECTION_ARGS, hostname=dict(type="str", required=True),
+        argument_spec=dict(APP_DATABASE_ARGS, hostname=dict(type="str", required=True),
                            site_port=dict(type="int", required=True), site_name=dict(type="str", default=""),
                            django_site_id=dict(type="int", default=1), verify_only=dict(type="bool", default=False)),
         supports_check_mode=True,
@@ -145,9 +146,11 @@ def main() -> None:
     try:
         if p["verify_only"]:
             with connect(p["socket_dir"], p["port"], p["database"], autocommit=True) as conn:
+                refuse_code_of_its_own(module, conn, "read")
                 module.exit_json(changed=False, problems=site_problems(
                     conn, p["database"], p["hostname"], p["site_port"], p["site_name"], p["django_site_id"]))
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
+            refuse_code_of_its_own(module, conn, "switch the Site of", writes=True)
             result = switch(conn, p["database"], p["hostname"], p["site_port"], p["site_name"], p["django_site_id"])
             if module.check_mode:
                 conn.rollback()

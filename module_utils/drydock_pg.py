@@ -270,17 +270,23 @@ def pg_restore_error(stderr: str, rc: int) -> str:
     return (causes or errors or lines[-1:] or [f"pg_restore exited with {rc}"])[0]
 
 
-# A function a dump brings of its own, as its table of contents (pg_restore --list) names it:
-# "262; 1255 16491 FUNCTION public planted_ok(integer) wagtail_site". An installed extension's
+# A function or a rule a dump brings of its own, as its table of contents (pg_restore --list)
+# names it: "262; 1255 16491 FUNCTION public planted_ok(integer) wagtail_site" and
+# "3346; 2618 16395 RULE public blog_post keep_copy wagtail_site". An installed extension's
 # functions are not listed there (its CREATE EXTENSION is).
 DUMPED_FUNCTION = re.compile(r"^\d+; \d+ \d+ (?:FUNCTION|AGGREGATE|PROCEDURE) (\S+) (.+) \S+$")
+DUMPED_RULE = re.compile(r"^\d+; \d+ \d+ RULE (\S+) (\S+) (\S+) \S+$")
 
 
-def dumped_functions(toc: str) -> list[str]:
-    """The functions, aggregates and procedures a dump brings of its own, as regprocedure
-    prints them with only pg_catalog on the search path (public.planted_ok(integer))."""
-    return sorted({f"{match[1]}.{match[2].replace(', ', ',')}" for line in toc.splitlines()
-                   if (match := DUMPED_FUNCTION.match(line))})
+def dumped_code(toc: str) -> list[str]:
+    """The functions (aggregates, procedures) and rules a dump brings of its own, named as
+    functions_of_its_own() and rules_of_its_own() name them once restored
+    (public.planted_ok(integer), rule keep_copy on public.blog_post)."""
+    functions = {f"{match[1]}.{match[2].replace(', ', ',')}" for line in toc.splitlines()
+                 if (match := DUMPED_FUNCTION.match(line))}
+    rules = {f"rule {match[3]} on {match[1]}.{match[2]}" for line in toc.splitlines()
+             if (match := DUMPED_RULE.match(line))}
+    return sorted(functions) + sorted(rules)
 
 
 # Whether the function `p` (a pg_proc row) belongs to an installed extension: written by whoever
@@ -297,6 +303,29 @@ def functions_of_its_own(conn) -> list[str]:
     return [name for (name,) in conn.execute(
         f"SELECT oid::regprocedure::text FROM pg_proc p WHERE oid >= 16384 AND NOT {EXTENSION_MEMBER} ORDER BY 1"
     ).fetchall()]
+
+
+def rules_of_its_own(conn) -> list[str]:
+    """The rules on this database's tables (a view's own SELECT rule aside), as "rule r on
+    public.t". A rule rewrites the superuser's UPDATE or DELETE (the Site switch, the scrub)
+    into statements of its own, which call functions as the superuser: pg_read_file() into a
+    table the app reads, say. Django and Wagtail make none."""
+    return [name for (name,) in conn.execute(
+        "SELECT format('rule %s on %s', quote_ident(rulename), ev_class::regclass) FROM pg_rewrite"
+        " WHERE oid >= 16384 AND ev_type <> '1' ORDER BY 1").fetchall()]
+
+
+def code_of_its_own(conn, trusted: list[str]) -> list[str]:
+    """The functions and rules of this database's own that `trusted` does not name."""
+    return [name for name in functions_of_its_own(conn) + rules_of_its_own(conn) if name not in trusted]
+
+
+def code_refusal(doing: str, database: str, own: list[str]) -> str:
+    """Why drydock will not `doing` (back up, read, write) `database`, which holds `own`."""
+    return (f"refusing to {doing} {database}: it holds {len(own)} function(s) or rule(s) of its own "
+            f"({', '.join(own[:3])}{', …' if len(own) > 3 else ''}), which the superuser's work in it could run, "
+            "and a Django/Wagtail database has none; read them, and if they are the app's and harmless, name them "
+            "in drydock_trusted_functions (docs/runbook.md, section 8)")
 
 
 # What runs while pg_restore loads a table's rows (COPY): its CHECK constraints, those of the
@@ -341,6 +370,34 @@ def untrusted_row_code(cur, trusted: list[str]) -> list[str]:
             if not callable_ and name not in trusted:
                 found.append(f"{what} calls {name}")
     return sorted(found)
+
+
+# The arguments of the modules that read or write the app's tables as the superuser: each
+# refuses a database holding code of its own that trusted_functions does not name before it
+# touches a table (refuse_code_of_its_own).
+APP_DATABASE_ARGS = dict(PG_CONNECTION_ARGS, trusted_functions=dict(type="list", elements="str", default=[]))
+
+
+def refuse_code_of_its_own(module, conn, doing: str, writes: bool = False, **result) -> None:
+    """Fail, before the app's tables are read, when the database `conn` is in holds functions
+    or rules of its own that trusted_functions does not name (code_refusal). With `writes`,
+    also when a CHECK constraint or a generated column would call a function that is not
+    PostgreSQL's own immutable one as the superuser writes a row (set_config(), pg_read_file())."""
+    trusted, database = module.params["trusted_functions"], conn.info.dbname
+    own = code_of_its_own(conn, trusted)
+    if own:
+        module.fail_json(msg=code_refusal(doing, database, own), untrusted=own, **result)
+    if writes:
+        with conn.cursor() as cur:
+            untrusted = untrusted_row_code(cur, trusted)
+        if untrusted:
+            module.fail_json(
+                msg=f"refusing to {doing} {database}: {'; '.join(untrusted[:3])}"
+                    + (f" (and {len(untrusted) - 3} more)" if len(untrusted) > 3 else "")
+                    + ": a function that is not PostgreSQL's own immutable one would run as the superuser writes "
+                      "a row; if you have read it and trust it, name it in drydock_trusted_functions "
+                      "(docs/runbook.md, section 8)",
+                untrusted=untrusted, **result)
 
 
 def database_exists(conn, name: str) -> bool:
