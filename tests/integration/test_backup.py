@@ -227,8 +227,8 @@ def test_a_function_the_apps_role_plants_never_runs_as_the_superuser(backup, con
         refused = inv("backup", "production")
         assert refused.returncode == 1 and len(error_lines(refused)) == 1
         assert error_lines(refused)[0].startswith(
-            "drydock: error: production: refusing to back up wagtail_site: it holds 1 function(s) of its own"
-            " (public.shobj_description(oid,text)), which the superuser's reads of its tables could run"), refused.stderr
+            "drydock: error: production: refusing to back up wagtail_site: it holds 1 function(s) or rule(s) of its"
+            " own (public.shobj_description(oid,text)), which the superuser's work in it could run"), refused.stderr
         inventory = tmp_path / "inventory"
         (inventory / "group_vars").mkdir(parents=True)
         (inventory / "hosts.py").symlink_to(ROOT / "inventories" / "sandbox" / "hosts.py")

@@ -253,8 +253,8 @@ PLANTED = {  # a CHECK constraint on blog_post calling it; one calling PostgreSQ
                          " CHECK (set_config('application_name', 'planted', false) IS NOT NULL)",
 }
 REFUSAL = {
-    "function of its own": "drydock: error: local: refusing to restore a dump that brings 1 function(s) of its own"
-                           " (public.planted_ok(integer)): the superuser's sessions (pg_restore's, drydock's) could run"
+    "function of its own": "drydock: error: local: refusing to restore a dump that brings 1 function(s) or rule(s) of"
+                           " its own (public.planted_ok(integer)): the superuser's sessions (pg_restore's, drydock's) could run"
                            " them, and a Django/Wagtail database has none;",
     "volatile built-in": "drydock: error: local: refusing to load the dump's rows: constraint planted_check on"
                          " public.blog_post calls set_config(text,text,boolean): a function that is not PostgreSQL's"
@@ -287,8 +287,8 @@ def test_a_dump_whose_code_the_superuser_would_run_is_refused_before_its_rows(pu
         if planted == "function of its own":
             refused = inv("pull", "production")
             assert refused.returncode == 1 and error_lines(refused)[0].startswith(
-                "drydock: error: production: refusing to back up wagtail_site: it holds 1 function(s) of its own"
-                " (public.planted_ok(integer)), which the superuser's reads of its tables could run"), refused.stderr
+                "drydock: error: production: refusing to back up wagtail_site: it holds 1 function(s) or rule(s) of"
+                " its own (public.planted_ok(integer)), which the superuser's work in it could run"), refused.stderr
             with pytest.MonkeyPatch.context() as patch:
                 patch.setenv("DRYDOCK_INVENTORY", str(trusting_production(tmp_path, "public.planted_ok(integer)")))
                 inv("backup", "production", check=True)
@@ -303,10 +303,48 @@ def test_a_dump_whose_code_the_superuser_would_run_is_refused_before_its_rows(pu
         if planted == "function of its own":
             assert production.execute(CALLED_BY).fetchone() == ("wagtail_site",)  # it ran on production, as itself
             trusted = playbook("pull_database.yml", "-e", f"drydock_dump={dumps.latest('production').path}",
-                               "-e", json.dumps({"pg_restore_trusted_functions": ["public.planted_ok(integer)"]}))
+                               "-e", json.dumps({"drydock_trusted_functions": ["public.planted_ok(integer)"]}))
             assert trusted.returncode == 0, trusted.stdout[-2000:]
             assert connect("local").execute(CALLED_BY).fetchone() == ("postgres",)  # as the superuser
     finally:
         production.execute("ALTER TABLE public.blog_post DROP CONSTRAINT IF EXISTS planted_check;"
                            " DROP FUNCTION IF EXISTS public.planted_ok(int)")
         inv("pull", "production", check=True)  # the newest backup, and the local database, without them
+
+
+# A rule the app's role could put on production: the superuser's UPDATE of the Site (the pull's
+# switch on the local copy) would read a server file into a table of the role's own.
+PLANTED_RULE = ("CREATE TABLE public.planted_loot (line text); CREATE RULE planted AS ON UPDATE TO public.wagtailcore_site"
+                " DO ALSO INSERT INTO public.planted_loot SELECT pg_read_file('/etc/hostname')")
+RULE = "rule planted on public.wagtailcore_site"
+
+
+def test_a_rule_on_production_is_refused_by_its_backup_and_by_the_restore(pulled, connect, tmp_path):
+    """The backup refuses a rule of the database's own; trusted on production, the restore
+    refuses it before creating anything. Trusted by the local host too, the pull's Site switch
+    runs it: the superuser reads the file the app's role may not."""
+    production = connect("production")
+    production.execute(PLANTED_RULE)
+    before = fingerprint(connect("local"))
+    try:
+        refused = inv("pull", "production")
+        assert refused.returncode == 1 and error_lines(refused)[0].startswith(
+            "drydock: error: production: refusing to back up wagtail_site: it holds 1 function(s) or rule(s) of its"
+            f" own ({RULE}), which the superuser's work in it could run"), refused.stderr
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("DRYDOCK_INVENTORY", str(trusting_production(tmp_path, RULE)))
+            inv("backup", "production", check=True)
+        proc = inv("pull", "production", "--latest")
+        assert proc.returncode == 1 and len(error_lines(proc)) == 1, proc.stdout[-2000:]
+        assert error_lines(proc)[0].startswith("drydock: error: local: refusing to restore a dump that brings 1"
+                                               f" function(s) or rule(s) of its own ({RULE}):"), error_lines(proc)[0]
+        assert fingerprint(connect("local")) == before
+        assert "wagtail_site__incoming" not in databases(connect("local", "postgres"))
+        trusted = playbook("pull_database.yml", "-e", f"drydock_dump={dumps.latest('production').path}",
+                           "-e", json.dumps({"drydock_trusted_functions": [RULE]}))
+        assert trusted.returncode == 0, trusted.stdout[-2000:]
+        assert connect("local").execute("SELECT line FROM public.planted_loot").fetchall() == [
+            (Path("/etc/hostname").read_text(),)]
+    finally:
+        production.execute("DROP RULE IF EXISTS planted ON public.wagtailcore_site; DROP TABLE IF EXISTS public.planted_loot")
+        inv("pull", "production", check=True)  # the newest backup, and the local database, without it

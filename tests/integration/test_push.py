@@ -1021,3 +1021,38 @@ def test_a_push_keeps_the_servers_grants_limit_and_settings(pushed, connect, san
         assert "=T/" in before[0] and before[1] == 77 and len(before[2]) == 2
         inv("push", "staging", "--allow-older-schema", check=True)
         assert database_settings(connect("staging"), "wagtail_site") == before
+
+
+# Code the app's role could add to a server's live database after its last backup: an
+# immutable function that an index expression calls with a constant. PostgreSQL evaluates that
+# call while it plans any query on the table, in the session that plans it: a superuser's
+# read of django_migrations would run it as the superuser (it raises then, to show it).
+PLANTED_INDEX = """
+CREATE FUNCTION public.planted_ok(int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+        RAISE EXCEPTION 'planted code ran as the superuser';
+    END IF;
+    RETURN $1;
+END $$;
+CREATE INDEX planted_index ON public.django_migrations ((public.planted_ok(1)))"""
+
+
+def test_code_planted_in_a_live_database_after_its_backup_is_refused_before_a_table_is_read(pushed, connect):
+    """The push reads the live target's migrations and write counters, and verify its tables,
+    as the superuser: each refuses first, in one line, and the planted code never runs."""
+    staging = connect("staging")
+    staging.execute(PLANTED_INDEX)  # as the app's role, which owns the table
+    try:
+        before = fingerprint(staging)
+        for command in (("push", "staging", "--allow-older-schema"), ("verify", "staging")):
+            proc = inv(*command)
+            assert proc.returncode == 1 and len(error_lines(proc)) == 1, proc.stdout[-2000:]
+            assert error_lines(proc)[0].startswith(
+                "drydock: error: staging: refusing to read wagtail_site: it holds 1 function(s) or rule(s) of its own"
+                " (public.planted_ok(integer)), which the superuser's work in it could run"), error_lines(proc)[0]
+            assert "planted code ran" not in proc.stdout + proc.stderr
+        assert fingerprint(connect("staging")) == before
+        assert "wagtail_site__incoming" not in databases(connect("staging", "postgres"))
+    finally:
+        staging.execute("DROP INDEX IF EXISTS public.planted_index; DROP FUNCTION IF EXISTS public.planted_ok(int)")

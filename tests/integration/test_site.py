@@ -90,6 +90,40 @@ def test_bad_hostname_is_refused_with_one_line(pulled, connect, hostname):
     assert connect("local").execute(SITE).fetchone() == before
 
 
+# What the app's role could put on wagtailcore_site so that the superuser's UPDATE (the Site
+# switch) runs what the role may not: a rule that copies a server file into a table of its
+# own, and a CHECK constraint calling a PostgreSQL function that is not immutable.
+PLANTED_ON_SITE = {
+    "rule": ("CREATE TABLE public.planted_loot (line text); CREATE RULE planted AS ON UPDATE TO public.wagtailcore_site"
+             " DO ALSO INSERT INTO public.planted_loot SELECT pg_read_file('/etc/hostname')",
+             "refusing to switch the Site of wagtail_site: it holds 1 function(s) or rule(s) of its own"
+             " (rule planted on public.wagtailcore_site), which the superuser's work in it could run"),
+    "volatile CHECK": ("ALTER TABLE public.wagtailcore_site ADD CONSTRAINT planted"
+                       " CHECK (set_config('application_name', 'planted', false) IS NOT NULL)",
+                       "refusing to switch the Site of wagtail_site: constraint planted on public.wagtailcore_site"
+                       " calls set_config(text,text,boolean): a function that is not PostgreSQL's own immutable one"
+                       " would run as the superuser writes a row"),
+}
+
+
+@pytest.mark.parametrize("planted", sorted(PLANTED_ON_SITE))
+def test_code_on_the_site_table_that_the_superusers_update_would_run_refuses_the_switch(pulled, connect, planted):
+    sql, refusal = PLANTED_ON_SITE[planted]
+    local = connect("local")
+    local.execute(sql)  # as the app's role, which owns the tables
+    try:
+        before = local.execute(SITE).fetchone()
+        proc = inv("site", "local", "planted.example.test")
+        assert proc.returncode == 1 and len(error_lines(proc)) == 1, proc.stdout[-2000:]
+        assert error_lines(proc)[0].startswith(f"drydock: error: local: {refusal}"), error_lines(proc)[0]
+        assert local.execute(SITE).fetchone() == before
+        if planted == "rule":
+            assert local.execute("SELECT count(*) FROM public.planted_loot").fetchone() == (0,)
+    finally:
+        local.execute("DROP RULE IF EXISTS planted ON public.wagtailcore_site; DROP TABLE IF EXISTS public.planted_loot;"
+                      " ALTER TABLE public.wagtailcore_site DROP CONSTRAINT IF EXISTS planted")
+
+
 def test_playbook_validates_the_hostname_itself(pulled, connect):
     before = connect("local").execute(SITE).fetchone()
     proc = playbook("site_hostname.yml", "--limit", "local", "-e", "wagtail_site_hostname='bad host'")
