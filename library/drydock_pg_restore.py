@@ -7,13 +7,17 @@ module: drydock_pg_restore
 short_description: Create a side database, pg_restore an archive into it, check its row counts
 description:
   - Drops C(database) first where an interrupted run left it (C(drop_existing)), creates it
-    (UTF8, from template0, owned by C(owner)), runs C(pg_restore --exit-on-error --no-owner
-    --role=owner --jobs=N) into it, checks every table's row count against C(expect_row_counts),
-    then deletes C(archive).
+    (UTF8, from template0), runs C(pg_restore --exit-on-error --no-owner --role=owner
+    --jobs=N) into it, checks every table's row count against C(expect_row_counts), then
+    deletes C(archive).
+  - Until its row counts are checked, the database is the superuser's and no other role may
+    connect to it (C(owner) has CREATE on it and on its public schema, for pg_restore's
+    session as that role); then C(owner) owns it and every role may connect, as to a new
+    database.
   - Before anything is created, refuses a dump that brings functions (or aggregates,
-    procedures) or rules of its own that C(trusted_functions) does not name: the superuser's
-    sessions could run them (an index expression, a partition key, a cast in a foreign key's
-    check, a rule on a table drydock writes).
+    procedures), triggers or rules of its own that C(trusted_functions) does not name: the
+    superuser's sessions could run them (an index expression, a partition key, a cast in a
+    foreign key's check, a trigger or a rule on a table drydock writes).
   - pg_restore runs twice: the schema (pre-data) first, then the rows and what follows them.
     In between, the module refuses to load rows when a CHECK constraint (of a table or a
     domain) or a generated column calls a function other than PostgreSQL's own immutable ones
@@ -115,14 +119,47 @@ TOAST_COMPRESSIONS = ("", "pglz", "lz4")
 
 def create_side_database(params: dict) -> int:
     """Create the side database; its oid, which tells it from one another run creates later
-    under that name (the swap and the clean-up act only on this one)."""
+    under that name (the swap and the clean-up act only on this one).
+
+    It is the superuser's, and no other role may connect to it, until hand_over(): were the
+    app's role its owner, it could let itself in between the check of the schema and the load
+    of the rows, and add code that the load would run as the superuser (pg_restore logs in as
+    the superuser and only sets the app's role)."""
     from psycopg import sql
-    name, owner = sql.Identifier(params["database"]), sql.Identifier(params["owner"])
+    name = sql.Identifier(params["database"])
     with connect(params["socket_dir"], params["port"], "postgres", autocommit=True) as conn:
         if params["drop_existing"]:
             drop_database(conn, params["database"])
-        conn.execute(sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0 ENCODING 'UTF8'").format(name, owner))
-        return database_oid(conn, params["database"])
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(name))
+        oid = database_oid(conn, params["database"])
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(name))
+        return oid
+
+
+def lend_to_the_restore(params: dict, lend: bool) -> None:
+    """Give the app's role what pg_restore, as that role, needs in the side database while it
+    is the superuser's: CREATE on it (the dump's schemas, trusted extensions) and on its public
+    schema (owned by the database's owner); with `lend` false, take them back. Nothing when
+    the app's role is the superuser drydock connects as: it owns the database already."""
+    from psycopg import sql
+    name, owner = sql.Identifier(params["database"]), sql.Identifier(params["owner"])
+    verb = sql.SQL("GRANT CREATE ON {} {} TO {}" if lend else "REVOKE CREATE ON {} {} FROM {}")
+    with connect(params["socket_dir"], params["port"], params["database"], autocommit=True) as conn:
+        if conn.execute("SELECT current_user").fetchone()[0] == params["owner"]:
+            return
+        conn.execute(verb.format(sql.SQL("DATABASE"), name, owner))
+        conn.execute(verb.format(sql.SQL("SCHEMA"), sql.Identifier("public"), owner))
+
+
+def hand_over(params: dict) -> None:
+    """Once the copy is restored and checked: the app's role owns the side database, and
+    every role may connect to it again, as to one CREATE DATABASE ... OWNER made."""
+    from psycopg import sql
+    name, owner = sql.Identifier(params["database"]), sql.Identifier(params["owner"])
+    lend_to_the_restore(params, lend=False)
+    with connect(params["socket_dir"], params["port"], "postgres", autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(name, owner))
+        conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO PUBLIC").format(name))
 
 
 # The two runs of pg_restore: the schema, checked before any row is loaded; then the rows,
@@ -146,19 +183,22 @@ def restore(module: AnsibleModule, argvs: list[list[str]], oid: int) -> None:
 
 def run_pg_restore(module: AnsibleModule, argv: list[str], argvs: list[list[str]], oid: int) -> None:
     p = module.params
-    # Session settings for every pg_restore connection, its parallel jobs included.
-    pgoptions = f"-c default_toast_compression={p['toast_compression']}" if p["toast_compression"] else ""
+    # Session settings for every pg_restore connection, its parallel jobs included. role=none:
+    # a role the database's owner set for its sessions (ALTER DATABASE ... SET role) is not
+    # taken; pg_restore sets the app's role itself (--role).
+    pgoptions = "-c role=none" + (f" -c default_toast_compression={p['toast_compression']}"
+                                  if p["toast_compression"] else "")
     rc, _, stderr = module.run_command(argv, environ_update={"PGOPTIONS": pgoptions})
     if rc != 0:
         module.fail_json(msg=pg_restore_error(stderr, rc), rc=rc, stderr=stderr, command=argvs, database_oid=oid)
 
 
 def refuse_dumped_code(module: AnsibleModule, argvs: list[list[str]]) -> None:
-    """Fail, before anything is created, when the dump brings functions or rules of its own
-    that trusted_functions does not name: restored, the superuser's sessions could run them
-    in more ways than drydock can check (an index expression, a partition key, a cast in a
-    foreign key's check, an aggregate's initial value while the schema is restored, a rule
-    on a table the Site switch writes)."""
+    """Fail, before anything is created, when the dump brings functions, triggers or rules of
+    its own that trusted_functions does not name: restored, the superuser's sessions could run
+    them in more ways than drydock can check (an index expression, a partition key, a cast in
+    a foreign key's check, an aggregate's initial value while the schema is restored, a
+    trigger or a rule on a table the Site switch writes)."""
     p = module.params
     try:
         toc = table_of_contents(p["pg_bindir"], p["archive"])
@@ -167,8 +207,8 @@ def refuse_dumped_code(module: AnsibleModule, argvs: list[list[str]]) -> None:
     own = [name for name in dumped_code(toc) if name not in p["trusted_functions"]]
     if own:
         module.fail_json(
-            msg=f"refusing to restore a dump that brings {len(own)} function(s) or rule(s) of its own ({', '.join(own[:3])}"
-                + (", …" if len(own) > 3 else "") + "): the superuser's sessions (pg_restore's, drydock's) could run "
+            msg=f"refusing to restore a dump that brings {len(own)} function(s), trigger(s) or rule(s) of its own "
+                f"({', '.join(own[:3])}" + (", …" if len(own) > 3 else "") + "): the superuser's sessions (pg_restore's, drydock's) could run "
                 "them, and a Django/Wagtail database has none; read them on the server the dump came from, and if "
                 "they are the app's and harmless, name them in pg_restore_trusted_functions (docs/runbook.md, section 8)",
             untrusted=own, command=argvs)
@@ -227,6 +267,7 @@ def main() -> None:
     oid = None  # once created: every result names the side database by it (the clean-up drops only that one)
     try:
         oid = create_side_database(p)
+        lend_to_the_restore(p, lend=True)
         restore(module, argvs, oid)
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -242,6 +283,10 @@ def main() -> None:
     problem = row_count_problem(p["database"], p["expect_row_counts"], counts)
     if problem:
         module.fail_json(msg=problem, row_counts=counts, command=argvs, database_oid=oid)
+    try:
+        hand_over(p)
+    except psycopg.Error as error:
+        module.fail_json(msg=" ".join(str(error).split()), command=argvs, database_oid=oid)
     # Restored and checked: the archive (production data) has served its purpose.
     try:
         if file_identity(p["archive"]) == archive:
