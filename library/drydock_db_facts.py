@@ -14,7 +14,7 @@ options:
   database: {description: Database to read., type: str, required: true}
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
-  trusted_functions: {description: "Functions and rules of the database's own to accept, as a refusal names them; any other refuses the module before it reads a table.", type: list, elements: str, default: []}
+  trusted_functions: {description: "Functions, triggers and rules of the database's own to accept, as a refusal names them; any other refuses the module before it reads a table.", type: list, elements: str, default: []}
   content: {description: Also return an md5 of each table's content (reads every row)., type: bool, default: false}
   row_counts: {description: "Count every table's rows (reads every table); false for the write counters alone.", type: bool, default: true}
   end_other_sessions:

@@ -15,7 +15,7 @@ options:
   database: {description: Database to check., type: str, required: true}
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
-  trusted_functions: {description: "Functions and rules of the database's own to accept, as a refusal names them; any other refuses the module before it reads a table.", type: list, elements: str, default: []}
+  trusted_functions: {description: "Functions, triggers and rules of the database's own to accept, as a refusal names them; any other refuses the module before it reads a table.", type: list, elements: str, default: []}
   report_only: {description: Return the problems without failing., type: bool, default: false}
 """
 

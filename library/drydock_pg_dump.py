@@ -41,7 +41,7 @@ options:
     default: 0
   trusted_functions:
     description:
-      - Functions and rules of the database's own that may be there (as C(regprocedure) prints
+      - Functions, triggers and rules of the database's own that may be there (as C(regprocedure) prints
         a function, C(public.valid_isbn(text)); a rule as C(rule r on public.t)). Any other
         refuses the dump before a table is read: the superuser's reads of the app's tables
         could run it.
@@ -107,10 +107,10 @@ import threading
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.text.formatters import bytes_to_human
-from ansible.module_utils.drydock_pg import (require_psycopg, APP_DATABASE_ARGS, DoesNotUnpack, connect, database_comment,
-                                             free_bytes, latest_migrations, list_entries, refuse_code_of_its_own,
+from ansible.module_utils.drydock_pg import (require_psycopg, APP_DATABASE_ARGS, DoesNotUnpack, connect, count_entries,
+                                             database_comment, free_bytes, latest_migrations, refuse_code_of_its_own,
                                              refuse_unless_plain_name, row_counts, server_version, sha256_file,
-                                             write_fingerprint)
+                                             table_of_contents, tables_without_rows, user_tables, write_fingerprint)
 
 
 def dump_command(params: dict, snapshot: str | None, target: str) -> list[str]:
@@ -333,13 +333,16 @@ def main() -> None:
                 command = dump_command(params, snapshot, partial)
                 # The snapshot lives as long as this transaction: pg_dump runs inside it, while
                 # the manifest's other facts are read from the same snapshot.
+                # role=none: as drydock's own sessions (drydock_pg.SAFE_SESSION), pg_dump's
+                # take no role the database's owner set for its sessions.
                 proc = subprocess.Popen(command, stdout=subprocess.PIPE if zstd else subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE)
+                                        stderr=subprocess.PIPE, env=dict(os.environ, PGOPTIONS="-c role=none"))
                 compressor = None
                 try:
                     if zstd:
                         compressor = Compressor(proc, params["compress"], partial)
                         compressor.start()
+                    tables = user_tables(cur, partitioned=False)
                     facts = dict(row_counts=row_counts(cur), migrations=latest_migrations(cur),
                                  write_fingerprint=fingerprint, server_version=server_version(cur),
                                  database_size=conn.execute("SELECT pg_database_size(current_database())").fetchone()[0],
@@ -360,9 +363,16 @@ def main() -> None:
                 raise RuntimeError(f"pg_dump failed: {errors.strip()}")
         # Checked before it gets its final name: a dump under that name is always readable.
         try:
-            toc_entries = list_entries(params["pg_bindir"], partial, zstd=zstd)
+            toc = table_of_contents(params["pg_bindir"], partial, zstd=zstd)
         except DoesNotUnpack as error:  # zstd's words alone would not say which file
             raise RuntimeError(f"pg_restore --list cannot read {partial}: it does not unpack ({error})") from None
+        toc_entries = count_entries(toc)
+        if missing := tables_without_rows(toc, tables):
+            raise RuntimeError(
+                f"the dump of {params['database']} lacks the rows of {len(missing)} table(s) ({', '.join(missing[:3])}"
+                + (", …" if len(missing) > 3 else "") + "): pg_dump leaves out a table an extension claims (ALTER "
+                "EXTENSION … ADD TABLE), and a Django/Wagtail database has none; read which extension holds it "
+                "(docs/runbook.md, section 8)")
         version = subprocess.run([os.path.join(params["pg_bindir"], "pg_dump"), "--version"],
                                  capture_output=True, text=True, check=True).stdout.strip()
         os.chmod(partial, 0o600)

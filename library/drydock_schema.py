@@ -15,7 +15,7 @@ options:
   database: {description: Database to read., type: str, required: true}
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
-  trusted_functions: {description: "Functions and rules of the database's own to accept, as a refusal names them; any other refuses the module before it reads a table.", type: list, elements: str, default: []}
+  trusted_functions: {description: "Functions, triggers and rules of the database's own to accept, as a refusal names them; any other refuses the module before it reads a table.", type: list, elements: str, default: []}
   reference: {description: A schema returned earlier (e.g. of a database migrated from zero)., type: dict}
   code_migrations: {description: "The code's migrations as [app, name] pairs.", type: list, elements: list}
 """

@@ -17,7 +17,7 @@ options:
   database: {description: The database copy to scrub., type: str, required: true}
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
-  trusted_functions: {description: "Functions and rules of the database's own to accept, as a refusal names them; any other refuses the module before it runs a rule.", type: list, elements: str, default: []}
+  trusted_functions: {description: "Functions, triggers and rules of the database's own to accept, as a refusal names them; any other refuses the module before it runs a rule.", type: list, elements: str, default: []}
   rules:
     description:
       - "Rules: C(name), C(table) and C(sql), and C(required) (default true). A rule whose table

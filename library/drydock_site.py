@@ -14,7 +14,7 @@ options:
   database: {description: Database to change., type: str, required: true}
   socket_dir: {description: Directory of the server's Unix socket., type: path, required: true}
   port: {description: Server port., type: int, default: 5432}
-  trusted_functions: {description: "Functions and rules of the database's own to accept, as a refusal names them; any other refuses the module before it reads or writes a table.", type: list, elements: str, default: []}
+  trusted_functions: {description: "Functions, triggers and rules of the database's own to accept, as a refusal names them; any other refuses the module before it reads or writes a table.", type: list, elements: str, default: []}
   hostname: {description: "New hostname (a DNS name), stored lower-cased as Wagtail matches it.", type: str, required: true}
   site_port: {description: New port of the Site., type: int, required: true}
   site_name: {description: site_name of the Site to change; empty for the default Site., type: str, default: ""}

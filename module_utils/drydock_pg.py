@@ -46,13 +46,16 @@ PG_CONNECTION_ARGS = dict(
 # the search path, a function there whose argument types fit a call better than the built-in
 # one is chosen instead (CVE-2018-1058: a `public.shobj_description(oid, text)` would run as
 # the superuser at every backup). So only pg_catalog is searched, and the app's tables are
-# named with their schema (`public.django_migrations`).
-SAFE_SEARCH_PATH = "-c search_path=pg_catalog,pg_temp"
+# named with their schema (`public.django_migrations`). The database's owner may also set a
+# `role` for every session (ALTER DATABASE ... SET role): drydock's would run as the app's
+# role, which a row security policy could then show no rows (a scrub that scrubs nothing).
+# Options given at connection override the database's settings.
+SAFE_SESSION = "-c search_path=pg_catalog,pg_temp -c role=none"
 
 
 def connect(socket_dir: str, port: int, database: str, autocommit: bool = False):
     return psycopg.connect(host=socket_dir, port=port, dbname=database, autocommit=autocommit,
-                           application_name="drydock", options=SAFE_SEARCH_PATH)
+                           application_name="drydock", options=SAFE_SESSION)
 
 
 def is_table(conn, name: str) -> bool:
@@ -63,11 +66,13 @@ def is_table(conn, name: str) -> bool:
                         (name,)).fetchone()[0]
 
 
-def user_tables(cur) -> list[tuple[str, str]]:
-    """(schema, table) of every ordinary or partitioned table outside the system schemas."""
+def user_tables(cur, partitioned: bool = True) -> list[tuple[str, str]]:
+    """(schema, table) of every ordinary table outside the system schemas, and of every
+    partitioned one unless `partitioned` is false (its rows are its partitions')."""
+    kinds = "('r', 'p')" if partitioned else "('r')"
     cur.execute(
         "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+        f" WHERE c.relkind IN {kinds} AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
         " AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'"
         " ORDER BY 1, 2")
     return [(schema, table) for schema, table in cur.fetchall()]
@@ -207,7 +212,24 @@ def zstd_reason(stderr: str) -> str:
 
 def list_entries(pg_bindir: str, path: str, zstd: bool = False) -> int:
     """Number of TOC entries pg_restore reads (table_of_contents)."""
-    return sum(1 for line in table_of_contents(pg_bindir, path, zstd).splitlines() if line and not line.startswith(";"))
+    return count_entries(table_of_contents(pg_bindir, path, zstd))
+
+
+def count_entries(toc: str) -> int:
+    """Number of entries in a table of contents (its comment lines aside)."""
+    return sum(1 for line in toc.splitlines() if line and not line.startswith(";"))
+
+
+# A table's rows, as a table of contents lists them: "3348; 0 16385 TABLE DATA public blog_post wagtail_site".
+DUMPED_ROWS = re.compile(r"^\d+; 0 \d+ TABLE DATA (\S+) (.+) \S+$")
+
+
+def tables_without_rows(toc: str, tables: list[tuple[str, str]]) -> list[str]:
+    """The ordinary tables (schema, table) whose rows the table of contents does not list.
+    pg_dump leaves out a table an extension claims (unless the extension marks it for
+    dumping), and the database's owner can add its tables to an extension it created."""
+    dumped = {(match[1], match[2]) for line in toc.splitlines() if (match := DUMPED_ROWS.match(line))}
+    return [table_key(schema, table) for schema, table in tables if (schema, table) not in dumped]
 
 
 def table_of_contents(pg_bindir: str, path: str, zstd: bool = False) -> str:
@@ -270,59 +292,79 @@ def pg_restore_error(stderr: str, rc: int) -> str:
     return (causes or errors or lines[-1:] or [f"pg_restore exited with {rc}"])[0]
 
 
-# A function or a rule a dump brings of its own, as its table of contents (pg_restore --list)
-# names it: "262; 1255 16491 FUNCTION public planted_ok(integer) wagtail_site" and
-# "3346; 2618 16395 RULE public blog_post keep_copy wagtail_site". An installed extension's
-# functions are not listed there (its CREATE EXTENSION is).
-DUMPED_FUNCTION = re.compile(r"^\d+; \d+ \d+ (?:FUNCTION|AGGREGATE|PROCEDURE) (\S+) (.+) \S+$")
-DUMPED_RULE = re.compile(r"^\d+; \d+ \d+ RULE (\S+) (\S+) (\S+) \S+$")
+# Code a dump brings of its own, as its table of contents (pg_restore --list) lists it: the
+# catalog it goes to (pg_proc 1255 for functions, aggregates and procedures; pg_trigger 2620;
+# pg_rewrite 2618 for rules), its kind, schema, name (a function's with its arguments; a
+# trigger's or a rule's after its table's) and owner:
+# "262; 1255 16491 FUNCTION public planted_ok(integer) wagtail_site",
+# "3346; 2618 16395 RULE public blog_post keep_copy wagtail_site". Told by the catalog, not
+# the words: a name may hold spaces. An installed extension's functions are not listed (its
+# CREATE EXTENSION is).
+DUMPED_CODE = re.compile(r"^\d+; (1255|2618|2620) \d+ \S+ (\S+) (.+) \S+$")
+CODE_KINDS = {"2618": "rule", "2620": "trigger"}
 
 
 def dumped_code(toc: str) -> list[str]:
-    """The functions (aggregates, procedures) and rules a dump brings of its own, named as
-    functions_of_its_own() and rules_of_its_own() name them once restored
-    (public.planted_ok(integer), rule keep_copy on public.blog_post)."""
-    functions = {f"{match[1]}.{match[2].replace(', ', ',')}" for line in toc.splitlines()
-                 if (match := DUMPED_FUNCTION.match(line))}
-    rules = {f"rule {match[3]} on {match[1]}.{match[2]}" for line in toc.splitlines()
-             if (match := DUMPED_RULE.match(line))}
-    return sorted(functions) + sorted(rules)
+    """The functions (aggregates, procedures), triggers and rules a dump brings of its own,
+    named as code_of_its_own() names them once restored (public.planted_ok(integer),
+    trigger t on public.blog_post, rule keep_copy on public.blog_post; a name that needs
+    quotes may be spelled otherwise)."""
+    found = set()
+    for line in toc.splitlines():
+        if match := DUMPED_CODE.match(line):
+            catalog, schema, rest = match.groups()
+            if catalog == "1255":
+                found.add(f"{schema}.{rest.replace(', ', ',')}")
+            else:
+                table, _, name = rest.partition(" ")
+                found.add(f"{CODE_KINDS[catalog]} {name} on {schema}.{table}")
+    return sorted(found)
 
 
-# Whether the function `p` (a pg_proc row) belongs to an installed extension: written by whoever
-# installed it on this server, not brought by a dump.
-EXTENSION_MEMBER = ("EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_proc'::regclass AND objid = p.oid"
-                    " AND deptype = 'e')")
+# Whether the function `p` (a pg_proc row) is one the server's superuser installed: a member
+# of an extension, owned by a superuser (an extension's script makes its functions as one,
+# even a trusted extension's that the app's role creates; the role owns a function it adds
+# to its extension later, with ALTER EXTENSION ... ADD), or a range type's constructor, which
+# PostgreSQL makes with the type (an internal dependency).
+INSTALLED_FUNCTION = (
+    "(EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_proc'::regclass AND objid = p.oid AND deptype = 'i')"
+    " OR (EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_proc'::regclass AND objid = p.oid AND deptype = 'e')"
+    " AND (SELECT rolsuper FROM pg_roles WHERE oid = p.proowner)))")
 
 
 def functions_of_its_own(conn) -> list[str]:
-    """The functions (aggregates, procedures) made in this database after initdb that no
-    installed extension owns, as regprocedure prints them. Read from the catalog alone: a
-    superuser's query on the app's tables could run them (an index expression calling one
-    with constant arguments is evaluated as PostgreSQL plans the query)."""
+    """The functions (aggregates, procedures) made in this database after initdb that the
+    server's superuser did not install, as regprocedure prints them. Read from the catalog
+    alone: a superuser's query on the app's tables could run them (an index expression
+    calling one with constant arguments is evaluated as PostgreSQL plans the query)."""
     return [name for (name,) in conn.execute(
-        f"SELECT oid::regprocedure::text FROM pg_proc p WHERE oid >= 16384 AND NOT {EXTENSION_MEMBER} ORDER BY 1"
+        f"SELECT oid::regprocedure::text FROM pg_proc p WHERE oid >= 16384 AND NOT {INSTALLED_FUNCTION} ORDER BY 1"
     ).fetchall()]
 
 
-def rules_of_its_own(conn) -> list[str]:
-    """The rules on this database's tables (a view's own SELECT rule aside), as "rule r on
-    public.t". A rule rewrites the superuser's UPDATE or DELETE (the Site switch, the scrub)
-    into statements of its own, which call functions as the superuser: pg_read_file() into a
-    table the app reads, say. Django and Wagtail make none."""
-    return [name for (name,) in conn.execute(
-        "SELECT format('rule %s on %s', quote_ident(rulename), ev_class::regclass) FROM pg_rewrite"
-        " WHERE oid >= 16384 AND ev_type <> '1' ORDER BY 1").fetchall()]
+# The triggers (but those PostgreSQL makes for foreign keys) and rules (but a view's own) on
+# this database's tables. A trigger's WHEN condition may call any of PostgreSQL's functions,
+# and a rule rewrites an UPDATE or DELETE into statements of its own: run by the superuser's
+# write (the Site switch, the scrub), they read a server file for the app's role
+# (pg_read_file()), or write one (lo_export()). Django and Wagtail make none.
+TRIGGERS_AND_RULES = """
+SELECT format('trigger %s on %s', quote_ident(tgname), tgrelid::regclass) FROM pg_trigger WHERE NOT tgisinternal
+UNION ALL
+SELECT format('rule %s on %s', quote_ident(rulename), ev_class::regclass) FROM pg_rewrite
+ WHERE oid >= 16384 AND ev_type <> '1'
+ORDER BY 1
+"""
 
 
 def code_of_its_own(conn, trusted: list[str]) -> list[str]:
-    """The functions and rules of this database's own that `trusted` does not name."""
-    return [name for name in functions_of_its_own(conn) + rules_of_its_own(conn) if name not in trusted]
+    """The functions, triggers and rules of this database's own that `trusted` does not name."""
+    names = functions_of_its_own(conn) + [name for (name,) in conn.execute(TRIGGERS_AND_RULES).fetchall()]
+    return [name for name in names if name not in trusted]
 
 
 def code_refusal(doing: str, database: str, own: list[str]) -> str:
     """Why drydock will not `doing` (back up, read, write) `database`, which holds `own`."""
-    return (f"refusing to {doing} {database}: it holds {len(own)} function(s) or rule(s) of its own "
+    return (f"refusing to {doing} {database}: it holds {len(own)} function(s), trigger(s) or rule(s) of its own "
             f"({', '.join(own[:3])}{', …' if len(own) > 3 else ''}), which the superuser's work in it could run, "
             "and a Django/Wagtail database has none; read them, and if they are the app's and harmless, name them "
             "in drydock_trusted_functions (docs/runbook.md, section 8)")
@@ -340,28 +382,36 @@ UNION ALL
 SELECT format('generated column %s of %s', quote_ident(a.attname), d.adrelid::regclass), d.adbin::text
   FROM pg_attrdef d JOIN pg_attribute a ON (a.attrelid, a.attnum) = (d.adrelid, d.adnum) WHERE a.attgenerated <> ''
 """
-# The functions a stored expression (pg_node_tree) calls: a function call's funcid, an
-# operator's opfuncid (OpExpr, DistinctExpr, NullIfExpr, ScalarArrayOpExpr), and the operators
-# of a row comparison (RowCompareExpr's opnos). pg_depend would not do: it records nothing
-# about PostgreSQL's own (pinned) functions, set_config() among them.
-CALLED_FUNCTIONS = re.compile(r":(?:funcid|opfuncid) (\d+)")
+# And what a statement that reads a view runs, as whoever reads it: the scrub rules are SQL
+# that may read other tables (a subquery on django_content_type), and a view may stand there.
+VIEW_QUERIES = """
+UNION ALL
+SELECT format('view %s', ev_class::regclass), ev_action::text FROM pg_rewrite WHERE oid >= 16384 AND ev_type = '1'
+"""
+# The functions a stored expression or query (pg_node_tree) calls: a function call's funcid,
+# an operator's opfuncid (OpExpr, DistinctExpr, NullIfExpr, ScalarArrayOpExpr), an
+# aggregate's or a window function's, and the operators of a row comparison (RowCompareExpr's
+# opnos). pg_depend would not do: it records nothing about PostgreSQL's own (pinned)
+# functions, set_config() among them.
+CALLED_FUNCTIONS = re.compile(r":(?:funcid|opfuncid|aggfnoid|winfnoid) (\d+)")
 COMPARED_ROWS = re.compile(r":opnos \(o ([\d ]+)\)")
-# A function that may run there: immutable, and PostgreSQL's own or an installed extension's.
+# A function that may run there: immutable, and PostgreSQL's own or one the superuser installed.
 CALLABLE = f"""
 SELECT oid::regprocedure::text,
-       provolatile = 'i' AND (pronamespace = 'pg_catalog'::regnamespace OR {EXTENSION_MEMBER})
+       provolatile = 'i' AND (pronamespace = 'pg_catalog'::regnamespace OR {INSTALLED_FUNCTION})
   FROM pg_proc p WHERE oid = ANY(%s) OR oid IN (SELECT oprcode FROM pg_operator WHERE oid = ANY(%s))
 """
 
 
-def untrusted_row_code(cur, trusted: list[str]) -> list[str]:
+def untrusted_row_code(cur, trusted: list[str], views: bool = False) -> list[str]:
     """What would run a function of the dump's own, or a volatile one, as each row is loaded:
     pg_restore logs in as the superuser and only sets the app's role, which such a function can
     reset (docs/runbook.md, section 8). Each as "constraint c on public.t calls public.f(integer)";
     [] when every expression calls only PostgreSQL's own immutable functions (Django's checks
-    do), or functions `trusted` names (as regprocedure prints them: public.f(integer), now())."""
+    do), or functions `trusted` names (as regprocedure prints them: public.f(integer), now()).
+    With `views`, the views' queries too."""
     found = []
-    for what, tree in cur.execute(ROW_EXPRESSIONS).fetchall():
+    for what, tree in cur.execute(ROW_EXPRESSIONS + (VIEW_QUERIES if views else "")).fetchall():
         functions = sorted({int(oid) for oid in CALLED_FUNCTIONS.findall(tree)})
         operators = sorted({int(oid) for group in COMPARED_ROWS.findall(tree) for oid in group.split()})
         if not functions and not operators:
@@ -379,23 +429,24 @@ APP_DATABASE_ARGS = dict(PG_CONNECTION_ARGS, trusted_functions=dict(type="list",
 
 
 def refuse_code_of_its_own(module, conn, doing: str, writes: bool = False, **result) -> None:
-    """Fail, before the app's tables are read, when the database `conn` is in holds functions
-    or rules of its own that trusted_functions does not name (code_refusal). With `writes`,
-    also when a CHECK constraint or a generated column would call a function that is not
-    PostgreSQL's own immutable one as the superuser writes a row (set_config(), pg_read_file())."""
+    """Fail, before the app's tables are read, when the database `conn` is in holds
+    functions, triggers or rules of its own that trusted_functions does not name
+    (code_refusal). With `writes`, also when a CHECK constraint, a generated column or a view
+    would call a function that is not PostgreSQL's own immutable one as the superuser writes
+    a row, or reads the view in a scrub rule's subquery (set_config(), pg_read_file())."""
     trusted, database = module.params["trusted_functions"], conn.info.dbname
     own = code_of_its_own(conn, trusted)
     if own:
         module.fail_json(msg=code_refusal(doing, database, own), untrusted=own, **result)
     if writes:
         with conn.cursor() as cur:
-            untrusted = untrusted_row_code(cur, trusted)
+            untrusted = untrusted_row_code(cur, trusted, views=True)
         if untrusted:
             module.fail_json(
                 msg=f"refusing to {doing} {database}: {'; '.join(untrusted[:3])}"
                     + (f" (and {len(untrusted) - 3} more)" if len(untrusted) > 3 else "")
                     + ": a function that is not PostgreSQL's own immutable one would run as the superuser writes "
-                      "a row; if you have read it and trust it, name it in drydock_trusted_functions "
+                      "a row, or reads a view; if you have read it and trust it, name it in drydock_trusted_functions "
                       "(docs/runbook.md, section 8)",
                 untrusted=untrusted, **result)
 
