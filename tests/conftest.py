@@ -79,10 +79,11 @@ def playbook(name: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-def run_module(env: str, module: str, args: str | dict) -> dict:
+def run_module(env: str, module: str, args: str | dict, fails: bool = False) -> dict:
     """Run one of drydock's database modules on `env`'s host as its playbooks do (on the
-    app's database unless `args` names another, as the clusters' OS user); its result.
-    `args` is key=value text, or a dict for values that are lists or mappings."""
+    app's database unless `args` names another, as the clusters' OS user); its result, which
+    must be a failure with `fails`. `args` is key=value text, or a dict for values that are
+    lists or mappings."""
     connection = {"database": "{{ drydock_db_name }}", "socket_dir": "{{ drydock_db_socket_dir }}",
                   "port": "{{ drydock_db_port }}"}
     if isinstance(args, dict):
@@ -93,8 +94,8 @@ def run_module(env: str, module: str, args: str | dict) -> dict:
         ["ansible", env, "-m", module, "-a", args,
          "-e", "ansible_become={{ drydock_db_become }}", "-e", "ansible_become_user={{ drydock_db_os_user }}"],
         cwd=ROOT, env=dict(ansible_env(), ANSIBLE_CALLBACK_RESULT_FORMAT="json"), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return json.loads(proc.stdout.split("=>", 1)[1])  # "local | SUCCESS => {...}"
+    assert (proc.returncode != 0) == fails, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(proc.stdout.split("=>", 1)[1])  # "local | SUCCESS => {...}", "local | FAILED! => {...}"
 
 
 def app_serves(sandbox_env: dict, env: str) -> bool:

@@ -227,7 +227,7 @@ def test_a_function_the_apps_role_plants_never_runs_as_the_superuser(backup, con
         refused = inv("backup", "production")
         assert refused.returncode == 1 and len(error_lines(refused)) == 1
         assert error_lines(refused)[0].startswith(
-            "drydock: error: production: refusing to back up wagtail_site: it holds 1 function(s) or rule(s) of its"
+            "drydock: error: production: refusing to back up wagtail_site: it holds 1 function(s), trigger(s) or rule(s) of its"
             " own (public.shobj_description(oid,text)), which the superuser's work in it could run"), refused.stderr
         inventory = tmp_path / "inventory"
         (inventory / "group_vars").mkdir(parents=True)
@@ -251,3 +251,22 @@ def test_a_function_the_apps_role_plants_never_runs_as_the_superuser(backup, con
         # production's latest backup holds the planted function: the next `pull --latest` (of
         # another test file) would bring it back, as drift. A clean backup is the latest again.
         inv("backup", "production", check=True)
+
+
+def test_a_table_the_apps_role_hides_in_an_extension_is_not_left_out_of_a_backup_without_a_word(backup, connect):
+    """pg_dump leaves out a table an extension claims, and the database's owner may create a
+    trusted extension and add its tables to it: the backup refuses the dump that lacks them,
+    rather than keep one that a restore would find short when it is needed."""
+    production = connect("production")
+    production.execute("CREATE TABLE public.planted_hidden (id int); INSERT INTO public.planted_hidden VALUES (1);"
+                       " CREATE EXTENSION tcn; ALTER EXTENSION tcn ADD TABLE public.planted_hidden")
+    try:
+        dumps_before = sorted((backups_dir() / "production").iterdir())
+        proc = inv("backup", "production")
+        assert proc.returncode == 1 and len(error_lines(proc)) == 1, proc.stdout[-2000:]
+        assert error_lines(proc)[0].startswith(
+            "drydock: error: production: the dump of wagtail_site lacks the rows of 1 table(s) (planted_hidden): pg_dump"
+            " leaves out a table an extension claims"), error_lines(proc)[0]
+        assert sorted((backups_dir() / "production").iterdir()) == dumps_before
+    finally:
+        production.execute("DROP EXTENSION IF EXISTS tcn CASCADE; DROP TABLE IF EXISTS public.planted_hidden")

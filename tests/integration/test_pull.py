@@ -2,12 +2,16 @@
 import json
 import shutil
 import stat
+import threading
+import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from drydock import dumps
-from tests.conftest import LIVE_OID, ROOT, databases, error_lines, fingerprint, inv, playbook, row_counts
+from tests.conftest import (LIVE_OID, ROOT, database_url, databases, error_lines, fingerprint, inv, playbook,
+                            row_counts)
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +257,7 @@ PLANTED = {  # a CHECK constraint on blog_post calling it; one calling PostgreSQ
                          " CHECK (set_config('application_name', 'planted', false) IS NOT NULL)",
 }
 REFUSAL = {
-    "function of its own": "drydock: error: local: refusing to restore a dump that brings 1 function(s) or rule(s) of"
+    "function of its own": "drydock: error: local: refusing to restore a dump that brings 1 function(s), trigger(s) or rule(s) of"
                            " its own (public.planted_ok(integer)): the superuser's sessions (pg_restore's, drydock's) could run"
                            " them, and a Django/Wagtail database has none;",
     "volatile built-in": "drydock: error: local: refusing to load the dump's rows: constraint planted_check on"
@@ -287,7 +291,7 @@ def test_a_dump_whose_code_the_superuser_would_run_is_refused_before_its_rows(pu
         if planted == "function of its own":
             refused = inv("pull", "production")
             assert refused.returncode == 1 and error_lines(refused)[0].startswith(
-                "drydock: error: production: refusing to back up wagtail_site: it holds 1 function(s) or rule(s) of"
+                "drydock: error: production: refusing to back up wagtail_site: it holds 1 function(s), trigger(s) or rule(s) of"
                 " its own (public.planted_ok(integer)), which the superuser's work in it could run"), refused.stderr
             with pytest.MonkeyPatch.context() as patch:
                 patch.setenv("DRYDOCK_INVENTORY", str(trusting_production(tmp_path, "public.planted_ok(integer)")))
@@ -329,7 +333,7 @@ def test_a_rule_on_production_is_refused_by_its_backup_and_by_the_restore(pulled
     try:
         refused = inv("pull", "production")
         assert refused.returncode == 1 and error_lines(refused)[0].startswith(
-            "drydock: error: production: refusing to back up wagtail_site: it holds 1 function(s) or rule(s) of its"
+            "drydock: error: production: refusing to back up wagtail_site: it holds 1 function(s), trigger(s) or rule(s) of its"
             f" own ({RULE}), which the superuser's work in it could run"), refused.stderr
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("DRYDOCK_INVENTORY", str(trusting_production(tmp_path, RULE)))
@@ -337,7 +341,7 @@ def test_a_rule_on_production_is_refused_by_its_backup_and_by_the_restore(pulled
         proc = inv("pull", "production", "--latest")
         assert proc.returncode == 1 and len(error_lines(proc)) == 1, proc.stdout[-2000:]
         assert error_lines(proc)[0].startswith("drydock: error: local: refusing to restore a dump that brings 1"
-                                               f" function(s) or rule(s) of its own ({RULE}):"), error_lines(proc)[0]
+                                               f" function(s), trigger(s) or rule(s) of its own ({RULE}):"), error_lines(proc)[0]
         assert fingerprint(connect("local")) == before
         assert "wagtail_site__incoming" not in databases(connect("local", "postgres"))
         trusted = playbook("pull_database.yml", "-e", f"drydock_dump={dumps.latest('production').path}",
@@ -348,3 +352,33 @@ def test_a_rule_on_production_is_refused_by_its_backup_and_by_the_restore(pulled
     finally:
         production.execute("DROP RULE IF EXISTS planted ON public.wagtailcore_site; DROP TABLE IF EXISTS public.planted_loot")
         inv("pull", "production", check=True)  # the newest backup, and the local database, without it
+
+
+# The public schema's tables and indexes: 0 and 0 in a side database just created.
+SCHEMA_SIZE = ("SELECT count(*) FILTER (WHERE relkind = 'r'), count(*) FILTER (WHERE relkind = 'i') FROM pg_class"
+               " WHERE relnamespace = 'public'::regnamespace")
+
+
+def test_the_apps_role_cannot_connect_to_the_side_database_before_its_restore_is_checked(pulled, connect, sandbox_env):
+    """Were it let in between the check of the schema and the load of the rows, it could add
+    code that the load runs as the superuser. A session of the app's role knocking all
+    through a pull gets in only once the copy is whole (it leaves at once: a session that
+    stays would hold up the swap)."""
+    url, seen, stop = database_url(sandbox_env, "local", "wagtail_site__incoming"), [], threading.Event()
+
+    def knock() -> None:
+        while not stop.is_set() and not seen:
+            try:
+                with psycopg.connect(url, connect_timeout=5) as side:
+                    seen.append(side.execute(SCHEMA_SIZE).fetchone())
+            except psycopg.Error:
+                time.sleep(0.005)
+
+    knocker = threading.Thread(target=knock)
+    knocker.start()
+    try:
+        inv("pull", "production", "--latest", check=True)
+    finally:
+        stop.set()
+        knocker.join()
+    assert seen == [connect("local").execute(SCHEMA_SIZE).fetchone()]

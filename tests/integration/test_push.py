@@ -136,6 +136,32 @@ def test_the_scrub_rules_write_the_apps_tables_not_a_schema_named_after_the_supe
         subprocess.run([*owner_psql(local), "-c", f"DROP DATABASE {scratch} WITH (FORCE)"], check=True)
 
 
+def test_a_view_a_scrub_rule_reads_that_would_run_a_volatile_function_refuses_the_scrub(sandbox_env):
+    """A scrub rule may read other tables than the one it writes (the log rules read
+    django_content_type), and a view standing there runs its functions as the reader, the
+    superuser: the scrub refuses before any rule runs."""
+    scratch = "drydock_test_scrub_view"
+    local = sandbox_env["local"]
+    subprocess.run([*owner_psql(local), "-c", f"CREATE DATABASE {scratch} OWNER {local['app_role']}"], check=True)
+    try:
+        with psycopg.connect(database_url(sandbox_env, "local", scratch), autocommit=True) as conn:
+            conn.execute("CREATE TABLE public.django_migrations (id int);"
+                         " CREATE TABLE public.auth_user (id int, email text);"
+                         " INSERT INTO public.auth_user VALUES (1, 'ada@drydock-example.org');"
+                         " CREATE VIEW public.django_content_type AS SELECT 1 AS id"
+                         " WHERE set_config('application_name', 'planted', false) IS NOT NULL")
+            rule = {"name": "emails_of_typed_users", "table": "auth_user",
+                    "sql": "UPDATE auth_user SET email = 'x@example.invalid' WHERE id IN (SELECT id FROM django_content_type)"}
+            result = run_module("local", "drydock_scrub", {"database": scratch, "rules": [rule]}, fails=True)
+            assert result["msg"].startswith(
+                f"refusing to scrub {scratch}: view public.django_content_type calls set_config(text,text,boolean):"
+                " a function that is not PostgreSQL's own immutable one would run as the superuser writes a row,"
+                " or reads a view;"), result["msg"]
+            assert conn.execute("TABLE public.auth_user").fetchall() == [(1, "ada@drydock-example.org")]
+    finally:
+        subprocess.run([*owner_psql(local), "-c", f"DROP DATABASE {scratch} WITH (FORCE)"], check=True)
+
+
 def test_staging_copy_is_scrubbed(pushed, connect):
     emails = [e for (e,) in connect("staging").execute("SELECT email FROM auth_user")]
     assert emails and all(e.endswith("@example.invalid") for e in emails), emails
@@ -1049,7 +1075,7 @@ def test_code_planted_in_a_live_database_after_its_backup_is_refused_before_a_ta
             proc = inv(*command)
             assert proc.returncode == 1 and len(error_lines(proc)) == 1, proc.stdout[-2000:]
             assert error_lines(proc)[0].startswith(
-                "drydock: error: staging: refusing to read wagtail_site: it holds 1 function(s) or rule(s) of its own"
+                "drydock: error: staging: refusing to read wagtail_site: it holds 1 function(s), trigger(s) or rule(s) of its own"
                 " (public.planted_ok(integer)), which the superuser's work in it could run"), error_lines(proc)[0]
             assert "planted code ran" not in proc.stdout + proc.stderr
         assert fingerprint(connect("staging")) == before

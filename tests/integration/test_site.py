@@ -92,12 +92,24 @@ def test_bad_hostname_is_refused_with_one_line(pulled, connect, hostname):
 
 # What the app's role could put on wagtailcore_site so that the superuser's UPDATE (the Site
 # switch) runs what the role may not: a rule that copies a server file into a table of its
-# own, and a CHECK constraint calling a PostgreSQL function that is not immutable.
+# own; a trigger of PostgreSQL's whose WHEN condition sends it; a function of the role's,
+# hidden in a trusted extension the role installs (a table's CHECK calls it); a CHECK
+# constraint calling a PostgreSQL function that is not immutable.
+OWN_CODE = ("refusing to switch the Site of wagtail_site: it holds 1 function(s), trigger(s) or rule(s) of its own"
+            " ({}), which the superuser's work in it could run")
 PLANTED_ON_SITE = {
     "rule": ("CREATE TABLE public.planted_loot (line text); CREATE RULE planted AS ON UPDATE TO public.wagtailcore_site"
              " DO ALSO INSERT INTO public.planted_loot SELECT pg_read_file('/etc/hostname')",
-             "refusing to switch the Site of wagtail_site: it holds 1 function(s) or rule(s) of its own"
-             " (rule planted on public.wagtailcore_site), which the superuser's work in it could run"),
+             OWN_CODE.format("rule planted on public.wagtailcore_site")),
+    "trigger": ("CREATE TRIGGER planted BEFORE UPDATE ON public.wagtailcore_site FOR EACH ROW"
+                " WHEN (pg_notify('planted', pg_read_file('/etc/hostname')) IS NULL)"
+                " EXECUTE FUNCTION suppress_redundant_updates_trigger()",
+                OWN_CODE.format("trigger planted on public.wagtailcore_site")),
+    "function in an extension": (
+        "CREATE EXTENSION tcn; CREATE FUNCTION public.planted_ok(text) RETURNS boolean LANGUAGE sql IMMUTABLE"
+        " AS 'SELECT true'; ALTER EXTENSION tcn ADD FUNCTION public.planted_ok(text);"
+        " ALTER TABLE public.wagtailcore_site ADD CONSTRAINT planted CHECK (public.planted_ok(hostname))",
+        OWN_CODE.format("public.planted_ok(text)")),
     "volatile CHECK": ("ALTER TABLE public.wagtailcore_site ADD CONSTRAINT planted"
                        " CHECK (set_config('application_name', 'planted', false) IS NOT NULL)",
                        "refusing to switch the Site of wagtail_site: constraint planted on public.wagtailcore_site"
@@ -121,7 +133,9 @@ def test_code_on_the_site_table_that_the_superusers_update_would_run_refuses_the
             assert local.execute("SELECT count(*) FROM public.planted_loot").fetchone() == (0,)
     finally:
         local.execute("DROP RULE IF EXISTS planted ON public.wagtailcore_site; DROP TABLE IF EXISTS public.planted_loot;"
-                      " ALTER TABLE public.wagtailcore_site DROP CONSTRAINT IF EXISTS planted")
+                      " DROP TRIGGER IF EXISTS planted ON public.wagtailcore_site;"
+                      " ALTER TABLE public.wagtailcore_site DROP CONSTRAINT IF EXISTS planted;"
+                      " DROP EXTENSION IF EXISTS tcn CASCADE")
 
 
 def test_playbook_validates_the_hostname_itself(pulled, connect):

@@ -9,7 +9,7 @@ import pytest
 from drydock import dumps
 from drydock.errors import DrydockError
 from drydock.journal import Run, read as read_journal
-from drydock_pg import count_differences, describe_origin, pg_restore_error, row_count_problem
+from drydock_pg import count_differences, describe_origin, dumped_code, pg_restore_error, row_count_problem
 
 
 def test_count_differences_names_each_table():
@@ -24,6 +24,25 @@ def test_row_count_problem_is_one_line_naming_the_first_five_tables():
     problem = row_count_problem("db__incoming", expected, {f"t{i}": 4 for i in range(7)})
     assert problem.startswith("row counts of db__incoming differ from the manifest: ")
     assert "\n" not in problem and "t4" in problem and "t5" not in problem and problem.endswith("and 2 more")
+
+
+# A table of contents as pg_restore --list prints it: the dump's own code among its tables.
+TOC = """;
+; Archive created at 2026-12-07 09:03:23 UTC
+214; 1259 16385 TABLE public blog_post wagtail_site
+262; 1255 16491 FUNCTION public planted_ok(integer, text) wagtail_site
+263; 1255 16492 AGGREGATE public planted_sum(integer) wagtail_site
+3346; 2618 16395 RULE public wagtailcore_site keep copy wagtail_site
+3350; 2620 16401 TRIGGER public wagtailcore_site planted wagtail_site
+3348; 0 16385 TABLE DATA public blog_post wagtail_site
+3351; 2606 16402 FK CONSTRAINT public blog_post blog_post_page_fk wagtail_site
+"""
+
+
+def test_the_dumps_own_code_is_told_by_its_catalog_not_its_words():
+    assert dumped_code(TOC) == ["public.planted_ok(integer,text)", "public.planted_sum(integer)",
+                                "rule keep copy on public.wagtailcore_site", "trigger planted on public.wagtailcore_site"]
+    assert dumped_code(TOC.replace("2618", "1259").replace("2620", "1259").replace("1255", "1259")) == []
 
 
 def test_pg_restore_error_is_the_error_line_not_the_failed_sql():
