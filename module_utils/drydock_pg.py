@@ -220,16 +220,17 @@ def count_entries(toc: str) -> int:
     return sum(1 for line in toc.splitlines() if line and not line.startswith(";"))
 
 
-# A table's rows, as a table of contents lists them: "3348; 0 16385 TABLE DATA public blog_post wagtail_site".
-DUMPED_ROWS = re.compile(r"^\d+; 0 \d+ TABLE DATA (\S+) (.+) \S+$")
+# A table's rows, as a table of contents lists them: "3348; 0 16385 TABLE DATA public blog_post
+# wagtail_site" (schema, table, owner; a schema's or a table's name may hold a space).
+DUMPED_ROWS = re.compile(r"^\d+; 0 \d+ TABLE DATA (.+) \S+$")
 
 
 def tables_without_rows(toc: str, tables: list[tuple[str, str]]) -> list[str]:
     """The ordinary tables (schema, table) whose rows the table of contents does not list.
     pg_dump leaves out a table an extension claims (unless the extension marks it for
     dumping), and the database's owner can add its tables to an extension it created."""
-    dumped = {(match[1], match[2]) for line in toc.splitlines() if (match := DUMPED_ROWS.match(line))}
-    return [table_key(schema, table) for schema, table in tables if (schema, table) not in dumped]
+    dumped = {match[1] for line in toc.splitlines() if (match := DUMPED_ROWS.match(line))}
+    return [table_key(schema, table) for schema, table in tables if f"{schema} {table}" not in dumped]
 
 
 def table_of_contents(pg_bindir: str, path: str, zstd: bool = False) -> str:

@@ -9,7 +9,8 @@ import pytest
 from drydock import dumps
 from drydock.errors import DrydockError
 from drydock.journal import Run, read as read_journal
-from drydock_pg import count_differences, describe_origin, dumped_code, pg_restore_error, row_count_problem
+from drydock_pg import (count_differences, describe_origin, dumped_code, pg_restore_error, row_count_problem,
+                        tables_without_rows)
 
 
 def test_count_differences_names_each_table():
@@ -43,6 +44,12 @@ def test_the_dumps_own_code_is_told_by_its_catalog_not_its_words():
     assert dumped_code(TOC) == ["public.planted_ok(integer,text)", "public.planted_sum(integer)",
                                 "rule keep copy on public.wagtailcore_site", "trigger planted on public.wagtailcore_site"]
     assert dumped_code(TOC.replace("2618", "1259").replace("2620", "1259").replace("1255", "1259")) == []
+
+
+def test_a_table_whose_rows_the_dump_does_not_list_is_named():
+    toc = TOC + "3349; 0 16410 TABLE DATA my schema odd table wagtail_site\n"
+    tables = [("public", "blog_post"), ("my schema", "odd table"), ("public", "planted_hidden")]
+    assert tables_without_rows(toc, tables) == ["planted_hidden"]
 
 
 def test_pg_restore_error_is_the_error_line_not_the_failed_sql():
