@@ -41,10 +41,10 @@ options:
     default: 0
   trusted_functions:
     description:
-      - Functions, triggers and rules of the database's own that may be there (as C(regprocedure) prints
-        a function, C(public.valid_isbn(text)); a rule as C(rule r on public.t)). Any other
-        refuses the dump before a table is read: the superuser's reads of the app's tables
-        could run it.
+      - Functions, triggers and rules of the database's own that may be there (a function as
+        C(regprocedure) prints it, C(public.valid_isbn(text)); C(trigger t on public.t),
+        C(rule r on public.t)). Any other refuses the dump before a table is read: the
+        superuser's reads of the app's tables could run it.
     type: list
     elements: str
     default: []

@@ -60,8 +60,8 @@ options:
     description:
       - Functions the dump may bring, and its rows' checks may call although they are not
         PostgreSQL's own immutable ones, as C(regprocedure) prints them with only
-        C(pg_catalog) on the search path (C(public.valid_isbn(text)), C(now())); rules it may
-        bring, as C(rule r on public.t).
+        C(pg_catalog) on the search path (C(public.valid_isbn(text)), C(now())); triggers and
+        rules it may bring, as C(trigger t on public.t) and C(rule r on public.t).
     type: list
     elements: str
     default: []
@@ -208,9 +208,10 @@ def refuse_dumped_code(module: AnsibleModule, argvs: list[list[str]]) -> None:
     if own:
         module.fail_json(
             msg=f"refusing to restore a dump that brings {len(own)} function(s), trigger(s) or rule(s) of its own "
-                f"({', '.join(own[:3])}" + (", …" if len(own) > 3 else "") + "): the superuser's sessions (pg_restore's, drydock's) could run "
-                "them, and a Django/Wagtail database has none; read them on the server the dump came from, and if "
-                "they are the app's and harmless, name them in pg_restore_trusted_functions (docs/runbook.md, section 8)",
+                f"({', '.join(own[:3])}" + (", …" if len(own) > 3 else "") + "): the superuser's sessions "
+                "(pg_restore's, drydock's) could run them, and a Django/Wagtail database has none; read them on the "
+                "server the dump came from, and if they are the app's and harmless, name them in "
+                "pg_restore_trusted_functions (docs/runbook.md, section 8)",
             untrusted=own, command=argvs)
 
 

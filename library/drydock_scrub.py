@@ -77,8 +77,8 @@ def main() -> None:
             # transaction only. Not "$user", public: as the superuser that is a schema named after
             # it first (postgres), which the app's role (the database's owner) can create, and an
             # auth_user of its own there would take the rules' writes while public.auth_user left
-            # unscrubbed. What they run (and what triggers on their tables run) runs as the
-            # superuser: docs/runbook.md, section 8.
+            # unscrubbed. What they run runs as the superuser, which is why the database's own
+            # code was refused above: docs/runbook.md, section 8.
             conn.execute("SET LOCAL search_path TO public")
             for rule in p["rules"]:
                 if not is_table(conn, rule["table"]):
