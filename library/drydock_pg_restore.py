@@ -11,9 +11,10 @@ description:
     --jobs=N) into it, checks every table's row count against C(expect_row_counts), then
     deletes C(archive).
   - Until its row counts are checked, the database is the superuser's and no other role may
-    connect to it (C(owner) has CREATE on it and on its public schema, for pg_restore's
-    session as that role); then C(owner) owns it and every role may connect, as to a new
-    database.
+    connect to it (it is created accepting no connection until PUBLIC's right to connect is
+    revoked); C(owner) may create in it and owns its public schema, for pg_restore's
+    sessions as that role. Then C(owner) owns it, the public schema is the database owner's,
+    and every role may connect, as to a new database.
   - Before anything is created, refuses a dump that brings functions (or aggregates,
     procedures), triggers or rules of its own that C(trusted_functions) does not name: the
     superuser's sessions could run them (an index expression, a partition key, a cast in a
@@ -111,7 +112,8 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, applied_migrations, connect, database_exists,
                                              database_oid, drop_database, dumped_code, pg_restore_error,
                                              refuse_code_of_its_own, refuse_unless_plain_name, row_count_problem,
-                                             row_counts, table_of_contents, untrusted_row_code)
+                                             row_counts, SESSION_SETTINGS, set_allow_connections, table_of_contents,
+                                             untrusted_row_code)
 
 # What PostgreSQL accepts for default_toast_compression; anything else never reaches PGOPTIONS.
 TOAST_COMPRESSIONS = ("", "pglz", "lz4")
@@ -124,31 +126,44 @@ def create_side_database(params: dict) -> int:
     It is the superuser's, and no other role may connect to it, until hand_over(): were the
     app's role its owner, it could let itself in between the check of the schema and the load
     of the rows, and add code that the load would run as the superuser (pg_restore logs in as
-    the superuser and only sets the app's role)."""
+    the superuser and only sets the app's role). It accepts no connection at all until
+    close_to_other_roles() has revoked PUBLIC's right to connect: a session that came in
+    before would stay."""
     from psycopg import sql
-    name = sql.Identifier(params["database"])
     with connect(params["socket_dir"], params["port"], "postgres", autocommit=True) as conn:
         if params["drop_existing"]:
             drop_database(conn, params["database"])
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(name))
-        oid = database_oid(conn, params["database"])
-        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(name))
-        return oid
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8' ALLOW_CONNECTIONS false").format(
+            sql.Identifier(params["database"])))
+        return database_oid(conn, params["database"])
+
+
+def close_to_other_roles(params: dict) -> None:
+    """Take PUBLIC's rights on the side database, then let connections in: the superuser's."""
+    from psycopg import sql
+    with connect(params["socket_dir"], params["port"], "postgres", autocommit=True) as conn:
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(params["database"])))
+        set_allow_connections(conn, params["database"], True)
 
 
 def lend_to_the_restore(params: dict, lend: bool) -> None:
-    """Give the app's role what pg_restore, as that role, needs in the side database while it
-    is the superuser's: CREATE on it (the dump's schemas, trusted extensions) and on its public
-    schema (owned by the database's owner); with `lend` false, take them back. Nothing when
-    the app's role is the superuser drydock connects as: it owns the database already."""
+    """Let pg_restore, in its sessions as the app's role, do in the side database what it could
+    in one the role owned: create there (the dump's schemas, trusted extensions) and own its
+    public schema (the dump's COMMENT ON SCHEMA public, its GRANTs and REVOKEs there). With
+    `lend` false, take both back: the schema is the database owner's again, as in a new
+    database. Nothing when the app's role is the superuser drydock connects as: it owns the
+    database already."""
     from psycopg import sql
     name, owner = sql.Identifier(params["database"]), sql.Identifier(params["owner"])
-    verb = sql.SQL("GRANT CREATE ON {} {} TO {}" if lend else "REVOKE CREATE ON {} {} FROM {}")
     with connect(params["socket_dir"], params["port"], params["database"], autocommit=True) as conn:
         if conn.execute("SELECT current_user").fetchone()[0] == params["owner"]:
             return
-        conn.execute(verb.format(sql.SQL("DATABASE"), name, owner))
-        conn.execute(verb.format(sql.SQL("SCHEMA"), sql.Identifier("public"), owner))
+        if lend:
+            conn.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(name, owner))
+            conn.execute(sql.SQL("ALTER SCHEMA public OWNER TO {}").format(owner))
+        else:
+            conn.execute("ALTER SCHEMA public OWNER TO pg_database_owner")
+            conn.execute(sql.SQL("REVOKE CREATE ON DATABASE {} FROM {}").format(name, owner))
 
 
 def hand_over(params: dict) -> None:
@@ -183,11 +198,10 @@ def restore(module: AnsibleModule, argvs: list[list[str]], oid: int) -> None:
 
 def run_pg_restore(module: AnsibleModule, argv: list[str], argvs: list[list[str]], oid: int) -> None:
     p = module.params
-    # Session settings for every pg_restore connection, its parallel jobs included. role=none:
-    # a role the database's owner set for its sessions (ALTER DATABASE ... SET role) is not
-    # taken; pg_restore sets the app's role itself (--role).
-    pgoptions = "-c role=none" + (f" -c default_toast_compression={p['toast_compression']}"
-                                  if p["toast_compression"] else "")
+    # Session settings for every pg_restore connection, its parallel jobs included: not those
+    # the database's owner chose (SESSION_SETTINGS; pg_restore sets the app's role itself).
+    pgoptions = SESSION_SETTINGS + (f" -c default_toast_compression={p['toast_compression']}"
+                                    if p["toast_compression"] else "")
     rc, _, stderr = module.run_command(argv, environ_update={"PGOPTIONS": pgoptions})
     if rc != 0:
         module.fail_json(msg=pg_restore_error(stderr, rc), rc=rc, stderr=stderr, command=argvs, database_oid=oid)
@@ -268,6 +282,7 @@ def main() -> None:
     oid = None  # once created: every result names the side database by it (the clean-up drops only that one)
     try:
         oid = create_side_database(p)
+        close_to_other_roles(p)
         lend_to_the_restore(p, lend=True)
         restore(module, argvs, oid)
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
