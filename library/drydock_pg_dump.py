@@ -109,8 +109,9 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.text.formatters import bytes_to_human
 from ansible.module_utils.drydock_pg import (require_psycopg, APP_DATABASE_ARGS, DoesNotUnpack, connect, count_entries,
                                              database_comment, free_bytes, latest_migrations, refuse_code_of_its_own,
-                                             refuse_unless_plain_name, row_counts, server_version, sha256_file,
-                                             table_of_contents, tables_without_rows, user_tables, write_fingerprint)
+                                             ordinary_tables, refuse_unless_plain_name, row_counts, server_version,
+                                             SESSION_SETTINGS, sha256_file, table_of_contents, tables_without_rows,
+                                             write_fingerprint)
 
 
 def dump_command(params: dict, snapshot: str | None, target: str) -> list[str]:
@@ -333,16 +334,15 @@ def main() -> None:
                 command = dump_command(params, snapshot, partial)
                 # The snapshot lives as long as this transaction: pg_dump runs inside it, while
                 # the manifest's other facts are read from the same snapshot.
-                # role=none: as drydock's own sessions (drydock_pg.SAFE_SESSION), pg_dump's
-                # take no role the database's owner set for its sessions.
+                # Not the settings the database's owner chose for its sessions (SESSION_SETTINGS).
                 proc = subprocess.Popen(command, stdout=subprocess.PIPE if zstd else subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, env=dict(os.environ, PGOPTIONS="-c role=none"))
+                                        stderr=subprocess.PIPE, env=dict(os.environ, PGOPTIONS=SESSION_SETTINGS))
                 compressor = None
                 try:
                     if zstd:
                         compressor = Compressor(proc, params["compress"], partial)
                         compressor.start()
-                    tables = user_tables(cur, partitioned=False)
+                    tables = ordinary_tables(cur)
                     facts = dict(row_counts=row_counts(cur), migrations=latest_migrations(cur),
                                  write_fingerprint=fingerprint, server_version=server_version(cur),
                                  database_size=conn.execute("SELECT pg_database_size(current_database())").fetchone()[0],

@@ -46,11 +46,18 @@ PG_CONNECTION_ARGS = dict(
 # the search path, a function there whose argument types fit a call better than the built-in
 # one is chosen instead (CVE-2018-1058: a `public.shobj_description(oid, text)` would run as
 # the superuser at every backup). So only pg_catalog is searched, and the app's tables are
-# named with their schema (`public.django_migrations`). The database's owner may also set a
-# `role` for every session (ALTER DATABASE ... SET role): drydock's would run as the app's
-# role, which a row security policy could then show no rows (a scrub that scrubs nothing).
-# Options given at connection override the database's settings.
-SAFE_SESSION = "-c search_path=pg_catalog,pg_temp -c role=none"
+# named with their schema (`public.django_migrations`).
+#
+# The database's owner may also set any session's settings (ALTER DATABASE ... SET), and
+# settings given at connection override them (SESSION_SETTINGS, also pg_dump's and
+# pg_restore's, in PGOPTIONS): no `role` (drydock's sessions would run as the app's role,
+# which a row security policy could then show no rows: a scrub that scrubs nothing); no
+# library to load (local_preload_libraries: one that is not there fails every connection);
+# no time limit (a common statement_timeout would stop a long count, and
+# idle_in_transaction_session_timeout the session holding a dump's snapshot); not read-only.
+SESSION_SETTINGS = ("-c role=none -c local_preload_libraries= -c statement_timeout=0 -c lock_timeout=0"
+                    " -c idle_in_transaction_session_timeout=0 -c default_transaction_read_only=off")
+SAFE_SESSION = f"-c search_path=pg_catalog,pg_temp {SESSION_SETTINGS}"
 
 
 def connect(socket_dir: str, port: int, database: str, autocommit: bool = False):
@@ -66,16 +73,27 @@ def is_table(conn, name: str) -> bool:
                         (name,)).fetchone()[0]
 
 
-def user_tables(cur, partitioned: bool = True) -> list[tuple[str, str]]:
-    """(schema, table) of every ordinary table outside the system schemas, and of every
-    partitioned one unless `partitioned` is false (its rows are its partitions')."""
-    kinds = "('r', 'p')" if partitioned else "('r')"
+# The schemas of the app's tables: all but information_schema and the system's, whose names
+# begin with pg_ (PostgreSQL refuses that prefix to any other; in LIKE, _ would match any
+# character, and the app's role may create a schema pgxtemp).
+USER_SCHEMA = "n.nspname <> 'information_schema' AND left(n.nspname, 3) <> 'pg_'"
+
+
+def user_tables(cur) -> list[tuple[str, str]]:
+    """(schema, table) of every ordinary or partitioned table outside the system schemas."""
     cur.execute(
         "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        f" WHERE c.relkind IN {kinds} AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
-        " AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'"
-        " ORDER BY 1, 2")
+        f" WHERE c.relkind IN ('r', 'p') AND {USER_SCHEMA} ORDER BY 1, 2")
     return [(schema, table) for schema, table in cur.fetchall()]
+
+
+def ordinary_tables(cur) -> dict[int, str]:
+    """The ordinary tables outside the system schemas (a partitioned one's rows are its
+    partitions'), by oid, each named as row_counts() names it."""
+    cur.execute(
+        "SELECT c.oid, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        f" WHERE c.relkind = 'r' AND {USER_SCHEMA} ORDER BY 2, 3")
+    return {oid: table_key(schema, table) for oid, schema, table in cur.fetchall()}
 
 
 def table_key(schema: str, table: str) -> str:
@@ -220,17 +238,17 @@ def count_entries(toc: str) -> int:
     return sum(1 for line in toc.splitlines() if line and not line.startswith(";"))
 
 
-# A table's rows, as a table of contents lists them: "3348; 0 16385 TABLE DATA public blog_post
-# wagtail_site" (schema, table, owner; a schema's or a table's name may hold a space).
-DUMPED_ROWS = re.compile(r"^\d+; 0 \d+ TABLE DATA (.+) \S+$")
+# A table's rows, as a table of contents lists them, with the table's oid: "3348; 0 16385
+# TABLE DATA public blog_post wagtail_site" (by the oid: names and owners may hold spaces).
+DUMPED_ROWS = re.compile(r"^\d+; 0 (\d+) TABLE DATA ")
 
 
-def tables_without_rows(toc: str, tables: list[tuple[str, str]]) -> list[str]:
-    """The ordinary tables (schema, table) whose rows the table of contents does not list.
-    pg_dump leaves out a table an extension claims (unless the extension marks it for
-    dumping), and the database's owner can add its tables to an extension it created."""
-    dumped = {match[1] for line in toc.splitlines() if (match := DUMPED_ROWS.match(line))}
-    return [table_key(schema, table) for schema, table in tables if f"{schema} {table}" not in dumped]
+def tables_without_rows(toc: str, tables: dict[int, str]) -> list[str]:
+    """The tables (ordinary_tables()) whose rows the table of contents does not list. pg_dump
+    leaves out a table an extension claims (unless the extension marks it for dumping), and
+    the database's owner can add its tables to an extension it created."""
+    dumped = {int(match[1]) for line in toc.splitlines() if (match := DUMPED_ROWS.match(line))}
+    return [name for oid, name in tables.items() if oid not in dumped]
 
 
 def table_of_contents(pg_bindir: str, path: str, zstd: bool = False) -> str:
