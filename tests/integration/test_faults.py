@@ -246,7 +246,8 @@ class BlockedSwap:
     statement of the swap's module waits for, so that a kill lands while that module runs:
     taken once the side database exists, released (rolled back) by `release`.
     - "comment": COMMENT ON DATABASE <db>__incoming, which the module writes its record on
-      before its renames (drydock_db_swap): a lock on the database as an object.
+      before its renames (drydock_db_swap): a lock on the database as an object. Taken once
+      the app's role owns the side database (the restore hands it over once it is checked).
     - "rename": an uncommitted update of the live database's row in pg_database (its
       connection limit, set to what it is), which the rename of that database, inside the
       swap's transaction and once its sessions were ended, waits for: a lock on our
@@ -264,6 +265,10 @@ class BlockedSwap:
     def waiting(self) -> bool:
         if not self.holding:
             if "wagtail_site__incoming" not in databases(self.watcher):
+                return False
+            if self.statement.startswith("COMMENT") and not self.watcher.execute(
+                    "SELECT EXISTS (SELECT FROM pg_database WHERE datname = 'wagtail_site__incoming'"
+                    " AND datdba = current_user::regrole)").fetchone()[0]:
                 return False
             self.holder.execute(self.statement)
             self.holding = True

@@ -382,3 +382,23 @@ def test_the_apps_role_cannot_connect_to_the_side_database_before_its_restore_is
         stop.set()
         knocker.join()
     assert seen == [connect("local").execute(SCHEMA_SIZE).fetchone()]
+
+
+PUBLIC_SCHEMA = ("SELECT obj_description(oid, 'pg_namespace'), nspacl::text, nspowner::regrole::text FROM pg_namespace"
+                 " WHERE nspname = 'public'")
+
+
+def test_the_public_schemas_comment_and_grants_arrive_as_the_app_role_set_them(pulled, connect):
+    """The restore runs as the app's role in a side database the superuser owns until it is
+    checked: the role owns its public schema meanwhile, so that the dump's COMMENT ON SCHEMA
+    public and its REVOKEs there apply (not owning it, pg_restore fails on the one, and only
+    warns on the others, leaving the schema open to every role)."""
+    production = connect("production")
+    production.execute("COMMENT ON SCHEMA public IS 'the site''s tables'; REVOKE USAGE ON SCHEMA public FROM PUBLIC")
+    try:
+        inv("pull", "production", check=True)
+        assert connect("local").execute(PUBLIC_SCHEMA).fetchone() == production.execute(PUBLIC_SCHEMA).fetchone()
+        assert connect("local").execute(PUBLIC_SCHEMA).fetchone()[2] == "pg_database_owner"
+    finally:
+        production.execute("COMMENT ON SCHEMA public IS 'standard public schema'; GRANT USAGE ON SCHEMA public TO PUBLIC")
+        inv("pull", "production", check=True)  # the newest backup, and the local database, without them

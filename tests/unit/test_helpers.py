@@ -47,8 +47,8 @@ def test_the_dumps_own_code_is_told_by_its_catalog_not_its_words():
 
 
 def test_a_table_whose_rows_the_dump_does_not_list_is_named():
-    toc = TOC + "3349; 0 16410 TABLE DATA my schema odd table wagtail_site\n"
-    tables = [("public", "blog_post"), ("my schema", "odd table"), ("public", "planted_hidden")]
+    toc = TOC + "3349; 0 16410 TABLE DATA my schema odd table my role\n"
+    tables = {16385: "blog_post", 16410: "my schema.odd table", 16420: "planted_hidden"}
     assert tables_without_rows(toc, tables) == ["planted_hidden"]
 
 
