@@ -166,15 +166,19 @@ def lend_to_the_restore(params: dict, lend: bool) -> None:
             conn.execute(sql.SQL("REVOKE CREATE ON DATABASE {} FROM {}").format(name, owner))
 
 
-def hand_over(params: dict) -> None:
+def hand_over(params: dict, oid: int) -> None:
     """Once the copy is restored and checked: the app's role owns the side database, and
-    every role may connect to it again, as to one CREATE DATABASE ... OWNER made."""
+    every role may connect to it again, as to one CREATE DATABASE ... OWNER made: its grants
+    are the defaults again (NULL), not a list of the same rights, which the swap's carry of
+    the live database's grants would then write in another order."""
     from psycopg import sql
-    name, owner = sql.Identifier(params["database"]), sql.Identifier(params["owner"])
     lend_to_the_restore(params, lend=False)
-    with connect(params["socket_dir"], params["port"], "postgres", autocommit=True) as conn:
-        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(name, owner))
-        conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO PUBLIC").format(name))
+    with connect(params["socket_dir"], params["port"], "postgres", autocommit=True) as conn, conn.transaction():
+        conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+            sql.Identifier(params["database"]), sql.Identifier(params["owner"])))
+        # Only the owner's rights are left by now (what was lent is taken back): no role's
+        # dependency on this database's grants (pg_shdepend) is left to tidy.
+        conn.execute("UPDATE pg_database SET datacl = NULL WHERE oid = %s", (oid,))
 
 
 # The two runs of pg_restore: the schema, checked before any row is loaded; then the rows,
@@ -300,7 +304,7 @@ def main() -> None:
     if problem:
         module.fail_json(msg=problem, row_counts=counts, command=argvs, database_oid=oid)
     try:
-        hand_over(p)
+        hand_over(p, oid)
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()), command=argvs, database_oid=oid)
     # Restored and checked: the archive (production data) has served its purpose.
