@@ -111,9 +111,9 @@ import os
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, applied_migrations, connect, database_exists,
                                              database_oid, drop_database, dumped_code, pg_restore_error,
-                                             refuse_code_of_its_own, refuse_unless_plain_name, row_count_problem,
-                                             row_counts, SESSION_SETTINGS, set_allow_connections, table_of_contents,
-                                             untrusted_row_code)
+                                             refuse_code_of_its_own, refuse_unless_plain_name, row_code_refusal,
+                                             row_count_problem, row_counts, SESSION_SETTINGS, set_allow_connections,
+                                             table_of_contents, untrusted_row_code)
 
 # What PostgreSQL accepts for default_toast_compression; anything else never reaches PGOPTIONS.
 TOAST_COMPRESSIONS = ("", "pglz", "lz4")
@@ -240,13 +240,10 @@ def refuse_untrusted_row_code(module: AnsibleModule, argvs: list[list[str]], oid
     with connect(p["socket_dir"], p["port"], p["database"]) as conn, conn.cursor() as cur:
         untrusted = untrusted_row_code(cur, p["trusted_functions"])
     if untrusted:
-        module.fail_json(
-            msg=f"refusing to load the dump's rows: {'; '.join(untrusted[:3])}"
-                + (f" (and {len(untrusted) - 3} more)" if len(untrusted) > 3 else "")
-                + ": a function that is not PostgreSQL's own immutable one would run as each row is loaded, in a "
-                  "session that logged in as the superuser; if you have read it and trust it, name it in "
-                  "pg_restore_trusted_functions (docs/runbook.md, section 8)",
-            untrusted=untrusted, command=argvs, database_oid=oid)
+        module.fail_json(msg=row_code_refusal("refusing to load the dump's rows", untrusted,
+                                              "as each row is loaded, in a session that logged in as the superuser",
+                                              "pg_restore_trusted_functions"),
+                         untrusted=untrusted, command=argvs, database_oid=oid)
 
 
 def file_identity(path: str) -> tuple[int, int, int, int]:

@@ -461,13 +461,18 @@ def refuse_code_of_its_own(module, conn, doing: str, writes: bool = False, **res
         with conn.cursor() as cur:
             untrusted = untrusted_row_code(cur, trusted, views=True)
         if untrusted:
-            module.fail_json(
-                msg=f"refusing to {doing} {database}: {'; '.join(untrusted[:3])}"
-                    + (f" (and {len(untrusted) - 3} more)" if len(untrusted) > 3 else "")
-                    + ": a function that is not PostgreSQL's own immutable one would run as the superuser writes "
-                      "a row, or reads a view; if you have read it and trust it, name it in drydock_trusted_functions "
-                      "(docs/runbook.md, section 8)",
-                untrusted=untrusted, **result)
+            module.fail_json(msg=row_code_refusal(f"refusing to {doing} {database}", untrusted,
+                                                  "as the superuser writes a row, or reads a view",
+                                                  "drydock_trusted_functions"),
+                             untrusted=untrusted, **result)
+
+
+def row_code_refusal(refusing: str, untrusted: list[str], when: str, variable: str) -> str:
+    """Why drydock refuses (`refusing`) what would run `untrusted` (untrusted_row_code) `when`."""
+    return (f"{refusing}: {'; '.join(untrusted[:3])}"
+            + (f" (and {len(untrusted) - 3} more)" if len(untrusted) > 3 else "")
+            + f": a function that is not PostgreSQL's own immutable one would run {when}; if you have read it and "
+              f"trust it, name it in {variable} (docs/runbook.md, section 8)")
 
 
 def database_exists(conn, name: str) -> bool:
