@@ -113,7 +113,8 @@ from ansible.module_utils.drydock_pg import (require_psycopg, applied_migrations
                                              database_oid, drop_database, dumped_code, pg_restore_error,
                                              refuse_code_of_its_own, refuse_unless_plain_name, row_code_refusal,
                                              row_count_problem, row_counts, SESSION_SETTINGS, set_allow_connections,
-                                             table_of_contents, untrusted_row_code)
+                                             table_of_contents, untrusted_row_code, NotTheRestoredDatabase,
+                                             refuse_another_database)
 
 # What PostgreSQL accepts for default_toast_compression; anything else never reaches PGOPTIONS.
 TOAST_COMPRESSIONS = ("", "pglz", "lz4")
@@ -138,15 +139,18 @@ def create_side_database(params: dict) -> int:
         return database_oid(conn, params["database"])
 
 
-def close_to_other_roles(params: dict) -> None:
-    """Take PUBLIC's rights on the side database, then let connections in: the superuser's."""
+def close_to_other_roles(params: dict, oid: int) -> None:
+    """Take PUBLIC's rights on the side database, then let connections in: the superuser's.
+    Each step here acts on the database this run created (`oid`) or on none: another run
+    restoring onto this server (another controller) may have replaced it under its name."""
     from psycopg import sql
-    with connect(params["socket_dir"], params["port"], "postgres", autocommit=True) as conn:
+    with connect(params["socket_dir"], params["port"], "postgres", autocommit=True) as conn, conn.transaction():
+        refuse_another_database(conn, params["database"], oid)
         conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(params["database"])))
         set_allow_connections(conn, params["database"], True)
 
 
-def lend_to_the_restore(params: dict, lend: bool) -> None:
+def lend_to_the_restore(params: dict, oid: int, lend: bool) -> None:
     """Let pg_restore, in its sessions as the app's role, do in the side database what it could
     in one the role owned: create there (the dump's schemas, trusted extensions) and own its
     public schema (the dump's COMMENT ON SCHEMA public, its GRANTs and REVOKEs there). With
@@ -156,6 +160,7 @@ def lend_to_the_restore(params: dict, lend: bool) -> None:
     from psycopg import sql
     name, owner = sql.Identifier(params["database"]), sql.Identifier(params["owner"])
     with connect(params["socket_dir"], params["port"], params["database"], autocommit=True) as conn:
+        refuse_another_database(conn, params["database"], oid)
         if conn.execute("SELECT current_user").fetchone()[0] == params["owner"]:
             return
         if lend:
@@ -172,13 +177,19 @@ def hand_over(params: dict, oid: int) -> None:
     are the defaults again (NULL), not a list of the same rights, which the swap's carry of
     the live database's grants would then write in another order."""
     from psycopg import sql
-    lend_to_the_restore(params, lend=False)
+    lend_to_the_restore(params, oid, lend=False)
     with connect(params["socket_dir"], params["port"], "postgres", autocommit=True) as conn, conn.transaction():
         conn.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
             sql.Identifier(params["database"]), sql.Identifier(params["owner"])))
+        refuse_another_database(conn, params["database"], oid)  # after the ALTER, which locks it
         # Only the owner's rights are left by now (what was lent is taken back): no role's
         # dependency on this database's grants (pg_shdepend) is left to tidy.
         conn.execute("UPDATE pg_database SET datacl = NULL WHERE oid = %s", (oid,))
+
+
+# Why a restore stops when its side database was replaced under its name.
+REPLACED = ("{} is no longer the database this run created (another run restoring onto this server replaced it): "
+            "nothing of it was handed to the app's role")
 
 
 # The two runs of pg_restore: the schema, checked before any row is loaded; then the rows,
@@ -206,7 +217,10 @@ def run_pg_restore(module: AnsibleModule, argv: list[str], argvs: list[list[str]
     # the database's owner chose (SESSION_SETTINGS; pg_restore sets the app's role itself).
     pgoptions = SESSION_SETTINGS + (f" -c default_toast_compression={p['toast_compression']}"
                                     if p["toast_compression"] else "")
-    rc, _, stderr = module.run_command(argv, environ_update={"PGOPTIONS": pgoptions})
+    try:  # a pg_restore that cannot start fails with the side database named, for its clean-up
+        rc, _, stderr = module.run_command(argv, environ_update={"PGOPTIONS": pgoptions}, handle_exceptions=False)
+    except OSError as error:
+        module.fail_json(msg=f"cannot run {argv[0]}: {error.strerror}", command=argvs, database_oid=oid)
     if rc != 0:
         module.fail_json(msg=pg_restore_error(stderr, rc), rc=rc, stderr=stderr, command=argvs, database_oid=oid)
 
@@ -283,8 +297,8 @@ def main() -> None:
     oid = None  # once created: every result names the side database by it (the clean-up drops only that one)
     try:
         oid = create_side_database(p)
-        close_to_other_roles(p)
-        lend_to_the_restore(p, lend=True)
+        close_to_other_roles(p, oid)
+        lend_to_the_restore(p, oid, lend=True)
         restore(module, argvs, oid)
         with connect(p["socket_dir"], p["port"], p["database"]) as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -297,6 +311,8 @@ def main() -> None:
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()), command=argvs,
                          **({"database_oid": oid} if oid is not None else {}))
+    except NotTheRestoredDatabase:
+        module.fail_json(msg=REPLACED.format(p["database"]), command=argvs, database_oid=oid)
     problem = row_count_problem(p["database"], p["expect_row_counts"], counts)
     if problem:
         module.fail_json(msg=problem, row_counts=counts, command=argvs, database_oid=oid)
@@ -304,6 +320,8 @@ def main() -> None:
         hand_over(p, oid)
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()), command=argvs, database_oid=oid)
+    except NotTheRestoredDatabase:
+        module.fail_json(msg=REPLACED.format(p["database"]), command=argvs, database_oid=oid)
     # Restored and checked: the archive (production data) has served its purpose.
     try:
         if file_identity(p["archive"]) == archive:

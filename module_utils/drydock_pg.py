@@ -56,7 +56,8 @@ PG_CONNECTION_ARGS = dict(
 # no time limit (a common statement_timeout would stop a long count, and
 # idle_in_transaction_session_timeout the session holding a dump's snapshot); not read-only.
 SESSION_SETTINGS = ("-c role=none -c local_preload_libraries= -c statement_timeout=0 -c lock_timeout=0"
-                    " -c idle_in_transaction_session_timeout=0 -c default_transaction_read_only=off")
+                    " -c idle_in_transaction_session_timeout=0 -c idle_session_timeout=0"
+                    " -c default_transaction_read_only=off")
 SAFE_SESSION = f"-c search_path=pg_catalog,pg_temp {SESSION_SETTINGS}"
 
 
@@ -89,10 +90,14 @@ def user_tables(cur) -> list[tuple[str, str]]:
 
 def ordinary_tables(cur) -> dict[int, str]:
     """The ordinary tables outside the system schemas (a partitioned one's rows are its
-    partitions'), by oid, each named as row_counts() names it."""
+    partitions'), by oid, each named as row_counts() names it; but an extension's own, which
+    a superuser owns (its CREATE EXTENSION makes them again; a table the app's role adds to an
+    extension is the role's)."""
     cur.execute(
         "SELECT c.oid, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        f" WHERE c.relkind = 'r' AND {USER_SCHEMA} ORDER BY 2, 3")
+        f" WHERE c.relkind = 'r' AND {USER_SCHEMA}"
+        " AND NOT (EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_class'::regclass AND objid = c.oid AND deptype = 'e')"
+        " AND (SELECT rolsuper FROM pg_roles WHERE oid = c.relowner)) ORDER BY 2, 3")
     return {oid: table_key(schema, table) for oid, schema, table in cur.fetchall()}
 
 
