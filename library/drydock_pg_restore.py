@@ -110,7 +110,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.drydock_pg import (require_psycopg, applied_migrations, connect, database_exists,
-                                             database_oid, drop_database, dumped_code, pg_restore_error,
+                                             database_oid, drop_database, dumped_code, first_three, pg_restore_error,
                                              refuse_code_of_its_own, refuse_unless_plain_name, row_code_refusal,
                                              row_count_problem, row_counts, SESSION_SETTINGS, set_allow_connections,
                                              table_of_contents, untrusted_row_code, NotTheRestoredDatabase,
@@ -240,7 +240,7 @@ def refuse_dumped_code(module: AnsibleModule, argvs: list[list[str]]) -> None:
     if own:
         module.fail_json(
             msg=f"refusing to restore a dump that brings {len(own)} function(s), trigger(s) or rule(s) of its own "
-                f"({', '.join(own[:3])}" + (", …" if len(own) > 3 else "") + "): the superuser's sessions "
+                f"({first_three(own)}): the superuser's sessions "
                 "(pg_restore's, drydock's) could run them, and a Django/Wagtail database has none; read them on the "
                 "server the dump came from, and if they are the app's and harmless, name them in "
                 "pg_restore_trusted_functions (docs/runbook.md, section 8)",
@@ -308,18 +308,13 @@ def main() -> None:
             # pg_database is shared: whether the live database exists is seen from here too.
             live = p["live_database"] if p["live_database"] and database_exists(conn, p["live_database"]) else ""
         missing = migrations_missing(module, live, copy_migrations, oid)
+        problem = row_count_problem(p["database"], p["expect_row_counts"], counts)
+        if problem:
+            module.fail_json(msg=problem, row_counts=counts, command=argvs, database_oid=oid)
+        hand_over(p, oid)
     except psycopg.Error as error:
         module.fail_json(msg=" ".join(str(error).split()), command=argvs,
                          **({"database_oid": oid} if oid is not None else {}))
-    except NotTheRestoredDatabase:
-        module.fail_json(msg=REPLACED.format(p["database"]), command=argvs, database_oid=oid)
-    problem = row_count_problem(p["database"], p["expect_row_counts"], counts)
-    if problem:
-        module.fail_json(msg=problem, row_counts=counts, command=argvs, database_oid=oid)
-    try:
-        hand_over(p, oid)
-    except psycopg.Error as error:
-        module.fail_json(msg=" ".join(str(error).split()), command=argvs, database_oid=oid)
     except NotTheRestoredDatabase:
         module.fail_json(msg=REPLACED.format(p["database"]), command=argvs, database_oid=oid)
     # Restored and checked: the archive (production data) has served its purpose.
