@@ -108,7 +108,7 @@ import threading
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.common.text.formatters import bytes_to_human
 from ansible.module_utils.drydock_pg import (require_psycopg, APP_DATABASE_ARGS, DoesNotUnpack, connect, count_entries,
-                                             database_comment, free_bytes, latest_migrations, refuse_code_of_its_own,
+                                             database_comment, first_three, free_bytes, latest_migrations, refuse_code_of_its_own,
                                              ordinary_tables, refuse_unless_plain_name, row_counts, server_version,
                                              SESSION_SETTINGS, sha256_file, table_of_contents, tables_without_rows,
                                              write_fingerprint)
@@ -369,8 +369,8 @@ def main() -> None:
         toc_entries = count_entries(toc)
         if missing := tables_without_rows(toc, tables):
             raise RuntimeError(
-                f"the dump of {params['database']} lacks the rows of {len(missing)} table(s) ({', '.join(missing[:3])}"
-                + (", …" if len(missing) > 3 else "") + "): pg_dump leaves out a table an extension claims (ALTER "
+                f"the dump of {params['database']} lacks the rows of {len(missing)} table(s) ({first_three(missing)}): "
+                "pg_dump leaves out a table an extension claims (ALTER "
                 "EXTENSION … ADD TABLE), and a Django/Wagtail database has none; read which extension holds it "
                 "(docs/runbook.md, section 8)")
         version = subprocess.run([os.path.join(params["pg_bindir"], "pg_dump"), "--version"],

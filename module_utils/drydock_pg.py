@@ -88,6 +88,15 @@ def user_tables(cur) -> list[tuple[str, str]]:
     return [(schema, table) for schema, table in cur.fetchall()]
 
 
+def extensions_own(catalog: str, row: str, owner: str) -> str:
+    """SQL: whether the object `row` (an oid in `catalog`, owned by `owner`) is an extension's
+    own: a member of one, owned by a superuser. An extension's script makes its objects as one,
+    even a trusted extension's that the app's role creates; what the role adds to an
+    extension later (ALTER EXTENSION ... ADD) stays the role's."""
+    return (f"(EXISTS (SELECT FROM pg_depend WHERE classid = '{catalog}'::regclass AND objid = {row} AND deptype = 'e')"
+            f" AND (SELECT rolsuper FROM pg_roles WHERE oid = {owner}))")
+
+
 def ordinary_tables(cur) -> dict[int, str]:
     """The ordinary tables outside the system schemas (a partitioned one's rows are its
     partitions'), by oid, each named as row_counts() names it; but an extension's own, which
@@ -95,9 +104,8 @@ def ordinary_tables(cur) -> dict[int, str]:
     extension is the role's)."""
     cur.execute(
         "SELECT c.oid, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        f" WHERE c.relkind = 'r' AND {USER_SCHEMA}"
-        " AND NOT (EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_class'::regclass AND objid = c.oid AND deptype = 'e')"
-        " AND (SELECT rolsuper FROM pg_roles WHERE oid = c.relowner)) ORDER BY 2, 3")
+        f" WHERE c.relkind = 'r' AND {USER_SCHEMA} AND NOT {extensions_own('pg_class', 'c.oid', 'c.relowner')}"
+        " ORDER BY 2, 3")
     return {oid: table_key(schema, table) for oid, schema, table in cur.fetchall()}
 
 
@@ -345,15 +353,11 @@ def dumped_code(toc: str) -> list[str]:
     return sorted(found)
 
 
-# Whether the function `p` (a pg_proc row) is one the server's superuser installed: a member
-# of an extension, owned by a superuser (an extension's script makes its functions as one,
-# even a trusted extension's that the app's role creates; the role owns a function it adds
-# to its extension later, with ALTER EXTENSION ... ADD), or a range type's constructor, which
-# PostgreSQL makes with the type (an internal dependency).
-INSTALLED_FUNCTION = (
-    "(EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_proc'::regclass AND objid = p.oid AND deptype = 'i')"
-    " OR (EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_proc'::regclass AND objid = p.oid AND deptype = 'e')"
-    " AND (SELECT rolsuper FROM pg_roles WHERE oid = p.proowner)))")
+# Whether the function `p` (a pg_proc row) is one the server's superuser installed: an
+# extension's own (extensions_own), or a range type's constructor, which PostgreSQL makes with
+# the type (an internal dependency).
+INSTALLED_FUNCTION = ("(EXISTS (SELECT FROM pg_depend WHERE classid = 'pg_proc'::regclass AND objid = p.oid"
+                      f" AND deptype = 'i') OR {extensions_own('pg_proc', 'p.oid', 'p.proowner')})")
 
 
 def functions_of_its_own(conn) -> list[str]:
@@ -386,10 +390,15 @@ def code_of_its_own(conn, trusted: list[str]) -> list[str]:
     return [name for name in names if name not in trusted]
 
 
+def first_three(names: list[str]) -> str:
+    """The first three of `names`, for a one-line message ("a, b, c, …" when there are more)."""
+    return ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+
+
 def code_refusal(doing: str, database: str, own: list[str]) -> str:
     """Why drydock will not `doing` (back up, read, write) `database`, which holds `own`."""
     return (f"refusing to {doing} {database}: it holds {len(own)} function(s), trigger(s) or rule(s) of its own "
-            f"({', '.join(own[:3])}{', …' if len(own) > 3 else ''}), which the superuser's work in it could run, "
+            f"({first_three(own)}), which the superuser's work in it could run, "
             "and a Django/Wagtail database has none; read them, and if they are the app's and harmless, name them "
             "in drydock_trusted_functions (docs/runbook.md, section 8)")
 
