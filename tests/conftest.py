@@ -228,6 +228,11 @@ def fingerprint(conn) -> dict[str, str]:
 
 # Which database is live: a swap, an exchange or a rename gives the name another database.
 LIVE_OID = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site'"
+# A rule the app's role could put on wagtailcore_site: the superuser's UPDATE of the Site (the
+# Site switch) would copy a server file the role may not read into a table of the role's.
+PLANTED_SITE_RULE = ("CREATE TABLE public.planted_loot (line text); CREATE RULE planted AS ON UPDATE TO"
+                     " public.wagtailcore_site DO ALSO INSERT INTO public.planted_loot SELECT pg_read_file('/etc/hostname')")
+PLANTED_SITE_RULE_REMOVED = "DROP RULE IF EXISTS planted ON public.wagtailcore_site; DROP TABLE IF EXISTS public.planted_loot"
 
 
 # What a server's operator sets on its live database, not in its content: a swap must keep it.

@@ -10,8 +10,8 @@ import psycopg
 import pytest
 
 from drydock import dumps
-from tests.conftest import (LIVE_OID, ROOT, database_url, databases, error_lines, fingerprint, inv, playbook,
-                            row_counts)
+from tests.conftest import (LIVE_OID, PLANTED_SITE_RULE, PLANTED_SITE_RULE_REMOVED, ROOT, database_url, databases,
+                            error_lines, fingerprint, inv, playbook, row_counts)
 
 
 @pytest.fixture(scope="module")
@@ -316,10 +316,7 @@ def test_a_dump_whose_code_the_superuser_would_run_is_refused_before_its_rows(pu
         inv("pull", "production", check=True)  # the newest backup, and the local database, without them
 
 
-# A rule the app's role could put on production: the superuser's UPDATE of the Site (the pull's
-# switch on the local copy) would read a server file into a table of the role's own.
-PLANTED_RULE = ("CREATE TABLE public.planted_loot (line text); CREATE RULE planted AS ON UPDATE TO public.wagtailcore_site"
-                " DO ALSO INSERT INTO public.planted_loot SELECT pg_read_file('/etc/hostname')")
+# PLANTED_SITE_RULE on production: the pull's Site switch on the local copy would run it.
 RULE = "rule planted on public.wagtailcore_site"
 
 
@@ -328,7 +325,7 @@ def test_a_rule_on_production_is_refused_by_its_backup_and_by_the_restore(pulled
     refuses it before creating anything. Trusted by the local host too, the pull's Site switch
     runs it: the superuser reads the file the app's role may not."""
     production = connect("production")
-    production.execute(PLANTED_RULE)
+    production.execute(PLANTED_SITE_RULE)
     before = fingerprint(connect("local"))
     try:
         refused = inv("pull", "production")
@@ -350,7 +347,7 @@ def test_a_rule_on_production_is_refused_by_its_backup_and_by_the_restore(pulled
         assert connect("local").execute("SELECT line FROM public.planted_loot").fetchall() == [
             (Path("/etc/hostname").read_text(),)]
     finally:
-        production.execute("DROP RULE IF EXISTS planted ON public.wagtailcore_site; DROP TABLE IF EXISTS public.planted_loot")
+        production.execute(PLANTED_SITE_RULE_REMOVED)
         inv("pull", "production", check=True)  # the newest backup, and the local database, without it
 
 

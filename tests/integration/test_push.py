@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 
 import psycopg
 import pytest
@@ -109,6 +110,18 @@ def test_the_default_user_names_rule_survives_a_username_it_would_give(connect):
         conn.rollback()
 
 
+@contextmanager
+def app_owned_database(sandbox_env, name: str):
+    """A scratch database on local's server, owned by the app's role, as its connection; dropped after."""
+    local = sandbox_env["local"]
+    subprocess.run([*owner_psql(local), "-c", f"CREATE DATABASE {name} OWNER {local['app_role']}"], check=True)
+    try:
+        with psycopg.connect(database_url(sandbox_env, "local", name), autocommit=True) as conn:
+            yield conn
+    finally:
+        subprocess.run([*owner_psql(local), "-c", f"DROP DATABASE {name} WITH (FORCE)"], check=True)
+
+
 def test_the_scrub_rules_write_the_apps_tables_not_a_schema_named_after_the_superuser(sandbox_env):
     """As the superuser, "$user" on the search path is a schema named after it (postgres),
     which the app's role (the database's owner) can create: an auth_user of its own there must
@@ -116,24 +129,19 @@ def test_the_scrub_rules_write_the_apps_tables_not_a_schema_named_after_the_supe
     import yaml
 
     rules = yaml.safe_load((ROOT / "roles/pg_scrub/defaults/main.yml").read_text())["pg_scrub_rules"]
-    scratch = "drydock_test_scrub_decoy"
-    local = sandbox_env["local"]
-    subprocess.run([*owner_psql(local), "-c", f"CREATE DATABASE {scratch} OWNER {local['app_role']}"], check=True)
-    try:
-        with psycopg.connect(database_url(sandbox_env, "local", scratch), autocommit=True) as conn:
-            decoy = f'"{local["os_user"]}".auth_user'  # the cluster's superuser is its OS user
-            conn.execute(f'CREATE TABLE public.django_migrations (id int); CREATE SCHEMA "{local["os_user"]}";'
-                         " CREATE TABLE public.auth_user (id int, email text);"
-                         f" CREATE TABLE {decoy} (LIKE public.auth_user);"
-                         " INSERT INTO public.auth_user VALUES (1, 'ada@drydock-example.org');"
-                         f" INSERT INTO {decoy} VALUES (1, 'decoy@drydock-example.org')")
-            result = run_module("local", "drydock_scrub",
-                                {"database": scratch, "rules": [r for r in rules if r["name"] == "user_emails"]})
-            assert result["ran"] == [{"name": "user_emails", "rows": 1}]
-            assert conn.execute("TABLE public.auth_user").fetchall() == [(1, "user1@example.invalid")]
-            assert conn.execute(f"TABLE {decoy}").fetchall() == [(1, "decoy@drydock-example.org")]
-    finally:
-        subprocess.run([*owner_psql(local), "-c", f"DROP DATABASE {scratch} WITH (FORCE)"], check=True)
+    scratch, local = "drydock_test_scrub_decoy", sandbox_env["local"]
+    with app_owned_database(sandbox_env, scratch) as conn:
+        decoy = f'"{local["os_user"]}".auth_user'  # the cluster's superuser is its OS user
+        conn.execute(f'CREATE TABLE public.django_migrations (id int); CREATE SCHEMA "{local["os_user"]}";'
+                     " CREATE TABLE public.auth_user (id int, email text);"
+                     f" CREATE TABLE {decoy} (LIKE public.auth_user);"
+                     " INSERT INTO public.auth_user VALUES (1, 'ada@drydock-example.org');"
+                     f" INSERT INTO {decoy} VALUES (1, 'decoy@drydock-example.org')")
+        result = run_module("local", "drydock_scrub",
+                            {"database": scratch, "rules": [r for r in rules if r["name"] == "user_emails"]})
+        assert result["ran"] == [{"name": "user_emails", "rows": 1}]
+        assert conn.execute("TABLE public.auth_user").fetchall() == [(1, "user1@example.invalid")]
+        assert conn.execute(f"TABLE {decoy}").fetchall() == [(1, "decoy@drydock-example.org")]
 
 
 def test_a_view_a_scrub_rule_reads_that_would_run_a_volatile_function_refuses_the_scrub(sandbox_env):
@@ -141,25 +149,20 @@ def test_a_view_a_scrub_rule_reads_that_would_run_a_volatile_function_refuses_th
     django_content_type), and a view standing there runs its functions as the reader, the
     superuser: the scrub refuses before any rule runs."""
     scratch = "drydock_test_scrub_view"
-    local = sandbox_env["local"]
-    subprocess.run([*owner_psql(local), "-c", f"CREATE DATABASE {scratch} OWNER {local['app_role']}"], check=True)
-    try:
-        with psycopg.connect(database_url(sandbox_env, "local", scratch), autocommit=True) as conn:
-            conn.execute("CREATE TABLE public.django_migrations (id int);"
-                         " CREATE TABLE public.auth_user (id int, email text);"
-                         " INSERT INTO public.auth_user VALUES (1, 'ada@drydock-example.org');"
-                         " CREATE VIEW public.django_content_type AS SELECT 1 AS id"
-                         " WHERE set_config('application_name', 'planted', false) IS NOT NULL")
-            rule = {"name": "emails_of_typed_users", "table": "auth_user",
-                    "sql": "UPDATE auth_user SET email = 'x@example.invalid' WHERE id IN (SELECT id FROM django_content_type)"}
-            result = run_module("local", "drydock_scrub", {"database": scratch, "rules": [rule]}, fails=True)
-            assert result["msg"].startswith(
-                f"refusing to scrub {scratch}: view public.django_content_type calls set_config(text,text,boolean):"
-                " a function that is not PostgreSQL's own immutable one would run as the superuser writes a row,"
-                " or reads a view;"), result["msg"]
-            assert conn.execute("TABLE public.auth_user").fetchall() == [(1, "ada@drydock-example.org")]
-    finally:
-        subprocess.run([*owner_psql(local), "-c", f"DROP DATABASE {scratch} WITH (FORCE)"], check=True)
+    with app_owned_database(sandbox_env, scratch) as conn:
+        conn.execute("CREATE TABLE public.django_migrations (id int);"
+                     " CREATE TABLE public.auth_user (id int, email text);"
+                     " INSERT INTO public.auth_user VALUES (1, 'ada@drydock-example.org');"
+                     " CREATE VIEW public.django_content_type AS SELECT 1 AS id"
+                     " WHERE set_config('application_name', 'planted', false) IS NOT NULL")
+        rule = {"name": "emails_of_typed_users", "table": "auth_user",
+                "sql": "UPDATE auth_user SET email = 'x@example.invalid' WHERE id IN (SELECT id FROM django_content_type)"}
+        result = run_module("local", "drydock_scrub", {"database": scratch, "rules": [rule]}, fails=True)
+        assert result["msg"].startswith(
+            f"refusing to scrub {scratch}: view public.django_content_type calls set_config(text,text,boolean):"
+            " a function that is not PostgreSQL's own immutable one would run as the superuser writes a row,"
+            " or reads a view;"), result["msg"]
+        assert conn.execute("TABLE public.auth_user").fetchall() == [(1, "ada@drydock-example.org")]
 
 
 def test_staging_copy_is_scrubbed(pushed, connect):

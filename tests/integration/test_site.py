@@ -5,7 +5,8 @@ import sys
 import pytest
 
 from drydock.playbook import ansible_env
-from tests.conftest import LIVE_OID, ROOT, error_lines, inv, playbook, run_module
+from tests.conftest import (LIVE_OID, PLANTED_SITE_RULE, PLANTED_SITE_RULE_REMOVED, ROOT, error_lines, inv, playbook,
+                            run_module)
 
 SITE = "SELECT hostname, port FROM wagtailcore_site WHERE is_default_site"
 
@@ -98,9 +99,7 @@ def test_bad_hostname_is_refused_with_one_line(pulled, connect, hostname):
 OWN_CODE = ("refusing to switch the Site of wagtail_site: it holds 1 function(s), trigger(s) or rule(s) of its own"
             " ({}), which the superuser's work in it could run")
 PLANTED_ON_SITE = {
-    "rule": ("CREATE TABLE public.planted_loot (line text); CREATE RULE planted AS ON UPDATE TO public.wagtailcore_site"
-             " DO ALSO INSERT INTO public.planted_loot SELECT pg_read_file('/etc/hostname')",
-             OWN_CODE.format("rule planted on public.wagtailcore_site")),
+    "rule": (PLANTED_SITE_RULE, OWN_CODE.format("rule planted on public.wagtailcore_site")),
     "trigger": ("CREATE TRIGGER planted BEFORE UPDATE ON public.wagtailcore_site FOR EACH ROW"
                 " WHEN (pg_notify('planted', pg_read_file('/etc/hostname')) IS NULL)"
                 " EXECUTE FUNCTION suppress_redundant_updates_trigger()",
@@ -132,8 +131,7 @@ def test_code_on_the_site_table_that_the_superusers_update_would_run_refuses_the
         if planted == "rule":
             assert local.execute("SELECT count(*) FROM public.planted_loot").fetchone() == (0,)
     finally:
-        local.execute("DROP RULE IF EXISTS planted ON public.wagtailcore_site; DROP TABLE IF EXISTS public.planted_loot;"
-                      " DROP TRIGGER IF EXISTS planted ON public.wagtailcore_site;"
+        local.execute(f"{PLANTED_SITE_RULE_REMOVED}; DROP TRIGGER IF EXISTS planted ON public.wagtailcore_site;"
                       " ALTER TABLE public.wagtailcore_site DROP CONSTRAINT IF EXISTS planted;"
                       " DROP EXTENSION IF EXISTS tcn CASCADE")
 
