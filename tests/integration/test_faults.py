@@ -650,6 +650,87 @@ def test_the_swaps_renames_are_undone_unless_they_put_the_restored_database_live
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+# hand_over() of the restore module, run as Ansible runs it: as the cluster's owner, with
+# drydock_pg as ansible.module_utils.drydock_pg. The other run's statements (argv[5]) come where
+# argv[6] says: "before" the hand-over, or "between" its two steps (the public schema taken
+# back, the database not yet given). Exits 3 when the hand-over refuses the database.
+HAND_OVER = """
+import importlib.util, json, sys
+sys.path.insert(0, sys.argv[1])
+import drydock_pg
+sys.modules["ansible.module_utils.drydock_pg"] = drydock_pg
+spec = importlib.util.spec_from_file_location("drydock_pg_restore", sys.argv[2])
+restore = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(restore)
+params, oid, other_run, when = json.loads(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5]), sys.argv[6]
+
+def replace():
+    with drydock_pg.connect(params["socket_dir"], params["port"], "postgres", autocommit=True) as conn:
+        for statement in other_run:
+            conn.execute(statement)
+
+if when == "before":
+    replace()
+elif when == "between":
+    take_back = restore.lend_to_the_restore
+    def take_back_then_replace(*args, **kwargs):
+        take_back(*args, **kwargs)
+        replace()
+    restore.lend_to_the_restore = take_back_then_replace
+try:
+    restore.hand_over(params, oid)
+except drydock_pg.NotTheRestoredDatabase:
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "between"])
+def test_the_hand_over_gives_the_app_role_only_the_database_this_run_restored(when, connect, sandbox_env):
+    """The restore hands its side database to the app's role only once it is checked. Another
+    run restoring onto the same server may have replaced it under its name by then, with its
+    own, not yet checked: that one must stay the superuser's, closed to other roles, whether it
+    was replaced before the hand-over or between its two steps (there, the ownership it just
+    gave is taken back with the transaction)."""
+    server = sandbox_env["local"]
+    side = "drydock_test_hand_over"
+    create = [f"CREATE DATABASE {side} TEMPLATE template0", f"REVOKE ALL ON DATABASE {side} FROM PUBLIC"]
+    other_run = [f"DROP DATABASE {side}", *create]
+
+    def owner_sql(database: str, *statements: str) -> str:
+        return subprocess.run([*owner_psql(server, database, "-v", "ON_ERROR_STOP=1", "-At"),
+                               *(arg for sql in statements for arg in ("-c", sql))],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    def state() -> tuple:
+        return (owner_sql("postgres", f"SELECT oid, datdba::regrole, datacl FROM pg_database WHERE datname = '{side}'"),
+                owner_sql(side, "SELECT nspowner::regrole FROM pg_namespace WHERE nspname = 'public'"))
+
+    def hand_over(oid: int, when: str) -> int:  # its exit code
+        params = {"socket_dir": server["socket_dir"], "port": server["port"], "database": side,
+                  "owner": server["app_role"]}
+        argv = [sys.executable, "-c", HAND_OVER, str(ROOT / "module_utils"), str(ROOT / "library" / "drydock_pg_restore.py"),
+                json.dumps(params), str(oid), json.dumps(other_run), when]
+        if os.geteuid() == 0:
+            argv = ["sudo", "-n", "-u", server["os_user"], *argv]
+        return subprocess.run(argv, capture_output=True, text=True).returncode
+
+    superuser, app_role = server["os_user"], server["app_role"]
+    owner_sql("postgres", f"DROP DATABASE IF EXISTS {side}", *create)
+    try:
+        owner_sql(side, f"ALTER SCHEMA public OWNER TO {app_role}")  # lent, as pg_restore left it
+        ours = drydock_pg.database_oid(connect("local", "postgres"), side)
+        assert hand_over(ours, when) == 3
+        theirs, public_owner = state()
+        theirs_oid, *owner_and_grants = theirs.split("|")
+        assert int(theirs_oid) != ours
+        assert (owner_and_grants, public_owner) == ([superuser, f"{{{superuser}=CTc/{superuser}}}"], "pg_database_owner")
+        # The other run, handing over its own: the app's role owns it, with the default grants.
+        assert hand_over(int(theirs_oid), "never") == 0
+        assert state() == (f"{theirs_oid}|{app_role}|", "pg_database_owner")
+    finally:
+        owner_sql("postgres", f"DROP DATABASE IF EXISTS {side}")
+
+
 def test_ssh_dropped_during_upload(staging_at_the_local_schema, connect, sandbox_env):
     sandbox = ROOT / ".sandbox"
     # A failure, not a skip: without sshd this fault of the matrix would go untested unseen.
