@@ -20,6 +20,18 @@ from drydock.paths import runs_dir
 PROGRESS_FILE = "tasks.jsonl"
 
 
+def json_lines(lines: list[str]) -> list[dict]:
+    """The entries of a file of JSON lines (the journal, the progress and failure records),
+    without blank lines and a line cut short (by a kill, or a disk that filled up)."""
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    return entries
+
+
 def read_progress(run_dir: Path) -> list[dict] | None:
     """The task events drydock_progress recorded in a run's folder so far, in order, each
     {host, action, task, event}; a task skipped by its condition is left out (Ansible reports
@@ -30,11 +42,7 @@ def read_progress(run_dir: Path) -> list[dict] | None:
     except FileNotFoundError:
         return None
     entries: list[dict] = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except ValueError:  # a line cut short by a kill
-            continue
+    for entry in json_lines(lines):
         if entry.get("event") == "skipped":
             started = [i for i, e in enumerate(entries) if e.get("event") == "start"
                        and (e.get("host"), e.get("task")) == (entry.get("host"), entry.get("task"))]
@@ -171,7 +179,7 @@ def read(run_dir: Path) -> list[dict]:
         return []
     steps: list[dict] = []
     unended: dict[tuple, int] = {}
-    for entry in (json.loads(line) for line in path.read_text().splitlines() if line.strip()):
+    for entry in json_lines(path.read_text().splitlines()):
         key = (entry["step"], entry["start"])
         if entry.get("outcome") == "running":
             unended[key] = len(steps)

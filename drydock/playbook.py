@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from drydock.errors import DrydockError, HostUnreachable
-from drydock.journal import Run
+from drydock.journal import Run, json_lines
 from drydock.leftovers import stop_left_running
 from drydock.paths import project_root, runs_dir
 
@@ -183,7 +183,7 @@ def _last_failure(path: Path) -> tuple[str, bool] | None:
     answer (then the line names the task it was at: Ansible's message does not)."""
     if not path.exists():
         return None
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = json_lines(path.read_text().splitlines())
     if not entries:
         return None
     last = entries[-1]

@@ -93,6 +93,22 @@ def test_journal_is_private_and_records_failures(tmp_path, permissive_umask):
     assert entries[3]["error"] == "it broke"
 
 
+def test_a_line_cut_short_is_left_out_of_the_journal_and_the_failure_record(tmp_path):
+    """A kill, or a disk that filled up, mid-line: `inv runs.list` and `runs.show` still read
+    the run, and a failed playbook is still told by its last whole failure line."""
+    from drydock.playbook import _last_failure
+
+    run = Run("example", root=tmp_path)
+    with pytest.raises(RuntimeError), run.step("broken"):
+        raise RuntimeError("it broke")
+    with open(run.dir / "journal.jsonl", "a") as journal:
+        journal.write('{"step": "restore", "start": "2026-12')
+    assert [(s["step"], s["outcome"], s["error"]) for s in read_journal(run.dir)] == [("broken", "failed", "it broke")]
+    failures = tmp_path / "failures.jsonl"
+    failures.write_text(json.dumps({"host": "staging", "msg": "no room", "task": "t"}) + '\n{"host": "stag')
+    assert _last_failure(failures) == ("staging: no room", False)
+
+
 def test_a_manifest_kept_in_the_run_folder_is_private(tmp_path, permissive_umask):
     """The copy of a backup's manifest a run keeps names production's tables and row counts:
     0600, made so or over a copy left readable to others."""
