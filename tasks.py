@@ -45,7 +45,7 @@ def one_line_errors(body):
             raise Exit("drydock: error: --help after a task is read as its argument: "
                        "put it before the task's name (./inv --help TASK)", code=1)
         try:
-            paths.refuse_a_file_for_a_folder()
+            paths.refuse_unfit_folders()
             return body(*args, **kwargs)
         except Interrupted as error:
             raise Exit(f"drydock: error: {error}", code=INTERRUPTED_EXIT) from None

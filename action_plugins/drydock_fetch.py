@@ -104,6 +104,9 @@ def make_private_folders(root: str, folder: str) -> None:
     if relative == os.pardir or relative.startswith(os.pardir + os.sep):
         raise AnsibleError(f"{folder} is not inside the backup folder {root}")
     parts = [] if relative == os.curdir else relative.split(os.sep)
+    if os.path.isdir(root) and os.stat(root).st_mode & 0o002:  # /tmp, say: it would lose its sticky bit
+        raise AnsibleError(f"the backup folder {root} is one every user may write to: name a folder of its own "
+                           "for pg_backup_controller_dir (it is made if missing)")
     for depth in range(len(parts) + 1):
         level = os.path.join(root, *parts[:depth])
         os.makedirs(level, mode=0o700, exist_ok=True)

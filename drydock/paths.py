@@ -39,14 +39,21 @@ def example_site_dir() -> Path:
     return project_root() / "examples" / "wagtail_site"
 
 
-def refuse_a_file_for_a_folder() -> None:
-    """drydock makes its folders as it needs them: one that is a file (a DRYDOCK_RUNS or
-    DRYDOCK_BACKUPS mistyped) would fail it half-way, after a dump on the host."""
+def refuse_unfit_folders() -> None:
+    """drydock makes its folders as it needs them, and makes runs/ and backups/ private
+    (0700): one that is a file (a DRYDOCK_RUNS or DRYDOCK_BACKUPS mistyped) would fail it
+    half-way, after a dump on the host; one every user may write to (/tmp, say) would lose its
+    sticky bit and its mode to that, and is no place for locks another user could plant."""
     from drydock.errors import DrydockError
 
     for name, folder in (("DRYDOCK_RUNS", runs_dir()), ("DRYDOCK_BACKUPS", backups_dir())):
-        if folder.exists() and not folder.is_dir():
-            source = f"{name}={os.environ[name]}" if os.environ.get(name) else str(folder)
-            kept = "runs and locks" if name == "DRYDOCK_RUNS" else "backups"
+        if not folder.exists():
+            continue
+        source = f"{name}={os.environ[name]}" if os.environ.get(name) else str(folder)
+        kept = "runs and locks" if name == "DRYDOCK_RUNS" else "backups"
+        if not folder.is_dir():
             raise DrydockError(f"{source} is not a folder: drydock keeps its {kept} there; name a folder "
                                "(it is made if missing)")
+        if folder.stat().st_mode & 0o002:
+            raise DrydockError(f"{source} is a folder every user may write to: drydock keeps its {kept} there, "
+                               "private (0700); name a folder of its own (it is made if missing)")

@@ -109,6 +109,27 @@ def test_a_line_cut_short_is_left_out_of_the_journal_and_the_failure_record(tmp_
     assert _last_failure(failures) == ("staging: no room", False)
 
 
+def test_the_backup_folder_the_playbooks_make_is_private_and_never_one_every_user_may_write_to(tmp_path):
+    """What plain ansible-playbook does with pg_backup_controller_dir: `./inv` refuses such a
+    folder before (drydock.paths), the fetch again."""
+    import importlib.util
+
+    from ansible.errors import AnsibleError
+    from drydock.paths import project_root
+
+    spec = importlib.util.spec_from_file_location("drydock_fetch", project_root() / "action_plugins" / "drydock_fetch.py")
+    fetch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch)
+    new, shared = tmp_path / "backups", tmp_path / "shared"
+    fetch.make_private_folders(str(new), str(new / "production" / "20261207T120000Z"))
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in (new, new / "production", new / "production" / "20261207T120000Z")} == {"0o700"}
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with pytest.raises(AnsibleError, match="one every user may write to"):
+        fetch.make_private_folders(str(shared), str(shared / "production" / "20261207T120000Z"))
+    assert (oct(stat.S_IMODE(shared.stat().st_mode)), list(shared.iterdir())) == ("0o1777", [])
+
+
 def test_a_manifest_kept_in_the_run_folder_is_private(tmp_path, permissive_umask):
     """The copy of a backup's manifest a run keeps names production's tables and row counts:
     0600, made so or over a copy left readable to others."""

@@ -1,4 +1,5 @@
 import json
+import stat
 
 import pytest
 
@@ -235,6 +236,24 @@ def test_a_file_named_as_drydocks_folder_is_refused_in_one_line(tmp_path, variab
     assert proc.returncode == 1 and error_lines(proc) == [
         f"drydock: error: {variable}={a_file} is not a folder: drydock keeps its "
         f"{'runs and locks' if variable == 'DRYDOCK_RUNS' else 'backups'} there; name a folder (it is made if missing)"]
+
+
+@pytest.mark.parametrize("variable", ["DRYDOCK_RUNS", "DRYDOCK_BACKUPS"])
+def test_a_folder_every_user_may_write_to_is_refused_and_keeps_its_mode(tmp_path, variable):
+    """DRYDOCK_RUNS=/tmp, say: drydock would make it 0700 and drop its sticky bit."""
+    from tests.conftest import error_lines, inv
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(variable, str(shared))
+        proc = inv("backup", "production")
+    assert proc.returncode == 1 and error_lines(proc) == [
+        f"drydock: error: {variable}={shared} is a folder every user may write to: drydock keeps its "
+        f"{'runs and locks' if variable == 'DRYDOCK_RUNS' else 'backups'} there, private (0700); name a folder "
+        "of its own (it is made if missing)"]
+    assert (oct(stat.S_IMODE(shared.stat().st_mode)), list(shared.iterdir())) == ("0o1777", [])
 
 
 # The controller checks what it is given before anything runs (drydock/validate.py); the
