@@ -11,6 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+import drydock_pg
 from drydock.journal import read_progress
 from drydock.lock import stat_fields
 from drydock.paths import example_site_dir, runs_dir
@@ -260,6 +261,22 @@ def test_a_missing_file_the_inventory_names_is_the_error_line_not_the_loops_summ
                           text=True)
     assert proc.returncode != 0
     assert json.loads(failures.read_text().splitlines()[-1])["msg"] == message  # the last: drydock's line
+
+
+def test_the_step_never_saves_its_snapshot_over_the_pulls(pulled, connect, tmp_path):
+    """pre_pull holds the database the last pull replaced: a step told to save under that
+    name (plain ansible-playbook, or the inventory for `inv migrate`) would overwrite it."""
+    kept = drydock_pg.database_oid(connect("local", "postgres"), "wagtail_site__snap_pre_pull")
+    failures = tmp_path / "failures.jsonl"
+    proc = subprocess.run(["ansible-playbook", "playbooks/migrate.yml", "--limit", "local", "-e",
+                           "django_migrate_snapshot=pre_pull"],
+                          env=dict(ansible_env(), DRYDOCK_FAILURES_FILE=str(failures)), cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode != 0
+    assert json.loads(failures.read_text().splitlines()[-1])["msg"] == (
+        "django_migrate_snapshot cannot be pre_pull: that snapshot holds the database the last pull replaced, which "
+        "the step's save would overwrite; name another (before_step by default)")
+    assert kept is not None and drydock_pg.database_oid(connect("local", "postgres"), "wagtail_site__snap_pre_pull") == kept
 
 
 def test_broken_page_tree_fails_the_step_unless_fixtree(fresh_local, connect):
