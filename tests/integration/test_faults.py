@@ -630,6 +630,54 @@ def test_a_side_database_another_run_replaced_is_never_swapped_in(staging_at_the
     assert_no_strays(connect, sandbox_env)
 
 
+def test_a_write_between_the_check_and_the_swap_is_swapped_back_in_not_set_aside(connect, sandbox_env):
+    """A client other than the app (a worker, cron, an admin) writes to production after the
+    push's second check, before the swap: here, while the push reads the copy's counters.
+    The swap sets that write aside with the old database; the push must notice, swap it back
+    in and say so. (Seen by a review before the check after the swap: the push succeeded and
+    the write was left in wagtail_site__previous, which the next push drops.)"""
+    inv("pull", "production", check=True)  # a fresh backup: the copy is based on it
+    marker = f"written between the check and the swap {time.time()}"
+    since = time.time()
+    push = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "push", "production", "--yes"],
+                            env=ansible_env(), cwd=ROOT, start_new_session=True, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not task_started("Read the side database's write counters", since)():
+            assert push.poll() is None and time.monotonic() < deadline, "the push never reached its swap"
+            time.sleep(0.01)
+        paused = []
+        try:
+            for pid, _start in process_tree(push.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                    paused.append(pid)
+            writer = connect("production")
+            writer.execute("UPDATE blog_post SET body = body || %s WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)",
+                           (marker,))
+            writer.close()  # as the swap would end it: its counters are sent as it exits
+        finally:  # never left stopped: a stopped ansible-playbook would not end with the push
+            for pid in paused:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        _, stderr = push.communicate(timeout=180)
+    finally:
+        if push.poll() is None:
+            os.killpg(push.pid, signal.SIGKILL)
+            push.wait()
+    try:
+        assert push.returncode == 1
+        line = stderr.strip().splitlines()[-1]
+        assert "production took writes after its check, before the swap (blog_post (+1))" in line, line
+        live = connect("production")
+        assert live.execute("SELECT count(*) FROM blog_post WHERE body LIKE %s", (f"%{marker}",)).fetchone()[0] == 1
+        assert app_serves(sandbox_env, "production")
+        assert_no_strays(connect, sandbox_env)
+    finally:  # the next pushes to production count their writes from a backup that holds this one
+        inv("backup", "production", check=True)
+
+
 def test_the_swaps_renames_are_undone_unless_they_put_the_restored_database_live(connect):
     """The swap's last check, inside its transaction, after the renames have locked the
     database: the test above stops at the check before it."""
