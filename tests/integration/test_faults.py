@@ -630,26 +630,22 @@ def test_a_side_database_another_run_replaced_is_never_swapped_in(staging_at_the
     assert_no_strays(connect, sandbox_env)
 
 
-def test_a_write_between_the_check_and_the_swap_is_swapped_back_in_not_set_aside(connect, sandbox_env):
-    """A client other than the app (a worker, cron, an admin) writes to production after the
-    push's second check, before the swap: here, while the push reads the copy's counters.
-    The swap sets that write aside with the old database; the push must notice, swap it back
-    in and say so. (Seen by a review before the check after the swap: the push succeeded and
-    the write was left in wagtail_site__previous, which the next push drops.)"""
-    inv("pull", "production", check=True)  # a fresh backup: the copy is based on it
-    marker = f"written between the check and the swap {time.time()}"
+def write_while_paused(args: list[str], at_task: str, connect, marker: str) -> tuple[int, str]:
+    """Run `inv ARGS`; once it starts the task `at_task`, pause all its processes while a
+    client other than the app writes `marker` into a post on production; its exit code and
+    last line."""
     since = time.time()
-    push = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "push", "production", "--yes"],
+    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
                             env=ansible_env(), cwd=ROOT, start_new_session=True, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 180
-        while not task_started("Read the side database's write counters", since)():
-            assert push.poll() is None and time.monotonic() < deadline, "the push never reached its swap"
+        while not task_started(at_task, since)():
+            assert proc.poll() is None and time.monotonic() < deadline, f"the run never reached {at_task!r}"
             time.sleep(0.01)
         paused = []
         try:
-            for pid, _start in process_tree(push.pid):
+            for pid, _start in process_tree(proc.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGSTOP)
                     paused.append(pid)
@@ -657,19 +653,37 @@ def test_a_write_between_the_check_and_the_swap_is_swapped_back_in_not_set_aside
             writer.execute("UPDATE blog_post SET body = body || %s WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)",
                            (marker,))
             writer.close()  # as the swap would end it: its counters are sent as it exits
-        finally:  # never left stopped: a stopped ansible-playbook would not end with the push
+        finally:  # never left stopped: a stopped ansible-playbook would not end with the run
             for pid in paused:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGCONT)
-        _, stderr = push.communicate(timeout=180)
+        _, stderr = proc.communicate(timeout=180)
     finally:
-        if push.poll() is None:
-            os.killpg(push.pid, signal.SIGKILL)
-            push.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, (stderr.strip().splitlines() or [""])[-1]
+
+
+@pytest.mark.parametrize("command", ["push", "rollback"])
+def test_a_write_between_the_count_and_the_swap_is_swapped_back_in_not_set_aside(command, connect, sandbox_env):
+    """A client other than the app (a worker, cron, an admin) writes to production after the
+    last count of its writes, before the swap (here, while the push reads the copy's counters,
+    or the rollback checks its count). The swap sets that write aside with the database it
+    replaces: the run must notice, swap it back in and say so. (Seen by a review before the
+    count after the swap: both succeeded, the write left in wagtail_site__previous, which the
+    next push drops.)"""
+    inv("pull", "production", check=True)  # a fresh backup: the copy is based on it
+    if command == "rollback":
+        inv("push", "production", "--yes", check=True)  # something to roll back to
+    marker = f"written between the count and the swap {time.time()}"
+    at_task = ("Read the side database's write counters" if command == "push"
+               else "Refuse a rollback that would set those writes aside")
     try:
-        assert push.returncode == 1
-        line = stderr.strip().splitlines()[-1]
-        assert "production took writes after its check, before the swap (blog_post (+1))" in line, line
+        returncode, line = write_while_paused([command, "production", "--yes"], at_task, connect, marker)
+        assert returncode == 1, line
+        assert "production took writes after its check, before the swap (blog_post (+1)), which it set aside" in line, line
+        assert ("swapped back: production runs the database it ran before" in line) == (command == "rollback"), line
         live = connect("production")
         assert live.execute("SELECT count(*) FROM blog_post WHERE body LIKE %s", (f"%{marker}",)).fetchone()[0] == 1
         assert app_serves(sandbox_env, "production")
