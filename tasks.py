@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import shlex
 import signal
 import subprocess
@@ -31,9 +32,23 @@ task = functools.partial(invoke.task, auto_shortflags=False)
 INTERRUPTED_EXIT = 128 + signal.SIGINT
 
 
+def stop_as_on_ctrl_c(signum, _frame) -> None:
+    """SIGTERM (a `timeout`, a cancelled CI job) and SIGHUP (the terminal or the SSH session
+    gone) stop a run as Ctrl-C does: ansible-playbook is stopped, an app the run stopped is
+    started again, the lock released, the journal told; by default Python would just die.
+    After a hang-up there is no terminal to write to, and a write there would fail the
+    clean-up: its line goes only to the journal (inv runs.show)."""
+    if signum == signal.SIGHUP:
+        nowhere = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(nowhere, 1)
+        os.dup2(nowhere, 2)
+    raise KeyboardInterrupt
+
+
 def one_line_errors(body):
     """Turn drydock's expected failures into one line on stderr and exit status 1; a run
-    stopped by Ctrl-C exits 130, as a shell reports a command that SIGINT stopped."""
+    stopped by Ctrl-C (or SIGTERM, or SIGHUP) exits 130, as a shell reports a command that
+    SIGINT stopped."""
     positional = [name for name, parameter in inspect.signature(body).parameters.items()
                   if parameter.default is inspect.Parameter.empty][1:]  # after the context
 
@@ -44,6 +59,8 @@ def one_line_errors(body):
         if any(value in ("--help", "-h") for value in given.values()):
             raise Exit("drydock: error: --help after a task is read as its argument: "
                        "put it before the task's name (./inv --help TASK)", code=1)
+        for stop in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(stop, stop_as_on_ctrl_c)
         try:
             paths.refuse_unfit_folders()
             return body(*args, **kwargs)

@@ -37,8 +37,9 @@ def inv(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     return proc
 
 
-def interrupted_when(reached: Callable[[], bool], *args: str) -> str:
-    """Run `inv ARGS`, press Ctrl-C once `reached()` is true; its last error line."""
+def interrupted_when(reached: Callable[[], bool], *args: str, stop: int = signal.SIGINT) -> str:
+    """Run `inv ARGS`, press Ctrl-C once `reached()` is true; its last error line ("" for
+    none). With `stop`, send that signal to drydock alone instead, as `timeout` would."""
     proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
                             env=dict(ansible_env(), DRYDOCK_ROOT=str(ROOT)), cwd=ROOT, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -47,14 +48,17 @@ def interrupted_when(reached: Callable[[], bool], *args: str) -> str:
         while not reached():
             assert proc.poll() is None and time.monotonic() < deadline, f"inv {' '.join(args)} never got there"
             time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the whole group
+        if stop == signal.SIGINT:
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends to the whole group
+        else:
+            os.kill(proc.pid, stop)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:  # never left running: it would hold the target's lock for the tests after
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 130, f"exit status {proc.returncode}, not 130 (stopped by SIGINT)"
-    return stderr.strip().splitlines()[-1]
+    assert proc.returncode == 130, f"exit status {proc.returncode}, not 130 (stopped as by SIGINT)"
+    return (stderr.strip().splitlines() or [""])[-1]
 
 
 def described_inventory(folder: Path, servers: tuple[str, ...], local: str, **variables) -> Path:

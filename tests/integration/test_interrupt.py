@@ -4,12 +4,16 @@ line says to do next puts things right."""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from drydock import dumps
+import pytest
+
+from drydock import dumps, journal
+from drydock.paths import runs_dir
 from tests.conftest import LIVE_OID, ROOT, app_serves, databases, fingerprint, interrupted_when, inv
 
 HOLD = "299.7"  # the held app command's sleep, unique enough to find
@@ -85,6 +89,25 @@ def test_ctrl_c_before_the_swap_leaves_the_old_database_serving_and_a_second_pus
     assert live_oid(connect) != old
     assert "wagtail_site__incoming" not in databases(connect("staging", "postgres"))
     assert app_serves(sandbox_env, "staging")
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_before_the_swap_stops_the_push_as_ctrl_c_does(stop, staging_at_the_local_schema, connect,
+                                                                          sandbox_env, tmp_path):
+    """`timeout`, a cancelled CI job (SIGTERM) or a lost terminal or SSH session (SIGHUP)
+    while the app is stopped: Python's default would end drydock at once, leaving the app
+    down and the lock behind. After a hang-up the line goes only to the journal."""
+    before, old = fingerprint(connect("staging")), live_oid(connect)
+    with app_command_held("staging", "stop", tmp_path / "stop", STOPPED):
+        line = interrupted_when((tmp_path / "stop").exists, "push", "staging", stop=stop)
+    said = ("interrupted during restore: the swap did not run: staging runs its old database, and its app, stopped"
+            " before the interruption, was restarted and passed its health check; the next push drops any side"
+            " database left behind")
+    assert line == (f"drydock: error: {said}" if stop == signal.SIGTERM else "")
+    assert [run["error"] for run in journal.list_runs() if run["task"] == "push"][-1] == said
+    assert app_serves(sandbox_env, "staging")
+    assert live_oid(connect) == old and fingerprint(connect("staging")) == before
+    assert not (runs_dir() / "locks" / "staging.lock").exists()
 
 
 def test_ctrl_c_during_a_rollback_before_its_exchange_leaves_the_database_serving(
