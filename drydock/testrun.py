@@ -283,6 +283,9 @@ def run(root: Path, pytest_args: list[str], shards: int, say: Callable[[str], No
     output = _Output(say)
     workers: list[tuple[Path, subprocess.Popen, threading.Thread]] = []
     previous_handler = signal.signal(signal.SIGTERM, _terminate)  # clean up as on Ctrl-C
+    # A hang-up ends the runner (drydock's commands would stop as on Ctrl-C, writing nowhere):
+    # each shard gets SIGINT from the kernel then and takes its sandbox down.
+    previous_hangup = signal.signal(signal.SIGHUP, signal.SIG_DFL)
     try:
         for index, files in enumerate(plan):
             folder, env = root, dict(os.environ)
@@ -315,6 +318,7 @@ def run(root: Path, pytest_args: list[str], shards: int, say: Callable[[str], No
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        signal.signal(signal.SIGHUP, previous_hangup)
         # Let every pytest tear its sandbox down before its copy goes.
         for _folder, proc, _thread in workers:
             proc.wait()
