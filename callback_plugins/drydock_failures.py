@@ -18,11 +18,14 @@ import re
 
 from ansible.plugins.callback import CallbackBase
 
-# libpq's words when nothing listens on a server's socket (a stopped server, or a socket folder
-# or port that is not its own), with the prefixes psycopg 3 and community.postgresql add.
-NO_SERVER = re.compile(r'(?:unable to connect to database: )?(?:connection (?:is bad|failed): )?connection to server on socket'
-                       r' "(?P<socket>[^"]*)" failed: (?P<why>No such file or directory|Connection refused)'
-                       r'(?: Is the server running locally and accepting connections on that socket\?)?')
+# libpq's words when nothing listens on a server's socket, or on its address and port over TCP
+# (a stopped server, or a socket folder, host or port that is not its own), with the prefixes
+# psycopg 3 and community.postgresql add.
+NO_SERVER = re.compile(r'(?:unable to connect to database: )?(?:connection (?:is bad|failed): )?connection to server'
+                       r'(?: on socket "(?P<socket>[^"]*)"| at "(?P<host>[^"]*)"(?: \([^)]*\))?, port (?P<port>\d+))'
+                       r' failed: (?P<why>No such file or directory|Connection refused)'
+                       r'(?: Is the server running (?:locally and accepting connections on that socket'
+                       r'|on that host and accepting TCP/IP connections)\?)?')
 
 
 def _in_drydock_words(line: str, by_the_app: bool = False) -> str:
@@ -31,8 +34,10 @@ def _in_drydock_words(line: str, by_the_app: bool = False) -> str:
     URL, drydock's own modules by drydock_db_socket_dir and drydock_db_port."""
     fix = ("point the host and port of drydock_app_database_url at it" if by_the_app else
            "set drydock_db_socket_dir and drydock_db_port to its own")
-    return NO_SERVER.sub(lambda found: f"no database server answers on {found['socket']} ({found['why']}): start it,"
-                                       f" or {fix}", line)
+    def said(found: re.Match) -> str:
+        where = found["socket"] or f"{found['host']}:{found['port']}"
+        return f"no database server answers on {where} ({found['why']}): start it, or {fix}"
+    return NO_SERVER.sub(said, line)
 
 
 def _one_line(result: dict) -> str:

@@ -518,12 +518,11 @@ def test_a_stopped_server_is_named_in_one_line_and_nothing_changes(staging_at_th
     stop_cluster(sandbox_env, "local")
     try:
         assert error_lines(inv("push", "staging"))[-1] == down_line("local")
-        # The migration step's first connection is the app's own, over TCP: libpq's words, one line.
+        # The migration step's first connection is the app's own, over TCP.
         local = sandbox_env["local"]
         assert error_lines(inv("migrate"))[-1] == (
-            f'drydock: error: local: the app cannot reach its database: connection to server at "{local["host"]}",'
-            f' port {local["port"]} failed: Connection refused Is the server running on that host and accepting'
-            ' TCP/IP connections?')
+            f'drydock: error: local: the app cannot reach its database: no database server answers on {local["host"]}:'
+            f'{local["port"]} (Connection refused): start it, or point the host and port of drydock_app_database_url at it')
         assert error_lines(inv("verify", "staging"))[-1] == down_line("local").replace(
             "error: local: ", "error: staging (on local): ", 1)
     finally:

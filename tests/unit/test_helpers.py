@@ -1411,6 +1411,11 @@ def test_a_server_that_does_not_listen_is_named_in_drydock_words():
            "stderr_lines": [f"the app cannot reach its database: connection is bad: {' '.join(libpq.split())}"]}
     assert _one_line(app) == (f"the app cannot reach its database: no database server answers on {socket} (Connection"
                               " refused): start it, or point the host and port of drydock_app_database_url at it")
+    # Over TCP, as the app's URL often connects: by its host and port (libpq adds the address it tried).
+    app["stderr_lines"] = ['the app cannot reach its database: connection to server at "db.internal" (10.0.0.5), port 5433'
+                           ' failed: Connection refused Is the server running on that host and accepting TCP/IP connections?']
+    assert _one_line(app) == ("the app cannot reach its database: no database server answers on db.internal:5433 (Connection"
+                              " refused): start it, or point the host and port of drydock_app_database_url at it")
     refused = 'connection to server on socket "/run/.s.PGSQL.5432" failed: FATAL:  Peer authentication failed for user "x"'
     assert _one_line({"msg": refused}) == " ".join(refused.split())  # a server that answers: its own words
 
