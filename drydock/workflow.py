@@ -356,7 +356,7 @@ def check_step_inputs(notebook: str | None, script: str | None, phase: str = "al
         raise InvalidInput("--param sets a notebook's parameters: give --notebook with it")
     for path in (notebook, script):
         if path and not Path(path).is_file():
-            raise InvalidInput(f"no such file: {path}")
+            raise InvalidInput(f"{'a folder, not a file' if Path(path).is_dir() else 'no such file'}: {path}")
     if notebook:
         refuse_unreadable_notebook(notebook)
     return parse_parameters(parameters)

@@ -81,14 +81,16 @@ def test_a_number_option_given_text_gets_one_line_not_a_traceback(args, message)
     assert proc.returncode == 1 and error_lines(proc) == [f"drydock: error: {message}"]
 
 
-def test_a_pipeline_refuses_a_missing_notebook_before_it_backs_up_anything():
+def test_a_missing_notebook_or_a_folder_for_a_script_is_refused_before_anything_runs():
     from drydock.paths import runs_dir
     from tests.conftest import error_lines, inv
 
-    before = set(runs_dir().glob("*-pipeline"))
+    before = set(runs_dir().glob("*-pipeline")) | set(runs_dir().glob("*-migrate"))
     proc = inv("pipeline", "production", "staging", "--notebook", "nope.ipynb")
     assert proc.returncode == 1 and error_lines(proc) == ["drydock: error: no such file: nope.ipynb"]
-    assert set(runs_dir().glob("*-pipeline")) == before  # no run was started
+    proc = inv("migrate", "--script", "examples/")  # a folder where a file belongs: said so
+    assert proc.returncode == 1 and error_lines(proc) == ["drydock: error: a folder, not a file: examples/"]
+    assert set(runs_dir().glob("*-pipeline")) | set(runs_dir().glob("*-migrate")) == before  # no run was started
 
 
 @pytest.mark.parametrize("text", ["{not json", '{"cells": "not a list"}'])
