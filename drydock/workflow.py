@@ -942,7 +942,12 @@ def runs_show(run_id: str, say: Say = print) -> list[dict]:
     from drydock import journal
     from drydock.paths import runs_dir
 
-    if not run_id.strip() or "/" in run_id or run_id.startswith("."):
+    if "/" in run_id:  # the run's folder, as a shell completes it (runs/<id>/)
+        folder = Path(run_id.rstrip("/")).absolute()
+        if folder.parent.resolve() != runs_dir().resolve():
+            raise InvalidInput(f"{run_id!r} is not a run's folder under {runs_dir()}: give its id (inv runs.list)")
+        run_id = folder.name
+    if not run_id.strip() or run_id.startswith("."):
         raise InvalidInput(f"invalid run id {run_id!r}")
     folder = runs_dir() / run_id
     if folder not in journal.run_folders():  # runs/locks and runs/cache are not runs

@@ -109,6 +109,22 @@ def test_a_line_cut_short_is_left_out_of_the_journal_and_the_failure_record(tmp_
     assert _last_failure(failures) == ("staging: no room", False)
 
 
+def test_runs_show_takes_a_runs_folder_as_a_shell_completes_it(tmp_path, monkeypatch):
+    from drydock.validate import InvalidInput
+    from drydock.workflow import runs_show
+
+    monkeypatch.setenv("DRYDOCK_RUNS", str(tmp_path / "runs"))
+    run = Run("example", root=tmp_path / "runs")
+    with run.step("fine"):
+        pass
+    monkeypatch.chdir(tmp_path)
+    for given in (run.dir.name, f"runs/{run.dir.name}/", str(run.dir)):
+        assert [s["step"] for s in runs_show(given, say=lambda line: None)] == ["fine"], given
+    for elsewhere in ("runs/..", f"other/{run.dir.name}", "/etc/passwd"):
+        with pytest.raises(InvalidInput):
+            runs_show(elsewhere, say=lambda line: None)
+
+
 def test_the_backup_folder_the_playbooks_make_is_private_and_never_one_every_user_may_write_to(tmp_path):
     """What plain ansible-playbook does with pg_backup_controller_dir: `./inv` refuses such a
     folder before (drydock.paths), the fetch again."""
