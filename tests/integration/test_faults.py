@@ -587,52 +587,33 @@ def test_a_side_database_another_run_replaced_is_never_swapped_in(staging_at_the
     staging = connect("staging", "postgres")
     before = fingerprint(connect("staging"))
     oids = {name: drydock_pg.database_oid(staging, name) for name in ("wagtail_site", "wagtail_site__previous")}
-    since = time.time()
-    push = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "push", "staging"],
-                            env=ansible_env(), cwd=ROOT, start_new_session=True, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while not task_started("Stop the app", since)():
-            assert push.poll() is None and time.monotonic() < deadline, "the push never reached its swap"
-            time.sleep(0.01)
-        paused = []  # the run's processes, ansible-playbook's among them (a session of its own)
-        try:
-            for pid, _start in process_tree(push.pid):
-                with contextlib.suppress(ProcessLookupError):  # one of the app stop's, just ended
-                    os.kill(pid, signal.SIGSTOP)
-                    paused.append(pid)
-            replace = ("DROP DATABASE wagtail_site__incoming WITH (FORCE)",
-                       "CREATE DATABASE wagtail_site__incoming OWNER wagtail_site")
-            subprocess.run([*owner_psql(sandbox_env["staging"], "postgres", "-v", "ON_ERROR_STOP=1"),
-                            *(arg for sql in replace for arg in ("-c", sql))], check=True, capture_output=True)
-            other_runs = drydock_pg.database_oid(staging, "wagtail_site__incoming")
-        finally:  # never left stopped: a stopped ansible-playbook would not end with the push
-            for pid in paused:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
-        _, stderr = push.communicate(timeout=180)
-    finally:
-        if push.poll() is None:
-            os.killpg(push.pid, signal.SIGKILL)
-            push.wait()
-    assert push.returncode == 1
+    other_runs = []
+
+    def replace_the_side_database() -> None:
+        replace = ("DROP DATABASE wagtail_site__incoming WITH (FORCE)",
+                   "CREATE DATABASE wagtail_site__incoming OWNER wagtail_site")
+        subprocess.run([*owner_psql(sandbox_env["staging"], "postgres", "-v", "ON_ERROR_STOP=1"),
+                        *(arg for sql in replace for arg in ("-c", sql))], check=True, capture_output=True)
+        other_runs.append(drydock_pg.database_oid(staging, "wagtail_site__incoming"))
+
+    returncode, line = paused_at(["push", "staging"], "Stop the app", replace_the_side_database)
+    assert returncode == 1
     assert ("refusing to swap in wagtail_site__incoming: it is no longer the database this run restored and checked "
-            "(another run restoring onto this server replaced it)") in stderr.strip().splitlines()[-1]
-    assert "the live database is unchanged" in stderr.strip().splitlines()[-1]
+            "(another run restoring onto this server replaced it)") in line
+    assert "the live database is unchanged" in line
     assert {name: drydock_pg.database_oid(staging, name) for name in oids} == oids
     assert fingerprint(connect("staging")) == before
     assert app_serves(sandbox_env, "staging")
     # Its clean-up left the other run's side database alone, which the next run then drops.
-    assert drydock_pg.database_oid(staging, "wagtail_site__incoming") == other_runs
+    assert [drydock_pg.database_oid(staging, "wagtail_site__incoming")] == other_runs
     next_run_succeeds("push", "staging")
     assert_no_strays(connect, sandbox_env)
 
 
-def write_while_paused(args: list[str], at_task: str, connect, marker: str) -> tuple[int, str]:
-    """Run `inv ARGS`; once it starts the task `at_task`, pause all its processes while a
-    client other than the app writes `marker` into a post on production; its exit code and
-    last line."""
+def paused_at(args: list[str], at_task: str, meanwhile: Callable[[], None]) -> tuple[int, str]:
+    """Run `inv ARGS`; once it starts the task `at_task`, pause all its processes
+    (ansible-playbook's and its modules' among them) while `meanwhile()` runs; its exit code
+    and last line."""
     since = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
                             env=ansible_env(), cwd=ROOT, start_new_session=True, text=True,
@@ -645,13 +626,10 @@ def write_while_paused(args: list[str], at_task: str, connect, marker: str) -> t
         paused = []
         try:
             for pid, _start in process_tree(proc.pid):
-                with contextlib.suppress(ProcessLookupError):
+                with contextlib.suppress(ProcessLookupError):  # one that just ended
                     os.kill(pid, signal.SIGSTOP)
                     paused.append(pid)
-            writer = connect("production")
-            writer.execute("UPDATE blog_post SET body = body || %s WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)",
-                           (marker,))
-            writer.close()  # as the swap would end it: its counters are sent as it exits
+            meanwhile()
         finally:  # never left stopped: a stopped ansible-playbook would not end with the run
             for pid in paused:
                 with contextlib.suppress(ProcessLookupError):
@@ -678,8 +656,14 @@ def test_a_write_between_the_count_and_the_swap_is_swapped_back_in_not_set_aside
     marker = f"written between the count and the swap {time.time()}"
     at_task = ("Read the side database's write counters" if command == "push"
                else "Refuse a rollback that would set those writes aside")
+    def write_to_production() -> None:  # a client other than the app
+        writer = connect("production")
+        writer.execute("UPDATE blog_post SET body = body || %s WHERE page_ptr_id = (SELECT min(page_ptr_id) FROM blog_post)",
+                       (marker,))
+        writer.close()  # as the swap would end it: its counters are sent as it exits
+
     try:
-        returncode, line = write_while_paused([command, "production", "--yes"], at_task, connect, marker)
+        returncode, line = paused_at([command, "production", "--yes"], at_task, write_to_production)
         assert returncode == 1, line
         assert "production took writes after its check, before the swap (blog_post (+1)), which it set aside" in line, line
         assert ("swapped back: production runs the database it ran before" in line) == (command == "rollback"), line
