@@ -203,7 +203,20 @@ def owner_psql(server: dict, database: str = "postgres", *options: str) -> list[
     the app role may not do (rename databases, reset statistics, lock catalogs)."""
     psql = [str(PG_BINDIR / "psql"), "-X", "-q", *options, "-h", server["socket_dir"], "-p", str(server["port"]),
             "-d", database]
-    return ["sudo", "-n", "-u", server["os_user"], *psql] if os.geteuid() == 0 else psql
+    return as_cluster_owner(server, psql)
+
+
+def as_cluster_owner(server: dict, argv: list[str]) -> list[str]:
+    """`argv` run as `server`'s cluster's OS user: through sudo when we are root."""
+    return ["sudo", "-n", "-u", server["os_user"], *argv] if os.geteuid() == 0 else argv
+
+
+def owner_sql(server: dict, database: str, *statements: str) -> str:
+    """Run `statements` with psql as the cluster's owner, stopping at the first error; what
+    they print, unaligned."""
+    return subprocess.run([*owner_psql(server, database, "-v", "ON_ERROR_STOP=1", "-At"),
+                           *(arg for sql in statements for arg in ("-c", sql))],
+                          check=True, capture_output=True, text=True).stdout.strip()
 
 
 def process_tree(root: int) -> set[tuple[int, str]]:

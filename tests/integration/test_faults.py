@@ -31,8 +31,8 @@ from drydock.lock import process_start, stat_fields
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
 from drydock.sandbox import child_pids
-from tests.conftest import (ROOT, app_serves, databases, error_lines, fingerprint, inv, owner_psql,
-                            process_tree)
+from tests.conftest import (ROOT, app_serves, as_cluster_owner, databases, error_lines, fingerprint, inv,
+                            owner_sql, process_tree)
 
 # sftp -l: bandwidth in Kbit/s. At 100 KB/s a transfer of the small sandbox's dump lasts
 # long enough to be interrupted in the middle.
@@ -497,7 +497,7 @@ def stop_cluster(sandbox_env: dict, env: str) -> None:
     """Stop `env`'s sandbox cluster at once, as a crash would (./inv sandbox.up starts it again)."""
     cluster = sandbox_env[env]
     pg_ctl = [str(Path(cluster["pg_bindir"]) / "pg_ctl"), "stop", "-m", "immediate", "-D", str(ROOT / f".sandbox/{env}/data")]
-    subprocess.run(["sudo", "-n", "-u", cluster["os_user"], *pg_ctl] if os.geteuid() == 0 else pg_ctl,
+    subprocess.run(as_cluster_owner(cluster, pg_ctl),
                    check=True, capture_output=True)
 
 
@@ -590,10 +590,8 @@ def test_a_side_database_another_run_replaced_is_never_swapped_in(staging_at_the
     other_runs = []
 
     def replace_the_side_database() -> None:
-        replace = ("DROP DATABASE wagtail_site__incoming WITH (FORCE)",
-                   "CREATE DATABASE wagtail_site__incoming OWNER wagtail_site")
-        subprocess.run([*owner_psql(sandbox_env["staging"], "postgres", "-v", "ON_ERROR_STOP=1"),
-                        *(arg for sql in replace for arg in ("-c", sql))], check=True, capture_output=True)
+        owner_sql(sandbox_env["staging"], "postgres", "DROP DATABASE wagtail_site__incoming WITH (FORCE)",
+                  "CREATE DATABASE wagtail_site__incoming OWNER wagtail_site")
         other_runs.append(drydock_pg.database_oid(staging, "wagtail_site__incoming"))
 
     returncode, line = paused_at(["push", "staging"], "Stop the app", replace_the_side_database)
@@ -741,28 +739,21 @@ def test_the_hand_over_gives_the_app_role_only_the_database_this_run_restored(wh
     create = [f"CREATE DATABASE {side} TEMPLATE template0", f"REVOKE ALL ON DATABASE {side} FROM PUBLIC"]
     other_run = [f"DROP DATABASE {side}", *create]
 
-    def owner_sql(database: str, *statements: str) -> str:
-        return subprocess.run([*owner_psql(server, database, "-v", "ON_ERROR_STOP=1", "-At"),
-                               *(arg for sql in statements for arg in ("-c", sql))],
-                              check=True, capture_output=True, text=True).stdout.strip()
-
     def state() -> tuple:
-        return (owner_sql("postgres", f"SELECT oid, datdba::regrole, datacl FROM pg_database WHERE datname = '{side}'"),
-                owner_sql(side, "SELECT nspowner::regrole FROM pg_namespace WHERE nspname = 'public'"))
+        return (owner_sql(server, "postgres", f"SELECT oid, datdba::regrole, datacl FROM pg_database WHERE datname = '{side}'"),
+                owner_sql(server, side, "SELECT nspowner::regrole FROM pg_namespace WHERE nspname = 'public'"))
 
     def hand_over(oid: int, when: str) -> int:  # its exit code
         params = {"socket_dir": server["socket_dir"], "port": server["port"], "database": side,
                   "owner": server["app_role"]}
         argv = [sys.executable, "-c", HAND_OVER, str(ROOT / "module_utils"), str(ROOT / "library" / "drydock_pg_restore.py"),
                 json.dumps(params), str(oid), json.dumps(other_run), when]
-        if os.geteuid() == 0:
-            argv = ["sudo", "-n", "-u", server["os_user"], *argv]
-        return subprocess.run(argv, capture_output=True, text=True).returncode
+        return subprocess.run(as_cluster_owner(server, argv), capture_output=True, text=True).returncode
 
     superuser, app_role = server["os_user"], server["app_role"]
-    owner_sql("postgres", f"DROP DATABASE IF EXISTS {side}", *create)
+    owner_sql(server, "postgres", f"DROP DATABASE IF EXISTS {side}", *create)
     try:
-        owner_sql(side, f"ALTER SCHEMA public OWNER TO {app_role}")  # lent, as pg_restore left it
+        owner_sql(server, side, f"ALTER SCHEMA public OWNER TO {app_role}")  # lent, as pg_restore left it
         ours = drydock_pg.database_oid(connect("local", "postgres"), side)
         assert hand_over(ours, when) == 3
         theirs, public_owner = state()
@@ -773,7 +764,7 @@ def test_the_hand_over_gives_the_app_role_only_the_database_this_run_restored(wh
         assert hand_over(int(theirs_oid), "never") == 0
         assert state() == (f"{theirs_oid}|{app_role}|", "pg_database_owner")
     finally:
-        owner_sql("postgres", f"DROP DATABASE IF EXISTS {side}")
+        owner_sql(server, "postgres", f"DROP DATABASE IF EXISTS {side}")
 
 
 def test_ssh_dropped_during_upload(staging_at_the_local_schema, connect, sandbox_env):
