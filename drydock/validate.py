@@ -18,7 +18,9 @@ ENV_NAME_RULE = "an environment is named in lower-case letters, digits, - and _,
 # where no check sees a password (mysite:2024/secret@host reads as host mysite, port 2024);
 # such a URL is refused in words that quote nothing (so is a key=value DSN).
 # The app_url_guard role holds the same pattern.
-_URL_SHAPE = re.compile(r"(?s)[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*@)?(\[[^\]/?#@]*\]|[^/?#@:\[\]]*)(:[0-9]*)?([/?#][^@]*)?\Z")
+# No # anywhere: libpq gives it no meaning, so a password= after one would still be read,
+# past every check of the query (which urlsplit ends at the #).
+_URL_SHAPE = re.compile(r"(?s)[A-Za-z][A-Za-z0-9+.-]*://([^/?#@]*@)?(\[[^\]/?#@]*\]|[^/?#@:\[\]]*)(:[0-9]*)?([/?][^@#]*)?\Z")
 NOT_A_URL = ("drydock_app_database_url is not a URL of the form postgresql://USER@HOST:PORT/DATABASE?PARAMETERS "
              "(a / ? # @ or : inside a part must be percent-encoded); it is not shown here, as it may hold a password")
 

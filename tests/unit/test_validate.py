@@ -163,10 +163,12 @@ def test_an_app_url_whose_parameters_name_a_database_is_refused(url):
 @pytest.mark.parametrize("url", ["postgresql://[::1/wagtail_site", "postgresql://db:99999/wagtail_site",
                                  "postgresql://app:s3cr/et@db/wagtail_site", "postgresql://app:s3cr?et@db/wagtail_site",
                                  "postgresql://app:s3@cret@db/wagtail_site", "host=db dbname=wagtail_site password=s3cret",
-                                 "postgresql://app:2024/s3cret@db/wagtail_site", "postgresql://app:12?s3cret@db/site"])
+                                 "postgresql://app:2024/s3cret@db/wagtail_site", "postgresql://app:12?s3cret@db/site",
+                                 "postgresql://db/wagtail_site?passfile=/x#&password=s3cret"])
 def test_an_app_url_that_does_not_parse_is_one_line_that_quotes_none_of_it(url):
     """A password with an unencoded / or ? puts a piece of it where the port goes: Python's
-    error would quote that piece. A key=value DSN is no URL, and its password no check sees."""
+    error would quote that piece. A key=value DSN is no URL, and its password no check sees;
+    nor a password= after a #, which libpq reads but urlsplit's query leaves out."""
     with pytest.raises(validate.InvalidInput) as refused:
         validate.app_database_url(url)
     assert str(refused.value) == validate.NOT_A_URL
@@ -290,7 +292,9 @@ URL_CASES = [
 ]
 # URLs that do not parse: both refuse them, the guard for the port beyond 65535 in Ansible's words.
 UNPARSABLE_URLS = ["postgresql://db:99999/wagtail_site", "postgresql://h1:5432,h2:5433/wagtail_site",
-                   "postgresql://[::1/wagtail_site"]
+                   "postgresql://[::1/wagtail_site",
+                   # libpq reads on past a #: urlsplit's query, which the password check reads, ends there
+                   "postgresql://db/wagtail_site?passfile=/x#&password=s3cret", "postgresql://db/wagtail_site#x"]
 HOSTNAME_CASES = ["localhost", "www.drydock-example.org", "Preview.Example.ORG", "a" * 63 + ".com", "",
                   "bad host", "x';--", "-a.com", "a-.com", "a..b", "a" * 64 + ".com", "under_score.com",
                   "host:8000", "ümlaut.de", "example.org\n", ".".join(["a" * 63] * 4) + ".com"]
