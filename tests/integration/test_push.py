@@ -519,6 +519,21 @@ def test_a_password_in_the_health_url_is_shown_nowhere(sandbox_env, tmp_path):
     assert app_serves(sandbox_env, "staging")  # started again: only the check was wrong
 
 
+def test_a_health_url_whose_password_could_not_be_left_out_is_refused_before_the_app_stops(sandbox_env):
+    """An unencoded / in the password: the lines that quote the URL could not tell it from the
+    path, and would show it. Refused first, quoting none of it; the app is never stopped."""
+    host = sandbox_env["staging"]["host"]
+    pid_before = (ROOT / ".sandbox" / "staging" / "app.pid").read_text()
+    proc = playbook("restart_app.yml", "--limit", "staging",
+                    "-e", f"drydock_app_health_url=http://drydock:Pa55/s3cret@{host}:8000/healthz")
+    assert proc.returncode != 0
+    assert ("drydock_app_health_url of staging is not a URL of the form http(s)://[USER:PASSWORD@]HOST[:PORT]/PATH"
+            in " ".join(proc.stdout.split())), proc.stdout[-3000:]
+    assert "s3cret" not in proc.stdout + proc.stderr
+    assert (ROOT / ".sandbox" / "staging" / "app.pid").read_text() == pid_before
+    assert app_serves(sandbox_env, "staging")
+
+
 def test_a_failed_health_check_swaps_back_even_when_the_app_then_will_not_stop(pushed, connect, sandbox_env,
                                                                               tmp_path):
     """The stop before the swap-back fails (the first stop, before the swap, works): the
