@@ -175,3 +175,25 @@ def test_verify_never_migrates_the_database_the_apps_options_name(fresh, sandbox
     assert proc.returncode != 0
     assert f"the app's settings name the database wagtail_site, not the scratch database {scratch}" in proc.stdout
     assert fingerprint(fresh) == before
+
+
+@pytest.mark.parametrize("variable, value", [("drydock_db_app_role", 'wagtail_site" OWNER "postgres'),
+                                             ("drydock_db_name", 'scratch" TEMPLATE "wagtail_site" --'),
+                                             ("drydock_db_os_user", "postgres -s")])
+def test_a_name_of_the_local_host_that_could_end_its_sql_is_refused_before_anything(sandbox_env, connect, tmp_path,
+                                                                                   variable, value):
+    """Verifying staging builds its reference on the local host, from the local host's names:
+    one that Ansible's SQL or sudo would take for more than a name is refused first."""
+    inventory = tmp_path / "inventory"
+    (inventory / "host_vars").mkdir(parents=True)
+    (inventory / "hosts.py").symlink_to(ROOT / "inventories" / "sandbox" / "hosts.py")
+    (inventory / "host_vars" / "local.yml").write_text(json.dumps({variable: value}))  # JSON is YAML
+    for cached in (runs_dir() / "cache").glob("schema-*.json"):  # else no database would be made
+        cached.unlink()
+    before = databases(connect("local", "postgres"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DRYDOCK_INVENTORY", str(inventory))
+        proc = inv("verify", "staging")
+    assert proc.returncode == 1 and len(error_lines(proc)) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"{variable} of local" in error_lines(proc)[0], error_lines(proc)[0]
+    assert databases(connect("local", "postgres")) == before
