@@ -48,6 +48,15 @@ options:
     type: list
     elements: str
     default: []
+  scrubbed:
+    description:
+      - The scrub rules this run applied to the database it dumps (the push passes what its
+        scrub step ran): the manifest records them, and a push to a protected target refuses
+        a scrubbed copy, one to an unprotected target an unscrubbed one. Never read from the
+        database's comment, which its owner (the app's role) may write.
+    type: list
+    elements: str
+    default: []
   room_only:
     description:
       - Only check that C(dest)'s folder has room for the dump, as C(min_free_mb) asks, once
@@ -169,8 +178,11 @@ class Compressor(threading.Thread):
 
 
 def recorded(record: dict) -> dict:
-    """What drydock recorded on the database: its lineage, and the scrub rules applied to it."""
-    return {"lineage": record.get("drydock_lineage"), "scrubbed": record.get("drydock_scrubbed", [])}
+    """What drydock recorded on the database: its lineage (the backup a pull restored, on the
+    local database). Not the scrub rules applied to it, which come from the run (`scrubbed`):
+    a server's app role owns its database and may write its comment, and a forged record
+    would send the real data to staging as a scrubbed copy."""
+    return {"lineage": record.get("drydock_lineage")}
 
 
 def database_files(folder: str, database: str) -> tuple[list[str], list[str]]:
@@ -290,7 +302,8 @@ def main() -> None:
                            pg_bindir=dict(type="path", required=True), compress=dict(type="int", default=1),
                            compression=dict(type="str", default="zstd", choices=["zstd", "gzip"]),
                            keep=dict(type="int", default=0), min_free_mb=dict(type="int", default=0),
-                           room_only=dict(type="bool", default=False), reserve_bytes=dict(type="int", default=0)),
+                           room_only=dict(type="bool", default=False), reserve_bytes=dict(type="int", default=0),
+                           scrubbed=dict(type="list", elements="str", default=[])),
         supports_check_mode=True,
     )
     params = module.params
@@ -346,7 +359,7 @@ def main() -> None:
                     facts = dict(row_counts=row_counts(cur), migrations=latest_migrations(cur),
                                  write_fingerprint=fingerprint, server_version=server_version(cur),
                                  database_size=conn.execute("SELECT pg_database_size(current_database())").fetchone()[0],
-                                 **recorded(database_comment(conn, params["database"])))
+                                 scrubbed=params["scrubbed"], **recorded(database_comment(conn, params["database"])))
                 except BaseException:
                     proc.kill()  # no manifest, no dump: do not wait for it
                     if compressor:

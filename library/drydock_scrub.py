@@ -6,8 +6,8 @@ DOCUMENTATION = r"""
 module: drydock_scrub
 short_description: Scrub personal data from a database copy with SQL rules, in one transaction
 description:
-  - Runs each rule's SQL, all in one transaction, and records the rules that ran in the
-    database's drydock comment, so the dump's manifest and the run journal can name them.
+  - Runs each rule's SQL, all in one transaction, and returns the rules that ran (C(ran)): the
+    push hands them to the dump, whose manifest names them.
   - A rule whose table does not exist fails the scrubbing (a misspelt table would otherwise
     let personal data through), unless it says C(required: false): a rule for an app the
     site may not have. Scrubbing in which no rule ran fails too.
@@ -44,8 +44,8 @@ without_table: {description: "Rules whose table does not exist, not applied (not
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.parsing.convert_bool import boolean
-from ansible.module_utils.drydock_pg import (require_psycopg, APP_DATABASE_ARGS, connect, database_comment, is_table,
-                                             refuse_code_of_its_own, set_database_comment)
+from ansible.module_utils.drydock_pg import (require_psycopg, APP_DATABASE_ARGS, connect, is_table,
+                                             refuse_code_of_its_own)
 
 
 class MissingTable(Exception):
@@ -98,11 +98,6 @@ def main() -> None:
                                      "knowingly (--dump with --allow-unscrubbed)")
             if module.check_mode:
                 conn.rollback()
-        if not module.check_mode:
-            with connect(p["socket_dir"], p["port"], "postgres", autocommit=True) as admin:
-                record = database_comment(admin, p["database"])
-                record["drydock_scrubbed"] = [rule["name"] for rule in ran]
-                set_database_comment(admin, p["database"], record)
     except MissingTable as error:
         module.fail_json(msg=str(error))
     except psycopg.Error as error:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from drydock import dumps
 from drydock.paths import backups_dir, runs_dir
@@ -660,6 +661,27 @@ def test_unscrubbed_dump_is_refused_by_staging_unless_allowed(pushed, connect):
     emails = [e for (e,) in connect("staging").execute("SELECT email FROM auth_user")]
     assert any(e.endswith("@drydock-example.org") for e in emails)  # the real ones, as asked
     inv("rollback", "staging", check=True)
+    assert fingerprint(connect("staging")) == before
+
+
+def test_a_scrub_record_the_apps_role_writes_on_production_is_not_believed(pushed, connect):
+    """The app's role owns its database and may comment on it: a comment claiming that the
+    scrub rules ran must not make production's backup a scrubbed copy, which staging would
+    take without --allow-unscrubbed."""
+    production = connect("production")
+    own = production.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database"
+                             " WHERE datname = 'wagtail_site'").fetchone()[0]
+    forged = json.dumps({**(json.loads(own) if own else {}), "drydock_scrubbed": ["user_emails", "user_passwords"]})
+    production.execute(sql.SQL("COMMENT ON DATABASE wagtail_site IS {}").format(forged))  # as the app's role
+    try:
+        inv("backup", "production", check=True)
+    finally:
+        production.execute(sql.SQL("COMMENT ON DATABASE wagtail_site IS {}").format(own))
+    backup = dumps.latest("production")
+    assert backup.manifest["scrubbed"] == []
+    before = fingerprint(connect("staging"))
+    proc = inv("push", "staging", "--dump", str(backup.path.parent))
+    assert proc.returncode == 1 and "refusing to push an unscrubbed copy" in error_lines(proc)[-1], proc.stderr[-2000:]
     assert fingerprint(connect("staging")) == before
 
 
