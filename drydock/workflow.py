@@ -447,6 +447,15 @@ def _pulled_before(run: Run) -> str:
             "before the pipeline)") if pulls else ""
 
 
+def _changed_before(run: Run, env: str) -> str:
+    """In a pipeline, what its steps before this one changed on `env` (a push) or on the
+    local database (the pull): "nothing changed" is about the interrupted step alone."""
+    if any(step["step"] == "restore" and step.get("env") == env and step.get("outcome") == "ok" for step in read(run.dir)):
+        return (f"; the pipeline's push before it had put its copy live on {env}, unchecked: inv verify {env}, and "
+                f"inv rollback {env} if that fails")
+    return _pulled_before(run)
+
+
 def _migrate_interrupted(run: Run, local: str, snapshot_name: str) -> str:
     """What an interrupted migration step left, by its mark (drydock/unfinished.py): there from
     the safety snapshot until the database is whole again. Without it, the advice to restore
@@ -518,8 +527,9 @@ def push(env_text: str, dump_path: str | None = None, yes: bool = False, allow_l
             with _locks([LOCAL_LOCK] if not locked else [], "push", say):
                 unfinished.refuse_if_unfinished(f"push the local database to {env}")
                 with run.step("dump local", env=local, scrub=not protected,
-                              interrupted="nothing changed" + ("" if protected else
-                                                               "; the next push drops the outgoing copy left behind")) as step:
+                              interrupted=lambda: "nothing changed" + ("" if protected else
+                                                                       "; the next push drops the outgoing copy left behind")
+                              + _pulled_before(run)) as step:
                     say(f"==> dumping the local database for {env}" + ("" if protected else " (scrubbed copy)"))
                     dump = _run_dumping("prepare_push.yml", limit=local, run=run, extra_vars={
                         "drydock_scrub": not protected, "pg_backup_controller_dir": str(backups_dir())})
@@ -902,8 +912,9 @@ def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Ru
     try:
         with _locks([] if locked else [lock], "verify", say), run.step(
                 f"verify {env}", env=env, report=str(report),
-                interrupted=f"verify only reads {env}: nothing changed (a scratch database it was building on the "
-                            f"local cluster is dropped by the next verify of {env})"):
+                interrupted=lambda: f"verify only reads {env}: nothing changed (a scratch database it was building on"
+                                    f" the local cluster is dropped by the next verify of {env})"
+                                    + _changed_before(run, env)):
             try:
                 run_playbook("verify_database.yml", limit=env, run=run, extra_vars={
                     "drydock_verify_report": str(report),

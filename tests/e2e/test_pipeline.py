@@ -193,6 +193,9 @@ def test_ctrl_c_during_the_last_verify_keeps_the_pushed_copy_live_and_rolls_noth
         for conn in held:  # the lock goes with its session
             conn.close()
     assert line.startswith("drydock: error: interrupted during verify staging: verify only reads staging: nothing changed"), line
+    # ...about the verify alone: the line says what the pipeline had done by then.
+    assert line.endswith("; the pipeline's push before it had put its copy live on staging, unchecked: inv verify staging,"
+                         " and inv rollback staging if that fails"), line
     assert connect("staging", "postgres").execute(OID).fetchone()[0] != old  # the pushed copy is still live
     assert not [step for step in steps() if step["step"].startswith("rollback")]
     assert app_serves(sandbox_env, "staging")

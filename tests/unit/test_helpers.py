@@ -311,6 +311,20 @@ def test_an_interrupted_step_in_a_pipeline_says_its_pull_had_replaced_the_local_
                                    " holds the one from before the pipeline)")
 
 
+def test_an_interrupted_verify_in_a_pipeline_says_what_its_push_had_put_live(tmp_path):
+    from drydock.workflow import _changed_before
+
+    run = Run("pipeline", root=tmp_path)
+    with run.step("pull", env="local"):
+        pass
+    assert _changed_before(run, "local").startswith("; the pipeline's pull before it had replaced the local database")
+    assert _changed_before(run, "staging") == _changed_before(run, "local")  # no push yet
+    with run.step("restore", env="staging"):
+        pass
+    assert _changed_before(run, "staging") == ("; the pipeline's push before it had put its copy live on staging,"
+                                               " unchecked: inv verify staging, and inv rollback staging if that fails")
+
+
 def test_a_push_whose_host_stopped_answering_says_what_it_left_and_tries_nothing_there(tmp_path):
     """The playbook's rescue does not run for a host that does not answer: the push's line
     says what the tasks' progress tells, and no restart of the app is tried over the
