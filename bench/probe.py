@@ -1,6 +1,6 @@
-"""The downtime probe: while a push runs, run a query the app needs on the live database
-every 50 ms; the longest stretch without a successful answer is the downtime the site's
-users would have seen.
+"""The downtime probes: while a push runs, run a query the app needs on the live database
+every 50 ms (DowntimeProbe, the issue's measure), and ask the app itself over HTTP as often
+(AppProbe); the longest stretch without a successful answer is each one's downtime.
 
 The probe keeps its connection, and connects again by the live database's name at once when
 that connection is cut. Connecting anew every 50 ms (authentication and a new server process
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 
 import psycopg
 
@@ -27,29 +28,58 @@ QUERY = ("SELECT s.hostname FROM wagtailcore_site s JOIN wagtailcore_page p ON p
          " WHERE s.is_default_site")
 
 
-class DowntimeProbe:
-    """Run in a thread between start() and stop(); `longest_gap_s` is the longest time
-    between two successful answers (connection refused, query failed or waiting on a lock
-    all count as down)."""
+class GapProbe:
+    """Ask something every 50 ms in a thread between start() and stop(); `longest_gap_s` is
+    the longest time between two answers that said up (each subclass says what is up)."""
 
-    def __init__(self, url: str, timeout_s: float = 30.0):
-        self.url = url
-        self.timeout_s = timeout_s
+    def __init__(self, name: str):
         self.longest_gap_s = 0.0
         self.successes = 0
         self.failures = 0
-        self.cuts = 0  # times the kept connection was cut (and the probe connected again)
-        self._conn: psycopg.Connection | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="downtime-probe", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    def __enter__(self) -> "DowntimeProbe":
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+    def _ask(self) -> bool:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        pass
+
+    def _loop(self) -> None:
+        last_up = time.monotonic()
+        while not self._stop.is_set():
+            started = time.monotonic()
+            if self._ask():
+                now = time.monotonic()
+                self.longest_gap_s = max(self.longest_gap_s, now - last_up)
+                last_up = now
+                self.successes += 1
+            else:
+                self.failures += 1
+            self._stop.wait(max(0.0, INTERVAL_S - (time.monotonic() - started)))
+        # Still down when the push ended counts up to now.
+        self.longest_gap_s = max(self.longest_gap_s, time.monotonic() - last_up)
+        self._close()
+
+
+class DowntimeProbe(GapProbe):
+    """The live database: connection refused, query failed or waiting on a lock all count as
+    down."""
+
+    def __init__(self, url: str, timeout_s: float = 30.0):
+        super().__init__("downtime-probe")
+        self.url = url
+        self.timeout_s = timeout_s
+        self.cuts = 0  # times the kept connection was cut (and the probe connected again)
+        self._conn: psycopg.Connection | None = None
 
     def _ask(self) -> bool:
         kept = self._conn is not None
@@ -80,18 +110,22 @@ class DowntimeProbe:
             self._conn.close()
             self._conn = None
 
-    def _loop(self) -> None:
-        last_up = time.monotonic()
-        while not self._stop.is_set():
-            started = time.monotonic()
-            if self._ask():
-                now = time.monotonic()
-                self.longest_gap_s = max(self.longest_gap_s, now - last_up)
-                last_up = now
-                self.successes += 1
-            else:
-                self.failures += 1
-            self._stop.wait(max(0.0, INTERVAL_S - (time.monotonic() - started)))
-        # Still down when the push ended counts up to now.
-        self.longest_gap_s = max(self.longest_gap_s, time.monotonic() - last_up)
-        self._close()
+
+class AppProbe(GapProbe):
+    """The site as its users see it: the app's health URL (the example site's /healthz
+    queries the database) must answer 200 within `timeout_s`. drydock's push stops the app
+    for its swap and checks the new one before it counts as done: the database probe above
+    sees none of that, this one does. It undercounts the runbook's gap, if anything: its
+    health query reads a table loaded early in the restore."""
+
+    def __init__(self, url: str, timeout_s: float = 5.0):
+        super().__init__("app-probe")
+        self.url = url
+        self.timeout_s = timeout_s
+
+    def _ask(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url, timeout=self.timeout_s) as response:
+                return response.status == 200
+        except (OSError, ValueError):  # refused, timed out, or an HTTP error status
+            return False

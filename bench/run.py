@@ -6,7 +6,7 @@ two pull production and push that local database to staging, as its user would, 
 that goes first alternating:
   pull:  the runbook (pg_dump | gzip, copy, dropdb/createdb, gunzip | psql)  vs  inv pull production
   push:  the same towards staging                                            vs  inv push staging
-         with a probe querying staging's live database every 50 ms (the downtime)
+         with probes asking staging's live database and its app every 50 ms (the downtime)
   reset: inv snapshot.restore  vs  a FILE_COPY template copy  vs  restoring the dump again
          (the copy is timed once the restore's background work is done; the restore's
          database work alone is read from its journal)
@@ -44,13 +44,13 @@ import psycopg
 
 from bench.host import StolenCpu, gzip_check_s
 from bench.memory import PeakMemory
-from bench.probe import DowntimeProbe
+from bench.probe import AppProbe, DowntimeProbe
 from bench.quiet import QuietClusters
 from bench.runbook import Runbook, RunbookError
 from drydock import journal
 from drydock.errors import DrydockError
 from drydock.paths import project_root
-from drydock.sandbox import DATABASE, Sandbox, SandboxError, bulk_posts_for
+from drydock.sandbox import APP_PORT, DATABASE, Sandbox, SandboxError, bulk_posts_for
 
 Say = Callable[[str], None]
 SNAPSHOT = "bench"
@@ -159,20 +159,25 @@ class Bench:
         gzip_s = gzip_check_s()
         with StolenCpu() as host:
             if probe:
-                with self.staging_probe() as staging:
+                with self.staging_probe() as staging, self.app_probe() as app:
                     sample = action()
                 sample["downtime_s"] = staging.longest_gap_s
+                sample["app_downtime_s"] = app.longest_gap_s
             else:
                 sample = action()
         sample.update(steal_pct=host.percent, iowait_pct=host.iowait_percent, gzip_check_s=gzip_s)
         self.samples.setdefault(name, []).append(sample)
-        extra = f", downtime {sample['downtime_s']:.2f} s" if "downtime_s" in sample else ""
+        extra = (f", downtime {sample['downtime_s']:.2f} s (the database), {sample['app_downtime_s']:.2f} s (the app)"
+                 if "downtime_s" in sample else "")
         self.say(f"    {name}: {sample['seconds']:.1f} s{extra} (host: gzip check {gzip_s:.2f} s before,"
                  f" {host.percent:.0f}% of the CPU stolen and {host.iowait_percent:.0f}% waiting for the disk during)")
         return sample
 
     def staging_probe(self) -> DowntimeProbe:
         return DowntimeProbe(self.envs()["staging"]["url"])
+
+    def app_probe(self) -> AppProbe:
+        return AppProbe(f"http://{self.envs()['staging']['host']}:{APP_PORT}/healthz")
 
     def pull_and_push(self, runbook: Runbook, drydock_first: bool) -> None:
         """Each of the two pulls production, then pushes that local database to staging (see
@@ -246,6 +251,9 @@ class Bench:
             "push_ratio": round(self.median("runbook push") / self.median("drydock push"), 2),
             "push_downtime_s": round(self.median("drydock push", "downtime_s"), 3),
             "runbook_push_downtime_s": round(self.median("runbook push", "downtime_s"), 3),
+            # The site as its users see it: drydock's push stops the app around its swap.
+            "push_app_downtime_s": round(self.median("drydock push", "app_downtime_s"), 3),
+            "runbook_push_app_downtime_s": round(self.median("runbook push", "app_downtime_s"), 3),
             "snapshot_restore_s": round(self.median("snapshot restore"), 3),
             "template_file_copy_s": round(self.median("template FILE_COPY"), 3),
             # None if no restore's journal said (a run killed in between): the rest still stands.
@@ -321,8 +329,10 @@ def table(result: dict) -> str:
             f"**{result['pull_ratio']:.2f}×**"),
         row("push local → staging", f"{m['runbook push']['seconds']:.1f} s", f"{m['drydock push']['seconds']:.1f} s",
             f"**{result['push_ratio']:.2f}×**"),
-        row("staging's downtime during the push", f"{result['runbook_push_downtime_s']:.2f} s",
-            f"{result['push_downtime_s']:.2f} s", ""),
+        row("staging's downtime during the push: its database (a query every 50 ms)",
+            f"{result['runbook_push_downtime_s']:.2f} s", f"{result['push_downtime_s']:.2f} s", ""),
+        row("… its site (the app's /healthz every 50 ms; drydock stops the app around its swap)",
+            f"{result['runbook_push_app_downtime_s']:.2f} s", f"{result['push_app_downtime_s']:.2f} s", ""),
         row("dump on the wire (pull)", mb(m["runbook pull"].get("bytes")), mb(m["drydock pull"].get("bytes")), ""),
         row("peak memory of drydock's processes, all / the largest (pull)", "",
             f"{mb(m['drydock pull']['peak_rss_bytes'])} / {mb(m['drydock pull']['peak_process_rss_bytes'])}", ""),

@@ -50,10 +50,12 @@ def test_report_states_ratios_of_medians_and_each_pair():
     bench.samples = {
         "runbook pull": [runbook(120, 0), runbook(190, 30), runbook(130, 1)],
         "drydock pull": [drydock(30, 0), drydock(95, 25), drydock(26, 2)],
-        "runbook push": [runbook(125, 0, downtime_s=40.0), runbook(250, 16, downtime_s=85.0),
-                         runbook(120, 0, downtime_s=41.0)],
-        "drydock push": [drydock(35, 1, downtime_s=0.1), drydock(100, 18, downtime_s=0.2),
-                         drydock(40, 0, downtime_s=0.1)],
+        "runbook push": [runbook(125, 0, downtime_s=40.0, app_downtime_s=39.0),
+                         runbook(250, 16, downtime_s=85.0, app_downtime_s=84.0),
+                         runbook(120, 0, downtime_s=41.0, app_downtime_s=40.0)],
+        "drydock push": [drydock(35, 1, downtime_s=0.1, app_downtime_s=7.5),
+                         drydock(100, 18, downtime_s=0.2, app_downtime_s=9.0),
+                         drydock(40, 0, downtime_s=0.1, app_downtime_s=7.0)],
         "snapshot restore": [sample(1.2, 0, background_s=0.3, database_s=0.03)] * 3,
         "template FILE_COPY": [sample(0.5, 0)] * 3,
         "restore the dump again": [sample(15, 0)] * 3,
@@ -65,6 +67,7 @@ def test_report_states_ratios_of_medians_and_each_pair():
     assert result["push_pair_ratios"] == [3.57, 2.5, 3.0]
     assert result["steal_pct_max"] == 30
     assert result["push_downtime_s"] == 0.1 and result["runbook_push_downtime_s"] == 41.0
+    assert result["push_app_downtime_s"] == 7.5 and result["runbook_push_app_downtime_s"] == 40.0
     text = table(result)
     assert f" cores, hosts reached by {result['machine']['sandbox']}, " in text
     assert "**4.33×**" in text and "**3.12×**" in text
@@ -114,6 +117,7 @@ def test_a_measured_step_times_only_the_step_and_probes_only_a_push(monkeypatch)
     monkeypatch.setattr(bench.run, "StolenCpu", lambda: Window("steal", percent=4.0, iowait_percent=9.0))
     bench_ = Bench("bench", runs=1, minutes=0, say=lambda _line: None)
     monkeypatch.setattr(bench_, "staging_probe", lambda: Window("probe", longest_gap_s=0.12))
+    monkeypatch.setattr(bench_, "app_probe", lambda: Window("app probe", longest_gap_s=6.5))
 
     def step(seconds: float):
         def action():
@@ -122,9 +126,10 @@ def test_a_measured_step_times_only_the_step_and_probes_only_a_push(monkeypatch)
         return action
 
     bench_.measure("drydock push", step(70.0), probe=True)
-    assert events == ["gzip check", "steal on", "probe on", "step", "probe off", "steal off"]
-    assert bench_.samples["drydock push"] == [{"seconds": 70.0, "downtime_s": 0.12, "steal_pct": 4.0,
-                                              "iowait_pct": 9.0, "gzip_check_s": 0.2}]
+    assert events == ["gzip check", "steal on", "probe on", "app probe on", "step", "app probe off", "probe off",
+                      "steal off"]
+    assert bench_.samples["drydock push"] == [{"seconds": 70.0, "downtime_s": 0.12, "app_downtime_s": 6.5,
+                                              "steal_pct": 4.0, "iowait_pct": 9.0, "gzip_check_s": 0.2}]
     events.clear()
     bench_.measure("drydock pull", step(50.0))
     assert events == ["gzip check", "steal on", "step", "steal off"]
@@ -158,3 +163,35 @@ def test_each_side_pushes_the_local_database_it_has_just_pulled():
     done.clear()
     bench.pull_and_push(runbook, drydock_first=True)
     assert done == side["drydock"] + side["runbook"]
+
+
+def test_the_app_probe_measures_the_longest_time_the_site_did_not_answer_200():
+    """A real HTTP server on loopback that answers 503 for a second, then 200 again."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from bench.probe import AppProbe
+
+    down_until = [0.0]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(503 if time.monotonic() < down_until[0] else 200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with AppProbe(f"http://127.0.0.1:{server.server_address[1]}/healthz") as probe:
+            time.sleep(0.3)
+            down_until[0] = time.monotonic() + 1.0
+            time.sleep(1.5)
+        assert 1.0 <= probe.longest_gap_s < 1.4, probe.longest_gap_s
+        assert probe.failures >= 10 and probe.successes >= 10
+    finally:
+        server.shutdown()
+        server.server_close()
