@@ -112,11 +112,10 @@ class DowntimeProbe(GapProbe):
 
 
 class AppProbe(GapProbe):
-    """The site as its users see it: the app's health URL (the example site's /healthz
-    queries the database) must answer 200 within `timeout_s`. drydock's push stops the app
-    for its swap and checks the new one before it counts as done: the database probe above
-    sees none of that, this one does. It undercounts the runbook's gap, if anything: its
-    health query reads a table loaded early in the restore."""
+    """The site as its users see it: the app's health URL must answer 200 within
+    `timeout_s`. The example site's /healthz reads the default Site's root page, as the
+    database probe's query does. drydock's push stops the app around its swap and starts it
+    again: the database probe sees none of that, this one does."""
 
     def __init__(self, url: str, timeout_s: float = 5.0):
         super().__init__("app-probe")
