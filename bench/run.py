@@ -6,7 +6,7 @@ two pull production and push that local database to staging, as its user would, 
 that goes first alternating:
   pull:  the runbook (pg_dump | gzip, copy, dropdb/createdb, gunzip | psql)  vs  inv pull production
   push:  the same towards staging                                            vs  inv push staging
-         with probes asking staging's live database and its app every 50 ms (the downtime)
+         with probes asking staging's live database every 50 ms and its app every 250 ms (the downtime)
   reset: inv snapshot.restore  vs  a FILE_COPY template copy  vs  restoring the dump again
          (the copy is timed once the restore's background work is done; the restore's
          database work alone is read from its journal)
@@ -331,7 +331,7 @@ def table(result: dict) -> str:
             f"**{result['push_ratio']:.2f}×**"),
         row("staging's downtime during the push: its database (a query every 50 ms)",
             f"{result['runbook_push_downtime_s']:.2f} s", f"{result['push_downtime_s']:.2f} s", ""),
-        row("… its site (the app's /healthz every 50 ms; drydock stops the app around its swap)",
+        row("… its site (the app's /healthz every 250 ms; drydock stops the app around its swap)",
             f"{result['runbook_push_app_downtime_s']:.2f} s", f"{result['push_app_downtime_s']:.2f} s", ""),
         row("dump on the wire (pull)", mb(m["runbook pull"].get("bytes")), mb(m["drydock pull"].get("bytes")), ""),
         row("peak memory of drydock's processes, all / the largest (pull)", "",

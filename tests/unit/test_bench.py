@@ -190,8 +190,8 @@ def test_the_app_probe_measures_the_longest_time_the_site_did_not_answer_200():
             time.sleep(0.3)
             down_until[0] = time.monotonic() + 1.0
             time.sleep(1.5)
-        assert 1.0 <= probe.longest_gap_s < 1.4, probe.longest_gap_s
-        assert probe.failures >= 10 and probe.successes >= 10
+        assert 1.0 <= probe.longest_gap_s < 1.0 + 2 * probe.interval_s + 0.2, probe.longest_gap_s
+        assert probe.failures >= 3 and probe.successes >= 2
     finally:
         server.shutdown()
         server.server_close()
