@@ -34,8 +34,9 @@ QUERY = ("SELECT s.hostname FROM wagtailcore_site s JOIN wagtailcore_page p ON p
 
 
 class GapProbe:
-    """Ask something every `interval_s` in a thread between start() and stop(); `longest_gap_s` is
-    the longest time between two answers that said up (each subclass says what is up)."""
+    """Ask something every `interval_s` in a thread between start() and stop();
+    `longest_gap_s` is the longest time between two answers that said up (each subclass says
+    what is up)."""
 
     def __init__(self, name: str, interval_s: float = INTERVAL_S):
         self.interval_s = interval_s
@@ -118,10 +119,10 @@ class DowntimeProbe(GapProbe):
 
 
 class AppProbe(GapProbe):
-    """The site as its users see it: the app's health URL must answer 200 within
-    `timeout_s`, asked every 250 ms. The example site's /healthz reads the default Site's root page, as the
-    database probe's query does. drydock's push stops the app around its swap and starts it
-    again: the database probe sees none of that, this one does."""
+    """The site as its users see it: the app's health URL, asked every 250 ms, must answer
+    200 within `timeout_s`. The example site's /healthz reads the default Site's root page,
+    as the database probe's query does. drydock's push stops the app around its swap and
+    starts it again: the database probe sees none of that, this one does."""
 
     def __init__(self, url: str, timeout_s: float = 5.0):
         super().__init__("app-probe", APP_INTERVAL_S)
