@@ -77,6 +77,17 @@ def described_inventory(folder: Path, servers: tuple[str, ...], local: str, **va
     return hosts
 
 
+def sandbox_inventory_with(folder: Path, vars_file: str, variables: dict) -> Path:
+    """An inventory folder in `folder`: the sandbox's, and `vars_file` beside it (e.g.
+    "host_vars/local.yml", "group_vars/all.yml") setting `variables`, which Ansible reads over
+    the script's. Its path, for DRYDOCK_INVENTORY."""
+    inventory = folder / "inventory"
+    (inventory / vars_file).parent.mkdir(parents=True)
+    (inventory / "hosts.py").symlink_to(ROOT / "inventories" / "sandbox" / "hosts.py")
+    (inventory / vars_file).write_text(json.dumps(variables))  # JSON is YAML
+    return inventory
+
+
 def playbook(name: str, *args: str) -> subprocess.CompletedProcess:
     """Run a playbook with plain ansible-playbook, as an operator would."""
     return subprocess.run(["ansible-playbook", f"playbooks/{name}", *args], env=ansible_env(), cwd=ROOT,

@@ -8,7 +8,7 @@ import pytest
 
 from drydock import dumps
 from drydock.paths import PG_BINDIR, backups_dir
-from tests.conftest import ROOT, assert_private, error_lines, inv, playbook, row_counts
+from tests.conftest import assert_private, error_lines, inv, playbook, row_counts, sandbox_inventory_with
 
 
 @pytest.fixture(scope="module")
@@ -229,11 +229,8 @@ def test_a_function_the_apps_role_plants_never_runs_as_the_superuser(backup, con
         assert error_lines(refused)[0].startswith(
             "drydock: error: production: refusing to back up wagtail_site: it holds 1 function(s), trigger(s) or rule(s) of its"
             " own (public.shobj_description(oid,text)), which the superuser's work in it could run"), refused.stderr
-        inventory = tmp_path / "inventory"
-        (inventory / "group_vars").mkdir(parents=True)
-        (inventory / "hosts.py").symlink_to(ROOT / "inventories" / "sandbox" / "hosts.py")
-        (inventory / "group_vars" / "all.yml").write_text(
-            "drydock_trusted_functions: ['public.shobj_description(oid,text)']\n")
+        inventory = sandbox_inventory_with(tmp_path, "group_vars/all.yml",
+                                           {"drydock_trusted_functions": ["public.shobj_description(oid,text)"]})
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("DRYDOCK_INVENTORY", str(inventory))
             inv("backup", "production", check=True)

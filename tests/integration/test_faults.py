@@ -32,7 +32,7 @@ from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
 from drydock.sandbox import child_pids
 from tests.conftest import (ROOT, app_serves, as_cluster_owner, databases, error_lines, fingerprint, inv,
-                            owner_sql, process_tree)
+                            owner_sql, process_tree, sandbox_inventory_with)
 
 # sftp -l: bandwidth in Kbit/s. At 100 KB/s a transfer of the small sandbox's dump lasts
 # long enough to be interrupted in the middle.
@@ -480,10 +480,7 @@ def test_target_without_the_app_role_is_refused_before_any_change(staging_at_the
                                                                   tmp_path):
     """Through `inv push`, with staging told of a role its server lacks: the sandbox's
     inventory, and a host_vars file beside it that Ansible reads over the script's variables."""
-    inventory = tmp_path / "inventory"
-    (inventory / "host_vars").mkdir(parents=True)
-    (inventory / "hosts.py").symlink_to(ROOT / "inventories" / "sandbox" / "hosts.py")
-    (inventory / "host_vars" / "staging.yml").write_text("drydock_db_app_role: no_such_role\n")
+    inventory = sandbox_inventory_with(tmp_path, "host_vars/staging.yml", {"drydock_db_app_role": "no_such_role"})
     change_a_post(connect("staging"), "no app role")
     before = fingerprint(connect("staging"))
     since = time.time()

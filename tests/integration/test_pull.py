@@ -10,8 +10,8 @@ import psycopg
 import pytest
 
 from drydock import dumps
-from tests.conftest import (LIVE_OID, PLANTED_SITE_RULE, PLANTED_SITE_RULE_REMOVED, ROOT, database_url, databases,
-                            error_lines, fingerprint, inv, playbook, row_counts)
+from tests.conftest import (LIVE_OID, PLANTED_SITE_RULE, PLANTED_SITE_RULE_REMOVED, database_url, databases,
+                            error_lines, fingerprint, inv, playbook, row_counts, sandbox_inventory_with)
 
 
 @pytest.fixture(scope="module")
@@ -269,11 +269,7 @@ REFUSAL = {
 
 def trusting_production(tmp_path: Path, function: str) -> Path:
     """An inventory: the sandbox's, with production alone trusting `function`."""
-    inventory = tmp_path / "inventory"
-    (inventory / "host_vars").mkdir(parents=True)
-    (inventory / "hosts.py").symlink_to(ROOT / "inventories" / "sandbox" / "hosts.py")
-    (inventory / "host_vars" / "production.yml").write_text(f"drydock_trusted_functions: ['{function}']\n")
-    return inventory
+    return sandbox_inventory_with(tmp_path, "host_vars/production.yml", {"drydock_trusted_functions": [function]})
 
 
 @pytest.mark.parametrize("planted", sorted(PLANTED))

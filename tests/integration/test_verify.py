@@ -7,7 +7,7 @@ import pytest
 
 from drydock.paths import runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import ROOT, databases, error_lines, fingerprint, inv, row_counts
+from tests.conftest import ROOT, databases, error_lines, fingerprint, inv, row_counts, sandbox_inventory_with
 
 
 @pytest.fixture(scope="module")
@@ -184,10 +184,7 @@ def test_a_name_of_the_local_host_that_could_end_its_sql_is_refused_before_anyth
                                                                                    variable, value):
     """Verifying staging builds its reference on the local host, from the local host's names:
     one that Ansible's SQL or sudo would take for more than a name is refused first."""
-    inventory = tmp_path / "inventory"
-    (inventory / "host_vars").mkdir(parents=True)
-    (inventory / "hosts.py").symlink_to(ROOT / "inventories" / "sandbox" / "hosts.py")
-    (inventory / "host_vars" / "local.yml").write_text(json.dumps({variable: value}))  # JSON is YAML
+    inventory = sandbox_inventory_with(tmp_path, "host_vars/local.yml", {variable: value})
     for cached in (runs_dir() / "cache").glob("schema-*.json"):  # else no database would be made
         cached.unlink()
     before = databases(connect("local", "postgres"))
