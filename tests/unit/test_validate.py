@@ -1,5 +1,6 @@
 import json
 import stat
+import subprocess
 
 import pytest
 
@@ -125,6 +126,16 @@ def test_help_after_a_task_is_never_taken_for_its_argument(args):
     proc = inv(*args)
     assert proc.returncode == 1 and error_lines(proc) == [
         "drydock: error: --help after a task is read as its argument: put it before the task's name (./inv --help TASK)"]
+
+
+@pytest.mark.parametrize("args", [["pipeline", "--help"], ["pipeline", "production", "staging", "-h"]])
+def test_the_wrapper_shows_a_tasks_help_written_after_it(args):
+    """Invoke would read --help as the pipeline's source and fail on its missing target."""
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([str(ROOT / "inv"), *args], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Usage: inv[oke] [--core-opts] pipeline [--options]") and "--allow-lost-writes" in proc.stdout
 
 
 def test_no_task_takes_a_one_letter_flag():
