@@ -1,7 +1,9 @@
 """`inv backup`: a verified dump on the host and the controller, with a true manifest."""
 import hashlib
+import os
 import re
 import shutil
+import stat
 import subprocess
 
 import pytest
@@ -199,6 +201,40 @@ def test_bad_input_gets_one_line(sandbox_env, args, message):
     proc = inv(*args)
     assert proc.returncode == 1
     assert len(error_lines(proc)) == 1 and message in proc.stderr
+
+
+def shape_of(path) -> tuple:
+    """What a folder's owner would lose: where it points, its owner, mode and files."""
+    details = os.lstat(path)
+    link = os.readlink(path) if stat.S_ISLNK(details.st_mode) else None
+    return link, details.st_uid, stat.S_IMODE(details.st_mode), sorted(os.listdir(path))
+
+
+@pytest.mark.parametrize("kind, reason", [("shared", "is a shared folder (mode 1777)"),
+                                          ("root's, with files", "is root's and holds files"),
+                                          ("a link", "is a link")])
+def test_a_backup_folder_that_is_not_drydocks_to_take_is_refused_before_anything(sandbox_env, tmp_path, kind, reason):
+    """drydock makes drydock_host_backup_dir the OS user's, 0700, as root: written as /tmp, as
+    /usr/local or as a link, it would have taken a folder from everyone else."""
+    folder, elsewhere = tmp_path / "folder", tmp_path / "elsewhere"  # the sandbox's hosts share this disk
+    elsewhere.mkdir(mode=0o755)
+    (elsewhere / "keep").touch()
+    if kind == "shared":
+        folder.mkdir()
+        folder.chmod(0o1777)
+    elif kind == "root's, with files":
+        folder.mkdir(mode=0o755)
+        (folder / "keep").touch()
+    else:
+        folder.symlink_to(elsewhere)
+    before = shape_of(folder), shape_of(elsewhere), sorted((backups_dir() / "production").rglob("*"))
+    inventory = sandbox_inventory_with(tmp_path, "host_vars/production.yml", {"drydock_host_backup_dir": str(folder)})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DRYDOCK_INVENTORY", str(inventory))
+        proc = inv("backup", "production")
+    assert proc.returncode == 1 and len(error_lines(proc)) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"drydock_host_backup_dir {folder} {reason}" in error_lines(proc)[0], error_lines(proc)[0]
+    assert (shape_of(folder), shape_of(elsewhere), sorted((backups_dir() / "production").rglob("*"))) == before
 
 
 # What the app's role can do in its own database (it owns its public schema): plant a
