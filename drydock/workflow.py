@@ -664,7 +664,8 @@ def _push_interrupted(run: Run, env: str, database: str, dump: Dump, say: Say, h
     if state == "ran":
         return (f"the swap ran: {env} runs the pushed copy, its database from before is {database}__previous, and its "
                 f"app may be stopped: `inv rollback {env}` brings that database back and starts the app (a second "
-                f"push would drop it)")
+                f"push would drop it), or `inv app.restart {env}` starts the app on the pushed copy, unchecked: then "
+                f"`inv verify {env}`")
     if state == "running":
         return (f"the swap was running: {env} runs its old database or the pushed copy, and its app may be stopped; "
                 f"`inv verify {env}` says which (the copy's live database line reads `pushed from "

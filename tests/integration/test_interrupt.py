@@ -67,6 +67,7 @@ def test_ctrl_c_after_the_swap_says_the_copy_is_live_and_rollback_brings_back_th
     assert line.startswith("drydock: error: interrupted during restore: the swap ran: staging runs the pushed copy,"
                            " its database from before is wagtail_site__previous"), line
     assert "`inv rollback staging` brings that database back" in line
+    assert "`inv app.restart staging` starts the app on the pushed copy, unchecked" in line  # the other way on
     assert live_oid(connect) != old
     assert not app_serves(sandbox_env, "staging")  # stopped before the swap, never started
     inv("rollback", "staging", check=True)  # what the line says

@@ -363,7 +363,8 @@ def test_a_push_whose_host_stopped_answering_says_what_it_left_and_tries_nothing
     assert failed_after((*stop, "start"), (*swap, "start"), (*swap, "ok")) == (
         f"{lost}; the swap ran: staging runs the pushed copy, its database from before is site__previous, and its app "
         "may be stopped: `inv rollback staging` brings that database back and starts the app (a second push would "
-        "drop it)")
+        "drop it), or `inv app.restart staging` starts the app on the pushed copy, unchecked: then "
+        "`inv verify staging`")
     # Lost while the generation kept until the checks passed was dropped: the push had gone live.
     assert failed_after((*stop, "start"), (*swap, "start"), (*swap, "ok"), (*start, "start"), (*start, "ok")) == (
         f"{lost}; the swap ran: staging runs the pushed copy, and its app was not left stopped; its database from "
