@@ -5,6 +5,7 @@ import re
 import shutil
 import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -213,28 +214,38 @@ def shape_of(path) -> tuple:
 @pytest.mark.parametrize("kind, reason", [("shared", "is a shared folder (mode 1777)"),
                                           ("root's, with files", "is root's and holds files"),
                                           ("a link", "is a link")])
-def test_a_backup_folder_that_is_not_drydocks_to_take_is_refused_before_anything(sandbox_env, tmp_path, kind, reason):
+def test_a_backup_folder_that_is_not_drydocks_to_take_is_refused_before_anything(sandbox_env, kind, reason):
     """drydock makes drydock_host_backup_dir the OS user's, 0700, as root: written as /tmp, as
     /usr/local or as a link, it would have taken a folder from everyone else."""
-    folder, elsewhere = tmp_path / "folder", tmp_path / "elsewhere"  # the sandbox's hosts share this disk
-    elsewhere.mkdir(mode=0o755)
-    (elsewhere / "keep").touch()
-    if kind == "shared":
-        folder.mkdir()
-        folder.chmod(0o1777)
-    elif kind == "root's, with files":
-        folder.mkdir(mode=0o755)
-        (folder / "keep").touch()
-    else:
-        folder.symlink_to(elsewhere)
-    before = shape_of(folder), shape_of(elsewhere), sorted((backups_dir() / "production").rglob("*"))
-    inventory = sandbox_inventory_with(tmp_path, "host_vars/production.yml", {"drydock_host_backup_dir": str(folder)})
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DRYDOCK_INVENTORY", str(inventory))
-        proc = inv("backup", "production")
-    assert proc.returncode == 1 and len(error_lines(proc)) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert f"drydock_host_backup_dir {folder} {reason}" in error_lines(proc)[0], error_lines(proc)[0]
-    assert (shape_of(folder), shape_of(elsewhere), sorted((backups_dir() / "production").rglob("*"))) == before
+    if kind == "root's, with files" and os.geteuid() != 0:
+        pytest.skip("the folder must be another user's than the clusters' OS user, which is this one")
+    # Beside the sandbox's backup folder, where the OS user may pass (the folders on the way
+    # to pytest's tmp_path are root's alone, which is refused first).
+    base = Path(sandbox_env["production"]["backup_dir"]).parent / "refused-backup-folder"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(mode=0o755)
+    try:
+        folder, elsewhere = base / "folder", base / "elsewhere"
+        elsewhere.mkdir(mode=0o755)
+        (elsewhere / "keep").touch()
+        if kind == "shared":
+            folder.mkdir()
+            folder.chmod(0o1777)
+        elif kind == "root's, with files":
+            folder.mkdir(mode=0o755)
+            (folder / "keep").touch()
+        else:
+            folder.symlink_to(elsewhere)
+        before = shape_of(folder), shape_of(elsewhere), sorted((backups_dir() / "production").rglob("*"))
+        inventory = sandbox_inventory_with(base, "host_vars/production.yml", {"drydock_host_backup_dir": str(folder)})
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("DRYDOCK_INVENTORY", str(inventory))
+            proc = inv("backup", "production")
+        assert proc.returncode == 1 and len(error_lines(proc)) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert f"drydock_host_backup_dir {folder} {reason}" in error_lines(proc)[0], error_lines(proc)[0]
+        assert (shape_of(folder), shape_of(elsewhere), sorted((backups_dir() / "production").rglob("*"))) == before
+    finally:
+        shutil.rmtree(base)
 
 
 # What the app's role can do in its own database (it owns its public schema): plant a

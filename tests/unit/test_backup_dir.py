@@ -5,19 +5,34 @@ are in tests/integration/test_backup.py."""
 import json
 import os
 import pwd
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from drydock.playbook import ansible_env
 from drydock.sandbox import os_user
 
+AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="another user than the OS user is needed: run as root, as CI does")
 
-def make_private(path, fails: bool = False) -> dict:
+
+@pytest.fixture
+def base():
+    """A folder the OS user may pass through (pytest's tmp_path is root's alone, which the
+    module refuses before anything else)."""
+    folder = Path(tempfile.mkdtemp(prefix="drydock-backup-dir-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def make_private(path, fails: bool = False, check: bool = False) -> dict:
     """The module's result for `path`, made the clusters' OS user's; a failure with `fails`."""
-    proc = subprocess.run(["ansible", "localhost", "-i", "localhost,", "-c", "local",
+    proc = subprocess.run(["ansible", "localhost", "-i", "localhost,", "-c", "local", *(["--check"] if check else []),
                            "-e", f"ansible_python_interpreter={sys.executable}", "-m", "drydock_backup_dir",
                            "-a", json.dumps({"path": str(path), "owner": os_user()})],
                           env=dict(ansible_env(), ANSIBLE_CALLBACK_RESULT_FORMAT="json"),
@@ -31,35 +46,108 @@ def owner_and_mode(path) -> tuple[str, int]:
     return pwd.getpwuid(details.st_uid).pw_name, stat.S_IMODE(details.st_mode)
 
 
-def test_a_missing_folder_is_made_with_its_parents(tmp_path):
-    result = make_private(tmp_path / "var" / "backups" / "drydock")
-    assert result.get("changed") is True, result
-    assert owner_and_mode(tmp_path / "var" / "backups" / "drydock") == (os_user(), 0o700)
-    assert owner_and_mode(tmp_path / "var")[0] == pwd.getpwuid(os.geteuid()).pw_name  # the parents stay the runner's
+def test_a_missing_folder_is_made_with_its_parents_whatever_the_umask(base):
+    """Parents made 0750 under a hardened umask would keep the OS user out of its own folder."""
+    folder = base / "var" / "backups" / "drydock"
+    old = os.umask(0o027)  # the module inherits it, as it would through sudo
+    try:
+        assert make_private(folder).get("changed") is True
+    finally:
+        os.umask(old)
+    assert owner_and_mode(folder) == (os_user(), 0o700)
+    runner = pwd.getpwuid(os.geteuid()).pw_name
+    assert owner_and_mode(base / "var") == owner_and_mode(base / "var" / "backups") == (runner, 0o755)
 
 
-def test_an_empty_folder_and_the_os_users_own_are_made_private(tmp_path):
+def test_an_empty_folder_and_the_os_users_own_are_made_private(base):
     """An empty folder the operator made for drydock is taken; one already the OS user's keeps its dumps."""
-    folder = tmp_path / "drydock"
+    folder = base / "drydock"
     folder.mkdir()
     folder.chmod(0o775)
     assert make_private(folder).get("changed") is True
     assert owner_and_mode(folder) == (os_user(), 0o700)
     (folder / "production-20261207T000000Z.dump.zst").touch()
     folder.chmod(0o750)
-    assert make_private(f"{tmp_path}/elsewhere/../drydock/").get("path") == str(folder)  # as the example inventory writes it
+    assert make_private(f"{base}/elsewhere/../drydock/").get("path") == str(folder)  # as the example inventory writes it
     assert owner_and_mode(folder) == (os_user(), 0o700)
     assert os.listdir(folder) == ["production-20261207T000000Z.dump.zst"]
+
+
+def test_check_mode_looks_and_changes_nothing(base):
+    (base / "taken").mkdir(mode=0o755)
+    assert make_private(base / "taken", check=True).get("changed") is True
+    assert make_private(base / "new" / "drydock", check=True).get("changed") is True
+    assert sorted(os.listdir(base)) == ["taken"] and owner_and_mode(base / "taken")[1] == 0o755
+    (base / "shared").mkdir()
+    (base / "shared").chmod(0o1777)
+    assert "is a shared folder (mode 1777)" in make_private(base / "shared", fails=True, check=True)["msg"]
+
+
+@AS_ROOT
+def test_a_link_on_the_way_the_os_user_could_have_made_is_never_followed(base):
+    """With the folder under one of the OS user's (its home, say), that user could point a part
+    of the path anywhere, and root would make or take the folder there for it."""
+    home, system = base / "home", base / "system"
+    home.mkdir(mode=0o755)
+    system.mkdir(mode=0o755)
+    os.chown(home, pwd.getpwnam(os_user()).pw_uid, -1)
+    (home / "backups").symlink_to(system)
+    os.lchown(home / "backups", pwd.getpwnam(os_user()).pw_uid, -1)  # as that user would have made it
+    result = make_private(home / "backups" / "drydock", fails=True)
+    assert result["msg"] == (f"drydock_host_backup_dir {home}/backups/drydock goes through {home}/backups, a link that "
+                             f"{os_user()} could have put there or can change: drydock would follow it as root; write "
+                             f"the path of the folder it points to ({system}) instead")
+    assert os.listdir(system) == []
+
+
+@AS_ROOT
+def test_a_link_on_the_way_only_root_can_change_is_followed(base):
+    """/var/backups may be a link an administrator made to a bigger disk."""
+    (base / "disk").mkdir(mode=0o755)
+    (base / "backups").symlink_to(base / "disk")
+    assert make_private(base / "backups" / "drydock").get("path") == str(base / "disk" / "drydock")
+    assert owner_and_mode(base / "disk" / "drydock") == (os_user(), 0o700)
+
+
+@AS_ROOT
+def test_a_folder_on_the_way_the_os_user_cannot_enter_is_refused(base):
+    (base / "closed").mkdir(mode=0o700)
+    result = make_private(base / "closed" / "drydock", fails=True)
+    assert result["msg"] == (f"drydock_host_backup_dir {base}/closed/drydock: {os_user()} cannot enter {base}/closed "
+                             f"(root's, mode 0700), so its dumps there would fail: write a folder it can reach, or let "
+                             f"it through (chmod o+x {base}/closed)")
+    assert os.listdir(base / "closed") == []
 
 
 @pytest.mark.parametrize("given, message", [
     ("relative/drydock", "drydock_host_backup_dir must be an absolute path that ends in a folder's name, not "
                          "'relative/drydock'"),
-    ("{tmp}/..", "drydock_host_backup_dir must be an absolute path that ends in a folder's name"),
-    ("{tmp}/a-file", "drydock_host_backup_dir {tmp}/a-file is not a folder"),
+    ("{base}/..", "drydock_host_backup_dir must be an absolute path that ends in a folder's name"),
+    ("{base}/a-file", "drydock_host_backup_dir {base}/a-file is not a folder"),
+    ("{base}/a-file/drydock", "drydock_host_backup_dir {base}/a-file/drydock goes through {base}/a-file, which is "
+                              "not a folder"),
+    ("{base}/nowhere", "drydock_host_backup_dir {base}/nowhere is a link (to /nonexistent/drydock): drydock would "
+                       "follow it as root"),
 ])
-def test_what_is_no_folder_is_refused(tmp_path, given, message):
-    (tmp_path / "a-file").write_text("kept")
-    result = make_private(given.format(tmp=tmp_path), fails=True)
-    assert message.format(tmp=tmp_path) in result["msg"], result
-    assert (tmp_path / "a-file").read_text() == "kept"
+def test_what_is_no_folder_is_refused(base, given, message):
+    (base / "a-file").write_text("kept")
+    (base / "nowhere").symlink_to("/nonexistent/drydock")
+    result = make_private(given.format(base=base), fails=True)
+    assert message.format(base=base) in result["msg"], result
+    assert (base / "a-file").read_text() == "kept" and sorted(os.listdir(base)) == ["a-file", "nowhere"]
+
+
+def test_a_folder_at_the_top_of_the_machine_is_refused():
+    """An inventory that says /srv (empty on many machines) would make it the OS user's alone.
+    The rule is tested on a folder of the test's own: the module is never pointed at /srv."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "library"))
+    try:
+        from drydock_backup_dir import refusal
+    finally:
+        sys.path.pop(0)
+    with tempfile.TemporaryDirectory() as folder:
+        details = os.stat(folder)
+    assert refusal("/srv", "postgres", details.st_uid + 1, details, holds_files=False) == (
+        f"drydock_host_backup_dir /srv is a folder at the top of the machine, {pwd.getpwuid(details.st_uid).pw_name}'s: "
+        "drydock would make it postgres's alone; write a folder in it, such as /srv/drydock")
+    assert refusal("/srv/drydock", "postgres", details.st_uid + 1, details, holds_files=False) is None

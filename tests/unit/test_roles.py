@@ -45,8 +45,8 @@ def test_tasks_have_capitalised_names(role):
 # path. Anything else that acts on the hosts' files becomes the database's OS user: root
 # would follow a link that user had put in a folder it owns.
 BECOMES_ROOT = {
-    ("roles/pg_backup/tasks/main.yml", "Create the host's backup folder"),
-    ("roles/pg_restore/tasks/check.yml", "Create the host's backup folder"),
+    ("roles/pg_backup/tasks/main.yml", "Make the host's backup folder the OS user's, 0700"),
+    ("roles/pg_restore/tasks/check.yml", "Make the host's backup folder the OS user's, 0700"),
     ("roles/app_service/tasks/start.yml", "Start the app's systemd unit"),
     ("roles/app_service/tasks/stop.yml", "Stop the app's systemd unit"),
 }
