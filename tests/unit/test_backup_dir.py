@@ -68,7 +68,7 @@ def test_an_empty_folder_and_the_os_users_own_are_made_private(base):
     assert owner_and_mode(folder) == (os_user(), 0o700)
     (folder / "production-20261207T000000Z.dump.zst").touch()
     folder.chmod(0o750)
-    assert make_private(f"{base}/elsewhere/../drydock/").get("path") == str(folder)  # as the example inventory writes it
+    assert make_private(f"{base}/drydock/../drydock/").get("folder") == str(folder)  # as the example inventory writes it
     assert owner_and_mode(folder) == (os_user(), 0o700)
     assert os.listdir(folder) == ["production-20261207T000000Z.dump.zst"]
 
@@ -94,10 +94,31 @@ def test_a_link_on_the_way_the_os_user_could_have_made_is_never_followed(base):
     (home / "backups").symlink_to(system)
     os.lchown(home / "backups", pwd.getpwnam(os_user()).pw_uid, -1)  # as that user would have made it
     result = make_private(home / "backups" / "drydock", fails=True)
-    assert result["msg"] == (f"drydock_host_backup_dir {home}/backups/drydock goes through {home}/backups, a link that "
-                             f"{os_user()} could have put there or can change: drydock would follow it as root; write "
-                             f"the path of the folder it points to ({system}) instead")
+    assert result["msg"] == (f"drydock_host_backup_dir {home}/backups/drydock goes through {home}/backups, a link "
+                             f"{os_user()} made: drydock would follow it as root; check where it points ({system}), "
+                             "and if that is the folder meant, write its path instead")
     assert os.listdir(system) == []
+
+
+def test_a_link_on_the_way_others_could_replace_is_never_followed(base):
+    """Even one root made: in a folder every user can write to, another could have put theirs."""
+    (base / "disk").mkdir(mode=0o755)
+    (base / "shared").mkdir()
+    (base / "shared").chmod(0o1777)
+    (base / "shared" / "backups").symlink_to(base / "disk")
+    assert f"goes through {base}/shared/backups, a link in a folder every user can change" in make_private(
+        base / "shared" / "backups" / "drydock", fails=True)["msg"]
+    assert os.listdir(base / "disk") == []
+
+
+def test_a_folder_on_the_way_others_can_change_is_refused(base):
+    """They could rename drydock's folder away and put one of their own, with dumps, in its place."""
+    (base / "public").mkdir()
+    (base / "public").chmod(0o777)
+    assert make_private(base / "public" / "drydock", fails=True)["msg"] == (
+        f"drydock_host_backup_dir {base}/public/drydock goes through {base}/public, which every user can change: they "
+        f"could put a folder of their own in drydock's; write a path only root and {os_user()} can change")
+    assert os.listdir(base / "public") == []
 
 
 @AS_ROOT
@@ -105,7 +126,7 @@ def test_a_link_on_the_way_only_root_can_change_is_followed(base):
     """/var/backups may be a link an administrator made to a bigger disk."""
     (base / "disk").mkdir(mode=0o755)
     (base / "backups").symlink_to(base / "disk")
-    assert make_private(base / "backups" / "drydock").get("path") == str(base / "disk" / "drydock")
+    assert make_private(base / "backups" / "drydock").get("folder") == str(base / "disk" / "drydock")
     assert owner_and_mode(base / "disk" / "drydock") == (os_user(), 0o700)
 
 
@@ -128,6 +149,8 @@ def test_a_folder_on_the_way_the_os_user_cannot_enter_is_refused(base):
                               "not a folder"),
     ("{base}/nowhere", "drydock_host_backup_dir {base}/nowhere is a link (to /nonexistent/drydock): drydock would "
                        "follow it as root"),
+    ("{base}/missing/../drydock", "drydock_host_backup_dir {base}/missing/../drydock goes through {base}/missing, "
+                                  "which does not exist, and back (..)"),
 ])
 def test_what_is_no_folder_is_refused(base, given, message):
     (base / "a-file").write_text("kept")
@@ -147,7 +170,7 @@ def test_a_folder_at_the_top_of_the_machine_is_refused():
         sys.path.pop(0)
     with tempfile.TemporaryDirectory() as folder:
         details = os.stat(folder)
-    assert refusal("/srv", "postgres", details.st_uid + 1, details, holds_files=False) == (
+    assert refusal("/srv", "/srv", "postgres", details.st_uid + 1, details, holds_files=False) == (
         f"drydock_host_backup_dir /srv is a folder at the top of the machine, {pwd.getpwuid(details.st_uid).pw_name}'s: "
         "drydock would make it postgres's alone; write a folder in it, such as /srv/drydock")
-    assert refusal("/srv/drydock", "postgres", details.st_uid + 1, details, holds_files=False) is None
+    assert refusal("/srv/drydock", "/srv/drydock", "postgres", details.st_uid + 1, details, holds_files=False) is None
