@@ -14,12 +14,13 @@ description:
   - A link on the way is followed only when root (or the user running this) made it, in a
     folder only they can change; one the OS user could have made or replaced could send root
     anywhere. Every folder on the way must let the OS user through, and none may be one that
-    another user (not root, the runner or the OS user) can change, unless it is sticky.
+    another user (not root, the runner or the OS user) can change, unless it is sticky and
+    root's, the runner's or the OS user's.
   - Missing folders on the way are made root's, 0755, whatever the umask.
   - The folder itself is refused when it is a link, not a folder, a shared folder
-    (world-writable or sticky, such as /tmp), another user's that holds files (such as
-    /usr/local), or an existing folder at the top of the machine (such as /srv) that is not
-    the OS user's already. Otherwise it is made (0700) or taken, then given to the OS user and
+    (world-writable or sticky, such as /tmp), another user's than root's, the runner's or the
+    OS user's, root's and holding files (such as /usr/local), or an existing folder at the
+    top of the machine (such as /srv) that is not the OS user's already. Otherwise it is made (0700) or taken, then given to the OS user and
     set to 0700 through the handle the look used.
   - In check mode it looks, and changes nothing.
 options:
@@ -185,8 +186,10 @@ class Walk:
             raise Refused(f"{VARIABLE} {self.given}: {self.owner.pw_name} cannot enter {here} "
                           f"({name_of(details.st_uid)}'s, mode {stat.S_IMODE(details.st_mode):04o}), so its dumps "
                           f"there would fail: write a folder it can reach, or let it through (chmod o+x {here})")
-        others = writers(details, self.trusted | {self.owner.pw_uid})
-        if others and not details.st_mode & stat.S_ISVTX:
+        keepers = self.trusted | {self.owner.pw_uid}
+        others = writers(details, keepers)
+        # Sticky keeps others from each other's entries, not from the folder's owner's hands.
+        if others and not (details.st_mode & stat.S_ISVTX and details.st_uid in keepers):
             raise Refused(f"{VARIABLE} {self.given} goes through {here}, which {others} can change: they could put "
                           f"a folder of their own in drydock's; write a path only root and {self.owner.pw_name} can "
                           "change")
@@ -199,6 +202,11 @@ def refusal(shown: str, path: str, owner: str, owner_uid: int, folder: os.stat_r
     if mode & (stat.S_ISVTX | stat.S_IWOTH):
         return (f"{VARIABLE} {shown} is a shared folder (mode {mode:04o}): drydock would make it {owner}'s alone; "
                 "write a folder of drydock's own, such as /var/backups/drydock")
+    # Another user's, even empty: until it is given away, they could put a folder in it and
+    # keep a handle on it inside the OS user's private one.
+    if folder.st_uid not in (0, os.geteuid(), owner_uid):
+        return (f"{VARIABLE} {shown} is {name_of(folder.st_uid)}'s: drydock would take it from them; write a new "
+                f"folder, or one that is root's or {owner}'s")
     if folder.st_uid != owner_uid and os.path.dirname(path) == "/":
         return (f"{VARIABLE} {shown} is a folder at the top of the machine, {name_of(folder.st_uid)}'s: drydock "
                 f"would make it {owner}'s alone; write a folder in it, such as {path}/drydock")
@@ -243,7 +251,8 @@ def main() -> None:
         argument_spec=dict(path=dict(type="path", required=True), owner=dict(type="str", required=True)),
         supports_check_mode=True,
     )
-    given = "/" + "/".join(part for part in module.params["path"].split("/") if part)
+    # "." dropped as the kernel would: kept, the walk would take it for a folder to climb out of.
+    given = "/" + "/".join(part for part in module.params["path"].split("/") if part not in ("", "."))
     if not module.params["path"].startswith("/") or os.path.basename(given) in ("", ".", "..") or "\0" in given:
         module.fail_json(msg=f"{VARIABLE} must be an absolute path that ends in a folder's name, not "
                              f"{module.params['path']!r}")
@@ -252,19 +261,21 @@ def main() -> None:
     except (KeyError, ValueError):
         module.fail_json(msg=f"drydock_db_os_user {module.params['owner']!r} is not a user on this host")
     walk = Walk(given, owner, make=not module.check_mode)
+    failure = None
     try:
         changed, folder = make_private(walk)
     except Refused as why:
-        module.fail_json(msg=str(why))
+        failure = str(why)
     except OSError as error:
         hint = ("" if os.geteuid() == 0 else
                 f" (made as {name_of(os.geteuid())}, as drydock_db_become is false: make it yourself, "
                 f"{owner.pw_name}'s, or set drydock_db_become: true)")
-        where = walk.stack[-1][1] if walk.stack else "/"
-        module.fail_json(msg=f"cannot make {VARIABLE} {given} {owner.pw_name}'s, 0700: {error.strerror} "
-                             f"(in {where}){hint}")
+        failure = (f"cannot make {VARIABLE} {given} {owner.pw_name}'s, 0700: {error.strerror} "
+                   f"(in {walk.stack[-1][1] if walk.stack else '/'}){hint}")
     finally:
-        walk.close()
+        walk.close()  # before Ansible reports: the walk may hold many handles
+    if failure:
+        module.fail_json(msg=failure)
     module.exit_json(changed=changed, folder=folder)
 
 

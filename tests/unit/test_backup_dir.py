@@ -174,3 +174,27 @@ def test_a_folder_at_the_top_of_the_machine_is_refused():
         f"drydock_host_backup_dir /srv is a folder at the top of the machine, {pwd.getpwuid(details.st_uid).pw_name}'s: "
         "drydock would make it postgres's alone; write a folder in it, such as /srv/drydock")
     assert refusal("/srv/drydock", "/srv/drydock", "postgres", details.st_uid + 1, details, holds_files=False) is None
+
+
+@AS_ROOT
+def test_another_users_folder_is_never_taken_nor_gone_through_even_sticky(base):
+    """Its owner could take drydock's folder out of it, or, before it is given away, put a
+    folder of their own in it and keep a handle on it inside the OS user's private one."""
+    nobody = pwd.getpwnam("nobody").pw_uid
+    for name in ("theirs", "their-sticky"):
+        (base / name).mkdir(mode=0o755)
+        os.chown(base / name, nobody, -1)
+    (base / "their-sticky").chmod(0o1777)
+    assert make_private(base / "theirs", fails=True)["msg"] == (
+        f"drydock_host_backup_dir {base}/theirs is nobody's: drydock would take it from them; write a new folder, or one "
+        f"that is root's or {os_user()}'s")
+    assert f"goes through {base}/their-sticky, which nobody can change" in make_private(
+        base / "their-sticky" / "drydock", fails=True)["msg"]
+    assert owner_and_mode(base / "theirs") == ("nobody", 0o755) and os.listdir(base / "their-sticky") == []
+
+
+def test_a_dot_is_read_as_the_kernel_reads_it(base):
+    """Kept as a part, "a/./../b" would have made a/b while the dumps went to b."""
+    (base / "a").mkdir(mode=0o755)
+    assert make_private(f"{base}/a/./../b").get("folder") == str(base / "b")
+    assert owner_and_mode(base / "b") == (os_user(), 0o700) and os.listdir(base / "a") == []
