@@ -170,11 +170,11 @@ class Walk:
         if last:
             raise Refused(f"{subject} is a link (to {target}): drydock would follow it as root; write a real folder's "
                           "path instead, or remove the link and the next run makes the folder")
-        link = os.stat(part, dir_fd=fd, follow_symlinks=False)
+        link, others = os.stat(part, dir_fd=fd, follow_symlinks=False), writers(os.fstat(fd), self.trusted)
         if link.st_uid not in self.trusted:
             why = f"a link {name_of(link.st_uid)} made"
-        elif writers(os.fstat(fd), self.trusted):
-            why = f"a link in a folder {writers(os.fstat(fd), self.trusted)} can change"
+        elif others:  # no sticky exception: another could have put a hard link to root's link there
+            why = f"a link in a folder {others} can change"
         else:
             return target
         raise Refused(f"{VARIABLE} {self.given} goes through {here}, {why}: drydock would follow it as root; check "
