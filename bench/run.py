@@ -34,7 +34,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +47,7 @@ from bench.probe import AppProbe, DowntimeProbe
 from bench.quiet import QuietClusters
 from bench.runbook import Runbook, RunbookError
 from drydock import journal
+from drydock.cli import command
 from drydock.errors import DrydockError
 from drydock.paths import project_root
 from drydock.sandbox import APP_PORT, DATABASE, Sandbox, SandboxError, bulk_posts_for
@@ -118,7 +118,7 @@ class Bench:
         """Run an inv command as a user would; its wall time, peak memory and journal."""
         before = set(journal.run_folders())
         started = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "invoke", *args], cwd=project_root(),
+        proc = subprocess.Popen([*command(project_root()), *args], cwd=project_root(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         memory = PeakMemory(proc.pid, self.sshd_pids())
         output, _ = proc.communicate()

@@ -18,19 +18,21 @@ import psycopg
 import pytest
 
 import drydock_pg
+from drydock.cli import command
 from drydock.lock import process_start
 from drydock.paths import PG_BINDIR, no_world_writable_files, project_root
 from drydock.playbook import ansible_env, sandbox_inventory_only
 from drydock.sandbox import Sandbox, processes
 
 ROOT = project_root()
+INV = command(ROOT)  # what ./inv runs, as ./inv runs it
 no_world_writable_files()  # pytest run by hand starts the sandbox too
 sandbox_inventory_only(lambda message: print(message, file=sys.stderr))  # pytest run by hand, too
 
 
 def inv(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     """Run `inv ARGS` exactly as ./inv does, capturing its output."""
-    proc = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
+    proc = subprocess.run([*INV, *args],
                           env=dict(ansible_env(), DRYDOCK_ROOT=str(ROOT)), cwd=ROOT, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"inv {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -40,7 +42,7 @@ def inv(*args: str, check: bool = False) -> subprocess.CompletedProcess:
 def interrupted_when(reached: Callable[[], bool], *args: str, stop: int = signal.SIGINT) -> str:
     """Run `inv ARGS`, press Ctrl-C once `reached()` is true; its last error line ("" for
     none). With `stop`, send that signal to drydock alone instead, as `timeout` would."""
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
+    proc = subprocess.Popen([*INV, *args],
                             env=dict(ansible_env(), DRYDOCK_ROOT=str(ROOT)), cwd=ROOT, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:

@@ -31,7 +31,7 @@ from drydock.lock import process_start, stat_fields
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
 from drydock.sandbox import child_pids
-from tests.conftest import (ROOT, app_serves, as_cluster_owner, databases, error_lines, fingerprint, inv,
+from tests.conftest import (INV, ROOT, app_serves, as_cluster_owner, databases, error_lines, fingerprint, inv,
                             owner_sql, process_tree, sandbox_inventory_with)
 
 # sftp -l: bandwidth in Kbit/s. At 100 KB/s a transfer of the small sandbox's dump lasts
@@ -72,7 +72,7 @@ def kill_when(args: list[str], condition: Callable[[], bool], env: dict | None =
     # Killed, ansible-playbook leaves its own temporary folder (a cache of modules, half a MB)
     # where it was told to: here, not under ~/.ansible/tmp, run after run.
     with tempfile.TemporaryDirectory(prefix="drydock-killed-") as ansible_local_temp:
-        proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
+        proc = subprocess.Popen([*INV, *args],
                                 env=dict(ansible_env(), ANSIBLE_LOCAL_TEMP=ansible_local_temp, **(env or {})),
                                 cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -554,7 +554,7 @@ def test_a_server_that_stops_during_the_restore_is_named_not_the_clean_up(pulled
     before = fingerprint(connect("local"))
     since = time.time()
     reached = restoring(connect, "local", since)
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "pull", "production", "--latest"],
+    proc = subprocess.Popen([*INV, "pull", "production", "--latest"],
                             env=ansible_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -617,7 +617,7 @@ def paused_at(args: list[str], at_task: str, meanwhile: Callable[[], None]) -> t
     (ansible-playbook's and its modules' among them) while `meanwhile()` runs; its exit code
     and last line."""
     since = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *args],
+    proc = subprocess.Popen([*INV, *args],
                             env=ansible_env(), cwd=ROOT, start_new_session=True, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -783,7 +783,7 @@ def test_ssh_dropped_during_upload(staging_at_the_local_schema, connect, sandbox
     since = time.time()
     # Once the network is gone, Ansible tries the transfer again in other ways, each new
     # connection waiting out the SSH timeout (10 s by default): 3 s is plenty on loopback.
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "push", "staging"],
+    proc = subprocess.Popen([*INV, "push", "staging"],
                             env=dict(ansible_env(), **SLOW_SFTP, ANSIBLE_TIMEOUT="3"),
                             cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

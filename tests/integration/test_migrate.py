@@ -16,7 +16,7 @@ from drydock.journal import read_progress
 from drydock.lock import stat_fields
 from drydock.paths import example_site_dir, runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import ROOT, error_lines, fingerprint, inv, owner_psql, playbook, process_tree
+from tests.conftest import INV, ROOT, error_lines, fingerprint, inv, owner_psql, playbook, process_tree
 
 NOTEBOOK = ROOT / "examples" / "notebooks" / "blog_to_podcast.ipynb"
 BLOG_CHILDREN = """SELECT c.id FROM wagtailcore_page c JOIN wagtailcore_page p ON left(c.path, -4) = p.path
@@ -390,7 +390,7 @@ def test_an_interrupted_step_is_put_back_before_anything_else(fresh_local, conne
     script = tmp_path / "slow_step.py"
     script.write_text("import time\ntime.sleep(300)\n")
     # Migrated, then stopped in the script: schema and page tree as verify wants them.
-    command = [sys.executable, "-m", "invoke", "--search-root", str(ROOT), "migrate", "--script", str(script)]
+    command = [*INV, "migrate", "--script", str(script)]
     proc = subprocess.Popen(command, env=dict(ansible_env(), DRYDOCK_ROOT=str(ROOT)), cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -465,7 +465,7 @@ def test_a_step_whose_ansible_is_killed_says_the_database_may_be_half_changed(fr
     script = tmp_path / "slow_step.py"
     script.write_text("import time\ntime.sleep(300)\n")
     step = f"python[0-9.]* {script}$"
-    proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "migrate", "--script",
+    proc = subprocess.Popen([*INV, "migrate", "--script",
                              str(script)], env=dict(ansible_env(), DRYDOCK_ROOT=str(ROOT)), cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -526,7 +526,7 @@ def test_a_step_interrupted_before_its_snapshot_says_nothing_changed(fresh_local
     try:
         assert ask("SELECT 'held' FROM pg_advisory_lock(hashtextextended('drydock-snapshots:wagtail_site', 0));") == "held"
         earlier_runs = set(runs_dir().glob("*-migrate"))
-        proc = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "migrate"],
+        proc = subprocess.Popen([*INV, "migrate"],
                                 env=dict(ansible_env(), DRYDOCK_ROOT=str(ROOT)), cwd=ROOT, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.monotonic() + 180

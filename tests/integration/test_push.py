@@ -5,7 +5,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ from psycopg import sql
 from drydock import dumps
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import (LIVE_OID, ROOT, app_serves, assert_private, connector, database_settings, database_url,
+from tests.conftest import (LIVE_OID, INV, ROOT, app_serves, assert_private, connector, database_settings, database_url,
                             databases, error_lines, fingerprint, inv, owner_psql, playbook, row_counts, run_module,
                             server_own_settings)
 
@@ -694,7 +693,7 @@ def test_playbook_refuses_production_without_confirmation(pushed, connect):
 
 def test_production_push_needs_confirmation(pushed, connect):
     before = fingerprint(connect("production"))
-    proc = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "push", "production"],
+    proc = subprocess.run([*INV, "push", "production"],
                           env=ansible_env(), cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert proc.returncode == 1 and "without confirmation" in error_lines(proc)[-1]
     assert fingerprint(connect("production")) == before
@@ -760,7 +759,7 @@ def test_a_write_while_the_backup_counts_rows_is_counted_as_a_write_since_it(pus
     Here the backup is held on a locked table while production takes the write."""
     holder = connect("production", autocommit=False)
     holder.execute("LOCK TABLE auth_group IN ACCESS EXCLUSIVE MODE")  # the counting waits here
-    backup = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "backup", "production"],
+    backup = subprocess.Popen([*INV, "backup", "production"],
                               env=ansible_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         watcher = connect("production")

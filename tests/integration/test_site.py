@@ -1,11 +1,10 @@
 """The Site switch: validated input, both Site tables, clear errors."""
 import subprocess
-import sys
 
 import pytest
 
 from drydock.playbook import ansible_env
-from tests.conftest import (LIVE_OID, PLANTED_SITE_RULE, PLANTED_SITE_RULE_REMOVED, ROOT, error_lines, inv, playbook,
+from tests.conftest import (LIVE_OID, PLANTED_SITE_RULE, PLANTED_SITE_RULE_REMOVED, INV, ROOT, error_lines, inv, playbook,
                             run_module)
 
 SITE = "SELECT hostname, port FROM wagtailcore_site WHERE is_default_site"
@@ -69,7 +68,7 @@ def test_setting_the_site_production_already_has_is_no_write_that_refuses_the_ne
 
 def test_production_needs_confirmation(pulled, connect):
     before = connect("production").execute(SITE).fetchone()
-    proc = subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "site", "production", "evil.test"],
+    proc = subprocess.run([*INV, "site", "production", "evil.test"],
                           env=ansible_env(), cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert proc.returncode == 1
     assert "refusing to change the Site of production without confirmation" in error_lines(proc)[-1]

@@ -6,7 +6,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import psycopg
@@ -15,7 +14,7 @@ import pytest
 import drydock_pg
 from drydock.paths import backups_dir, runs_dir
 from drydock.playbook import ansible_env
-from tests.conftest import (ROOT, database_settings, databases, error_lines, fingerprint, inv, owner_psql,
+from tests.conftest import (INV, ROOT, database_settings, databases, error_lines, fingerprint, inv, owner_psql,
                             playbook, process_tree, server_own_settings)
 
 READY = "wagtail_site__ready_saved"
@@ -421,7 +420,7 @@ def test_a_save_interrupted_while_copying_lets_connections_in_again(clean_snapsh
     barred = "SELECT NOT datallowconn FROM pg_database WHERE datname = 'wagtail_site'"
     snapshot_oid = "SELECT oid FROM pg_database WHERE datname = 'wagtail_site__snap_saved'"
     for _ in range(30):
-        save = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "snapshot.save", "saved",
+        save = subprocess.Popen([*INV, "snapshot.save", "saved",
                                  "--force"], env=ansible_env(), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         held = []
