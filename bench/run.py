@@ -109,6 +109,10 @@ class Bench:
         pids = json.loads(self.sandbox.pids_file.read_text())
         return {entry["pid"] for key, entry in pids.items() if key.startswith("sshd")}
 
+    def host_addresses(self) -> set[str]:
+        """The servers' loopback addresses, which Ansible's SSH masters connect to."""
+        return {env["host"] for name, env in self.envs().items() if name != "local"}
+
     def database_bytes(self, env: str) -> int:
         with psycopg.connect(self.envs()[env]["url"]) as conn:
             return conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
@@ -120,7 +124,7 @@ class Bench:
         started = time.monotonic()
         proc = subprocess.Popen([*command(project_root()), *args], cwd=project_root(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        memory = PeakMemory(proc.pid, self.sshd_pids())
+        memory = PeakMemory(proc.pid, self.sshd_pids(), self.host_addresses())
         output, _ = proc.communicate()
         seconds = time.monotonic() - started
         memory.stop()

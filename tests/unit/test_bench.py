@@ -1,10 +1,13 @@
 """The bench's report: the ratios it states come from the samples it measured, and each
 sample says how much CPU the host stole while it ran."""
 import json
+import socket
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
 from bench.host import IOWAIT, StolenCpu, cpu_times, gzip_check_s, share_percent
+from bench.memory import ssh_masters
 from bench.run import Bench, table
 
 
@@ -195,3 +198,34 @@ def test_the_app_probe_measures_the_longest_time_the_site_did_not_answer_200():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_memory_counts_ssh_masters_connected_to_the_sandbox_and_no_others():
+    """Ansible's SSH masters (ControlPersist) detach from the command's tree: the sampler
+    finds them by their title and the address they are connected to. Real processes, named
+    as OpenSSH names a master, each holding a TCP connection."""
+    listeners = [socket.create_server((address, 0)) for address in ("127.0.0.1", "127.0.0.2")]
+    processes = []
+    try:
+        def started(title: str, listener) -> subprocess.Popen:
+            address, port = listener.getsockname()
+            proc = subprocess.Popen(["bash", "-c", f'exec -a "{title}" bash -c "exec 3<>/dev/tcp/{address}/{port}; '
+                                                   f'echo connected; read -t 60"'],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            processes.append(proc)
+            assert proc.stdout.readline() == "connected\n"
+            return proc
+
+        ours = started("ssh: /root/.ansible/cp/0123456789 [mux]", listeners[0])
+        elsewhere = started("ssh: /root/.ansible/cp/abcdefabcd [mux]", listeners[1])
+        not_a_master = started("ssh -o ControlMaster=auto 127.0.0.1", listeners[0])
+        pids = {proc.pid for proc in processes}
+        assert ssh_masters(pids, {"127.0.0.1"}) == {ours.pid}
+        assert ssh_masters(pids, {"127.0.0.1", "127.0.0.2"}) == {ours.pid, elsewhere.pid}
+        assert not_a_master.pid not in ssh_masters(pids, {"127.0.0.1"})
+    finally:
+        for proc in processes:
+            proc.kill()
+            proc.wait()
+        for listener in listeners:
+            listener.close()
