@@ -9,6 +9,7 @@ installed (one sshd per host on its own loopback address), else by a local conne
 """
 from __future__ import annotations
 
+import errno
 import getpass
 import json
 import os
@@ -84,6 +85,28 @@ def environments(net: str = DEFAULT_NET) -> tuple[Environment, ...]:
     )
 
 Say = Callable[[str], None]
+
+
+def port_free(address: str, port: int) -> bool:
+    """No other socket listens on address:port (nor on the port of every address), as a
+    server binding it would find: with SO_REUSEADDR, as PostgreSQL, sshd and gunicorn bind."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError as error:
+            return error.errno != errno.EADDRINUSE  # anything else is the server's to report
+    return True
+
+
+def last_fatal(log: Path) -> str:
+    """The last FATAL line of a PostgreSQL log, with its message only."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    fatal = [line.split("FATAL:", 1)[1].strip() for line in lines if "FATAL:" in line]
+    return fatal[-1] if fatal else ""
 
 
 class SandboxError(RuntimeError):
@@ -235,6 +258,7 @@ class Sandbox:
         fresh = not (self.root / "env.json").exists()
         if not fresh:
             self._refuse_another_seed(posts, bulk_posts)
+        self._refuse_taken_addresses()
         if fresh and self.root.exists():
             # A half-built sandbox from an interrupted `up`: start over.
             self.down(quiet=True)
@@ -266,6 +290,27 @@ class Sandbox:
                 posts_part = f"{built[0]} posts and " if built[0] is not None else ""
                 raise SandboxError(f"the sandbox in {self.root} is built with {posts_part}{built[1]} in bulk: "
                                    "--posts and --scale apply when it is built; ./inv sandbox.down first")
+
+    def _refuse_taken_addresses(self) -> None:
+        """Before anything starts: a port another program holds would fail its server halfway
+        through the build (PostgreSQL's only in its log), leaving the servers before it running."""
+        pids = self._pids()
+
+        def running(key: str) -> bool:
+            entry = pids.get(key)
+            return bool(entry) and self._alive(entry["pid"], entry["marker"])
+
+        for env in self.environments:
+            wanted = [] if running(f"postgres-{env.name}") else [("PostgreSQL", PG_PORT)]
+            if env.server and ssh_available() and not running(f"sshd-{env.name}"):
+                wanted.append(("sshd", SSH_PORT))
+            if env.server and self._app_pid(env) is None:
+                wanted.append(("app", APP_PORT))
+            for what, port in wanted:
+                if not port_free(env.address, port):
+                    raise SandboxError(
+                        f"{env.address}:{port}, where {env.name}'s {what} would listen, is taken by another program:"
+                        " stop it, or build the sandbox on other loopback addresses (DRYDOCK_SANDBOX_NET=127.0.N)")
 
     def _check_postgres_can_reach_project(self) -> None:
         probe = subprocess.run(["test", "-x", str(self.root.parent)], user="postgres", group="postgres", extra_groups=[])
@@ -328,8 +373,12 @@ class Sandbox:
                 hba.write("host all all 127.0.0.0/8 scram-sha-256\n")
         else:  # stopped by hand, or by a test of a stopped server: say so, not start it unseen
             self.say(f"  {env.name}: starting its cluster, which was not running")
-        _run([str(PG_BINDIR / "pg_ctl"), "-D", str(data), "-l", str(host / "log" / "postgresql.log"),
-              "-w", "-t", "60", "start"], as_db_user=True)
+        log = host / "log" / "postgresql.log"
+        try:
+            _run([str(PG_BINDIR / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start"], as_db_user=True)
+        except SandboxError:  # pg_ctl says only "Examine the log output."
+            raise SandboxError(f"{env.name}'s PostgreSQL did not start: {last_fatal(log) or 'no FATAL line'} (see {log};"
+                               " the next sandbox.up, or sandbox.down, stops the servers this one started)") from None
         pid = int((data / "postmaster.pid").read_text().splitlines()[0])
         self._record_pid(f"postgres-{env.name}", pid, str(data))
         if fresh:
@@ -461,15 +510,19 @@ esac
         script.chmod(0o700)
         _run([str(script), "start"])
 
-    def _stop_app(self, env: Environment, say: Say | None = None) -> None:
-        """Stop the host's app by the PID in its pidfile, if that process is our gunicorn."""
+    def _app_pid(self, env: Environment) -> int | None:
+        """The PID in the host's app pidfile, if that process runs and is our gunicorn."""
         try:
             pid = int(self.app_pidfile(env).read_text().split()[0])
         except (OSError, ValueError, IndexError):
-            return
-        marker = f"drydock-{env.name}"
-        if self._alive(pid, marker):
-            if not _stop(pid, signal.SIGTERM, marker, children=True):
+            return None
+        return pid if self._alive(pid, f"drydock-{env.name}") else None
+
+    def _stop_app(self, env: Environment, say: Say | None = None) -> None:
+        """Stop the host's app by the PID in its pidfile, if that process is our gunicorn."""
+        pid = self._app_pid(env)
+        if pid is not None:
+            if not _stop(pid, signal.SIGTERM, f"drydock-{env.name}", children=True):
                 raise SandboxError(f"the app on {env.name} (pid {pid}) did not stop; .sandbox/ left in place")
             (say or self.say)(f"  stopped app-{env.name} (pid {pid})")
 

@@ -60,6 +60,7 @@ FILE_SECONDS = {
     "tests/unit/test_leftovers.py": 1,
     "tests/unit/test_testrun.py": 1,
     "tests/unit/test_cli.py": 5,
+    "tests/unit/test_sandbox_up.py": 1,
     "tests/unit/test_bench.py": 1,
     "tests/unit/test_roles.py": 1,
 }
