@@ -34,6 +34,8 @@ class ActionModule(ActionBase):
             if source:
                 if not os.path.isfile(source):
                     return dict(result, failed=True, msg=f"no such file: {source}")
+                if refusal := self._shared_upload_refusal():
+                    return dict(result, failed=True, msg=refusal)
                 upload = self._connection._shell.join_path(self._connection._shell.tmpdir, UPLOAD_NAME)
                 # A local host's "transfer" is a file copy in this process, under its umask
                 # (0644 with the usual 022): 0600 from the first byte, as the dump itself.
@@ -42,6 +44,9 @@ class ActionModule(ActionBase):
                     self._transfer_file(source, upload)
                 finally:
                     os.umask(umask)
+                # sftp and scp keep the source's mode (a --dump folder someone made 0644).
+                # Before the fixup: a chmod after setfacl would narrow the ACL it set.
+                self._remote_chmod([upload], "u=rw,go=")
                 # Readable by the user the module becomes (setfacl, or chown), as for copy.
                 self._fixup_perms2((self._connection._shell.tmpdir, upload), execute=False)
                 args.update(path=upload, label=args.get("label") or source)
@@ -54,6 +59,23 @@ class ActionModule(ActionBase):
             else:
                 self._remove_tmp_path(tmpdir)
         return result
+
+    def _shared_upload_refusal(self) -> str | None:
+        """Why the dump must not be uploaded: becoming an unprivileged user, Ansible hands the
+        upload to it with setfacl, else with chown (connected as root), else, when told to,
+        by making it readable to a whole group (common_remote_group) or by every user
+        (allow_world_readable_tmpfiles). A dump is production data: neither is allowed."""
+        if not self._is_become_unprivileged():
+            return None
+        if self.get_shell_option("world_readable_temp", default=False):
+            to_whom = "every user (allow_world_readable_tmpfiles)"
+        elif group := self.get_shell_option("common_remote_group", default=None):
+            to_whom = f"the group {group} (common_remote_group)"
+        else:
+            return None
+        return (f"refusing to upload a dump that Ansible is set to make readable to {to_whom} when it cannot"
+                f" give it to {self.get_become_option('become_user')} alone: unset that setting for these hosts (Ansible uses setfacl,"
+                " which the acl package installs, or chown when it connects as root)")
 
     def _remove_tmp_path_and_stale_uploads(self) -> list[str]:
         """Remove this task's temporary folder, the upload with it, and in the same command

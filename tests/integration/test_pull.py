@@ -160,6 +160,23 @@ def test_a_restore_the_disk_has_no_room_for_is_refused_before_it_starts(pulled, 
     assert "wagtail_site__incoming" not in databases(connect("local", "postgres"))
 
 
+@pytest.mark.parametrize("setting, to_whom", [
+    ("ansible_shell_allow_world_readable_temp=true", "every user (allow_world_readable_tmpfiles)"),
+    ("ansible_common_remote_group=postgres", "the group postgres (common_remote_group)")])
+def test_a_dump_ansible_would_share_with_others_on_the_host_is_never_uploaded(pulled, connect, setting, to_whom):
+    """Becoming postgres without setfacl or chown, Ansible would make the upload readable to a
+    group or to everyone, as these settings allow; drydock refuses before the upload."""
+    before = fingerprint(connect("local"))
+    uploads = set(Path("/var/tmp").glob("ansible-tmp-*/drydock-upload.dump"))
+    proc = playbook("pull_database.yml", "-e", f"drydock_dump={pulled.path}", "-e", setting)
+    assert proc.returncode != 0
+    assert (f"refusing to upload a dump that Ansible is set to make readable to {to_whom} when it cannot give it to"
+            " postgres alone: unset that setting for these hosts") in " ".join(proc.stdout.split()), proc.stdout[-2000:]
+    assert fingerprint(connect("local")) == before
+    assert "wagtail_site__incoming" not in databases(connect("local", "postgres"))
+    assert set(Path("/var/tmp").glob("ansible-tmp-*/drydock-upload.dump")) == uploads
+
+
 @pytest.mark.parametrize("override", ["pg_restore_incoming=wagtail_site", "pg_restore_previous=wagtail_site",
                                       "pg_restore_incoming=wagtail_site__snap_pre_pull"])
 def test_side_database_named_as_the_live_one_is_refused(pulled, connect, override):
