@@ -567,6 +567,13 @@ def _no_task_began(run: Run) -> bool:
 DROP_KEPT_GENERATION_TASK = "Drop the generation kept until the checks passed"
 
 
+def _checks_passed(run: Run, env: str) -> bool:
+    """Whether the push's checks after its swap passed: the task that follows only them began
+    (skipped, when the swap kept no generation, counts: it was reached)."""
+    return any(entry.get("host") == env and str(entry.get("task", "")).startswith(DROP_KEPT_GENERATION_TASK)
+               for entry in read_progress(run.dir) or [])
+
+
 # What an interrupted pull or push left depends on whether its swap ran, which only the
 # progress Ansible reported tells (drydock_progress): its log does not show a task stopped
 # midway. The swap is one transaction, so the live database is always whole.
@@ -649,9 +656,14 @@ def _push_interrupted(run: Run, env: str, database: str, dump: Dump, say: Say, h
     if state == "ran" and _swapped_onto_nothing(run, env):
         return (f"the swap ran: {env} runs the pushed copy (it had no live database to replace: {database}__previous "
                 f"was left as it was), and its app may be stopped: `inv app.restart {env}` starts it")
-    if state == "ran" and _app_may_be_stopped(run, env) is False:  # e.g. while the kept generation was dropped
-        return (f"the swap ran: {env} runs the pushed copy, and its app was not left stopped; its database from before "
-                f"is {database}__previous (`inv rollback {env}` brings it back; a second push would drop it)")
+    if state == "ran" and _app_may_be_stopped(run, env) is False and _checks_passed(run, env):
+        return (f"the swap ran: {env} runs the pushed copy, which passed its checks, and its app was not left stopped; "
+                f"its database from before is {database}__previous (`inv rollback {env}` brings it back; a second "
+                f"push would drop it)")
+    if state == "ran" and _app_may_be_stopped(run, env) is False:  # e.g. during the health check
+        return (f"the swap ran: {env} runs the pushed copy, unchecked (stopped before its checks ended), and its app "
+                f"was not left stopped: `inv verify {env}` checks it; its database from before is {database}__previous "
+                f"(`inv rollback {env}` brings it back; a second push would drop it)")
     if state == "ran":
         return (f"the swap ran: {env} runs the pushed copy, its database from before is {database}__previous, and its "
                 f"app may be stopped: `inv rollback {env}` brings that database back and starts the app (a second "

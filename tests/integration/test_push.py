@@ -397,7 +397,9 @@ def test_a_failed_push_onto_a_target_without_a_previous_database_keeps_the_copy_
     try:
         proc = failing_health_check_push(pushed, sandbox_env)
         assert proc.returncode != 0
-        assert f"(swapped back: staging runs its previous database again; {FAILED_AGAIN}" in " ".join(
+        assert (f"(swapped back: staging runs its previous database again; the copy that failed is kept as"
+                f" wagtail_site__previous, marked so that inv rollback refuses it unless --allow-failed-check;"
+                f" {FAILED_AGAIN}") in " ".join(
             proc.stdout.split()), proc.stdout[-3000:]
         assert postgres.execute(LIVE_OID).fetchone() == live
         assert fingerprint(connect("staging")) == before

@@ -365,10 +365,18 @@ def test_a_push_whose_host_stopped_answering_says_what_it_left_and_tries_nothing
         "may be stopped: `inv rollback staging` brings that database back and starts the app (a second push would "
         "drop it), or `inv app.restart staging` starts the app on the pushed copy, unchecked: then "
         "`inv verify staging`")
-    # Lost while the generation kept until the checks passed was dropped: the push had gone live.
+    # Lost during the health check, once the app had started on the copy.
     assert failed_after((*stop, "start"), (*swap, "start"), (*swap, "ok"), (*start, "start"), (*start, "ok")) == (
-        f"{lost}; the swap ran: staging runs the pushed copy, and its app was not left stopped; its database from "
-        "before is site__previous (`inv rollback staging` brings it back; a second push would drop it)")
+        f"{lost}; the swap ran: staging runs the pushed copy, unchecked (stopped before its checks ended), and its app "
+        "was not left stopped: `inv verify staging` checks it; its database from before is site__previous "
+        "(`inv rollback staging` brings it back; a second push would drop it)")
+    # Lost while the generation kept until the checks passed was dropped: the push had gone live.
+    drop = ("drydock_db_swap", "Drop the generation kept until the checks passed, the one before <db>__previous")
+    assert failed_after((*stop, "start"), (*swap, "start"), (*swap, "ok"), (*start, "start"), (*start, "ok"),
+                        (*drop, "start")) == (
+        f"{lost}; the swap ran: staging runs the pushed copy, which passed its checks, and its app was not left "
+        "stopped; its database from before is site__previous (`inv rollback staging` brings it back; a second push "
+        "would drop it)")
 
 
 def test_a_pipeline_whose_last_verify_cannot_reach_the_target_rolls_nothing_back(tmp_path, monkeypatch):
@@ -481,9 +489,9 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
     assert pull.startswith("the swap ran: the local database is the pulled one")
     assert rollback.startswith("the exchange may have run: staging runs one of its two databases, whole")
     push, _, rollback = interrupted_after(("staging", "start"), ("staging", "ok"))
-    assert push == ("interrupted during restore: the swap ran: staging runs the pushed copy, and its app was not left "
-                    "stopped; its database from before is site__previous (`inv rollback "
-                    "staging` brings it back; a second push would drop it)")
+    assert push == ("interrupted during restore: the swap ran: staging runs the pushed copy, unchecked (stopped before"
+                    " its checks ended), and its app was not left stopped: `inv verify staging` checks it; its database"
+                    " from before is site__previous (`inv rollback staging` brings it back; a second push would drop it)")
     assert rollback == ("the exchange ran: staging now runs the database it had kept as site__previous; the one it"
                         " replaced is kept as site__previous in its place (inv rollback staging swaps them back), and"
                         " its app was not left stopped")
