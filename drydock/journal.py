@@ -75,6 +75,13 @@ class Run:
         self.say = say
         self.started = time.monotonic()
 
+    @classmethod
+    def of(cls, folder: Path) -> "Run":
+        """A run that has ended, by its folder: to read what it recorded."""
+        run = cls(folder.name.split("-", 1)[1], root=folder.parent)
+        run.dir = folder
+        return run
+
     def folder(self) -> Path:
         """The run's folder (0700), made on first use."""
         parent = self.dir.parent
@@ -135,9 +142,10 @@ class Run:
         route = {"route": self.route} if self.route else {}
         entry = {"step": name, "start": datetime.now(timezone.utc).isoformat(), **route, **details}
         # A line at the start too: a run killed (SIGKILL, a crash) never writes its end, and
-        # its journal must not read as if the step had not begun.
+        # its journal must not read as if the step had not begun (nor lose which host it was on).
+        on = {"env": details["env"]} if "env" in details else {}
         self.write({"step": name, "start": entry["start"], "outcome": "running", "pid": os.getpid(),
-                    "process_start": process_start(os.getpid()), **route})
+                    "process_start": process_start(os.getpid()), **route, **on})
         started = time.monotonic()
         if self.total and self.say:
             self.say(f"[{len(self.steps) + 1}/{self.total}] {name} (elapsed {started - self.started:.0f} s)")

@@ -953,6 +953,32 @@ def runs_list(last: int | str = 20, say: Say = print) -> list[dict]:
     return shown
 
 
+# The steps that swap a database in: a pull's, a push's restore (a pipeline's too) and a
+# rollback's; a run killed in one may have ended on either side of its swap. Not a
+# pipeline's "rollback <env>", which follows its push's swap on the same host.
+SWAPPING_STEPS = ("pull", "restore", "rollback")
+
+
+def _killed_swap_account(run: Run, env: str, step: str) -> str:
+    """For a run killed in `step`, what it left on `env`, told from the progress Ansible
+    reported (a killed run wrote no line of its own): whether its swap ran, whether a pushed
+    copy passed its checks, and whether the app may be stopped."""
+    state = _swap_state(run, env)
+    if state == "not run":
+        account = f"the swap did not run: {env} runs the database it ran before this run"
+    elif state == "ran":
+        account = "the swap ran" + ("" if step != "restore" else ", and the copy passed its checks"
+                                    if _checks_passed(run, env) else
+                                    f", but the copy's checks did not end: `inv verify {env}` checks it")
+    elif state in ("running", "swapping back"):
+        what = "the swap" if state == "running" else "a swap back after a failed check"
+        account = f"{what} was running when the run ended: `inv verify {env}` says which database is live"
+    else:
+        account = f"whether the swap ran cannot be told (no task progress was recorded): `inv verify {env}`"
+    app = f"; its app may be stopped: `inv app.restart {env}`" if _app_may_be_stopped(run, env) else ""
+    return f"{env}: {account}{app}"
+
+
 def runs_show(run_id: str, say: Say = print) -> list[dict]:
     from drydock import journal
     from drydock.paths import runs_dir
@@ -975,5 +1001,7 @@ def runs_show(run_id: str, say: Say = print) -> list[dict]:
     for s in steps:
         if s.get("outcome") in journal.FAILED:
             say(f"{s['outcome']} at {s['step']}: {s.get('error', '')}")
+        if s.get("outcome") == "killed" and s.get("env") and s["step"] in SWAPPING_STEPS:
+            say(_killed_swap_account(journal.Run.of(folder), s["env"], s["step"]))
     say("files: " + ", ".join(sorted(p.name for p in folder.iterdir())))
     return steps

@@ -175,13 +175,14 @@ def upload_left_behind(since: float) -> Path:
     return upload
 
 
-def assert_killed_during(task: str, step: str, since: float) -> None:
+def assert_killed_during(task: str, step: str, since: float) -> str:
     """A SIGKILLed run prints nothing: `inv runs.list` says that it was killed, and in which
-    step (which also shows that the kill landed where the test meant it to)."""
+    step (which also shows that the kill landed where the test meant it to). Its id."""
     runs = [run for run in journal.list_runs() if run["task"] == task and run_started(Path(run["id"])) >= since]
     assert len(runs) == 1, runs
     assert (runs[0]["outcome"], runs[0]["failed_step"]) == ("killed", step), runs[0]
     assert runs[0]["error"] == f"the run ended during {step} without finishing it (killed?)"
+    return runs[0]["id"]
 
 
 def assert_no_strays(connect, sandbox_env: dict) -> None:
@@ -391,7 +392,16 @@ def test_push_killed_at_each_step(staging_at_the_local_schema, connect, sandbox_
             wait_until_gone(killed)
     finally:
         blocked.release()
-    assert_killed_during("push", "dump local" if step in ("dump", "fetch") else "restore", since)
+    run_id = assert_killed_during("push", "dump local" if step in ("dump", "fetch") else "restore", since)
+    # What `inv runs.show` says the killed push left on staging, from the tasks Ansible reported.
+    stopped = "; its app may be stopped: `inv app.restart staging`"
+    left = {"upload": "the swap did not run: staging runs the database it ran before this run",
+            "restore": "the swap did not run: staging runs the database it ran before this run",
+            "app stop": f"the swap did not run: staging runs the database it ran before this run{stopped}",
+            "swap": "the swap was running when the run ended: `inv verify staging` says which database is live"
+                    f"{stopped}"}
+    shown = [line for line in inv("runs.show", run_id, check=True).stdout.splitlines() if line.startswith("staging: ")]
+    assert shown == ([f"staging: {left[step]}"] if step in left else []), shown
     if step == "swap":
         # Over SSH the swap's module runs on the host, out of the dead controller's reach: let
         # go, it commits there, or ends with its connection. Either way staging runs a whole
