@@ -567,6 +567,13 @@ def _no_task_began(run: Run) -> bool:
 DROP_KEPT_GENERATION_TASK = "Drop the generation kept until the checks passed"
 
 
+def _run_began(run: Run) -> str:
+    """When the run began, as verify's `live since` writes a time (UTC): a database swapped in
+    since is this run's, even one restored from the same dump as the one it replaced."""
+    began = datetime.strptime(run.dir.name.split("-", 1)[0], "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=timezone.utc)
+    return began.isoformat(timespec="seconds")
+
+
 def _checks_passed(run: Run, env: str) -> bool:
     """Whether the push's checks after its swap passed: the task that follows only them began
     (skipped, when the swap kept no generation, counts: it was reached)."""
@@ -640,8 +647,8 @@ def _pull_interrupted(run: Run, local: str, dump: Dump) -> str:
     unfinished.pulled(swap_certain=False)  # pre_pull may now hold what a step left half-changed
     return ("the swap may have run: the local database is the old one or the pulled one, never half of each; "
             f"`inv verify local` says which (the pulled one's live database line reads `restored from "
-            f"{dump.source_env}'s backup {dump.manifest['created']}`); if the swap went through, snapshot pre_pull "
-            f"holds the old one, and a second pull would replace it")
+            f"{dump.source_env}'s backup {dump.manifest['created']}; live since` a time after {_run_began(run)}); if "
+            f"the swap went through, snapshot pre_pull holds the old one, and a second pull would replace it")
 
 
 def _push_interrupted(run: Run, env: str, database: str, dump: Dump, say: Say, host_answers: bool = True) -> str:
@@ -672,7 +679,8 @@ def _push_interrupted(run: Run, env: str, database: str, dump: Dump, say: Say, h
     if state == "running":
         return (f"the swap was running: {env} runs its old database or the pushed copy, and its app may be stopped; "
                 f"`inv verify {env}` says which (the copy's live database line reads `pushed from "
-                f"{dump.source_env}'s dump {dump.manifest['created']}`): if it is the copy, `inv rollback {env}` "
+                f"{dump.source_env}'s dump {dump.manifest['created']}; live since` a time after {_run_began(run)}):"
+                f" if it is the copy, `inv rollback {env}` "
                 f"brings back the database from before and starts the app, or `inv app.restart {env}` starts the app "
                 f"on the copy (a second push would drop the database from before); if not, push again")
     what = ("it was being swapped back after a failed check" if state == "swapping back" else
