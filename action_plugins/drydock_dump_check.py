@@ -73,8 +73,9 @@ class ActionModule(ActionBase):
             to_whom = f"the group {group} (common_remote_group)"
         else:
             return None
+        become_user = self.get_become_option("become_user")
         return (f"refusing to upload a dump that Ansible is set to make readable to {to_whom} when it cannot"
-                f" give it to {self.get_become_option('become_user')} alone: unset that setting for these hosts (Ansible uses setfacl,"
+                f" give it to {become_user} alone: unset that setting for these hosts (Ansible uses setfacl,"
                 " which the acl package installs, or chown when it connects as root)")
 
     def _remove_tmp_path_and_stale_uploads(self) -> list[str]:

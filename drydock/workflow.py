@@ -680,9 +680,9 @@ def _push_interrupted(run: Run, env: str, database: str, dump: Dump, say: Say, h
         return (f"the swap was running: {env} runs its old database or the pushed copy, and its app may be stopped; "
                 f"`inv verify {env}` says which (the copy's live database line reads `pushed from "
                 f"{dump.source_env}'s dump {dump.manifest['created']}; live since` a time after {_run_began(run)}):"
-                f" if it is the copy, `inv rollback {env}` "
-                f"brings back the database from before and starts the app, or `inv app.restart {env}` starts the app "
-                f"on the copy (a second push would drop the database from before); if not, push again")
+                f" if it is the copy, `inv rollback {env}` brings back the database from before and starts the app,"
+                f" or `inv app.restart {env}` starts the app on the copy (a second push would drop the database from"
+                f" before); if not, push again")
     what = ("it was being swapped back after a failed check" if state == "swapping back" else
             "no task progress was recorded (is ANSIBLE_CALLBACKS_ENABLED set without drydock_progress?)")
     return (f"whether the swap ran cannot be told, {what}: {env} runs its old database or the pushed copy, and its "
