@@ -52,22 +52,18 @@ def load(path: Path) -> Dump:
     manifest_path = path.parent / "manifest.json"
     if not manifest_path.is_file():
         raise DrydockError(f"no manifest.json beside {path}: drydock restores only dumps it can check")
-    return Dump(path, read_manifest(manifest_path))
-
-
-def read_manifest(manifest_path: Path) -> dict:
-    """A backup's manifest, checked for everything drydock's commands read from it, so that a
-    manifest missing a part is refused in one line, not halfway through a command."""
     try:
         manifest = json.loads(manifest_path.read_text())
+        # Everything drydock's commands read from it, so that a manifest missing a part is
+        # refused here in one line, not halfway through a command.
         complete = (isinstance(manifest["source"]["env"], str) and isinstance(manifest["created"], str)
                     and isinstance(manifest["dump"]["sha256"], str) and isinstance(manifest["dump"]["size"], int)
                     and all(isinstance(rows, int) for rows in manifest["row_counts"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         complete = False
     if not complete:
         raise DrydockError(f"{manifest_path} is not a drydock manifest (or an incomplete one)")
-    return manifest
+    return Dump(path, manifest)
 
 
 def in_folder(folder: Path) -> Path | None:

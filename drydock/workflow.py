@@ -306,6 +306,15 @@ def _snapshot_tells(action: str) -> str:
 PHASES = ("all", "before", "after")
 
 
+def _has_row_counts(manifest: Path) -> bool:
+    """What verify reads of a manifest: its row counts, each table's a number."""
+    try:
+        counts = json.loads(manifest.read_text())["row_counts"]
+        return isinstance(counts, dict) and all(isinstance(rows, int) for rows in counts.values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def refuse_empty(**paths: str | None) -> None:
     """An option given an empty value (`--dump "$DUMP"` with DUMP unset) is a mistake, never
     "no option": a push would dump the local database instead, a migration skip its notebook."""
@@ -916,8 +925,8 @@ def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Ru
         manifest = str(Path(manifest) / "manifest.json")
     if manifest and not Path(manifest).is_file():
         raise InvalidInput(f"no such manifest: {manifest}")
-    if manifest:
-        dumps.read_manifest(Path(manifest))  # the row counts verify compares, in a manifest of drydock's
+    if manifest and not _has_row_counts(Path(manifest)):
+        raise InvalidInput(f"{manifest} is not a drydock manifest: it has no row counts to compare")
     run = run or Run("verify", route=[env])
     report = run.dir / f"verify-{env}.txt"
     lock = inv.lock_name(env)
