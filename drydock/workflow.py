@@ -926,7 +926,7 @@ def verify(env_text: str, manifest: str | None = None, say: Say = print, run: Ru
     if manifest and not Path(manifest).is_file():
         raise InvalidInput(f"no such manifest: {manifest}")
     if manifest and not _has_row_counts(Path(manifest)):
-        raise InvalidInput(f"{manifest} is not a drydock manifest: it has no row counts to compare")
+        raise InvalidInput(f"{manifest} is not a drydock manifest (or an incomplete one): it has no row counts to compare")
     run = run or Run("verify", route=[env])
     report = run.dir / f"verify-{env}.txt"
     lock = inv.lock_name(env)

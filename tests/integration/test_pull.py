@@ -216,7 +216,7 @@ def test_side_database_named_as_the_live_one_is_refused(pulled, connect, overrid
     (["pull", "production", "--dump", " "], "--dump was given an empty path"),
     (["migrate", "--notebook", ""], "--notebook was given an empty path"),
     (["verify", "staging", "--manifest", ""], "--manifest was given an empty path"),
-    (["verify", "staging", "--manifest", "README.md"], "README.md is not a drydock manifest: it has no row counts"),
+    (["verify", "staging", "--manifest", "README.md"], "README.md is not a drydock manifest (or an incomplete one): it has no row counts"),
     (["migrate", "--notebook", "examples/notebooks/blog_to_podcast.ipynb", "--param", "database_url=postgresql:///other"],
      "--param database_url is set by drydock"),
     (["migrate", "--notebook", "examples/notebooks/blog_to_podcast.ipynb", "--param", "n=1", "--param", "n=2"],
