@@ -160,6 +160,11 @@ def copy_checkout(root: Path) -> Path:
                 _copy_private(root / name, copy / name)
             else:
                 shutil.copy2(root / name, copy / name)
+        # The checkout's venv, by a link: the shard's pytest runs in it already, and a test that
+        # runs the copy's ./inv would otherwise build a venv of its own there, for minutes.
+        # (rmtree of the copy removes the link, not what it points to.)
+        if (root / ".venv").is_dir():
+            (copy / ".venv").symlink_to(root / ".venv", target_is_directory=True)
     except BaseException:
         shutil.rmtree(copy)
         raise

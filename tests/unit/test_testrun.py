@@ -172,6 +172,9 @@ def test_a_shard_copy_cannot_be_listed_and_keeps_what_git_does_not_track_to_its_
     (root / "tests").mkdir(parents=True)
     (root / "tests" / "test_x.py").write_text("")
     (root / ".env").write_text("SECRET=1\n")  # untracked: private only by the checkout's folder
+    (root / ".venv" / "bin").mkdir(parents=True)  # ignored by git, as in drydock's .gitignore
+    (root / ".venv" / "bin" / "python").write_text("")
+    (root / ".gitignore").write_text(".venv/\n")
     for path in (root / "tests" / "test_x.py", root / ".env"):
         path.chmod(0o644)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
@@ -185,8 +188,11 @@ def test_a_shard_copy_cannot_be_listed_and_keeps_what_git_does_not_track_to_its_
         assert (mode(copy / "tests" / "test_x.py"), mode(copy / ".env")) == ("0o644", "0o600")
         assert modes_while_copied[".env"] == "0o600", modes_while_copied
         assert (copy / ".env").read_text() == "SECRET=1\n"
+        # The checkout's venv is shared, not copied nor built again by the copy's ./inv.
+        assert (copy / ".venv").is_symlink() and (copy / ".venv").resolve() == (root / ".venv").resolve()
     finally:
         shutil.rmtree(copy)
+    assert (root / ".venv" / "bin" / "python").exists()  # removing the copy left the venv alone
 
 
 @pytest.mark.parametrize("returncode, stopped", [(-15, True), (1, False), (0, False)])
