@@ -235,6 +235,11 @@ class Sandbox:
         pids[key] = {"pid": pid, "marker": marker}
         self.pids_file.write_text(json.dumps(pids, indent=2))
 
+    def _running(self, key: str) -> bool:
+        """The process recorded under `key` (e.g. postgres-local) runs, and is the one we started."""
+        entry = self._pids().get(key)
+        return bool(entry) and self._alive(entry["pid"], entry["marker"])
+
     @staticmethod
     def _alive(pid: int, marker: str) -> bool:
         """True if `pid` runs and is the process we started (its command line names `marker`).
@@ -294,15 +299,9 @@ class Sandbox:
     def _refuse_taken_addresses(self) -> None:
         """Before anything starts: a port another program holds would fail its server halfway
         through the build (PostgreSQL's only in its log), leaving the servers before it running."""
-        pids = self._pids()
-
-        def running(key: str) -> bool:
-            entry = pids.get(key)
-            return bool(entry) and self._alive(entry["pid"], entry["marker"])
-
         for env in self.environments:
-            wanted = [] if running(f"postgres-{env.name}") else [("PostgreSQL", PG_PORT)]
-            if env.server and ssh_available() and not running(f"sshd-{env.name}"):
+            wanted = [] if self._running(f"postgres-{env.name}") else [("PostgreSQL", PG_PORT)]
+            if env.server and ssh_available() and not self._running(f"sshd-{env.name}"):
                 wanted.append(("sshd", SSH_PORT))
             if env.server and self._app_pid(env) is None:
                 wanted.append(("app", APP_PORT))
@@ -348,8 +347,7 @@ class Sandbox:
                     entry.unlink()
         os.chown(host, os.getuid(), os.getgid())
         os.chmod(host, 0o711)
-        pid_entry = self._pids().get(f"postgres-{env.name}")
-        if pid_entry and self._alive(pid_entry["pid"], pid_entry["marker"]):
+        if self._running(f"postgres-{env.name}"):
             return
         if fresh:
             self.say(f"  {env.name}: initdb on {env.address}:{PG_PORT}")
@@ -425,8 +423,7 @@ class Sandbox:
 
     def _start_sshd(self, env: Environment) -> None:
         key = f"sshd-{env.name}"
-        entry = self._pids().get(key)
-        if entry and self._alive(entry["pid"], entry["marker"]):
+        if self._running(key):
             return
         config = self.host_dir(env) / "sshd_config"
         config.write_text(
