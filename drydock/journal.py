@@ -53,8 +53,18 @@ def read_progress(run_dir: Path) -> list[dict] | None:
     return entries
 
 
+# A run's folder is named <UTC start, in this form>-<task>.
+STAMP = "%Y%m%dT%H%M%S.%fZ"
+
+
 def _stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    return datetime.now(timezone.utc).strftime(STAMP)
+
+
+def began(folder: Path) -> datetime:
+    """When the run in `folder` began, from the folder's name: not its mtime, which changes
+    whenever a file comes or goes, up to the run's end."""
+    return datetime.strptime(folder.name.split("-", 1)[0], STAMP).replace(tzinfo=timezone.utc)
 
 
 class Run:

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 from drydock import dumps, inventory, unfinished
 from drydock.dumps import Dump
 from drydock.errors import DrydockError, HostUnreachable, Interrupted
-from drydock.journal import Run, read, read_progress
+from drydock.journal import Run, began, read, read_progress
 from drydock.lock import LOCAL as LOCAL_LOCK, target_lock
 from drydock.paths import backups_dir
 from drydock.playbook import run_playbook
@@ -579,8 +579,7 @@ DROP_KEPT_GENERATION_TASK = "Drop the generation kept until the checks passed"
 def _run_began(run: Run) -> str:
     """When the run began, as verify's `live since` writes a time (UTC): a database swapped in
     since is this run's, even one restored from the same dump as the one it replaced."""
-    began = datetime.strptime(run.dir.name.split("-", 1)[0], "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=timezone.utc)
-    return began.isoformat(timespec="seconds")
+    return began(run.dir).isoformat(timespec="seconds")
 
 
 def _checks_passed(run: Run, env: str) -> bool:
@@ -672,14 +671,12 @@ def _push_interrupted(run: Run, env: str, database: str, dump: Dump, say: Say, h
     if state == "ran" and _swapped_onto_nothing(run, env):
         return (f"the swap ran: {env} runs the pushed copy (it had no live database to replace: {database}__previous "
                 f"was left as it was), and its app may be stopped: `inv app.restart {env}` starts it")
-    if state == "ran" and _app_may_be_stopped(run, env) is False and _checks_passed(run, env):
-        return (f"the swap ran: {env} runs the pushed copy, which passed its checks, and its app was not left stopped; "
-                f"its database from before is {database}__previous (`inv rollback {env}` brings it back; a second "
-                f"push would drop it)")
-    if state == "ran" and _app_may_be_stopped(run, env) is False:  # e.g. during the health check
-        return (f"the swap ran: {env} runs the pushed copy, unchecked (stopped before its checks ended), and its app "
-                f"was not left stopped: `inv verify {env}` checks it; its database from before is {database}__previous "
-                f"(`inv rollback {env}` brings it back; a second push would drop it)")
+    if state == "ran" and _app_may_be_stopped(run, env) is False:  # stopped during its checks, or after them
+        checked = (", which passed its checks, and its app was not left stopped" if _checks_passed(run, env) else
+                   ", unchecked (stopped before its checks ended), and its app was not left stopped:"
+                   f" `inv verify {env}` checks it")
+        return (f"the swap ran: {env} runs the pushed copy{checked}; its database from before is {database}__previous"
+                f" (`inv rollback {env}` brings it back; a second push would drop it)")
     if state == "ran":
         return (f"the swap ran: {env} runs the pushed copy, its database from before is {database}__previous, and its "
                 f"app may be stopped: `inv rollback {env}` brings that database back and starts the app (a second "

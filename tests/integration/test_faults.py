@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -42,10 +41,7 @@ SIDE_SUFFIXES = ("__incoming", "__outgoing", "__swapping", "__old")
 
 # -- helpers ------------------------------------------------------------------------------
 def run_started(folder: Path) -> float:
-    """When a run started, from its folder's name (<UTC time>-<task>): not its folder's mtime,
-    which changes whenever a file comes or goes, up to the run's end."""
-    stamp = datetime.strptime(folder.name.split("-", 1)[0], "%Y%m%dT%H%M%S.%fZ")
-    return stamp.replace(tzinfo=timezone.utc).timestamp()
+    return journal.began(folder).timestamp()
 
 
 def started_tasks(since: float) -> list[str]:
