@@ -58,7 +58,7 @@ FILE_SECONDS = {
     "tests/integration/test_probe.py": 3,
     "tests/integration/test_archive.py": 1,
     "tests/unit/test_leftovers.py": 1,
-    "tests/unit/test_testrun.py": 1,
+    "tests/unit/test_testrun.py": 7,
     "tests/unit/test_cli.py": 5,
     "tests/unit/test_sandbox_up.py": 1,
     "tests/unit/test_bench.py": 1,
@@ -306,9 +306,12 @@ def run(root: Path, pytest_args: list[str], shards: int, say: Callable[[str], No
             say(f"{prefix}{len(files)} files in {folder}: {' '.join(Path(f).stem for f in files)}")
             # -v: a line per test as it ends, so the interleaved output shows progress.
             # preexec_fn is unsafe once threads run: every shard starts before any output thread.
+            # Its own session: a signal to the runner's process group (a terminal's Ctrl-C, a
+            # CI's time limit) reaches the runner alone, which passes each shard one SIGINT, as
+            # it does when the runner alone is signalled. Two would cut a teardown short.
             proc = subprocess.Popen([*command, "-v", *files], cwd=folder, env=env, text=True, errors="replace",
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1,
-                                    preexec_fn=_interrupt_when_the_runner_dies)
+                                    start_new_session=True, preexec_fn=_interrupt_when_the_runner_dies)
             if folder != root:
                 _record_shard(folder, proc.pid)
             workers.append((folder, proc, threading.Thread(target=output.pump, args=(proc, prefix), daemon=True)))
@@ -317,11 +320,10 @@ def run(root: Path, pytest_args: list[str], shards: int, say: Callable[[str], No
         for _folder, proc, thread in workers:
             proc.wait()
             thread.join()
-    except BaseException as error:
-        if not isinstance(error, KeyboardInterrupt):  # Ctrl-C reached every shard already
-            for _folder, proc, _thread in workers:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGINT)
+    except BaseException:  # Ctrl-C, SIGTERM, or a shard that would not start
+        for _folder, proc, _thread in workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
@@ -342,8 +344,8 @@ def run(root: Path, pytest_args: list[str], shards: int, say: Callable[[str], No
 
 def _stop_sandbox_of_killed_shard(root: Path, returncode: int, say: Callable[[str], None]) -> None:
     """The checkout's own shard takes down the sandbox it started, unless a signal killed its
-    pytest (a SIGTERM to the whole process group, as a CI's time limit sends): then it is
-    taken down here. Only called when the checkout had no sandbox before the run."""
+    pytest (a SIGKILL or SIGTERM sent to the shard itself, or the machine short of memory):
+    then it is taken down here. Only called when the checkout had no sandbox before the run."""
     sandbox = root / ".sandbox"
     if returncode >= 0 or not sandbox.exists():
         return

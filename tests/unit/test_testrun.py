@@ -197,9 +197,8 @@ def test_a_shard_copy_cannot_be_listed_and_keeps_what_git_does_not_track_to_its_
 
 @pytest.mark.parametrize("returncode, stopped", [(-15, True), (1, False), (0, False)])
 def test_the_sandbox_a_killed_checkout_shard_started_is_taken_down(tmp_path, returncode, stopped):
-    """A SIGTERM to `inv test`'s whole process group kills the checkout's pytest before it
-    tears its sandbox down; a pytest that ended by itself has done that already (or kept it
-    on purpose)."""
+    """A signal that kills the checkout's pytest (a SIGKILL sent to it) leaves the sandbox it
+    started; a pytest that ended by itself has taken it down already (or kept it on purpose)."""
     import subprocess
     import sys
     import time
@@ -228,3 +227,69 @@ def test_the_sandbox_a_killed_checkout_shard_started_is_taken_down(tmp_path, ret
         server.kill()
         server.wait()
         server.stdout.close()
+
+
+# A test file for a stand-in checkout: its test waits until it is interrupted, and its
+# fixture's teardown takes a moment, as a sandbox's does. A second SIGINT during that moment
+# cuts it short, and then its mark is missing.
+WAITING_TEST = '''
+import os, pathlib, time
+
+import pytest
+
+MARKS, NAME = pathlib.Path(os.environ["DRYDOCK_TEST_MARKS"]), pathlib.Path(__file__).stem
+
+
+@pytest.fixture
+def sandbox():
+    yield
+    time.sleep(1.5)
+    (MARKS / f"{NAME}-torn-down").touch()
+
+
+def test_waits(sandbox):
+    (MARKS / f"{NAME}-started").touch()
+    time.sleep(300)
+'''
+
+
+@pytest.mark.parametrize("whole_group", [False, True], ids=["the-runner-alone", "its-process-group"])
+def test_an_interrupted_run_interrupts_each_shard_once(tmp_path, whole_group):
+    """SIGINT to `inv test` alone (kill -INT, a supervisor) once left the shards running to
+    their end; to its process group (a terminal's Ctrl-C) it must not reach a shard twice.
+    Either way each shard's teardown runs to its end, and the runner ends with them."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    checkout, marks, copies = tmp_path / "checkout", tmp_path / "marks", tmp_path / "copies"
+    for folder in (checkout / "tests", marks, copies):
+        folder.mkdir(parents=True)
+    for name in ("test_first", "test_second"):
+        (checkout / "tests" / f"{name}.py").write_text(WAITING_TEST)
+    env = {key: value for key, value in os.environ.items() if key != "DRYDOCK_SANDBOX_NET"}
+    env["DRYDOCK_TEST_MARKS"] = str(marks)
+    runner_code = ("import sys; from pathlib import Path; from drydock import testrun;"
+                   " testrun.COPIES = Path(sys.argv[2]);"  # not /tmp, where a real run's shard may be
+                   " sys.exit(testrun.run(Path(sys.argv[1]), ['-p', 'no:cacheprovider'], 2))")
+    with open(tmp_path / "runner.out", "w") as out:
+        runner = subprocess.Popen([sys.executable, "-c", runner_code, str(checkout), str(copies)], cwd=project_root(),
+                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((marks / f"{name}-started").exists() for name in ("test_first", "test_second")):
+            assert runner.poll() is None and time.monotonic() < deadline, (tmp_path / "runner.out").read_text()
+            time.sleep(0.1)
+        if whole_group:
+            os.killpg(runner.pid, signal.SIGINT)
+        else:
+            runner.send_signal(signal.SIGINT)
+        runner.wait(timeout=60)  # the tests themselves would wait 300 s
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait()
+    assert sorted(path.name for path in marks.iterdir()) == [
+        "test_first-started", "test_first-torn-down", "test_second-started", "test_second-torn-down"], \
+        (tmp_path / "runner.out").read_text()
