@@ -273,13 +273,31 @@ def _interrupt_when_the_runner_dies() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGINT)
 
 
+def _run_alone(command: list[str], root: Path) -> int:
+    """One plain pytest, on the terminal. Stopped, it gets one SIGINT and is waited for while
+    it takes its sandbox down (subprocess.run would kill it 0.25 s after a Ctrl-C)."""
+    previous_handler = signal.signal(signal.SIGTERM, _terminate)  # clean up as on Ctrl-C
+    # In a session of its own, as a shard (see run): a Ctrl-C reaches it through the runner only.
+    proc = subprocess.Popen(command, cwd=root, env=dict(os.environ), start_new_session=True,
+                            preexec_fn=_interrupt_when_the_runner_dies)
+    try:
+        return proc.wait()
+    except BaseException:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        proc.wait()
+
+
 def run(root: Path, pytest_args: list[str], shards: int, say: Callable[[str], None] = print) -> int:
     """Run the suite in `shards` side-by-side pytest processes; return the exit code."""
     if shards > MAX_SHARDS:
         raise InvalidInput(f"invalid --shards {shards}: at most {MAX_SHARDS}")
     command = [sys.executable, "-m", "pytest", *pytest_args]
     if shards == 1 or names_paths(root, pytest_args):
-        return subprocess.run(command, cwd=root, env=dict(os.environ)).returncode
+        return _run_alone(command, root)
     own_net = Sandbox(root=root / ".sandbox", say=say).net
     if own_net in {shard_net(index) for index in range(1, shards)}:
         raise SandboxError(f"the checkout's sandbox is on {own_net}.x, which a shard needs: "

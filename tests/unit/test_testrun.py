@@ -253,11 +253,13 @@ def test_waits(sandbox):
 '''
 
 
+@pytest.mark.parametrize("shards", [1, 2])
 @pytest.mark.parametrize("whole_group", [False, True], ids=["the-runner-alone", "its-process-group"])
-def test_an_interrupted_run_interrupts_each_shard_once(tmp_path, whole_group):
+def test_an_interrupted_run_interrupts_each_pytest_once(tmp_path, whole_group, shards):
     """SIGINT to `inv test` alone (kill -INT, a supervisor) once left the shards running to
-    their end; to its process group (a terminal's Ctrl-C) it must not reach a shard twice.
-    Either way each shard's teardown runs to its end, and the runner ends with them."""
+    their end, and a single pytest was killed 0.25 s after Ctrl-C, in its teardown; to the
+    process group (a terminal's Ctrl-C) it must not reach a pytest twice. Either way each
+    pytest's teardown runs to its end, and the runner ends with them."""
     import signal
     import subprocess
     import sys
@@ -266,19 +268,22 @@ def test_an_interrupted_run_interrupts_each_shard_once(tmp_path, whole_group):
     checkout, marks, copies = tmp_path / "checkout", tmp_path / "marks", tmp_path / "copies"
     for folder in (checkout / "tests", marks, copies):
         folder.mkdir(parents=True)
-    for name in ("test_first", "test_second"):
+    names = ("test_first", "test_second")
+    for name in names:
         (checkout / "tests" / f"{name}.py").write_text(WAITING_TEST)
+    started = names[:shards]  # one pytest runs the files in turn
     env = {key: value for key, value in os.environ.items() if key != "DRYDOCK_SANDBOX_NET"}
     env["DRYDOCK_TEST_MARKS"] = str(marks)
     runner_code = ("import sys; from pathlib import Path; from drydock import testrun;"
                    " testrun.COPIES = Path(sys.argv[2]);"  # not /tmp, where a real run's shard may be
-                   " sys.exit(testrun.run(Path(sys.argv[1]), ['-p', 'no:cacheprovider'], 2))")
+                   " sys.exit(testrun.run(Path(sys.argv[1]), ['-p', 'no:cacheprovider'], int(sys.argv[3])))")
     with open(tmp_path / "runner.out", "w") as out:
-        runner = subprocess.Popen([sys.executable, "-c", runner_code, str(checkout), str(copies)], cwd=project_root(),
-                                  env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        runner = subprocess.Popen([sys.executable, "-c", runner_code, str(checkout), str(copies), str(shards)],
+                                  cwd=project_root(), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not all((marks / f"{name}-started").exists() for name in ("test_first", "test_second")):
+        while not all((marks / f"{name}-started").exists() for name in started):
             assert runner.poll() is None and time.monotonic() < deadline, (tmp_path / "runner.out").read_text()
             time.sleep(0.1)
         if whole_group:
@@ -290,6 +295,5 @@ def test_an_interrupted_run_interrupts_each_shard_once(tmp_path, whole_group):
         if runner.poll() is None:
             os.killpg(runner.pid, signal.SIGKILL)
             runner.wait()
-    assert sorted(path.name for path in marks.iterdir()) == [
-        "test_first-started", "test_first-torn-down", "test_second-started", "test_second-torn-down"], \
-        (tmp_path / "runner.out").read_text()
+    assert sorted(path.name for path in marks.iterdir()) == sorted(
+        f"{name}-{mark}" for name in started for mark in ("started", "torn-down")), (tmp_path / "runner.out").read_text()
