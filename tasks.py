@@ -30,6 +30,8 @@ task = functools.partial(invoke.task, auto_shortflags=False)
 
 # A run stopped by Ctrl-C exits as a shell reports a command that SIGINT stopped.
 INTERRUPTED_EXIT = 128 + signal.SIGINT
+# Tasks that record no steps in runs/: stopped, they have no run to look up there.
+RECORD_NO_STEPS = {"sandbox_up", "sandbox_down", "bench", "test", "lint", "runs_list", "runs_show"}
 
 
 def stop_as_on_ctrl_c(signum, _frame) -> None:
@@ -69,8 +71,8 @@ def one_line_errors(body):
         except (DrydockError, InvalidInput, SandboxError) as error:
             raise Exit(f"drydock: error: {error}", code=1) from None
         except KeyboardInterrupt:  # outside a step (a step says what it left): nothing had begun
-            raise Exit("drydock: error: interrupted (see inv runs.list for the steps that ran)",
-                       code=INTERRUPTED_EXIT) from None
+            hint = "" if body.__name__ in RECORD_NO_STEPS else " (see inv runs.list for the steps that ran)"
+            raise Exit(f"drydock: error: interrupted{hint}", code=INTERRUPTED_EXIT) from None
     return wrapper
 
 

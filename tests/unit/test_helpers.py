@@ -691,6 +691,14 @@ def test_ctrl_c_fails_the_command_in_one_line_with_the_status_of_sigint():
         "Interrupted": (130, "drydock: error: interrupted during restore: the swap did not run"),
         "DrydockError": (1, "drydock: error: staging: the check failed")}
 
+    @one_line_errors
+    def test(c):  # a task that records no steps: no run to look up in runs/
+        raise KeyboardInterrupt
+
+    with pytest.raises(Exit) as exited:
+        test(None)
+    assert (exited.value.code, exited.value.message) == (130, "drydock: error: interrupted")
+
 
 def test_drydock_callbacks_stay_enabled_beside_ones_asked_for_in_the_environment(monkeypatch):
     from drydock.playbook import ansible_env
