@@ -229,3 +229,40 @@ def test_the_memory_counts_ssh_masters_connected_to_the_sandbox_and_no_others():
             proc.wait()
         for listener in listeners:
             listener.close()
+
+
+def test_a_stopped_bench_lets_the_command_it_runs_stop_as_on_ctrl_c_and_shows_its_last_line(monkeypatch):
+    """Stopped, the bench passes the command one SIGINT and waits while it stops and says
+    what it left (drydock writes that to the bench's pipe): leaving at once broke those lines
+    and could cut the command's clean-up short."""
+    import os
+    import signal
+    import sys
+    import threading
+
+    import pytest
+
+    import bench.run
+
+    # A command that, interrupted, takes a moment to clean up, then says so.
+    command = ("import signal, sys, time\n"
+               "def stop(*_):\n"
+               "    time.sleep(1)\n"
+               "    print('the swap did not run: staging runs the database it ran before', flush=True)\n"
+               "    sys.exit(130)\n"
+               "signal.signal(signal.SIGINT, stop)\n"
+               "print('started', flush=True)\n"
+               "time.sleep(60)\n")
+    monkeypatch.setattr(bench.run, "command", lambda root: [sys.executable, "-c", command])
+    said = []
+    bench_ = Bench("bench", runs=1, minutes=0, say=said.append)
+    monkeypatch.setattr(bench_, "sshd_pids", set)
+    monkeypatch.setattr(bench_, "host_addresses", set)
+    ctrl_c = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C, as it reaches the bench alone
+    ctrl_c.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bench_.inv("push", "staging")
+    finally:
+        ctrl_c.cancel()
+    assert said == ["    inv push staging, interrupted: the swap did not run: staging runs the database it ran before"]
