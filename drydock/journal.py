@@ -32,13 +32,13 @@ def json_lines(lines: list[str]) -> list[dict]:
     return entries
 
 
-def read_progress(run_dir: Path) -> list[dict] | None:
-    """The task events drydock_progress recorded in a run's folder so far, in order, each
-    {host, action, task, event}; a task skipped by its condition is left out (Ansible reports
-    its start, then the skip). None when nothing was recorded at all (the callback was not
-    enabled): then nothing can be told from it."""
+def read_progress(run_dir: Path, from_line: int = 0) -> list[dict] | None:
+    """The task events drydock_progress recorded in a run's folder so far (from its line
+    `from_line` on), in order, each {host, action, task, event}; a task skipped by its
+    condition is left out (Ansible reports its start, then the skip). None when nothing was
+    recorded at all (the callback was not enabled): then nothing can be told from it."""
     try:
-        lines = (run_dir / PROGRESS_FILE).read_text().splitlines()
+        lines = (run_dir / PROGRESS_FILE).read_text().splitlines()[from_line:]
     except FileNotFoundError:
         return None
     entries: list[dict] = []
@@ -84,6 +84,9 @@ class Run:
         self.total = total
         self.say = say
         self.started = time.monotonic()
+        # Where the current step's task events begin in the run's progress file: a pipeline's
+        # rollback must not read its push's swap, on the same host, as its own.
+        self._step_progress_from = 0
 
     @classmethod
     def of(cls, folder: Path) -> "Run":
@@ -117,11 +120,16 @@ class Run:
         """Where callback_plugins/drydock_progress records each task's start and result."""
         return self.folder() / PROGRESS_FILE
 
+    def progress(self) -> list[dict] | None:
+        """The task events of the current step (the last one, once it ended) so far: see
+        read_progress. None when the run recorded none at all."""
+        return read_progress(self.dir, self._step_progress_from)
+
     def task_events(self, host: str, action: str, but: str = "") -> list[str] | None:
         """The events (start, ok, failed, unreachable) of the tasks running module `action` on
-        `host` in this run so far, in order (see read_progress), but those of tasks whose name
-        begins with `but`, if given; None when nothing was recorded at all."""
-        progress = read_progress(self.dir)
+        `host` in the current step so far, in order (see read_progress), but those of tasks whose
+        name begins with `but`, if given; None when the run recorded nothing at all."""
+        progress = self.progress()
         if progress is None:
             return None
         return [entry["event"] for entry in progress if entry.get("host") == host and entry.get("action") == action
@@ -130,7 +138,7 @@ class Run:
     def task_account(self, host: str, action: str) -> str | None:
         """The line the last task running module `action` on `host` returned for drydock's
         summary (its drydock_account), if one did."""
-        accounts = [entry["account"] for entry in read_progress(self.dir) or []
+        accounts = [entry["account"] for entry in self.progress() or []
                     if (entry.get("host"), entry.get("action"), entry.get("event")) == (host, action, "ok")
                     and "account" in entry]
         return accounts[-1] if accounts else None
@@ -157,6 +165,10 @@ class Run:
         self.write({"step": name, "start": entry["start"], "outcome": "running", "pid": os.getpid(),
                     "process_start": process_start(os.getpid()), **route, **on})
         started = time.monotonic()
+        try:
+            self._step_progress_from = len(self.progress_file.read_text().splitlines())
+        except FileNotFoundError:
+            self._step_progress_from = 0
         if self.total and self.say:
             self.say(f"[{len(self.steps) + 1}/{self.total}] {name} (elapsed {started - self.started:.0f} s)")
         try:

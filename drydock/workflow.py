@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 from drydock import dumps, inventory, unfinished
 from drydock.dumps import Dump
 from drydock.errors import DrydockError, HostUnreachable, Interrupted
-from drydock.journal import Run, began, read, read_progress
+from drydock.journal import Run, began, read
 from drydock.lock import LOCAL as LOCAL_LOCK, target_lock
 from drydock.paths import backups_dir
 from drydock.playbook import run_playbook
@@ -275,7 +275,7 @@ def _age(created, now: datetime) -> str:
 def _snapshot_interrupted(run: Run, action: str, name: str) -> str:
     """What an interrupted save, restore or delete left: its one module either ran or not
     (a restore is a rename, a save a template copy: never half of either)."""
-    progress = read_progress(run.dir)
+    progress = run.progress()
     if progress is None and not _no_task_began(run):
         return f"whether the {action} ran cannot be told (no task progress was recorded): {_snapshot_tells(action)}"
     events = [entry["event"] for entry in progress or [] if entry.get("action") == "drydock_snapshot"]
@@ -465,7 +465,7 @@ def _migrate_interrupted(run: Run, local: str, snapshot_name: str) -> str:
         return (f"the local database may be half-changed: put it back with "
                 f"`inv snapshot.restore {mark.get('snapshot') or snapshot_name}` (or pull again); migrate, push and "
                 "snapshot.save refuse until then, and verify local fails")
-    progress = read_progress(run.dir)
+    progress = run.progress()
     if progress is None and not _no_task_began(run):
         return ("the local database is whole: the step had not begun changing it, or had ended or put it back "
                 "(`inv verify local` shows its migrations)")
@@ -586,7 +586,7 @@ def _checks_passed(run: Run, env: str) -> bool:
     """Whether the push's checks after its swap passed: the task that follows only them began
     (skipped, when the swap kept no generation, counts: it was reached)."""
     return any(entry.get("host") == env and str(entry.get("task", "")).startswith(DROP_KEPT_GENERATION_TASK)
-               for entry in read_progress(run.dir) or [])
+               for entry in run.progress() or [])
 
 
 # What an interrupted pull or push left depends on whether its swap ran, which only the
@@ -710,7 +710,7 @@ APP_START_TASKS = "app_service : Start the app"
 def _app_may_be_stopped(run: Run, env: str) -> bool | None:
     """Whether this run may have left `env`'s app stopped: a stop of it began, and no start
     ended well after it. None when tasks ran but no task progress was recorded."""
-    progress = read_progress(run.dir)
+    progress = run.progress()
     if progress is None:
         return False if _no_task_began(run) else None
     stopped = False
@@ -792,7 +792,7 @@ def rollback(env_text: str, yes: bool = False, allow_lost_writes: bool = False, 
 
 def _stop_never_began(run: Run, env: str) -> bool:
     """Whether this run never began to stop `env`'s app, by the tasks' progress."""
-    progress = read_progress(run.dir)
+    progress = run.progress()
     if progress is None:
         return _no_task_began(run)
     return not any(entry.get("host") == env and entry.get("event") == "start"
@@ -823,6 +823,16 @@ def _rollback_interrupted(run: Run, env: str, database: str, say: Say) -> str:
                  f"other (inv verify {env} says which)")
     # The rollback's own `always` starts the app whatever became of the exchange: so here too.
     return f"{where}, {_restart_app(run, env, say)}"
+
+
+def _pipeline_rollback_interrupted(run: Run, target: str, database: str, say: Say) -> str:
+    """An interrupted rollback's account, and, when its exchange did not run, which database
+    that leaves live: the pushed copy, which failed verification."""
+    left = _rollback_interrupted(run, target, database, say)
+    if _swap_state(run, target) == "not run":
+        left += (f"; that is the pipeline's pushed copy, which failed verification: inv rollback {target} brings back "
+                 f"the database from before the push")
+    return left
 
 
 def pipeline(source_text: str, target_text: str, notebook: str | None = None, script: str | None = None,
@@ -858,8 +868,11 @@ def pipeline(source_text: str, target_text: str, notebook: str | None = None, sc
                                f"inv verify {target}, and inv rollback {target} if that fails)") from None
         except DrydockError as error:
             say(f"==> {target} failed verification: rolling the push back")
+            run.total += 1  # a step the plan had not counted
+            database = inv.hostvars[target]["drydock_db_name"]
             try:
-                with run.step(f"rollback {target}", env=target) as step:
+                with run.step(f"rollback {target}", env=target,
+                              interrupted=lambda: _pipeline_rollback_interrupted(run, target, database, say)) as step:
                     # The copy set aside is marked as failed: inv rollback then refuses to put it live again.
                     run_playbook("rollback_database.yml", limit=target, run=run, extra_vars={
                         "drydock_confirm": target,

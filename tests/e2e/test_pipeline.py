@@ -135,6 +135,39 @@ def test_pipeline_rolls_staging_back_when_it_fails_verification_after_the_push(s
     assert connect("staging", "postgres").execute(OID).fetchone()[0] == writer.original_oid
 
 
+def test_ctrl_c_during_the_pipelines_rollback_says_what_it_left_and_starts_the_app_again(sandbox_env, connect):
+    """The rollback after a failed verify, interrupted once it has begun to stop staging's
+    app: the line says whether its exchange ran, and the app serves again (it was left
+    stopped, the line only "interrupted during rollback staging")."""
+    earlier = set(runs_dir().glob("*-pipeline"))
+
+    def rollback_stopping_the_app() -> bool:
+        for run in set(runs_dir().glob("*-pipeline")) - earlier:
+            try:
+                began = any(step["step"] == "rollback staging" for step in journal.read(run))
+                stops = [event for event in journal.read_progress(run) or [] if event.get("host") == "staging"
+                         and event.get("event") == "start"
+                         and str(event.get("task", "")).startswith("app_service : Stop the app")]
+            except ValueError:  # a line caught half written
+                return False
+            return began and len(stops) >= 2  # the push's stop, then the rollback's
+        return False
+
+    with WriteAfterTheSwap(sandbox_env, "staging") as writer:
+        line = interrupted_when(rollback_stopping_the_app, "pipeline", "production", "staging")
+    assert writer.written_to is not None
+    assert line.startswith("drydock: error: interrupted during rollback staging: the exchange "), line
+    assert ", and its app, stopped before the interruption, was restarted and passed its health check" in line, line
+    assert app_serves(sandbox_env, "staging")
+    # Whichever database is live, the other is the one to go back to: staging ends as before.
+    if connect("staging", "postgres").execute(OID).fetchone()[0] != writer.original_oid:
+        assert line.endswith("; that is the pipeline's pushed copy, which failed verification: inv rollback staging"
+                             " brings back the database from before the push") or "exchange may have run" in line, line
+        inv("rollback", "staging", check=True)
+    assert connect("staging", "postgres").execute(OID).fetchone()[0] == writer.original_oid
+    assert app_serves(sandbox_env, "staging")
+
+
 def test_pipeline_never_rolls_back_a_protected_target_that_took_writes_since_the_push(sandbox_env, connect):
     """The automatic rollback would set production's new write aside: it is refused, the
     pushed database stays live with the write, and the message says how to roll back anyway."""

@@ -339,11 +339,12 @@ def test_a_push_whose_host_stopped_answering_says_what_it_left_and_tries_nothing
     def failed_after(*events: tuple[str, str, str]) -> str:
         run = Run("push", root=tmp_path)
         run.ansible_log.write_text("TASK [Restore]\n")
-        run.progress_file.write_text("".join(json.dumps({"event": event, "host": "staging", "action": action,
-                                                         "task": task}) + "\n" for action, task, event in events))
         with pytest.raises(HostUnreachable) as error:
             with run.step("restore", unreachable=lambda: _push_interrupted(run, "staging", "site", pushed,
                                                                            say=pytest.fail, host_answers=False)):
+                # What drydock_progress records while the step runs.
+                run.progress_file.write_text("".join(json.dumps({"event": event, "host": "staging", "action": action,
+                                                                 "task": task}) + "\n" for action, task, event in events))
                 raise HostUnreachable(lost)
         assert read_journal(run.dir)[-1]["error"] == str(error.value)  # as `inv runs.show` gives it
         return str(error.value).replace(f"a time after {_run_began(run)}", "a time after BEGAN")
@@ -465,11 +466,11 @@ def test_an_interrupted_push_or_rollback_says_whether_its_swap_ran_from_the_prog
         lines = [{"event": event, "host": host, "action": "drydock_db_swap", "task": "Swap", **dict(account)}
                  for host, event, *account in events]
         lines.insert(0, {"event": "ok", "host": "staging", "action": "drydock_pg_restore", "task": "Restore"})
-        if recorded:
-            run.progress_file.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"event": "st')
         with pytest.raises(DrydockError) as push_error:
             with run.step("restore", interrupted=lambda: _push_interrupted(run, "staging", "site", pushed,
                                                                            say=pytest.fail)):
+                if recorded:  # what drydock_progress records while the step runs
+                    run.progress_file.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"event": "st')
                 raise KeyboardInterrupt
         return (str(push_error.value), _pull_interrupted(run, "local", pulled),
                 _rollback_interrupted(run, "staging", "site", say=pytest.fail))
@@ -1582,3 +1583,23 @@ def test_an_unfinished_steps_mark_goes_with_the_database_a_pull_keeps_as_pre_pul
     unfinished.path(tmp_path).write_text(json.dumps(mark))
     unfinished.pulled(tmp_path, swap_certain=False)
     assert unfinished.read(tmp_path) == mark and unfinished.read(tmp_path, "pre_pull") == kept
+
+
+def test_a_step_reads_only_the_task_events_recorded_since_it_began(tmp_path):
+    """A pipeline's rollback runs drydock_db_swap on the host its push swapped on, in the same
+    run: the push's swap must not count as the rollback's (two starts read as a swap-back)."""
+    def record(run: Run, *events: str) -> None:
+        with run.progress_file.open("a") as progress:
+            for event in events:
+                progress.write(json.dumps({"event": event, "host": "staging", "action": "drydock_db_swap",
+                                           "task": "Swap"}) + "\n")
+
+    run = Run("pipeline", root=tmp_path)
+    with run.step("restore", env="staging"):
+        record(run, "start", "ok")
+    with run.step("rollback staging", env="staging"):
+        assert run.task_events("staging", "drydock_db_swap") == []
+        record(run, "start")
+        assert run.task_events("staging", "drydock_db_swap") == ["start"]
+    assert run.task_events("staging", "drydock_db_swap") == ["start"]  # the last step's, once it ended
+    assert Run.of(run.dir).task_events("staging", "drydock_db_swap") == ["start", "ok", "start"]  # runs.show: all
