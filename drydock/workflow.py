@@ -213,7 +213,7 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
             # A half-changed database saved would come back later as if it were whole.
             raise unfinished.refusal(f"save snapshot {name}", mark)
         with run.step(f"snapshot {action}", snapshot=name,
-                      interrupted=lambda: _snapshot_interrupted(run, action, name)) as step:
+                      interrupted=lambda: _snapshot_interrupted(run, action, name, _local_database())) as step:
             if action != "restore":
                 run_playbook("snapshot.yml", extra_vars=extra, run=run)
                 if action == "delete":
@@ -272,7 +272,17 @@ def _age(created, now: datetime) -> str:
         else f"{seconds / 60:.0f} min"
 
 
-def _snapshot_interrupted(run: Run, action: str, name: str) -> str:
+def _local_database() -> str:
+    """The local database's name, read from the inventory only for a line that names it (a
+    snapshot command does not read it otherwise)."""
+    try:
+        inv = inventory.load()
+        return str(inv.hostvars[inv.local[0]]["drydock_db_name"])
+    except (DrydockError, InvalidInput, KeyError, IndexError):  # Ansible read it; this line is no place to fail
+        return "<db>"
+
+
+def _snapshot_interrupted(run: Run, action: str, name: str, database: str) -> str:
     """What an interrupted save, restore or delete left: its one module either ran or not
     (a restore is a rename, a save a template copy: never half of either)."""
     progress = run.progress()
@@ -281,7 +291,7 @@ def _snapshot_interrupted(run: Run, action: str, name: str) -> str:
     events = [entry["event"] for entry in progress or [] if entry.get("action") == "drydock_snapshot"]
     done = {"save": f"snapshot {name} was saved (its ready copy, made in the background, may not be there yet: "
                     f"`inv snapshot.list` says; a restore without it copies the snapshot)",
-            "restore": f"the local database is back at snapshot {name}; the one it replaced is kept as <db>__previous",
+            "restore": f"the local database is back at snapshot {name}; the one it replaced is kept as {database}__previous",
             "delete": f"snapshot {name} was deleted"}[action]
     state = _task_state(events)
     if state == "ran":

@@ -190,7 +190,7 @@ def cut_short(name: str) -> str | None:
 
 
 def new_name(snapshot: str) -> str:
-    """Where a forced save makes the snapshot that replaces `snapshot`."""
+    """Where a save makes the snapshot before it takes the name `snapshot`."""
     return suffixed_name(snapshot, "__new")
 
 
@@ -202,26 +202,26 @@ def save(conn, database: str, name: str, force: bool, ready_copy: bool = False) 
                             + (" (or save with --no-ready-copy)" if ready_copy else ""))
     if not database_exists(conn, database):
         raise SnapshotError(f"database {database} does not exist")
-    replacing = database_exists(conn, target)
-    if replacing and not force:
+    if database_exists(conn, target) and not force:
         raise SnapshotError(f"snapshot {name} of {database} exists already: delete it, or replace it with --force")
-    if not replacing:
-        drop_ready_copy(conn, database, name)  # a copy of what this name held before
-        template_copy(conn, database, target)
-    else:
-        # The old snapshot (and its ready copy) go only once the new one is whole: a copy that
-        # fails or is interrupted (disk full, Ctrl-C) leaves them as they were. A leftover
-        # <snapshot>__new or __old is dropped by the next forced save or the delete of the name.
-        incoming = new_name(target)
-        drop_database(conn, incoming)
-        template_copy(conn, database, incoming)
-        swap_in(conn, target, incoming, aside_name(target))  # the old snapshot set aside, then dropped
-        drop_database(conn, aside_name(target))
-        drop_ready_copy(conn, database, name)  # the old snapshot's
-    set_database_comment(conn, target, {
+    # The new snapshot is made whole, recorded and closed under a name of its own, then renamed
+    # in, setting an old one aside in the same transaction: a save that fails or is interrupted
+    # (disk full, Ctrl-C) leaves the snapshot of that name and its ready copy as they were,
+    # and the name never holds one without its record (a restore of it would lose the
+    # database's lineage) or open to connections. A leftover <snapshot>__new or __old is
+    # dropped by the next save of the name or its delete.
+    incoming = new_name(target)
+    drop_database(conn, incoming)
+    template_copy(conn, database, incoming)
+    set_database_comment(conn, incoming, {
         "drydock_snapshot": name, "source": database, "created": utc_now(),
         "lineage": database_comment(conn, database).get("drydock_lineage"), "ready_copy": ready_copy})
-    set_allow_connections(conn, target, False)  # nobody changes a snapshot
+    set_allow_connections(conn, incoming, False)  # nobody changes a snapshot
+    swap_in(conn, target, incoming, aside_name(target))
+    drop_database(conn, aside_name(target))
+    # The old snapshot's, or one a deleted snapshot of that name left: made from another
+    # database than this one, it would never be used, only take room.
+    drop_ready_copy(conn, database, name)
     return target
 
 

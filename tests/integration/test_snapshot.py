@@ -410,6 +410,29 @@ def _termination_pending(pid: int) -> bool:
     return any(int(status[key], 16) & (1 << (signal.SIGTERM - 1)) for key in ("SigPnd", "ShdPnd"))
 
 
+def test_a_snapshots_name_never_holds_one_without_its_record_or_open_to_connections(clean_snapshots, connect):
+    """Watched throughout a forced save: the name holds the old snapshot, then the new one,
+    each recorded and closed. A save interrupted in between once left the new one without
+    its record (restored, the local database lost its lineage) and open to connections, the
+    old one dropped."""
+    inv("snapshot.save", "saved", check=True)
+    watcher = connect("local", "postgres")
+    row = ("SELECT oid, datallowconn, shobj_description(oid, 'pg_database') FROM pg_database"
+           " WHERE datname = 'wagtail_site__snap_saved'")
+    seen = {watcher.execute(row).fetchone()}
+    save = subprocess.Popen([*INV, "snapshot.save", "saved", "--force"], env=ansible_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while save.poll() is None:
+        seen.add(watcher.execute(row).fetchone())
+    assert save.wait() == 0, save.stderr.read()
+    seen.add(watcher.execute(row).fetchone())
+    assert None not in seen  # never without a snapshot of that name
+    assert len({oid for oid, _allowed, _record in seen}) == 2  # the old one, then the new one
+    unrecorded = [(oid, allowed, record) for oid, allowed, record in seen if allowed or not record]
+    assert not unrecorded, unrecorded
+    assert {json.loads(record)["drydock_snapshot"] for _oid, _allowed, record in seen} == {"saved"}
+
+
 def test_a_save_interrupted_while_copying_lets_connections_in_again(clean_snapshots, connect):
     """The copy bars connections to the live local database while it runs. Ctrl-C then (the
     module gets SIGTERM from Ansible) must not leave it barred: the app could not connect.
