@@ -287,8 +287,21 @@ def _run_alone(command: list[str], root: Path) -> int:
             proc.send_signal(signal.SIGINT)
         raise
     finally:
+        _wait_out(proc)
         signal.signal(signal.SIGTERM, previous_handler)
-        proc.wait()
+
+
+def _wait_out(proc: subprocess.Popen) -> None:
+    """Wait until a pytest that was given its SIGINT has ended. A second Ctrl-C or a SIGTERM
+    meanwhile does not cut the wait short: the runner would die, and the kernel would give the
+    pytest a second SIGINT, which cuts its sandbox's teardown short (SIGKILL the runner to
+    leave at once)."""
+    while True:
+        try:
+            proc.wait()
+            return
+        except (KeyboardInterrupt, SystemExit):
+            continue
 
 
 def run(root: Path, pytest_args: list[str], shards: int, say: Callable[[str], None] = print) -> int:
@@ -344,11 +357,11 @@ def run(root: Path, pytest_args: list[str], shards: int, say: Callable[[str], No
                 proc.send_signal(signal.SIGINT)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        signal.signal(signal.SIGHUP, previous_hangup)
         # Let every pytest tear its sandbox down before its copy goes.
         for _folder, proc, _thread in workers:
-            proc.wait()
+            _wait_out(proc)
+        signal.signal(signal.SIGTERM, previous_handler)
+        signal.signal(signal.SIGHUP, previous_hangup)
         for folder, proc, _thread in workers:
             if folder != root:
                 _clean_up(folder, keep=proc.returncode not in (0, NO_TESTS_COLLECTED), say=say)

@@ -253,13 +253,16 @@ def test_waits(sandbox):
 '''
 
 
-@pytest.mark.parametrize("shards", [1, 2])
-@pytest.mark.parametrize("whole_group", [False, True], ids=["the-runner-alone", "its-process-group"])
-def test_an_interrupted_run_interrupts_each_pytest_once(tmp_path, whole_group, shards):
+@pytest.mark.parametrize("whole_group, shards, second", [
+    (False, 1, None), (True, 1, None), (False, 2, None), (True, 2, None),
+    (True, 1, "SIGINT"), (False, 2, "SIGTERM")],  # Ctrl-C pressed again; a CI cancelling the job after it
+    ids=["runner-1", "group-1", "runner-2", "group-2", "group-1-twice", "runner-2-then-sigterm"])
+def test_an_interrupted_run_interrupts_each_pytest_once(tmp_path, whole_group, shards, second):
     """SIGINT to `inv test` alone (kill -INT, a supervisor) once left the shards running to
     their end, and a single pytest was killed 0.25 s after Ctrl-C, in its teardown; to the
-    process group (a terminal's Ctrl-C) it must not reach a pytest twice. Either way each
-    pytest's teardown runs to its end, and the runner ends with them."""
+    process group (a terminal's Ctrl-C) it must not reach a pytest twice, nor may a second
+    signal during the teardowns. Each pytest's teardown runs to its end, and the runner ends
+    with them."""
     import signal
     import subprocess
     import sys
@@ -286,10 +289,12 @@ def test_an_interrupted_run_interrupts_each_pytest_once(tmp_path, whole_group, s
         while not all((marks / f"{name}-started").exists() for name in started):
             assert runner.poll() is None and time.monotonic() < deadline, (tmp_path / "runner.out").read_text()
             time.sleep(0.1)
-        if whole_group:
-            os.killpg(runner.pid, signal.SIGINT)
-        else:
-            runner.send_signal(signal.SIGINT)
+        for stop in (signal.SIGINT, getattr(signal, second or "SIGINT")) if second else (signal.SIGINT,):
+            if whole_group:
+                os.killpg(runner.pid, stop)
+            else:
+                runner.send_signal(stop)
+            time.sleep(0.5)  # the second lands during the teardowns (1.5 s)
         runner.wait(timeout=60)  # the tests themselves would wait 300 s
     finally:
         if runner.poll() is None:
