@@ -123,22 +123,32 @@ class Bench:
         """Run an inv command as a user would; its wall time, peak memory and journal."""
         before = set(journal.run_folders())
         started = time.monotonic()
+        sshd, addresses = self.sshd_pids(), self.host_addresses()  # read before anything starts
         # In a session of its own, so that a Ctrl-C reaches it once, from here (below).
         proc = subprocess.Popen([*command(project_root()), *args], cwd=project_root(), start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        memory = PeakMemory(proc.pid, self.sshd_pids(), self.host_addresses())
+        memory = None
         try:
+            memory = PeakMemory(proc.pid, sshd, addresses)
             output, _ = proc.communicate()
             seconds = time.monotonic() - started
         except BaseException:
             # Stopped: the command stops as on Ctrl-C and says what it left, which the bench
-            # waits for and shows. It writes to this pipe: a bench gone would fail those lines.
+            # waits for, whatever else it is sent meanwhile, and shows. It writes to this
+            # pipe: a bench gone would fail those lines, and with them its clean-up.
             proc.send_signal(signal.SIGINT)
-            output, _ = proc.communicate()
+            self.say(f"    inv {' '.join(args)} interrupted: waiting for it to stop (it may restart an app)")
+            while True:
+                try:
+                    output, _ = proc.communicate()
+                    break
+                except (KeyboardInterrupt, SystemExit):
+                    continue
             self.say(f"    inv {' '.join(args)}, interrupted: {' '.join(output.strip().splitlines()[-1:])}")
             raise
         finally:
-            memory.stop()
+            if memory is not None:
+                memory.stop()
         if proc.returncode != 0:
             raise BenchError(f"inv {' '.join(args)} failed: {output.strip().splitlines()[-1:]}")
         new_runs = sorted(set(journal.run_folders()) - before)

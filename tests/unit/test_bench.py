@@ -233,8 +233,8 @@ def test_the_memory_counts_ssh_masters_connected_to_the_sandbox_and_no_others():
 
 def test_a_stopped_bench_lets_the_command_it_runs_stop_as_on_ctrl_c_and_shows_its_last_line(monkeypatch):
     """Stopped, the bench passes the command one SIGINT and waits while it stops and says
-    what it left (drydock writes that to the bench's pipe): leaving at once broke those lines
-    and could cut the command's clean-up short."""
+    what it left (drydock writes that to the bench's pipe), even when Ctrl-C is pressed again:
+    leaving at once broke those lines and could cut the command's clean-up short."""
     import os
     import signal
     import sys
@@ -258,11 +258,15 @@ def test_a_stopped_bench_lets_the_command_it_runs_stop_as_on_ctrl_c_and_shows_it
     bench_ = Bench("bench", runs=1, minutes=0, say=said.append)
     monkeypatch.setattr(bench_, "sshd_pids", set)
     monkeypatch.setattr(bench_, "host_addresses", set)
-    ctrl_c = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C, as it reaches the bench alone
-    ctrl_c.start()
+    # Ctrl-C, as it reaches the bench alone; pressed again while the command cleans up.
+    presses = [threading.Timer(at, os.kill, (os.getpid(), signal.SIGINT)) for at in (1.0, 1.5)]
+    for press in presses:
+        press.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             bench_.inv("push", "staging")
     finally:
-        ctrl_c.cancel()
-    assert said == ["    inv push staging, interrupted: the swap did not run: staging runs the database it ran before"]
+        for press in presses:
+            press.cancel()
+    assert said == ["    inv push staging interrupted: waiting for it to stop (it may restart an app)",
+                    "    inv push staging, interrupted: the swap did not run: staging runs the database it ran before"]
