@@ -31,7 +31,7 @@ task = functools.partial(invoke.task, auto_shortflags=False)
 # A run stopped by Ctrl-C exits as a shell reports a command that SIGINT stopped.
 INTERRUPTED_EXIT = 128 + signal.SIGINT
 # Tasks that record no steps in runs/: stopped, they have no run to look up there.
-RECORD_NO_STEPS = {"sandbox_up", "sandbox_down", "bench", "test", "runs_list", "runs_show"}
+RECORD_NO_STEPS = {"sandbox_up", "sandbox_down", "bench", "test", "runs_list", "runs_show", "snapshot_list"}
 
 
 def stop_as_on_ctrl_c(signum, _frame) -> None:

@@ -213,7 +213,7 @@ def snapshot(action: str, name: str = "", force: bool = False, ready_copy: bool 
             # A half-changed database saved would come back later as if it were whole.
             raise unfinished.refusal(f"save snapshot {name}", mark)
         with run.step(f"snapshot {action}", snapshot=name,
-                      interrupted=lambda: _snapshot_interrupted(run, action, name, _local_database())) as step:
+                      interrupted=lambda: _snapshot_interrupted(run, action, name)) as step:
             if action != "restore":
                 run_playbook("snapshot.yml", extra_vars=extra, run=run)
                 if action == "delete":
@@ -278,25 +278,29 @@ def _local_database() -> str:
     try:
         inv = inventory.load()
         return str(inv.hostvars[inv.local[0]]["drydock_db_name"])
-    except (DrydockError, InvalidInput, KeyError, IndexError):  # Ansible read it; this line is no place to fail
+    except (DrydockError, InvalidInput, KeyError, IndexError, ValueError, OSError):  # this line is no place to fail
         return "<db>"
 
 
-def _snapshot_interrupted(run: Run, action: str, name: str, database: str) -> str:
+def _snapshot_interrupted(run: Run, action: str, name: str,
+                          local_database: Callable[[], str] = _local_database) -> str:
     """What an interrupted save, restore or delete left: its one module either ran or not
-    (a restore is a rename, a save a template copy: never half of either)."""
+    (a restore is a rename, a save a copy renamed in: never half of either)."""
     progress = run.progress()
     if progress is None and not _no_task_began(run):
         return f"whether the {action} ran cannot be told (no task progress was recorded): {_snapshot_tells(action)}"
     events = [entry["event"] for entry in progress or [] if entry.get("action") == "drydock_snapshot"]
     done = {"save": f"snapshot {name} was saved (its ready copy, made in the background, may not be there yet: "
                     f"`inv snapshot.list` says; a restore without it copies the snapshot)",
-            "restore": f"the local database is back at snapshot {name}; the one it replaced is kept as {database}__previous",
+            "restore": f"the local database is back at snapshot {name}; the one it replaced is kept as ",
             "delete": f"snapshot {name} was deleted"}[action]
     state = _task_state(events)
     if state == "ran":
-        if action == "restore" and (half_changed := unfinished.restored(name)):
-            done += f"; but {unfinished.left_half_changed(half_changed)}"
+        if action == "restore":
+            half_changed = unfinished.restored(name)  # first: what follows reads the inventory (a second)
+            done += f"{local_database()}__previous"
+            if half_changed:
+                done += f"; but {unfinished.left_half_changed(half_changed)}"
         elif action == "delete":
             unfinished.snapshot_deleted(name)
         return f"the {action} ran: {done}"

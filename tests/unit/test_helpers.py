@@ -1322,9 +1322,9 @@ def test_an_interrupted_snapshot_action_says_whether_its_module_ran(tmp_path, mo
 
     monkeypatch.setenv("DRYDOCK_RUNS", str(tmp_path / "runs"))
     run = Run("snapshot-restore", root=tmp_path)
-    assert workflow._snapshot_interrupted(run, "restore", "saved", "site").startswith("the restore did not run")
+    assert workflow._snapshot_interrupted(run, "restore", "saved", lambda: "site").startswith("the restore did not run")
     run.ansible_log.write_text("TASK [pg_snapshot : Run the snapshot action restore] ****\n")
-    assert workflow._snapshot_interrupted(run, "restore", "saved", "site").startswith("whether the restore ran cannot be told")
+    assert workflow._snapshot_interrupted(run, "restore", "saved", lambda: "site").startswith("whether the restore ran cannot be told")
     # A restore that ran makes the local database whole again: an unfinished step's mark goes.
     unfinished.path().parent.mkdir(parents=True)
     unfinished.path().write_text(json.dumps({"run": "r", "step": "migrate (all)", "pid": 2 ** 22 + 1}))
@@ -1335,13 +1335,13 @@ def test_an_interrupted_snapshot_action_says_whether_its_module_ran(tmp_path, mo
             for event in events))
 
     progress("start")
-    assert workflow._snapshot_interrupted(run, "restore", "saved", "site").startswith("the restore may have run")
+    assert workflow._snapshot_interrupted(run, "restore", "saved", lambda: "site").startswith("the restore may have run")
     progress("start", "ok")
-    assert workflow._snapshot_interrupted(run, "restore", "saved", "site") == (
+    assert workflow._snapshot_interrupted(run, "restore", "saved", lambda: "site") == (
         "the restore ran: the local database is back at snapshot saved; the one it replaced is kept as site__previous")
     assert unfinished.read() is None
     progress("start", "failed")
-    assert workflow._snapshot_interrupted(run, "save", "saved", "site").startswith("the save did not run")
+    assert workflow._snapshot_interrupted(run, "save", "saved", lambda: "site").startswith("the save did not run")
 
 
 def test_an_interrupted_site_change_says_whether_the_site_changed(tmp_path):
