@@ -58,7 +58,7 @@ FILE_SECONDS = {
     "tests/integration/test_probe.py": 3,
     "tests/integration/test_archive.py": 1,
     "tests/unit/test_leftovers.py": 1,
-    "tests/unit/test_testrun.py": 7,
+    "tests/unit/test_testrun.py": 20,
     "tests/unit/test_cli.py": 5,
     "tests/unit/test_sandbox_up.py": 1,
     "tests/unit/test_bench.py": 1,
