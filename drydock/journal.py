@@ -161,7 +161,7 @@ class Run:
         entry = {"step": name, "start": datetime.now(timezone.utc).isoformat(), **route, **details}
         # A line at the start too: a run killed (SIGKILL, a crash) never writes its end, and
         # its journal must not read as if the step had not begun (nor lose which host it was on).
-        on = {"env": details["env"]} if "env" in details else {}
+        on = {key: details[key] for key in ("env", "snapshot") if key in details}
         self.write({"step": name, "start": entry["start"], "outcome": "running", "pid": os.getpid(),
                     "process_start": process_start(os.getpid()), **route, **on})
         started = time.monotonic()

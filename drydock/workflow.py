@@ -309,6 +309,20 @@ def _snapshot_interrupted(run: Run, action: str, name: str,
     return f"the {action} may have run, whole or not at all: {_snapshot_tells(action)}"
 
 
+def _killed_snapshot_account(run: Run, action: str, name: str) -> str:
+    """For a snapshot command killed in its step (it wrote no line of its own), whether its
+    one module ran, told from the progress Ansible reported. Read only: inv runs.show changes
+    nothing (an unfinished step's mark is settled by the next command)."""
+    progress = run.progress()
+    state = _events_state(run, None if progress is None else
+                          [entry["event"] for entry in progress if entry.get("action") == "drydock_snapshot"])
+    if state == "ran":
+        return f"local: the {action} of snapshot {name} ran"
+    if state == "not run":
+        return f"local: the {action} of snapshot {name} did not run: the local database and its snapshots are unchanged"
+    return f"local: the {action} of snapshot {name} may have run, whole or not at all: {_snapshot_tells(action)}"
+
+
 def _snapshot_tells(action: str) -> str:
     """Which command tells whether an interrupted snapshot step ran: a save or a delete shows
     in the list; a restore in the local database's own record."""
@@ -1044,5 +1058,7 @@ def runs_show(run_id: str, say: Say = print) -> list[dict]:
             say(f"{s['outcome']} at {s['step']}: {s.get('error', '')}")
         if s.get("outcome") == "killed" and s.get("env") and s["step"] in SWAPPING_STEPS:
             say(_killed_swap_account(journal.Run.of(folder), s["env"], s["step"]))
+        if s.get("outcome") == "killed" and s["step"].startswith("snapshot ") and s.get("snapshot"):
+            say(_killed_snapshot_account(journal.Run.of(folder), s["step"].split()[1], s["snapshot"]))
     say("files: " + ", ".join(sorted(p.name for p in folder.iterdir())))
     return steps

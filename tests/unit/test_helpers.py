@@ -1603,3 +1603,37 @@ def test_a_step_reads_only_the_task_events_recorded_since_it_began(tmp_path):
         assert run.task_events("staging", "drydock_db_swap") == ["start"]
     assert run.task_events("staging", "drydock_db_swap") == ["start"]  # the last step's, once it ended
     assert Run.of(run.dir).task_events("staging", "drydock_db_swap") == ["start", "ok", "start"]  # runs.show: all
+
+
+@pytest.mark.parametrize("events, line", [
+    ([], "local: the restore of snapshot saved did not run: the local database and its snapshots are unchanged"),
+    (["start"], "local: the restore of snapshot saved may have run, whole or not at all: `inv verify local` says which"
+                " (its live database line ends `by a snapshot restore of <name>` if it did)"),
+    (["start", "ok"], "local: the restore of snapshot saved ran")])
+def test_runs_show_says_whether_a_killed_snapshot_command_ran(tmp_path, monkeypatch, events, line):
+    """A SIGKILLed snapshot restore wrote no line of its own: runs.show tells from the progress
+    Ansible reported whether its module ran, and changes nothing."""
+    import subprocess
+    import sys
+
+    from drydock.workflow import runs_show
+
+    monkeypatch.setenv("DRYDOCK_RUNS", str(tmp_path))
+    script = ("import json, sys, time; from pathlib import Path; from drydock.journal import Run\n"
+              "run = Run('snapshot-restore', root=Path(sys.argv[1]))\n"
+              "with run.step('snapshot restore', snapshot='saved'):\n"
+              "    with run.progress_file.open('a') as progress:\n"
+              "        for event in sys.argv[2:]:\n"
+              "            progress.write(json.dumps({'event': event, 'host': 'local', 'action': 'drydock_snapshot',"
+              " 'task': 'Run'}) + '\\n')\n"
+              "    print('in', flush=True); time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), *events], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "in\n"
+    child.kill()
+    child.wait()
+    child.stdout.close()
+    (folder,) = [path for path in tmp_path.iterdir() if path.name.endswith("-snapshot-restore")]
+    said = []
+    runs_show(folder.name, say=said.append)
+    assert said[1:3] == ["killed at snapshot restore: the run ended during snapshot restore without finishing it (killed?)",
+                         line], said
