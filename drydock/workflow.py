@@ -282,20 +282,30 @@ def _local_database() -> str:
         return "<db>"
 
 
+def _snapshot_state(run: Run) -> str:
+    """Whether the step's one snapshot module ran (_events_state of its events): "ran", "not
+    run", "running" or "unknown" (tasks ran, but no progress was recorded)."""
+    progress = run.progress()
+    return _events_state(run, None if progress is None else
+                         [entry["event"] for entry in progress if entry.get("action") == "drydock_snapshot"])
+
+
+# What a snapshot command that did not run left.
+SNAPSHOTS_UNCHANGED = "the local database and its snapshots are unchanged"
+
+
 def _snapshot_interrupted(run: Run, action: str, name: str,
                           local_database: Callable[[], str] = _local_database) -> str:
     """What an interrupted save, restore or delete left: its one module either ran or not
     (a restore is a rename, a save a copy renamed in: never half of either)."""
-    progress = run.progress()
-    if progress is None and not _no_task_began(run):
+    state = _snapshot_state(run)
+    if state == "unknown":
         return f"whether the {action} ran cannot be told (no task progress was recorded): {_snapshot_tells(action)}"
-    events = [entry["event"] for entry in progress or [] if entry.get("action") == "drydock_snapshot"]
-    done = {"save": f"snapshot {name} was saved (its ready copy, made in the background, may not be there yet: "
-                    f"`inv snapshot.list` says; a restore without it copies the snapshot)",
-            "restore": f"the local database is back at snapshot {name}; the one it replaced is kept as ",
-            "delete": f"snapshot {name} was deleted"}[action]
-    state = _task_state(events)
     if state == "ran":
+        done = {"save": f"snapshot {name} was saved (its ready copy, made in the background, may not be there yet: "
+                        f"`inv snapshot.list` says; a restore without it copies the snapshot)",
+                "restore": f"the local database is back at snapshot {name}; the one it replaced is kept as ",
+                "delete": f"snapshot {name} was deleted"}[action]
         if action == "restore":
             half_changed = unfinished.restored(name)  # first: what follows reads the inventory (a second)
             done += f"{local_database()}__previous"
@@ -305,7 +315,7 @@ def _snapshot_interrupted(run: Run, action: str, name: str,
             unfinished.snapshot_deleted(name)
         return f"the {action} ran: {done}"
     if state == "not run":
-        return f"the {action} did not run: the local database and its snapshots are unchanged"
+        return f"the {action} did not run: {SNAPSHOTS_UNCHANGED}"
     return f"the {action} may have run, whole or not at all: {_snapshot_tells(action)}"
 
 
@@ -313,13 +323,11 @@ def _killed_snapshot_account(run: Run, action: str, name: str) -> str:
     """For a snapshot command killed in its step (it wrote no line of its own), whether its
     one module ran, told from the progress Ansible reported. Read only: inv runs.show changes
     nothing (an unfinished step's mark is settled by the next command)."""
-    progress = run.progress()
-    state = _events_state(run, None if progress is None else
-                          [entry["event"] for entry in progress if entry.get("action") == "drydock_snapshot"])
+    state = _snapshot_state(run)
     if state == "ran":
         return f"local: the {action} of snapshot {name} ran"
     if state == "not run":
-        return f"local: the {action} of snapshot {name} did not run: the local database and its snapshots are unchanged"
+        return f"local: the {action} of snapshot {name} did not run: {SNAPSHOTS_UNCHANGED}"
     return f"local: the {action} of snapshot {name} may have run, whole or not at all: {_snapshot_tells(action)}"
 
 
